@@ -1,0 +1,39 @@
+# Two entry points from a fresh clone (see README "Quick start"):
+#   make run   - set up, then start inference + router on the embedded default model
+#   make test  - set up, then run the trial suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint type check wheel-check clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
+	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
+	touch $@
+
+run: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
+
+test: $(STAMP)
+	$(BIN)/trial $(TRIAL_ARGS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check llmrouter inference tests bench twisted
+	$(BIN)/ruff format --check llmrouter inference tests bench twisted
+
+type: $(STAMP)
+	$(BIN)/mypy
+
+check: test lint type wheel-check
+
+# The plugin modules must ship in the wheel and be found from site-packages of a
+# virtualenv that has never seen this checkout.
+wheel-check: $(STAMP)
+	etc/dev/wheel-check
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info _trial_temp
