@@ -142,7 +142,9 @@ def hkdf_expand(prk: Buffer, info: Buffer, length: int) -> bytes:
     block = b""
     counter = 1
     while len(okm) < length:
-        block = hmac.new(bytes(prk), block + bytes(info) + bytes([counter]), hashlib.sha256).digest()
+        block = hmac.new(
+            bytes(prk), block + bytes(info) + bytes([counter]), hashlib.sha256
+        ).digest()
         okm += block
         counter += 1
     return okm[:length]
@@ -262,7 +264,9 @@ class _Context:
     def export(self, exporter_context: Buffer, length: int) -> bytes:
         if length > 255 * N_H:
             raise ExportLengthError("requested length exceeds 255 * Nh")
-        return _labeled_expand(_HPKE_SUITE_ID, self.exporter_secret, b"sec", exporter_context, length)
+        return _labeled_expand(
+            _HPKE_SUITE_ID, self.exporter_secret, b"sec", exporter_context, length
+        )
 
 
 class SenderContext(_Context):

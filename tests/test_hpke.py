@@ -41,7 +41,7 @@ def _parse_record(lines: list[str]) -> dict[str, str]:
 
 
 def load_vectors(path: Path = VECTORS) -> dict[hpke.Mode, dict[str, Any]]:
-    """Parse the RFC's Markdown into {mode: {"setup": {...}, "encryptions": [...], "exports": [...]}}."""
+    """Parse the RFC text into {mode: {"setup": {}, "encryptions": [], "exports": []}}."""
     out: dict[hpke.Mode, dict[str, Any]] = {}
     mode: hpke.Mode | None = None
     part = ""

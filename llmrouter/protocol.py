@@ -1,0 +1,754 @@
+"""Wire protocol v1: sealed chat requests, sealed SSE response streams, the signed key document.
+
+Both sides live here: the client seals a request and opens a response stream; the router opens a
+request and seals a response stream. ``docs/protocol.md`` is the prose version of this module.
+
+Error messages are fixed strings chosen here. Nothing a peer sent (field names, values, plaintext)
+is ever echoed back or put into an exception, so errors can be logged and returned safely.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from llmrouter import hpke
+from llmrouter.sse import SSEError, SSEParser, format_event
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_PAD",
+    "KEEPALIVE",
+    "REQUEST_INFO",
+    "RESPONSE_LABEL",
+    "SKEW_SECONDS",
+    "VERSION",
+    "ChatRequest",
+    "Delta",
+    "Done",
+    "Envelope",
+    "ErrorChunk",
+    "KeyDocument",
+    "KeyDocumentError",
+    "Message",
+    "ProtocolError",
+    "PublishedKey",
+    "RequestState",
+    "ResponseOpener",
+    "ResponseSealer",
+    "StreamError",
+    "b64u_decode",
+    "b64u_encode",
+    "build_jwks",
+    "build_key_document",
+    "build_ohttp_key_configs",
+    "check_timestamp",
+    "key_id_for_kid",
+    "kid_for_key_id",
+    "open_request",
+    "pad",
+    "parse_chat_request",
+    "parse_envelope",
+    "seal_request",
+    "verify_key_document",
+]
+
+VERSION = 1
+REQUEST_INFO = b"llmrouter/v1 request"
+RESPONSE_LABEL = b"llmrouter/v1 response"
+AAD_PREFIX = "llmrouter/v1"
+FINAL_AAD = b"final"
+DEFAULT_PAD = 64
+DEFAULT_MAX_BODY = 256 * 1024
+SKEW_SECONDS = 60
+RID_BYTES = 16
+RESPONSE_NONCE_BYTES = 32
+SUITE = {"kem": hpke.KEM_ID, "kdf": hpke.KDF_ID, "aead": hpke.AEAD_ID}
+KEEPALIVE = b": keepalive\n\n"
+
+ROLES = frozenset({"system", "user", "assistant"})
+FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+MAX_STOP_SEQUENCES = 4
+_MAX_JSON_INT = (1 << 53) - 1
+_B64U = re.compile(r"[A-Za-z0-9_-]*")
+_KID = re.compile(r"[0-9a-f]{2}")
+
+
+class ProtocolError(Exception):
+    """A rejection with an HTTP status and a stable, machine-readable code."""
+
+    STATUS = {
+        "body_too_large": 413,
+        "unsupported_media_type": 415,
+        "rate_limited": 429,
+        "pow_required": 401,
+        "pow_invalid": 401,
+        "stale": 401,
+        "replay": 409,
+        "device_rate_limited": 429,
+        "budget_exhausted": 429,
+        "device_streams": 429,
+        "overloaded": 503,
+        "no_backend": 503,
+        "upstream_failed": 502,
+        "not_found": 404,
+        "method_not_allowed": 405,
+        "internal": 500,
+    }
+
+    def __init__(self, code: str, message: str, status: int | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status if status is not None else self.STATUS.get(code, 400)
+        self.extra = extra
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({self.code!r}, {self.message!r}, status={self.status})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict()).encode("ascii")
+
+
+# Base64url without padding (RFC 4648 section 5), canonical encodings only.
+
+
+def b64u_encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64u_decode(text: str, field: str, length: int | None = None) -> bytes:
+    """Decode ``text``; ``field`` is our name for the field (never the peer's), for the message."""
+    if not isinstance(text, str):
+        raise ProtocolError("bad_type", f"{field} must be a string")
+    if len(text) % 4 == 1 or not _B64U.fullmatch(text):
+        raise ProtocolError("bad_base64", f"{field} is not unpadded base64url")
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise ProtocolError("bad_base64", f"{field} is not unpadded base64url") from None
+    if b64u_encode(data) != text:
+        raise ProtocolError("bad_base64", f"{field} is not canonical base64url")
+    if length is not None and len(data) != length:
+        raise ProtocolError("bad_length", f"{field} must be {length} bytes")
+    return data
+
+
+def pad(data: bytes, size: int) -> bytes:
+    """Append ASCII spaces up to a multiple of ``size`` (JSON ignores trailing whitespace)."""
+    if size <= 1:
+        return data
+    return data + b" " * (-len(data) % size)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_constant(_: str) -> Any:
+    raise ValueError("non-finite number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError("duplicate key")
+        out[key] = value
+    return out
+
+
+def _loads(data: bytes, code: str, what: str) -> Any:
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(code, f"{what} is not valid UTF-8 JSON") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Request envelope (section 3.2).
+
+_ENVELOPE_FIELDS = frozenset({"v", "kid", "mode", "enc", "ts", "rid", "device_pubkey", "ct"})
+_REQUIRED_FIELDS = ("v", "kid", "mode", "enc", "ts", "rid", "ct")
+
+
+@dataclass(frozen=True, repr=False)
+class Envelope:
+    v: int
+    kid: str
+    mode: str
+    enc: bytes
+    ts: int
+    rid: str
+    device_pubkey: bytes | None
+    device_pubkey_b64: str | None
+    ct: bytes
+
+    def __repr__(self) -> str:
+        return f"Envelope(kid={self.kid!r}, mode={self.mode!r})"
+
+    def aad(self) -> bytes:
+        parts = (AAD_PREFIX, self.kid, self.mode, str(self.ts), self.rid, self.device_pubkey_b64)
+        return "|".join(p or "" for p in parts).encode("ascii")
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "v": self.v,
+            "kid": self.kid,
+            "mode": self.mode,
+            "enc": b64u_encode(self.enc),
+            "ts": self.ts,
+            "rid": self.rid,
+            "ct": b64u_encode(self.ct),
+        }
+        if self.device_pubkey_b64 is not None:
+            doc["device_pubkey"] = self.device_pubkey_b64
+        return doc
+
+
+def parse_envelope(body: bytes, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
+    """Strict validation, cheapest checks first; every failure has its own code."""
+    if len(body) > max_body:
+        raise ProtocolError("body_too_large", "request body exceeds the size limit")
+    doc = _loads(body, "bad_json", "request body")
+    if not isinstance(doc, dict):
+        raise ProtocolError("bad_json", "request body must be a JSON object")
+    if not _ENVELOPE_FIELDS.issuperset(doc):
+        raise ProtocolError("unknown_field", "envelope has a field protocol v1 does not define")
+    for name in _REQUIRED_FIELDS:
+        if name not in doc:
+            raise ProtocolError("missing_field", f"envelope field {name} is missing")
+    if not _is_int(doc["v"]):
+        raise ProtocolError("bad_type", "v must be an integer")
+    if doc["v"] != VERSION:
+        raise ProtocolError("bad_version", "unsupported protocol version")
+    for name in ("kid", "mode", "enc", "rid", "ct"):
+        if not isinstance(doc[name], str):
+            raise ProtocolError("bad_type", f"{name} must be a string")
+    if not _is_int(doc["ts"]) or not 0 <= doc["ts"] <= _MAX_JSON_INT:
+        raise ProtocolError("bad_type", "ts must be a non-negative integer")
+    kid, mode = doc["kid"], doc["mode"]
+    if not _KID.fullmatch(kid):
+        raise ProtocolError("key_unknown", "unknown key id")
+    if mode not in ("base", "auth"):
+        raise ProtocolError("bad_mode", "mode must be base or auth")
+    device_b64 = doc.get("device_pubkey")
+    if mode == "auth" and device_b64 is None:
+        raise ProtocolError("missing_field", "envelope field device_pubkey is missing")
+    if mode == "base" and device_b64 is not None:
+        raise ProtocolError("bad_mode", "device_pubkey is only allowed with mode auth")
+    enc = b64u_decode(doc["enc"], "enc", hpke.N_ENC)
+    b64u_decode(doc["rid"], "rid", RID_BYTES)
+    device = None if device_b64 is None else b64u_decode(device_b64, "device_pubkey", hpke.N_PK)
+    ct = b64u_decode(doc["ct"], "ct")
+    if len(ct) < hpke.N_T:
+        raise ProtocolError("bad_length", "ct is shorter than the AEAD tag")
+    return Envelope(VERSION, kid, mode, enc, doc["ts"], doc["rid"], device, device_b64, ct)
+
+
+def check_timestamp(ts: int, now: float, skew: int = SKEW_SECONDS) -> None:
+    if abs(ts - now) > skew:
+        raise ProtocolError("stale", "request timestamp is outside the accepted window")
+
+
+# The request plaintext.
+
+
+@dataclass(frozen=True, repr=False)
+class Message:
+    role: str
+    content: str
+
+    def __repr__(self) -> str:
+        return f"Message(role={self.role!r}, content=<{len(self.content)} chars>)"
+
+
+@dataclass(frozen=True, repr=False)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] | None = None
+
+    def __repr__(self) -> str:
+        return f"ChatRequest(<{len(self.messages)} messages>, max_tokens={self.max_tokens})"
+
+    @classmethod
+    def from_prompt(cls, prompt: str, **params: Any) -> ChatRequest:
+        return cls(messages=(Message("user", prompt),), **params)
+
+    def _params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            params["temperature"] = self.temperature
+        if self.top_p is not None:
+            params["top_p"] = self.top_p
+        if self.stop is not None:
+            params["stop"] = list(self.stop)
+        return params
+
+    def to_plaintext(self) -> dict[str, Any]:
+        messages = [{"role": m.role, "content": m.content} for m in self.messages]
+        return {"messages": messages, **self._params()}
+
+    def to_openai(self, model: str | None = None) -> dict[str, Any]:
+        """The body of a streaming ``POST /v1/chat/completions`` for any OpenAI-style backend."""
+        body = self.to_plaintext()
+        body.update(stream=True, stream_options={"include_usage": True})
+        if model is not None:
+            body["model"] = model
+        return body
+
+
+_REQUEST_FIELDS = frozenset({"messages", "max_tokens", "temperature", "top_p", "stop"})
+
+
+def parse_chat_request(plaintext: bytes) -> ChatRequest:
+    """Validate a decrypted request. Codes are all ``bad_payload``; messages never echo content."""
+
+    def bad(message: str) -> ProtocolError:
+        return ProtocolError("bad_payload", message)
+
+    doc = _loads(plaintext.rstrip(b" "), "bad_payload", "request plaintext")
+    if not isinstance(doc, dict):
+        raise bad("request plaintext must be a JSON object")
+    if not _REQUEST_FIELDS.issuperset(doc):
+        raise bad("request has a field protocol v1 does not define")
+    raw_messages = doc.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad("messages must be a non-empty list")
+    messages = []
+    for item in raw_messages:
+        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+            raise bad("each message must have exactly role and content")
+        if item["role"] not in ROLES:
+            raise bad("message role must be system, user or assistant")
+        if not isinstance(item["content"], str):
+            raise bad("message content must be a string")
+        messages.append(Message(item["role"], item["content"]))
+    max_tokens = doc.get("max_tokens")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise bad("max_tokens must be a positive integer")
+    temperature = doc.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
+        raise bad("temperature must be a number from 0 to 2")
+    top_p = doc.get("top_p")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise bad("top_p must be a number above 0 and at most 1")
+    stop = doc.get("stop")
+    if stop is not None:
+        if (
+            not isinstance(stop, list)
+            or len(stop) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and s for s in stop)
+        ):
+            raise bad(f"stop must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
+        stop = tuple(stop)
+    return ChatRequest(tuple(messages), max_tokens, temperature, top_p, stop)
+
+
+# Sealing and opening requests.
+
+
+@dataclass(frozen=True, repr=False)
+class RequestState:
+    """What the client keeps to open the response: the request's enc and the exported secret."""
+
+    enc: bytes
+    secret: bytes
+
+    def __repr__(self) -> str:
+        return "RequestState(<redacted>)"
+
+    def to_json(self) -> dict[str, str]:
+        return {"v": str(VERSION), "enc": b64u_encode(self.enc), "secret": b64u_encode(self.secret)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RequestState:
+        if not isinstance(doc, dict) or doc.get("v") != str(VERSION):
+            raise ProtocolError("bad_state", "not a protocol v1 request state")
+        return cls(
+            b64u_decode(doc.get("enc", ""), "enc", hpke.N_ENC),
+            b64u_decode(doc.get("secret", ""), "secret", 32),
+        )
+
+
+def seal_request(
+    key: PublishedKey,
+    request: ChatRequest,
+    now: int,
+    device_key: hpke.KeyPair | None = None,
+    pad_to: int = DEFAULT_PAD,
+) -> tuple[Envelope, RequestState]:
+    mode = "base" if device_key is None else "auth"
+    device_b64 = None if device_key is None else b64u_encode(device_key.pk)
+    rid = b64u_encode(os.urandom(RID_BYTES))
+    enc, ctx = hpke.setup_s(key.pk, REQUEST_INFO, sk_s=device_key.sk if device_key else None)
+    env = Envelope(
+        VERSION,
+        key.kid,
+        mode,
+        enc,
+        now,
+        rid,
+        None if device_key is None else device_key.pk,
+        device_b64,
+        b"",
+    )
+    ct = ctx.seal(env.aad(), pad(_dumps(request.to_plaintext()), pad_to))
+    state = RequestState(enc, ctx.export(RESPONSE_LABEL, 32))
+    return dataclasses.replace(env, ct=ct), state
+
+
+def open_request(env: Envelope, sk_r: bytes) -> tuple[ChatRequest, bytes]:
+    """Decrypt and validate; any cryptographic failure is the one generic ``decrypt_failed``."""
+    try:
+        ctx = hpke.setup_r(env.enc, sk_r, REQUEST_INFO, pk_s=env.device_pubkey)
+        plaintext = ctx.open(env.aad(), env.ct)
+    except hpke.HPKEError:
+        raise ProtocolError("decrypt_failed", "the request could not be decrypted") from None
+    return parse_chat_request(plaintext), ctx.export(RESPONSE_LABEL, 32)
+
+
+# The response stream (section 3.3).
+
+
+class _ResponseKeys:
+    """RFC 9458 section 4.4 style key schedule, with our own export label."""
+
+    def __init__(self, secret: bytes, enc: bytes, response_nonce: bytes) -> None:
+        prk = hpke.hkdf_extract(enc + response_nonce, secret)
+        self._key = hpke.hkdf_expand(prk, b"key", hpke.N_K)
+        self._nonce = hpke.hkdf_expand(prk, b"nonce", hpke.N_N)
+        self.counter = 0
+
+    def nonce(self) -> bytes:
+        counter = self.counter.to_bytes(hpke.N_N, "big")
+        return bytes(a ^ b for a, b in zip(self._nonce, counter, strict=True))
+
+    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+        sealed = hpke.aead_seal(self._key, self.nonce(), aad, plaintext)
+        self.counter += 1
+        return sealed
+
+    def open(self, aad: bytes, sealed: bytes) -> bytes:
+        plaintext = hpke.aead_open(self._key, self.nonce(), aad, sealed)
+        self.counter += 1
+        return plaintext
+
+
+class ResponseSealer:
+    """Router side: turns stream items into SSE bytes, each chunk sealed and padded."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        enc: bytes,
+        pad: int = DEFAULT_PAD,
+        response_nonce: bytes | None = None,
+    ) -> None:
+        self.response_nonce = response_nonce or os.urandom(RESPONSE_NONCE_BYTES)
+        self._keys = _ResponseKeys(secret, enc, self.response_nonce)
+        self._pad = pad
+        self.finished = False
+
+    def init_event(self) -> bytes:
+        nonce = b64u_encode(self.response_nonce)
+        return format_event("init", json.dumps({"response_nonce": nonce}))
+
+    def _event(self, name: str, aad: bytes, message: dict[str, Any]) -> bytes:
+        if self.finished:
+            raise StreamError("the stream has already ended")
+        sealed = self._keys.seal(aad, pad(_dumps(message), self._pad))
+        return format_event(name, b64u_encode(sealed))
+
+    def delta(self, text: str) -> bytes:
+        return self._event("chunk", b"", {"type": "delta", "text": text})
+
+    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+        if finish_reason not in FINISH_REASONS:
+            raise ValueError("unknown finish_reason")
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+        final = self._event(
+            "final", FINAL_AAD, {"type": "done", "finish_reason": finish_reason, "usage": usage}
+        )
+        self.finished = True
+        return final
+
+    def error(self, code: str, message: str) -> bytes:
+        final = self._event("final", FINAL_AAD, {"type": "error", "code": code, "message": message})
+        self.finished = True
+        return final
+
+
+class StreamError(Exception):
+    """The response stream is malformed, tampered with, or truncated."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorChunk:
+    code: str
+    message: str
+
+
+StreamItem = Delta | Done | ErrorChunk
+
+
+class ResponseOpener:
+    """Client side: feed raw SSE bytes, get verified stream items back, in order.
+
+    A stream is complete only once ``finished`` is true (a verified ``final`` chunk); a stream that
+    ends before that must be treated as truncated (``close()`` raises).
+    """
+
+    def __init__(self, state: RequestState, max_line: int = 1 << 20) -> None:
+        self._state = state
+        self._parser = SSEParser(max_line)
+        self._keys: _ResponseKeys | None = None
+        self.finished = False
+        self.final: Done | ErrorChunk | None = None
+
+    def feed(self, data: bytes) -> list[StreamItem]:
+        try:
+            events = self._parser.feed(data)
+        except SSEError:
+            raise StreamError("malformed event stream") from None
+        return [item for name, payload in events for item in self._event(name, payload)]
+
+    def close(self) -> Done | ErrorChunk:
+        if not self.finished or self.final is None:
+            raise StreamError("the stream ended without a verified final chunk (truncated)")
+        return self.final
+
+    def _event(self, name: str, payload: str) -> Iterable[StreamItem]:
+        if self.finished:
+            raise StreamError("data after the final chunk")
+        if name == "init":
+            if self._keys is not None:
+                raise StreamError("duplicate init event")
+            nonce = self._decode(_loads_stream(payload).get("response_nonce"), RESPONSE_NONCE_BYTES)
+            self._keys = _ResponseKeys(self._state.secret, self._state.enc, nonce)
+            return ()
+        if name not in ("chunk", "final"):
+            return ()  # unknown event types are ignored, as SSE consumers do
+        if self._keys is None:
+            raise StreamError("chunk before init")
+        sealed = self._decode(payload, None)
+        try:
+            plaintext = self._keys.open(FINAL_AAD if name == "final" else b"", sealed)
+        except hpke.OpenError:
+            raise StreamError("a response chunk failed authentication") from None
+        item = _parse_chunk(_loads_stream(plaintext.rstrip(b" ")), final=name == "final")
+        if name == "final":
+            assert isinstance(item, Done | ErrorChunk)
+            self.finished, self.final = True, item
+        return (item,)
+
+    @staticmethod
+    def _decode(text: Any, length: int | None) -> bytes:
+        try:
+            return b64u_decode(text, "chunk", length)
+        except ProtocolError:
+            raise StreamError("malformed chunk encoding") from None
+
+
+def _loads_stream(data: str | bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise StreamError("malformed chunk JSON") from None
+    if not isinstance(doc, dict):
+        raise StreamError("malformed chunk JSON")
+    return doc
+
+
+def _parse_chunk(doc: dict[str, Any], final: bool) -> StreamItem:
+    kind = doc.get("type")
+    if kind == "delta" and not final and isinstance(doc.get("text"), str):
+        return Delta(doc["text"])
+    if kind == "done" and final and doc.get("finish_reason") in FINISH_REASONS:
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(prompt, int) and isinstance(completion, int):
+                return Done(doc["finish_reason"], prompt, completion)
+    if kind == "error" and final:
+        code, message = doc.get("code"), doc.get("message")
+        if isinstance(code, str) and isinstance(message, str):
+            return ErrorChunk(code, message)
+    raise StreamError("unexpected chunk content")
+
+
+# Key documents (section 3.1).
+
+
+@dataclass(frozen=True, repr=False)
+class PublishedKey:
+    kid: str
+    pk: bytes
+    status: str
+    not_before: int
+    not_after: int
+
+    def __repr__(self) -> str:
+        return f"PublishedKey(kid={self.kid!r}, status={self.status!r})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kid": self.kid,
+            "pk": b64u_encode(self.pk),
+            "status": self.status,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
+
+
+def kid_for_key_id(key_id: int) -> str:
+    if not 0 <= key_id <= 255:
+        raise ValueError("key_id is one byte")
+    return f"{key_id:02x}"
+
+
+def key_id_for_kid(kid: str) -> int:
+    if not _KID.fullmatch(kid):
+        raise ValueError("kid is two lowercase hex digits")
+    return int(kid, 16)
+
+
+def build_key_document(
+    keys: Sequence[PublishedKey], signing_key: nacl.signing.SigningKey, issued_at: int
+) -> bytes:
+    payload = _dumps(
+        {
+            "v": VERSION,
+            "suite": SUITE,
+            "issued_at": issued_at,
+            "keys": [k.to_json() for k in keys],
+        }
+    )
+    signature = signing_key.sign(payload).signature
+    doc = {
+        "payload": b64u_encode(payload),
+        "signature": b64u_encode(signature),
+        "signing_key": b64u_encode(bytes(signing_key.verify_key)),
+    }
+    return json.dumps(doc).encode("ascii")
+
+
+def build_jwks(keys: Sequence[PublishedKey]) -> bytes:
+    """RFC 8037 OKP/X25519 JWKs."""
+    jwks = [
+        {"kty": "OKP", "crv": "X25519", "x": b64u_encode(k.pk), "kid": k.kid, "use": "enc"}
+        for k in keys
+    ]
+    return json.dumps({"keys": jwks}).encode("ascii")
+
+
+def build_ohttp_key_configs(keys: Sequence[PublishedKey]) -> bytes:
+    """RFC 9458 section 3 key configurations, each with its 2-byte length prefix."""
+    out = b""
+    for k in keys:
+        config = (
+            bytes([key_id_for_kid(k.kid)])
+            + hpke.KEM_ID.to_bytes(2, "big")
+            + k.pk
+            + (4).to_bytes(2, "big")
+            + hpke.KDF_ID.to_bytes(2, "big")
+            + hpke.AEAD_ID.to_bytes(2, "big")
+        )
+        out += len(config).to_bytes(2, "big") + config
+    return out
+
+
+class KeyDocumentError(Exception):
+    """The key document is malformed, not signed by the pinned key, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class KeyDocument:
+    issued_at: int
+    keys: tuple[PublishedKey, ...]
+    signing_key: bytes
+
+    def current(self) -> PublishedKey:
+        return next(k for k in self.keys if k.status == "current")
+
+
+def verify_key_document(body: bytes, pin: bytes | None = None) -> KeyDocument:
+    """Check the signature over the exact payload bytes (and the pin), then parse the payload."""
+    try:
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError
+        signing_key = b64u_decode(doc["signing_key"], "signing_key", 32)
+        signature = b64u_decode(doc["signature"], "signature", 64)
+        payload = b64u_decode(doc["payload"], "payload")
+    except (ValueError, KeyError, TypeError, ProtocolError):
+        raise KeyDocumentError("malformed key document") from None
+    if pin is not None and not hmac.compare_digest(pin, signing_key):
+        raise KeyDocumentError("key document is not signed by the pinned key")
+    try:
+        nacl.signing.VerifyKey(signing_key).verify(payload, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
+        raise KeyDocumentError("key document signature does not verify") from None
+    try:
+        p = json.loads(payload)
+        if p["v"] != VERSION or p["suite"] != SUITE or not _is_int(p["issued_at"]):
+            raise ValueError
+        keys = tuple(_published_key(k) for k in p["keys"])
+    except (ValueError, KeyError, TypeError, ProtocolError):
+        raise KeyDocumentError("key document payload is not protocol v1") from None
+    if sum(k.status == "current" for k in keys) != 1:
+        raise KeyDocumentError("key document must have exactly one current key")
+    return KeyDocument(p["issued_at"], keys, signing_key)
+
+
+def _published_key(doc: Any) -> PublishedKey:
+    if not isinstance(doc, dict) or doc.get("status") not in ("current", "next"):
+        raise ValueError
+    if not _KID.fullmatch(doc["kid"]) or not _is_int(doc["not_before"]):
+        raise ValueError
+    if not _is_int(doc["not_after"]):
+        raise ValueError
+    pk = b64u_decode(doc["pk"], "pk", hpke.N_PK)
+    return PublishedKey(doc["kid"], pk, doc["status"], doc["not_before"], doc["not_after"])
