@@ -1,0 +1,80 @@
+"""Stateless proof-of-work challenges, asked for only when the router is under stress.
+
+A challenge is ``version | expiry | difficulty | random | MAC`` signed with the router's PoW key,
+so the router keeps no state per challenge. The work binds the request's ``enc``: a solution buys
+exactly one request, and the replay cache already refuses the same ``enc`` twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+
+from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode
+
+__all__ = ["HEADER", "MAX_DIFFICULTY", "issue_challenge", "solve", "verify"]
+
+HEADER = "X-LLMRouter-PoW"
+MAX_DIFFICULTY = 32
+_VERSION = 1
+_LABEL = b"llmrouter/v1 pow|"
+_BODY = struct.Struct(">BQB16s")  # version, expiry (unix seconds), difficulty, random
+_MAC_BYTES = 16
+_MAX_NONCE_DIGITS = 20
+
+
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, _LABEL + body, hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def issue_challenge(key: bytes, difficulty: int, now: float, ttl: int = 120) -> str:
+    if not 0 <= difficulty <= MAX_DIFFICULTY:
+        raise ValueError("difficulty out of range")
+    body = _BODY.pack(_VERSION, int(now) + ttl, difficulty, os.urandom(16))
+    return b64u_encode(body + _mac(key, body))
+
+
+def _leading_zero_bits(digest: bytes) -> int:
+    value = int.from_bytes(digest, "big")
+    return len(digest) * 8 - value.bit_length()
+
+
+def _work(challenge: str, enc: bytes, nonce: str) -> int:
+    digest = hashlib.sha256(
+        _LABEL + challenge.encode("ascii") + b"|" + enc + b"|" + nonce.encode("ascii")
+    ).digest()
+    return _leading_zero_bits(digest)
+
+
+def _difficulty(challenge: str) -> int:
+    return int(b64u_decode(challenge, "challenge", _BODY.size + _MAC_BYTES)[9])
+
+
+def solve(challenge: str, enc: bytes, difficulty: int | None = None) -> str:
+    """Find a nonce; returns the header value ``<challenge>:<nonce>``."""
+    needed = _difficulty(challenge) if difficulty is None else difficulty
+    if needed > MAX_DIFFICULTY:
+        raise ValueError("difficulty out of range")
+    nonce = 0
+    while _work(challenge, enc, str(nonce)) < needed:
+        nonce += 1
+    return f"{challenge}:{nonce}"
+
+
+def verify(key: bytes, header_value: str, enc: bytes, now: float) -> bool:
+    challenge, sep, nonce = header_value.partition(":")
+    if not sep or not nonce.isdigit() or not nonce.isascii() or len(nonce) > _MAX_NONCE_DIGITS:
+        return False
+    try:
+        raw = b64u_decode(challenge, "challenge", _BODY.size + _MAC_BYTES)
+    except ProtocolError:
+        return False
+    body, mac = raw[: _BODY.size], raw[_BODY.size :]
+    if not hmac.compare_digest(mac, _mac(key, body)):
+        return False
+    version, expiry, difficulty, _ = _BODY.unpack(body)
+    if version != _VERSION or int(expiry) < now or int(difficulty) > MAX_DIFFICULTY:
+        return False
+    return _work(challenge, enc, nonce) >= int(difficulty)
