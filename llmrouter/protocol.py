@@ -407,18 +407,27 @@ def seal_request(
     now: int,
     device_key: hpke.KeyPair | None = None,
     pad_to: int = DEFAULT_PAD,
+    *,
+    ephemeral: hpke.KeyPair | None = None,
+    rid: bytes | None = None,
 ) -> tuple[Envelope, RequestState]:
+    """Seal ``request`` to ``key``; auth mode when a device key is given.
+
+    ``ephemeral`` and ``rid`` exist only to reproduce the worked example; leave them unset.
+    """
     mode = "base" if device_key is None else "auth"
     device_b64 = None if device_key is None else b64u_encode(device_key.pk)
-    rid = b64u_encode(os.urandom(RID_BYTES))
-    enc, ctx = hpke.setup_s(key.pk, REQUEST_INFO, sk_s=device_key.sk if device_key else None)
+    rid_b64 = b64u_encode(os.urandom(RID_BYTES) if rid is None else rid)
+    enc, ctx = hpke.setup_s(
+        key.pk, REQUEST_INFO, sk_s=device_key.sk if device_key else None, ephemeral=ephemeral
+    )
     env = Envelope(
         VERSION,
         key.kid,
         mode,
         enc,
         now,
-        rid,
+        rid_b64,
         None if device_key is None else device_key.pk,
         device_b64,
         b"",

@@ -1,0 +1,292 @@
+"""The Python client and ``llmrouter-client`` against a protocol v1 handler on real sockets.
+
+The handler here is the router side of the protocol in its smallest form (protocol.py's
+parse_envelope/open_request/ResponseSealer behind a twisted.web resource), so these tests exercise
+the client and both halves of the library together. It can be told to misbehave (stale key,
+proof of work, a stream cut short) to drive the client's error paths; the real router is covered
+by the router's own end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+from twisted.internet import defer, reactor, utils
+from twisted.trial.unittest import TestCase
+from twisted.web import resource, server
+from twisted.web.http import Request
+
+from llmrouter import hpke, pow
+from llmrouter import protocol as p
+from llmrouter.client import ChatError, Client, load_device_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Handler(resource.Resource):
+    """Answers with the words of the prompt reversed, one padded chunk per word."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signing = nacl.signing.SigningKey.generate()
+        self.pair = hpke.generate_key_pair()
+        self.kid = "07"
+        self.rotations_pending = 0
+        self.pow_key: bytes | None = None
+        self.cut_after: int | None = None
+        self.fail_with: str | None = None
+        self.seen_modes: list[str] = []
+        self.seen_devices: list[bytes | None] = []
+
+    def document(self) -> bytes:
+        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
+        return p.build_key_document([key], self.signing, 1)
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return self.document()
+
+    def render_POST(self, request: Request) -> bytes | int:
+        assert request.content is not None
+        try:
+            env = p.parse_envelope(request.content.read())
+            if self.rotations_pending:
+                self.rotations_pending -= 1
+                self.rotate()
+            if env.kid != self.kid:
+                raise p.ProtocolError("key_unknown", "unknown key id")
+            if self.pow_key is not None:
+                header = request.getHeader(pow.HEADER)
+                if header is None or not pow.verify(self.pow_key, header, env.enc, 1e10 - 60):
+                    challenge = pow.issue_challenge(self.pow_key, 8, 1e10 - 60)
+                    raise p.ProtocolError(
+                        "pow_required", "solve the challenge", challenge=challenge, difficulty=8
+                    )
+            chat, secret = p.open_request(env, self.pair.sk)
+        except p.ProtocolError as e:
+            request.setResponseCode(e.status)
+            request.setHeader(b"content-type", b"application/json")
+            return e.to_json()
+        self.seen_modes.append(env.mode)
+        self.seen_devices.append(env.device_pubkey)
+        request.setHeader(b"content-type", b"text/event-stream")
+        sealer = p.ResponseSealer(secret, env.enc)
+        request.write(sealer.init_event())
+        words = chat.messages[-1].content.split()[::-1]
+        for i, word in enumerate(words):
+            if self.cut_after is not None and i == self.cut_after:
+                request.finish()  # the stream ends without a final chunk
+                return server.NOT_DONE_YET
+            request.write(sealer.delta(word + " "))
+            request.write(p.KEEPALIVE)
+        if self.fail_with:
+            request.write(sealer.error(self.fail_with, "upstream went away"))
+        else:
+            request.write(sealer.done("stop", 3, len(words)))
+        request.finish()
+        return server.NOT_DONE_YET
+
+    def rotate(self) -> None:
+        self.pair = hpke.generate_key_pair()
+        self.kid = f"{int(self.kid, 16) + 1:02x}"
+
+
+class Fixture(TestCase):
+    def setUp(self) -> None:
+        self.handler = Handler()
+        site = server.Site(self.handler)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        # Absolute and short: subprocesses run elsewhere, and sun_path holds 108 bytes.
+        sockdir = tempfile.mkdtemp(prefix="llmr-")
+        self.addCleanup(shutil.rmtree, sockdir, True)
+        self.sock = os.path.join(sockdir, "router.sock")
+        unix_port = reactor.listenUNIX(self.sock, site)  # type: ignore[attr-defined]
+        tcp_port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(unix_port.stopListening)
+        self.addCleanup(tcp_port.stopListening)
+        self.urls = [f"unix:{self.sock}", f"http://127.0.0.1:{tcp_port.getHost().port}"]
+        self.pin = bytes(self.handler.signing.verify_key)
+
+    def client(self, url: str | None = None, **kw: Any) -> Client:
+        kw.setdefault("pin", self.pin)
+        return Client(reactor, url or self.urls[0], **kw)
+
+    async def chat(self, client: Client, prompt: str) -> tuple[str, p.Done]:
+        out: list[str] = []
+        done = await client.chat(p.ChatRequest.from_prompt(prompt), out.append)
+        return "".join(out), done
+
+
+class ClientTests(Fixture):
+    @defer.inlineCallbacks
+    def test_base_mode_unix_and_tcp(self) -> Any:
+        for url in self.urls:
+            text, done = yield defer.Deferred.fromCoroutine(
+                self.chat(self.client(url), "one two three four five six seven eight nine ten")
+            )
+            self.assertEqual(text, "ten nine eight seven six five four three two one ")
+            self.assertEqual(done, p.Done("stop", 3, 10))
+        self.assertEqual(self.handler.seen_modes, ["base", "base"])
+
+    @defer.inlineCallbacks
+    def test_auth_mode_device_key(self) -> Any:
+        key_file = Path(self.mktemp())
+        device = load_device_key(key_file)
+        self.assertEqual(stat.S_IMODE(key_file.stat().st_mode), 0o600)
+        self.assertEqual(load_device_key(key_file), device)
+        client = self.client(self.urls[1], device_key=device)
+        text, _ = yield defer.Deferred.fromCoroutine(self.chat(client, "a b"))
+        self.assertEqual(text, "b a ")
+        self.assertEqual(self.handler.seen_modes, ["auth"])
+        self.assertEqual(self.handler.seen_devices, [device.pk])
+
+    def test_device_key_permissions(self) -> None:
+        key_file = Path(self.mktemp())
+        load_device_key(key_file)
+        key_file.chmod(0o644)
+        self.assertRaises(ChatError, load_device_key, key_file)
+
+    @defer.inlineCallbacks
+    def test_key_unknown_refetches_and_retries_once(self) -> Any:
+        client = self.client()
+        yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.handler.rotations_pending = 1
+        text, _ = yield defer.Deferred.fromCoroutine(self.chat(client, "x y"))
+        self.assertEqual(text, "y x ")
+        self.assertEqual(self.handler.kid, "08")
+
+    @defer.inlineCallbacks
+    def test_pin_mismatch(self) -> Any:
+        other = bytes(nacl.signing.SigningKey.generate().verify_key)
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=other), "x"))
+        self.assertEqual(cm.exception.code, "bad_key_document")
+        self.assertEqual(self.handler.seen_modes, [])
+
+    @defer.inlineCallbacks
+    def test_solves_proof_of_work(self) -> Any:
+        self.handler.pow_key = os.urandom(32)
+        text, _ = yield defer.Deferred.fromCoroutine(self.chat(self.client(), "solve me"))
+        self.assertEqual(text, "me solve ")
+
+    @defer.inlineCallbacks
+    def test_truncated_stream(self) -> Any:
+        self.handler.cut_after = 2
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a b c d"))
+        self.assertEqual(cm.exception.code, "truncated")
+
+    @defer.inlineCallbacks
+    def test_error_final_chunk(self) -> Any:
+        self.handler.fail_with = "upstream_failed"
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a b"))
+        self.assertEqual(cm.exception.code, "upstream_failed")
+
+    @defer.inlineCallbacks
+    def test_refusal_is_reported(self) -> Any:
+        client = self.client()
+        yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.handler.rotations_pending = 2  # the key changes again after the client's refetch
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(client, "x"))
+        self.assertEqual((cm.exception.code, cm.exception.status), ("key_unknown", 400))
+
+
+class CommandLineTests(Fixture):
+    """``llmrouter-client`` as operators run it: a separate process."""
+
+    def run_client(self, *args: str, stdin: bytes | None = None) -> Any:
+        env = {**os.environ, "LLMROUTER_URL": self.urls[0]}
+        argv = ["-m", "llmrouter.client", *args]
+        if stdin is None:
+            return utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=str(ROOT))
+        # getProcessOutputAndValue has no stdin; go through a file instead.
+        path = Path(self.mktemp()).absolute()
+        path.write_bytes(stdin)
+        return utils.getProcessOutputAndValue(
+            "/bin/sh", ["-c", f'exec "$0" "$@" < {path}', sys.executable, *argv], env=env
+        )
+
+    @defer.inlineCallbacks
+    def test_chat(self) -> Any:
+        pin = p.b64u_encode(self.pin)
+        out, err, code = yield self.run_client("chat", "hello there world", "--pin", pin)
+        self.assertEqual((out, code), (b"world there hello \n", 0), err)
+        self.assertIn(b"finish_reason=stop", err)
+
+    @defer.inlineCallbacks
+    def test_chat_auth_creates_device_key(self) -> Any:
+        key_file = Path(self.mktemp()).absolute()
+        out, err, code = yield self.run_client("chat", "a b", "--device-key", str(key_file))
+        self.assertEqual((out, code), (b"b a \n", 0), err)
+        self.assertEqual(stat.S_IMODE(key_file.stat().st_mode), 0o600)
+        self.assertEqual(self.handler.seen_modes, ["auth"])
+
+    @defer.inlineCallbacks
+    def test_chat_failure_exit_code(self) -> Any:
+        self.handler.cut_after = 1
+        _out, err, code = yield self.run_client("chat", "a b c")
+        self.assertEqual(code, 1)
+        self.assertIn(b"truncated", err)
+        self.assertNotIn(b"Traceback", err)
+        _, err, code = yield self.run_client("chat", "x", "--url", "unix:/nonexistent.sock")
+        self.assertEqual(code, 1)
+        self.assertIn(b"unreachable", err)
+        self.assertNotIn(b"Traceback", err)
+
+    @defer.inlineCallbacks
+    def test_seal_then_open(self) -> Any:
+        """The curl workflow: seal to stdout, POST it by other means, open the saved stream."""
+        state = Path(self.mktemp()).absolute()
+        out, err, code = yield self.run_client("seal", "alpha beta gamma", "--state", str(state))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(stat.S_IMODE(state.stat().st_mode), 0o600)
+        envelope = json.loads(out)
+        self.assertEqual(sorted(envelope), ["ct", "enc", "kid", "mode", "rid", "ts", "v"])
+        self.assertNotIn(b"alpha", out)
+
+        from twisted.web.client import Agent, FileBodyProducer, readBody
+
+        from llmrouter.httpclient import agent_for
+
+        agent, base = agent_for(reactor, self.urls[0])
+        self.assertIsInstance(agent, Agent)
+        from io import BytesIO
+
+        response = yield agent.request(
+            b"POST", (base + "/api/chat").encode(), None, FileBodyProducer(BytesIO(out))
+        )
+        stream = yield readBody(response)
+        self.assertEqual(response.code, 200)
+
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
+        self.assertEqual((out, code), (b"gamma beta alpha \n", 0), err)
+        # A stream cut before its final chunk is reported as truncated, with exit code 1.
+        cut = stream[: stream.rindex(b"event: final")]
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=cut)
+        self.assertEqual(code, 1)
+        self.assertIn(b"truncated", err)
+        # The same stream opened with another request's state fails authentication.
+        _, _, _ = yield self.run_client("seal", "x", "--state", str(state))
+        _, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
+        self.assertEqual(code, 1)
+        self.assertIn(b"bad_stream", err)
+
+    @defer.inlineCallbacks
+    def test_keys(self) -> Any:
+        out, err, code = yield self.run_client("keys")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual(doc["signing_key"], p.b64u_encode(self.pin))
+        self.assertEqual([k["kid"] for k in doc["keys"]], ["07"])
