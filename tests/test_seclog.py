@@ -1,0 +1,151 @@
+"""SecurityLog: JSON lines, keyed-hash identifiers, no raw identifier can get through."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.trial import unittest
+
+from llmrouter import seclog
+from llmrouter.seclog import Ident, SecurityLog
+
+HASH_KEY = bytes(range(32))
+
+
+class SecurityLogTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.lines: list[str] = []
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000.12345)
+        self.registry = CollectorRegistry()
+        self.counter = Counter("llmrouter_security_events", "x", ["event"], registry=self.registry)
+        self.log = SecurityLog(
+            HASH_KEY, emit=self.lines.append, clock=self.clock, counter=self.counter
+        )
+
+    def test_one_json_line_per_event(self) -> None:
+        self.log.event("replay", ip=self.log.ident("198.51.100.4"), kid="0a", count=3, ok=False)
+        self.log.event("key_rotated", kid="0b", previous="0a", age=86400.5)
+        self.assertEqual(len(self.lines), 2)
+        self.assertNotIn("\n", self.lines[0])
+        first = json.loads(self.lines[0])
+        self.assertEqual(
+            first,
+            {
+                "ts": 1700000000.123,
+                "event": "replay",
+                "count": 3,
+                "ip": self.log.ident("198.51.100.4"),
+                "kid": "0a",
+                "ok": False,
+            },
+        )
+        self.assertEqual(list(first)[:2], ["ts", "event"])
+
+    def test_ident_is_truncated_hmac_sha256(self) -> None:
+        device = os.urandom(32)
+        expected = hmac.new(HASH_KEY, device, hashlib.sha256).hexdigest()[:16]
+        self.assertEqual(self.log.ident(device), expected)
+        self.assertEqual(self.log.ident("10.0.0.1"), self.log.ident(b"10.0.0.1"))
+        self.assertIsInstance(self.log.ident(device), Ident)
+        other = SecurityLog(b"\x01" * 32, emit=self.lines.append)
+        self.assertNotEqual(other.ident(device), self.log.ident(device))
+
+    def test_counts_events_by_name(self) -> None:
+        self.log.event("replay")
+        self.log.event("replay")
+        self.log.event("stale")
+        value = self.registry.get_sample_value
+        self.assertEqual(value("llmrouter_security_events_total", {"event": "replay"}), 2.0)
+        self.assertEqual(value("llmrouter_security_events_total", {"event": "stale"}), 1.0)
+
+    def test_default_counter_is_the_module_counter(self) -> None:
+        log = SecurityLog(HASH_KEY, emit=self.lines.append)
+        labels = {"event": "pow_failed"}
+        before = REGISTRY.get_sample_value("llmrouter_security_events_total", labels) or 0.0
+        log.event("pow_failed")
+        after = REGISTRY.get_sample_value("llmrouter_security_events_total", labels)
+        self.assertEqual(after, before + 1)
+        self.assertIs(seclog.SECURITY_EVENTS, log._counter)
+
+    def test_default_emitter_is_twisted_logger(self) -> None:
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        SecurityLog(HASH_KEY, clock=self.clock, counter=self.counter).event(
+            "auth_failed", reason="decrypt_failed"
+        )
+        mine = [e for e in events if e.get("log_namespace") == "llmrouter.security"]
+        self.assertEqual(len(mine), 1)
+        line = formatEvent(mine[0])
+        self.assertEqual(json.loads(line)["reason"], "decrypt_failed")
+        self.assertEqual(json.loads(mine[0]["security_event"])["event"], "auth_failed")
+
+    def test_bad_names_rejected(self) -> None:
+        for name in ("", "Replay", "re play", "x" * 65, "rate-limited"):
+            self.assertRaises(ValueError, self.log.event, name)
+        for field in ("Bad", "ts", "event", "a-b"):
+            self.assertRaises(ValueError, self.log.event, "replay", **{field: 1})
+        self.assertRaises(ValueError, self.log.event, "replay", n=float("nan"))
+        self.assertRaises(ValueError, self.log.event, "replay", n=float("inf"))
+        self.assertEqual(self.lines, [])
+
+    def test_repr_hides_the_hash_key(self) -> None:
+        self.assertNotIn(HASH_KEY.hex(), repr(self.log))
+        self.assertNotIn(repr(HASH_KEY), repr(self.log))
+        self.assertRaises(ValueError, SecurityLog, b"short")
+
+
+class CanaryTests(unittest.TestCase):
+    """Raw identifiers in every shape a caller might have them: none may reach the output."""
+
+    def test_no_raw_identifier_ever_emitted(self) -> None:
+        lines: list[str] = []
+        log = SecurityLog(
+            HASH_KEY, emit=lines.append, counter=Counter("c", "c", ["event"], registry=None)
+        )
+        device = b"CANARY-DEVICE-KEY-0123456789abcd"
+        ip4, ip6 = "192.0.2.233", "2001:db8::c0ff:ee"
+        canaries: list[object] = [
+            device,
+            bytearray(device),
+            memoryview(device),
+            device.hex(),
+            device.hex()[:24],
+            base64.urlsafe_b64encode(device).decode().rstrip("="),
+            base64.b64encode(device).decode(),
+            device.decode(),
+            ip4,
+            ip6,
+            f"{ip4}:443",
+            "canary prompt text",
+            "CanaryPrompt",
+            "canary-prompt-text-that-is-long-enough-to-exceed",
+            ["192.0.2.233"],
+            {"ip": ip4},
+            None,
+            object(),
+        ]
+        for value in canaries:
+            with self.assertRaises((TypeError, ValueError)) as caught:
+                log.event("rate_limited", ip=value)  # type: ignore[arg-type]
+            message = str(caught.exception)
+            self.assertNotIn(ip4, message)
+            self.assertNotIn("CANARY", message)
+            self.assertNotIn("anary", message)
+        # The sanctioned way: hash first.
+        for value in (device, ip4, ip6):
+            log.event("rate_limited", ip=log.ident(value))
+        output = "\n".join(lines)
+        self.assertEqual(len(lines), 3)
+        for needle in (ip4, ip6, "CANARY", device.hex()[:12], "192.0.2", "2001:db8"):
+            self.assertNotIn(needle, output)
+        b64 = base64.urlsafe_b64encode(device).decode().rstrip("=")
+        self.assertNotIn(b64[:12], output)
