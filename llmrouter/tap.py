@@ -1,12 +1,243 @@
-"""``twistd llmrouter``: command line and service construction (placeholder until its issue lands)."""
+"""``twistd llmrouter``: command line, and the service tree of a running router.
 
-from twisted.application import service
+Settings come from defaults < ``--env-file`` < environment < command line (see
+:mod:`llmrouter.settings`); ``twistd -n llmrouter --help`` lists every option and variable.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python import usage
+
+from llmrouter import secmem
+from llmrouter.admission import Admission, StreamSlots
+from llmrouter.app import RouterApp, RouterSite
+from llmrouter.budget import PrivacyBudget
+from llmrouter.metrics import MetricsResource, RouterMetrics
+from llmrouter.ratelimit import RateLimiter
+from llmrouter.replay import ReplayCache
+from llmrouter.seclog import SecurityLog
+from llmrouter.settings import ENV_NAMES, Settings, SettingsError, load
+from llmrouter.upstream import BackendPool
+
+__all__ = ["Options", "Router", "makeService"]
+
+log = Logger()
+
+_DEFAULTS = Settings()
+
+
+def _env_help() -> str:
+    lines = []
+    for env, (name, _) in ENV_NAMES.items():
+        default = getattr(_DEFAULTS, name)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        lines.append(f"  {env:<30} (default: {default})")
+    return "\n".join(lines)
 
 
 class Options(usage.Options):
-    optParameters: list[list[str | None]] = []
+    synopsis = "[options]"
+    longdesc = (
+        "Encrypted (HPKE) chat router: admits protocol v1 requests, forwards them to OpenAI-style"
+        " inference backends and streams the tokens back sealed as SSE.\n\n"
+        "Every option falls back to the environment variable in brackets; --env-file loads"
+        " KEY=VALUE lines first (the environment and the command line override it).\n"
+        "All settings (environment variables):\n" + _env_help() + "\n\n"
+        "SIGHUP re-reads the key directory; `llmrouter-keys --keys-dir DIR rotate|revoke KID`"
+        " changes keys of a running router within seconds."
+    )
+    optParameters = [
+        ["env-file", None, None, "Load KEY=VALUE settings from this file first."],
+        [
+            "metrics-listen",
+            None,
+            None,
+            "Endpoint for GET /metrics only [METRICS_LISTEN] (default "
+            f"{_DEFAULTS.metrics_listen}).",
+        ],
+        ["keys-dir", None, None, f"Key directory [KEYS_DIR] (default {_DEFAULTS.keys_dir})."],
+        [
+            "device-auth",
+            None,
+            None,
+            "required|optional: refuse mode base requests when required [DEVICE_AUTH]"
+            " (default optional).",
+        ],
+        [
+            "tls-client-cert",
+            None,
+            None,
+            "Client certificate for https upstreams [UPSTREAM_TLS_CERT].",
+        ],
+        ["tls-client-key", None, None, "Client key for https upstreams [UPSTREAM_TLS_KEY]."],
+        ["tls-ca", None, None, "Pinned CA of https upstreams [UPSTREAM_TLS_CA]."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["inference"] = []
+        self.settings: Settings | None = None
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Public endpoint (repeatable), e.g. tcp:8080:interface=127.0.0.1, ssl:..., systemd:...
+        [LISTEN] (default tcp:8080:interface=127.0.0.1)."""
+        self["listen"].append(endpoint)
+
+    def opt_inference(self, endpoint: str) -> None:
+        """Inference backend unix:/path.sock or https://host:port (repeatable; replaces
+        INFERENCE_ENDPOINTS) (default unix:/run/llmrouter/inference.sock)."""
+        self["inference"].append(endpoint)
+
+    def postOptions(self) -> None:
+        import os
+
+        overrides: dict[str, Any] = {
+            "listen": self["listen"],
+            "inference_endpoints": self["inference"],
+            "metrics_listen": self["metrics-listen"],
+            "keys_dir": Path(self["keys-dir"]) if self["keys-dir"] else None,
+            "device_auth": self["device-auth"],
+            "upstream_tls_cert": _path(self["tls-client-cert"]),
+            "upstream_tls_key": _path(self["tls-client-key"]),
+            "upstream_tls_ca": _path(self["tls-ca"]),
+        }
+        env_file = Path(self["env-file"]) if self["env-file"] else None
+        try:
+            self.settings = load(os.environ, env_file, overrides)
+        except SettingsError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+class Router:
+    """Every component of one router, wired together; ``reactor`` does I/O, ``clock`` time.
+
+    Tests build one in-process with a :class:`~twisted.internet.task.Clock` as ``clock``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Any,
+        clock: IReactorTime | None = None,
+        keys: Any = None,
+        emit: Any = None,
+    ) -> None:
+        self.settings = settings
+        clock = clock or reactor
+        self.clock = clock
+        self.metrics = RouterMetrics()
+        from llmrouter.keys import KeyStore  # imported late: keeps `twistd --help` light
+
+        self.keys = keys or KeyStore.open(
+            settings.keys_dir,
+            clock,
+            rotation_seconds=settings.key_rotation_hours * 3600,
+            overlap_seconds=settings.key_overlap_seconds,
+        )
+        self.events = SecurityLog(
+            self.keys.log_hash_key, emit=emit, clock=clock, counter=self.metrics.security_events
+        )
+        self.keys.events = self.events
+        self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
+        self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
+        self.admission = Admission(
+            settings,
+            clock,
+            self.keys,
+            RateLimiter(clock, settings.rate_limit_per_minute, settings.rate_limit_burst),
+            RateLimiter(
+                clock, settings.device_rate_limit_per_minute, settings.device_rate_limit_burst
+            ),
+            ReplayCache(clock, settings.replay_window_seconds, settings.replay_max_entries),
+            PrivacyBudget(
+                clock,
+                settings.epsilon_total,
+                settings.epsilon_per_query,
+                settings.budget_period_seconds,
+            ),
+            StreamSlots(settings.max_streams, settings.max_streams_per_device),
+            self.metrics,
+            self.events if settings.security_log else None,
+        )
+        self.app = RouterApp(
+            settings,
+            clock,
+            self.keys,
+            lambda: True,
+            self.pool,
+            self.admission,
+            self.metrics,
+        )
+        self.site = RouterSite(
+            self.app.resource(),
+            settings.max_body_bytes,
+            on_too_large=self.admission.reject,
+        )
+        self.metrics_site = RouterSite(MetricsResource(self.metrics), 4096)
+
+    def start(self) -> None:
+        self.keys.start()
+        self.pool.start()
+
+    def stop(self) -> None:
+        for stream in list(self.app.streams):
+            stream.stopProducing()
+        self.pool.stop()
+        self.keys.stop()
+
+    def reload_keys(self) -> None:
+        if self.keys.reload():
+            log.info("key directory re-read")
+
+
+class RouterService(service.Service):
+    """Starts and stops the router's timers; SIGHUP re-reads the key directory."""
+
+    def __init__(self, router: Router, reactor: Any) -> None:
+        self.router = router
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        secmem.harden_process()
+        super().startService()
+        self.router.start()
+        self._previous = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.router.reload_keys)
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        self.router.stop()
+        return super().stopService()
 
 
 def makeService(options: Options) -> service.IService:
-    return service.MultiService()
+    from twisted.internet import reactor
+
+    settings = options.settings
+    assert settings is not None
+    secmem.harden_process()  # before any key material is read
+    router = Router(settings, reactor)
+    top = service.MultiService()
+    RouterService(router, reactor).setServiceParent(top)
+    for endpoint in settings.listen:
+        strports.service(endpoint, router.site).setServiceParent(top)
+    strports.service(settings.metrics_listen, router.metrics_site).setServiceParent(top)
+    return top

@@ -1,0 +1,312 @@
+"""The public HTTP surface of the router (Klein), and the Site that serves it.
+
+Routes: ``POST /api/chat``, ``GET /api/pubkey``, ``GET /.well-known/jwks.json``,
+``GET /.well-known/ohttp-keys``, ``GET /health`` (readiness) and ``GET /health/live`` (liveness).
+Every error, including 404, 405 and bugs, is ``{"error": {"code", "message"}}`` JSON; nothing a
+client sent (path, headers, body) is logged or echoed, and Twisted's access log is off.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, Protocol, cast
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
+
+from llmrouter import pow
+from llmrouter.admission import Admission
+from llmrouter.metrics import RouterMetrics
+from llmrouter.protocol import ProtocolError, ResponseSealer
+from llmrouter.settings import Settings
+from llmrouter.stream import EncryptedStream
+from llmrouter.upstream import BackendPool, ChatCall
+
+__all__ = ["RouterApp", "RouterSite", "client_address"]
+
+log = Logger()
+
+
+class PublishedKeys(Protocol):
+    """The part of the key store the HTTP surface needs."""
+
+    def key_document(self) -> bytes: ...
+
+    def jwks(self) -> bytes: ...
+
+    def ohttp_configs(self) -> bytes: ...
+
+
+def client_address(request: server.Request, trusted: tuple[Any, ...]) -> str:
+    """The peer address, or behind a trusted proxy the last untrusted X-Forwarded-For hop."""
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        return "local"  # UNIX socket peers all share one rate-limit bucket
+    if not trusted or not _in(host, trusted):
+        return host
+    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+    hops = [h.strip() for line in forwarded for h in line.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return host  # garbage: do not let a client pick its own bucket
+        if not _in(hop, trusted):
+            return hop
+    return host
+
+
+def _in(address: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+class RouterApp:
+    """Routes of the public listener. Dependencies are passed in so tests can use a Clock."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        settings: Settings,
+        clock: IReactorTime,
+        keys: PublishedKeys,
+        keys_ready: Callable[[], bool],
+        pool: BackendPool,
+        admission: Admission,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._keys = keys
+        self._keys_ready = keys_ready
+        self._pool = pool
+        self.admission = admission
+        self._metrics = metrics
+        self._trusted = tuple(
+            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+        )
+        self.streams: set[EncryptedStream] = set()
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    # Helpers.
+
+    def _reply(
+        self, request: server.Request, status: int, content_type: bytes, body: bytes
+    ) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", content_type)
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        self._metrics.http_responses.labels(str(status)).inc()
+        return body
+
+    def _error(self, request: server.Request, error: ProtocolError) -> bytes:
+        retry_after = error.extra.get("retry_after")
+        if isinstance(retry_after, int):
+            request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
+        return self._reply(request, error.status, b"application/json", error.to_json())
+
+    # Routes.
+
+    @app.route("/api/chat", methods=["POST"])
+    def chat(self, request: server.Request) -> Any:
+        started = self._clock.seconds()
+        content_type = request.getHeader(b"content-type") or b""
+        if content_type.split(b";")[0].strip().lower() != b"application/json":
+            error = self.admission.reject(
+                ProtocolError("unsupported_media_type", "Content-Type must be application/json")
+            )
+            return self._error(request, error)
+        assert request.content is not None
+        body = request.content.read()
+        request.content = BytesIO()  # the ciphertext is not needed past admission
+        pow_header = request.getHeader(pow.HEADER)
+        try:
+            admitted = self.admission.admit(
+                body, client_address(request, self._trusted), pow_header
+            )
+        except ProtocolError as e:
+            return self._error(request, e)
+        settings = self.settings
+        sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
+        stream = EncryptedStream(
+            request,
+            sealer,
+            self._clock,
+            self._metrics,
+            started,
+            settings.keepalive_seconds,
+            settings.stream_cadence_ms / 1000.0,
+        )
+        self.streams.add(stream)
+
+        def closed() -> None:
+            admitted.release()
+            self.streams.discard(stream)
+
+        stream._on_close = closed
+        call = ChatCall(
+            self._clock,
+            self._pool,
+            settings,
+            self._metrics,
+            admitted.request.to_openai(settings.inference_model),
+            stream,
+            deadline=started + settings.request_ttl_seconds,
+        )
+        stream.attach(call)
+        call.start()
+        return stream.done
+
+    @app.route("/api/pubkey", methods=["GET"])
+    def pubkey(self, request: server.Request) -> bytes:
+        return self._keys_reply(request, b"application/json", self._keys.key_document)
+
+    @app.route("/.well-known/jwks.json", methods=["GET"])
+    def jwks(self, request: server.Request) -> bytes:
+        return self._keys_reply(request, b"application/jwk-set+json", self._keys.jwks)
+
+    @app.route("/.well-known/ohttp-keys", methods=["GET"])
+    def ohttp_keys(self, request: server.Request) -> bytes:
+        return self._keys_reply(request, b"application/ohttp-keys", self._keys.ohttp_configs)
+
+    def _keys_reply(
+        self, request: server.Request, content_type: bytes, build: Callable[[], bytes]
+    ) -> bytes:
+        if not self._keys_ready():
+            return self._error(request, ProtocolError("unavailable", "not ready", 503))
+        body = self._reply(request, 200, content_type, build())
+        request.setHeader(b"Cache-Control", b"public, max-age=60")
+        return body
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: server.Request) -> bytes:
+        if self._keys_ready() and self._pool.ready():
+            return self._reply(request, 200, b"application/json", b'{"status": "ok"}')
+        return self._reply(request, 503, b"application/json", b'{"status": "unavailable"}')
+
+    @app.route("/health/live", methods=["GET"])
+    def live(self, request: server.Request) -> bytes:
+        return self._reply(request, 200, b"application/json", b'{"status": "ok"}')
+
+    # Errors.
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        request = cast(server.Request, request)
+        return self._error(request, ProtocolError("not_found", "no such resource"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        request = cast(server.Request, request)
+        error = failure.value
+        allowed = getattr(error, "valid_methods", None) or []
+        if allowed:
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return self._error(request, ProtocolError("method_not_allowed", "method not allowed"))
+
+    @app.handle_errors(Exception)
+    def internal(self, request: IRequest, failure: Failure) -> bytes:
+        request = cast(server.Request, request)
+        # Frames only: an exception's message may quote request data.
+        where = "; ".join(f"{f[1]}:{f[2]} in {f[0]}" for f in failure.frames[-8:])
+        log.error(
+            "unhandled {kind} at {where}", kind=getattr(failure.type, "__name__", "?"), where=where
+        )
+        return self._error(request, ProtocolError("internal", "internal error"))
+
+
+class _BoundedRequest(server.Request):
+    """Keeps request bodies in memory (never a temp file) and refuses oversized ones early."""
+
+    _too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        site = cast(Any, self.channel).site
+        if length is not None and length > site.max_body:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._received += len(data)
+        if self._received > cast(Any, self.channel).site.max_body:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self) -> None:
+        self._too_large = True
+        self.content = BytesIO()
+        site: RouterSite = cast(Any, self.channel).site
+        error = ProtocolError("body_too_large", "request body exceeds the size limit")
+        site.on_too_large(error)
+        body = error.to_json()
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+    def process(self) -> None:
+        if not self._too_large:
+            super().process()
+
+
+@implementer(ILogObserver)
+class _Drop:
+    def __call__(self, event: Any) -> None:
+        pass
+
+
+class _QuietChannel(http.HTTPChannel):
+    """HTTPChannel whose own log lines (which name the peer address) are dropped."""
+
+    _log = Logger(observer=_Drop())
+
+
+class RouterSite(server.Site):
+    """A Site without an access log (it would record paths, user agents, addresses)."""
+
+    requestFactory = _BoundedRequest
+    protocol = _QuietChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 via ALPN
+
+    def __init__(
+        self,
+        resource: IResource,
+        max_body: int,
+        on_too_large: Callable[[ProtocolError], None] = lambda error: None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
+        self.on_too_large = on_too_large
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass

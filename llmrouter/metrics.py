@@ -1,0 +1,134 @@
+"""Prometheus metrics of the router, in a registry of their own, served on the metrics listener.
+
+Label values are only ever fixed strings chosen by the code (status codes, error codes, configured
+backend names), never anything a client sent. Names are contracts: alerts and dashboards use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+__all__ = ["CONTENT_TYPE", "MetricsResource", "RouterMetrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _KeyCollector(Collector):
+    """Key rotation count and current key age, read from the key store at scrape time."""
+
+    def __init__(self, rotations: Callable[[], int], age: Callable[[], float]) -> None:
+        self._rotations = rotations
+        self._age = age
+
+    def collect(self) -> Iterable[Metric]:
+        rotations = CounterMetricFamily(
+            "llmrouter_key_rotations", "HPKE key rotations since the router started"
+        )
+        rotations.add_metric([], float(self._rotations()))
+        age = GaugeMetricFamily(
+            "llmrouter_current_key_age_seconds", "Age of the current HPKE key in seconds"
+        )
+        age.add_metric([], self._age())
+        return [rotations, age]
+
+
+class RouterMetrics:
+    """Every router metric; one instance per router (tests build their own)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "llmrouter_request_duration_seconds",
+            "End-to-end duration of chat requests, admission to final chunk",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "llmrouter_upstream_duration_seconds",
+            "Duration of upstream (router to inference) requests",
+            ["backend"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "llmrouter_time_to_first_token_seconds",
+            "Time from request arrival to the first token sent to the client",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "llmrouter_active_streams", "Open client response streams", registry=r
+        )
+        self.tokens_streamed = Counter(
+            "llmrouter_tokens_streamed", "Tokens relayed to clients", registry=r
+        )
+        self.http_responses = Counter(
+            "llmrouter_http_responses", "HTTP responses by status", ["status"], registry=r
+        )
+        self.admission_rejections = Counter(
+            "llmrouter_admission_rejections",
+            "Requests rejected by admission, by error code",
+            ["reason"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "llmrouter_circuit_state",
+            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+            ["backend"],
+            registry=r,
+        )
+        self.backend_healthy = Gauge(
+            "llmrouter_backend_healthy",
+            "Whether the last health probe of a backend succeeded",
+            ["backend"],
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "llmrouter_upstream_retries",
+            "Upstream attempts retried on another (or the same) backend",
+            ["backend"],
+            registry=r,
+        )
+        self.security_events = Counter(
+            "llmrouter_security_events", "Security events by name", ["event"], registry=r
+        )
+        self._key_collector: _KeyCollector | None = None
+
+    def watch_keys(self, rotations: Callable[[], int], age: Callable[[], float]) -> None:
+        if self._key_collector is not None:
+            self.registry.unregister(self._key_collector)
+        self._key_collector = _KeyCollector(rotations, age)
+        self.registry.register(self._key_collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsResource(Resource):
+    """``GET /metrics`` for the metrics listener only; anything else there is a 404."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        if request.path != b"/metrics":
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"not found\n"
+        request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
+        return self._metrics.render()

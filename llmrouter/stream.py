@@ -1,0 +1,223 @@
+"""The client-facing response: sealed SSE chunks, flow-controlled end to end.
+
+:class:`EncryptedStream` is the :class:`~llmrouter.upstream.TokenSink` of a
+:class:`~llmrouter.upstream.ChatCall` and the push producer registered on the client's HTTP
+request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
+tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
+call, which closes the upstream connection so the backend stops generating.
+
+Nothing is sent to the client before the first token (or an early end): until then upstream
+failures can still be retried or answered with a plain JSON error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from llmrouter.metrics import RouterMetrics
+from llmrouter.protocol import KEEPALIVE, ProtocolError, ResponseSealer
+
+__all__ = ["EncryptedStream", "UpstreamControl"]
+
+
+class UpstreamControl(Protocol):
+    """What the stream needs from its upstream call (a ChatCall provides these)."""
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class EncryptedStream:
+    """One response stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        request: Request,
+        sealer: ResponseSealer,
+        clock: IReactorTime,
+        metrics: RouterMetrics,
+        started: float,
+        keepalive_seconds: float,
+        cadence_seconds: float = 0.0,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._request = request
+        self._sealer = sealer
+        self._clock = clock
+        self._metrics = metrics
+        self._started = started
+        self._keepalive = keepalive_seconds
+        self._cadence = cadence_seconds
+        self._on_close = on_close
+        self._upstream: UpstreamControl | None = None
+        self._opened = False
+        self._closed = False
+        self._paused = False
+        self._last_write = 0.0
+        self._timer: IDelayedCall | None = None
+        self._pending: list[str] = []
+        self._final: tuple[str, tuple[object, ...]] | None = None
+        self.client_gone = False
+        self.done: Deferred[None] = Deferred(lambda d: self._client_left())
+        metrics.active_streams.inc()
+        request.notifyFinish().addErrback(self._lost)
+
+    def attach(self, upstream: UpstreamControl) -> None:
+        self._upstream = upstream
+
+    # TokenSink
+
+    def token(self, text: str) -> None:
+        if self._closed:
+            return
+        self._metrics.tokens_streamed.inc()
+        if not self._opened:
+            self._open()
+            self._metrics.ttft.observe(self._clock.seconds() - self._started)
+        if self._cadence:
+            self._pending.append(text)
+        else:
+            self._write(self._sealer.delta(text))
+
+    def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
+        if self._closed:
+            return
+        if not self._opened:
+            self._open()
+        self._end_with("done", (finish_reason, prompt_tokens, completion_tokens))
+
+    def failed(self, code: str, message: str, status: int) -> None:
+        if self._closed:
+            return
+        if not self._opened:
+            self._reject(ProtocolError(code, message, status))
+            return
+        self._end_with("error", (code, message))
+
+    # IPushProducer (driven by the client's connection)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._upstream is not None:
+            self._upstream.pause()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._upstream is not None:
+            self._upstream.resume()
+
+    def stopProducing(self) -> None:
+        self._client_left()
+
+    # Internals
+
+    def _open(self) -> None:
+        self._opened = True
+        request = self._request
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.registerProducer(self, True)
+        self._metrics.http_responses.labels("200").inc()
+        self._write(self._sealer.init_event())
+        self._schedule()
+
+    def _write(self, data: bytes) -> None:
+        self._last_write = self._clock.seconds()
+        self._request.write(data)
+
+    def _schedule(self) -> None:
+        delay = self._cadence or self._keepalive
+        self._timer = self._clock.callLater(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        if self._cadence:
+            self._slot()
+        elif not self._paused and self._clock.seconds() - self._last_write >= self._keepalive:
+            self._write(KEEPALIVE)
+        if not self._closed:
+            self._schedule()
+
+    def _slot(self) -> None:
+        """Exactly one padded chunk per slot: pending text, else the final, else an empty delta."""
+        if self._paused:
+            return
+        if self._pending:
+            text, self._pending = "".join(self._pending), []
+            self._write(self._sealer.delta(text))
+        elif self._final is not None:
+            self._emit_final()
+        else:
+            self._write(self._sealer.delta(""))
+
+    def _end_with(self, kind: str, args: tuple[object, ...]) -> None:
+        self._final = (kind, args)
+        if not self._cadence:
+            self._emit_final()
+
+    def _emit_final(self) -> None:
+        assert self._final is not None
+        kind, args = self._final
+        if kind == "done":
+            reason, prompt, completion = args
+            assert isinstance(reason, str) and isinstance(prompt, int)
+            assert isinstance(completion, int)
+            self._write(self._sealer.done(reason, prompt, completion))
+        else:
+            code, message = args
+            assert isinstance(code, str) and isinstance(message, str)
+            self._write(self._sealer.error(code, message))
+        self._close()
+
+    def _reject(self, error: ProtocolError) -> None:
+        request = self._request
+        request.setResponseCode(error.status)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        self._metrics.http_responses.labels(str(error.status)).inc()
+        request.write(error.to_json())
+        self._close()
+
+    def _lost(self, failure: Failure) -> None:
+        self._client_left()
+
+    def _client_left(self) -> None:
+        if self._closed:
+            return
+        self.client_gone = True
+        if self._upstream is not None:
+            self._upstream.cancel()
+        self._close(finish=False)
+
+    def _close(self, finish: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._pending = []
+        self._metrics.active_streams.dec()
+        self._metrics.request_duration.observe(self._clock.seconds() - self._started)
+        if self._opened:
+            self._request.unregisterProducer()
+        if finish and not self._request.finished and not self._request._disconnected:
+            self._request.finish()
+        self._on_close()
+        if not self.done.called:
+            self.done.callback(None)

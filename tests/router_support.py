@@ -1,0 +1,235 @@
+"""Router test support: an in-process router on real sockets, a fault-injecting backend, helpers.
+
+The fault backend exists only to inject faults the real inference daemon cannot be asked for
+(dying after N tokens, answering 500, hanging); everything else in the router tests runs against
+the real ``twistd inference`` daemon on the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import Clock, deferLater
+from twisted.web import resource, server
+from twisted.web.client import FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from llmrouter.client import Client
+from llmrouter.httpclient import agent_for
+from llmrouter.protocol import ChatRequest
+from llmrouter.settings import Settings
+from llmrouter.tap import Router
+
+
+def short_tempdir(testcase: Any) -> Path:
+    """A short temp dir (UNIX socket paths must stay under 108 bytes), removed on cleanup."""
+    directory = Path(tempfile.mkdtemp(prefix="llmr-"))
+    testcase.addCleanup(shutil.rmtree, directory, True)
+    return directory
+
+
+@dataclass
+class Script:
+    """What the fault backend does with the next chat requests."""
+
+    tokens: int = 5
+    die_after: int | None = None  # abort the connection after this many tokens
+    status: int = 200
+    hang: bool = False  # accept the request, never answer
+    token_delay: float = 0.0  # seconds between tokens (real reactor time)
+    text: str = "tok"
+
+
+@dataclass
+class BackendLog:
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0  # the connection went away before the stream ended
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FaultBackend(resource.Resource):
+    """A minimal OpenAI-style streaming backend driven by a :class:`Script`."""
+
+    isLeaf = True
+
+    def __init__(self, script: Script | None = None) -> None:
+        super().__init__()
+        self.script = script or Script()
+        self.log = BackendLog()
+        self.healthy = True
+        self.open_requests: list[server.Request] = []
+        self.paused = 0
+
+    def render_GET(self, request: server.Request) -> bytes:
+        if request.path == b"/health":
+            request.setResponseCode(200 if self.healthy else 503)
+            return b'{"status": "ok"}'
+        request.setResponseCode(404)
+        return b"{}"
+
+    def render_POST(self, request: server.Request) -> Any:
+        assert request.content is not None
+        self.log.requests += 1
+        self.log.bodies.append(json.loads(request.content.read()))
+        script = self.script
+        if script.status != 200:
+            request.setResponseCode(script.status)
+            return b'{"error": {"message": "scripted failure"}}'
+        self.open_requests.append(request)
+        state = {"sent": 0, "over": False}
+
+        def lost(_: object) -> None:
+            if not state["over"]:
+                self.log.cancelled += 1
+            state["over"] = True
+
+        request.notifyFinish().addErrback(lost)
+        if script.hang:
+            return server.NOT_DONE_YET
+        request.setHeader(b"Content-Type", b"text/event-stream")
+
+        def step() -> None:
+            if state["over"]:
+                return
+            if script.die_after is not None and state["sent"] >= script.die_after:
+                state["over"] = True
+                assert request.channel is not None and request.channel.transport is not None
+                request.channel.transport.abortConnection()
+                return
+            if state["sent"] >= script.tokens:
+                final = {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+                usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": state["sent"]}}
+                request.write(_event(final) + _event(usage) + b"data: [DONE]\n\n")
+                state["over"] = True
+                self.log.completed += 1
+                request.finish()
+                return
+            chunk = {"choices": [{"delta": {"content": f"{script.text}{state['sent']} "}}]}
+            request.write(_event(chunk))
+            state["sent"] += 1
+            if script.token_delay:
+                reactor.callLater(script.token_delay, step)
+            else:
+                reactor.callLater(0, step)
+
+        reactor.callLater(0, step)
+        return server.NOT_DONE_YET
+
+
+def _event(doc: Any) -> bytes:
+    return b"data: " + json.dumps(doc).encode() + b"\n\n"
+
+
+@defer.inlineCallbacks
+def start_fault_backend(testcase: Any, script: Script | None = None) -> Any:
+    """Listen on a UNIX socket; returns (backend, "unix:/path.sock")."""
+    directory = short_tempdir(testcase)
+    backend = FaultBackend(script)
+    site = server.Site(backend)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    path = directory / "fault.sock"
+    port: IListeningPort = yield UNIXServerEndpoint(reactor, str(path)).listen(site)
+    testcase.addCleanup(_close_backend, backend, port)
+    return backend, f"unix:{path}"
+
+
+def _close_backend(backend: FaultBackend, port: IListeningPort) -> defer.Deferred[Any]:
+    for request in backend.open_requests:
+        channel = request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()
+    d = defer.maybeDeferred(port.stopListening)
+    # let aborted connections finish closing so the reactor is clean
+    d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
+    return d
+
+
+def test_settings(directory: Path, backends: list[str], **changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "keys_dir": directory / "keys",
+        "inference_endpoints": tuple(backends),
+        "listen": ("tcp:0:interface=127.0.0.1",),
+        "retry_backoff_seconds": 0.01,
+        "retry_backoff_max_seconds": 0.05,
+        "health_interval_seconds": 3600.0,
+        "connect_timeout_seconds": 5.0,
+        "first_token_timeout_seconds": 30.0,
+        "idle_timeout_seconds": 30.0,
+    }
+    values.update(changes)
+    return Settings(**values)
+
+
+@dataclass
+class RunningRouter:
+    router: Router
+    url: str
+    port: IListeningPort
+    events: list[str]
+
+    def client(self, clock: Any = None, **kwargs: Any) -> Client:
+        return Client(reactor, self.url, clock=clock or self.router.clock, **kwargs)
+
+
+@defer.inlineCallbacks
+def start_router(
+    testcase: Any,
+    backends: list[str],
+    clock: Clock | None = None,
+    probe: bool = True,
+    **changes: Any,
+) -> Any:
+    """An in-process router on 127.0.0.1 (real reactor I/O; ``clock`` drives its timers)."""
+    directory = short_tempdir(testcase)
+    settings = test_settings(directory, backends, **changes)
+    events: list[str] = []
+    router = Router(settings, reactor, clock=clock or Clock(), emit=events.append)
+    if clock is None:
+        router.clock.advance(1_700_000_000)  # type: ignore[attr-defined]
+    router.start()
+    testcase.addCleanup(router.stop)
+    port: IListeningPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        router.site
+    )
+    testcase.addCleanup(port.stopListening)
+    if probe:
+        for backend in router.pool.backends:
+            yield router.pool.probe(backend)
+    address = port.getHost()
+    return RunningRouter(router, f"http://127.0.0.1:{address.port}", port, events)
+
+
+@defer.inlineCallbacks
+def http(
+    url: str,
+    method: bytes = b"GET",
+    path: str = "/",
+    body: bytes | None = None,
+    headers: dict[bytes, list[bytes]] | None = None,
+) -> Any:
+    """One plain HTTP request; fires with (status, Headers, body)."""
+    agent, base = agent_for(reactor, url)
+    producer = None if body is None else FileBodyProducer(BytesIO(body))
+    response = yield agent.request(method, (base + path).encode(), Headers(headers or {}), producer)
+    data = yield readBody(response)
+    return response.code, response.headers, data
+
+
+def prompt(text: str = "Hello", **params: Any) -> ChatRequest:
+    return ChatRequest.from_prompt(text, **params)
+
+
+def collect() -> tuple[list[str], Callable[[str], None]]:
+    tokens: list[str] = []
+    return tokens, tokens.append
