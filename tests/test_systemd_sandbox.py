@@ -174,7 +174,9 @@ def _filesystem(unit: dict[str, list[str]], rw: Sequence[str], keep: Sequence[st
     ``keep`` are read-only paths under /root re-exposed after ProtectHome (the test machine's
     interpreter lives in /root/.pyenv; production installs under /opt)."""
     _mount(None, "/", None, MS_REC | MS_SLAVE, None)
-    writable = [*rw, *unit.get("Service.ReadWritePaths", [])]
+    # unit paths that do not exist on a test machine are stood in for by ``rw``
+    configured = [p.lstrip("-") for p in unit.get("Service.ReadWritePaths", [])]
+    writable = [*rw, *(p for p in configured if os.path.exists(p))]
     for path in writable:
         _mount(path, path, None, MS_BIND | MS_REC, None)
     keep_fds = [(p, os.open(p, os.O_PATH)) for p in keep]
@@ -322,7 +324,7 @@ def launch(unit_path: Path, rw: Sequence[str], keep: Sequence[str], argv: Sequen
         cap = 0
         while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
             cap += 1
-    if service_setting(unit, "User"):
+    if service_setting(unit, "User") not in ("", "root"):
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
@@ -543,3 +545,124 @@ class ProbeTests(unittest.TestCase):
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+class RenewUnitTests(unittest.TestCase):
+    """llmrouter-pki-renew.service: root without capabilities, no network, writes only the PKI."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_renew_under_unit(self) -> defer.Deferred[None]:
+        import datetime
+
+        from llmrouter import pki
+
+        base = service_dir(self)
+        directory = base / "pki"
+        pki.create_ca(directory)
+        pki.issue(directory, "client", "router", lifetime=datetime.timedelta(days=1))
+        before = (directory / "router.crt").read_bytes()
+        tool = str(Path(sys.executable).parent / "llmrouter-pki")
+        argv = sandbox_argv(
+            "llmrouter-pki-renew.service",
+            [directory],
+            [tool, "--dir", str(directory), "renew", "--if-expiring-within", "2d"],
+        )
+        out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
+        self.assertEqual((rc, out.strip()), (0, b"renewed: router"), err.decode()[-2000:])
+        self.assertNotEqual((directory / "router.crt").read_bytes(), before)
+        pki.verify(directory, "router")
+
+
+class SandboxedDaemon:
+    """A tests.daemons.Daemon whose process is started through the launcher with ``unit``."""
+
+    @staticmethod
+    def create(unit: str, rw: Sequence[Path], plugin: str, args: Sequence[str], **kw: object):  # type: ignore[no-untyped-def]
+        from tests.daemons import TWISTD, Daemon, _Output
+
+        class _Sandboxed(Daemon):
+            def spawn(self) -> defer.Deferred[int]:
+                environment = {
+                    k: v
+                    for k, v in os.environ.items()
+                    if not k.startswith(("INFERENCE_", "LLMROUTER_")) and k != "LISTEN"
+                }
+                environment.update(self.env)
+                environment["PYTHONUNBUFFERED"] = "1"
+                inner = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, *self.args]
+                argv = sandbox_argv(unit, rw, inner)
+                self._protocol = _Output(self.log_path.open("ab"))
+                self._transport = self.reactor.spawnProcess(
+                    self._protocol, argv[0], argv, env=environment, path=str(self.directory)
+                )
+
+                def record(code: int) -> int:
+                    self.exit_code = code
+                    return code
+
+                self._protocol.ended.addCallback(record)
+                return self._chain(self._protocol.ended)
+
+        return _Sandboxed(plugin, args, **kw)  # type: ignore[arg-type]
+
+
+class RouterUnderUnitTests(unittest.TestCase):
+    """The real ``twistd llmrouter`` under llmrouter.service's restrictions: starts, creates and
+    mlocks its keys, serves the key document and metrics, reloads on SIGHUP (ExecReload)."""
+
+    timeout = 180
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_router_serves_under_unit(self) -> defer.Deferred[None]:
+        from twisted.internet import reactor, task
+
+        base = service_dir(self)
+        state = base / "state"
+        public, metrics = state / "router.sock", state / "metrics.sock"
+        args = [
+            "--listen",
+            f"unix:{public}:mode=666",
+            "--metrics-listen",
+            f"unix:{metrics}:mode=666",
+            "--keys-dir",
+            str(state / "keys"),
+            "--inference",
+            f"unix:{state}/no-inference.sock",
+        ]
+        daemon = SandboxedDaemon.create(
+            "llmrouter.service",
+            [state],
+            "llmrouter",
+            args,
+            health=f"unix:{public}",
+            health_path="/api/pubkey",
+            directory=state,
+        )
+        self.addCleanup(daemon.stop)
+        yield daemon.start()
+        keys = sorted(p.name for p in (state / "keys").iterdir())
+        self.assertTrue(keys)
+        for path in (state / "keys").iterdir():
+            self.assertEqual(path.stat().st_mode & 0o077, 0, path.name)
+            self.assertEqual(path.stat().st_uid, 65534)
+        status, _, body = yield daemon.request(b"GET", "/metrics", base=f"unix:{metrics}")
+        self.assertEqual(status, 200)
+        self.assertIn(b"llmrouter_active_streams", body)
+        daemon.signal("HUP")
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        status, _, _ = yield daemon.request(b"GET", "/api/pubkey")
+        self.assertEqual(status, 200)
+        self.assertTrue(daemon.running)
+        code = yield daemon.stop()
+        # twistd re-raises the SIGTERM it shut down on: a clean stop ends "killed by TERM"
+        self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
+        self.assertIn("Server Shut Down", daemon.log_text())
+        self.assertNotIn("Traceback", daemon.log_text())
