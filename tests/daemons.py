@@ -248,7 +248,10 @@ def start_inference(
     args = ["--listen", f"unix:{socket}:mode=600"]
     for endpoint in listen or ():
         args += ["--listen", endpoint]
-    args += ["--model", str(model or tiny_model_path()), *extra_args]
+    args += ["--model", str(model or tiny_model_path())]
+    if "--threads" not in extra_args:
+        args += ["--threads", "1"]  # OpenMP spin-waits badly on a shared 2-core machine
+    args += list(extra_args)
     daemon = Daemon(
         "inference",
         args,

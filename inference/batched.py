@@ -1,0 +1,389 @@
+"""Continuous batching: every running sequence advances in the same ``llama_decode`` call.
+
+One worker thread owns the llama.cpp context. Each step it frees the slots of cancelled
+generations, admits waiting ones into free slots (one KV-cache sequence id per slot), then builds
+one batch holding the next token of every running sequence plus as much pending prompt as fits,
+decodes it once, and samples each sequence with its own sampler chain. Paused sequences simply sit
+out of the batch, which is how a slow HTTP client pauses its generation without buffering.
+Output goes to the reactor with ``callFromThread``; the reactor side only flips flags and
+notifies the worker's condition variable.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from inference.interfaces import (
+    IGeneration,
+    IScheduler,
+    ITokenSink,
+    Overloaded,
+    Sampling,
+    Usage,
+)
+from inference.model import LlamaModel
+
+TOP_K = 40  # llama.cpp's default first sampler: keeps sampling cheap on 256k vocabularies
+
+
+@implementer(IGeneration)
+class Generation:
+    """Reactor-side handle; the flags are read by the worker at every step."""
+
+    def __init__(
+        self, scheduler: BatchedScheduler, prompt: list[int], sampling: Sampling, sink: ITokenSink
+    ):
+        self._scheduler = scheduler
+        self.prompt = prompt
+        self.sampling = sampling
+        self.sink = sink
+        self.paused = False
+        self.cancelled = False
+        self.done = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self._scheduler.wake()
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self._scheduler.wake()
+
+
+class StopFilter:
+    """Holds back text that might be the start of a stop string; cuts at the first stop."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        buffer = self._held + text
+        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buffer[:cut], True
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buffer)), 0, -1):
+                if buffer.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class _Sequence:
+    """Worker-thread state of one generation holding slot ``seq_id``."""
+
+    def __init__(self, gen: Generation, seq_id: int, model: LlamaModel):
+        self.gen = gen
+        self.seq_id = seq_id
+        self.prompt = gen.prompt
+        self.fed = 0  # prompt tokens already decoded
+        self.pending: int | None = None  # sampled token not yet decoded
+        self.generated = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopFilter(gen.sampling.stop)
+        self.sampler = _sampler_chain(gen.sampling)
+        self.model = model
+
+    @property
+    def pos(self) -> int:
+        return self.fed + self.generated - (1 if self.pending is not None else 0)
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated)
+
+    def free(self) -> None:
+        llama_cpp.llama_sampler_free(self.sampler)
+
+
+def _sampler_chain(sampling: Sampling) -> Any:
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if sampling.temperature <= 0.0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        return chain
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(TOP_K))
+    if sampling.top_p < 1.0:
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1)
+        )
+    llama_cpp.llama_sampler_chain_add(
+        chain, llama_cpp.llama_sampler_init_temp(sampling.temperature)
+    )
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+@implementer(IScheduler)
+class BatchedScheduler:
+    """``--parallel`` slots decoded together; ``--queue`` more may wait for a slot.
+
+    ``model_path`` is called in the worker thread, so assembling the default model (which reads
+    and hashes a few hundred megabytes) does not delay the reactor either.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        model_path: Callable[[], Path],
+        *,
+        parallel: int,
+        queue: int,
+        ctx: int,
+        threads: int,
+        batch: int,
+        load_delay: float = 0.0,
+        on_token: Callable[[], None] = lambda: None,
+    ):
+        self._reactor = reactor
+        self._model_path = model_path
+        self._parallel = parallel
+        self._queue_limit = queue
+        self._ctx = ctx
+        self._threads = threads
+        self._batch = batch
+        self._load_delay = load_delay
+        self._on_token = on_token
+        self._cond = threading.Condition()
+        self._waiting: deque[Generation] = deque()
+        self._active: dict[int, _Sequence] = {}
+        self._free_ids = list(range(parallel - 1, -1, -1))
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._stopped: defer.Deferred[None] = defer.Deferred()
+        self.model: LlamaModel | None = None
+        self.loaded = False
+
+    # -- reactor side -----------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> defer.Deferred[None]:
+        loaded: defer.Deferred[None] = defer.Deferred()
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name="llama-worker")
+        self._thread.daemon = True
+        self._thread.start()
+        return loaded
+
+    def stop(self) -> defer.Deferred[None]:
+        if self._thread is None:
+            return defer.succeed(None)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        return self._stopped
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        assert self.model is not None
+        return self.model.tokenize(text, special)
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        assert self.model is not None
+        return self.model.format_chat(messages)
+
+    def submit(self, prompt: list[int], sampling: Sampling, sink: ITokenSink) -> Generation:
+        with self._cond:
+            busy = len(self._active) + len(self._waiting)
+            if self._stopping or busy >= self._parallel + self._queue_limit:
+                raise Overloaded()
+            gen = Generation(self, prompt, sampling, sink)
+            self._waiting.append(gen)
+            self._cond.notify()
+        return gen
+
+    def _deliver(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
+        if gen.done:
+            return
+        if call.__name__ in ("finished", "failed"):
+            gen.done = True
+        call(*args)
+
+    # -- worker thread ----------------------------------------------------------------------
+    def _to_reactor(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
+        self._reactor.callFromThread(self._deliver, gen, call, *args)
+
+    def _run(self, loaded: defer.Deferred[None]) -> None:
+        try:
+            if self._load_delay:
+                time.sleep(self._load_delay)
+            self.model = LlamaModel(
+                self._model_path(),
+                n_ctx_seq=self._ctx,
+                n_seq=self._parallel,
+                threads=self._threads,
+                batch=self._batch,
+            )
+        except Exception as e:
+            self._reactor.callFromThread(loaded.errback, Failure(e))
+            self._reactor.callFromThread(self._stopped.callback, None)
+            return
+        self._reactor.callFromThread(self._mark_loaded, loaded)
+        try:
+            self._loop(self.model)
+        finally:
+            for seq in list(self._active.values()):
+                self._release(seq)
+                self._to_reactor(seq.gen, seq.gen.sink.failed, "shutting_down", seq.usage())
+            with self._cond:
+                for gen in self._waiting:
+                    self._to_reactor(
+                        gen, gen.sink.failed, "shutting_down", Usage(len(gen.prompt), 0)
+                    )
+                self._waiting.clear()
+            self.model.close()
+            self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _mark_loaded(self, loaded: defer.Deferred[None]) -> None:
+        self.loaded = True
+        loaded.callback(None)
+
+    def _runnable(self) -> bool:
+        if self._waiting and (self._free_ids or any(g.cancelled for g in self._waiting)):
+            return True
+        return any(s.gen.cancelled or not s.gen.paused for s in self._active.values())
+
+    def _release(self, seq: _Sequence) -> None:
+        assert self.model is not None
+        llama_cpp.llama_memory_seq_rm(self.model.memory, seq.seq_id, -1, -1)
+        seq.free()
+        with self._cond:
+            del self._active[seq.seq_id]
+            self._free_ids.append(seq.seq_id)
+
+    def _admit(self, model: LlamaModel) -> None:
+        with self._cond:
+            while not self._stopping and not self._runnable():
+                self._cond.wait()
+            if self._stopping:
+                return
+            kept: deque[Generation] = deque()
+            while self._waiting:
+                gen = self._waiting.popleft()
+                if gen.cancelled:
+                    self._to_reactor(gen, gen.sink.finished, "cancelled", Usage(len(gen.prompt), 0))
+                elif self._free_ids:
+                    seq = _Sequence(gen, self._free_ids.pop(), model)
+                    self._active[seq.seq_id] = seq
+                    self._to_reactor(gen, gen.sink.started)
+                else:
+                    kept.append(gen)
+            self._waiting = kept
+
+    def _loop(self, model: LlamaModel) -> None:
+        capacity = model.n_batch
+        batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        try:
+            while True:
+                self._admit(model)
+                if self._stopping:
+                    return
+                for seq in [s for s in self._active.values() if s.gen.cancelled]:
+                    self._release(seq)
+                    self._to_reactor(seq.gen, seq.gen.sink.finished, "cancelled", seq.usage())
+                outputs = self._fill(batch, capacity)
+                if not outputs:
+                    continue
+                status = llama_cpp.llama_decode(model.ctx, batch)
+                if status != 0:
+                    for seq, _ in outputs:
+                        self._release(seq)
+                        self._to_reactor(seq.gen, seq.gen.sink.failed, "internal", seq.usage())
+                    continue
+                for seq, index in outputs:
+                    if index >= 0:
+                        self._sample(model, seq, index)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def _fill(self, batch: Any, capacity: int) -> list[tuple[_Sequence, int]]:
+        """Put decode tokens first, then prompt chunks; returns (sequence, output index or -1)."""
+        n = 0
+        outputs: list[tuple[_Sequence, int]] = []
+
+        def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq_id
+            batch.logits[n] = logits
+            n += 1
+
+        running = [s for s in self._active.values() if not s.gen.paused and not s.gen.cancelled]
+        for seq in running:
+            if seq.pending is not None and n < capacity:
+                add(seq.pending, seq.pos, seq.seq_id, True)
+                seq.pending = None
+                outputs.append((seq, n - 1))
+        for seq in running:
+            remaining = len(seq.prompt) - seq.fed
+            if remaining <= 0 or n >= capacity:
+                continue
+            take = min(remaining, capacity - n)
+            for i in range(seq.fed, seq.fed + take):
+                add(seq.prompt[i], i, seq.seq_id, i == len(seq.prompt) - 1)
+            seq.fed += take
+            outputs.append((seq, n - 1 if seq.fed == len(seq.prompt) else -1))
+        batch.n_tokens = n
+        return outputs
+
+    def _sample(self, model: LlamaModel, seq: _Sequence, index: int) -> None:
+        token = int(llama_cpp.llama_sampler_sample(seq.sampler, model.ctx, index))
+        gen = seq.gen
+        if model.is_eog(token):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        self._on_token()
+        text, stopped = seq.stops.feed(seq.decoder.decode(model.piece(token)))
+        if text:
+            self._to_reactor(gen, gen.sink.text, text)
+        if stopped:
+            self._finish(seq, "stop", flush=False)
+        elif seq.generated >= gen.sampling.max_tokens or seq.fed + seq.generated >= model.n_ctx_seq:
+            self._finish(seq, "length")
+        else:
+            seq.pending = token
+
+    def _finish(self, seq: _Sequence, reason: str, flush: bool = True) -> None:
+        if flush:
+            rest = seq.stops.feed(seq.decoder.decode(b"", final=True))[0] + seq.stops.flush()
+            if rest:
+                self._to_reactor(seq.gen, seq.gen.sink.text, rest)
+        self._release(seq)
+        self._to_reactor(seq.gen, seq.gen.sink.finished, reason, seq.usage())

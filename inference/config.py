@@ -1,0 +1,29 @@
+"""The daemon's settings as one frozen value, built by ``inference.tap`` from options and env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LISTEN = "unix:/run/llmrouter/inference.sock:mode=660"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs; ``ctx`` is the context size of each concurrent sequence."""
+
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    model: Path | None = None
+    model_name: str | None = None
+    threads: int = 2
+    ctx: int = 4096
+    parallel: int = 4
+    max_tokens: int = 1024
+    queue: int = 16
+    time_budget: float = 300.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    batch: int = 512
+    load_delay: float = 0.0  # fault injection for tests (INFERENCE_TEST_LOAD_DELAY)
+    max_body: int = 1024 * 1024

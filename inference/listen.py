@@ -1,0 +1,137 @@
+"""Turning ``--listen`` strings into server endpoints, with our transport policy.
+
+``unix:`` and ``systemd:`` go to Twisted's parser unchanged. ``tcp:`` is plain HTTP and therefore
+only allowed on an explicit loopback interface. ``ssl:`` is mutual TLS, built here because
+Twisted's ``ssl:`` string has no client-certificate options: TLS 1.3 only, and a client
+certificate chaining to ``--tls-ca`` is required, so anything else fails in the handshake.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+
+class ListenError(Exception):
+    """A listen string we refuse to serve on; the message says why."""
+
+
+def _split(description: str) -> tuple[list[str], dict[str, str]]:
+    """Twisted's endpoint syntax: colon-separated, ``\\`` escapes, ``key=value`` options."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return [parts[0], *args], kwargs
+
+
+def is_loopback(interface: str) -> bool:
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def _port(args: list[str], kwargs: dict[str, str], description: str) -> int:
+    raw = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+    try:
+        port = int(raw)
+    except ValueError:
+        raise ListenError(f"{description!r}: needs a port number") from None
+    if not 0 <= port <= 65535:
+        raise ListenError(f"{description!r}: port out of range")
+    return port
+
+
+def load_ca(path: Path) -> list[crypto.X509]:
+    certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    return [crypto.X509.from_cryptography(c) for c in certificates]
+
+
+def mutual_tls_options(cert: Path, key: Path, ca: Path) -> ssl.CertificateOptions:
+    """Server side: TLS 1.3 only, client certificate required and verified against ``ca``."""
+    chain = x509.load_pem_x509_certificates(cert.read_bytes())
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(private),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        verify=True,
+        requireCertificate=True,
+        caCerts=load_ca(ca),
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
+        enableSessions=False,
+    )
+
+
+def server_endpoint(
+    reactor: Any,
+    description: str,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+) -> IStreamServerEndpoint:
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("unix", "systemd"):
+        try:
+            return serverFromString(reactor, description)  # type: ignore[no-any-return]
+        except (ValueError, TypeError, KeyError) as e:
+            raise ListenError(f"{description!r}: {e}") from None
+    args, kwargs = _split(description)
+    if kind == "tcp" or kind == "tcp6":
+        interface = kwargs.get("interface")
+        if interface is None or not is_loopback(interface):
+            raise ListenError(
+                f"{description!r}: plain TCP is only allowed on a loopback interface "
+                "(add :interface=127.0.0.1); use ssl: with mutual TLS for other addresses"
+            )
+        return serverFromString(reactor, description)  # type: ignore[no-any-return]
+    if kind == "ssl":
+        if {"certKey", "privateKey", "caCertsDir", "extraCertChain"} & kwargs.keys():
+            raise ListenError(
+                f"{description!r}: give TLS files with --tls-cert, --tls-key and --tls-ca"
+            )
+        if tls_cert is None or tls_key is None or tls_ca is None:
+            raise ListenError(f"{description!r}: ssl: needs --tls-cert, --tls-key and --tls-ca")
+        for path in (tls_cert, tls_key, tls_ca):
+            if not path.is_file():
+                raise ListenError(f"TLS file not found: {path}")
+        try:
+            options = mutual_tls_options(tls_cert, tls_key, tls_ca)
+        except Exception as e:
+            raise ListenError(f"cannot load the TLS files: {type(e).__name__}") from None
+        return SSL4ServerEndpoint(
+            reactor,
+            _port(args, kwargs, description),
+            options,
+            backlog=int(kwargs.get("backlog", "50")),
+            interface=kwargs.get("interface", ""),
+        )
+    raise ListenError(f"{description!r}: unsupported endpoint type (unix, ssl, systemd, tcp)")

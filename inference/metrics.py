@@ -1,0 +1,73 @@
+"""Prometheus metrics of the inference daemon, in a registry of its own.
+
+Names are a contract with alerts and dashboards. The only label is ``outcome`` from a fixed set;
+nothing derived from a request ever becomes a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OUTCOMES = ("ok", "cancelled", "rejected", "invalid", "error", "timeout")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.tokens = Counter(
+            "inference_tokens_generated",
+            "Completion tokens sampled.",
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "inference_time_to_first_token_seconds",
+            "From request arrival to the first completion text.",
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_latency = Histogram(
+            "inference_token_latency_seconds",
+            "Time between successive completion texts of one stream.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "inference_queue_depth",
+            "Generations waiting for a slot.",
+            registry=self.registry,
+        )
+        self.active = Gauge(
+            "inference_active_generations",
+            "Generations holding a slot.",
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "inference_requests",
+            "Generation requests by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        self.model_loaded = Gauge(
+            "inference_model_loaded",
+            "1 once the model is loaded.",
+            registry=self.registry,
+        )
+
+    def watch(self, active: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Read the gauges from the scheduler at scrape time."""
+        self.active.set_function(active)
+        self.queue_depth.set_function(waiting)
+
+    def outcome(self, name: str) -> None:
+        assert name in OUTCOMES
+        self.requests.labels(outcome=name).inc()
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
