@@ -105,6 +105,17 @@ class EncryptedStream:
             return
         self._end_with("error", (code, message))
 
+    def shutdown(self) -> None:
+        """The router is stopping: cancel upstream, tell the client (sealed if streaming)."""
+        if self._closed:
+            return
+        if self._upstream is not None:
+            self._upstream.cancel()
+        self._pending = []
+        self.failed("overloaded", "the router is shutting down, retry", 503)
+        if self._final is not None and not self._closed:
+            self._emit_final()
+
     # IPushProducer (driven by the client's connection)
 
     def pauseProducing(self) -> None:

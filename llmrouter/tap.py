@@ -194,7 +194,7 @@ class Router:
 
     def stop(self) -> None:
         for stream in list(self.app.streams):
-            stream.stopProducing()
+            stream.shutdown()
         self.pool.stop()
         self.keys.stop()
 

@@ -87,12 +87,14 @@ class FaultBackend(resource.Resource):
             request.setResponseCode(script.status)
             return b'{"error": {"message": "scripted failure"}}'
         self.open_requests.append(request)
-        state = {"sent": 0, "over": False}
+        state: dict[str, Any] = {"sent": 0, "over": False, "timer": None}
 
         def lost(_: object) -> None:
             if not state["over"]:
                 self.log.cancelled += 1
             state["over"] = True
+            if state["timer"] is not None and state["timer"].active():
+                state["timer"].cancel()
 
         request.notifyFinish().addErrback(lost)
         if script.hang:
@@ -118,12 +120,9 @@ class FaultBackend(resource.Resource):
             chunk = {"choices": [{"delta": {"content": f"{script.text}{state['sent']} "}}]}
             request.write(_event(chunk))
             state["sent"] += 1
-            if script.token_delay:
-                reactor.callLater(script.token_delay, step)
-            else:
-                reactor.callLater(0, step)
+            state["timer"] = reactor.callLater(script.token_delay, step)
 
-        reactor.callLater(0, step)
+        state["timer"] = reactor.callLater(0, step)
         return server.NOT_DONE_YET
 
 
@@ -146,7 +145,7 @@ def start_fault_backend(testcase: Any, script: Script | None = None) -> Any:
 
 def _close_backend(backend: FaultBackend, port: IListeningPort) -> defer.Deferred[Any]:
     for request in backend.open_requests:
-        channel = request.channel
+        channel = getattr(request, "channel", None)
         if channel is not None and channel.transport is not None:
             channel.transport.abortConnection()
     d = defer.maybeDeferred(port.stopListening)
@@ -194,9 +193,10 @@ def start_router(
     directory = short_tempdir(testcase)
     settings = test_settings(directory, backends, **changes)
     events: list[str] = []
-    router = Router(settings, reactor, clock=clock or Clock(), emit=events.append)
     if clock is None:
-        router.clock.advance(1_700_000_000)  # type: ignore[attr-defined]
+        clock = Clock()
+        clock.advance(1_700_000_000)
+    router = Router(settings, reactor, clock=clock, emit=events.append)
     router.start()
     testcase.addCleanup(router.stop)
     port: IListeningPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -233,3 +233,53 @@ def prompt(text: str = "Hello", **params: Any) -> ChatRequest:
 def collect() -> tuple[list[str], Callable[[str], None]]:
     tokens: list[str] = []
     return tokens, tokens.append
+
+
+@defer.inlineCallbacks
+def key_document(url: str) -> Any:
+    from llmrouter.protocol import verify_key_document
+
+    status, _, body = yield http(url, path="/api/pubkey")
+    assert status == 200, status
+    return verify_key_document(body)
+
+
+@defer.inlineCallbacks
+def sealed(
+    running: RunningRouter,
+    request: ChatRequest | None = None,
+    *,
+    ts: int | None = None,
+    device: Any = None,
+    key: Any = None,
+) -> Any:
+    """A sealed envelope for the running router: fires with (body bytes, Envelope, RequestState)."""
+    from llmrouter.protocol import seal_request
+
+    if key is None:
+        document = yield key_document(running.url)
+        key = document.current()
+    now = int(running.router.clock.seconds()) if ts is None else ts
+    envelope, state = seal_request(key, request or prompt(), now, device)
+    return json.dumps(envelope.to_json()).encode(), envelope, state
+
+
+def post_chat(
+    url: str, body: bytes, headers: dict[bytes, list[bytes]] | None = None
+) -> defer.Deferred[Any]:
+    all_headers = {b"Content-Type": [b"application/json"], **(headers or {})}
+    return http(url, b"POST", "/api/chat", body, all_headers)
+
+
+def error_of(body: bytes) -> tuple[str, str]:
+    error = json.loads(body)["error"]
+    return error["code"], error["message"]
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text (0.0 when absent)."""
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return 0.0

@@ -1,0 +1,452 @@
+"""Every admission rejection of ``POST /api/chat``, in order, with status, code and Retry-After.
+
+The router runs in-process on a real loopback port with a fake clock for its timers (rate
+limits, replay window, budgets, keys); the backend is the fault backend (only the stream-limit
+tests need it to hang). Each test also checks the rejection counter and, for security events,
+that the log line carries a keyed hash and not the address or device key.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from llmrouter import hpke, pow
+from llmrouter.client import ChatError
+from llmrouter.protocol import REQUEST_INFO, b64u_encode
+from tests.router_support import (
+    Script,
+    error_of,
+    http,
+    metric_value,
+    post_chat,
+    prompt,
+    sealed,
+    start_fault_backend,
+    start_router,
+)
+
+
+class AdmissionTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def router(self, script: Script | None = None, **changes: Any) -> Any:
+        self.fake, url = yield start_fault_backend(self, script or Script(tokens=2))
+        running = yield start_router(self, [url], **changes)
+        return running
+
+    @defer.inlineCallbacks
+    def rejected(
+        self,
+        running: Any,
+        body: bytes,
+        status: int,
+        code: str,
+        headers: dict[bytes, list[bytes]] | None = None,
+        content_type: bytes | None = b"application/json",
+    ) -> Any:
+        all_headers = dict(headers or {})
+        if content_type is not None:
+            all_headers[b"Content-Type"] = [content_type]
+        got_status, got_headers, got_body = yield http(
+            running.url, b"POST", "/api/chat", body, all_headers
+        )
+        self.assertEqual((got_status, error_of(got_body)[0]), (status, code), got_body)
+        self.assertEqual(got_headers.getRawHeaders(b"content-type"), [b"application/json"])
+        metrics = running.router.metrics.render().decode()
+        self.assertGreaterEqual(
+            metric_value(metrics, "llmrouter_admission_rejections_total", f'reason="{code}"'), 1
+        )
+        return got_headers, json.loads(got_body)["error"]
+
+    # 1. size, media type, strict envelope, device auth policy
+
+    @defer.inlineCallbacks
+    def test_body_too_large(self) -> Any:
+        running = yield self.router(max_body_bytes=1024)
+        yield self.rejected(running, b"{" + b" " * 2000 + b"}", 413, "body_too_large")
+        status, _, _ = yield http(running.url, path="/health")
+        self.assertEqual(status, 200)  # the router is fine afterwards
+
+    @defer.inlineCallbacks
+    def test_unsupported_media_type(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        yield self.rejected(running, body, 415, "unsupported_media_type", content_type=b"text/plain")
+        yield self.rejected(running, body, 415, "unsupported_media_type", content_type=None)
+
+    @defer.inlineCallbacks
+    def test_envelope_errors_each_have_their_code(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        good = json.loads(body)
+        cases = [
+            (b"not json", "bad_json"),
+            (b"[1, 2]", "bad_json"),
+            (json.dumps({**good, "extra": 1}).encode(), "unknown_field"),
+            (json.dumps({k: v for k, v in good.items() if k != "ct"}).encode(), "missing_field"),
+            (json.dumps({**good, "ts": "now"}).encode(), "bad_type"),
+            (json.dumps({**good, "enc": good["enc"] + "!"}).encode(), "bad_base64"),
+            (json.dumps({**good, "enc": b64u_encode(bytes(16))}).encode(), "bad_length"),
+            (json.dumps({**good, "v": 2}).encode(), "bad_version"),
+            (json.dumps({**good, "mode": "psk"}).encode(), "bad_mode"),
+        ]
+        for raw, code in cases:
+            _, error = yield self.rejected(running, raw, 400, code)
+            self.assertNotIn(good["enc"], json.dumps(error))
+
+    @defer.inlineCallbacks
+    def test_device_auth_required(self) -> Any:
+        running = yield self.router(device_auth="required")
+        body, _, _ = yield sealed(running)
+        yield self.rejected(running, body, 400, "device_auth_required")
+        tokens: list[str] = []
+        device = hpke.generate_key_pair()
+        done = yield defer.Deferred.fromCoroutine(
+            running.client(device_key=device).chat(prompt(), tokens.append)
+        )
+        self.assertEqual(done.finish_reason, "stop")
+
+    # 2. per-IP rate limit
+
+    @defer.inlineCallbacks
+    def test_rate_limited_with_retry_after(self) -> Any:
+        running = yield self.router(rate_limit_per_minute=6, rate_limit_burst=2)
+        for _ in range(2):
+            body, _, _ = yield sealed(running)
+            status, _, _ = yield post_chat(running.url, body)
+            self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running)
+        headers, error = yield self.rejected(running, body, 429, "rate_limited")
+        retry_after = int(headers.getRawHeaders(b"retry-after")[0])
+        self.assertTrue(1 <= retry_after <= 10, retry_after)
+        self.assertEqual(error["retry_after"], retry_after)
+        line = json.loads(running.events[-1])
+        self.assertEqual(line["event"], "rate_limited")
+        self.assertRegex(line["ip"], "^[0-9a-f]{16}$")
+        self.assertNotIn("127.0.0.1", running.events[-1])
+        running.router.clock.advance(retry_after)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_rate_limit_uses_forwarded_address_only_from_trusted_proxy(self) -> Any:
+        running = yield self.router(
+            rate_limit_per_minute=1, rate_limit_burst=1, trusted_proxies=("127.0.0.1",)
+        )
+        for i in range(3):  # three different clients behind the proxy: none limited
+            body, _, _ = yield sealed(running)
+            status, _, _ = yield post_chat(
+                running.url, body, {b"X-Forwarded-For": [f"198.51.100.{i}".encode()]}
+            )
+            self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running)
+        yield self.rejected(
+            running, body, 429, "rate_limited", {b"X-Forwarded-For": [b"198.51.100.0"]}
+        )
+
+    # 3. proof of work under stress
+
+    @defer.inlineCallbacks
+    def test_pow_required_then_solved(self) -> Any:
+        running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
+        body, envelope, _ = yield sealed(running)
+        _, error = yield self.rejected(running, body, 401, "pow_required")
+        self.assertEqual(error["difficulty"], 6)
+        header = pow.solve(error["challenge"], envelope.enc)
+        status, _, _ = yield post_chat(running.url, body, {pow.HEADER.encode(): [header.encode()]})
+        self.assertEqual(status, 200)
+        # the Python client does this by itself
+        done = yield defer.Deferred.fromCoroutine(running.client().chat(prompt()))
+        self.assertEqual(done.finish_reason, "stop")
+
+    @defer.inlineCallbacks
+    def test_pow_invalid(self) -> Any:
+        running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
+        body, envelope, _ = yield sealed(running)
+        _, error = yield self.rejected(running, body, 401, "pow_required")
+        other = hpke.generate_key_pair().pk  # a solution for another request's enc
+        wrong = pow.solve(error["challenge"], other)
+        for header in (wrong, "garbage", error["challenge"] + ":1"):
+            _, again = yield self.rejected(
+                running, body, 401, "pow_invalid", {pow.HEADER.encode(): [header.encode()]}
+            )
+            self.assertIn("challenge", again)
+        self.assertIn("pow_failed", "".join(running.events))
+
+    @defer.inlineCallbacks
+    def test_pow_under_open_stream_threshold(self) -> Any:
+        running = yield self.router(Script(hang=True), pow_threshold_streams=1, pow_difficulty=4)
+        body, _, _ = yield sealed(running)
+        first = post_chat(running.url, body)
+        while running.router.admission.slots.open < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        body2, _, _ = yield sealed(running)
+        yield self.rejected(running, body2, 401, "pow_required")
+        first.cancel()
+        yield self.assertFailure(first, Exception)
+
+    # 4. timestamp
+
+    @defer.inlineCallbacks
+    def test_stale(self) -> Any:
+        running = yield self.router()
+        now = int(running.router.clock.seconds())
+        for ts in (now - 61, now + 61):
+            body, _, _ = yield sealed(running, ts=ts)
+            yield self.rejected(running, body, 401, "stale")
+        body, _, _ = yield sealed(running, ts=now - 60)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+
+    # 5. key id
+
+    @defer.inlineCallbacks
+    def test_key_unknown(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        doc = json.loads(body)
+        known = {k.kid for k in running.router.keys.keys()}
+        unused = next(f"{i:02x}" for i in range(256) if f"{i:02x}" not in known)
+        doc["kid"] = unused
+        yield self.rejected(running, json.dumps(doc).encode(), 400, "key_unknown")
+        doc["kid"] = "XY"
+        yield self.rejected(running, json.dumps(doc).encode(), 400, "key_unknown")
+
+    # 6. replay
+
+    @defer.inlineCallbacks
+    def test_replay(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        yield self.rejected(running, body, 409, "replay")
+        self.assertEqual(json.loads(running.events[-1])["event"], "replay")
+
+    @defer.inlineCallbacks
+    def test_junk_is_not_recorded_for_replay(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        doc = json.loads(body)
+        tampered = dict(doc, ct=doc["ct"][:-2] + ("AA" if doc["ct"][-2:] != "AA" else "BA"))
+        yield self.rejected(running, json.dumps(tampered).encode(), 400, "decrypt_failed")
+        status, _, _ = yield post_chat(running.url, body)  # same enc, genuine: accepted
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_replay_cache_full(self) -> Any:
+        running = yield self.router(replay_max_entries=1)
+        body, _, _ = yield sealed(running)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running)
+        yield self.rejected(running, body, 503, "overloaded")
+
+    # 7. decryption
+
+    @defer.inlineCallbacks
+    def test_decrypt_failed_is_one_generic_code(self) -> Any:
+        running = yield self.router()
+        body, _, _ = yield sealed(running)
+        doc = json.loads(body)
+        other = hpke.generate_key_pair()
+        cases = [
+            dict(doc, ct=b64u_encode(b"\x00" * 40)),
+            dict(doc, rid=b64u_encode(b"\x01" * 16)),  # aad mismatch
+            dict(doc, enc=b64u_encode(other.pk)),  # wrong enc
+        ]
+        messages = set()
+        for case in cases:
+            _, error = yield self.rejected(running, json.dumps(case).encode(), 400, "decrypt_failed")
+            messages.add(error["message"])
+        self.assertEqual(len(messages), 1)
+        self.assertIn('"event":"auth_failed"', running.events[-1])
+
+    @defer.inlineCallbacks
+    def test_bad_payload(self) -> Any:
+        running = yield self.router()
+        document = yield _keydoc(running)
+        key = document.current()
+        ts = int(running.router.clock.seconds())
+        rid = b64u_encode(b"\x02" * 16)
+        enc, ctx = hpke.setup_s(key.pk, REQUEST_INFO)
+        aad = f"llmrouter/v1|{key.kid}|base|{ts}|{rid}|".encode()
+        ct = ctx.seal(aad, b'{"messages": "not a list"}')
+        doc = {
+            "v": 1,
+            "kid": key.kid,
+            "mode": "base",
+            "enc": b64u_encode(enc),
+            "ts": ts,
+            "rid": rid,
+            "ct": b64u_encode(ct),
+        }
+        yield self.rejected(running, json.dumps(doc).encode(), 400, "bad_payload")
+
+    # 8. per-device rate limit
+
+    @defer.inlineCallbacks
+    def test_device_rate_limited(self) -> Any:
+        running = yield self.router(device_rate_limit_per_minute=1, device_rate_limit_burst=1)
+        device = hpke.generate_key_pair()
+        body, _, _ = yield sealed(running, device=device)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running, device=device)
+        headers, _ = yield self.rejected(running, body, 429, "device_rate_limited")
+        self.assertGreaterEqual(int(headers.getRawHeaders(b"retry-after")[0]), 1)
+        line = running.events[-1]
+        self.assertIn('"event":"device_rate_limited"', line)
+        self.assertNotIn(b64u_encode(device.pk), line)
+        self.assertNotIn(base64.b64encode(device.pk).decode(), line)
+        other = hpke.generate_key_pair()  # another device is not affected
+        body, _, _ = yield sealed(running, device=other)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+
+    # 9. privacy budget
+
+    @defer.inlineCallbacks
+    def test_budget_exhausted(self) -> Any:
+        running = yield self.router(
+            epsilon_total=0.2, epsilon_per_query=0.1, budget_period_seconds=3600
+        )
+        device = hpke.generate_key_pair()
+        for _ in range(2):
+            body, _, _ = yield sealed(running, device=device)
+            status, _, _ = yield post_chat(running.url, body)
+            self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running, device=device)
+        headers, _ = yield self.rejected(running, body, 429, "budget_exhausted")
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3600"])
+        running.router.clock.advance(3600)
+        body, _, _ = yield sealed(running, device=device)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+
+    # 10. stream limits
+
+    @defer.inlineCallbacks
+    def test_global_stream_limit(self) -> Any:
+        running = yield self.router(Script(hang=True), max_streams=1)
+        body, _, _ = yield sealed(running)
+        first = post_chat(running.url, body)
+        while running.router.admission.slots.open < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        body2, _, _ = yield sealed(running)
+        yield self.rejected(running, body2, 503, "overloaded")
+        first.cancel()
+        yield self.assertFailure(first, Exception)
+        while running.router.admission.slots.open:
+            yield deferLater(reactor, 0.01, lambda: None)  # the slot is released on disconnect
+
+    @defer.inlineCallbacks
+    def test_device_stream_limit(self) -> Any:
+        running = yield self.router(Script(hang=True), max_streams_per_device=1)
+        device = hpke.generate_key_pair()
+        body, _, _ = yield sealed(running, device=device)
+        first = post_chat(running.url, body)
+        while running.router.admission.slots.open < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        body2, _, _ = yield sealed(running, device=device)
+        yield self.rejected(running, body2, 429, "device_streams")
+        body3, _, _ = yield sealed(running)  # base mode, no device: only the global limit
+        third = post_chat(running.url, body3)
+        while running.router.admission.slots.open < 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        first.cancel()
+        third.cancel()
+        yield self.assertFailure(first, Exception)
+        yield self.assertFailure(third, Exception)
+
+    # After admission
+
+    @defer.inlineCallbacks
+    def test_no_backend(self) -> Any:
+        running = yield self.router()
+        self.fake.healthy = False
+        yield running.router.pool.probe(running.router.pool.backends[0])
+        status, _, _ = yield http(running.url, path="/health")
+        self.assertEqual(status, 503)
+        body, _, _ = yield sealed(running)
+        status, _, raw = yield post_chat(running.url, body)
+        self.assertEqual((status, error_of(raw)[0]), (503, "no_backend"))
+
+    @defer.inlineCallbacks
+    def test_client_error_surfaces_as_chat_error(self) -> Any:
+        running = yield self.router(device_auth="required")
+        e = yield self.assertFailure(
+            defer.Deferred.fromCoroutine(running.client().chat(prompt())), ChatError
+        )
+        self.assertEqual((e.code, e.status), ("device_auth_required", 400))
+
+
+class ErrorShapeTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_404_405_and_500_are_json_without_details(self) -> Any:
+        fake, url = yield start_fault_backend(self, Script())
+        running = yield start_router(self, [url])
+        status, _, body = yield http(running.url, path="/secret-canary-path")
+        self.assertEqual((status, error_of(body)[0]), (404, "not_found"))
+        self.assertNotIn(b"canary", body)
+        status, headers, body = yield http(running.url, b"PUT", "/api/pubkey", b"x")
+        self.assertEqual((status, error_of(body)[0]), (405, "method_not_allowed"))
+        self.assertEqual(headers.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        status, _, body = yield http(running.url, path="/metrics")
+        self.assertEqual(status, 404)  # never on the public listener
+
+        def explode(*args: Any) -> Any:
+            raise RuntimeError("boom secret-canary-value")
+
+        running.router.admission.admit = explode
+        observed: list[dict[str, Any]] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(observed.append)
+        self.addCleanup(globalLogPublisher.removeObserver, observed.append)
+        body, _, _ = yield sealed(running)
+        status, _, raw = yield post_chat(running.url, body)
+        self.assertEqual((status, error_of(raw)), (500, ("internal", "internal error")))
+        from twisted.logger import formatEvent
+
+        text = "\n".join(formatEvent(e) for e in observed)
+        self.assertIn("RuntimeError", text)
+        self.assertNotIn("secret-canary-value", text)
+        for event in observed:
+            self.assertNotIn("log_failure", event)
+
+    @defer.inlineCallbacks
+    def test_key_endpoints(self) -> Any:
+        fake, url = yield start_fault_backend(self, Script())
+        running = yield start_router(self, [url])
+        doc = yield _keydoc(running)
+        status, headers, body = yield http(running.url, path="/.well-known/jwks.json")
+        self.assertEqual(status, 200)
+        jwks = json.loads(body)
+        self.assertEqual({k["kid"] for k in jwks["keys"]}, {k.kid for k in doc.keys})
+        status, headers, body = yield http(running.url, path="/.well-known/ohttp-keys")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/ohttp-keys"])
+        self.assertEqual(len(body), 2 * (2 + 41))
+        status, _, body = yield http(running.url, path="/health/live")
+        self.assertEqual((status, body), (200, b'{"status": "ok"}'))
+
+
+@defer.inlineCallbacks
+def _keydoc(running: Any) -> Any:
+    from tests.router_support import key_document
+
+    doc = yield key_document(running.url)
+    return doc
+
+
+
