@@ -1,0 +1,193 @@
+"""llmrouter-keys against a real key directory, next to a running KeyStore."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from llmrouter import keyctl, protocol
+from llmrouter.keys import KeyStore
+
+
+def _secret_spellings(directory: Path) -> list[str]:
+    """Every secret in the directory, in the encodings a careless printer might use."""
+    out = []
+    for path in directory.iterdir():
+        if path.suffix == ".key":
+            secret = path.read_bytes()
+            out += [
+                secret.hex(),
+                secret.hex().upper(),
+                protocol.b64u_encode(secret),
+                base64.b64encode(secret).decode(),
+                repr(secret)[2:-1],
+            ]
+    return out
+
+
+class KeyctlTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()) / "keys"
+        self.clock = Clock()
+        self.clock.advance(time.time())
+
+    def run_main(self, *args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = keyctl.main(["--keys-dir", str(self.dir), *args], harden=False)
+        return code, out.getvalue(), err.getvalue()
+
+    def running_store(self) -> KeyStore:
+        store = KeyStore.open(self.dir, self.clock)
+        store.start()
+        self.addCleanup(store.close)
+        return store
+
+    def test_init_then_list(self) -> None:
+        code, out, err = self.run_main("init")
+        self.assertEqual((code, err), (0, ""))
+        store = KeyStore.open(self.dir, self.clock)
+        self.addCleanup(store.close)
+        self.assertIn(protocol.b64u_encode(bytes(store.signing_key.verify_key)), out)
+        code, out, err = self.run_main("list")
+        self.assertEqual((code, err), (0, ""))
+        lines = out.splitlines()
+        self.assertIn("KID  STATUS", lines[3])
+        self.assertTrue(lines[4].startswith("00   current"))
+        self.assertTrue(lines[5].startswith("01   next"))
+        self.assertIn(store.current.fingerprint, lines[4])
+        self.assertIn(store.next.fingerprint, lines[5])
+
+    def test_list_never_prints_secret_bytes(self) -> None:
+        store = self.running_store()
+        spellings = _secret_spellings(self.dir)  # including 00's, destroyed below
+        store.rotate()
+        store.revoke("00")
+        spellings += _secret_spellings(self.dir)
+        code, out, err = self.run_main("list")
+        self.assertEqual(code, 0)
+        self.assertIn("revoked", out)
+        for spelling in spellings:
+            self.assertNotIn(spelling, out + err)
+
+    def test_rotate_is_picked_up_by_a_running_store(self) -> None:
+        store = self.running_store()
+        self.clock.advance(600)
+        code, out, err = self.run_main("rotate")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("01 is current (was 00), 02 is next", out)
+        self.assertEqual(store.current.kid, "00")
+        self.clock.advance(2)  # the store's poll
+        self.assertEqual(store.current.kid, "01")
+        self.assertIsNotNone(store.private_key_for("02"))
+        self.assertIsNotNone(store.private_key_for("00"))  # overlap window
+        self.assertEqual(store.rotations, 1)
+
+    def test_revoke_is_picked_up_by_reload(self) -> None:
+        store = KeyStore.open(self.dir, self.clock)
+        self.addCleanup(store.close)
+        code, out, err = self.run_main("revoke", "00")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("revoked 00", out)
+        self.assertIsNotNone(store.private_key_for("00"))
+        self.assertTrue(store.reload())
+        self.assertIsNone(store.private_key_for("00"))
+        self.assertEqual(store.current.kid, "01")
+
+    def test_cli_keeps_the_routers_settings(self) -> None:
+        KeyStore.open(self.dir, self.clock, rotation_seconds=7200, overlap_seconds=120).close()
+        code, out, _ = self.run_main("rotate")
+        self.assertEqual(code, 0)
+        self.assertIn("stays accepted for 120 s", out)
+        code, out, _ = self.run_main("list")
+        self.assertIn("rotation every 7200 s, overlap 120 s", out)
+
+    def test_errors(self) -> None:
+        code, _, err = self.run_main("list")
+        self.assertEqual(code, 1)
+        self.assertIn("does not exist", err)
+        self.assertFalse(self.dir.exists())
+        self.run_main("init")
+        code, _, err = self.run_main("revoke", "42")
+        self.assertEqual(code, 1)
+        self.assertIn("no key 42", err)
+        code, _, err = self.run_main("revoke", "0A")
+        self.assertEqual(code, 2)
+        self.assertIn("two lowercase hex digits", err)
+        code, _, err = self.run_main("frobnicate")
+        self.assertEqual(code, 2)
+        code, _, err = self.run_main()
+        self.assertEqual(code, 2)
+        os.chmod(self.dir / "signing.key", 0o644)
+        code, _, err = self.run_main("list")
+        self.assertEqual(code, 1)
+        self.assertIn("chmod 600", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_waits_for_the_lock_then_gives_up_cleanly(self) -> None:
+        import fcntl
+
+        self.run_main("init")
+        fd = os.open(self.dir / ".lock", os.O_RDWR)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.patch(KeyStore, "lock_timeout", 0.05)
+        code, _, err = self.run_main("rotate")
+        self.assertEqual(code, 1)
+        self.assertIn("locked by another process", err)
+
+
+class KeyctlProcessTests(unittest.TestCase):
+    """The module run as a program, next to a store started on the real reactor."""
+
+    async def wait_for(self, condition: object, limit: float = 30.0) -> None:
+        deadline = reactor.seconds() + limit  # type: ignore[attr-defined]
+        while not condition():  # type: ignore[operator]
+            if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+                self.fail("the running store did not pick the change up")
+            await task.deferLater(reactor, 0.1, lambda: None)  # type: ignore[arg-type]
+
+    def test_subprocess_rotate_and_revoke(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._subprocess_rotate_and_revoke())
+
+    async def _subprocess_rotate_and_revoke(self) -> None:
+        directory = Path(self.mktemp()) / "keys"
+        store = KeyStore.open(directory, reactor)  # type: ignore[arg-type]
+        store.start()
+        self.addCleanup(store.close)
+
+        async def cli(*args: str) -> tuple[bytes, bytes, int]:
+            result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
+                sys.executable,
+                ["-m", "llmrouter.keyctl", "--keys-dir", str(directory), *args],
+                env=os.environ,
+            )
+            return result
+
+        out, err, code = await cli("rotate")
+        self.assertEqual((code, err), (0, b""), err.decode(errors="replace"))
+        self.assertIn(b"01 is current", out)
+        await self.wait_for(lambda: store.current.kid == "01")
+        self.assertIsNotNone(store.private_key_for("00"))
+
+        out, err, code = await cli("revoke", "00")
+        self.assertEqual((code, err), (0, b""), err.decode(errors="replace"))
+        await self.wait_for(lambda: store.private_key_for("00") is None)
+        self.assertNotIn("hpke-00.key", {p.name for p in directory.iterdir()})
+
+        out, err, code = await cli("list")
+        self.assertEqual(code, 0)
+        self.assertIn(b"00   revoked", out)
+        for spelling in _secret_spellings(directory):
+            self.assertNotIn(spelling.encode(), out + err)
