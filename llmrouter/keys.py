@@ -777,6 +777,8 @@ class KeyStore:
 
     def start(self) -> None:
         """Poll the directory every 2 s and rotate/expire keys on time, on the given clock."""
+        if self._closed:
+            raise KeyStoreError("the key store is closed")
         if self._poller is not None:
             return
         self._poller = LoopingCall(self._poll)
@@ -819,14 +821,21 @@ class KeyStore:
         # Overdue only if the last attempt could not run (lock busy): retry with the poll.
         self._timer = self._clock.callLater(delay if delay > 0 else POLL_SECONDS, self._on_timer)
 
+    def _poll(self) -> None:
+        # A LoopingCall whose function raises stops for good; rotation must not stop with it.
+        try:
+            self.reload()
+            self._maintain()
+        except Exception:
+            _log.failure("key directory poll failed")
+
     def _on_timer(self) -> None:
         self._timer = None
-        self._maintain()
+        try:
+            self._maintain()
+        except Exception:
+            _log.failure("key rotation failed")
         self._schedule()
-
-    def _poll(self) -> None:
-        self.reload()
-        self._maintain()
 
     def _maintain(self) -> None:
         if self._closed or self._clock.seconds() < self._due():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
 import resource
 import sys
 from typing import Any
@@ -82,6 +83,18 @@ def _unlock_page(page: int) -> None:
 def _unlock_pages(address: int, size: int) -> None:
     for page in _pages(address, size):
         _unlock_page(page)
+
+
+def _relock_after_fork() -> None:
+    """Memory locks are not inherited across fork() (twistd daemonizing): take them again."""
+    if _page_users:
+        libc = _load_libc()
+        for page in _page_users:
+            libc.mlock(page * _PAGE, _PAGE)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_relock_after_fork)
 
 
 def harden_process() -> None:

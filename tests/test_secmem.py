@@ -151,3 +151,37 @@ class LockedBufferTests(unittest.TestCase):
         self.assertFalse(buf.locked)
         buf.wipe()
         self.assertTrue(buf.wiped)
+
+
+class ForkTests(unittest.TestCase):
+    def test_locks_are_taken_again_in_a_forked_child(self) -> None:
+        # mlock() is not inherited by fork(); twistd forks when it daemonizes.
+        if not sys.platform.startswith("linux"):
+            raise unittest.SkipTest("VmLck is in Linux's /proc")
+        result = _run(
+            """
+            import json, os
+            from llmrouter import secmem
+
+            def locked_kb():
+                for line in open("/proc/self/status"):
+                    if line.startswith("VmLck:"):
+                        return int(line.split()[1])
+
+            buf = secmem.LockedBuffer(b"s" * 8192)
+            parent = locked_kb()
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.write(write, str(locked_kb()).encode())
+                os._exit(0)
+            os.close(write)
+            child = int(os.read(read, 100))
+            os.waitpid(pid, 0)
+            print(json.dumps({"locked": buf.locked, "parent": parent, "child": child}))
+            """
+        )
+        if not result["locked"]:
+            raise unittest.SkipTest("the OS refused mlock here")
+        self.assertGreaterEqual(result["parent"], 8)
+        self.assertEqual(result["child"], result["parent"])
