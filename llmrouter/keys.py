@@ -415,7 +415,14 @@ class KeyStore:
         if overlap_seconds is not None and overlap_seconds < 0:
             raise ValueError("overlap_seconds must not be negative")
         store = cls(directory, clock, rotation_seconds, overlap_seconds, events)
-        store._open(create)
+        try:
+            store._open(create)
+        except OSError as e:
+            store.close()
+            raise KeyStoreError(f"cannot use the key directory {store.directory}: {e}") from None
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def _open(self, create: bool) -> None:

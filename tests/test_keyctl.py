@@ -135,6 +135,15 @@ class KeyctlTests(unittest.TestCase):
         self.assertIn("chmod 600", err)
         self.assertNotIn("Traceback", err)
 
+    def test_unusable_directory(self) -> None:
+        blocker = Path(self.mktemp())
+        blocker.write_bytes(b"")
+        self.dir = blocker / "keys"
+        code, _, err = self.run_main("init")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot use the key directory", err)
+        self.assertNotIn("Traceback", err)
+
     def test_waits_for_the_lock_then_gives_up_cleanly(self) -> None:
         import fcntl
 

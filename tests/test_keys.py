@@ -199,6 +199,16 @@ class CreationTests(KeyStoreTestCase):
         self.assertIn("does not exist", str(caught.exception))
         self.assertFalse(self.dir.exists())
 
+    def test_os_errors_become_clear_key_store_errors(self) -> None:
+        blocker = Path(self.mktemp())
+        blocker.write_bytes(b"")
+        with self.assertRaises(KeyStoreError) as caught:
+            KeyStore.open(blocker / "keys", self.clock)
+        self.assertIn("cannot use the key directory", str(caught.exception))
+        with self.assertRaises(KeyStoreError) as caught:
+            KeyStore.open(blocker, self.clock)
+        self.assertIn("not a directory", str(caught.exception))
+
     def test_secrets_never_in_repr_or_str(self) -> None:
         store = self.open()
         secrets = [store.private_key_for("00"), store.private_key_for("01"), store.log_hash_key]
