@@ -1,0 +1,281 @@
+"""etc/caddy/Caddyfile: validates, and a real Caddy in front of a real HTTP upstream streams SSE
+unbuffered, enforces the 256 KiB body limit, drops query strings and identifying headers, hides
+/metrics and writes no access log."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+CADDYFILE = Path(__file__).resolve().parent.parent / "etc" / "caddy" / "Caddyfile"
+SECRET_QUERY = "canary-query-7f3a"
+
+
+def caddy_binary(testcase: unittest.TestCase) -> str:
+    path = shutil.which("caddy")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            testcase.fail("caddy is missing in CI: run etc/dev/ci-deps")
+        raise unittest.SkipTest("caddy not installed (etc/dev/ci-deps installs it)")
+    return path
+
+
+def caddy_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
+    env.update(XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"))
+    env.update(extra)
+    return env
+
+
+class StaticTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.caddy = caddy_binary(self)
+        self.home = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.home)
+
+    def adapt(self) -> dict[str, Any]:
+        result = subprocess.run(
+            [self.caddy, "adapt", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+            capture_output=True,
+            text=True,
+            env=caddy_env(self.home),
+            check=True,
+        )
+        self.assertNotIn("not formatted", result.stderr)
+        adapted: dict[str, Any] = json.loads(result.stdout)
+        return adapted
+
+    def test_validate(self) -> None:
+        result = subprocess.run(
+            [self.caddy, "validate", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+            capture_output=True,
+            text=True,
+            env=caddy_env(self.home),
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("Valid configuration", result.stdout + result.stderr)
+
+    def test_adapted_settings(self) -> None:
+        config = self.adapt()
+        server_config = config["apps"]["http"]["servers"]["srv0"]
+        self.assertEqual(server_config["listen"], [":443"])  # automatic HTTPS
+        self.assertEqual(server_config["protocols"], ["h1", "h2", "h3"])
+        self.assertNotIn("logs", server_config)  # no access log
+        self.assertEqual(config["logging"]["logs"]["default"]["level"], "ERROR")
+        text = json.dumps(config)
+        self.assertIn('"max_size": 262144', text)
+        self.assertIn('"flush_interval": -1', text)
+        self.assertNotIn('"handler": "encode"', text)  # no compression: buffers, leaks lengths
+
+
+class UpstreamResource(resource.Resource):
+    """Stands in for the router: records what arrives, streams two SSE events, and sends the
+    second only once the test has seen the first arrive through Caddy."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bytes, bytes, dict[bytes, list[bytes]], int]] = []
+        self.release: defer.Deferred[None] = defer.Deferred()
+
+    def render(self, request: server.Request) -> Any:
+        body = request.content.read() if request.content is not None else b""
+        headers = {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.seen.append((request.method, request.uri, headers, len(body)))
+        # so Caddy does not keep an idle upstream connection open past the test
+        request.setHeader(b"connection", b"close")
+        if request.path != b"/api/chat":
+            return b"{}"
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"event: init\ndata: first\n\n")
+
+        def second(_: object) -> None:
+            request.write(b"event: final\ndata: second\n\n")
+            request.finish()
+
+        self.release.addCallback(second)
+        return server.NOT_DONE_YET
+
+
+class TrackingSite(server.Site):
+    """A Site that can drop the connections Caddy keeps open to it, for a clean reactor."""
+
+    def __init__(self, root: resource.Resource) -> None:
+        super().__init__(root)
+        self.open: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = super().buildProtocol(addr)
+        self.open.append(proto)
+        return proto
+
+    def close_all(self) -> defer.Deferred[None]:
+        for proto in self.open:
+            transport = getattr(proto, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        return task.deferLater(reactor, 0.01, lambda: None)
+
+
+class StreamReader(protocol.Protocol):
+    def __init__(self, on_first: defer.Deferred[None]) -> None:
+        self.data = b""
+        self.on_first = on_first
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if b"first" in self.data and not self.on_first.called:
+            self.on_first.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(self.data)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LiveProxyTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        caddy = caddy_binary(self)
+        home = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, home)
+        self.upstream = UpstreamResource()
+        site = TrackingSite(self.upstream)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(port.stopListening)
+        self.addCleanup(site.close_all)
+        self.stop_upstream = port.stopListening
+        self.caddy_port = free_port()
+        env = caddy_env(
+            home,
+            LLMROUTER_SITE=f"http://127.0.0.1:{self.caddy_port}",
+            LLMROUTER_UPSTREAM=f"127.0.0.1:{port.getHost().port}",
+            CADDY_ADMIN="off",
+        )
+        self.log = home / "caddy.log"
+        log = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        self.addCleanup(self.stop_caddy)
+        self.agent = Agent(reactor)
+        for _ in range(400):
+            if self.process.poll() is not None:
+                self.fail(f"caddy exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.caddy_port), timeout=1):
+                    break
+            except OSError:
+                yield task.deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("caddy did not start listening")
+
+    def stop_caddy(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+    def request(
+        self,
+        method: bytes,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[bytes, list[bytes]] | None = None,
+    ) -> defer.Deferred[Any]:
+        from io import BytesIO
+
+        producer = None if body is None else FileBodyProducer(BytesIO(body))
+        url = f"http://127.0.0.1:{self.caddy_port}{path}".encode()
+        return self.agent.request(method, url, Headers(headers or {}), producer)
+
+    @defer.inlineCallbacks
+    def test_sse_streams_unbuffered_and_headers_stripped(self) -> Any:
+        headers = {
+            b"content-type": [b"application/json"],
+            b"cookie": [b"session=canary-cookie"],
+            b"user-agent": [b"canary-agent/1.0"],
+            b"referer": [b"https://canary.example/"],
+            b"x-forwarded-for": [b"203.0.113.99"],
+        }
+        response = yield self.request(b"POST", f"/api/chat?{SECRET_QUERY}=1", b'{"v": 1}', headers)
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(response.headers.getRawHeaders(b"server"))
+        self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
+        reader = StreamReader(self.upstream.release)
+        response.deliverBody(reader)
+        # Deadlock unless Caddy forwards the first event before the upstream finishes: the
+        # upstream sends the second event only after the first reached this client.
+        body = yield reader.done
+        self.assertEqual(body, b"event: init\ndata: first\n\nevent: final\ndata: second\n\n")
+        method, uri, seen, length = self.upstream.seen[-1]
+        self.assertEqual((method, uri, length), (b"POST", b"/api/chat", 8))
+        for name in (b"cookie", b"referer"):
+            self.assertNotIn(name, seen)
+        # Go's HTTP client puts its constant default in place of the removed User-Agent
+        self.assertNotIn(b"canary", b"".join(seen.get(b"user-agent", [])))
+        # the client's spoofed X-Forwarded-For is replaced by the real peer address
+        self.assertEqual(seen[b"x-forwarded-for"], [b"127.0.0.1"])
+        log = self.log.read_text()
+        for canary in (SECRET_QUERY, "canary-cookie", "canary-agent", "/api/chat"):
+            self.assertNotIn(canary, log)
+
+    @defer.inlineCallbacks
+    def test_body_limit(self) -> Any:
+        self.upstream.release.callback(None)
+        big = yield self.request(b"POST", "/api/pubkey", b"x" * (256 * 1024 + 1))
+        yield readBody(big)
+        self.assertEqual(big.code, 413)
+        self.assertEqual(self.upstream.seen, [])
+        ok = yield self.request(b"POST", "/api/pubkey", b"x" * (256 * 1024))
+        yield readBody(ok)
+        self.assertEqual(ok.code, 200)
+        self.assertEqual(self.upstream.seen[-1][3], 256 * 1024)
+
+    @defer.inlineCallbacks
+    def test_error_log_carries_no_request_details(self) -> Any:
+        """An upstream failure is logged (level ERROR) without the client's URI or headers."""
+        yield self.stop_upstream()
+        response = yield self.request(
+            b"POST", f"/api/chat?{SECRET_QUERY}=1", b"{}", {b"user-agent": [b"canary-agent/2"]}
+        )
+        yield readBody(response)
+        self.assertEqual(response.code, 502)
+        yield task.deferLater(reactor, 0.2, lambda: None)  # let Caddy flush its log line
+        log = self.log.read_text()
+        self.assertIn('"level":"error"', log)
+        for canary in (SECRET_QUERY, "canary-agent", "/api/chat", "remote_ip", '"request"'):
+            self.assertNotIn(canary, log)
+
+    @defer.inlineCallbacks
+    def test_metrics_and_unknown_paths_not_proxied(self) -> Any:
+        for path in ("/metrics", "/metrics/x", "/admin", "/"):
+            response = yield self.request(b"GET", path)
+            yield readBody(response)
+            self.assertEqual(response.code, 404, path)
+        self.assertEqual(self.upstream.seen, [])
