@@ -84,6 +84,15 @@ _TMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]+")
 _log = Logger(namespace="llmrouter.keys")
 
 
+class _SigningKey(nacl.signing.SigningKey):
+    """PyNaCl's ``str()`` of a signing key is its seed; this one never prints it."""
+
+    def __str__(self) -> str:
+        return "SigningKey(<redacted>)"
+
+    __repr__ = __str__
+
+
 class KeyStoreError(Exception):
     """A problem with the key directory. Messages name paths and key ids, never key bytes."""
 
@@ -507,7 +516,7 @@ class KeyStore:
             return secret
 
     def _load_long_lived(self, state: _State) -> None:
-        signing = nacl.signing.SigningKey(self._long_lived_secret(SIGNING_FILE))
+        signing = _SigningKey(self._long_lived_secret(SIGNING_FILE))
         if not hmac.compare_digest(bytes(signing.verify_key), state.signing_pk):
             raise KeyStoreError(
                 f"{self.directory / SIGNING_FILE} does not match the signing key in {STATE_FILE}"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
@@ -200,3 +201,28 @@ class KeyctlProcessTests(unittest.TestCase):
         self.assertIn(b"00   revoked", out)
         for spelling in _secret_spellings(directory):
             self.assertNotIn(spelling.encode(), out + err)
+
+    def test_concurrent_rotations_are_all_applied(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._concurrent_rotations())
+
+    async def _concurrent_rotations(self) -> None:
+        # Four operators at once: the lock serialises them and each starts from the state on
+        # disk, so no rotation is lost and no key id is handed out twice.
+        directory = Path(self.mktemp()) / "keys"
+        KeyStore.open(directory, reactor).close()  # type: ignore[arg-type]
+        argv = ["-m", "llmrouter.keyctl", "--keys-dir", str(directory), "rotate"]
+        results = await gatherResults(
+            [getProcessOutputAndValue(sys.executable, argv, env=os.environ) for _ in range(4)]
+        )
+        for _, err, code in results:
+            self.assertEqual((code, err), (0, b""), err.decode(errors="replace"))
+        store = KeyStore.open(directory, reactor, rotation_seconds=None, overlap_seconds=None)  # type: ignore[arg-type]
+        self.addCleanup(store.close)
+        self.assertEqual((store.current.kid, store.next.kid), ("04", "05"))
+        state = json.loads((directory / "state.json").read_text())
+        self.assertEqual(state["rotations"], 4)
+        self.assertEqual(
+            sorted(k["kid"] for k in state["keys"]), ["00", "01", "02", "03", "04", "05"]
+        )
+        currents = sorted(out.split(b" is current")[0].split(b" ")[-1] for out, _, _ in results)
+        self.assertEqual(currents, [b"01", b"02", b"03", b"04"])

@@ -214,6 +214,7 @@ class CreationTests(KeyStoreTestCase):
         secrets = [store.private_key_for("00"), store.private_key_for("01"), store.log_hash_key]
         secrets += [store.pow_key, bytes(store.signing_key)]
         texts = [repr(store), str(store), repr(store.keys()), repr(store.published())]
+        texts += [str(store.signing_key), repr(store.signing_key), f"{store.signing_key}"]
         texts += [repr(b) for b in store._secrets.values()]
         for secret in secrets:
             assert secret is not None
