@@ -252,7 +252,8 @@ def _key_from_json(doc: Any) -> KeyInfo:
 def _check_private(path: Path, st: os.stat_result, kind: str = "file") -> None:
     if st.st_uid != os.geteuid():
         raise KeyStoreError(
-            f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+            f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}); "
+            "run as the router's user (e.g. sudo -u llmrouter llmrouter-keys ...)"
         )
     if st.st_mode & 0o077:
         mode = oct(stat.S_IMODE(st.st_mode))
@@ -606,6 +607,14 @@ class KeyStore:
     def _transaction(self, change: Callable[[_State, int], _State | None], timeout: float) -> bool:
         if self._closed:
             raise KeyStoreError("the key store is closed")
+        try:
+            return self._locked_transaction(change, timeout)
+        except OSError as e:
+            raise KeyStoreError(f"cannot update the key directory {self.directory}: {e}") from None
+
+    def _locked_transaction(
+        self, change: Callable[[_State, int], _State | None], timeout: float
+    ) -> bool:
         with _locked(self.directory, exclusive=True, timeout=timeout):
             raw = self._read_state_raw()
             if raw is None:
@@ -697,7 +706,11 @@ class KeyStore:
             return False
         try:
             raw = self._read_state_raw()
-            if raw is None or raw == self._state_raw:
+            if raw is None:
+                if self.last_error is None:  # say it once, not every 2 s
+                    self._failed("reload", KeyStoreError(f"{STATE_FILE} has disappeared"))
+                return False
+            if raw == self._state_raw:
                 return False
             with _locked(self.directory, exclusive=False, timeout=0):
                 raw = self._read_state_raw()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -545,6 +546,19 @@ class ReloadTests(KeyStoreTestCase):
         assert router.last_error is not None
         self.assertIn("corrupt", router.last_error)
         self.assertEqual(router.private_key_for("00"), sk)
+
+    def test_vanished_directory(self) -> None:
+        store = self.open()
+        sk = store.private_key_for("00")
+        store.start()
+        shutil.rmtree(self.dir)
+        with self.assertRaises(KeyStoreError) as caught:
+            store.rotate()
+        self.assertIn("cannot update the key directory", str(caught.exception))
+        self.assertFalse(store.reload())
+        self.assertIn("disappeared", store.last_error or "")
+        self.clock.advance(DAY)  # timers keep running and keep the keys they have
+        self.assertEqual(store.private_key_for("00"), sk)
 
     def test_closed_store_serves_no_keys(self) -> None:
         store = self.open()
