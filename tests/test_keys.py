@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import shutil
 import stat
 from pathlib import Path
@@ -227,7 +228,12 @@ class CreationTests(KeyStoreTestCase):
     def test_memory_is_locked(self) -> None:
         store = self.open()
         self.assertEqual(len(store._secrets), 2)
+        if not store.memory_locked and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 65536:
+            raise unittest.SkipTest("RLIMIT_MEMLOCK too small here to mlock anything")
         self.assertTrue(store.memory_locked)
+        buffers = list(store._secrets.values())
+        store.close()
+        self.assertTrue(all(b.wiped and not b.locked for b in buffers))
 
 
 class KeyDocumentTests(KeyStoreTestCase):

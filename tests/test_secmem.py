@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import subprocess
 import sys
@@ -114,6 +115,10 @@ class LockedBufferTests(unittest.TestCase):
         def locked_kb() -> int:
             return int(_status("VmLck").split()[0])
 
+        # Buffers of earlier tests freed by the collector mid-test would move VmLck under us.
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
         start = locked_kb()
         big = secmem.LockedBuffer(b"\x01" * (5 * 4096))
         self.addCleanup(big.wipe)
