@@ -440,9 +440,10 @@ class KeyStore:
         if not d.exists():
             if not create:
                 raise KeyStoreError(f"key directory {d} does not exist")
-            d.parent.mkdir(parents=True, exist_ok=True)
-            d.mkdir(mode=0o700)
-            os.chmod(d, 0o700)
+            missing = [d, *(p for p in d.parents if not p.exists())]
+            for path in reversed(missing):  # 0700 whatever the umask (it could be 0777)
+                path.mkdir(mode=0o700)
+                os.chmod(path, 0o700)
         st = os.stat(d)
         if not stat.S_ISDIR(st.st_mode):
             raise KeyStoreError(f"{d} is not a directory")
