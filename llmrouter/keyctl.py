@@ -34,7 +34,12 @@ PROG = "llmrouter-keys"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Manage the llmrouter key directory (safe while the router runs)."
+        prog=PROG,
+        description="Manage the llmrouter key directory (safe while the router runs).",
+        epilog=(
+            "A running router picks changes up within 2 s, or at once on SIGHUP. Run this as "
+            "the router's user: key files owned by anyone else are refused."
+        ),
     )
     parser.add_argument(
         "--keys-dir",
