@@ -23,6 +23,8 @@ __all__ = ["RateLimiter"]
 # How many of the least recently used keys are looked at for an idle one before evicting an
 # active key: bounds the work per request when every tracked key is busy.
 _EVICTION_SCAN = 16
+# Float rounding of clock readings must not turn "allowed now" into "retry in 1e-16 s".
+_SLACK = 1e-6
 
 
 class RateLimiter:
@@ -67,7 +69,7 @@ class RateLimiter:
             self._tat.move_to_end(key)
             tat = max(tat, now)
         wait = tat - self._tolerance - now
-        if wait > 0:
+        if wait > _SLACK:
             self._tat[key] = tat
             return wait
         self._tat[key] = tat + self._interval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -86,3 +88,35 @@ class PrivacyBudgetTests(unittest.TestCase):
         self.assertRaises(ValueError, PrivacyBudget, self.clock, max_devices=0)
         budget = PrivacyBudget(self.clock)
         self.assertRaises(ValueError, budget.charge, DEVICE, -0.1)
+
+
+class PrivacyBudgetModelTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        ops=st.lists(
+            st.tuples(st.integers(min_value=0, max_value=3), st.floats(min_value=0, max_value=60)),
+            max_size=150,
+        )
+    )
+    def test_never_more_than_the_budget_per_period(self, ops: list[tuple[int, float]]) -> None:
+        clock = Clock()
+        period = 100.0
+        budget = PrivacyBudget(
+            clock, epsilon_total=1.0, epsilon_per_query=0.25, period_seconds=period, max_devices=2
+        )
+        charged: dict[int, list[float]] = {}
+        for device, wait in ops:
+            clock.advance(wait)
+            if budget.charge(bytes([device])):
+                charged.setdefault(device, []).append(clock.seconds())
+            self.assertLessEqual(len(budget), 2)
+        for times in charged.values():
+            # A period starts at the first charge after the previous one ended; each allows
+            # 1.0 / 0.25 = 4 charges.
+            anchor = None
+            count = 0
+            for t in times:
+                if anchor is None or t >= anchor + period:
+                    anchor, count = t, 0
+                count += 1
+                self.assertLessEqual(count, 4)

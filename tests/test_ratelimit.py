@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -97,3 +99,48 @@ class RateLimiterTests(unittest.TestCase):
         self.assertRaises(ValueError, RateLimiter, self.clock, 0, 1)
         self.assertRaises(ValueError, RateLimiter, self.clock, 60, 0)
         self.assertRaises(ValueError, RateLimiter, self.clock, 60, 1, max_keys=0)
+
+
+class RateLimiterPropertyTests(unittest.TestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(
+        per_minute=st.floats(min_value=1, max_value=600),
+        burst=st.integers(min_value=1, max_value=20),
+        gaps=st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=200),
+    )
+    def test_never_more_than_burst_plus_rate_in_any_window(
+        self, per_minute: float, burst: int, gaps: list[float]
+    ) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, per_minute=per_minute, burst=burst)
+        allowed: list[float] = []
+        for gap in gaps:
+            clock.advance(gap)
+            retry = limiter.check("k")
+            if retry is None:
+                allowed.append(clock.seconds())
+                continue
+            self.assertGreater(retry, 0)
+        rate = per_minute / 60
+        for i in range(len(allowed)):
+            for j in range(i, len(allowed)):
+                span = allowed[j] - allowed[i]
+                self.assertLessEqual(j - i + 1, burst + rate * (span + 1e-6) + 1e-9)
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        burst=st.integers(min_value=1, max_value=10),
+        extra=st.integers(min_value=1, max_value=5),
+    )
+    def test_retry_after_is_exact(self, burst: int, extra: int) -> None:
+        clock = Clock()
+        limiter = RateLimiter(clock, per_minute=60, burst=burst)
+        for _ in range(burst):
+            self.assertIsNone(limiter.check("k"))
+        for _ in range(extra):
+            retry = limiter.check("k")
+            assert retry is not None
+            clock.advance(retry - 1e-3)
+            self.assertIsNotNone(limiter.check("k"))
+            clock.advance(1e-3)
+            self.assertIsNone(limiter.check("k"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -87,3 +89,49 @@ class ReplayCacheTests(unittest.TestCase):
     def test_rejects_bad_settings(self) -> None:
         self.assertRaises(ValueError, ReplayCache, self.clock, window_seconds=0)
         self.assertRaises(ValueError, ReplayCache, self.clock, max_entries=0)
+
+
+class ReplayCacheModelTests(unittest.TestCase):
+    """Against a naive model: a dict of every recorded enc and when it was recorded."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        max_entries=st.integers(min_value=1, max_value=8),
+        ops=st.lists(
+            st.tuples(
+                st.sampled_from(["seen", "record", "wait"]),
+                st.integers(min_value=0, max_value=11),
+                st.floats(min_value=0, max_value=40),
+            ),
+            max_size=120,
+        ),
+    )
+    def test_matches_model(self, max_entries: int, ops: list[tuple[str, int, float]]) -> None:
+        clock = Clock()
+        window = 30.0
+        cache = ReplayCache(clock, window_seconds=window, max_entries=max_entries)
+        recorded: dict[bytes, float] = {}
+
+        def live() -> dict[bytes, float]:
+            now = clock.seconds()
+            return {e: t for e, t in recorded.items() if t + window > now}
+
+        for op, n, wait in ops:
+            enc = n.to_bytes(32, "big")
+            if op == "wait":
+                clock.advance(wait)
+            elif op == "seen":
+                self.assertEqual(cache.seen(enc), enc in live())
+            else:
+                current = live()
+                ok = cache.record(enc)
+                if enc in current:
+                    self.assertTrue(ok)
+                elif len(current) >= max_entries:
+                    self.assertFalse(ok)  # full: refused, nothing live evicted
+                else:
+                    self.assertTrue(ok)
+                    recorded[enc] = clock.seconds()
+            self.assertLessEqual(len(cache), max_entries)
+            for enc in live():
+                self.assertTrue(cache.seen(enc), "a live entry was lost")
