@@ -126,6 +126,17 @@ class UnitContentTests(unittest.TestCase):
         self.assertIn("inference.socket", inference["Unit.Requires"])
         self.assertIn("systemd:domain=UNIX:index=0", service_setting(inference, "ExecStart"))
 
+    def test_runtime_directory_guards_the_socket(self) -> None:
+        """Only root and the llmrouter group can reach /run/llmrouter (tmpfiles.d)."""
+        lines = [
+            line.split()
+            for line in (UNITS / "tmpfiles-llmrouter.conf").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+        self.assertEqual(lines, [["d", "/run/llmrouter", "0750", "root", "llmrouter", "-"]])
+        inference = read_unit(UNITS / "inference.service")
+        self.assertIn("/run/llmrouter", inference["Service.ReadWritePaths"])
+
     def test_ordering(self) -> None:
         router = read_unit(UNITS / "llmrouter.service")
         self.assertIn("inference.socket", " ".join(router["Unit.After"]))

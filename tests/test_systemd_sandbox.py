@@ -39,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "etc" / "systemd"
@@ -308,9 +309,33 @@ def _seccomp(unit: dict[str, list[str]]) -> None:
     _check(lib.seccomp_load(ctx), "seccomp_load")
 
 
-def launch(unit_path: Path, rw: Sequence[str], keep: Sequence[str], argv: Sequence[str]) -> None:
+def _socket_activation(path: str, unit: dict[str, list[str]]) -> socket.socket:
+    """What systemd does for inference.socket: create the listening UNIX socket (mode from the
+    .socket unit; owner: the sandbox's service user) and pass it as fd 3 (LISTEN_FDS=1)."""
+    socket_unit = read_unit(UNITS / "inference.socket")
+    mode = int(socket_unit["Socket.SocketMode"][-1], 8)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    os.chmod(path, mode)
+    if service_setting(unit, "User") not in ("", "root"):
+        os.chown(path, 65534, 65534)
+    os.environ["LISTEN_FDS"] = "1"
+    os.environ["LISTEN_FDNAMES"] = "inference.socket"
+    os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
+    return sock
+
+
+def launch(
+    unit_path: Path,
+    rw: Sequence[str],
+    keep: Sequence[str],
+    argv: Sequence[str],
+    listen_unix: str | None = None,
+) -> None:
     """Apply ``unit_path``'s restrictions to this process, then exec ``argv`` (never returns)."""
     unit = read_unit(unit_path)
+    activated = None if listen_unix is None else _socket_activation(listen_unix, unit)
     flags = CLONE_NEWNS
     if service_setting(unit, "PrivateNetwork") == "yes":
         flags |= CLONE_NEWNET
@@ -337,6 +362,11 @@ def launch(unit_path: Path, rw: Sequence[str], keep: Sequence[str], argv: Sequen
         _check(libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0), "PR_SET_MDWE")
     if unit.get("Service.SystemCallFilter"):
         _seccomp(unit)
+    if activated is not None:
+        # last: fd 3 may have been in use until now
+        if activated.fileno() != 3:
+            os.dup2(activated.fileno(), 3)
+        os.set_inheritable(3, True)  # dup2 onto itself would keep FD_CLOEXEC
     os.execv(argv[0], list(argv))
 
 
@@ -344,10 +374,14 @@ def _main(args: list[str]) -> None:
     unit, rest = Path(args[0]), args[1:]
     rw: list[str] = []
     keep: list[str] = []
+    listen: str | None = None
     while rest and rest[0] != "--":
         option, value, rest = rest[0], rest[1], rest[2:]
-        (rw if option == "--rw" else keep).append(value)
-    launch(unit, rw, keep, rest[1:])
+        if option == "--listen-unix":
+            listen = value
+        else:
+            (rw if option == "--rw" else keep).append(value)
+    launch(unit, rw, keep, rest[1:], listen)
 
 
 # --- tests -----------------------------------------------------------------------------------
@@ -434,8 +468,12 @@ def keep_paths() -> list[str]:
     return sorted(set(paths))
 
 
-def sandbox_argv(unit: str, rw: Iterable[Path], argv: Sequence[str]) -> list[str]:
+def sandbox_argv(
+    unit: str, rw: Iterable[Path], argv: Sequence[str], listen_unix: Path | None = None
+) -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), str(UNITS / unit)]
+    if listen_unix is not None:
+        command += ["--listen-unix", str(listen_unix)]
     for path in rw:
         command += ["--rw", str(path)]
     for path in keep_paths():
@@ -582,7 +620,14 @@ class SandboxedDaemon:
     """A tests.daemons.Daemon whose process is started through the launcher with ``unit``."""
 
     @staticmethod
-    def create(unit: str, rw: Sequence[Path], plugin: str, args: Sequence[str], **kw: object):  # type: ignore[no-untyped-def]
+    def create(  # type: ignore[no-untyped-def]
+        unit: str,
+        rw: Sequence[Path],
+        plugin: str,
+        args: Sequence[str],
+        listen_unix: Path | None = None,
+        **kw: object,
+    ):
         from tests.daemons import TWISTD, Daemon, _Output
 
         class _Sandboxed(Daemon):
@@ -595,7 +640,7 @@ class SandboxedDaemon:
                 environment.update(self.env)
                 environment["PYTHONUNBUFFERED"] = "1"
                 inner = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", plugin, *self.args]
-                argv = sandbox_argv(unit, rw, inner)
+                argv = sandbox_argv(unit, rw, inner, listen_unix)
                 self._protocol = _Output(self.log_path.open("ab"))
                 self._transport = self.reactor.spawnProcess(
                     self._protocol, argv[0], argv, env=environment, path=str(self.directory)
@@ -666,3 +711,98 @@ class RouterUnderUnitTests(unittest.TestCase):
         self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
         self.assertIn("Server Shut Down", daemon.log_text())
         self.assertNotIn("Traceback", daemon.log_text())
+
+
+class StackUnderUnitsTests(unittest.TestCase):
+    """The real ``twistd inference`` under inference.service (socket-activated UNIX socket as
+    inference.socket creates it, no network namespace access, AF_UNIX only) serving a streamed
+    chat completion, and the real router under llmrouter.service reaching it through the
+    socket (its readiness requires a successful health probe of the backend)."""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_inference_and_router_under_units(self) -> Any:
+        from tests.tinymodel import tiny_model_path
+
+        base = service_dir(self)
+        state = base / "state"
+        model = stage_model(self, tiny_model_path())
+        # /run/llmrouter as tmpfiles-llmrouter.conf makes it: 0750, group of the router (here
+        # the sandbox's service group); the stand-in for the unit's ReadWritePaths=/run/llmrouter
+        run = base / "run"
+        run.mkdir(mode=0o750)
+        os.chown(run, 0, 65534)
+        inference_sock = run / "inference.sock"
+        inference = SandboxedDaemon.create(
+            "inference.service",
+            [state, run],
+            "inference",
+            ["--listen", "systemd:domain=UNIX:index=0", "--model", str(model), "--threads", "1"],
+            listen_unix=inference_sock,
+            health=f"unix:{inference_sock}",
+            directory=state,
+        )
+        self.addCleanup(inference.stop)
+        yield inference.start()
+        # Twisted's adoption chmods the socket 0666 (SocketMode=0660 is lost): the directory
+        # is what keeps other users out
+        self.assertEqual(inference_sock.stat().st_mode & 0o777, 0o666)
+        self.assertEqual(run.stat().st_mode & 0o777, 0o750)
+        status, _, body = yield post_json(
+            f"unix:{inference_sock}",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        )
+        self.assertEqual(status, 200, body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body[-200:])
+
+        rstate = base / "rstate"
+        rstate.mkdir()
+        os.chown(rstate, 65534, 65534)
+        public = rstate / "router.sock"
+        router = SandboxedDaemon.create(
+            "llmrouter.service",
+            [rstate],
+            "llmrouter",
+            [
+                "--listen",
+                f"unix:{public}:mode=666",
+                "--metrics-listen",
+                f"unix:{rstate}/metrics.sock:mode=666",
+                "--keys-dir",
+                str(rstate / "keys"),
+                "--inference",
+                f"unix:{inference_sock}",
+            ],
+            health=f"unix:{public}",
+            directory=rstate,
+        )
+        self.addCleanup(router.stop)
+        yield router.start()  # /health 200 = keys loaded and the backend probed healthy
+        for daemon in (router, inference):
+            code = yield daemon.stop()
+            self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
+            self.assertNotIn("Traceback", daemon.log_text())
+
+
+@defer.inlineCallbacks
+def post_json(base: str, path: str, payload: object) -> Any:
+    import json
+    from io import BytesIO
+
+    from twisted.internet import reactor
+    from twisted.web.client import FileBodyProducer, readBody
+    from twisted.web.http_headers import Headers
+
+    from llmrouter.httpclient import agent_for
+
+    agent, prefix = agent_for(reactor, base)
+    producer = FileBodyProducer(BytesIO(json.dumps(payload).encode()))
+    headers = Headers({b"content-type": [b"application/json"]})
+    response = yield agent.request(b"POST", (prefix + path).encode(), headers, producer)
+    body = yield readBody(response)
+    return response.code, response.headers, body
