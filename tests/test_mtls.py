@@ -1,0 +1,323 @@
+"""Mutual TLS between router and inference with certificates from llmrouter-pki.
+
+A real ``twistd inference`` listens on ``ssl:`` with a server certificate from a private CA made
+by llmrouter.pki. The good path is a real ``twistd llmrouter`` using it as an ``https://``
+backend (its readiness needs a successful health probe over mutual TLS) and the router's own TLS
+client code fetching through it. The bad cases are all refused:
+
+- server side (the inference daemon): no client certificate, a client certificate from another
+  CA, an expired client certificate, a client that offers only TLS 1.2;
+- client side (the router's TLS client, llmrouter.httpclient): a server certificate from another
+  CA, an expired server certificate, a certificate for another name, a server that speaks only
+  TLS 1.2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet import defer, reactor, threads
+from twisted.internet import ssl as tssl
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+
+from llmrouter import pki
+from llmrouter.httpclient import ClientTLS, agent_for
+
+TLS_FAILURES = (ResponseNeverReceived, RequestTransmissionFailed, SSL.Error)
+
+
+def tls_error_text(exc: BaseException) -> str:
+    """The TLS/identity errors inside an Agent failure, as text (empty if there are none)."""
+    reasons = getattr(exc, "reasons", None)
+    if reasons is None:
+        return repr(exc) if isinstance(exc, SSL.Error) else ""
+    found = [repr(r.value) for r in reasons if r.check(SSL.Error, VerificationError)]
+    return " ".join(found)
+
+
+PAST = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PKIFixture:
+    """Two CAs made with llmrouter.pki and the certificates the cases need."""
+
+    def __init__(self, directory: Path) -> None:
+        self.good = directory / "good"
+        self.other = directory / "other"
+        pki.create_ca(self.good)
+        pki.create_ca(self.other)
+        pki.issue(self.good, "server", "inference-1", ["localhost"], ["127.0.0.1"])
+        pki.issue(self.good, "client", "router")
+        pki.issue(self.other, "client", "router")
+        pki.issue(self.other, "server", "inference-1", ["localhost"], ["127.0.0.1"])
+        # issued ten days ago for seven days: expired three days ago
+        pki.issue(self.good, "client", "router-expired", now=PAST)
+        pki.issue(self.good, "server", "inference-expired", ["localhost"], now=PAST)
+        pki.issue(self.good, "server", "inference-2", ["inference-2.wg"])
+
+    def files(self, ca_dir: Path, name: str) -> tuple[Path, Path]:
+        return ca_dir / f"{name}.crt", ca_dir / f"{name}.key"
+
+
+def _stdlib_request(
+    port: int,
+    ca: Path,
+    cert: tuple[Path, Path] | None,
+    max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+) -> tuple[str, bytes]:
+    """One HTTP/1.1 GET /health over TLS with the standard library (a client independent of
+    Twisted). Returns (negotiated version, response bytes)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca))
+    context.maximum_version = max_version
+    if cert is not None:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return tls.version() or "", data
+
+
+class InferenceRefusesTests(unittest.TestCase):
+    """The real inference daemon's ``ssl:`` listener."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        from tests.daemons import start_inference
+
+        tmp = Path(tempfile.mkdtemp(prefix="mtls-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.pki = PKIFixture(tmp)
+        self.port = free_port()
+        cert, key = self.pki.files(self.pki.good, "inference-1")
+        self.daemon = yield start_inference(
+            self,
+            listen=[f"ssl:{self.port}:interface=127.0.0.1"],
+            extra_args=[
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                "--tls-ca",
+                str(self.pki.good / "ca.crt"),
+            ],
+        )
+
+    def attempt(
+        self,
+        cert: tuple[Path, Path] | None,
+        max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+    ) -> defer.Deferred[tuple[str, bytes]]:
+        return threads.deferToThread(
+            _stdlib_request, self.port, self.pki.good / "ca.crt", cert, max_version
+        )
+
+    @defer.inlineCallbacks
+    def assert_refused(
+        self, cert: tuple[Path, Path] | None, max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3
+    ) -> Any:
+        try:
+            _, data = yield self.attempt(cert, max_version)
+        except (ssl.SSLError, ConnectionError, OSError):
+            return
+        # TLS 1.3 reports a rejected client certificate after the client's handshake is done:
+        # then no HTTP response must have come back
+        self.assertNotIn(b"HTTP/1.1", data)
+
+    @defer.inlineCallbacks
+    def test_good_client(self) -> Any:
+        version, data = yield self.attempt(self.pki.files(self.pki.good, "router"))
+        self.assertEqual(version, "TLSv1.3")
+        self.assertTrue(data.startswith(b"HTTP/1.1 200"), data[:100])
+
+    def test_no_client_certificate(self) -> defer.Deferred[None]:
+        return self.assert_refused(None)
+
+    def test_client_certificate_from_another_ca(self) -> defer.Deferred[None]:
+        return self.assert_refused(self.pki.files(self.pki.other, "router"))
+
+    def test_expired_client_certificate(self) -> defer.Deferred[None]:
+        return self.assert_refused(self.pki.files(self.pki.good, "router-expired"))
+
+    def test_tls12_offered(self) -> defer.Deferred[None]:
+        return self.assert_refused(
+            self.pki.files(self.pki.good, "router"), max_version=ssl.TLSVersion.TLSv1_2
+        )
+
+    @defer.inlineCallbacks
+    def test_router_client_code(self) -> Any:
+        """The router's own TLS client (pinned CA, client certificate, service-identity)."""
+        cert, key = self.pki.files(self.pki.good, "router")
+        tls = ClientTLS(ca=self.pki.good / "ca.crt", cert=cert, key=key)
+        agent, base = agent_for(reactor, f"https://localhost:{self.port}", tls)
+        response = yield agent.request(b"GET", f"{base}/health".encode(), Headers())
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_router_client_refuses_wrong_server_name(self) -> Any:
+        """The server certificate names localhost/127.0.0.1; expecting inference-2.wg fails."""
+        cert, key = self.pki.files(self.pki.good, "router")
+        tls = ClientTLS(
+            ca=self.pki.good / "ca.crt", cert=cert, key=key, server_name="inference-2.wg"
+        )
+        agent, base = agent_for(reactor, f"https://localhost:{self.port}", tls)
+        with self.assertRaises(TLS_FAILURES) as caught:
+            yield agent.request(b"GET", f"{base}/health".encode(), Headers())
+        self.assertIn("inference-2.wg", tls_error_text(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_router_client_refuses_server_from_another_ca(self) -> Any:
+        cert, key = self.pki.files(self.pki.good, "router")
+        tls = ClientTLS(ca=self.pki.other / "ca.crt", cert=cert, key=key)
+        agent, base = agent_for(reactor, f"https://localhost:{self.port}", tls)
+        with self.assertRaises(TLS_FAILURES) as caught:
+            yield agent.request(b"GET", f"{base}/health".encode(), Headers())
+        self.assertIn("certificate verify failed", tls_error_text(caught.exception))
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> bytes:
+        return b"hello"
+
+
+class RouterClientRefusesServersTests(unittest.TestCase):
+    """Servers the router must refuse: expired certificate, TLS 1.2 only. These run an
+    in-process Twisted TLS server so that the server side can be misconfigured on purpose."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        tmp = Path(tempfile.mkdtemp(prefix="mtls-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        self.pki = PKIFixture(tmp)
+
+    @defer.inlineCallbacks
+    def serve(self, name: str, max_tls12: bool = False) -> Any:
+        cert, key = self.pki.files(self.pki.good, name)
+        private = tssl.PrivateCertificate.loadPEM(cert.read_bytes() + key.read_bytes())
+        extra: dict[str, Any] = {}
+        if max_tls12:
+            extra["lowerMaximumSecurityTo"] = tssl.TLSVersion.TLSv1_2
+        options = tssl.CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            **extra,
+        )
+        port = yield SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
+            server.Site(Hello())
+        )
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def fetch(self, port: int) -> Any:
+        cert, key = self.pki.files(self.pki.good, "router")
+        tls = ClientTLS(ca=self.pki.good / "ca.crt", cert=cert, key=key)
+        agent, base = agent_for(reactor, f"https://localhost:{port}", tls)
+        response = yield agent.request(b"GET", f"{base}/".encode(), Headers())
+        body = yield readBody(response)
+        return body
+
+    @defer.inlineCallbacks
+    def test_control_good_server(self) -> Any:
+        port = yield self.serve("inference-1")
+        body = yield self.fetch(port)
+        self.assertEqual(body, b"hello")
+
+    @defer.inlineCallbacks
+    def test_expired_server_certificate(self) -> Any:
+        port = yield self.serve("inference-expired")
+        with self.assertRaises(TLS_FAILURES) as caught:
+            yield self.fetch(port)
+        self.assertIn("certificate verify failed", tls_error_text(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_tls12_only_server(self) -> Any:
+        port = yield self.serve("inference-1", max_tls12=True)
+        with self.assertRaises(TLS_FAILURES) as caught:
+            yield self.fetch(port)
+        self.assertIn("version", tls_error_text(caught.exception))
+
+
+class RouterOverMutualTLSTests(unittest.TestCase):
+    """The good path end to end: the real router uses the real inference daemon as an
+    ``https://`` backend; /health turns 200 only after a health probe over mutual TLS
+    succeeded, and the backend is reported healthy in the router's metrics."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_router_reaches_inference_over_mtls(self) -> Any:
+        from tests.daemons import Daemon, start_inference
+
+        tmp = Path(tempfile.mkdtemp(prefix="mtls-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        fixture = PKIFixture(tmp)
+        port = free_port()
+        cert, key = fixture.files(fixture.good, "inference-1")
+        ca = fixture.good / "ca.crt"
+        yield start_inference(
+            self,
+            listen=[f"ssl:{port}:interface=127.0.0.1"],
+            extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)],
+        )
+        rcert, rkey = fixture.files(fixture.good, "router")
+        public, metrics = tmp / "r.sock", tmp / "m.sock"
+        router = Daemon(
+            "llmrouter",
+            [
+                "--listen",
+                f"unix:{public}",
+                "--metrics-listen",
+                f"unix:{metrics}",
+                "--keys-dir",
+                str(tmp / "keys"),
+                "--inference",
+                f"https://localhost:{port}",
+                "--tls-ca",
+                str(ca),
+                "--tls-client-cert",
+                str(rcert),
+                "--tls-client-key",
+                str(rkey),
+            ],
+            health=f"unix:{public}",
+            directory=tmp / "router",
+        )
+        (tmp / "router").mkdir()
+        self.addCleanup(router.stop)
+        yield router.start()
+        status, _, body = yield router.request(b"GET", "/metrics", base=f"unix:{metrics}")
+        self.assertEqual(status, 200)
+        self.assertIn(b'llmrouter_backend_healthy{backend="backend-0"} 1.0', body)
