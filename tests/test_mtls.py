@@ -321,3 +321,95 @@ class RouterOverMutualTLSTests(unittest.TestCase):
         status, _, body = yield router.request(b"GET", "/metrics", base=f"unix:{metrics}")
         self.assertEqual(status, 200)
         self.assertIn(b'llmrouter_backend_healthy{backend="backend-0"} 1.0', body)
+
+
+def _handshake(
+    port: int,
+    ca: Path,
+    versions: tuple[ssl.TLSVersion, ssl.TLSVersion],
+    alpn: list[str] | None = None,
+) -> tuple[str, str, str | None]:
+    """Handshake only: (version, cipher, ALPN protocol)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca))
+    context.minimum_version, context.maximum_version = versions
+    if versions[1] < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that this client really offers it
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            cipher = tls.cipher()
+            return tls.version() or "", cipher[0] if cipher else "", tls.selected_alpn_protocol()
+
+
+class RouterTerminatesTLSTests(unittest.TestCase):
+    """The alternative to Caddy (docs/tls.md): ``twistd llmrouter --listen ssl:...`` with a
+    certificate (here from llmrouter-pki; in production from ACME). TLS 1.3 is preferred,
+    TLS 1.2 still accepted with forward-secret ECDHE, anything older refused; HTTP/2 is
+    offered through ALPN only when the ``h2`` package is installed."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        from tests.daemons import Daemon
+
+        tmp = Path(tempfile.mkdtemp(prefix="rtls-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pki.create_ca(tmp / "pki")
+        pki.issue(tmp / "pki", "server", "public", ["localhost"])
+        self.ca = tmp / "pki" / "ca.crt"
+        self.port = free_port()
+        key, cert = tmp / "pki" / "public.key", tmp / "pki" / "public.crt"
+        router = Daemon(
+            "llmrouter",
+            [
+                "--listen",
+                f"ssl:{self.port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+                "--metrics-listen",
+                f"unix:{tmp}/m.sock",
+                "--keys-dir",
+                str(tmp / "keys"),
+                "--inference",
+                f"unix:{tmp}/none.sock",
+            ],
+            directory=tmp,
+            # the metrics listener answering means start-up (ssl: listener included) is done
+            health=f"unix:{tmp}/m.sock",
+            health_path="/metrics",
+        )
+        self.addCleanup(router.stop)
+        yield router.start()
+        agent, base = agent_for(
+            reactor, f"https://localhost:{self.port}", ClientTLS(ca=self.ca, tls13_only=False)
+        )
+        response = yield agent.request(b"GET", f"{base}/api/pubkey".encode(), Headers())
+        yield readBody(response)
+        self.assertEqual(response.code, 200)
+
+    def handshake(
+        self, low: ssl.TLSVersion, high: ssl.TLSVersion, alpn: list[str] | None = None
+    ) -> defer.Deferred[tuple[str, str, str | None]]:
+        return threads.deferToThread(_handshake, self.port, self.ca, (low, high), alpn)
+
+    @defer.inlineCallbacks
+    def test_versions_ciphers_alpn(self) -> Any:
+        version, cipher, alpn = yield self.handshake(
+            ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3, ["h2", "http/1.1"]
+        )
+        self.assertEqual(version, "TLSv1.3")
+        try:
+            import h2  # noqa: F401
+        except ImportError:
+            self.assertIn(alpn, ("http/1.1", None))
+        else:
+            self.assertEqual(alpn, "h2")
+        version, cipher, _ = yield self.handshake(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(version, "TLSv1.2")
+        self.assertTrue(cipher.startswith("ECDHE-"), cipher)
+        for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+            with self.assertRaises(ssl.SSLError) as caught:
+                yield self.handshake(old, old)
+            # the server's alert, not this client declining to send the hello
+            self.assertIn("ALERT", str(caught.exception).upper())
