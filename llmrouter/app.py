@@ -300,7 +300,7 @@ class RouterSite(server.Site):
         self,
         resource: IResource,
         max_body: int,
-        on_too_large: Callable[[ProtocolError], None] = lambda error: None,
+        on_too_large: Callable[[ProtocolError], object] = lambda error: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)

@@ -196,7 +196,7 @@ class Router:
         for stream in list(self.app.streams):
             stream.shutdown()
         self.pool.stop()
-        self.keys.stop()
+        self.keys.close()  # wipes the secret keys held in locked memory
 
     def reload_keys(self) -> None:
         if self.keys.reload():

@@ -111,7 +111,10 @@ class FaultBackend(resource.Resource):
                 return
             if state["sent"] >= script.tokens:
                 final = {"choices": [{"delta": {}, "finish_reason": "stop"}]}
-                usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": state["sent"]}}
+                usage = {
+                    "choices": [],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": state["sent"]},
+                }
                 request.write(_event(final) + _event(usage) + b"data: [DONE]\n\n")
                 state["over"] = True
                 self.log.completed += 1
@@ -187,6 +190,7 @@ def start_router(
     backends: list[str],
     clock: Clock | None = None,
     probe: bool = True,
+    unix: bool = False,
     **changes: Any,
 ) -> Any:
     """An in-process router on 127.0.0.1 (real reactor I/O; ``clock`` drives its timers)."""
@@ -199,15 +203,20 @@ def start_router(
     router = Router(settings, reactor, clock=clock, emit=events.append)
     router.start()
     testcase.addCleanup(router.stop)
-    port: IListeningPort = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-        router.site
-    )
+    if unix:  # small kernel buffers: backpressure shows up after a few hundred KiB
+        endpoint: Any = UNIXServerEndpoint(reactor, str(directory / "router.sock"))
+    else:
+        endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+    port: IListeningPort = yield endpoint.listen(router.site)
     testcase.addCleanup(port.stopListening)
     if probe:
         for backend in router.pool.backends:
             yield router.pool.probe(backend)
-    address = port.getHost()
-    return RunningRouter(router, f"http://127.0.0.1:{address.port}", port, events)
+    if unix:
+        url = f"unix:{directory / 'router.sock'}"
+    else:
+        url = f"http://127.0.0.1:{port.getHost().port}"
+    return RunningRouter(router, url, port, events)
 
 
 @defer.inlineCallbacks

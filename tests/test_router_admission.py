@@ -78,7 +78,9 @@ class AdmissionTests(TestCase):
     def test_unsupported_media_type(self) -> Any:
         running = yield self.router()
         body, _, _ = yield sealed(running)
-        yield self.rejected(running, body, 415, "unsupported_media_type", content_type=b"text/plain")
+        yield self.rejected(
+            running, body, 415, "unsupported_media_type", content_type=b"text/plain"
+        )
         yield self.rejected(running, body, 415, "unsupported_media_type", content_type=None)
 
     @defer.inlineCallbacks
@@ -169,7 +171,7 @@ class AdmissionTests(TestCase):
     @defer.inlineCallbacks
     def test_pow_invalid(self) -> Any:
         running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
-        body, envelope, _ = yield sealed(running)
+        body, _envelope, _ = yield sealed(running)
         _, error = yield self.rejected(running, body, 401, "pow_required")
         other = hpke.generate_key_pair().pk  # a solution for another request's enc
         wrong = pow.solve(error["challenge"], other)
@@ -264,7 +266,9 @@ class AdmissionTests(TestCase):
         ]
         messages = set()
         for case in cases:
-            _, error = yield self.rejected(running, json.dumps(case).encode(), 400, "decrypt_failed")
+            _, error = yield self.rejected(
+                running, json.dumps(case).encode(), 400, "decrypt_failed"
+            )
             messages.add(error["message"])
         self.assertEqual(len(messages), 1)
         self.assertIn('"event":"auth_failed"', running.events[-1])
@@ -393,7 +397,7 @@ class ErrorShapeTests(TestCase):
 
     @defer.inlineCallbacks
     def test_404_405_and_500_are_json_without_details(self) -> Any:
-        fake, url = yield start_fault_backend(self, Script())
+        _fake, url = yield start_fault_backend(self, Script())
         running = yield start_router(self, [url])
         status, _, body = yield http(running.url, path="/secret-canary-path")
         self.assertEqual((status, error_of(body)[0]), (404, "not_found"))
@@ -426,7 +430,7 @@ class ErrorShapeTests(TestCase):
 
     @defer.inlineCallbacks
     def test_key_endpoints(self) -> Any:
-        fake, url = yield start_fault_backend(self, Script())
+        _fake, url = yield start_fault_backend(self, Script())
         running = yield start_router(self, [url])
         doc = yield _keydoc(running)
         status, headers, body = yield http(running.url, path="/.well-known/jwks.json")
@@ -447,6 +451,3 @@ def _keydoc(running: Any) -> Any:
 
     doc = yield key_document(running.url)
     return doc
-
-
-

@@ -115,7 +115,9 @@ class CallTests(TestCase):
             self.assertTrue(healthy)
         return backends, pool, settings, metrics
 
-    def call(self, pool: BackendPool, settings: Any, metrics: RouterMetrics) -> tuple[ChatCall, Sink]:
+    def call(
+        self, pool: BackendPool, settings: Any, metrics: RouterMetrics
+    ) -> tuple[ChatCall, Sink]:
         sink = Sink()
         call = ChatCall(
             reactor,
@@ -154,7 +156,7 @@ class CallTests(TestCase):
             [Script(die_after=0), Script(tokens=3)]
         )
         _, sink = self.call(pool, settings, metrics)
-        kind, args = yield sink.result
+        kind, _args = yield sink.result
         self.assertEqual(kind, "done")
         self.assertEqual(len(sink.tokens), 3)
         self.assertEqual((bad.log.requests, good.log.requests), (1, 1))
@@ -220,7 +222,7 @@ class CallTests(TestCase):
 
     @defer.inlineCallbacks
     def test_first_token_timeout_then_failover(self) -> Any:
-        (hung, good), pool, settings, metrics = yield self.pool(
+        (hung, _good), pool, settings, metrics = yield self.pool(
             [Script(hang=True), Script(tokens=2)], first_token_timeout_seconds=0.2
         )
         _, sink = self.call(pool, settings, metrics)
