@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -219,7 +219,7 @@ class Daemon:
         producer = None
         all_headers = Headers({k: list(v) for k, v in (headers or {}).items()})
         if body is not None:
-            producer = FileBodyProducer(BytesIO(body), cooperator=task.Cooperator(self.reactor))
+            producer = FileBodyProducer(BytesIO(body))
             if not all_headers.hasHeader(b"content-type"):
                 all_headers.setRawHeaders(b"content-type", [b"application/json"])
         response = yield agent.request(method, (prefix + path).encode(), all_headers, producer)
@@ -278,3 +278,79 @@ def start_inference(
         return defer.succeed(daemon)
     started: defer.Deferred[Daemon] = daemon.start()
     return started
+
+
+class StreamReader(Protocol):
+    """Reads a streamed HTTP body (SSE) with real flow control.
+
+    ``pause()`` stops reading from the socket (the server's writes then back up), ``resume()``
+    reads again, ``disconnect()`` closes the connection. ``events`` are the ``data:`` payloads
+    seen so far; ``wait_events(n)`` fires once there are at least n; ``done`` fires with all
+    events when the body ends (or the connection is lost).
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.events: list[str] = []
+        self.done: defer.Deferred[list[str]] = defer.Deferred()
+        self.reason: Failure | None = None
+        self._waiters: list[tuple[int, defer.Deferred[list[str]]]] = []
+        self.transport: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n\n" in self.buffer:
+            block, self.buffer = self.buffer.split(b"\n\n", 1)
+            for line in block.split(b"\n"):
+                if line.startswith(b"data: "):
+                    self.events.append(line[len(b"data: ") :].decode())
+        for waiter in list(self._waiters):
+            if len(self.events) >= waiter[0]:
+                self._waiters.remove(waiter)
+                waiter[1].callback(self.events)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.reason = reason
+        for _, waiter in self._waiters:
+            waiter.errback(Failure(DaemonFailed(f"stream ended after {len(self.events)} events")))
+        self._waiters = []
+        self.done.callback(self.events)
+
+    def wait_events(self, n: int) -> defer.Deferred[list[str]]:
+        if len(self.events) >= n:
+            return defer.succeed(self.events)
+        if self.done.called:
+            return defer.fail(DaemonFailed(f"stream ended after {len(self.events)} events"))
+        d: defer.Deferred[list[str]] = defer.Deferred()
+        self._waiters.append((n, d))
+        return d
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
+
+    def disconnect(self) -> None:
+        self.transport.stopProducing()
+
+
+@defer.inlineCallbacks
+def open_stream(
+    daemon: Daemon,
+    path: str,
+    body: bytes,
+    base: str | None = None,
+    headers: Mapping[bytes, Iterable[bytes]] | None = None,
+) -> Any:
+    """POST and hand the body to a StreamReader: fires with (status, Headers, reader)."""
+    target = base or daemon.health
+    assert target is not None
+    agent, prefix = agent_for(daemon.reactor, target, tls=daemon.tls)
+    all_headers = Headers({k: list(v) for k, v in (headers or {}).items()})
+    all_headers.setRawHeaders(b"content-type", [b"application/json"])
+    producer = FileBodyProducer(BytesIO(body))
+    response = yield agent.request(b"POST", (prefix + path).encode(), all_headers, producer)
+    reader = StreamReader()
+    response.deliverBody(reader)
+    return response.code, response.headers, reader
