@@ -221,7 +221,7 @@ class RouterApp:
         error = failure.value
         allowed = getattr(error, "valid_methods", None) or []
         if allowed:
-            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            request.setHeader(b"Allow", ", ".join(sorted(allowed)).encode("ascii"))
         return self._error(request, ProtocolError("method_not_allowed", "method not allowed"))
 
     @app.handle_errors(Exception)

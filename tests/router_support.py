@@ -47,6 +47,7 @@ class Script:
     status: int = 200
     hang: bool = False  # accept the request, never answer
     token_delay: float = 0.0  # seconds between tokens (real reactor time)
+    stall_after: int | None = None  # stop sending (connection stays open) after this many
     text: str = "tok"
 
 
@@ -108,6 +109,8 @@ class FaultBackend(resource.Resource):
                 state["over"] = True
                 assert request.channel is not None and request.channel.transport is not None
                 request.channel.transport.abortConnection()
+                return
+            if script.stall_after is not None and state["sent"] >= script.stall_after:
                 return
             if state["sent"] >= script.tokens:
                 final = {"choices": [{"delta": {}, "finish_reason": "stop"}]}

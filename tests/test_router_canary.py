@@ -1,0 +1,163 @@
+"""The canary no-leak test: user data goes through the whole stack and comes out nowhere.
+
+Unique canary strings are sent as prompt content, as the device key, and in headers (User-Agent,
+X-Forwarded-For, a custom header, the URL path), through real ``twistd llmrouter`` and
+``twistd inference`` subprocesses whose output is captured to files. Good requests, rejected
+ones (replay, rate limit, bad JSON quoting the canary, unknown route) and a client that hangs up
+mid-stream all happen. Then no log, no /metrics output of either daemon and no file either daemon
+wrote (key directory, working and temp directories) may contain any canary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from llmrouter import hpke
+from llmrouter.client import Client
+from llmrouter.protocol import b64u_encode, seal_request
+from tests.daemons import start_inference
+from tests.router_support import http, key_document, prompt, short_tempdir
+from tests.test_router_e2e import INFERENCE_ARGS, open_stream, start_router_daemon
+
+
+def _files(*roots: Path) -> list[Path]:
+    found = []
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            found.extend(Path(dirpath) / name for name in names)
+    return found
+
+
+class CanaryTests(TestCase):
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_canaries_leak_nowhere(self) -> Any:
+        tag = uuid.uuid4().hex[:12]
+        prompt_canary = f"PROMPTCANARY{tag}"
+        agent_canary = f"AGENTCANARY{tag}"
+        header_canary = f"HEADERCANARY{tag}"
+        path_canary = f"PATHCANARY{tag}"
+        forwarded = f"10.{int(tag[:2], 16)}.{int(tag[2:4], 16)}.{int(tag[4:6], 16)}"
+        device = hpke.generate_key_pair()
+        device_canaries = [b64u_encode(device.pk), device.pk.hex()]
+
+        tmp = short_tempdir(self)
+        inference = yield start_inference(
+            self,
+            extra_args=[*INFERENCE_ARGS, "--max-tokens", "2000"],
+            env={"TMPDIR": str(tmp)},
+        )
+        directory = short_tempdir(self)
+        router = start_router_daemon(
+            self,
+            directory,
+            [f"unix:{inference.socket}"],
+            env={
+                "TMPDIR": str(tmp),
+                "RATE_LIMIT_PER_MINUTE": "60",
+                "RATE_LIMIT_BURST": "6",
+                "TRUSTED_PROXIES": "127.0.0.1",
+            },
+        )
+        yield router.start()
+        url = f"unix:{directory / 'router.sock'}"
+        headers = {
+            b"User-Agent": [agent_canary.encode()],
+            b"X-Forwarded-For": [forwarded.encode()],
+            b"X-Canary": [header_canary.encode()],
+        }
+
+        # a full chat in auth mode with the canary prompt
+        tokens: list[str] = []
+        done = yield defer.Deferred.fromCoroutine(
+            Client(reactor, url, device_key=device).chat(
+                prompt(f"Repeat after me: {prompt_canary}", max_tokens=16), tokens.append
+            )
+        )
+        self.assertEqual(done.completion_tokens, 16)
+
+        # the same envelope twice (replay), with canary headers
+        document = yield key_document(url)
+        envelope, state = seal_request(
+            document.current(),
+            prompt(f"again {prompt_canary}", max_tokens=2),
+            int(reactor.seconds()),
+            device,
+        )
+        body = json.dumps(envelope.to_json()).encode()
+        chat_headers = {**headers, b"Content-Type": [b"application/json"]}
+        status, _, _ = yield http(url, b"POST", "/api/chat", body, chat_headers)
+        self.assertEqual(status, 200)
+        status, _, answer = yield http(url, b"POST", "/api/chat", body, chat_headers)
+        self.assertEqual(status, 409)
+        self.assertNotIn(prompt_canary.encode(), answer)
+
+        # malformed requests that quote the canaries back at us
+        bad = json.dumps({prompt_canary: header_canary}).encode()
+        status, _, answer = yield http(url, b"POST", "/api/chat", bad, chat_headers)
+        self.assertEqual(status, 400)
+        status, _, answer2 = yield http(url, b"POST", "/api/chat", b"{" + bad, chat_headers)
+        self.assertEqual(status, 400)
+        status, _, answer3 = yield http(url, b"GET", f"/{path_canary}", None, headers)
+        self.assertEqual(status, 404)
+        for text in (answer, answer2, answer3):
+            for canary in (prompt_canary, header_canary, path_canary):
+                self.assertNotIn(canary.encode(), text)
+
+        # a client that hangs up mid-stream
+        envelope, state = seal_request(
+            document.current(),
+            prompt(f"long {prompt_canary}", max_tokens=2000),
+            int(reactor.seconds()),
+            device,
+        )
+        reader = yield open_stream(url, json.dumps(envelope.to_json()).encode(), state, 2)
+        yield reader.ended
+
+        # until the per-IP limit answers 429 (its security event carries a hashed address)
+        for _ in range(10):
+            envelope, _ = seal_request(
+                document.current(), prompt(prompt_canary, max_tokens=1), int(reactor.seconds())
+            )
+            status, _, _ = yield http(
+                url, b"POST", "/api/chat", json.dumps(envelope.to_json()).encode(), chat_headers
+            )
+            if status == 429:
+                break
+        self.assertEqual(status, 429)
+
+        # metrics of both daemons
+        _, _, router_metrics = yield http(f"unix:{directory / 'metrics.sock'}", path="/metrics")
+        _, _, inference_metrics = yield inference.request(b"GET", "/metrics")
+        self.assertIn(b"llmrouter_admission_rejections_total", router_metrics)
+
+        yield router.stop()
+        yield inference.stop()
+        router_log = router.log_text()
+        self.assertIn('"event":"replay"', router_log)  # the security log did run...
+        self.assertIn('"event":"rate_limited"', router_log)
+
+        canaries = [prompt_canary, agent_canary, header_canary, path_canary, forwarded]
+        canaries += device_canaries
+        sources: dict[str, bytes] = {
+            "router /metrics": router_metrics,
+            "inference /metrics": inference_metrics,
+        }
+        for path in _files(directory, inference.directory, tmp):
+            if path.is_file():
+                sources[str(path)] = path.read_bytes()
+        self.assertIn(str(router.log_path), sources)
+        self.assertIn(str(inference.log_path), sources)
+        self.assertTrue(any("keys" in name for name in sources))
+        for name, data in sources.items():
+            for canary in canaries:
+                self.assertNotIn(canary.encode(), data, f"{canary} leaked into {name}")
+                self.assertNotIn(canary.lower().encode(), data.lower(), f"{name}")

@@ -1,0 +1,152 @@
+"""The client-facing stream: cadence slots (timing hides token boundaries), keepalives, padding.
+
+In-process router whose timers run on a fake clock, on a real socket, in front of the fault
+backend (which can stall mid-stream); the client side decrypts every event it gets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import ResponseDone
+
+from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
+from llmrouter.sse import SSEParser
+from tests.router_support import Script, sealed, start_fault_backend, start_router
+
+
+def settle() -> defer.Deferred[None]:
+    return deferLater(reactor, 0.05, lambda: None)
+
+
+class _Raw(Protocol):
+    """Keeps every raw SSE event (and comments) and the decrypted items."""
+
+    def __init__(self, state: Any) -> None:
+        self.opener = ResponseOpener(state)
+        self.parser = SSEParser()
+        self.raw = b""
+        self.events: list[tuple[str, str]] = []
+        self.items: list[Any] = []
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        self.events += self.parser.feed(data)
+        self.items += self.opener.feed(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        self.ended.callback(None)
+
+
+@defer.inlineCallbacks
+def stream(running: Any, tokens: int = 64) -> Any:
+    from io import BytesIO
+
+    from twisted.web.client import FileBodyProducer
+    from twisted.web.http_headers import Headers
+
+    from llmrouter.httpclient import agent_for
+    from tests.router_support import prompt
+
+    body, _, state = yield sealed(running, prompt("hi", max_tokens=tokens))
+    agent, base = agent_for(reactor, running.url)
+    response = yield agent.request(
+        b"POST",
+        (base + "/api/chat").encode(),
+        Headers({b"Content-Type": [b"application/json"]}),
+        FileBodyProducer(BytesIO(body)),
+    )
+    assert response.code == 200, response.code
+    raw = _Raw(state)
+    response.deliverBody(raw)
+    return raw
+
+
+class CadenceTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_one_padded_chunk_per_slot(self) -> Any:
+        _, url = yield start_fault_backend(self, Script(tokens=5, stall_after=3))
+        running = yield start_router(self, [url], stream_cadence_ms=50)
+        clock = running.router.clock
+        raw = yield stream(running)
+        yield settle()
+        self.assertEqual([e[0] for e in raw.events], ["init"])  # tokens wait for their slot
+        clock.advance(0.05)
+        yield settle()
+        self.assertEqual([e[0] for e in raw.events], ["init", "chunk"])
+        self.assertEqual(raw.items, [Delta("tok0 tok1 tok2 ")])  # coalesced
+        for _ in range(3):  # nothing arrives: still exactly one (empty) chunk per slot
+            clock.advance(0.05)
+            yield settle()
+        self.assertEqual(raw.items[1:], [Delta(""), Delta(""), Delta("")])
+        sizes = {len(data) for name, data in raw.events if name == "chunk"}
+        self.assertEqual(len(sizes), 1)  # every chunk the same size on the wire
+        raw.transport.loseConnection()  # type: ignore[attr-defined]
+        yield raw.ended
+
+    @defer.inlineCallbacks
+    def test_final_comes_in_its_own_slot(self) -> Any:
+        _, url = yield start_fault_backend(self, Script(tokens=2))
+        running = yield start_router(self, [url], stream_cadence_ms=50)
+        clock = running.router.clock
+        raw = yield stream(running)
+        yield settle()
+        clock.advance(0.05)
+        yield settle()
+        self.assertEqual(raw.items, [Delta("tok0 tok1 ")])
+        clock.advance(0.05)
+        yield raw.ended
+        self.assertIsInstance(raw.items[-1], Done)
+        self.assertEqual([e[0] for e in raw.events], ["init", "chunk", "final"])
+        self.assertEqual(running.router.app.streams, set())
+
+
+class KeepaliveTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_keepalive_when_idle_and_padding(self) -> Any:
+        _, url = yield start_fault_backend(self, Script(tokens=5, stall_after=2))
+        running = yield start_router(
+            self, [url], keepalive_seconds=15, pad_bytes=128, idle_timeout_seconds=100
+        )
+        clock = running.router.clock
+        raw = yield stream(running)
+        while len(raw.items) < 2:
+            yield settle()
+        self.assertNotIn(b": keepalive", raw.raw)
+        clock.advance(15)
+        yield settle()
+        self.assertEqual(raw.raw.count(b": keepalive\n\n"), 1)
+        clock.advance(15)
+        yield settle()
+        self.assertEqual(raw.raw.count(b": keepalive\n\n"), 2)
+        # every sealed chunk is padded to a multiple of 128 bytes (+16 tag)
+        from llmrouter.protocol import b64u_decode
+
+        for name, data in raw.events:
+            if name == "chunk":
+                self.assertEqual((len(b64u_decode(data, "chunk")) - 16) % 128, 0)
+        raw.transport.loseConnection()  # type: ignore[attr-defined]
+        yield raw.ended
+
+    @defer.inlineCallbacks
+    def test_router_shutdown_sends_sealed_error(self) -> Any:
+        _, url = yield start_fault_backend(self, Script(tokens=5, stall_after=1))
+        running = yield start_router(self, [url])
+        raw = yield stream(running)
+        while not raw.items:
+            yield settle()
+        running.router.stop()
+        yield raw.ended
+        self.assertEqual(
+            raw.items[-1], ErrorChunk("overloaded", "the router is shutting down, retry")
+        )
