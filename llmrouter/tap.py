@@ -47,12 +47,11 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Encrypted (HPKE) chat router: admits protocol v1 requests, forwards them to OpenAI-style"
-        " inference backends and streams the tokens back sealed as SSE.\n\n"
-        "Every option falls back to the environment variable in brackets; --env-file loads"
-        " KEY=VALUE lines first (the environment and the command line override it).\n"
-        "All settings (environment variables):\n" + _env_help() + "\n\n"
-        "SIGHUP re-reads the key directory; `llmrouter-keys --keys-dir DIR rotate|revoke KID`"
-        " changes keys of a running router within seconds."
+        " inference backends and streams the tokens back sealed as SSE. Every option falls back"
+        " to the environment variable in brackets; --env-file loads KEY=VALUE lines first (the"
+        " environment and the command line override it). SIGHUP re-reads the key directory;"
+        " `llmrouter-keys --keys-dir DIR rotate|revoke KID` changes the keys of a running router"
+        " within seconds. Reference: docs/router.md."
     )
     optParameters = [
         ["env-file", None, None, "Load KEY=VALUE settings from this file first."],
@@ -88,14 +87,18 @@ class Options(usage.Options):
         self.settings: Settings | None = None
 
     def opt_listen(self, endpoint: str) -> None:
-        """Public endpoint (repeatable), e.g. tcp:8080:interface=127.0.0.1, ssl:..., systemd:...
-        [LISTEN] (default tcp:8080:interface=127.0.0.1)."""
         self["listen"].append(endpoint)
 
     def opt_inference(self, endpoint: str) -> None:
-        """Inference backend unix:/path.sock or https://host:port (repeatable; replaces
-        INFERENCE_ENDPOINTS) (default unix:/run/llmrouter/inference.sock)."""
         self["inference"].append(endpoint)
+
+    def getUsage(self, width: int | None = None) -> str:
+        return (
+            super().getUsage(width)
+            + "\nAll settings (environment variables, env file KEY=VALUE lines):\n"
+            + _env_help()
+            + "\n"
+        )
 
     def postOptions(self) -> None:
         import os
@@ -115,6 +118,16 @@ class Options(usage.Options):
             self.settings = load(os.environ, env_file, overrides)
         except SettingsError as e:
             raise usage.UsageError(str(e)) from None
+
+
+Options.opt_listen.__doc__ = (
+    "Public endpoint (repeatable): tcp:8080:interface=127.0.0.1, ssl:..., "
+    "systemd:domain=INET:index=0, unix:/path [LISTEN] (default tcp:8080:interface=127.0.0.1)."
+)
+Options.opt_inference.__doc__ = (
+    "Inference backend unix:/path.sock or https://host:port (repeatable; replaces "
+    "INFERENCE_ENDPOINTS) (default unix:/run/llmrouter/inference.sock)."
+)
 
 
 def _path(value: str | None) -> Path | None:
