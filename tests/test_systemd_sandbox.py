@@ -8,7 +8,8 @@ directives whose effect on a process can be reproduced without PID 1:
 - mount namespace: ProtectSystem=strict (recursive read-only ``/``, ReadWritePaths and the
   state/cache/runtime directories passed as ``--rw``), ProtectHome=yes (empty tmpfs over
   /home, /root, /run/user), PrivateTmp=yes (fresh /tmp and /var/tmp), PrivateDevices=yes (a
-  /dev with null, zero, full, random, urandom, tty only);
+  /dev with null, zero, full, random, urandom, tty only), ProtectProc=invisible and
+  ProcSubset=pid (a private procfs instance with hidepid/subset options);
 - PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
 - User=: a non-root uid with an empty capability bounding set (CapabilityBoundingSet=);
 - UMask=, LimitCORE=0, NoNewPrivileges=yes;
@@ -201,6 +202,15 @@ def _filesystem(unit: dict[str, list[str]], rw: Sequence[str], keep: Sequence[st
     if service_setting(unit, "PrivateTmp") == "yes":
         for tmp in ("/tmp", "/var/tmp"):
             _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    proc_options = []
+    protect_proc = service_setting(unit, "ProtectProc")
+    if protect_proc in ("invisible", "noaccess", "ptraceable"):
+        proc_options.append(f"hidepid={protect_proc}")
+    if service_setting(unit, "ProcSubset") == "pid":
+        proc_options.append("subset=pid")
+    if proc_options:
+        # a separate procfs instance with its own options (Linux 5.8+), as systemd mounts it
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, ",".join(proc_options))
     if service_setting(unit, "PrivateDevices") == "yes":
         stage = tempfile.mkdtemp(dir="/tmp")
         _mount("tmpfs", stage, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=1m")
@@ -424,6 +434,8 @@ attempt("unshare", unshare)
 attempt("chroot", lambda: os.chroot("/"))
 attempt("sethostname", lambda: socket.sethostname("x"))
 report["devices"] = sorted(os.listdir("/dev"))
+report["proc_pid1"] = os.path.exists("/proc/1")
+report["proc_cpuinfo"] = os.path.exists("/proc/cpuinfo")
 report["tmp"] = sorted(os.listdir("/tmp"))
 """
 
@@ -548,6 +560,8 @@ class ProbeTests(unittest.TestCase):
         self.assertEqual(report["sethostname"], "EPERM")
         self.assertEqual(report["netlink_socket"], "EAFNOSUPPORT")
         self.assertEqual(report["tmp"], [])  # PrivateTmp
+        self.assertFalse(report["proc_pid1"])  # ProtectProc=invisible: root's processes hidden
+        self.assertFalse(report["proc_cpuinfo"])  # ProcSubset=pid
         self.assertLessEqual(
             set(report["devices"]),  # type: ignore[arg-type]
             {"null", "zero", "full", "random", "urandom", "tty", "shm", "fd"}
@@ -741,7 +755,7 @@ class StackUnderUnitsTests(unittest.TestCase):
             "inference.service",
             [state, run],
             "inference",
-            ["--listen", "systemd:domain=UNIX:index=0", "--model", str(model), "--threads", "1"],
+            ["--listen", "systemd:domain=UNIX:index=0", "--model", str(model)],
             listen_unix=inference_sock,
             health=f"unix:{inference_sock}",
             directory=state,
