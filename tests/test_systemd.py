@@ -189,6 +189,14 @@ class UnitContentTests(unittest.TestCase):
             self.assertIn(call, allowed)
         for call in ("mount", "chroot", "setuid", "init_module", "sched_setaffinity", "bpf"):
             self.assertNotIn(call, allowed)
+        # what ProtectKernelModules/Logs, ProtectClock and ProtectHostname forbid is not in
+        # any unit's allow list either (docs/deployment.md, "Sandbox verification")
+        forbidden = {"init_module", "finit_module", "delete_module", "syslog"}
+        forbidden |= {"clock_settime", "settimeofday", "adjtimex", "clock_adjtime"}
+        forbidden |= {"sethostname", "setdomainname"}
+        for name in SERVICES:
+            allowed = syscall_allow_list(read_unit(UNITS / name))
+            self.assertEqual(allowed & forbidden, set(), name)
 
 
 class SysctlTests(unittest.TestCase):
