@@ -256,6 +256,10 @@ class LiveProxyTests(unittest.TestCase):
         yield readBody(ok)
         self.assertEqual(ok.code, 200)
         self.assertEqual(self.upstream.seen[-1][3], 256 * 1024)
+        # no Content-Length at all (a GET) must not trip the size check
+        get = yield self.request(b"GET", "/api/pubkey")
+        yield readBody(get)
+        self.assertEqual(get.code, 200)
 
     @defer.inlineCallbacks
     def test_error_log_carries_no_request_details(self) -> Any:
@@ -279,3 +283,85 @@ class LiveProxyTests(unittest.TestCase):
             yield readBody(response)
             self.assertEqual(response.code, 404, path)
         self.assertEqual(self.upstream.seen, [])
+
+
+class FullStackThroughCaddyTests(unittest.TestCase):
+    """App client → Caddy (this Caddyfile) → real router → real inference daemon: the sealed
+    SSE stream arrives through Caddy and decrypts, and Caddy's log holds nothing of it."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_encrypted_chat_through_caddy(self) -> Any:
+        from llmrouter.client import Client
+        from llmrouter.protocol import ChatRequest, Message
+        from tests.daemons import Daemon, start_inference
+
+        caddy = caddy_binary(self)
+        home = Path(tempfile.mkdtemp(prefix="cad-"))
+        self.addCleanup(shutil.rmtree, home, True)
+        inference = yield start_inference(self)
+        router_port, caddy_port = free_port(), free_port()
+        router = Daemon(
+            "llmrouter",
+            [
+                "--listen",
+                f"tcp:{router_port}:interface=127.0.0.1",
+                "--metrics-listen",
+                f"unix:{home}/m.sock",
+                "--keys-dir",
+                str(home / "keys"),
+                "--inference",
+                f"unix:{inference.socket}",
+            ],
+            health=f"http://127.0.0.1:{router_port}",
+            directory=home,
+            # Caddy is the trusted proxy whose X-Forwarded-For the router believes
+            env={"TRUSTED_PROXIES": "127.0.0.1"},
+        )
+        self.addCleanup(router.stop)
+        yield router.start()
+        log_path = home / "caddy.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=caddy_env(
+                    home,
+                    LLMROUTER_SITE=f"http://127.0.0.1:{caddy_port}",
+                    LLMROUTER_UPSTREAM=f"127.0.0.1:{router_port}",
+                    CADDY_ADMIN="off",
+                ),
+            )
+
+        def stop() -> None:
+            process.terminate()
+            process.wait(10)
+
+        self.addCleanup(stop)
+        for _ in range(400):
+            try:
+                with socket.create_connection(("127.0.0.1", caddy_port), timeout=1):
+                    break
+            except OSError:
+                yield task.deferLater(reactor, 0.05, lambda: None)
+
+        # pin the signing key as the app would, learned directly from the router
+        direct = Client(reactor, f"http://127.0.0.1:{router_port}")
+        keys = yield defer.Deferred.fromCoroutine(direct.fetch_keys())
+        client = Client(reactor, f"http://127.0.0.1:{caddy_port}", pin=keys.signing_key)
+        deltas: list[str] = []
+        canary = "prompt-canary-5e1b"
+        request = ChatRequest(messages=(Message("user", f"Say hi {canary}"),), max_tokens=4)
+        try:
+            done = yield defer.Deferred.fromCoroutine(client.chat(request, deltas.append))
+        except Exception as exc:
+            self.fail(
+                f"{exc}\nrouter:\n{router.log_text()[-3000:]}\ncaddy:\n{log_path.read_text()}"
+            )
+        self.assertEqual(done.completion_tokens, 4)
+        self.assertTrue(deltas)
+        log = log_path.read_text()
+        self.assertNotIn(canary, log)
+        self.assertNotIn("/api/chat", log)
