@@ -80,7 +80,7 @@ class AnalyzeTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
         self.assertTrue(Path(prefix, "bin", "twistd").exists())
-        names = [*SERVICES, "inference.socket"]
+        names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer"]
         names.append("llmrouter-pki-renew.timer")
         for name in names:
             text = (UNITS / name).read_text()
