@@ -208,9 +208,9 @@ class BatchedScheduler:
         with self._cond:
             self._cond.notify()
 
-    def tokenize(self, text: str, special: bool) -> list[int]:
+    def tokenize(self, text: str, chat: bool) -> list[int]:
         assert self.model is not None
-        return self.model.tokenize(text, special)
+        return self.model.tokenize_chat(text) if chat else self.model.tokenize(text, False)
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         assert self.model is not None

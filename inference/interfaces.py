@@ -76,8 +76,8 @@ class IScheduler(Interface):
     def stop() -> object:
         """Cancel everything and stop the worker; returns a Deferred fired once it has exited."""
 
-    def tokenize(text: str, special: bool) -> list[int]:
-        """Tokenize (thread-safe; called from a thread pool, not the reactor)."""
+    def tokenize(text: str, chat: bool) -> list[int]:
+        """Tokenize a rendered chat (control tokens parsed) or a plain prompt (thread-safe)."""
 
     def format_chat(messages: list[dict[str, str]]) -> str:
         """Render messages with the model's chat template."""

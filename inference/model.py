@@ -17,10 +17,18 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 _backend_ready = False
 
-# Used when a GGUF carries no chat template.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
+# Used when a GGUF carries no chat template (the embedded Gemma 3 270M has none): Gemma's turn
+# format for Gemma models, ChatML (llama-server's fallback too) for anything else.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -62,7 +70,11 @@ class LlamaModel:
         self.n_ctx_seq = n_ctx_seq
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
-        template = self.metadata("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        template = self.metadata("tokenizer.chat_template")
+        if not template:
+            architecture = self.metadata("general.architecture") or ""
+            template = GEMMA_TEMPLATE if architecture.startswith("gemma") else CHATML_TEMPLATE
         self._formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=self._special_text(llama_cpp.llama_vocab_eos(self.vocab)),
@@ -101,6 +113,13 @@ class LlamaModel:
                 self.vocab, data, len(data), tokens, capacity, add_special, special
             )
         return list(tokens[:n])
+
+    def tokenize_chat(self, text: str) -> list[int]:
+        """Tokens of a rendered chat: control tokens parsed, BOS added if the template did not."""
+        tokens = self.tokenize(text, special=True)
+        if self.add_bos and self.bos >= 0 and (not tokens or tokens[0] != self.bos):
+            tokens.insert(0, self.bos)
+        return tokens
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         formatted: Any = self._formatter(messages=messages)  # type: ignore[arg-type]
