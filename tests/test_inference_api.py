@@ -17,10 +17,9 @@ def chat(content: str = "hello", **extra: Any) -> bytes:
 
 def metric(text: bytes, name: str) -> float:
     for line in text.decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{") and " " in line:
-            key, value = line.rsplit(" ", 1)
-            if key == name:
-                return float(value)
+        key, _, value = line.rpartition(" ")
+        if key == name:
+            return float(value)
     raise AssertionError(f"metric {name} not found")
 
 

@@ -55,7 +55,7 @@ class MutualTLSTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def setUp(self) -> Any:
+    def setUp(self) -> Any:  # type: ignore[override]  # trial waits on a Deferred setUp
         self.pki: PKI = make_pki(Path(self.mktemp()).absolute())
         self.port = free_port()
         self.url = f"https://localhost:{self.port}"
