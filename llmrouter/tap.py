@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application import service, strports
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
@@ -205,11 +206,13 @@ class Router:
         self.keys.start()
         self.pool.start()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[object]:
+        """End open streams (sealed error), stop timers, wipe keys; fires when connections close."""
         for stream in list(self.app.streams):
             stream.shutdown()
-        self.pool.stop()
+        closed = self.pool.stop()
         self.keys.close()  # wipes the secret keys held in locked memory
+        return closed
 
     def reload_keys(self) -> None:
         if self.keys.reload():
@@ -237,8 +240,8 @@ class RouterService(service.Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
-        self.router.stop()
-        return super().stopService()
+        super().stopService()
+        return self.router.stop()
 
 
 def makeService(options: Options) -> service.IService:

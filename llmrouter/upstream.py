@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -212,6 +212,7 @@ class BackendPool:
         self._next = 0
         self._timer: IDelayedCall | None = None
         self._probing: list[Deferred[Any]] = []
+        self.connection_pools: list[HTTPConnectionPool] = []
         for backend in self.backends:
             metrics.backend_healthy.labels(backend.name).set(0)
             metrics.circuit_state.labels(backend.name).set(0)
@@ -229,12 +230,21 @@ class BackendPool:
                 server_name=settings.upstream_tls_server_name,
             )
         backends = []
+        pools = []
         for index, url in enumerate(settings.inference_endpoints):
             name = f"backend-{index}"
+            # Keep-alive connections save a connect and a handshake per request; a cancelled
+            # stream aborts its connection, so it never goes back to the pool.
+            connections = HTTPConnectionPool(reactor, persistent=True)
+            connections.maxPersistentPerHost = 64
+            connections.cachedConnectionTimeout = 30
+            connections.retryAutomatically = False
+            pools.append(connections)
             agent, base = agent_for(
                 reactor,
                 url.rstrip("/"),
                 tls if url.startswith("https:") else None,
+                pool=connections,
                 connect_timeout=settings.connect_timeout_seconds,
             )
             gauge = metrics.circuit_state.labels(name)
@@ -245,13 +255,15 @@ class BackendPool:
                 gauge.set,
             )
             backends.append(Backend(name, url, agent, base, breaker))
-        return cls(
+        pool = cls(
             clock,
             backends,
             metrics,
             settings.health_interval_seconds,
             settings.connect_timeout_seconds,
         )
+        pool.connection_pools = pools
+        return pool
 
     def ready(self) -> bool:
         return any(b.healthy for b in self.backends)
@@ -282,12 +294,15 @@ class BackendPool:
     def start(self) -> None:
         self._tick()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[object]:
+        """Stop probing and close idle keep-alive connections (fires when they are closed)."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         for d in list(self._probing):
             d.cancel()
+        closing = [p.closeCachedConnections() for p in self.connection_pools]
+        return gatherResults(closing).addCallback(lambda _: None)
 
     def _tick(self) -> None:
         self._timer = None
@@ -522,7 +537,7 @@ class ChatCall:
             return
         self._request = None
         if response.code != 200:
-            response.deliverBody(_Discard())
+            response.deliverBody(_Discard(limit=0))  # drop the connection, not worth reusing
             # 4xx (other than 408/429) means this request is wrong for any backend.
             client_fault = 400 <= response.code < 500 and response.code not in (408, 429)
             overloaded = response.code in (429, 503)

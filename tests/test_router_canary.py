@@ -127,12 +127,12 @@ class CanaryTests(TestCase):
             envelope, _ = seal_request(
                 document.current(), prompt(prompt_canary, max_tokens=1), int(reactor.seconds())
             )
-            status, _, _ = yield http(
+            status, _, answer = yield http(
                 url, b"POST", "/api/chat", json.dumps(envelope.to_json()).encode(), chat_headers
             )
             if status == 429:
                 break
-        self.assertEqual(status, 429)
+        self.assertEqual(status, 429, answer)
 
         # metrics of both daemons
         _, _, router_metrics = yield http(f"unix:{directory / 'metrics.sock'}", path="/metrics")

@@ -112,7 +112,13 @@ class OptionsTests(TestCase):
         saved = {k: v for k, v in os.environ.items() if k in settings_module.ENV_NAMES}
         for k in saved:
             del os.environ[k]
-        self.addCleanup(os.environ.update, saved)
+
+        def restore() -> None:
+            for k in settings_module.ENV_NAMES:
+                os.environ.pop(k, None)
+            os.environ.update(saved)
+
+        self.addCleanup(restore)
 
     def test_command_line(self) -> None:
         options = Options()
@@ -150,9 +156,7 @@ class OptionsTests(TestCase):
         self.assertEqual(options.settings.inference_endpoints, ("unix:/c.sock",))
 
     def test_usage_error(self) -> None:
-        e = self.assertRaises(
-            usage.UsageError, Options().parseOptions, ["--device-auth", "maybe"]
-        )
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--device-auth", "maybe"])
         self.assertIn("DEVICE_AUTH", str(e))
 
     def test_help_documents_everything(self) -> None:

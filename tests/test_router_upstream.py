@@ -86,11 +86,15 @@ class Sink:
     def token(self, text: str) -> None:
         self.tokens.append(text)
 
+    # Fired on the next reactor turn, so the HTTP client finishes its bookkeeping (returning the
+    # connection to the keep-alive pool) before the test ends and closes the pool.
+
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.result.callback(("done", (finish_reason, prompt_tokens, completion_tokens)))
+        result = ("done", (finish_reason, prompt_tokens, completion_tokens))
+        reactor.callLater(0, self.result.callback, result)
 
     def failed(self, code: str, message: str, status: int) -> None:
-        self.result.callback(("failed", (code, status)))
+        reactor.callLater(0, self.result.callback, ("failed", (code, status)))
 
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
