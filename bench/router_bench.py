@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -61,6 +62,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -183,7 +189,9 @@ class Router:
         return first[0] - started, count[0]
 
 
-async def direct_stream(agent: Any, base: str, request: ChatRequest) -> tuple[float, float, int]:
+async def direct_stream(
+    agent: Any, base: str, request: ChatRequest, on_delta: Any = None
+) -> tuple[float, float, int]:
     """Straight to the backend's OpenAI API: (ttft, seconds from first to last token, tokens)."""
     started = time.monotonic()
     body = json.dumps(request.to_openai()).encode()
@@ -203,13 +211,75 @@ async def direct_stream(agent: Any, base: str, request: ChatRequest) -> tuple[fl
                 continue
             doc = json.loads(payload)
             choices = doc.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content"):
+            text = (choices[0].get("delta") or {}).get("content") if choices else None
+            if text:
                 times.append(now)
+                if on_delta is not None:
+                    on_delta(text, now)
 
     collector = _Body(on_data)
     response.deliverBody(collector)
     await collector.done
     return times[0] - started, times[-1] - times[0], len(times)
+
+
+async def concurrent(reactor: Any, args: argparse.Namespace, start: Any) -> dict[str, Any]:
+    """``args.streams`` streams opened in steps of 50; per-chunk delay backend -> client."""
+    delays: list[float] = []
+    steady: list[float] = []
+    state = {"streaming": 0, "max_streaming": 0, "errors": 0, "ramped": 0}
+    error_kinds: dict[str, int] = {}
+
+    async def one() -> None:
+        request = ChatRequest.from_prompt("x", max_tokens=args.slow_tokens)
+        seen = [False]
+
+        def on_delta(text: str, now: float) -> None:
+            if not seen[0]:
+                seen[0] = True
+                state["streaming"] += 1
+                state["max_streaming"] = max(state["max_streaming"], state["streaming"])
+                if state["max_streaming"] == args.streams:
+                    state["ramped"] = 1
+            for stamp in text.split():
+                delay = now - float(stamp)
+                delays.append(delay)
+                if state["ramped"]:
+                    steady.append(delay)
+
+        try:
+            await start(request, on_delta)
+        except Exception as e:
+            state["errors"] += 1
+            kind = str(e)[:80] or type(e).__name__
+            error_kinds[kind] = error_kinds.get(kind, 0) + 1
+        finally:
+            if seen[0]:
+                state["streaming"] -= 1
+
+    cpu0 = _self_cpu()
+    wall0 = time.monotonic()
+    running = []
+    for i in range(args.streams):
+        running.append(defer.Deferred.fromCoroutine(one()))
+        if i % 50 == 49:
+            await task.deferLater(reactor, 0.05, lambda: None)
+    await defer.gatherResults(running)
+    return {
+        "seconds": time.monotonic() - wall0,
+        "loadgen_cpu_seconds": _self_cpu() - cpu0,
+        "max_streaming_at_once": state["max_streaming"],
+        "errors": state["errors"],
+        "error_kinds": error_kinds,
+        "chunks": len(delays),
+        "delay_p50_ms": percentile(delays, 50) * 1000,
+        "delay_p95_ms": percentile(delays, 95) * 1000,
+        "delay_p99_ms": percentile(delays, 99) * 1000,
+        "steady_chunks": len(steady),
+        "steady_delay_p50_ms": percentile(steady, 50) * 1000,
+        "steady_delay_p95_ms": percentile(steady, 95) * 1000,
+        "steady_delay_p99_ms": percentile(steady, 99) * 1000,
+    }
 
 
 def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> dict[str, str]:
@@ -296,16 +366,21 @@ async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
 async def part2(reactor: Any, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     synth_sock = directory / "synth.sock"
     synth_argv = [sys.executable, str(ROOT / "bench" / "router_synthetic_backend.py")]
-    synth_argv += ["--listen", f"unix:{synth_sock}", "--tokens", str(args.burst_tokens)]
-    synth = Proc(synth_argv, directory / "synth.log", dict(os.environ), "1")
+    synth_argv += [
+        "--listen",
+        f"unix:{synth_sock}:backlog=4096",
+        "--tokens",
+        str(args.burst_tokens),
+    ]
+    synth = Proc(synth_argv, directory / "synth.log", dict(os.environ))
     slow_sock = directory / "slow.sock"
     slow_argv = [sys.executable, str(ROOT / "bench" / "router_synthetic_backend.py")]
-    slow_argv += ["--listen", f"unix:{slow_sock}", "--interval", str(args.interval)]
-    slow = Proc(slow_argv, directory / "slow.log", dict(os.environ), "1")
+    slow_argv += ["--listen", f"unix:{slow_sock}:backlog=4096", "--interval", str(args.interval)]
+    slow = Proc(slow_argv, directory / "slow.log", dict(os.environ))
     results: dict[str, Any] = {}
     try:
         # 2a: throughput, router pinned to one core
-        router, url = start_router(directory / "a", f"unix:{synth_sock}", "0")
+        router, url = start_router(directory / "a", f"unix:{synth_sock}", args.pin_router)
         try:
             await wait_healthy(reactor, url, router)
             client = Router(reactor, url)
@@ -338,49 +413,28 @@ async def part2(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
             router.stop()
 
         # 2b: concurrent open streams with per-chunk delay
-        router, url = start_router(directory / "b", f"unix:{slow_sock}", "0")
+        router, url = start_router(directory / "b", f"unix:{slow_sock}", args.pin_router)
         try:
             await wait_healthy(reactor, url, router)
             pool = HTTPConnectionPool(reactor, persistent=False)
             client = Router(reactor, url, pool)
             await client.fetch_key()
-            delays: list[float] = []
-            state = {"open": 0, "max_open": 0, "errors": 0}
-
-            def on_delta(text: str, now: float) -> None:
-                for stamp in text.split():
-                    delays.append(now - float(stamp))
-
-            async def one() -> None:
-                request = ChatRequest.from_prompt("x", max_tokens=args.slow_tokens)
-                state["open"] += 1
-                state["max_open"] = max(state["max_open"], state["open"])
-                try:
-                    await client.stream(request, on_delta)
-                except Exception:
-                    state["errors"] += 1
-                finally:
-                    state["open"] -= 1
-
-            running = []
-            for i in range(args.streams):
-                running.append(defer.Deferred.fromCoroutine(one()))
-                if i % 50 == 49:
-                    await task.deferLater(reactor, 0.05, lambda: None)
             cpu0 = router.cpu_seconds()
-            await defer.gatherResults(running)
+            routed = await concurrent(reactor, args, client.stream)
             cpu = router.cpu_seconds() - cpu0
+            agent, base = agent_for(reactor, f"unix:{slow_sock}", pool=pool)
+            direct = await concurrent(
+                reactor,
+                args,
+                lambda request, on_delta: direct_stream(agent, base, request, on_delta),
+            )
             results["concurrency"] = {
                 "streams": args.streams,
-                "max_open_at_once": state["max_open"],
-                "errors": state["errors"],
                 "tokens_per_stream": args.slow_tokens,
                 "token_interval_s": args.interval,
-                "chunks": len(delays),
-                "delay_p50_ms": percentile(delays, 50) * 1000,
-                "delay_p95_ms": percentile(delays, 95) * 1000,
-                "delay_p99_ms": percentile(delays, 99) * 1000,
                 "router_cpu_seconds": cpu,
+                "through_router": routed,
+                "direct_baseline": direct,
             }
         finally:
             router.stop()
@@ -401,6 +455,8 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser.add_argument("--slow-tokens", type=int, default=40)
     parser.add_argument("--interval", type=float, default=0.25)
     parser.add_argument("--skip-part1", action="store_true")
+    parser.add_argument("--skip-part2", action="store_true")
+    parser.add_argument("--pin-router", help="taskset CPU list for the router in part 2")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="llmr-bench-"))
     (directory / "a").mkdir()
@@ -410,7 +466,8 @@ async def main(reactor: Any, argv: list[str]) -> None:
         if not args.skip_part1:
             report["part1_vs_direct"] = await part1(reactor, args, directory)
             print(json.dumps(report["part1_vs_direct"], indent=2), flush=True)
-        report["part2_synthetic"] = await part2(reactor, args, directory)
+        if not args.skip_part2:
+            report["part2_synthetic"] = await part2(reactor, args, directory)
         print(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -289,6 +289,14 @@ class _QuietChannel(http.HTTPChannel):
 
     _log = Logger(observer=_Drop())
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Every sealed chunk is a small write that should leave now: without this, Nagle's
+        # algorithm holds it until the previous one is acknowledged (up to a delayed-ACK timeout).
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
 
 class RouterSite(server.Site):
     """A Site without an access log (it would record paths, user agents, addresses)."""
