@@ -149,6 +149,32 @@ class PromtoolTests(unittest.TestCase):
         self.assertIn("SUCCESS: 22 rules found", result.stdout)
 
 
+class DashboardQueryTests(unittest.TestCase):
+    def test_queries_parse_as_promql(self) -> None:
+        """promtool parses every dashboard query (Grafana variables substituted) as a
+        recording rule, so a typo in a panel fails here rather than on a dashboard."""
+        promtool = require_tool(self, "promtool")
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp)
+        exprs = [
+            e.replace("$__rate_interval", "5m").replace("$router", ".*")
+            for e in dashboard_expressions()
+            if not e.startswith("label_values(")
+        ]
+        lines = ["groups:", "  - name: dashboard", "    rules:"]
+        for i, expr in enumerate(exprs):
+            lines += [f"      - record: dashboard:panel_{i}", f"        expr: {json.dumps(expr)}"]
+        (tmp / "dashboard.yml").write_text("\n".join(lines) + "\n")
+        result = subprocess.run(
+            [promtool, "check", "rules", str(tmp / "dashboard.yml")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn(f"SUCCESS: {len(exprs)} rules found", result.stdout)
+
+
 class DashboardTests(unittest.TestCase):
     def test_well_formed(self) -> None:
         doc = json.loads(DASHBOARD.read_text())
