@@ -102,7 +102,7 @@ def server_endpoint(
     if kind in ("unix", "systemd"):
         try:
             return serverFromString(reactor, description)  # type: ignore[no-any-return]
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, IndexError) as e:
             raise ListenError(f"{description!r}: {e}") from None
     args, kwargs = _split(description)
     if kind == "tcp" or kind == "tcp6":

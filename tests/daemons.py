@@ -79,6 +79,7 @@ class Daemon:
         directory: Path | None = None,
         ready_timeout: float = 120.0,
         clock: Any = None,
+        listen_fds: Sequence[int] = (),
     ) -> None:
         self.plugin = plugin
         self.args = list(args)
@@ -92,6 +93,7 @@ class Daemon:
         self.reactor: Any = clock or reactor
         self.env = dict(env or {})
         self.socket: Path | None = None  # set by start_inference
+        self.listen_fds = list(listen_fds)
         self.exit_code: int | None = None
         self._protocol: _Output | None = None
         self._transport: Any = None
@@ -107,9 +109,25 @@ class Daemon:
         environment.update(self.env)
         environment["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", self.plugin, *self.args]
+        executable = sys.executable
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        if self.listen_fds:
+            # systemd socket activation: the sockets as fds 3, 4, ... and LISTEN_PID set to the
+            # daemon's own pid, which only a shell that then execs the daemon knows.
+            for i, fd in enumerate(self.listen_fds):
+                child_fds[3 + i] = fd
+            environment["LISTEN_FDS"] = str(len(self.listen_fds))
+            environment["LISTEN_FDNAMES"] = ":".join(["inference.socket"] * len(self.listen_fds))
+            argv = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", *argv]
+            executable = "/bin/sh"
         self._protocol = _Output(self.log_path.open("ab"))
         self._transport = self.reactor.spawnProcess(
-            self._protocol, sys.executable, argv, env=environment, path=str(self.directory)
+            self._protocol,
+            executable,
+            argv,
+            env=environment,
+            path=str(self.directory),
+            childFDs=child_fds,
         )
         ended = self._protocol.ended
 
@@ -161,7 +179,9 @@ class Daemon:
             if self.exit_code is not None:
                 raise DaemonFailed(f"{self.plugin} exited with {self.exit_code}:\n{self._tail()}")
             try:
-                status, _, _ = yield self.request(b"GET", self.health_path)
+                probe = self.request(b"GET", self.health_path)
+                probe.addTimeout(5, self.reactor)
+                status, _, _ = yield probe
             except Exception:
                 status = None
             if status == 200:

@@ -182,6 +182,9 @@ class StartupRefusalTests(unittest.TestCase):
             f"ssl:{free_port()}", "needs --tls-cert, --tls-key and --tls-ca"
         )
 
+    def test_systemd_without_socket(self) -> Any:
+        return self.refused_at_startup("systemd:domain=UNIX:index=0", "systemd:domain=UNIX")
+
     def test_unknown_endpoint_type(self) -> Any:
         return self.refused_at_startup("udp:53", "unsupported endpoint type")
 
@@ -213,6 +216,39 @@ class StartupRefusalTests(unittest.TestCase):
         self.assertEqual(sock.stat().st_mode & 0o777, 0o600)
         status, _, data = yield daemon.request(b"GET", "/v1/models")
         self.assertEqual((status, json.loads(data)["data"][0]["id"]), (200, "tiny"))
+
+
+class SocketActivationTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_systemd_socket(self) -> Any:
+        """``systemd:domain=UNIX:index=0`` serves on a socket passed in by the service manager."""
+        short = Path(tempfile.mkdtemp(prefix="llmr-"))
+        self.addCleanup(shutil.rmtree, short, True)
+        path = short / "activated.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(str(path))
+        listener.listen(16)
+        daemon = Daemon(
+            "inference",
+            [
+                *("--listen", "systemd:domain=UNIX:index=0", "--threads", "1"),
+                *("--model", str(tiny_model_path())),
+            ],
+            health=f"unix:{path}",
+            directory=short,
+            listen_fds=[listener.fileno()],
+        )
+        self.addCleanup(daemon.stop)
+        yield daemon.start()
+        status, _, data = yield daemon.request(
+            b"POST",
+            "/v1/completions",
+            json.dumps({"prompt": "hi", "max_tokens": 3}).encode(),
+        )
+        self.assertEqual((status, json.loads(data)["usage"]["completion_tokens"]), (200, 3))
 
 
 class ParsingTests(unittest.TestCase):
