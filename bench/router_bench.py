@@ -306,7 +306,15 @@ def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> d
 
 def start_router(directory: Path, backend: str, cpu: str | None) -> tuple[Proc, str]:
     port, metrics_port = free_port(), free_port()
-    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "llmrouter"]
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile="]
+    if os.environ.get("ROUTER_BENCH_PROFILE"):  # twistd's own profiler, stats to that file
+        argv += [
+            "--profile",
+            os.environ["ROUTER_BENCH_PROFILE"],
+            "--profiler=cprofile",
+            "--savestats",
+        ]
+    argv.append("llmrouter")
     proc = Proc(
         argv, directory / "router.log", router_env(directory, backend, port, metrics_port), cpu
     )
@@ -334,13 +342,23 @@ async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
         direct: list[tuple[float, float, int]] = []
         routed: list[tuple[float, float, int]] = []
         for i in range(args.rounds):
-            request = ChatRequest.from_prompt(
-                PROMPTS[i % len(PROMPTS)], max_tokens=args.max_tokens, temperature=0.0
-            )
-            direct.append(await direct_stream(agent, base, request))
-            times: list[float] = []
-            ttft, _ = await client.stream(request, lambda text, t, times=times: times.append(t))
-            routed.append((ttft, times[-1] - times[0], len(times)))
+            # Same prompt both ways, apart from a fixed-width counter that defeats prompt caching;
+            # the order alternates so neither path always runs on a warmer machine.
+            def request(n: int, i: int = i) -> ChatRequest:
+                text = f"{PROMPTS[i % len(PROMPTS)]} (run {n:04d})"
+                return ChatRequest.from_prompt(text, max_tokens=args.max_tokens, temperature=0.0)
+
+            async def via_router(n: int) -> tuple[float, float, int]:
+                times: list[float] = []
+                ttft, _ = await client.stream(request(n), lambda text, t: times.append(t))
+                return ttft, times[-1] - times[0], len(times)
+
+            if i % 2 == 0:
+                direct.append(await direct_stream(agent, base, request(2 * i)))
+                routed.append(await via_router(2 * i + 1))
+            else:
+                routed.append(await via_router(2 * i))
+                direct.append(await direct_stream(agent, base, request(2 * i + 1)))
     finally:
         router.stop()
         inference.stop()
@@ -359,6 +377,9 @@ async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
         "direct_ttft_p50_ms": statistics.median(d_ttft) * 1000,
         "routed_ttft_p50_ms": statistics.median(r_ttft) * 1000,
         "added_ttft_p50_ms": (statistics.median(r_ttft) - statistics.median(d_ttft)) * 1000,
+        "added_ttft_paired_median_ms": statistics.median(
+            (r - d) * 1000 for r, d in zip(r_ttft, d_ttft, strict=True)
+        ),
         "ttft_ratio": statistics.median(r_ttft) / statistics.median(d_ttft),
     }
 

@@ -21,6 +21,7 @@ from llmrouter.admission import Admission, StreamSlots
 from llmrouter.app import RouterApp, RouterSite
 from llmrouter.budget import PrivacyBudget
 from llmrouter.metrics import MetricsResource, RouterMetrics
+from llmrouter.protocol import ProtocolError
 from llmrouter.ratelimit import RateLimiter
 from llmrouter.replay import ReplayCache
 from llmrouter.seclog import SecurityLog
@@ -198,9 +199,13 @@ class Router:
         self.site = RouterSite(
             self.app.resource(),
             settings.max_body_bytes,
-            on_too_large=self.admission.reject,
+            on_too_large=self._too_large,
         )
         self.metrics_site = RouterSite(MetricsResource(self.metrics), 4096)
+
+    def _too_large(self, error: ProtocolError) -> None:
+        self.admission.reject(error)
+        self.metrics.http_responses.labels(str(error.status)).inc()
 
     def start(self) -> None:
         self.keys.start()

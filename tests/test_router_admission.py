@@ -71,6 +71,8 @@ class AdmissionTests(TestCase):
     def test_body_too_large(self) -> Any:
         running = yield self.router(max_body_bytes=1024)
         yield self.rejected(running, b"{" + b" " * 2000 + b"}", 413, "body_too_large")
+        metrics = running.router.metrics.render().decode()
+        self.assertEqual(metric_value(metrics, "llmrouter_http_responses_total", 'status="413"'), 1)
         status, _, _ = yield http(running.url, path="/health")
         self.assertEqual(status, 200)  # the router is fine afterwards
 
