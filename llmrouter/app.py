@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Protocol, cast
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +20,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
@@ -104,8 +105,7 @@ class RouterApp:
         self.streams: set[EncryptedStream] = set()
 
     def resource(self) -> IResource:
-        resource: IResource = self.app.resource()
-        return resource
+        return _Utf8Guard(self.app.resource(), self._reply)
 
     # Helpers.
 
@@ -233,6 +233,27 @@ class RouterApp:
             "unhandled {kind} at {where}", kind=getattr(failure.type, "__name__", "?"), where=where
         )
         return self._error(request, ProtocolError("internal", "internal error"))
+
+
+class _Utf8Guard(Resource):
+    """Answers non-UTF-8 URLs with JSON itself: Klein would log a traceback and answer in text."""
+
+    isLeaf = True
+
+    def __init__(
+        self, inner: IResource, reply: Callable[[server.Request, int, bytes, bytes], bytes]
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._reply = reply
+
+    def render(self, request: server.Request) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            error = ProtocolError("bad_url", "the URL is not valid UTF-8")
+            return self._reply(request, error.status, b"application/json", error.to_json())
+        return self._inner.render(request)
 
 
 class _BoundedRequest(server.Request):

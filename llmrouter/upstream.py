@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -145,6 +145,12 @@ class Backend:
         return (self.base_url + path).encode("ascii")
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """No "Starting factory" log line for every upstream connection."""
+
+    noisy = False
+
+
 @implementer(IBodyProducer)
 class _BytesProducer:
     """Writes a small in-memory body at once (no cooperator, no copy to disk)."""
@@ -236,6 +242,7 @@ class BackendPool:
             # Keep-alive connections save a connect and a handshake per request; a cancelled
             # stream aborts its connection, so it never goes back to the pool.
             connections = HTTPConnectionPool(reactor, persistent=True)
+            connections._factory = _QuietClientFactory
             connections.maxPersistentPerHost = 64
             connections.cachedConnectionTimeout = 30
             connections.retryAutomatically = False

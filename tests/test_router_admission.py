@@ -410,6 +410,8 @@ class ErrorShapeTests(TestCase):
         self.assertEqual(set(allow.split(b", ")), {b"GET", b"HEAD"})
         status, _, body = yield http(running.url, path="/metrics")
         self.assertEqual(status, 404)  # never on the public listener
+        status, _, body = yield http(running.url, path="/secret-canary%ff")
+        self.assertEqual((status, error_of(body)[0]), (400, "bad_url"))
 
         def explode(*args: Any) -> Any:
             raise RuntimeError("boom secret-canary-value")
