@@ -220,7 +220,7 @@ def main() -> None:
         f"model {model.name}, threads {args.threads}, {args.tokens} tokens per stream, "
         f"{args.rounds} rounds (medians)"
     )
-    print(f"{'figure':<32}{'ours':>12}{'llama-server':>14}{'ratio':>9}")
+    print(f"{'figure':<32}{'ours':>12}{'llama-server':>14}{'ratio':>9}   per-round ratios")
     rows = [
         ("single-stream tokens/s", "tps"),
         ("time to first token (s)", "ttft"),
@@ -229,7 +229,8 @@ def main() -> None:
     ]
     for label, key in rows:
         a, b = statistics.median(ours[key]), statistics.median(theirs[key])
-        print(f"{label:<32}{a:>12.3f}{b:>14.3f}{a / b:>9.3f}")
+        spread = " ".join(f"{x / y:.2f}" for x, y in zip(ours[key], theirs[key], strict=True))
+        print(f"{label:<32}{a:>12.3f}{b:>14.3f}{a / b:>9.3f}   {spread}")
     print(f"(server logs in {logs})")
 
 

@@ -177,6 +177,7 @@ class BatchedScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred[None] = defer.Deferred()
+        self.crashed: defer.Deferred[str] = defer.Deferred()
         self.model: LlamaModel | None = None
         self.loaded = False
 
@@ -229,9 +230,13 @@ class BatchedScheduler:
     def _deliver(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
         if gen.done:
             return
-        if call.__name__ in ("finished", "failed"):
+        if call == gen.sink.finished or call == gen.sink.failed:
             gen.done = True
         call(*args)
+
+    def _crash(self, error: str) -> None:
+        self.loaded = False
+        self.crashed.callback(error)
 
     # -- worker thread ----------------------------------------------------------------------
     def _to_reactor(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
@@ -255,6 +260,9 @@ class BatchedScheduler:
         self._reactor.callFromThread(self._mark_loaded, loaded)
         try:
             self._loop(self.model)
+        except Exception as e:
+            # Only the type: a message might quote model output.
+            self._reactor.callFromThread(self._crash, type(e).__name__)
         finally:
             for seq in list(self._active.values()):
                 self._release(seq)

@@ -69,6 +69,7 @@ class IScheduler(Interface):
     loaded = Attribute("True once the model is loaded and generations can run.")
     active = Attribute("Number of generations holding a slot.")
     waiting = Attribute("Number of generations waiting for a slot.")
+    crashed = Attribute("Deferred fired with an error type name if the worker dies.")
 
     def start() -> object:
         """Load the model in a worker thread; returns a Deferred that fires when it is loaded."""

@@ -183,6 +183,8 @@ class EngineService(service.Service):
         super().startService()
         d: Any = self.scheduler.start()
         d.addCallbacks(self._loaded, self._failed)
+        crashed: Any = self.scheduler.crashed
+        crashed.addCallback(self._crashed)
 
     def _loaded(self, _: object) -> None:
         self.metrics.model_loaded.set(1)
@@ -190,7 +192,15 @@ class EngineService(service.Service):
 
     def _failed(self, failure: Failure) -> None:
         log.critical("model failed to load: {error}", error=str(failure.value))
-        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._exit(1)
+
+    def _crashed(self, error: str) -> None:
+        log.critical("generation worker died ({error}); exiting", error=error)
+        self._exit(1)
+
+    def _exit(self, code: int) -> None:
+        """Stop with a failure status, so the service manager restarts us."""
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, code)
         self.reactor.stop()
 
     def stopService(self) -> Any:
