@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.resource import Resource
 
 from llmrouter import secmem
 from llmrouter.admission import Admission, StreamSlots
@@ -149,11 +150,13 @@ class Router:
         clock: IReactorTime | None = None,
         keys: Any = None,
         emit: Any = None,
+        metrics: RouterMetrics | None = None,
+        site: RouterSite | None = None,
     ) -> None:
         self.settings = settings
         clock = clock or reactor
         self.clock = clock
-        self.metrics = RouterMetrics()
+        self.metrics = metrics or RouterMetrics()
         from llmrouter.keys import KeyStore  # imported late: keeps `twistd --help` light
 
         self.keys = keys or KeyStore.open(
@@ -196,11 +199,9 @@ class Router:
             self.admission,
             self.metrics,
         )
-        self.site = RouterSite(
-            self.app.resource(),
-            settings.max_body_bytes,
-            on_too_large=self._too_large,
-        )
+        self.site = site or RouterSite(Resource(), settings.max_body_bytes)
+        self.site.resource = self.app.resource()
+        self.site.on_too_large = self._too_large
         self.metrics_site = RouterSite(MetricsResource(self.metrics), 4096)
 
     def _too_large(self, error: ProtocolError) -> None:
@@ -225,27 +226,37 @@ class Router:
 
 
 class RouterService(service.Service):
-    """Starts and stops the router's timers; SIGHUP re-reads the key directory."""
+    """Builds the router when the service starts, i.e. after twistd has forked (memory locks
+    are not inherited by a child), runs its timers, re-reads the key directory on SIGHUP."""
 
-    def __init__(self, router: Router, reactor: Any) -> None:
-        self.router = router
+    def __init__(
+        self, settings: Settings, reactor: Any, metrics: RouterMetrics, site: RouterSite
+    ) -> None:
+        self._settings = settings
         self._reactor = reactor
+        self._metrics = metrics
+        self._site = site
+        self.router: Router | None = None
         self._previous: Any = None
 
     def startService(self) -> None:
         secmem.harden_process()
+        self.router = Router(self._settings, self._reactor, metrics=self._metrics, site=self._site)
         super().startService()
         self.router.start()
         self._previous = signal.signal(signal.SIGHUP, self._sighup)
 
     def _sighup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self.router.reload_keys)
+        if self.router is not None:
+            self._reactor.callFromThread(self.router.reload_keys)
 
     def stopService(self) -> Any:
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
         super().stopService()
+        if self.router is None:
+            return None
         return self.router.stop()
 
 
@@ -255,10 +266,27 @@ def makeService(options: Options) -> service.IService:
     settings = options.settings
     assert settings is not None
     secmem.harden_process()  # before any key material is read
-    router = Router(settings, reactor)
+    from llmrouter.keys import KeyStore, KeyStoreError
+
+    # Fail fast (before twistd forks) on an unusable key directory; creates it on first start.
+    try:
+        KeyStore.open(
+            settings.keys_dir,
+            reactor,
+            rotation_seconds=settings.key_rotation_hours * 3600,
+            overlap_seconds=settings.key_overlap_seconds,
+        ).close()
+    except KeyStoreError as e:
+        raise SystemExit(f"llmrouter: {e}") from None
+    metrics = RouterMetrics()
+    # The public site gets its resource when the router is built (RouterService.startService);
+    # the reactor does not run, so no request is served, before that.
+    site = RouterSite(Resource(), settings.max_body_bytes)
     top = service.MultiService()
-    RouterService(router, reactor).setServiceParent(top)
+    RouterService(settings, reactor, metrics, site).setServiceParent(top)
     for endpoint in settings.listen:
-        strports.service(endpoint, router.site).setServiceParent(top)
-    strports.service(settings.metrics_listen, router.metrics_site).setServiceParent(top)
+        strports.service(endpoint, site).setServiceParent(top)
+    strports.service(
+        settings.metrics_listen, RouterSite(MetricsResource(metrics), 4096)
+    ).setServiceParent(top)
     return top

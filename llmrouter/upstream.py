@@ -137,6 +137,7 @@ class Backend:
         self.base_url = base_url
         self.breaker = breaker
         self.healthy = False
+        self.probed = False
 
     def __repr__(self) -> str:
         return f"Backend({self.name})"
@@ -289,7 +290,8 @@ class BackendPool:
         return None
 
     def set_healthy(self, backend: Backend, healthy: bool) -> None:
-        if backend.healthy != healthy:
+        if backend.healthy != healthy or not backend.probed:
+            backend.probed = True
             log.info(
                 "backend {name} is now {state}",
                 name=backend.name,
