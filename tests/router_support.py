@@ -69,13 +69,17 @@ class FaultBackend(resource.Resource):
         self.script = script or Script()
         self.log = BackendLog()
         self.healthy = True
+        self.has_health_route = True  # False: only /v1/models (like some OpenAI-style servers)
         self.open_requests: list[server.Request] = []
         self.paused = 0
 
     def render_GET(self, request: server.Request) -> bytes:
-        if request.path == b"/health":
+        if request.path == b"/health" and self.has_health_route:
             request.setResponseCode(200 if self.healthy else 503)
             return b'{"status": "ok"}'
+        if request.path == b"/v1/models" and not self.has_health_route:
+            request.setResponseCode(200 if self.healthy else 503)
+            return b'{"object": "list", "data": []}'
         request.setResponseCode(404)
         return b"{}"
 

@@ -304,3 +304,51 @@ class CallTests(TestCase):
         clock.advance(5)
         while not pool.ready():
             yield deferLater(reactor, 0.01, lambda: None)
+
+
+class ProbeAndBackoffTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_models_route_is_the_health_fallback(self) -> Any:
+        backend, url = yield start_fault_backend(self, Script())
+        backend.has_health_route = False
+        settings = test_settings(short_tempdir(self), [url])
+        pool = BackendPool.from_settings(reactor, reactor, settings, RouterMetrics())
+        self.addCleanup(pool.stop)
+        healthy = yield pool.probe(pool.backends[0])
+        self.assertTrue(healthy)
+        backend.healthy = False
+        healthy = yield pool.probe(pool.backends[0])
+        self.assertFalse(healthy)
+
+    @defer.inlineCallbacks
+    def test_retry_waits_for_the_jittered_backoff(self) -> Any:
+        first, url0 = yield start_fault_backend(self, Script(status=500))
+        second, url1 = yield start_fault_backend(self, Script(tokens=1))
+        settings = test_settings(
+            short_tempdir(self),
+            [url0, url1],
+            retry_backoff_seconds=1.0,
+            retry_backoff_max_seconds=8.0,
+        )
+        clock = Clock()
+        metrics = RouterMetrics()
+        pool = BackendPool.from_settings(reactor, clock, settings, metrics)
+        self.addCleanup(pool.stop)
+        for b in pool.backends:
+            yield pool.probe(b)
+        sink = Sink()
+        call = ChatCall(clock, pool, settings, metrics, BODY, sink, deadline=100.0)
+        call.start()
+        while first.log.requests < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(second.log.requests, 0)  # not before the backoff...
+        clock.advance(0.49)  # jitter keeps the first delay within [0.5, 1.0] s
+        yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(second.log.requests, 0)
+        clock.advance(0.51)  # ...and no later than its cap
+        kind, _ = yield sink.result
+        self.assertEqual(kind, "done")
+        self.assertEqual(second.log.requests, 1)
