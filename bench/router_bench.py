@@ -336,9 +336,13 @@ async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
     try:
         await wait_healthy(reactor, f"unix:{socket_path}", inference)
         await wait_healthy(reactor, url, router)
-        client = Router(reactor, url)
+        # Keep-alive on both paths, as in production (the TLS proxy keeps its connections to the
+        # router open): neither side pays a connect, so the difference is the router's own work.
+        client = Router(reactor, url, HTTPConnectionPool(reactor, persistent=True))
         await client.fetch_key()
-        agent, base = agent_for(reactor, f"unix:{socket_path}")
+        agent, base = agent_for(
+            reactor, f"unix:{socket_path}", pool=HTTPConnectionPool(reactor, persistent=True)
+        )
         direct: list[tuple[float, float, int]] = []
         routed: list[tuple[float, float, int]] = []
         for i in range(args.rounds):
