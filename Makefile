@@ -29,11 +29,12 @@ system-deps:
 	etc/dev/ci-deps
 
 lint: $(STAMP)
-	$(BIN)/ruff check llmrouter inference tests bench twisted
-	$(BIN)/ruff format --check llmrouter inference tests bench twisted
+	$(BIN)/ruff check llmrouter inference tests bench twisted bin/verify-network
+	$(BIN)/ruff format --check llmrouter inference tests bench twisted bin/verify-network
 
 type: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --scripts-are-modules bin/verify-network
 
 # The plugin modules must ship in the wheel and be found from site-packages of a
 # virtualenv that has never seen this checkout.

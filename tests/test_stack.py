@@ -1,0 +1,61 @@
+"""The README's run command, end to end, on the real embedded default model.
+
+``make run`` is ``etc/dev/stack``: inference on Gemma 3 270M over a UNIX socket, the router in
+front of it, and one ``llmrouter-client chat``. Here it runs with ``--demo`` (stop after the chat)
+on free ports and a private run directory, and the chat must come back through the whole chain:
+client -> HPKE -> router -> UNIX socket -> llama.cpp -> router -> sealed SSE -> client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, utils
+from twisted.trial.unittest import TestCase
+
+ROOT = Path(__file__).resolve().parents[1]
+CANARY = "zebra-canary-4d1f"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StackTests(TestCase):
+    timeout = 900  # the first run assembles the default model from its package
+
+    @defer.inlineCallbacks
+    def test_make_run_demo_on_default_model(self) -> Any:
+        run = Path(tempfile.mkdtemp(prefix="llmr-stack-"))
+        self.addCleanup(shutil.rmtree, run, True)
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "LLMROUTER_RUN_DIR": str(run / "run"),
+            "LLMROUTER_KEYS_DIR": str(run / "keys"),
+            "LLMROUTER_PORT": str(free_port()),
+            "LLMROUTER_METRICS_PORT": str(free_port()),
+            "INFERENCE_MAX_TOKENS": "24",
+            "LLMROUTER_DEMO_PROMPT": f"Reply with one word. The code word is {CANARY}.",
+        }
+        out, err, code = yield utils.getProcessOutputAndValue(
+            str(ROOT / "etc" / "dev" / "stack"), ["--demo"], env=env, path=str(ROOT)
+        )
+        logs = "".join(p.read_text(errors="replace") for p in (run / "run").glob("*.log"))
+        self.assertEqual(code, 0, f"stdout={out!r}\nstderr={err!r}\nlogs:\n{logs[-4000:]}")
+        text = out.split(b"llmrouter-client chat", 1)[1].split(b"\n", 1)[1]
+        self.assertTrue(text.strip(), "the default model produced no text")
+        self.assertRegex(err, rb"finish_reason=(stop|length) prompt_tokens=[1-9]")
+        # Nothing of the prompt in either daemon's log, nor in the key directory.
+        self.assertNotIn(CANARY, logs)
+        for path in (run / "keys").rglob("*"):
+            if path.is_file():
+                self.assertNotIn(CANARY.encode(), path.read_bytes())
