@@ -1,0 +1,1 @@
+"""Trial test suite for llmrouter and the inference daemon."""
