@@ -159,7 +159,7 @@ class BatchedScheduler:
         threads: int,
         batch: int,
         load_delay: float = 0.0,
-        on_token: Callable[[], None] = lambda: None,
+        on_token: Callable[[int], None] = lambda n: None,
     ):
         self._reactor = reactor
         self._model_path = model_path
@@ -178,6 +178,8 @@ class BatchedScheduler:
         self._thread: threading.Thread | None = None
         self._stopped: defer.Deferred[None] = defer.Deferred()
         self.crashed: defer.Deferred[str] = defer.Deferred()
+        self._outbox: list[tuple[Generation, Callable[..., None], tuple[Any, ...]]] = []
+        self._sampled = 0
         self.model: LlamaModel | None = None
         self.loaded = False
 
@@ -227,12 +229,15 @@ class BatchedScheduler:
             self._cond.notify()
         return gen
 
-    def _deliver(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
-        if gen.done:
-            return
-        if call == gen.sink.finished or call == gen.sink.failed:
-            gen.done = True
-        call(*args)
+    def _deliver(
+        self, items: list[tuple[Generation, Callable[..., None], tuple[Any, ...]]]
+    ) -> None:
+        for gen, call, args in items:
+            if gen.done:
+                continue
+            if call == gen.sink.finished or call == gen.sink.failed:
+                gen.done = True
+            call(*args)
 
     def _crash(self, error: str) -> None:
         self.loaded = False
@@ -240,7 +245,16 @@ class BatchedScheduler:
 
     # -- worker thread ----------------------------------------------------------------------
     def _to_reactor(self, gen: Generation, call: Callable[..., None], *args: Any) -> None:
-        self._reactor.callFromThread(self._deliver, gen, call, *args)
+        """Queue a sink call; ``_flush`` hands a whole step's calls over in one wake-up."""
+        self._outbox.append((gen, call, args))
+
+    def _flush(self) -> None:
+        if self._sampled:
+            self._on_token(self._sampled)
+            self._sampled = 0
+        if self._outbox:
+            self._reactor.callFromThread(self._deliver, self._outbox)
+            self._outbox = []
 
     def _run(self, loaded: defer.Deferred[None]) -> None:
         try:
@@ -273,6 +287,7 @@ class BatchedScheduler:
                         gen, gen.sink.failed, "shutting_down", Usage(len(gen.prompt), 0)
                     )
                 self._waiting.clear()
+            self._flush()
             self.model.close()
             self._reactor.callFromThread(self._stopped.callback, None)
 
@@ -294,6 +309,7 @@ class BatchedScheduler:
             self._free_ids.append(seq.seq_id)
 
     def _admit(self, model: LlamaModel) -> None:
+        self._flush()
         with self._cond:
             while not self._stopping and not self._runnable():
                 self._cond.wait()
@@ -377,7 +393,7 @@ class BatchedScheduler:
             self._finish(seq, "stop")
             return
         seq.generated += 1
-        self._on_token()
+        self._sampled += 1
         text, stopped = seq.stops.feed(seq.decoder.decode(model.piece(token)))
         if text:
             self._to_reactor(gen, gen.sink.text, text)

@@ -52,6 +52,7 @@ class LlamaModel:
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self._pieces: dict[int, bytes] = {}
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx_seq * n_seq
         cparams.n_seq_max = n_seq
@@ -127,12 +128,19 @@ class LlamaModel:
         return str(formatted.prompt)
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        if not special:
+            cached = self._pieces.get(token)
+            if cached is not None:
+                return cached
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
+        piece = buf.raw[:n]
+        if not special:
+            self._pieces[token] = piece
+        return piece
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
