@@ -1,23 +1,33 @@
 """Turning ``--listen`` strings into server endpoints, with our transport policy.
 
-``unix:`` and ``systemd:`` go to Twisted's parser unchanged. ``tcp:`` is plain HTTP and therefore
-only allowed on an explicit loopback interface. ``ssl:`` is mutual TLS, built here because
-Twisted's ``ssl:`` string has no client-certificate options: TLS 1.3 only, and a client
-certificate chaining to ``--tls-ca`` is required, so anything else fails in the handshake.
+``unix:`` goes to Twisted's parser unchanged; so does ``systemd:``, except that an adopted UNIX
+socket keeps the mode the service manager gave it (``SocketMode=``), which Twisted would otherwise
+widen to 0666. ``tcp:`` is plain HTTP and therefore only allowed on an explicit loopback
+interface. ``ssl:`` is mutual TLS, built here because Twisted's ``ssl:`` string has no
+client-certificate options: TLS 1.3 only, and a client certificate chaining to ``--tls-ca`` is
+required, so anything else fails in the handshake.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
+import stat
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.internet import ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet import defer, fdesc, ssl, unix
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from zope.interface import implementer
 
 
 class ListenError(Exception):
@@ -47,6 +57,38 @@ def _split(description: str) -> tuple[list[str], dict[str, str]]:
         else:
             args.append(part)
     return [parts[0], *args], kwargs
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedUNIXEndpoint:
+    """A socket-activated UNIX socket served with the mode it already has.
+
+    Twisted's adoption (``reactor.adoptStreamPort``) runs the same ``startListening`` as a fresh
+    bind, which chmods the socket file to 0666 and so undoes ``SocketMode=0660``.
+    """
+
+    def __init__(self, reactor: Any, fileno: int):
+        self._reactor = reactor
+        self._fileno = fileno
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        try:
+            fdesc.setNonBlocking(self._fileno)
+            port = unix.Port._fromListeningDescriptor(self._reactor, self._fileno, factory)
+            port.mode = stat.S_IMODE(os.stat(port._bindPath).st_mode)
+            port.startListening()
+            os.close(self._fileno)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(port)
+
+
+def _adopted(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    if isinstance(endpoint, AdoptedStreamServerEndpoint) and (
+        endpoint.addressFamily == socket.AF_UNIX
+    ):
+        return AdoptedUNIXEndpoint(endpoint.reactor, endpoint.fileno)
+    return endpoint
 
 
 def is_loopback(interface: str) -> bool:
@@ -101,7 +143,7 @@ def server_endpoint(
     kind = description.split(":", 1)[0].lower()
     if kind in ("unix", "systemd"):
         try:
-            return serverFromString(reactor, description)  # type: ignore[no-any-return]
+            return _adopted(serverFromString(reactor, description))
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise ListenError(f"{description!r}: {e}") from None
     args, kwargs = _split(description)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -230,6 +231,7 @@ class SocketActivationTests(unittest.TestCase):
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.addCleanup(listener.close)
         listener.bind(str(path))
+        os.chmod(path, 0o660)  # as SocketMode=0660 in etc/systemd/inference.socket
         listener.listen(16)
         daemon = Daemon(
             "inference",
@@ -243,6 +245,7 @@ class SocketActivationTests(unittest.TestCase):
         )
         self.addCleanup(daemon.stop)
         yield daemon.start()
+        self.assertEqual(path.stat().st_mode & 0o777, 0o660)
         status, _, data = yield daemon.request(
             b"POST",
             "/v1/completions",
