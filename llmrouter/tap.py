@@ -10,7 +10,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from llmrouter import secmem
 from llmrouter.admission import Admission, StreamSlots
 from llmrouter.app import RouterApp, RouterSite
 from llmrouter.budget import PrivacyBudget
+from llmrouter.listen import ListenError, public_endpoint
 from llmrouter.metrics import MetricsResource, RouterMetrics
 from llmrouter.protocol import ProtocolError
 from llmrouter.ratelimit import RateLimiter
@@ -284,9 +286,14 @@ def makeService(options: Options) -> service.IService:
     site = RouterSite(Resource(), settings.max_body_bytes)
     top = service.MultiService()
     RouterService(settings, reactor, metrics, site).setServiceParent(top)
-    for endpoint in settings.listen:
-        strports.service(endpoint, site).setServiceParent(top)
-    strports.service(
-        settings.metrics_listen, RouterSite(MetricsResource(metrics), 4096)
-    ).setServiceParent(top)
+    listeners = [(d, site) for d in settings.listen]
+    listeners.append((settings.metrics_listen, RouterSite(MetricsResource(metrics), 4096)))
+    for description, factory in listeners:
+        try:
+            endpoint = public_endpoint(reactor, description)
+        except ListenError as e:
+            raise SystemExit(f"llmrouter: {e}") from None
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True  # a port in use stops twistd with the error
+        listener.setServiceParent(top)
     return top

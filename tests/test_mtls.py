@@ -328,12 +328,15 @@ def _handshake(
     ca: Path,
     versions: tuple[ssl.TLSVersion, ssl.TLSVersion],
     alpn: list[str] | None = None,
+    ciphers: str | None = None,
 ) -> tuple[str, str, str | None]:
     """Handshake only: (version, cipher, ALPN protocol)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_verify_locations(cafile=str(ca))
     context.minimum_version, context.maximum_version = versions
-    if versions[1] < ssl.TLSVersion.TLSv1_2:
+    if ciphers:
+        context.set_ciphers(ciphers)
+    elif versions[1] < ssl.TLSVersion.TLSv1_2:
         context.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that this client really offers it
     if alpn:
         context.set_alpn_protocols(alpn)
@@ -346,8 +349,8 @@ def _handshake(
 class RouterTerminatesTLSTests(unittest.TestCase):
     """The alternative to Caddy (docs/tls.md): ``twistd llmrouter --listen ssl:...`` with a
     certificate (here from llmrouter-pki; in production from ACME). TLS 1.3 is preferred,
-    TLS 1.2 still accepted with forward-secret ECDHE, anything older refused; HTTP/2 is
-    offered through ALPN only when the ``h2`` package is installed."""
+    TLS 1.2 still accepted with forward-secret ECDHE and AEAD ciphers only (CBC suites refused),
+    anything older refused; HTTP/2 is offered through ALPN only when ``h2`` is installed."""
 
     timeout = 120
 
@@ -389,9 +392,13 @@ class RouterTerminatesTLSTests(unittest.TestCase):
         self.assertEqual(response.code, 200)
 
     def handshake(
-        self, low: ssl.TLSVersion, high: ssl.TLSVersion, alpn: list[str] | None = None
+        self,
+        low: ssl.TLSVersion,
+        high: ssl.TLSVersion,
+        alpn: list[str] | None = None,
+        ciphers: str | None = None,
     ) -> defer.Deferred[tuple[str, str, str | None]]:
-        return threads.deferToThread(_handshake, self.port, self.ca, (low, high), alpn)
+        return threads.deferToThread(_handshake, self.port, self.ca, (low, high), alpn, ciphers)
 
     @defer.inlineCallbacks
     def test_versions_ciphers_alpn(self) -> Any:
@@ -405,9 +412,17 @@ class RouterTerminatesTLSTests(unittest.TestCase):
             self.assertIn(alpn, ("http/1.1", None))
         else:
             self.assertEqual(alpn, "h2")
-        version, cipher, _ = yield self.handshake(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
-        self.assertEqual(version, "TLSv1.2")
+        version, cipher, alpn = yield self.handshake(
+            ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2, ["http/1.1"]
+        )
+        self.assertEqual((version, alpn), ("TLSv1.2", "http/1.1"))
         self.assertTrue(cipher.startswith("ECDHE-"), cipher)
+        self.assertTrue("GCM" in cipher or "CHACHA20" in cipher, cipher)
+        # a TLS 1.2 client offering only CBC suites (which OpenSSL's defaults still accept)
+        cbc = "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:ECDHE-RSA-AES128-SHA256"
+        with self.assertRaises(ssl.SSLError) as caught:
+            yield self.handshake(ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2, None, cbc)
+        self.assertIn("ALERT", str(caught.exception).upper())
         for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
             with self.assertRaises(ssl.SSLError) as caught:
                 yield self.handshake(old, old)
