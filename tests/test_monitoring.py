@@ -6,7 +6,6 @@ and a real inference daemon."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from llmrouter import pki
+from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
 PROM = REPO / "etc" / "prometheus"
@@ -49,15 +49,6 @@ CONTRACT = {
 }
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 NAME = re.compile(r"\b((?:llmrouter|inference)_[a-z0-9_]+)\b")
-
-
-def require_tool(testcase: unittest.TestCase, tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail(f"{tool} is missing in CI: run etc/dev/ci-deps")
-        raise unittest.SkipTest(f"{tool} not installed (etc/dev/ci-deps installs it)")
-    return path
 
 
 def rule_expressions() -> list[str]:

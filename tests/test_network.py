@@ -15,19 +15,12 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from tests.tools import require_tool
+
 REPO = Path(__file__).resolve().parent.parent
 VERIFY = REPO / "bin" / "verify-network"
 NFT = REPO / "etc" / "nftables"
 WG = REPO / "etc" / "wireguard"
-
-
-def require_tool(testcase: unittest.TestCase, tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail(f"{tool} is missing in CI: run etc/dev/ci-deps")
-        raise unittest.SkipTest(f"{tool} not installed (etc/dev/ci-deps installs it)")
-    return path
 
 
 def verify_network(*args: str) -> tuple[int, list[dict[str, object]], str]:

@@ -5,7 +5,6 @@ exercised against llama.cpp and the real daemons in tests/test_systemd_sandbox.p
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,21 +15,13 @@ from pathlib import Path
 from twisted.trial import unittest
 
 from tests.test_systemd_sandbox import UNITS, read_unit, service_setting, syscall_allow_list
+from tests.tools import require_tool
 
 REPO = UNITS.parent.parent
 DAEMONS = ("llmrouter.service", "inference.service", "inference@.service")
 SERVICES = (*DAEMONS, "llmrouter-pki-renew.service")
 MAX_EXPOSURE = 2.0
 INSTALL_PREFIX = "/opt/llmrouter/venv"
-
-
-def require_tool(testcase: unittest.TestCase, tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail(f"{tool} is missing in CI: run etc/dev/ci-deps")
-        raise unittest.SkipTest(f"{tool} not installed (etc/dev/ci-deps installs it)")
-    return path
 
 
 def exposure(unit: Path) -> float:
