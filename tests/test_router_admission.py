@@ -32,6 +32,16 @@ from tests.router_support import (
 )
 
 
+def _failing(challenge: str, enc: bytes, difficulty: int, solves: bytes | None = None) -> str:
+    """A header with a nonce that fails for ``enc`` (and solves for ``solves`` when given)."""
+    nonce = 0
+    while pow._work(challenge, enc, str(nonce)) >= difficulty or (
+        solves is not None and pow._work(challenge, solves, str(nonce)) < difficulty
+    ):
+        nonce += 1
+    return f"{challenge}:{nonce}"
+
+
 class AdmissionTests(TestCase):
     timeout = 60
 
@@ -173,11 +183,14 @@ class AdmissionTests(TestCase):
     @defer.inlineCallbacks
     def test_pow_invalid(self) -> Any:
         running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
-        body, _envelope, _ = yield sealed(running)
+        body, envelope, _ = yield sealed(running)
         _, error = yield self.rejected(running, body, 401, "pow_required")
-        other = hpke.generate_key_pair().pk  # a solution for another request's enc
-        wrong = pow.solve(error["challenge"], other)
-        for header in (wrong, "garbage", error["challenge"] + ":1"):
+        challenge, enc = error["challenge"], envelope.enc
+        other = hpke.generate_key_pair().pk
+        # nonces that do not solve this request's challenge (a random nonce does 1 time in 64)
+        wrong = _failing(challenge, enc, 6, solves=other)  # a solution for another request's enc
+        unsolved = _failing(challenge, enc, 6)
+        for header in (wrong, "garbage", unsolved):
             _, again = yield self.rejected(
                 running, body, 401, "pow_invalid", {pow.HEADER.encode(): [header.encode()]}
             )
