@@ -1,11 +1,11 @@
 """Turning ``--listen`` strings into server endpoints, with our transport policy.
 
 ``unix:`` goes to Twisted's parser unchanged; so does ``systemd:``, except that an adopted UNIX
-socket keeps the mode the service manager gave it (``SocketMode=``), which Twisted would otherwise
-widen to 0666. ``tcp:`` is plain HTTP and therefore only allowed on an explicit loopback
-interface. ``ssl:`` is mutual TLS, built here because Twisted's ``ssl:`` string has no
-client-certificate options: TLS 1.3 only, and a client certificate chaining to ``--tls-ca`` is
-required, so anything else fails in the handshake.
+socket is served without touching its file, which stays as the service manager made it.
+``tcp:`` is plain HTTP and therefore only allowed on an explicit loopback interface. ``ssl:`` is
+mutual TLS, built here because Twisted's ``ssl:`` string has no client-certificate options:
+TLS 1.3 only, and a client certificate chaining to ``--tls-ca`` is required, so anything else
+fails in the handshake.
 """
 
 from __future__ import annotations
@@ -13,20 +13,20 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import stat
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.internet import defer, fdesc, ssl, unix
+from twisted.internet import defer, fdesc, ssl, tcp, unix
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
     serverFromString,
 )
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 
@@ -59,13 +59,35 @@ def _split(description: str) -> tuple[list[str], dict[str, str]]:
     return [parts[0], *args], kwargs
 
 
+class _SystemdUNIXPort(unix.Port):
+    """A listening UNIX socket that belongs to the service manager, not to us.
+
+    Twisted's adoption (``reactor.adoptStreamPort``) runs the same code as a fresh bind: it
+    chmods the socket file to 0666 when it starts listening (undoing ``SocketMode=0660``) and
+    unlinks it when it stops (so that after a restart of the service nobody can reach the socket
+    systemd still holds). This port never touches the path: the daemon needs no access to the
+    socket's directory at all.
+    """
+
+    def startListening(self) -> None:
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        assert skt is not None and self.factory is not None
+        tcp._reservedFD.reserve()  # as Twisted's ports: the spare fd for accept() at EMFILE
+        self.factory.doStart()
+        skt.listen(self.backlog)
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+        self.numberAccepts = 100
+        self.startReading()
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
 @implementer(IStreamServerEndpoint)
 class AdoptedUNIXEndpoint:
-    """A socket-activated UNIX socket served with the mode it already has.
-
-    Twisted's adoption (``reactor.adoptStreamPort``) runs the same ``startListening`` as a fresh
-    bind, which chmods the socket file to 0666 and so undoes ``SocketMode=0660``.
-    """
+    """``systemd:domain=UNIX``: serve the inherited socket as :class:`_SystemdUNIXPort`."""
 
     def __init__(self, reactor: Any, fileno: int):
         self._reactor = reactor
@@ -74,10 +96,9 @@ class AdoptedUNIXEndpoint:
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
         try:
             fdesc.setNonBlocking(self._fileno)
-            port = unix.Port._fromListeningDescriptor(self._reactor, self._fileno, factory)
-            port.mode = stat.S_IMODE(os.stat(port._bindPath).st_mode)
+            port = _SystemdUNIXPort._fromListeningDescriptor(self._reactor, self._fileno, factory)
             port.startListening()
-            os.close(self._fileno)
+            os.close(self._fileno)  # the port holds its own duplicate
         except Exception:
             return defer.fail()
         return defer.succeed(port)

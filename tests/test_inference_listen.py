@@ -252,6 +252,10 @@ class SocketActivationTests(unittest.TestCase):
             json.dumps({"prompt": "hi", "max_tokens": 3}).encode(),
         )
         self.assertEqual((status, json.loads(data)["usage"]["completion_tokens"]), (200, 3))
+        yield daemon.stop()
+        # the file is the service manager's: neither widened to 0666 nor removed at stop
+        self.assertTrue(path.is_socket())
+        self.assertEqual(path.stat().st_mode & 0o777, 0o660)
 
 
 class ParsingTests(unittest.TestCase):

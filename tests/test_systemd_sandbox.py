@@ -759,14 +759,15 @@ class StackUnderUnitsTests(unittest.TestCase):
         state = base / "state"
         model = stage_model(self, tiny_model_path())
         # /run/llmrouter as tmpfiles-llmrouter.conf makes it: 0750, group of the router (here
-        # the sandbox's service group); the stand-in for the unit's ReadWritePaths=/run/llmrouter
+        # the sandbox's service group); read-only for inference (ProtectSystem=strict), so
+        # any chmod or unlink of the socket by the daemon would fail
         run = base / "run"
         run.mkdir(mode=0o750)
         os.chown(run, 0, 65534)
         inference_sock = run / "inference.sock"
         inference = SandboxedDaemon.create(
             "inference.service",
-            [state, run],
+            [state],
             "inference",
             ["--listen", "systemd:domain=UNIX:index=0", "--model", str(model)],
             listen_unix=inference_sock,
@@ -775,7 +776,7 @@ class StackUnderUnitsTests(unittest.TestCase):
         )
         self.addCleanup(inference.stop)
         yield inference.start()
-        # the adopted socket keeps SocketMode=0660 (Twisted alone would widen it to 0666)
+        # the adopted socket keeps SocketMode=0660 (Twisted alone would chmod it to 0666)
         self.assertEqual(inference_sock.stat().st_mode & 0o777, 0o660)
         self.assertEqual(run.stat().st_mode & 0o777, 0o750)
         status, _, body = yield post_json(
@@ -813,6 +814,8 @@ class StackUnderUnitsTests(unittest.TestCase):
             code = yield daemon.stop()
             self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
             self.assertNotIn("Traceback", daemon.log_text())
+        # the socket is systemd's: it outlives the service, so a restart finds it in place
+        self.assertTrue(inference_sock.is_socket())
 
 
 @defer.inlineCallbacks
