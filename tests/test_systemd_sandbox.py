@@ -12,6 +12,8 @@ directives whose effect on a process can be reproduced without PID 1:
   ProcSubset=pid (a private procfs instance with hidepid/subset options);
 - PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
 - User=: a non-root uid with an empty capability bounding set (CapabilityBoundingSet=);
+- PrivateUsers=yes: a user namespace mapping only the service's own uid and gid (systemd also
+  maps root, which a process cannot do for itself);
 - UMask=, LimitCORE=0, NoNewPrivileges=yes;
 - MemoryDenyWriteExecute=yes with prctl(PR_SET_MDWE), which is stricter than systemd's
   seccomp version (it also refuses mprotect adding PROT_EXEC later);
@@ -110,6 +112,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
 NS_FLAGS = 0x7E020080  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET} | CLONE_NEWTIME
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 32, 4096, 8192, 16384, 1 << 19
@@ -117,6 +120,7 @@ AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 (generic table)
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_MDWE, PR_GET_MDWE = 38, 24, 65, 66
 PR_MDWE_REFUSE_EXEC_GAIN = 1
+PR_SET_DUMPABLE = 4
 
 AF_NAMES = {
     name: getattr(socket, name)
@@ -336,6 +340,26 @@ def _socket_activation(path: str, unit: dict[str, list[str]]) -> socket.socket:
     return sock
 
 
+def _drop_bounding_set() -> None:
+    cap = 0
+    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+        cap += 1
+
+
+def _private_users() -> None:
+    """PrivateUsers=yes: a user namespace in which only the service's own user and group exist.
+
+    systemd also maps root; a process can map only its own ids, so here root-owned files show
+    up as the overflow id. Access checks are the kernel's and the same either way.
+    """
+    _check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    # setuid() left the process non-dumpable, which makes /proc/self root's; exec resets it
+    _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"{os.getuid()} {os.getuid()} 1\n")
+    Path("/proc/self/gid_map").write_text(f"{os.getgid()} {os.getgid()} 1\n")
+
+
 def launch(
     unit_path: Path,
     rw: Sequence[str],
@@ -353,16 +377,19 @@ def launch(
         flags |= CLONE_NEWIPC
     _check(libc.unshare(flags), "unshare")
     _filesystem(unit, rw, keep)
-    if "Service.CapabilityBoundingSet" in unit and not service_setting(
+    empty_bounding_set = "Service.CapabilityBoundingSet" in unit and not service_setting(
         unit, "CapabilityBoundingSet"
-    ):
-        cap = 0
-        while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-            cap += 1
+    )
+    if empty_bounding_set:
+        _drop_bounding_set()
     if service_setting(unit, "User") not in ("", "root"):
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
+    if service_setting(unit, "PrivateUsers") == "yes":
+        _private_users()
+        if empty_bounding_set:
+            _drop_bounding_set()  # a new user namespace starts with a full bounding set
     os.umask(int(service_setting(unit, "UMask", "0022"), 8))
     if service_setting(unit, "LimitCORE") == "0":
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -412,6 +439,7 @@ report = {
     "mdwe": libc.prctl(66, 0, 0, 0, 0),
     "core": resource.getrlimit(resource.RLIMIT_CORE),
     "umask": os.umask(0o077),
+    "uid_map": open("/proc/self/uid_map").read().split(),
 }
 def attempt(name, fn):
     try:
@@ -553,6 +581,7 @@ class ProbeTests(unittest.TestCase):
 
     def assert_common(self, report: dict[str, object], mdwe: bool = True) -> None:
         self.assertEqual(report["uid"], 65534)
+        self.assertEqual(report["uid_map"], ["65534", "65534", "1"])  # PrivateUsers=yes
         self.assertEqual(report["seccomp"], "2")
         self.assertEqual(report["no_new_privs"], "1")
         self.assertEqual(report["cap_bnd"], "0000000000000000")
@@ -725,6 +754,10 @@ class RouterUnderUnitTests(unittest.TestCase):
         for path in (state / "keys").iterdir():
             self.assertEqual(path.stat().st_mode & 0o077, 0, path.name)
             self.assertEqual(path.stat().st_uid, 65534)
+        # the HPKE secret keys sit in locked pages (in PrivateUsers' user namespace too)
+        status_lines = Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+        locked = next(line for line in status_lines if line.startswith("VmLck:"))
+        self.assertGreater(int(locked.split()[1]), 0, locked)
         status, _, body = yield daemon.request(b"GET", "/metrics", base=f"unix:{metrics}")
         self.assertEqual(status, 200)
         self.assertIn(b"llmrouter_active_streams", body)
