@@ -1,4 +1,4 @@
-"""The router's public listeners: Twisted endpoint strings, with our TLS policy for ``ssl:``.
+"""The router's listeners: Twisted endpoint strings, with our TLS policy for ``ssl:``.
 
 Twisted's ``ssl:`` string parser loads the certificate and key but has no options for the
 protocol versions, cipher list or ALPN, and its default cipher list still accepts CBC suites in
@@ -17,7 +17,7 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-__all__ = ["TLS12_CIPHERS", "ListenError", "alpn_protocols", "public_endpoint", "public_tls"]
+__all__ = ["TLS12_CIPHERS", "ListenError", "alpn_protocols", "public_tls", "server_endpoint"]
 
 # Forward secrecy and authenticated encryption only; TLS 1.3 suites are all AEAD already.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -46,7 +46,7 @@ def public_tls(parsed: ssl.CertificateOptions) -> ssl.CertificateOptions:
     )
 
 
-def public_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """``description`` as an endpoint; ``ssl:`` ones with :func:`public_tls`."""
     if description.split(":", 1)[0].lower() == "ssl" and "sslmethod=" in description:
         raise ListenError(f"{description!r}: sslmethod is not supported (TLS 1.2+ is fixed)")

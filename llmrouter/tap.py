@@ -22,7 +22,7 @@ from llmrouter import secmem
 from llmrouter.admission import Admission, StreamSlots
 from llmrouter.app import RouterApp, RouterSite
 from llmrouter.budget import PrivacyBudget
-from llmrouter.listen import ListenError, public_endpoint
+from llmrouter.listen import ListenError, server_endpoint
 from llmrouter.metrics import MetricsResource, RouterMetrics
 from llmrouter.protocol import ProtocolError
 from llmrouter.ratelimit import RateLimiter
@@ -290,7 +290,7 @@ def makeService(options: Options) -> service.IService:
     listeners.append((settings.metrics_listen, RouterSite(MetricsResource(metrics), 4096)))
     for description, factory in listeners:
         try:
-            endpoint = public_endpoint(reactor, description)
+            endpoint = server_endpoint(reactor, description)
         except ListenError as e:
             raise SystemExit(f"llmrouter: {e}") from None
         listener = StreamServerEndpointService(endpoint, factory)

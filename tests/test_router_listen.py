@@ -12,7 +12,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmrouter import pki
-from llmrouter.listen import ListenError, public_endpoint
+from llmrouter.listen import ListenError, server_endpoint
 
 
 class PublicEndpointTests(SynchronousTestCase):
@@ -24,11 +24,11 @@ class PublicEndpointTests(SynchronousTestCase):
         self.key, self.cert = self.dir / "public.key", self.dir / "public.crt"
 
     def test_plain_strings_unchanged(self) -> None:
-        endpoint = public_endpoint(MemoryReactor(), "tcp:8080:interface=127.0.0.1")
+        endpoint = server_endpoint(MemoryReactor(), "tcp:8080:interface=127.0.0.1")
         self.assertIsInstance(endpoint, TCP4ServerEndpoint)
 
     def test_ssl_gets_our_policy(self) -> None:
-        endpoint = public_endpoint(
+        endpoint = server_endpoint(
             MemoryReactor(),
             f"ssl:8443:interface=127.0.0.1:privateKey={self.key}:certKey={self.cert}",
         )
@@ -47,16 +47,16 @@ class PublicEndpointTests(SynchronousTestCase):
     def test_missing_file_is_a_clear_error(self) -> None:
         missing = self.dir / "nope.key"
         with self.assertRaises(ListenError) as caught:
-            public_endpoint(MemoryReactor(), f"ssl:8443:privateKey={missing}:certKey={self.cert}")
+            server_endpoint(MemoryReactor(), f"ssl:8443:privateKey={missing}:certKey={self.cert}")
         self.assertIn("nope.key", str(caught.exception))
 
     def test_sslmethod_refused(self) -> None:
         with self.assertRaises(ListenError):
-            public_endpoint(
+            server_endpoint(
                 MemoryReactor(),
                 f"ssl:8443:privateKey={self.key}:certKey={self.cert}:sslmethod=TLSv1_METHOD",
             )
 
     def test_unknown_type(self) -> None:
         with self.assertRaises(ListenError):
-            public_endpoint(MemoryReactor(), "bogus:1")
+            server_endpoint(MemoryReactor(), "bogus:1")
