@@ -11,23 +11,17 @@ fails in the handshake.
 from __future__ import annotations
 
 import ipaddress
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
-from twisted.internet import defer, fdesc, ssl, tcp, unix
-from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint,
-    SSL4ServerEndpoint,
-    serverFromString,
-)
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.python.failure import Failure
-from zope.interface import implementer
+from twisted.internet import ssl
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+
+from llmrouter.listen import adopt_unix
 
 
 class ListenError(Exception):
@@ -57,59 +51,6 @@ def _split(description: str) -> tuple[list[str], dict[str, str]]:
         else:
             args.append(part)
     return [parts[0], *args], kwargs
-
-
-class _SystemdUNIXPort(unix.Port):
-    """A listening UNIX socket that belongs to the service manager, not to us.
-
-    Twisted's adoption (``reactor.adoptStreamPort``) runs the same code as a fresh bind: it
-    chmods the socket file to 0666 when it starts listening (undoing ``SocketMode=0660``) and
-    unlinks it when it stops (so that after a restart of the service nobody can reach the socket
-    systemd still holds). This port never touches the path: the daemon needs no access to the
-    socket's directory at all.
-    """
-
-    def startListening(self) -> None:
-        skt, self._preexistingSocket = self._preexistingSocket, None
-        assert skt is not None and self.factory is not None
-        tcp._reservedFD.reserve()  # as Twisted's ports: the spare fd for accept() at EMFILE
-        self.factory.doStart()
-        skt.listen(self.backlog)
-        self.connected = True
-        self.socket = skt
-        self.fileno = skt.fileno  # type: ignore[method-assign]
-        self.numberAccepts = 100
-        self.startReading()
-
-    def connectionLost(self, reason: Failure) -> None:
-        tcp.Port.connectionLost(self, reason)
-
-
-@implementer(IStreamServerEndpoint)
-class AdoptedUNIXEndpoint:
-    """``systemd:domain=UNIX``: serve the inherited socket as :class:`_SystemdUNIXPort`."""
-
-    def __init__(self, reactor: Any, fileno: int):
-        self._reactor = reactor
-        self._fileno = fileno
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
-        try:
-            fdesc.setNonBlocking(self._fileno)
-            port = _SystemdUNIXPort._fromListeningDescriptor(self._reactor, self._fileno, factory)
-            port.startListening()
-            os.close(self._fileno)  # the port holds its own duplicate
-        except Exception:
-            return defer.fail()
-        return defer.succeed(port)
-
-
-def _adopted(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
-    if isinstance(endpoint, AdoptedStreamServerEndpoint) and (
-        endpoint.addressFamily == socket.AF_UNIX
-    ):
-        return AdoptedUNIXEndpoint(endpoint.reactor, endpoint.fileno)
-    return endpoint
 
 
 def is_loopback(interface: str) -> bool:
@@ -164,7 +105,7 @@ def server_endpoint(
     kind = description.split(":", 1)[0].lower()
     if kind in ("unix", "systemd"):
         try:
-            return _adopted(serverFromString(reactor, description))
+            return adopt_unix(serverFromString(reactor, description))
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise ListenError(f"{description!r}: {e}") from None
     args, kwargs = _split(description)

@@ -6,18 +6,37 @@ TLS 1.2. So the router keeps Twisted's parsing (same syntax, same error messages
 parsed certificate with options of its own: TLS 1.2 at least (1.3 preferred: OpenSSL picks the
 highest version both sides offer), ECDHE with AEAD ciphers only in TLS 1.2, and HTTP/2 offered
 through ALPN when the ``h2`` package is installed.
+
+Socket-activated (``systemd:``) UNIX sockets are served without touching their file
+(:class:`AdoptedUNIXEndpoint`); the inference daemon uses that too.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 from typing import Any
 
-from twisted.internet import ssl
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet import defer, fdesc, ssl, tcp, unix
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    SSL4ServerEndpoint,
+    serverFromString,
+)
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
-__all__ = ["TLS12_CIPHERS", "ListenError", "alpn_protocols", "public_tls", "server_endpoint"]
+__all__ = [
+    "TLS12_CIPHERS",
+    "AdoptedUNIXEndpoint",
+    "ListenError",
+    "adopt_unix",
+    "alpn_protocols",
+    "public_tls",
+    "server_endpoint",
+]
 
 # Forward secrecy and authenticated encryption only; TLS 1.3 suites are all AEAD already.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -46,6 +65,60 @@ def public_tls(parsed: ssl.CertificateOptions) -> ssl.CertificateOptions:
     )
 
 
+class _SystemdUNIXPort(unix.Port):
+    """A listening UNIX socket that belongs to the service manager, not to us.
+
+    Twisted's adoption (``reactor.adoptStreamPort``) runs the same code as a fresh bind: it
+    chmods the socket file to 0666 when it starts listening (undoing ``SocketMode=0660``) and
+    unlinks it when it stops (so that after a restart of the service nobody can reach the socket
+    systemd still holds). This port never touches the path: the daemon needs no access to the
+    socket's directory at all.
+    """
+
+    def startListening(self) -> None:
+        skt, self._preexistingSocket = self._preexistingSocket, None
+        assert skt is not None and self.factory is not None
+        tcp._reservedFD.reserve()  # as Twisted's ports: the spare fd for accept() at EMFILE
+        self.factory.doStart()
+        skt.listen(self.backlog)
+        self.connected = True
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+        self.numberAccepts = 100
+        self.startReading()
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedUNIXEndpoint:
+    """``systemd:domain=UNIX``: serve the inherited socket as :class:`_SystemdUNIXPort`."""
+
+    def __init__(self, reactor: Any, fileno: int):
+        self._reactor = reactor
+        self._fileno = fileno
+
+    def listen(self, factory: IProtocolFactory) -> defer.Deferred[IListeningPort]:
+        try:
+            fdesc.setNonBlocking(self._fileno)
+            port = _SystemdUNIXPort._fromListeningDescriptor(self._reactor, self._fileno, factory)
+            port.startListening()
+            os.close(self._fileno)  # the port holds its own duplicate
+        except Exception:
+            return defer.fail()
+        return defer.succeed(port)
+
+
+def adopt_unix(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    """An adopted (``systemd:``) UNIX endpoint as :class:`AdoptedUNIXEndpoint`; others as is."""
+    if isinstance(endpoint, AdoptedStreamServerEndpoint) and (
+        endpoint.addressFamily == socket.AF_UNIX
+    ):
+        return AdoptedUNIXEndpoint(endpoint.reactor, endpoint.fileno)
+    return endpoint
+
+
 def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """``description`` as an endpoint; ``ssl:`` ones with :func:`public_tls`."""
     if description.split(":", 1)[0].lower() == "ssl" and "sslmethod=" in description:
@@ -55,7 +128,7 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
         raise ListenError(f"{description!r}: {type(e).__name__}: {e}") from None
     if not isinstance(endpoint, SSL4ServerEndpoint):
-        return endpoint  # type: ignore[no-any-return]
+        return adopt_unix(endpoint)
     # Twisted keeps the parsed port, interface and backlog in private attributes.
     return SSL4ServerEndpoint(
         reactor,

@@ -1,14 +1,19 @@
-"""llmrouter.listen: the public listen strings, ``ssl:`` served under the router's TLS policy."""
+"""llmrouter.listen: the router's listen strings (``ssl:`` under our policy, systemd sockets)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactor
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmrouter import pki
@@ -60,3 +65,39 @@ class PublicEndpointTests(SynchronousTestCase):
     def test_unknown_type(self) -> None:
         with self.assertRaises(ListenError):
             server_endpoint(MemoryReactor(), "bogus:1")
+
+
+class SocketActivationTests(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_systemd_unix_socket_left_as_systemd_made_it(self) -> Any:
+        """The router behind a socket unit: served, and the file neither chmodded nor removed."""
+        from tests.daemons import Daemon
+
+        short = Path(tempfile.mkdtemp(prefix="rsa-"))
+        self.addCleanup(shutil.rmtree, short, True)
+        path = short / "router.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(str(path))
+        os.chmod(path, 0o660)  # SocketMode=0660
+        listener.listen(16)
+        router = Daemon(
+            "llmrouter",
+            [
+                *("--listen", "systemd:domain=UNIX:index=0"),
+                *("--metrics-listen", f"unix:{short}/m.sock"),
+                *("--keys-dir", str(short / "keys"), "--inference", f"unix:{short}/none.sock"),
+            ],
+            health=f"unix:{path}",
+            health_path="/api/pubkey",
+            directory=short,
+            listen_fds=[listener.fileno()],
+        )
+        self.addCleanup(router.stop)
+        yield router.start()
+        self.assertEqual(path.stat().st_mode & 0o777, 0o660)
+        yield router.stop()
+        self.assertTrue(path.is_socket())
+        self.assertEqual(path.stat().st_mode & 0o777, 0o660)
