@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -245,6 +246,17 @@ class Daemon:
         response = yield agent.request(method, (prefix + path).encode(), all_headers, producer)
         data = yield readBody(response)
         return response.code, response.headers, data
+
+
+def activation_socket(testcase: Any, path: Path, mode: int = 0o660) -> socket.socket:
+    """A listening UNIX socket as a systemd socket unit makes it (``SocketMode=``), for
+    ``Daemon(listen_fds=[sock.fileno()])``; closed when the test ends."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    testcase.addCleanup(listener.close)
+    listener.bind(str(path))
+    os.chmod(path, mode)
+    listener.listen(16)
+    return listener
 
 
 def start_inference(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -22,7 +21,7 @@ from zope.interface import implementer
 from inference.listen import ListenError, _split, is_loopback, server_endpoint
 from llmrouter.httpclient import ClientTLS, agent_for
 from tests.certs import PKI, make_pki
-from tests.daemons import Daemon, start_inference
+from tests.daemons import Daemon, activation_socket, start_inference
 from tests.tinymodel import tiny_model_path
 
 
@@ -228,11 +227,7 @@ class SocketActivationTests(unittest.TestCase):
         short = Path(tempfile.mkdtemp(prefix="llmr-"))
         self.addCleanup(shutil.rmtree, short, True)
         path = short / "activated.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(str(path))
-        os.chmod(path, 0o660)  # as SocketMode=0660 in etc/systemd/inference.socket
-        listener.listen(16)
+        listener = activation_socket(self, path)  # SocketMode=0660
         daemon = Daemon(
             "inference",
             [

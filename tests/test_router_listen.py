@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,16 +71,12 @@ class SocketActivationTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_systemd_unix_socket_left_as_systemd_made_it(self) -> Any:
         """The router behind a socket unit: served, and the file neither chmodded nor removed."""
-        from tests.daemons import Daemon
+        from tests.daemons import Daemon, activation_socket
 
         short = Path(tempfile.mkdtemp(prefix="rsa-"))
         self.addCleanup(shutil.rmtree, short, True)
         path = short / "router.sock"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.addCleanup(listener.close)
-        listener.bind(str(path))
-        os.chmod(path, 0o660)  # SocketMode=0660
-        listener.listen(16)
+        listener = activation_socket(self, path)  # SocketMode=0660
         router = Daemon(
             "llmrouter",
             [
