@@ -8,6 +8,7 @@ certificate, and must refuse a backend whose certificate is from another CA or f
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -46,18 +47,22 @@ class MutualTLSTests(TestCase):
         )
         return port
 
+    def router_to(self, port: int, client: Any, ca: Path) -> defer.Deferred[Any]:
+        """A router whose only backend is ``https://localhost:PORT``, with these TLS files."""
+        return start_router(
+            self,
+            [f"https://localhost:{port}"],
+            clock=reactor,
+            upstream_tls_cert=client.cert,
+            upstream_tls_key=client.key,
+            upstream_tls_ca=ca,
+        )
+
     @defer.inlineCallbacks
     def test_chat_over_mutual_tls(self) -> Any:
         pki = make_pki(short_tempdir(self))
         port = yield self.backend(pki.server, pki)
-        running = yield start_router(
-            self,
-            [f"https://localhost:{port}"],
-            clock=reactor,
-            upstream_tls_cert=pki.client.cert,
-            upstream_tls_key=pki.client.key,
-            upstream_tls_ca=pki.ca,
-        )
+        running = yield self.router_to(port, pki.client, pki.ca)
         self.assertTrue(running.router.pool.ready())
         done = yield defer.Deferred.fromCoroutine(
             running.client().chat(prompt("over TLS", max_tokens=3))
@@ -68,31 +73,12 @@ class MutualTLSTests(TestCase):
     def test_untrusted_or_misnamed_backend_is_refused(self) -> Any:
         pki = make_pki(short_tempdir(self))
         port = yield self.backend(pki.wrong_name_server, pki)
-        wrong_name = yield start_router(
-            self,
-            [f"https://localhost:{port}"],
-            clock=reactor,
-            upstream_tls_cert=pki.client.cert,
-            upstream_tls_key=pki.client.key,
-            upstream_tls_ca=pki.ca,
-        )
+        wrong_name = yield self.router_to(port, pki.client, pki.ca)
         self.assertFalse(wrong_name.router.pool.ready())
         good_port = yield self.backend(pki.server, pki)
-        other_ca = yield start_router(
-            self,
-            [f"https://localhost:{good_port}"],
-            clock=reactor,
-            upstream_tls_cert=pki.client.cert,
-            upstream_tls_key=pki.client.key,
-            upstream_tls_ca=pki.other_ca,  # does not pin the backend's CA
-        )
+        # a router that does not pin the backend's CA
+        other_ca = yield self.router_to(good_port, pki.client, pki.other_ca)
         self.assertFalse(other_ca.router.pool.ready())
-        no_client_cert = yield start_router(
-            self,
-            [f"https://localhost:{good_port}"],
-            clock=reactor,
-            upstream_tls_cert=pki.other_client.cert,  # chains to another CA: handshake fails
-            upstream_tls_key=pki.other_client.key,
-            upstream_tls_ca=pki.ca,
-        )
+        # a client certificate from another CA: the backend refuses the handshake
+        no_client_cert = yield self.router_to(good_port, pki.other_client, pki.ca)
         self.assertFalse(no_client_cert.router.pool.ready())
