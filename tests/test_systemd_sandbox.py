@@ -712,6 +712,30 @@ class SandboxedDaemon:
         return _Sandboxed(plugin, args, **kw)  # type: ignore[arg-type]
 
 
+def sandboxed_router(testcase: unittest.TestCase, base: Path, upstream: list[str]) -> Any:
+    """``twistd llmrouter`` under llmrouter.service, state in ``base/rstate``, listening on UNIX
+    sockets there; ``upstream`` names its backend (and TLS files). Stopped at cleanup."""
+    rstate = base / "rstate"
+    rstate.mkdir()
+    os.chown(rstate, 65534, 65534)
+    public = rstate / "router.sock"
+    router = SandboxedDaemon.create(
+        "llmrouter.service",
+        [rstate],
+        "llmrouter",
+        [
+            *("--listen", f"unix:{public}:mode=666"),
+            *("--metrics-listen", f"unix:{rstate}/metrics.sock:mode=666"),
+            *("--keys-dir", str(rstate / "keys")),
+            *upstream,
+        ],
+        health=f"unix:{public}",
+        directory=rstate,
+    )
+    testcase.addCleanup(router.stop)
+    return router
+
+
 class RouterUnderUnitTests(unittest.TestCase):
     """The real ``twistd llmrouter`` under llmrouter.service's restrictions: starts, creates and
     mlocks its keys, serves the key document and metrics, reloads on SIGHUP (ExecReload)."""
@@ -820,28 +844,7 @@ class StackUnderUnitsTests(unittest.TestCase):
         self.assertEqual(status, 200, body)
         self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body[-200:])
 
-        rstate = base / "rstate"
-        rstate.mkdir()
-        os.chown(rstate, 65534, 65534)
-        public = rstate / "router.sock"
-        router = SandboxedDaemon.create(
-            "llmrouter.service",
-            [rstate],
-            "llmrouter",
-            [
-                "--listen",
-                f"unix:{public}:mode=666",
-                "--metrics-listen",
-                f"unix:{rstate}/metrics.sock:mode=666",
-                "--keys-dir",
-                str(rstate / "keys"),
-                "--inference",
-                f"unix:{inference_sock}",
-            ],
-            health=f"unix:{public}",
-            directory=rstate,
-        )
-        self.addCleanup(router.stop)
+        router = sandboxed_router(self, base, ["--inference", f"unix:{inference_sock}"])
         yield router.start()  # /health 200 = keys loaded and the backend probed healthy
         for daemon in (router, inference):
             code = yield daemon.stop()
@@ -931,34 +934,16 @@ class NodeUnderUnitTests(unittest.TestCase):
 
         # the router under llmrouter.service using it as an https:// backend (mutual TLS)
         os.chmod(directory / "router.key", 0o644)
-        rstate = base / "rstate"
-        rstate.mkdir()
-        os.chown(rstate, 65534, 65534)
-        public = rstate / "router.sock"
-        router = SandboxedDaemon.create(
-            "llmrouter.service",
-            [rstate],
-            "llmrouter",
+        router = sandboxed_router(
+            self,
+            base,
             [
-                "--listen",
-                f"unix:{public}:mode=666",
-                "--metrics-listen",
-                f"unix:{rstate}/metrics.sock:mode=666",
-                "--keys-dir",
-                str(rstate / "keys"),
-                "--inference",
-                f"https://localhost:{port}",
-                "--tls-ca",
-                str(directory / "ca.crt"),
-                "--tls-client-cert",
-                str(directory / "router.crt"),
-                "--tls-client-key",
-                str(directory / "router.key"),
+                *("--inference", f"https://localhost:{port}"),
+                *("--tls-ca", str(directory / "ca.crt")),
+                *("--tls-client-cert", str(directory / "router.crt")),
+                *("--tls-client-key", str(directory / "router.key")),
             ],
-            health=f"unix:{public}",
-            directory=rstate,
         )
-        self.addCleanup(router.stop)
         yield router.start()  # 200 only after a health probe over mutual TLS succeeded
         for daemon in (router, node):
             code = yield daemon.stop()
