@@ -28,6 +28,17 @@ from tests.router_support import (
 HOUR = 3600
 
 
+def operator_store(running: Any) -> KeyStore:
+    """The key directory as `llmrouter-keys` opens it from another process."""
+    return KeyStore.open(
+        running.router.settings.keys_dir,
+        running.router.clock,
+        rotation_seconds=None,
+        overlap_seconds=None,
+        create=False,
+    )
+
+
 class RotationTests(TestCase):
     timeout = 60
 
@@ -97,13 +108,7 @@ class RotationTests(TestCase):
         running = yield self.router()
         before = yield key_document(running.url)
         # what `llmrouter-keys --keys-dir DIR rotate` does, from another process
-        operator = KeyStore.open(
-            running.router.settings.keys_dir,
-            running.router.clock,
-            rotation_seconds=None,
-            overlap_seconds=None,
-            create=False,
-        )
+        operator = operator_store(running)
         operator.rotate()
         operator.close()
         running.router.reload_keys()  # SIGHUP; the 2 s poll does the same
@@ -117,13 +122,7 @@ class RotationTests(TestCase):
     def test_poll_picks_up_revocation_without_signal(self) -> Any:
         running = yield self.router()
         doc = yield key_document(running.url)
-        operator = KeyStore.open(
-            running.router.settings.keys_dir,
-            running.router.clock,
-            rotation_seconds=None,
-            overlap_seconds=None,
-            create=False,
-        )
+        operator = operator_store(running)
         operator.revoke(doc.current().kid)
         operator.close()
         running.router.clock.advance(2.5)
