@@ -259,6 +259,31 @@ def activation_socket(testcase: Any, path: Path, mode: int = 0o660) -> socket.so
     return listener
 
 
+def start_router_daemon(
+    testcase: Any,
+    directory: Path,
+    backends: list[str],
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Daemon:
+    """``twistd llmrouter`` on ``directory/router.sock`` (metrics on ``metrics.sock``), keys in
+    ``directory/keys``; stopped at cleanup."""
+    sock = directory / "router.sock"
+    args = ["--listen", f"unix:{sock}", "--metrics-listen", f"unix:{directory / 'metrics.sock'}"]
+    args += ["--keys-dir", str(directory / "keys")]
+    for backend in backends:
+        args += ["--inference", backend]
+    daemon = Daemon(
+        "llmrouter",
+        [*args, *extra],
+        health=f"unix:{sock}",
+        env={"HEALTH_INTERVAL_SECONDS": "0.5", **(env or {})},
+        directory=directory,
+    )
+    testcase.addCleanup(daemon.stop)
+    return daemon
+
+
 def start_inference(
     testcase: Any,
     model: Path | None = None,

@@ -265,7 +265,7 @@ class LiveMetricsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_router_and_inference_export_every_used_name(self) -> Any:
-        from tests.daemons import Daemon, start_inference
+        from tests.daemons import start_inference, start_router_daemon
 
         inference = yield start_inference(self)
         # one request so labelled series (outcome) have samples
@@ -281,25 +281,10 @@ class LiveMetricsTests(unittest.TestCase):
 
         directory = Path(tempfile.mkdtemp(prefix="llmr-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        public, metrics = directory / "r.sock", directory / "m.sock"
-        router = Daemon(
-            "llmrouter",
-            [
-                "--listen",
-                f"unix:{public}",
-                "--metrics-listen",
-                f"unix:{metrics}",
-                "--keys-dir",
-                str(directory / "keys"),
-                "--inference",
-                f"unix:{inference.socket}",
-            ],
-            health=f"unix:{public}",
-            directory=directory,
-        )
-        self.addCleanup(router.stop)
+        router = start_router_daemon(self, directory, [f"unix:{inference.socket}"])
         yield router.start()
         yield router.request(b"GET", "/api/pubkey")
-        status, _, body = yield router.request(b"GET", "/metrics", base=f"unix:{metrics}")
+        metrics = f"unix:{directory / 'metrics.sock'}"
+        status, _, body = yield router.request(b"GET", "/metrics", base=metrics)
         self.assertEqual(status, 200)
         self.check("llmrouter_", body.decode())

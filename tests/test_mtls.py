@@ -279,7 +279,7 @@ class RouterOverMutualTLSTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_router_reaches_inference_over_mtls(self) -> Any:
-        from tests.daemons import Daemon, start_inference
+        from tests.daemons import start_inference, start_router_daemon
 
         tmp = Path(tempfile.mkdtemp(prefix="mtls-"))
         self.addCleanup(shutil.rmtree, tmp, True)
@@ -293,32 +293,16 @@ class RouterOverMutualTLSTests(unittest.TestCase):
             extra_args=["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)],
         )
         rcert, rkey = fixture.files(fixture.good, "router")
-        public, metrics = tmp / "r.sock", tmp / "m.sock"
-        router = Daemon(
-            "llmrouter",
-            [
-                "--listen",
-                f"unix:{public}",
-                "--metrics-listen",
-                f"unix:{metrics}",
-                "--keys-dir",
-                str(tmp / "keys"),
-                "--inference",
-                f"https://localhost:{port}",
-                "--tls-ca",
-                str(ca),
-                "--tls-client-cert",
-                str(rcert),
-                "--tls-client-key",
-                str(rkey),
-            ],
-            health=f"unix:{public}",
-            directory=tmp / "router",
-        )
         (tmp / "router").mkdir()
-        self.addCleanup(router.stop)
+        router = start_router_daemon(
+            self,
+            tmp / "router",
+            [f"https://localhost:{port}"],
+            ["--tls-ca", str(ca), "--tls-client-cert", str(rcert), "--tls-client-key", str(rkey)],
+        )
         yield router.start()
-        status, _, body = yield router.request(b"GET", "/metrics", base=f"unix:{metrics}")
+        metrics = f"unix:{tmp / 'router' / 'metrics.sock'}"
+        status, _, body = yield router.request(b"GET", "/metrics", base=metrics)
         self.assertEqual(status, 200)
         self.assertIn(b'llmrouter_backend_healthy{backend="backend-0"} 1.0', body)
 

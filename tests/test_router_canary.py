@@ -22,9 +22,9 @@ from twisted.trial.unittest import TestCase
 from llmrouter import hpke
 from llmrouter.client import Client
 from llmrouter.protocol import b64u_encode, seal_request
-from tests.daemons import start_inference
+from tests.daemons import start_inference, start_router_daemon
 from tests.router_support import http, key_document, prompt, short_tempdir
-from tests.test_router_e2e import INFERENCE_ARGS, open_stream, start_router_daemon
+from tests.test_router_e2e import INFERENCE_ARGS, open_stream
 
 
 def _files(*roots: Path) -> list[Path]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -25,7 +24,7 @@ from llmrouter import hpke
 from llmrouter.client import ChatError, Client
 from llmrouter.keys import KeyStore
 from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
-from tests.daemons import Daemon, start_inference
+from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.router_support import (
     http,
     key_document,
@@ -62,29 +61,6 @@ def wait_metric(daemon: Daemon, name: str, labels: str, predicate: Any, limit: f
         if reactor.seconds() > deadline:
             raise AssertionError(f"{name}{{{labels}}} stuck at {value}")
         yield sleep(0.05)
-
-
-def start_router_daemon(
-    testcase: TestCase,
-    directory: Path,
-    backends: list[str],
-    extra: list[str] = (),  # type: ignore[assignment]
-    env: dict[str, str] | None = None,
-) -> Daemon:
-    sock = directory / "router.sock"
-    args = ["--listen", f"unix:{sock}", "--metrics-listen", f"unix:{directory / 'metrics.sock'}"]
-    args += ["--keys-dir", str(directory / "keys")]
-    for backend in backends:
-        args += ["--inference", backend]
-    daemon = Daemon(
-        "llmrouter",
-        [*args, *extra],
-        health=f"unix:{sock}",
-        env={"HEALTH_INTERVAL_SECONDS": "0.5", **(env or {})},
-        directory=directory,
-    )
-    testcase.addCleanup(daemon.stop)
-    return daemon
 
 
 class _Reader(Protocol):
