@@ -272,26 +272,19 @@ class Admission:
         s = self._settings
         now = self._clock.seconds()
         if header is None:
-            challenge = pow.issue_challenge(self._keys.pow_key, s.pow_difficulty, now)
-            raise self.reject(
-                ProtocolError(
-                    "pow_required",
-                    "the router is under load: solve the proof of work and retry",
-                    challenge=challenge,
-                    difficulty=s.pow_difficulty,
-                )
+            code, message, ip = (
+                "pow_required",
+                "the router is under load: solve the proof of work and retry",
+                None,
             )
-        if len(header) > 256 or not pow.verify(self._keys.pow_key, header, envelope.enc, now):
-            challenge = pow.issue_challenge(self._keys.pow_key, s.pow_difficulty, now)
-            raise self.reject(
-                ProtocolError(
-                    "pow_invalid",
-                    "the proof of work was not accepted",
-                    challenge=challenge,
-                    difficulty=s.pow_difficulty,
-                ),
-                client_ip,
-            )
+        elif len(header) > 256 or not pow.verify(self._keys.pow_key, header, envelope.enc, now):
+            code, message, ip = "pow_invalid", "the proof of work was not accepted", client_ip
+        else:
+            return
+        challenge = pow.issue_challenge(self._keys.pow_key, s.pow_difficulty, now)
+        raise self.reject(
+            ProtocolError(code, message, challenge=challenge, difficulty=s.pow_difficulty), ip
+        )
 
 
 def _limited(code: str, retry_after: float) -> ProtocolError:
