@@ -93,7 +93,7 @@ class Settings:
         _validate(self)
 
     def source_of(self, name: str) -> str:
-        """Where a setting came from (default, env file, environment, command line), for --help."""
+        """Where a setting came from: default, env file, environment or command line."""
         return self._sources.get(name, "default")
 
     @property

@@ -204,7 +204,6 @@ class Router:
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
         self.site.on_too_large = self._too_large
-        self.metrics_site = RouterSite(MetricsResource(self.metrics), 4096)
 
     def _too_large(self, error: ProtocolError) -> None:
         self.admission.reject(error)
