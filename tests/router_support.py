@@ -242,6 +242,12 @@ def http(
     return response.code, response.headers, data
 
 
+def post_json(url: str, path: str, payload: object) -> Any:
+    """POST ``payload`` as JSON; fires with (status, Headers, body)."""
+    headers = {b"Content-Type": [b"application/json"]}
+    return http(url, b"POST", path, json.dumps(payload).encode(), headers)
+
+
 def prompt(text: str = "Hello", **params: Any) -> ChatRequest:
     return ChatRequest.from_prompt(text, **params)
 

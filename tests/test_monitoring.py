@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from llmrouter import pki
+from tests.router_support import post_json
 from tests.tools import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,24 +218,6 @@ def _families(text: str) -> dict[str, tuple[str, set[str]]]:
     return result
 
 
-@defer.inlineCallbacks
-def post_json(base: str, path: str, payload: object) -> Any:
-    from io import BytesIO
-
-    from twisted.internet import reactor
-    from twisted.web.client import FileBodyProducer, readBody
-    from twisted.web.http_headers import Headers
-
-    from llmrouter.httpclient import agent_for
-
-    agent, prefix = agent_for(reactor, base)
-    body = FileBodyProducer(BytesIO(json.dumps(payload).encode()))
-    headers = Headers({b"content-type": [b"application/json"]})
-    response = yield agent.request(b"POST", (prefix + path).encode(), headers, body)
-    yield readBody(response)
-    return response.code
-
-
 class LiveMetricsTests(unittest.TestCase):
     """Start the real daemons and compare the names used by alerts and dashboard with what
     they actually export."""
@@ -269,7 +252,7 @@ class LiveMetricsTests(unittest.TestCase):
 
         inference = yield start_inference(self)
         # one request so labelled series (outcome) have samples
-        status = yield post_json(
+        status, _, _ = yield post_json(
             f"unix:{inference.socket}",
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},

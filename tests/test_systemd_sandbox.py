@@ -810,6 +810,7 @@ class StackUnderUnitsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_inference_and_router_under_units(self) -> Any:
+        from tests.router_support import post_json
         from tests.tinymodel import tiny_model_path
 
         base = service_dir(self)
@@ -852,25 +853,6 @@ class StackUnderUnitsTests(unittest.TestCase):
             self.assertNotIn("Traceback", daemon.log_text())
         # the socket is systemd's: it outlives the service, so a restart finds it in place
         self.assertTrue(inference_sock.is_socket())
-
-
-@defer.inlineCallbacks
-def post_json(base: str, path: str, payload: object) -> Any:
-    import json
-    from io import BytesIO
-
-    from twisted.internet import reactor
-    from twisted.web.client import FileBodyProducer, readBody
-    from twisted.web.http_headers import Headers
-
-    from llmrouter.httpclient import agent_for
-
-    agent, prefix = agent_for(reactor, base)
-    producer = FileBodyProducer(BytesIO(json.dumps(payload).encode()))
-    headers = Headers({b"content-type": [b"application/json"]})
-    response = yield agent.request(b"POST", (prefix + path).encode(), headers, producer)
-    body = yield readBody(response)
-    return response.code, response.headers, body
 
 
 class NodeUnderUnitTests(unittest.TestCase):
