@@ -175,6 +175,12 @@ def _readonly_recursive(path: str) -> None:
 # --- the launcher ----------------------------------------------------------------------------
 
 
+def _outermost_under_tmp(paths: Iterable[str]) -> list[str]:
+    """The paths below /tmp or /var/tmp, without those inside another one of them."""
+    under = sorted({p for p in paths if p.startswith(("/tmp/", "/var/tmp/"))})
+    return [p for p in under if not any(p.startswith(q + "/") for q in under)]
+
+
 def _filesystem(unit: dict[str, list[str]], rw: Sequence[str], keep: Sequence[str]) -> None:
     """ProtectSystem=strict, ProtectHome, PrivateTmp, PrivateDevices in a new mount namespace.
     ``keep`` are read-only paths under /root re-exposed after ProtectHome (the test machine's
@@ -204,8 +210,15 @@ def _filesystem(unit: dict[str, list[str]], rw: Sequence[str], keep: Sequence[st
     for _, fd in keep_fds:
         os.close(fd)
     if service_setting(unit, "PrivateTmp") == "yes":
+        # A checkout under /tmp (`git clone . /tmp/x`) would vanish with it: bind it back, with the
+        # mounts inside it (the writable state directories); nothing else of /tmp returns.
+        anchors = [(p, os.open(p, os.O_PATH)) for p in _outermost_under_tmp([str(REPO), *rw])]
         for tmp in ("/tmp", "/var/tmp"):
             _mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+        for path, fd in anchors:
+            os.makedirs(path, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+            os.close(fd)
     proc_options = []
     protect_proc = service_setting(unit, "ProtectProc")
     if protect_proc in ("invisible", "noaccess", "ptraceable"):
@@ -515,6 +528,11 @@ def keep_paths() -> list[str]:
     return sorted(set(paths))
 
 
+def tmp_reexposed() -> list[str]:
+    """What a service sees in its private /tmp: only a checkout that lives under /tmp."""
+    return [Path(p).parts[2] for p in _outermost_under_tmp([str(REPO)]) if p.startswith("/tmp/")]
+
+
 def sandbox_argv(
     unit: str, rw: Iterable[Path], argv: Sequence[str], listen_unix: Path | None = None
 ) -> list[str]:
@@ -601,7 +619,7 @@ class ProbeTests(unittest.TestCase):
         self.assertEqual(report["chroot"], "EPERM")  # ~@privileged
         self.assertEqual(report["sethostname"], "EPERM")
         self.assertEqual(report["netlink_socket"], "EAFNOSUPPORT")
-        self.assertEqual(report["tmp"], [])  # PrivateTmp
+        self.assertEqual(report["tmp"], tmp_reexposed())  # PrivateTmp
         self.assertFalse(report["proc_pid1"])  # ProtectProc=invisible: root's processes hidden
         self.assertFalse(report["proc_cpuinfo"])  # ProcSubset=pid
         self.assertLessEqual(
