@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmrouter import pki
+from llmrouter.ops import pki
 
 
 @dataclass(frozen=True)

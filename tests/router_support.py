@@ -27,8 +27,8 @@ from twisted.web.http_headers import Headers
 from llmrouter.client import Client
 from llmrouter.httpclient import agent_for
 from llmrouter.protocol import ChatRequest
-from llmrouter.settings import Settings
-from llmrouter.tap import Router
+from llmrouter.router.settings import Settings
+from llmrouter.router.tap import Router
 
 
 def short_tempdir(testcase: Any) -> Path:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from llmrouter.budget import PrivacyBudget
+from llmrouter.router.budget import PrivacyBudget
 
 DEVICE = b"\x11" * 32
 OTHER = b"\x22" * 32

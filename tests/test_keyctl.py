@@ -16,8 +16,9 @@ from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from llmrouter import keyctl, protocol
-from llmrouter.keys import KeyStore
+from llmrouter import protocol
+from llmrouter.ops import keyctl
+from llmrouter.router.keys import KeyStore
 
 
 def _secret_spellings(directory: Path) -> list[str]:
@@ -180,7 +181,7 @@ class KeyctlProcessTests(unittest.TestCase):
         async def cli(*args: str) -> tuple[bytes, bytes, int]:
             result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
                 sys.executable,
-                ["-m", "llmrouter.keyctl", "--keys-dir", str(directory), *args],
+                ["-m", "llmrouter.ops.keyctl", "--keys-dir", str(directory), *args],
                 env=os.environ,
             )
             return result
@@ -210,7 +211,7 @@ class KeyctlProcessTests(unittest.TestCase):
         # disk, so no rotation is lost and no key id is handed out twice.
         directory = Path(self.mktemp()) / "keys"
         KeyStore.open(directory, reactor).close()  # type: ignore[arg-type]
-        argv = ["-m", "llmrouter.keyctl", "--keys-dir", str(directory), "rotate"]
+        argv = ["-m", "llmrouter.ops.keyctl", "--keys-dir", str(directory), "rotate"]
         results = await gatherResults(
             [getProcessOutputAndValue(sys.executable, argv, env=os.environ) for _ in range(4)]
         )

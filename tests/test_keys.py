@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmrouter import hpke, protocol
-from llmrouter.keys import (
+from llmrouter.router.keys import (
     KeyStore,
     KeyStoreBusyError,
     KeyStoreError,
@@ -23,7 +23,7 @@ from llmrouter.keys import (
     allocate_key_id,
     fingerprint,
 )
-from llmrouter.seclog import SecurityLog
+from llmrouter.router.seclog import SecurityLog
 
 T0 = 1_700_000_000
 DAY = 86400

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from llmrouter import pki
+from llmrouter.ops import pki
 from tests.router_support import post_json
 from tests.tools import require_tool
 

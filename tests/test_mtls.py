@@ -1,7 +1,7 @@
 """Mutual TLS between router and inference with certificates from llmrouter-pki.
 
 A real ``twistd inference`` listens on ``ssl:`` with a server certificate from a private CA made
-by llmrouter.pki. The good path is a real ``twistd llmrouter`` using it as an ``https://``
+by llmrouter.ops.pki. The good path is a real ``twistd llmrouter`` using it as an ``https://``
 backend (its readiness needs a successful health probe over mutual TLS) and the router's own TLS
 client code fetching through it. The bad cases are all refused:
 
@@ -33,8 +33,8 @@ from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverRecei
 from twisted.web.client import readBody
 from twisted.web.http_headers import Headers
 
-from llmrouter import pki
 from llmrouter.httpclient import ClientTLS, agent_for
+from llmrouter.ops import pki
 
 TLS_FAILURES = (ResponseNeverReceived, RequestTransmissionFailed, SSL.Error)
 
@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 class PKIFixture:
-    """Two CAs made with llmrouter.pki and the certificates the cases need."""
+    """Two CAs made with llmrouter.ops.pki and the certificates the cases need."""
 
     def __init__(self, directory: Path) -> None:
         self.good = directory / "good"

@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 from twisted.trial import unittest
 
-from llmrouter import pki
+from llmrouter.ops import pki
 
 NOW = datetime.datetime(2026, 11, 23, 12, 0, tzinfo=datetime.UTC)
 

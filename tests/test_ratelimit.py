@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from llmrouter.ratelimit import RateLimiter
+from llmrouter.router.ratelimit import RateLimiter
 
 
 class RateLimiterTests(unittest.TestCase):

@@ -14,8 +14,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmrouter import pki
 from llmrouter.listen import ListenError, server_endpoint
+from llmrouter.ops import pki
 
 
 class PublicEndpointTests(SynchronousTestCase):

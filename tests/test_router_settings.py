@@ -8,9 +8,9 @@ from pathlib import Path
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
-from llmrouter import settings as settings_module
-from llmrouter.settings import Settings, SettingsError, load, read_env_file
-from llmrouter.tap import Options
+from llmrouter.router import settings as settings_module
+from llmrouter.router.settings import Settings, SettingsError, load, read_env_file
+from llmrouter.router.tap import Options
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from llmrouter.metrics import RouterMetrics
-from llmrouter.upstream import BackendPool, ChatCall, CircuitBreaker
+from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.upstream import BackendPool, ChatCall, CircuitBreaker
 from tests.router_support import Script, short_tempdir, start_fault_backend, test_settings
 
 

@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from llmrouter import seclog
-from llmrouter.seclog import Ident, SecurityLog
+from llmrouter.router import seclog
+from llmrouter.router.seclog import Ident, SecurityLog
 
 HASH_KEY = bytes(range(32))
 

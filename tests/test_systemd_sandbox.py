@@ -671,7 +671,7 @@ class RenewUnitTests(unittest.TestCase):
     def test_renew_under_unit(self) -> defer.Deferred[None]:
         import datetime
 
-        from llmrouter import pki
+        from llmrouter.ops import pki
 
         base = service_dir(self)
         directory = base / "pki"
@@ -886,8 +886,8 @@ class NodeUnderUnitTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_mtls_listener_under_unit(self) -> Any:
-        from llmrouter import pki
         from llmrouter.httpclient import ClientTLS
+        from llmrouter.ops import pki
         from tests.tinymodel import tiny_model_path
 
         base = service_dir(self)

@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 llmrouter = ServiceMaker(
     "llmrouter",
-    "llmrouter.tap",
+    "llmrouter.router.tap",
     "Encrypted (HPKE) chat router streaming llama.cpp tokens as sealed SSE.",
     "llmrouter",
 )

@@ -25,12 +25,12 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from llmrouter import pow
-from llmrouter.admission import Admission
-from llmrouter.metrics import RouterMetrics
 from llmrouter.protocol import ProtocolError, ResponseSealer
-from llmrouter.settings import Settings
-from llmrouter.stream import EncryptedStream
-from llmrouter.upstream import BackendPool, ChatCall
+from llmrouter.router.admission import Admission
+from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.settings import Settings
+from llmrouter.router.stream import EncryptedStream
+from llmrouter.router.upstream import BackendPool, ChatCall
 
 __all__ = ["RouterApp", "RouterSite", "client_address"]
 

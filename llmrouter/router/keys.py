@@ -55,8 +55,8 @@ from llmrouter.protocol import (
     build_ohttp_key_configs,
     kid_for_key_id,
 )
-from llmrouter.seclog import SecurityLog
-from llmrouter.secmem import LockedBuffer
+from llmrouter.router.seclog import SecurityLog
+from llmrouter.router.secmem import LockedBuffer
 
 __all__ = [
     "POLL_SECONDS",
@@ -81,7 +81,7 @@ STATUSES = ("current", "next", "retired", "revoked")
 
 _HPKE_FILE = re.compile(r"hpke-([0-9a-f]{2})\.key")
 _TMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]+")
-_log = Logger(namespace="llmrouter.keys")
+_log = Logger(namespace="llmrouter.router.keys")
 
 
 class _SigningKey(nacl.signing.SigningKey):

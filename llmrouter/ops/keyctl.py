@@ -23,9 +23,9 @@ from typing import TextIO
 
 from twisted.internet.task import Clock
 
-from llmrouter.keys import KeyStore, KeyStoreError
 from llmrouter.protocol import b64u_encode, key_id_for_kid
-from llmrouter.secmem import harden_process
+from llmrouter.router.keys import KeyStore, KeyStoreError
+from llmrouter.router.secmem import harden_process
 
 __all__ = ["main"]
 

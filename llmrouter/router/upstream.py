@@ -28,8 +28,8 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llmrouter.httpclient import ClientTLS, agent_for
-from llmrouter.metrics import RouterMetrics
-from llmrouter.settings import Settings
+from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.settings import Settings
 from llmrouter.sse import SSEError, SSEParser
 
 __all__ = [

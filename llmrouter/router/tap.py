@@ -1,7 +1,7 @@
 """``twistd llmrouter``: command line, and the service tree of a running router.
 
 Settings come from defaults < ``--env-file`` < environment < command line (see
-:mod:`llmrouter.settings`); ``twistd -n llmrouter --help`` lists every option and variable.
+:mod:`llmrouter.router.settings`); ``twistd -n llmrouter --help`` lists every option and variable.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from llmrouter import secmem
-from llmrouter.admission import Admission, StreamSlots
-from llmrouter.app import RouterApp, RouterSite
-from llmrouter.budget import PrivacyBudget
 from llmrouter.listen import ListenError, server_endpoint
-from llmrouter.metrics import MetricsResource, RouterMetrics
 from llmrouter.protocol import ProtocolError
-from llmrouter.ratelimit import RateLimiter
-from llmrouter.replay import ReplayCache
-from llmrouter.seclog import SecurityLog
-from llmrouter.settings import ENV_NAMES, Settings, SettingsError, load
-from llmrouter.upstream import BackendPool
+from llmrouter.router import secmem
+from llmrouter.router.admission import Admission, StreamSlots
+from llmrouter.router.app import RouterApp, RouterSite
+from llmrouter.router.budget import PrivacyBudget
+from llmrouter.router.metrics import MetricsResource, RouterMetrics
+from llmrouter.router.ratelimit import RateLimiter
+from llmrouter.router.replay import ReplayCache
+from llmrouter.router.seclog import SecurityLog
+from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, load
+from llmrouter.router.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
 
@@ -159,7 +159,7 @@ class Router:
         clock = clock or reactor
         self.clock = clock
         self.metrics = metrics or RouterMetrics()
-        from llmrouter.keys import KeyStore  # imported late: keeps `twistd --help` light
+        from llmrouter.router.keys import KeyStore  # imported late: keeps `twistd --help` light
 
         self.keys = keys or KeyStore.open(
             settings.keys_dir,
@@ -267,7 +267,7 @@ def makeService(options: Options) -> service.IService:
     settings = options.settings
     assert settings is not None
     secmem.harden_process()  # before any key material is read
-    from llmrouter.keys import KeyStore, KeyStoreError
+    from llmrouter.router.keys import KeyStore, KeyStoreError
 
     # Fail fast (before twistd forks) on an unusable key directory; creates it on first start.
     try:

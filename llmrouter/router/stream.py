@@ -1,7 +1,7 @@
 """The client-facing response: sealed SSE chunks, flow-controlled end to end.
 
-:class:`EncryptedStream` is the :class:`~llmrouter.upstream.TokenSink` of a
-:class:`~llmrouter.upstream.ChatCall` and the push producer registered on the client's HTTP
+:class:`EncryptedStream` is the :class:`~llmrouter.router.upstream.TokenSink` of a
+:class:`~llmrouter.router.upstream.ChatCall` and the push producer registered on the client's HTTP
 request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmrouter.metrics import RouterMetrics
 from llmrouter.protocol import KEEPALIVE, ProtocolError, ResponseSealer
+from llmrouter.router.metrics import RouterMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 

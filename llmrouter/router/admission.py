@@ -27,7 +27,6 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from llmrouter import pow
-from llmrouter.metrics import RouterMetrics
 from llmrouter.protocol import (
     ChatRequest,
     Envelope,
@@ -36,7 +35,8 @@ from llmrouter.protocol import (
     open_request,
     parse_envelope,
 )
-from llmrouter.settings import Settings
+from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.settings import Settings
 
 __all__ = ["Admission", "Admitted", "KeySource", "RequestRate", "StreamSlots"]
 

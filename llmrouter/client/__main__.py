@@ -1,0 +1,5 @@
+import sys
+
+from llmrouter.client.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Operator tools run by hand or by timers: ``llmrouter-keys`` and ``llmrouter-pki``."""

@@ -1,0 +1,1 @@
+"""The router daemon (``twistd llmrouter``): admission, keys, upstreams, the sealed stream."""
