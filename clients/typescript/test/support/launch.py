@@ -1,0 +1,30 @@
+"""Start ``twistd -n <plugin> ...`` for the SDK's tests with a listening TCP socket on a free port.
+
+The socket is bound here (port 0, so runs never collide), handed to the daemon as systemd would
+(fd 3, ``LISTEN_FDS=1``, ``LISTEN_PID`` = this process, which exec keeps) and its port printed
+as one JSON line before the exec. The daemon serves it with ``--listen systemd:domain=INET:index=0``.
+
+    python launch.py llmrouter --listen systemd:domain=INET:index=0 --keys-dir ... --inference ...
+"""
+
+import json
+import os
+import socket
+import sys
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def main() -> None:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    os.dup2(listener.fileno(), 3, inheritable=True)
+    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
+    os.environ.pop("LISTEN_FDNAMES", None)
+    print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
+    os.execv(sys.executable, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()
