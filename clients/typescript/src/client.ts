@@ -87,6 +87,7 @@ export interface ClientOptions {
 }
 
 interface CachedDocument {
+  url: string;
   body: string;
   fetched_at: number;
 }
@@ -193,7 +194,7 @@ export class LLMRouterClient {
     try {
       const cached = JSON.parse(stored) as CachedDocument;
       const pin = await this.trustedKey();
-      if (pin === null) return undefined;
+      if (pin === null || cached.url !== this.url) return undefined;
       this.document = verifyKeyDocument(cached.body, pin, now);
       this.fetchedAt = cached.fetched_at;
       return this.document;
@@ -222,7 +223,7 @@ export class LLMRouterClient {
     if (pin === null) await this.storage.setItem(this.key('signing-key'), b64uEncode(document.signing_key));
     this.document = document;
     this.fetchedAt = this.seconds();
-    const cached: CachedDocument = { body, fetched_at: this.fetchedAt };
+    const cached: CachedDocument = { url: this.url, body, fetched_at: this.fetchedAt };
     await this.storage.setItem(this.key('key-document'), JSON.stringify(cached));
     return document;
   }
@@ -377,6 +378,7 @@ export class LLMRouterClient {
         }
         if (chunk.done) break;
         for (const event of deliver(opener.feed(chunk.value))) {
+          if (signal?.aborted) throw new AbortedError(); // nothing more after an abort
           if (event.type === 'done') finished = true;
           yield event;
           if (finished) return;

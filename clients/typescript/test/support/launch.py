@@ -1,7 +1,7 @@
 """Start ``twistd -n <plugin> ...`` for the SDK's tests with a listening TCP socket on a free port.
 
 The socket is bound here (port 0, so runs never collide), handed to the daemon as systemd would
-(fd 3, ``LISTEN_FDS=1``, ``LISTEN_PID`` = this process, which exec keeps) and its port printed
+(fd 3, ``LISTEN_FDS=1``, ``LISTEN_FDNAMES``, ``LISTEN_PID`` = this process, which exec keeps) and its port printed
 as one JSON line before the exec. The daemon serves it with ``--listen systemd:domain=INET:index=0``.
 
     python launch.py llmrouter --listen systemd:domain=INET:index=0 --keys-dir ... --inference ...
@@ -19,9 +19,11 @@ def main() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
-    os.dup2(listener.fileno(), 3, inheritable=True)
-    os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
-    os.environ.pop("LISTEN_FDNAMES", None)
+    if listener.fileno() != 3:
+        os.dup2(listener.fileno(), 3)
+    os.set_inheritable(3, True)  # also when the socket already is fd 3 (dup2 would not touch it)
+    # Twisted adopts inherited sockets only when LISTEN_FDNAMES has one name per descriptor.
+    os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="public", LISTEN_PID=str(os.getpid()))
     print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
     os.execv(sys.executable, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *sys.argv[1:]])
 

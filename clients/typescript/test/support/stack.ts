@@ -95,10 +95,12 @@ export class Daemon {
     readonly name: string,
     argv: string[],
     env: Record<string, string> = {},
+    announces = false,
   ) {
     const log = createWriteStream(join(directory, `${name}.log`));
     this.proc = spawn(PYTHON, argv, { cwd: directory, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc.stderr?.pipe(log);
+    if (!announces) this.proc.stdout?.pipe(createWriteStream(join(directory, `${name}.out`)));
     this.exited = new Promise((resolve) =>
       this.proc.on('exit', (code) => {
         this.ended = true;
@@ -121,7 +123,7 @@ export class Daemon {
     );
   }
 
-  /** The first line of stdout (launch.py's JSON); the rest goes to the log. */
+  /** The first line of stdout (launch.py's JSON, when `announces`); the rest goes to the log. */
   firstLine(): Promise<string> {
     const out = this.proc.stdout!;
     const log = createWriteStream(join(this.directory, `${this.name}.out`));
@@ -141,15 +143,18 @@ export class Daemon {
   }
 
   logTail(): string {
-    try {
-      return readFileSync(join(this.directory, `${this.name}.log`), 'utf8').split('\n').slice(-30).join('\n');
-    } catch {
-      return '';
-    }
+    const tail = (file: string) => {
+      try {
+        return readFileSync(join(this.directory, file), 'utf8').split('\n').slice(-30).join('\n');
+      } catch {
+        return '';
+      }
+    };
+    return tail(`${this.name}.out`) + tail(`${this.name}.log`);
   }
 
-  get pid(): number | undefined {
-    return this.proc.pid;
+  signal(name: NodeJS.Signals): void {
+    this.proc.kill(name);
   }
 
   /** SIGTERM, SIGKILL after 20 s; resolves once the process is gone. */
@@ -220,6 +225,7 @@ export async function startRouter(inference: Inference, env: Record<string, stri
     'llmrouter',
     [LAUNCH, 'llmrouter', '--listen', 'systemd:domain=INET:index=0', '--metrics-listen', `unix:${metricsSocket}`, '--keys-dir', keysDir, '--inference', `unix:${inference.socket}`],
     { HEALTH_INTERVAL_SECONDS: '0.5', ...env },
+    true,
   );
   const { port } = JSON.parse(await daemon.firstLine()) as { port: number };
   const url = `http://127.0.0.1:${port}`;
