@@ -10,11 +10,11 @@
  * vector and cross-checked against hpke-js by the tests.
  */
 
-import { chacha20poly1305 } from '@noble/ciphers/chacha';
-import { equalBytes } from '@noble/ciphers/utils';
-import { x25519 } from '@noble/curves/ed25519';
-import { expand, extract } from '@noble/hashes/hkdf';
-import { sha256 } from '@noble/hashes/sha2';
+import { chacha20poly1305 } from '@noble/ciphers/chacha.js';
+import { equalBytes } from '@noble/ciphers/utils.js';
+import { x25519 } from '@noble/curves/ed25519.js';
+import { expand, extract } from '@noble/hashes/hkdf.js';
+import { sha256 } from '@noble/hashes/sha2.js';
 
 import { concat, i2osp, randomBytes, utf8, xor } from './bytes.js';
 

@@ -5,7 +5,7 @@
  * stays responsive and an `AbortSignal` can stop it.
  */
 
-import { sha256 } from '@noble/hashes/sha2';
+import { sha256 } from '@noble/hashes/sha2.js';
 
 import { b64uDecode, concat, utf8 } from './bytes.js';
 import { AbortedError } from './errors.js';

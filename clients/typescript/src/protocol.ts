@@ -6,8 +6,8 @@
  * fields and chunk types are where later protocol versions add theirs.
  */
 
-import { equalBytes } from '@noble/ciphers/utils';
-import { ed25519 } from '@noble/curves/ed25519';
+import { equalBytes } from '@noble/ciphers/utils.js';
+import { ed25519 } from '@noble/curves/ed25519.js';
 
 import { b64uDecode, b64uEncode, concat, EncodingError, fromUtf8, i2osp, randomBytes, utf8, xor } from './bytes.js';
 import { DecryptionError, EncryptionError, InvalidRequestError, KeyDocumentError, TruncatedStreamError } from './errors.js';

@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
-import { ed25519 } from '@noble/curves/ed25519';
+import { ed25519 } from '@noble/curves/ed25519.js';
 
 import { InvalidRequestError, KeyDocumentError, TruncatedStreamError } from '@llmrouter/client';
 import * as hpke from '@llmrouter/client/hpke';

@@ -1,8 +1,9 @@
 """Start ``twistd -n <plugin> ...`` for the SDK's tests with a listening TCP socket on a free port.
 
-The socket is bound here (port 0, so runs never collide), handed to the daemon as systemd would
-(fd 3, ``LISTEN_FDS=1``, ``LISTEN_FDNAMES``, ``LISTEN_PID`` = this process, which exec keeps) and its port printed
-as one JSON line before the exec. The daemon serves it with ``--listen systemd:domain=INET:index=0``.
+The socket is bound here (port 0, so runs never collide) and handed to the daemon as systemd would
+(fd 3, ``LISTEN_FDS=1``, ``LISTEN_FDNAMES``, ``LISTEN_PID`` = this process, which exec keeps); its
+port is printed as one JSON line before the exec. The daemon serves it with
+``--listen systemd:domain=INET:index=0``.
 
     python launch.py llmrouter --listen systemd:domain=INET:index=0 --keys-dir ... --inference ...
 """
@@ -25,7 +26,8 @@ def main() -> None:
     # Twisted adopts inherited sockets only when LISTEN_FDNAMES has one name per descriptor.
     os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="public", LISTEN_PID=str(os.getpid()))
     print(json.dumps({"port": listener.getsockname()[1]}), flush=True)
-    os.execv(sys.executable, [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *sys.argv[1:]])
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", *sys.argv[1:]]
+    os.execv(sys.executable, argv)  # noqa: S606  (the test's own interpreter, no shell)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,12 @@ export function metric(text: string, name: string, labels = ''): number {
 class DaemonExited extends Error {}
 
 /** Poll `probe` until `predicate` holds (bounded; not a timing assertion). */
-export async function waitFor<T>(probe: () => Promise<T>, predicate: (value: T) => boolean, what: string, limitMs = 30000): Promise<T> {
+export async function waitFor<T>(
+  probe: () => Promise<T>,
+  predicate: (value: T) => boolean,
+  what: string | (() => string),
+  limitMs = 30000,
+): Promise<T> {
   const deadline = Date.now() + limitMs;
   for (;;) {
     let value: T | undefined;
@@ -80,7 +85,9 @@ export async function waitFor<T>(probe: () => Promise<T>, predicate: (value: T) 
       if (e instanceof DaemonExited) throw e;
       value = undefined;
     }
-    if (Date.now() > deadline) throw new Error(`${what}: still ${JSON.stringify(value)}`);
+    if (Date.now() > deadline) {
+      throw new Error(`${typeof what === 'string' ? what : what()}: still ${JSON.stringify(value)}`);
+    }
     await sleep(50);
   }
 }
