@@ -109,13 +109,13 @@ interface RandomSource {
 
 /**
  * `length` random bytes from `crypto.getRandomValues`, the only thing the SDK takes from the
- * platform. React Native needs a polyfill for it (docs/clients.md).
+ * platform. React Native and Node 18 need a polyfill for it (docs/clients.md).
  */
 export function randomBytes(length: number): Uint8Array {
   const source = (globalThis as { crypto?: Partial<RandomSource> }).crypto;
   if (typeof source?.getRandomValues !== 'function') {
     throw new Error(
-      'crypto.getRandomValues is missing: on React Native import "react-native-get-random-values" first',
+      'crypto.getRandomValues is missing: add the polyfill for this platform (React Native, Node 18: docs/clients.md)',
     );
   }
   return source.getRandomValues(new Uint8Array(length));
