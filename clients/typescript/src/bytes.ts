@@ -69,9 +69,22 @@ export function utf8(text: string): Uint8Array {
   return encoder.encode(text);
 }
 
-/** Strict UTF-8 decoding: invalid bytes are an error, never U+FFFD. */
+let decoder: TextDecoder | undefined;
+
+/**
+ * Strict UTF-8 decoding: invalid bytes are an error, never U+FFFD. (Expo's TextDecoder on native
+ * platforms knows only UTF-8 and may refuse options; it is then used as it is: everything decoded
+ * here is either authenticated by the AEAD first or ASCII framing.)
+ */
 export function fromUtf8(data: Uint8Array): string {
-  return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(data);
+  if (decoder === undefined) {
+    try {
+      decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+    } catch {
+      decoder = new TextDecoder();
+    }
+  }
+  return decoder.decode(data);
 }
 
 export function concat(...parts: Uint8Array[]): Uint8Array {
