@@ -26,7 +26,6 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
@@ -40,13 +39,15 @@ __all__ = [
     "MAX_BODY",
     "OpenAIError",
     "ProxyResource",
+    "ProxySite",
     "parse_listen",
+    "read_tofu",
     "to_request",
+    "write_tofu",
 ]
 
 DEFAULT_MODEL = "llmrouter"
 MAX_BODY = 1024 * 1024
-_log = Logger()
 
 
 class OpenAIError(Exception):
@@ -359,7 +360,7 @@ class _Completion:
         elif failure.check(ConnectError, ResponseFailed, ResponseNeverReceived):
             error = _unreachable()
         else:
-            _log.failure("proxy: unexpected failure", failure)
+            # Not logged: an unexpected exception's text could quote the conversation.
             error = OpenAIError(500, "internal error", "internal")
         if not self._started:
             _error(self._http, error)
