@@ -20,7 +20,7 @@ import {
   TruncatedStreamError,
 } from '@llmrouter/client';
 
-import { cuttingProxy, recorder, replaying, unreachable } from './support/faults.js';
+import { cuttingProxy, recorder, replaying, unreachable, unstreamed } from './support/faults.js';
 import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
 
 function ask(content: string, max_tokens = 8): ChatRequest {
@@ -95,6 +95,13 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
       assert.equal(envelope.device_pubkey, b64u(device!));
     }
     assert.equal(chats().length, 2);
+  });
+
+  it('works with a fetch that has no response streams (the answer is verified all at once)', async () => {
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed });
+    const { deltas, done } = await collect(client.chat(ask('no streams here', 5)));
+    assert.ok(deltas >= 1);
+    assert.ok(done?.type === 'done' && done.usage.completion_tokens === 5);
   });
 
   it('refuses a key document not signed by the pinned key, before sending anything', async () => {

@@ -38,6 +38,12 @@ export const replaying: Fetch = async (url, init) => {
   return fetch(url, init);
 };
 
+/** A fetch without response streams, as React Native's own: the body arrives all at once. */
+export const unstreamed: Fetch = async (url, init) => {
+  const response = await fetch(url, init);
+  return { status: response.status, headers: response.headers, body: null, text: () => response.text(), arrayBuffer: () => response.arrayBuffer() };
+};
+
 /** The network is down for requests whose path starts with `prefix`. */
 export function unreachable(prefix: string): Fetch {
   return async (url, init): Promise<FetchResponse> => {
