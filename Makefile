@@ -1,12 +1,12 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
-#   make test  - set up, then run the trial suite, ruff, mypy and the wheel check
+#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check and the SDK tests
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test trial lint type wheel-check system-deps clean
+.PHONY: run test trial lint type wheel-check system-deps sdk-test clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
-test: system-deps trial lint type wheel-check
+test: system-deps trial lint type wheel-check sdk-test
 
 trial: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests
@@ -28,13 +28,21 @@ trial: $(STAMP)
 system-deps:
 	etc/dev/ci-deps
 
+PY_SOURCES := llmrouter inference tests bench twisted bin/verify-network clients/typescript/test/support
+
 lint: $(STAMP)
-	$(BIN)/ruff check llmrouter inference tests bench twisted bin/verify-network
-	$(BIN)/ruff format --check llmrouter inference tests bench twisted bin/verify-network
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
 
 type: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict --scripts-are-modules bin/verify-network
+
+# The TypeScript SDK (clients/typescript): install from the lockfile, then `npm test` (type check,
+# unit tests, end to end against real daemons run with this venv's Python, headless Chromium; all
+# twice, the second time without crypto.subtle). Node, npm and chromium come from system-deps.
+sdk-test: $(STAMP) system-deps
+	cd clients/typescript && npm ci --no-audit --no-fund && LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python npm test
 
 # The plugin modules must ship in the wheel and be found from site-packages of a
 # virtualenv that has never seen this checkout.
@@ -43,3 +51,4 @@ wheel-check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp
+	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/build

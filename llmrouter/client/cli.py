@@ -1,6 +1,7 @@
-"""``llmrouter-client``: chat, the curl-friendly ``seal``/``open`` pair and ``keys``.
+"""``llmrouter-client``: chat, the curl-friendly ``seal``/``open`` pair, ``keys`` and ``proxy``.
 
-A thin layer over :class:`llmrouter.client.library.Client`.
+A thin layer over :class:`llmrouter.client.library.Client` (and, for ``proxy``,
+:mod:`llmrouter.client.proxy`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError, ConnectError
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from llmrouter.client import proxy as proxy_module
 from llmrouter.client.library import DEFAULT_URL, ChatError, Client, load_device_key
 from llmrouter.protocol import (
     ChatRequest,
@@ -83,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
     open_.add_argument("--state", type=Path, required=True, help="the file written by seal")
     open_.add_argument("input", nargs="?", default="-", help="the SSE response (default stdin)")
     sub.add_parser("keys", parents=[common], help="fetch, verify and print the key document")
+    proxy = sub.add_parser(
+        "proxy",
+        parents=[common],
+        help="serve an OpenAI-compatible API on loopback, sealing every request to the router",
+    )
+    proxy.add_argument(
+        "--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000; port 0: any)"
+    )
+    proxy.add_argument(
+        "--tofu",
+        metavar="FILE",
+        help="instead of --pin: trust the router's signing key on first use, keep it in FILE",
+    )
+    proxy.add_argument(
+        "--allow-remote", action="store_true", help="allow a --listen address that is not loopback"
+    )
+    proxy.add_argument(
+        "--model-name",
+        default=proxy_module.DEFAULT_MODEL,
+        help=f"the model id served by /v1/models (default {proxy_module.DEFAULT_MODEL})",
+    )
     return parser
 
 
@@ -97,8 +121,44 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _pin(text: str) -> bytes:
+    try:
+        return b64u_decode(text, "pin", 32)
+    except ProtocolError:
+        raise ChatError("bad_pin", "--pin must be an Ed25519 public key in base64url") from None
+
+
+async def _proxy(reactor: Any, args: argparse.Namespace) -> int:
+    """Check everything before listening: a bad pin or address never serves a request."""
+    try:
+        host, port = proxy_module.parse_listen(args.listen, args.allow_remote)
+    except ValueError as e:
+        raise ChatError("bad_listen", str(e)) from None
+    if bool(args.pin) == bool(args.tofu):
+        raise ChatError(
+            "no_pin", "proxy needs --pin SIGNING_KEY (llmrouter-keys init) or --tofu FILE"
+        )
+    trusted = args.pin or proxy_module.read_tofu(args.tofu)
+    device_key = load_device_key(args.device_key) if args.device_key else None
+    pin = _pin(trusted) if trusted else None
+    client = Client(reactor, args.url, pin=pin, device_key=device_key)
+    document = await client.fetch_keys()
+    if pin is None:
+        proxy_module.write_tofu(args.tofu, b64u_encode(document.signing_key))
+    site = proxy_module.ProxySite(proxy_module.ProxyResource(client, args.model_name))
+    endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+    listening = await endpoint_type(reactor, port, interface=host).listen(site)
+    address = listening.getHost()
+    shown = f"[{address.host}]" if ":" in address.host else address.host
+    _write(f"llmrouter-client proxy: http://{shown}:{address.port}/v1 -> {args.url}\n")
+    await Deferred()  # until SIGINT or SIGTERM stops the reactor
+    return 0
+
+
 async def _run(reactor: Any, args: argparse.Namespace) -> int:
-    pin = b64u_decode(args.pin, "pin", 32) if args.pin else None
+    if args.command == "proxy":
+        return await _proxy(reactor, args)
+    pin = _pin(args.pin) if args.pin else None
     device_key = load_device_key(args.device_key) if args.device_key else None
     client = Client(reactor, args.url, pin=pin, device_key=device_key)
     if args.command == "keys":
@@ -163,6 +223,8 @@ async def _guarded(reactor: Any, args: argparse.Namespace) -> int:
         return _fail(e)
     except (ConnectError, ResponseFailed, ResponseNeverReceived) as e:
         return _fail(ChatError("unreachable", f"cannot talk to the router ({type(e).__name__})"))
+    except CannotListenError:
+        return _fail(ChatError("cannot_listen", "cannot listen on the --listen address"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,11 +52,14 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 class ChatError(Exception):
     """The router refused the request, the stream ended in an error, or it was truncated."""
 
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after = retry_after  # seconds, when the router said (rate limits)
 
 
 class _StreamReader(Protocol):
@@ -65,8 +68,15 @@ class _StreamReader(Protocol):
     def __init__(self, opener: ResponseOpener, on_delta: Callable[[str], None]) -> None:
         self._opener = opener
         self._on_delta = on_delta
-        self.finished: Deferred[Done | ErrorChunk] = Deferred()
+        # Cancelling (the caller gave up, e.g. its own client left) closes the connection, which
+        # makes the router cancel the generation.
+        self.finished: Deferred[Done | ErrorChunk] = Deferred(self._cancel)
         self._failed = False
+
+    def _cancel(self, _: Deferred[Done | ErrorChunk]) -> None:
+        self._failed = True
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         if self._failed:
@@ -174,7 +184,9 @@ class Client:
                 enc = b64u_decode(envelope["enc"], "enc")
                 pow_header = await threads.deferToThread(pow.solve, str(error["challenge"]), enc)
                 continue
-            raise ChatError(code, message, response.code)
+            retry_after = error.get("retry_after")
+            retry = retry_after if isinstance(retry_after, int) else None
+            raise ChatError(code, message, response.code, retry)
         raise ChatError("pow_invalid", "the proof of work was not accepted", 401)
 
     async def _post(self, envelope: dict[str, Any], pow_header: str | None) -> IResponse:

@@ -105,7 +105,10 @@ class RouterApp:
         self.streams: set[EncryptedStream] = set()
 
     def resource(self) -> IResource:
-        return _Utf8Guard(self.app.resource(), self._reply)
+        inner: IResource = _Utf8Guard(self.app.resource(), self._reply)
+        if self.settings.cors_origins:
+            inner = _Cors(inner, frozenset(self.settings.cors_origins), self._reply)
+        return inner
 
     # Helpers.
 
@@ -254,6 +257,42 @@ class _Utf8Guard(Resource):
             error = ProtocolError("bad_url", "the URL is not valid UTF-8")
             return self._reply(request, error.status, b"application/json", error.to_json())
         return self._inner.render(request)
+
+
+class _Cors(Resource):
+    """Lets browser pages from the listed origins (``CORS_ORIGINS``) call the API.
+
+    A request from a listed origin gets ``Access-Control-Allow-Origin`` (and may read
+    ``Retry-After``); its preflight ``OPTIONS`` is answered here. Every other request is served as
+    without CORS: no CORS headers, and ``OPTIONS`` stays a 405. Nothing here is logged.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        inner: IResource,
+        origins: frozenset[str],
+        reply: Callable[[server.Request, int, bytes, bytes], bytes],
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._origins = origins
+        self._reply = reply
+
+    def render(self, request: server.Request) -> Any:
+        request.setHeader(b"Vary", b"Origin")  # answers differ by origin: keep caches apart
+        origin = (request.getHeader(b"origin") or b"").decode("latin-1")
+        if origin not in self._origins:
+            return self._inner.render(request)
+        request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
+        if request.method != b"OPTIONS":
+            request.setHeader(b"Access-Control-Expose-Headers", b"Retry-After")
+            return self._inner.render(request)
+        request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST")
+        request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, " + pow.HEADER.encode())
+        request.setHeader(b"Access-Control-Max-Age", b"600")
+        return self._reply(request, 204, b"application/json", b"")
 
 
 class _BoundedRequest(server.Request):

@@ -56,6 +56,7 @@ class Settings:
     upstream_tls_ca: Path | None = None
     upstream_tls_server_name: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     request_ttl_seconds: float = 300.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 30.0
@@ -119,6 +120,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "UPSTREAM_TLS_CA": ("upstream_tls_ca", _opt_path),
     "UPSTREAM_TLS_SERVER_NAME": ("upstream_tls_server_name", lambda v: v.strip() or None),
     "TRUSTED_PROXIES": ("trusted_proxies", _split),
+    "CORS_ORIGINS": ("cors_origins", _split),
     "REQUEST_TTL_SECONDS": ("request_ttl_seconds", float),
     "CIRCUIT_BREAKER_THRESHOLD": ("circuit_breaker_threshold", int),
     "CIRCUIT_RESET_SECONDS": ("circuit_reset_seconds", float),
@@ -209,6 +211,9 @@ def _validate(s: Settings) -> None:
             ipaddress.ip_network(proxy, strict=False)
         except ValueError:
             raise SettingsError("TRUSTED_PROXIES must be IP addresses or CIDR networks") from None
+    for origin in s.cors_origins:
+        if not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
+            raise SettingsError("CORS_ORIGINS entries must be origins: http(s)://host[:port]")
     _positive(
         s,
         "request_ttl_seconds",

@@ -1,0 +1,167 @@
+/**
+ * Typed errors a UI can act on. Every error has a stable `code`; the class says what kind of
+ * problem it is (and so what to do), the code says exactly which.
+ *
+ * Messages are fixed sentences chosen here or by the router (whose messages never repeat what a
+ * client sent): no error ever carries prompt or response text, key bytes or device identifiers.
+ */
+
+/** Every code the router answers with (docs/protocol.md), for exhaustive `switch`es. */
+export type RouterErrorCode =
+  | 'body_too_large'
+  | 'unsupported_media_type'
+  | 'bad_json'
+  | 'unknown_field'
+  | 'missing_field'
+  | 'bad_type'
+  | 'bad_base64'
+  | 'bad_length'
+  | 'bad_version'
+  | 'bad_mode'
+  | 'device_auth_required'
+  | 'rate_limited'
+  | 'pow_required'
+  | 'pow_invalid'
+  | 'stale'
+  | 'key_unknown'
+  | 'replay'
+  | 'decrypt_failed'
+  | 'bad_payload'
+  | 'device_rate_limited'
+  | 'budget_exhausted'
+  | 'device_streams'
+  | 'overloaded'
+  | 'no_backend'
+  | 'upstream_failed'
+  | 'timeout'
+  | 'not_found'
+  | 'method_not_allowed'
+  | 'internal';
+
+/** The SDK's own codes. */
+export type ClientErrorCode =
+  | 'configuration'
+  | 'invalid_request'
+  | 'unsupported_field'
+  | 'network'
+  | 'http_error'
+  | 'aborted'
+  | 'encryption_failed'
+  | 'decryption_failed'
+  | 'bad_stream'
+  | 'truncated'
+  | 'bad_key_document'
+  | 'pin_mismatch'
+  | 'stale_key_document'
+  | 'pow_too_hard';
+
+export type ErrorCode = RouterErrorCode | ClientErrorCode;
+
+export class LLMRouterError extends Error {
+  /** Stable and machine-readable; a router code may be one this SDK version does not list. */
+  readonly code: ErrorCode | (string & {});
+  /** The HTTP status, when the router answered with one. */
+  readonly status: number | undefined;
+
+  constructor(code: ErrorCode | (string & {}), message: string, status?: number) {
+    super(message);
+    this.name = new.target.name;
+    this.code = code;
+    this.status = status;
+  }
+}
+
+/** Options given to the client are unusable (missing pin, bad key, ...). */
+export class ConfigurationError extends LLMRouterError {
+  constructor(message: string) {
+    super('configuration', message);
+  }
+}
+
+/** The request cannot be sent as protocol v1: `field` names the offending field. */
+export class InvalidRequestError extends LLMRouterError {
+  constructor(
+    code: 'invalid_request' | 'unsupported_field',
+    message: string,
+    readonly field: string,
+  ) {
+    super(code, message);
+  }
+}
+
+/** The router could not be reached, or the connection broke before the response began. */
+export class NetworkError extends LLMRouterError {
+  constructor(message = 'cannot reach the router') {
+    super('network', message);
+  }
+}
+
+/** The caller's `AbortSignal` fired; `name` is `AbortError` as for `fetch`. */
+export class AbortedError extends LLMRouterError {
+  constructor() {
+    super('aborted', 'the request was aborted');
+    this.name = 'AbortError';
+  }
+}
+
+/** Sealing the request failed (for example a key of the wrong size). */
+export class EncryptionError extends LLMRouterError {
+  constructor(message = 'the request could not be encrypted') {
+    super('encryption_failed', message);
+  }
+}
+
+/** A response chunk failed authentication, or the stream is malformed: nothing of it is trusted. */
+export class DecryptionError extends LLMRouterError {
+  constructor(code: 'decryption_failed' | 'bad_stream' | 'truncated', message: string) {
+    super(code, message);
+  }
+}
+
+/** The stream ended without its verified final chunk: the answer is incomplete, never silently. */
+export class TruncatedStreamError extends DecryptionError {
+  constructor() {
+    super('truncated', 'the stream ended without a verified final chunk (truncated)');
+  }
+}
+
+/** The key document is malformed, not signed by the pinned key, too old, or inconsistent. */
+export class KeyDocumentError extends LLMRouterError {
+  constructor(code: 'bad_key_document' | 'pin_mismatch' | 'stale_key_document', message: string) {
+    super(code, message);
+  }
+}
+
+/** The router refused the key the request was sealed to even after refetching its keys once. */
+export class KeyRotationError extends LLMRouterError {
+  constructor(message = 'the router refused the current key after a refetch', status?: number) {
+    super('key_unknown', message, status);
+  }
+}
+
+/** Too many requests; `retryAfter` (seconds) says when to try again, when the router said. */
+export class RateLimitedError extends LLMRouterError {
+  constructor(
+    code: string,
+    message: string,
+    status: number | undefined,
+    readonly retryAfter: number | undefined,
+  ) {
+    super(code, message, status);
+  }
+}
+
+/**
+ * Any other refusal (`replay`, `stale`, `overloaded`, `no_backend`, ...), or a stream that ended
+ * with the router's sealed error chunk (`upstream_failed`, `timeout`, ...).
+ */
+export class RouterError extends LLMRouterError {}
+
+const RATE_LIMIT_CODES = new Set(['rate_limited', 'device_rate_limited', 'budget_exhausted', 'device_streams']);
+
+/** The typed error for a router refusal with `code` (HTTP `status`, `Retry-After` seconds). */
+export function routerError(code: string, message: string, status?: number, retryAfter?: number): LLMRouterError {
+  if (RATE_LIMIT_CODES.has(code)) return new RateLimitedError(code, message, status, retryAfter);
+  if (code === 'key_unknown') return new KeyRotationError(message, status);
+  return new RouterError(code, message, status);
+}

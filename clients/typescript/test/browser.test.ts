@@ -1,0 +1,71 @@
+/**
+ * The SDK in a real headless Chromium: examples/browser/index.html loads it from this directory
+ * (ES modules and an import map, no bundler) and chats with a real router, which must list the
+ * page's origin in CORS_ORIGINS; a router without the setting is unreachable from the page.
+ * In the suite's run without crypto.subtle the page loses it too.
+ */
+
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+
+import { Browser } from './support/browser.js';
+import { type Inference, PACKAGE, type Router, startInference, startRouter, waitFor } from './support/stack.js';
+import { serveDirectory } from './support/static.js';
+
+const NO_SUBTLE = process.env.LLMROUTER_NO_SUBTLE === '1';
+const REMOVE_SUBTLE = "Object.defineProperty(Crypto.prototype, 'subtle', { get: () => undefined });";
+
+describe('in headless Chromium', { timeout: 180000 }, () => {
+  let site: Awaited<ReturnType<typeof serveDirectory>>;
+  let inference: Inference;
+  let open: Router;
+  let closed: Router;
+  let browser: Browser;
+
+  before(async () => {
+    site = await serveDirectory(PACKAGE);
+    inference = await startInference();
+    [open, closed] = await Promise.all([startRouter(inference, { CORS_ORIGINS: site.origin }), startRouter(inference)]);
+    browser = new Browser();
+  });
+
+  after(async () => {
+    await browser?.close();
+    await Promise.all([open?.stop(), closed?.stop()]);
+    await inference?.stop();
+    await site?.close();
+  });
+
+  async function chatFromPage(router: Router): Promise<{ state: string; answer: string; status: string; subtle: boolean }> {
+    browser.problems.length = 0;
+    const page = await browser.page(NO_SUBTLE ? REMOVE_SUBTLE : undefined);
+    const query = new URLSearchParams({ url: router.url, pin: router.pin, prompt: 'Hello from a browser' });
+    await page.goto(`${site.origin}/examples/browser/?${query}`);
+    const state = await waitFor(
+      () => page.evaluate<string>("document.body?.dataset.state ?? 'loading'"),
+      (s) => s === 'done' || s.startsWith('error'),
+      () => `the page chat (${browser.problems.join('; ')})`,
+      60000,
+    );
+    return {
+      state,
+      answer: await page.evaluate<string>("document.getElementById('answer').textContent"),
+      status: await page.evaluate<string>("document.getElementById('status').textContent"),
+      subtle: await page.evaluate<boolean>('globalThis.crypto.subtle !== undefined'),
+    };
+  }
+
+  it('chats with a router that lists the page origin', async () => {
+    const result = await chatFromPage(open);
+    assert.equal(result.state, 'done', result.status);
+    assert.ok(result.answer.length > 0);
+    assert.match(result.status, /^length, 64 tokens$/);
+    assert.equal(result.subtle, !NO_SUBTLE);
+  });
+
+  it('cannot reach a router without CORS_ORIGINS', async () => {
+    const result = await chatFromPage(closed);
+    assert.equal(result.state, 'error:network', result.status);
+    assert.equal(result.answer, '');
+  });
+});

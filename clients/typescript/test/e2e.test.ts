@@ -1,0 +1,231 @@
+/**
+ * End to end: the SDK against a real `twistd llmrouter` in front of a real `twistd inference` on
+ * the tiny test model, over real sockets. Faults are injected only around the router (a replaying
+ * or failing fetch, a TCP proxy that cuts the stream); observations of the servers go through
+ * their own metrics.
+ */
+
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+
+import {
+  AbortedError,
+  type ChatEvent,
+  type ChatRequest,
+  KeyDocumentError,
+  LLMRouterClient,
+  MemoryStorage,
+  RateLimitedError,
+  RouterError,
+  TruncatedStreamError,
+} from '@llmrouter/client';
+
+import { cuttingProxy, recorder, replaying, unreachable, unstreamed } from './support/faults.js';
+import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
+
+function ask(content: string, max_tokens = 8): ChatRequest {
+  return { messages: [{ role: 'user', content }], max_tokens, temperature: 0 };
+}
+
+async function collect(events: AsyncIterable<ChatEvent>): Promise<{ text: string; deltas: number; done: ChatEvent | undefined }> {
+  let text = '';
+  let deltas = 0;
+  let done: ChatEvent | undefined;
+  for await (const event of events) {
+    if (event.type === 'delta') {
+      text += event.text;
+      deltas += 1;
+    } else {
+      done = event;
+    }
+  }
+  return { text, deltas, done };
+}
+
+const b64u = (data: Uint8Array) => Buffer.from(data).toString('base64url');
+
+describe('against a real router and inference daemon', { timeout: 240000 }, () => {
+  let inference: Inference;
+  let router: Router;
+  let powRouter: Router;
+  let limitedRouter: Router;
+
+  before(async () => {
+    inference = await startInference(['--parallel', '2', '--max-tokens', '4000']);
+    [router, powRouter, limitedRouter] = await Promise.all([
+      startRouter(inference),
+      startRouter(inference, { POW_THRESHOLD_RPS: '0.001', POW_DIFFICULTY: '8' }),
+      startRouter(inference, { RATE_LIMIT_BURST: '1', RATE_LIMIT_PER_MINUTE: '60' }),
+    ]);
+  });
+
+  after(async () => {
+    await Promise.all([router, powRouter, limitedRouter].map((r) => r?.stop()));
+    await inference?.stop();
+  });
+
+  it('chats in base mode: verified deltas, then usage; the prompt never crosses in the clear', async () => {
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch });
+    const { text, deltas, done } = await collect(client.chat(ask('Hello there, a private question')));
+    assert.ok(text.length > 0);
+    assert.ok(deltas >= 1);
+    assert.deepEqual(done && done.type === 'done' && [done.finish_reason, done.usage.completion_tokens], ['length', 8]);
+    assert.ok(done?.type === 'done' && done.usage.prompt_tokens > 0);
+    const [call] = chats();
+    const envelope = JSON.parse(call!.body!) as Record<string, unknown>;
+    assert.equal(envelope.mode, 'base');
+    assert.equal(envelope.device_pubkey, undefined);
+    assert.ok(!call!.body!.includes('private question'));
+  });
+
+  it('chats in auth mode with a device key made on first use and kept in storage', async () => {
+    const storage = new MemoryStorage();
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, fetch });
+    const { done } = await collect(client.chat(ask('Hello in auth mode', 4)));
+    assert.ok(done?.type === 'done' && done.usage.completion_tokens === 4);
+    const device = await client.devicePublicKey();
+    assert.ok(device !== null && storage.getItem('llmrouter.device-key') !== null);
+    const again = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, fetch });
+    await collect(again.chat(ask('and again', 2)));
+    for (const call of chats()) {
+      const envelope = JSON.parse(call.body!) as Record<string, unknown>;
+      assert.equal(envelope.mode, 'auth');
+      assert.equal(envelope.device_pubkey, b64u(device!));
+    }
+    assert.equal(chats().length, 2);
+  });
+
+  it('works with a fetch that has no response streams (the answer is verified all at once)', async () => {
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed });
+    const { deltas, done } = await collect(client.chat(ask('no streams here', 5)));
+    assert.ok(deltas >= 1);
+    assert.ok(done?.type === 'done' && done.usage.completion_tokens === 5);
+  });
+
+  it('refuses a key document not signed by the pinned key, before sending anything', async () => {
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, pin: powRouter.pin, fetch });
+    await assert.rejects(client.keys(), (e: unknown) => e instanceof KeyDocumentError && e.code === 'pin_mismatch');
+    await assert.rejects(collect(client.chat(ask('secret'))), KeyDocumentError);
+    assert.equal(chats().length, 0);
+  });
+
+  it('trusts the first signing key on first use, and refuses another one after', async () => {
+    const storage = new MemoryStorage();
+    const first = new LLMRouterClient({ url: router.url, trustOnFirstUse: true, storage });
+    await collect(first.chat(ask('first use', 2)));
+    assert.equal(storage.getItem('llmrouter.signing-key'), router.pin);
+    const impostor = new LLMRouterClient({ url: powRouter.url, trustOnFirstUse: true, storage });
+    await assert.rejects(impostor.keys(), (e: unknown) => e instanceof KeyDocumentError && e.code === 'pin_mismatch');
+  });
+
+  it('starts from the stored key document when the key endpoint cannot be reached', async () => {
+    const storage = new MemoryStorage();
+    await new LLMRouterClient({ url: router.url, pin: router.pin, storage }).keys();
+    const offline = new LLMRouterClient({ url: router.url, pin: router.pin, storage, fetch: unreachable('/api/pubkey'), keyRefreshSeconds: 0 });
+    const { done } = await collect(offline.chat(ask('offline start', 2)));
+    assert.equal(done?.type, 'done');
+    const empty = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unreachable('/api/pubkey'), maxRetries: 0 });
+    await assert.rejects(empty.keys(), { code: 'network' });
+  });
+
+  it('solves the proof of work when the router asks for it', async () => {
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: powRouter.url, pin: powRouter.pin, fetch });
+    const { done } = await collect(client.chat(ask('under load', 2)));
+    assert.equal(done?.type, 'done');
+    const [asked, solved] = chats();
+    assert.equal(asked!.status, 401);
+    assert.equal(asked!.headers['X-LLMRouter-PoW'], undefined);
+    assert.match(solved!.headers['X-LLMRouter-PoW']!, /^[A-Za-z0-9_-]+:\d+$/);
+    assert.equal(solved!.status, 200);
+    assert.equal(solved!.body, asked!.body); // the work is bound to this envelope's enc
+  });
+
+  it('honours Retry-After when rate limited, or hands it to the caller', async () => {
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: limitedRouter.url, pin: limitedRouter.pin, fetch });
+    await collect(client.chat(ask('one', 1)));
+    const { done } = await collect(client.chat(ask('two', 1)));
+    assert.equal(done?.type, 'done');
+    // One refusal, then one retry after Retry-After (the bucket refills one token a second): a
+    // retry on the backoff schedule alone would have come too early and been refused again.
+    assert.deepEqual(chats().map((c) => c.status), [200, 429, 200]);
+    const impatient = new LLMRouterClient({ url: limitedRouter.url, pin: limitedRouter.pin, maxRetries: 0 });
+    await assert.rejects(collect(impatient.chat(ask('three', 1))), (e: unknown) => {
+      return e instanceof RateLimitedError && e.code === 'rate_limited' && e.status === 429 && (e.retryAfter ?? 0) >= 1;
+    });
+  });
+
+  it('refetches the keys once and resends when the router rotated them', async () => {
+    const { fetch, calls, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch });
+    const before = (await client.keys()).current.kid;
+    await router.keys('rotate');
+    await router.keys('revoke', before); // the old key is gone at once, overlap or not
+    router.daemon.signal('SIGHUP');
+    await waitFor(
+      async () => (await new LLMRouterClient({ url: router.url, pin: router.pin }).keys()).current.kid,
+      (kid) => kid !== before,
+      'rotation seen by the router',
+    );
+    const { done } = await collect(client.chat(ask('after rotation', 2)));
+    assert.equal(done?.type, 'done');
+    assert.deepEqual(chats().map((c) => [JSON.parse(c.body!).kid, c.status]), [
+      [before, 400],
+      [(await client.keys()).current.kid, 200],
+    ]);
+    assert.equal(calls.filter((c) => c.path === '/api/pubkey').length, 2);
+  });
+
+  it('surfaces a replayed request as the router refuses it', async () => {
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: replaying });
+    await assert.rejects(collect(client.chat(ask('say it twice', 2))), (e: unknown) => e instanceof RouterError && e.code === 'replay' && e.status === 409);
+  });
+
+  const cancelledCount = async () => metric(await inference.metrics(), 'inference_requests_total', 'outcome="cancelled"');
+
+  it('detects a stream cut short, whatever arrived before', async () => {
+    const cancelled = await cancelledCount();
+    const proxy = await cuttingProxy(router.url, 2);
+    try {
+      const client = new LLMRouterClient({ url: proxy.url, pin: router.pin });
+      let deltas = 0;
+      await assert.rejects(
+        (async () => {
+          for await (const event of client.chat(ask('a long answer please', 200))) if (event.type === 'delta') deltas += 1;
+        })(),
+        TruncatedStreamError,
+      );
+      assert.ok(deltas >= 1 && deltas <= 2, String(deltas));
+    } finally {
+      await proxy.close();
+    }
+    // the router saw the connection go and cancelled the generation
+    await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled');
+  });
+
+  for (const how of ['abort', 'break'] as const) {
+    it(`${how === 'abort' ? 'an AbortSignal' : 'leaving the loop'} mid-stream closes the connection and frees the server's stream`, async () => {
+      const cancelled = await cancelledCount();
+      const client = new LLMRouterClient({ url: router.url, pin: router.pin });
+      const controller = new AbortController();
+      let deltas = 0;
+      const reading = (async () => {
+        for await (const event of client.chat(ask('a very long story', 4000), { signal: controller.signal })) {
+          if (event.type !== 'delta') continue;
+          deltas += 1;
+          if (how === 'break') break;
+          controller.abort();
+        }
+      })();
+      if (how === 'abort') await assert.rejects(reading, AbortedError);
+      else await reading;
+      assert.equal(deltas, 1);
+      await waitFor(async () => metric(await router.metrics(), 'llmrouter_active_streams'), (v) => v === 0, 'router streams');
+      await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled');
+    });
+  }
+});

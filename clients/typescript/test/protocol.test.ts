@@ -1,0 +1,249 @@
+/**
+ * Protocol v1 without a network: the worked example of docs/protocol.md recomputed, strict
+ * base64url, the SSE parser, request checks, the key-document rules and the response opener.
+ */
+
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+
+import { ed25519 } from '@noble/curves/ed25519.js';
+
+import { InvalidRequestError, KeyDocumentError, TruncatedStreamError } from '@llmrouter/client';
+import * as hpke from '@llmrouter/client/hpke';
+import {
+  type ChatRequest,
+  type PublishedKey,
+  requestAad,
+  requestPlaintext,
+  ResponseOpener,
+  sealRequest,
+  verifyKeyDocument,
+} from '@llmrouter/client/protocol';
+
+import { REPO } from './support/stack.js';
+
+const DOC = readFileSync(join(REPO, 'docs', 'protocol.md'), 'utf8');
+const utf8 = (text: string) => new TextEncoder().encode(text);
+const range = (from: number, to: number) => Uint8Array.from({ length: to - from }, (_, i) => from + i);
+const hex = (data: Uint8Array) => Buffer.from(data).toString('hex');
+const b64u = (data: Uint8Array) => Buffer.from(data).toString('base64url');
+
+/** The last fenced block of docs/protocol.md that starts with `first` (the example's). */
+function fenced(first: string): string {
+  const start = DOC.lastIndexOf('```\n' + first);
+  assert.ok(start >= 0, `docs/protocol.md has no block starting with ${first}`);
+  return DOC.slice(start + 4, DOC.indexOf('```', start + 4)) + '\n'; // the blank line ending the last event
+}
+
+describe('the worked example of docs/protocol.md', () => {
+  const router = hpke.deriveKeyPair(range(0, 32));
+  const ephemeral = hpke.deriveKeyPair(range(32, 64));
+  const key: PublishedKey = { kid: '01', pk: router.pk, status: 'current', not_before: 1767225600, not_after: 1767312000 };
+  const request: ChatRequest = { messages: [{ role: 'user', content: 'Hello!' }], max_tokens: 16 };
+  const { envelope, state } = sealRequest(key, request, 1767225660, { ephemeral, rid: range(0, 16) });
+
+  it('recomputes every value the page shows', () => {
+    assert.ok(DOC.includes(hex(router.sk)));
+    assert.ok(DOC.includes(b64u(router.pk)));
+    assert.ok(DOC.includes(hex(ephemeral.sk)));
+    assert.ok(DOC.includes(JSON.stringify(requestPlaintext(request))));
+    assert.ok(DOC.includes(new TextDecoder().decode(requestAad(envelope))));
+    for (const line of JSON.stringify(envelope, null, 2).split('\n')) {
+      assert.ok(DOC.includes(line.trim()), `docs/protocol.md lacks ${line.trim()}`);
+    }
+    assert.equal(Buffer.from(envelope.ct, 'base64url').length, 144);
+    assert.ok(DOC.includes(hex(state.secret)));
+  });
+
+  it('opens the example stream', () => {
+    const opener = new ResponseOpener(state);
+    const items = opener.feed(utf8(fenced('event: init')));
+    assert.deepEqual(items.filter((i) => i.type === 'delta').map((i) => (i.type === 'delta' ? i.text : '')), ['Hi', ' there']);
+    assert.deepEqual(opener.close(), { type: 'done', finish_reason: 'stop', usage: { prompt_tokens: 9, completion_tokens: 2 } });
+  });
+
+  it('opens it fed one byte at a time, and refuses it with the wrong secret', () => {
+    const stream = utf8(fenced('event: init'));
+    const opener = new ResponseOpener(state);
+    const texts: string[] = [];
+    for (let i = 0; i < stream.length; i++) {
+      for (const item of opener.feed(stream.subarray(i, i + 1))) if (item.type === 'delta') texts.push(item.text);
+    }
+    assert.deepEqual(texts, ['Hi', ' there']);
+    const wrong = new ResponseOpener({ enc: state.enc, secret: new Uint8Array(32) });
+    assert.throws(() => wrong.feed(stream), { code: 'decryption_failed' });
+  });
+});
+
+describe('base64url', () => {
+  // The SDK's codec is internal; the key document path shows its strictness.
+  const signer = ed25519.utils.randomPrivateKey();
+  const signingKey = ed25519.getPublicKey(signer);
+  it('refuses padding, the standard alphabet and stray bits', () => {
+    const payload = utf8('{}');
+    const signature = ed25519.sign(payload, signer);
+    for (const bad of [b64u(payload) + '=', Buffer.from(payload).toString('base64').replace(/=+$/, '') + '+', 'e31']) {
+      const body = JSON.stringify({ payload: bad, signature: b64u(signature), signing_key: b64u(signingKey) });
+      assert.throws(() => verifyKeyDocument(body, signingKey, 0), { code: 'bad_key_document', message: 'malformed key document' });
+    }
+  });
+});
+
+describe('request checks', () => {
+  const ok: ChatRequest = { messages: [{ role: 'user', content: 'hi' }] };
+  it('keeps the wire order and drops undefined values', () => {
+    const plaintext = requestPlaintext({ stop: ['\n'], temperature: 0.5, max_tokens: undefined, ...ok });
+    assert.deepEqual(Object.keys(plaintext), ['messages', 'temperature', 'stop']);
+  });
+  it('refuses fields protocol v1 cannot carry, by name', () => {
+    for (const field of ['tools', 'response_format', 'model', 'seed']) {
+      assert.throws(
+        () => requestPlaintext({ ...ok, [field]: 1 } as ChatRequest),
+        (e: unknown) => e instanceof InvalidRequestError && e.code === 'unsupported_field' && e.field === field && e.message.includes(field),
+      );
+    }
+    assert.throws(() => requestPlaintext({ messages: [{ role: 'user', content: 'x', name: 'n' }] } as unknown as ChatRequest), /message field name/);
+    assert.throws(() => requestPlaintext({ ...ok, toString: 1 } as unknown as ChatRequest), { code: 'unsupported_field' });
+  });
+  it('refuses bad values with the field name and without the content', () => {
+    const cases: [Record<string, unknown>, string][] = [
+      [{ messages: [] }, 'messages'],
+      [{ messages: [{ role: 'tool', content: 'secret words' }] }, 'messages'],
+      [{ messages: [{ role: 'user', content: 42 }] }, 'messages'],
+      [{ ...ok, max_tokens: 0 }, 'max_tokens'],
+      [{ ...ok, max_tokens: 1.5 }, 'max_tokens'],
+      [{ ...ok, temperature: 3 }, 'temperature'],
+      [{ ...ok, top_p: 0 }, 'top_p'],
+      [{ ...ok, stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
+      [{ ...ok, stop: [''] }, 'stop'],
+    ];
+    for (const [request, field] of cases) {
+      assert.throws(
+        () => requestPlaintext(request as unknown as ChatRequest),
+        (e: unknown) => e instanceof InvalidRequestError && e.field === field && !e.message.includes('secret'),
+      );
+    }
+  });
+  it('pads the plaintext to a multiple of 64 bytes', () => {
+    const key: PublishedKey = { kid: '00', pk: hpke.generateKeyPair().pk, status: 'current', not_before: 0, not_after: 1 };
+    for (const content of ['', 'a'.repeat(100)]) {
+      const { envelope } = sealRequest(key, { messages: [{ role: 'user', content }] }, 0);
+      assert.equal((Buffer.from(envelope.ct, 'base64url').length - 16) % 64, 0);
+    }
+  });
+});
+
+describe('key document rules', () => {
+  const signer = ed25519.utils.randomPrivateKey();
+  const pin = ed25519.getPublicKey(signer);
+  const NOW = 1_800_000_000;
+  const pk = b64u(hpke.generateKeyPair().pk);
+  const pk2 = b64u(hpke.generateKeyPair().pk);
+  const goodKeys = [
+    { kid: '07', pk, status: 'current', not_before: NOW - 3600, not_after: NOW + 86400 },
+    { kid: '08', pk: pk2, status: 'next', not_before: NOW + 82800, not_after: NOW + 172800 },
+  ];
+  function document(changes: Record<string, unknown> = {}, key = signer): string {
+    const payload = utf8(JSON.stringify({ v: 1, suite: { kem: 32, kdf: 1, aead: 3 }, issued_at: NOW - 60, keys: goodKeys, ...changes }));
+    return JSON.stringify({ payload: b64u(payload), signature: b64u(ed25519.sign(payload, key)), signing_key: b64u(ed25519.getPublicKey(key)) });
+  }
+  const refused = (body: string, code: string, message: RegExp, at = NOW) =>
+    assert.throws(() => verifyKeyDocument(body, pin, at), (e: unknown) => e instanceof KeyDocumentError && e.code === code && message.test(e.message));
+
+  it('accepts a good document and seals only to the current key', () => {
+    const doc = verifyKeyDocument(document(), pin, NOW);
+    assert.equal(doc.current.kid, '07');
+    assert.equal(doc.keys.length, 2);
+    assert.deepEqual(doc.signing_key, pin);
+  });
+  it('refuses another signing key, and a bad signature', () => {
+    refused(document({}, ed25519.utils.randomPrivateKey()), 'pin_mismatch', /pinned/);
+    const body = JSON.parse(document()) as Record<string, string>;
+    const forged = JSON.stringify({ ...body, payload: b64u(utf8(JSON.stringify({ v: 1 }))) });
+    refused(forged, 'bad_key_document', /signature/);
+  });
+  it('refuses a document more than 24 h old or more than 300 s ahead', () => {
+    refused(document({ issued_at: NOW - 86401 }), 'stale_key_document', /24 hours/);
+    assert.ok(verifyKeyDocument(document({ issued_at: NOW - 86400 }), pin, NOW));
+    refused(document({ issued_at: NOW + 301 }), 'stale_key_document', /future/);
+    assert.ok(verifyKeyDocument(document({ issued_at: NOW + 300 }), pin, NOW));
+  });
+  it('refuses a current key outside its validity window (300 s of skew allowed)', () => {
+    const early = [{ ...goodKeys[0], not_before: NOW + 301 }, goodKeys[1]];
+    refused(document({ keys: early }), 'stale_key_document', /validity/);
+    const late = [{ ...goodKeys[0], not_after: NOW - 301 }, goodKeys[1]];
+    refused(document({ keys: late }), 'stale_key_document', /validity/);
+    assert.ok(verifyKeyDocument(document({ keys: [{ ...goodKeys[0], not_before: NOW + 300 }, goodKeys[1]] }), pin, NOW));
+  });
+  it('refuses duplicate ids and anything but one current and one next key', () => {
+    refused(document({ keys: [goodKeys[0], { ...goodKeys[1], kid: '07' }] }), 'bad_key_document', /duplicate/);
+    refused(document({ keys: [goodKeys[0]] }), 'bad_key_document', /exactly one current and one next/);
+    refused(document({ keys: [goodKeys[0], { ...goodKeys[1], status: 'current' }] }), 'bad_key_document', /exactly one/);
+    refused(document({ keys: [...goodKeys, { ...goodKeys[1], kid: '09' }] }), 'bad_key_document', /exactly one/);
+    refused(document({ keys: [goodKeys[0], { ...goodKeys[1], status: 'retired' }] }), 'bad_key_document', /protocol v1/);
+  });
+  it('refuses another version or suite', () => {
+    refused(document({ v: 2 }), 'bad_key_document', /protocol v1/);
+    refused(document({ suite: { kem: 32, kdf: 1, aead: 1 } }), 'bad_key_document', /protocol v1/);
+    refused(document({ suite: { kem: 32, kdf: 1, aead: 3, x: 1 } }), 'bad_key_document', /protocol v1/);
+  });
+});
+
+describe('response stream', () => {
+  // A router-side sealer, built from the same primitives, to produce streams to tamper with.
+  const state = { enc: hpke.generateKeyPair().pk, secret: range(100, 132) };
+  const nonce = range(0, 32);
+  const prk = hpke.hkdfExtract(new Uint8Array([...state.enc, ...nonce]), state.secret);
+  const key = hpke.hkdfExpand(prk, utf8('key'), 32);
+  const baseNonce = hpke.hkdfExpand(prk, utf8('nonce'), 12);
+  function sealed(i: number, doc: unknown, final = false, padTo = 64): string {
+    const n = baseNonce.slice();
+    n[11]! ^= i;
+    let pt = utf8(JSON.stringify(doc));
+    pt = new Uint8Array([...pt, ...new Array((padTo - (pt.length % padTo)) % padTo).fill(0x20)]);
+    return b64u(hpke.aeadSeal(key, n, final ? utf8('final') : new Uint8Array(0), pt));
+  }
+  const init = `event: init\ndata: {"response_nonce": "${b64u(nonce)}"}\n\n`;
+  const chunk = (i: number, text: string) => `event: chunk\ndata: ${sealed(i, { type: 'delta', text })}\n\n`;
+  const done = (i: number) => `event: final\ndata: ${sealed(i, { type: 'done', finish_reason: 'length', usage: { prompt_tokens: 3, completion_tokens: 2 } }, true)}\n\n`;
+  const open = (text: string) => {
+    const opener = new ResponseOpener(state);
+    const items = opener.feed(utf8(text));
+    return { opener, items };
+  };
+
+  it('delivers deltas, ignores keep-alives, CRLF, padding and unknown events', () => {
+    const text = init + ': keepalive\n\n' + chunk(0, 'a') + 'event: other\ndata: x\n\n' + chunk(1, 'b').replace(/\n/g, '\r\n') + done(2);
+    const { opener, items } = open(text);
+    assert.deepEqual(items.map((i) => i.type), ['delta', 'delta', 'done']);
+    assert.equal(opener.close().type, 'done');
+  });
+  it('detects truncation, reordering, replay, forgery and data after the end', () => {
+    assert.throws(() => open(init + chunk(0, 'a')).opener.close(), TruncatedStreamError);
+    assert.throws(() => open(init + chunk(1, 'b') + chunk(0, 'a')), { code: 'decryption_failed' });
+    assert.throws(() => open(init + chunk(0, 'a') + chunk(0, 'a')), { code: 'decryption_failed' });
+    // a delta dressed as the final chunk fails its AAD, and the reverse
+    assert.throws(() => open(init + chunk(0, 'a').replace('event: chunk', 'event: final')), { code: 'decryption_failed' });
+    assert.throws(() => open(init + done(0).replace('event: final', 'event: chunk')), { code: 'decryption_failed' });
+    assert.throws(() => open(init + done(0) + chunk(1, 'late')), { code: 'bad_stream' });
+    assert.throws(() => open(chunk(0, 'a')), { code: 'bad_stream', message: /before init/ });
+    assert.throws(() => open(init + init), { code: 'bad_stream' });
+    assert.throws(() => open(init + 'event: chunk\ndata: !!\n\n'), { code: 'bad_stream' });
+    assert.throws(() => open(init + `event: chunk\ndata: ${sealed(0, { type: 'delta', text: 1 })}\n\n`), { code: 'bad_stream' });
+    assert.throws(() => open(init + `event: chunk\ndata: ${sealed(0, { type: 'done' })}\n\n`), { code: 'bad_stream' });
+  });
+  it('bounds lines and events', () => {
+    const opener = new ResponseOpener(state, 1024);
+    assert.throws(() => opener.feed(utf8('data: ' + 'x'.repeat(2000))), { code: 'bad_stream' });
+    const many = new ResponseOpener(state, 1024);
+    assert.throws(() => many.feed(utf8('data: xxxxxxxxxx\n'.repeat(200))), { code: 'bad_stream' });
+    assert.throws(() => new ResponseOpener(state).feed(new Uint8Array([0x64, 0x61, 0xff, 0x0a])), { code: 'bad_stream' });
+  });
+  it('turns the router error chunk into an error item', () => {
+    const error = `event: final\ndata: ${sealed(1, { type: 'error', code: 'upstream_failed', message: 'the backend failed' }, true)}\n\n`;
+    const { opener } = open(init + chunk(0, 'a') + error);
+    assert.deepEqual(opener.close(), { type: 'error', code: 'upstream_failed', message: 'the backend failed' });
+  });
+});

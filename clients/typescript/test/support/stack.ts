@@ -1,0 +1,252 @@
+/**
+ * Real daemons for the SDK's tests: `twistd inference` on the tiny test model (tests/tinymodel.py)
+ * and `twistd llmrouter` in front of it, run with the repository's Python (`.venv/bin/python`, or
+ * `$LLMROUTER_PYTHON`), each in its own temp dir, stopped by the test's `after` hook.
+ *
+ * Routers listen on a free loopback port (support/launch.py binds it and hands it over as systemd
+ * would); inference and the router's metrics listen on UNIX sockets in the temp dir.
+ */
+
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { createWriteStream, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+
+export const PACKAGE = fileURLToPath(new URL('../../../', import.meta.url));
+export const REPO = fileURLToPath(new URL('../../../../../', import.meta.url));
+export const PYTHON = process.env.LLMROUTER_PYTHON ?? join(REPO, '.venv', 'bin', 'python');
+const TWISTD = 'from twisted.scripts.twistd import run; run()';
+const LAUNCH = join(PACKAGE, 'test', 'support', 'launch.py');
+const run = promisify(execFile);
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function tempDir(): string {
+  return mkdtempSync(join(tmpdir(), 'llmr-ts-')); // short: UNIX socket paths must fit 108 bytes
+}
+
+/** Run the repository's Python with `args` (cwd: the repository); resolves with stdout. */
+export async function python(...args: string[]): Promise<string> {
+  const { stdout } = await run(PYTHON, args, { cwd: REPO, env: cleanEnv() });
+  return stdout;
+}
+
+function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [name, value] of Object.entries(process.env)) {
+    // The daemons read their settings from the environment: only what a test sets gets through.
+    if (!/^(INFERENCE_|LLMROUTER_|LISTEN|NODE_OPTIONS)/.test(name)) env[name] = value;
+  }
+  return { ...env, PYTHONUNBUFFERED: '1', ...extra };
+}
+
+/** GET over a UNIX socket (metrics listeners, the inference daemon). */
+export function unixGet(socket: string, path: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = request({ socketPath: socket, path, method: 'GET' }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString() }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+/** The value of one Prometheus sample (0 when absent). */
+export function metric(text: string, name: string, labels = ''): number {
+  const prefix = labels ? `${name}{${labels}} ` : `${name} `;
+  const line = text.split('\n').find((l) => l.startsWith(prefix));
+  return line === undefined ? 0 : Number(line.slice(prefix.length));
+}
+
+class DaemonExited extends Error {}
+
+/** Poll `probe` until `predicate` holds (bounded; not a timing assertion). */
+export async function waitFor<T>(
+  probe: () => Promise<T>,
+  predicate: (value: T) => boolean,
+  what: string | (() => string),
+  limitMs = 30000,
+): Promise<T> {
+  const deadline = Date.now() + limitMs;
+  for (;;) {
+    let value: T | undefined;
+    try {
+      value = await probe();
+      if (predicate(value)) return value;
+    } catch (e) {
+      if (e instanceof DaemonExited) throw e;
+      value = undefined;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`${typeof what === 'string' ? what : what()}: still ${JSON.stringify(value)}`);
+    }
+    await sleep(50);
+  }
+}
+
+export class Daemon {
+  readonly exited: Promise<number | null>;
+  private readonly proc: ChildProcess;
+  private ended = false;
+
+  constructor(
+    readonly directory: string,
+    readonly name: string,
+    argv: string[],
+    env: Record<string, string> = {},
+    announces = false,
+  ) {
+    const log = createWriteStream(join(directory, `${name}.log`));
+    this.proc = spawn(PYTHON, argv, { cwd: directory, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc.stderr?.pipe(log);
+    if (!announces) this.proc.stdout?.pipe(createWriteStream(join(directory, `${name}.out`)));
+    this.exited = new Promise((resolve) =>
+      this.proc.on('exit', (code) => {
+        this.ended = true;
+        resolve(code);
+      }),
+    );
+    running.add(this);
+  }
+
+  /** Poll `probe` until it answers 200; fails at once if the daemon exits. */
+  async healthy(probe: () => Promise<number>, limitMs: number): Promise<void> {
+    await waitFor(
+      async () => {
+        if (this.ended) throw new DaemonExited(`${this.name} exited:\n${this.logTail()}`);
+        return probe();
+      },
+      (status) => status === 200,
+      `${this.name} health`,
+      limitMs,
+    );
+  }
+
+  /** The first line of stdout (launch.py's JSON, when `announces`); the rest goes to the log. */
+  firstLine(): Promise<string> {
+    const out = this.proc.stdout!;
+    const log = createWriteStream(join(this.directory, `${this.name}.out`));
+    return new Promise((resolve, reject) => {
+      let buffer = '';
+      const onData = (chunk: Buffer) => {
+        buffer += chunk.toString();
+        const newline = buffer.indexOf('\n');
+        if (newline < 0) return;
+        out.off('data', onData);
+        out.pipe(log);
+        resolve(buffer.slice(0, newline));
+      };
+      out.on('data', onData);
+      this.exited.then((code) => reject(new Error(`${this.name} exited with ${code}:\n${this.logTail()}`)));
+    });
+  }
+
+  logTail(): string {
+    const tail = (file: string) => {
+      try {
+        return readFileSync(join(this.directory, file), 'utf8').split('\n').slice(-30).join('\n');
+      } catch {
+        return '';
+      }
+    };
+    return tail(`${this.name}.out`) + tail(`${this.name}.log`);
+  }
+
+  signal(name: NodeJS.Signals): void {
+    this.proc.kill(name);
+  }
+
+  /** SIGTERM, SIGKILL after 20 s; resolves once the process is gone. */
+  async stop(): Promise<void> {
+    running.delete(this);
+    if (this.proc.exitCode === null && this.proc.signalCode === null) {
+      this.proc.kill('SIGTERM');
+      const killer = setTimeout(() => this.proc.kill('SIGKILL'), 20000);
+      await this.exited;
+      clearTimeout(killer);
+    }
+  }
+}
+
+const running = new Set<Daemon>();
+process.on('exit', () => {
+  for (const daemon of running) daemon.stop().catch(() => undefined);
+});
+
+export interface Inference {
+  daemon: Daemon;
+  socket: string;
+  metrics(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+/** `twistd inference` on the tiny model (written here by tests/tinymodel.py). */
+export async function startInference(args: string[] = []): Promise<Inference> {
+  const directory = tempDir();
+  const model = join(directory, 'tiny.gguf');
+  await python('-c', 'import sys, pathlib; from tests.tinymodel import write_tiny_model; write_tiny_model(pathlib.Path(sys.argv[1]))', model);
+  const socket = join(directory, 'inference.sock');
+  const daemon = new Daemon(directory, 'inference', ['-c', TWISTD, '-n', '--pidfile=', 'inference', '--listen', `unix:${socket}:mode=600`, '--model', model, '--threads', '1', ...args]);
+  await daemon.healthy(async () => (await unixGet(socket, '/health')).status, 120000);
+  return {
+    daemon,
+    socket,
+    metrics: async () => (await unixGet(socket, '/metrics')).body,
+    stop: async () => {
+      await daemon.stop();
+      rmSync(directory, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface Router {
+  daemon: Daemon;
+  url: string;
+  /** The signing key, as `llmrouter-keys init` printed it (what an app pins). */
+  pin: string;
+  keysDir: string;
+  metrics(): Promise<string>;
+  keys(...args: string[]): Promise<string>;
+  stop(): Promise<void>;
+}
+
+/** `twistd llmrouter` in front of `inference`, settings from `env` (e.g. CORS_ORIGINS). */
+export async function startRouter(inference: Inference, env: Record<string, string> = {}): Promise<Router> {
+  const directory = tempDir();
+  const keysDir = join(directory, 'keys');
+  const keys = (...args: string[]) => python('-m', 'llmrouter.ops.keyctl', '--keys-dir', keysDir, ...args);
+  const init = await keys('init');
+  const pin = /clients pin this\): (\S+)/.exec(init)?.[1];
+  if (pin === undefined) throw new Error(`llmrouter-keys init printed no signing key:\n${init}`);
+  const metricsSocket = join(directory, 'metrics.sock');
+  const daemon = new Daemon(
+    directory,
+    'llmrouter',
+    [LAUNCH, 'llmrouter', '--listen', 'systemd:domain=INET:index=0', '--metrics-listen', `unix:${metricsSocket}`, '--keys-dir', keysDir, '--inference', `unix:${inference.socket}`],
+    { HEALTH_INTERVAL_SECONDS: '0.5', ...env },
+    true,
+  );
+  const { port } = JSON.parse(await daemon.firstLine()) as { port: number };
+  const url = `http://127.0.0.1:${port}`;
+  await daemon.healthy(async () => (await fetch(`${url}/health`)).status, 60000);
+  return {
+    daemon,
+    url,
+    pin,
+    keysDir,
+    keys,
+    metrics: async () => (await unixGet(metricsSocket, '/metrics')).body,
+    stop: async () => {
+      await daemon.stop();
+      rmSync(directory, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,480 @@
+"""``llmrouter-client proxy``: an OpenAI-compatible endpoint on loopback, end to end encrypted.
+
+Any OpenAI client (the ``openai`` SDKs, chat front ends, editors) talks plain HTTP to this proxy on
+the user's own machine; the proxy seals each request to the router with :class:`Client` and opens
+the sealed stream, so nothing between this machine and the router can read the conversation.
+
+Served: ``POST /v1/chat/completions`` (streaming and not, OpenAI's chunk format, ``[DONE]``),
+``GET /v1/models`` and ``GET /v1/models/<id>``. Errors are OpenAI-style
+``{"error": {"message", "type", "param", "code"}}`` bodies.
+
+An OpenAI request field is either carried by protocol v1 (``_FIELDS``) or refused by name with 400
+``unsupported_parameter``; nothing is dropped silently. A later protocol version adds its fields
+(tools, response_format, reasoning, ...) to ``_FIELDS`` and its chunk types to the stream writer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from twisted.web.resource import Resource
+
+from llmrouter.client.library import ChatError, Client
+from llmrouter.protocol import ChatRequest, Done, ProtocolError, parse_chat_request
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MAX_BODY",
+    "OpenAIError",
+    "ProxyResource",
+    "ProxySite",
+    "parse_listen",
+    "read_tofu",
+    "to_request",
+    "write_tofu",
+]
+
+DEFAULT_MODEL = "llmrouter"
+MAX_BODY = 1024 * 1024
+
+
+class OpenAIError(Exception):
+    """An answer in OpenAI's error format; messages are fixed and never quote the conversation."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def type(self) -> str:
+        if self.status == 429:
+            return "rate_limit_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _unsupported(name: str) -> OpenAIError:
+    return OpenAIError(
+        400, f"{name} is not supported by this router (protocol v1)", "unsupported_parameter", name
+    )
+
+
+def _invalid(name: str, message: str) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_value", name)
+
+
+# The request: OpenAI fields -> protocol v1 plaintext.
+
+
+@dataclass
+class _Draft:
+    """What an OpenAI request asks for, on its way to a protocol v1 request."""
+
+    model: str
+    plaintext: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _content(value: Any) -> str:
+    """A string, or a list of text parts (joined with newlines); any other part is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else None
+                name = kind if isinstance(kind, str) and kind.isidentifier() else "non-text"
+                raise _unsupported(f"messages[].content[].type={name}")
+            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise _invalid("messages", "a text part has exactly type and text")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _invalid("messages", "message content must be a string or a list of text parts")
+
+
+def _messages(value: Any, draft: _Draft) -> None:
+    if not isinstance(value, list) or not value:
+        raise _invalid("messages", "messages must be a non-empty list")
+    out = []
+    for message in value:
+        if not isinstance(message, dict):
+            raise _invalid("messages", "each message must be an object")
+        for key in message:
+            if key not in ("role", "content") and message[key] is not None:
+                name = key if isinstance(key, str) and key.isidentifier() else "field"
+                raise _unsupported(f"messages[].{name}")
+        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise _unsupported("messages[].role (only system, developer, user, assistant)")
+        out.append({"role": role, "content": _content(message.get("content"))})
+    draft.plaintext["messages"] = out
+
+
+def _max_tokens(name: str) -> Callable[[Any, _Draft], None]:
+    def apply(value: Any, draft: _Draft) -> None:
+        if draft.plaintext.get("max_tokens", value) != value:
+            raise _invalid(name, "max_tokens and max_completion_tokens disagree")
+        draft.plaintext["max_tokens"] = value
+
+    return apply
+
+
+def _copy(name: str) -> Callable[[Any, _Draft], None]:
+    def apply(value: Any, draft: _Draft) -> None:
+        draft.plaintext[name] = value
+
+    return apply
+
+
+def _stop(value: Any, draft: _Draft) -> None:
+    draft.plaintext["stop"] = [value] if isinstance(value, str) else value
+
+
+def _stream(value: Any, draft: _Draft) -> None:
+    if not isinstance(value, bool):
+        raise _invalid("stream", "stream must be a boolean")
+    draft.stream = value
+
+
+def _stream_options(value: Any, draft: _Draft) -> None:
+    if not isinstance(value, dict) or not set(value) <= {"include_usage"}:
+        raise _unsupported("stream_options (only include_usage)")
+    draft.include_usage = bool(value.get("include_usage"))
+
+
+def _model(value: Any, draft: _Draft) -> None:
+    if value != draft.model:
+        raise OpenAIError(
+            404,
+            f"this proxy serves one model, {draft.model} (see GET /v1/models)",
+            "model_not_found",
+            "model",
+        )
+
+
+def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
+    """A field accepted only at its no-op default (e.g. ``n: 1``): anything else is refused."""
+
+    def apply(value: Any, draft: _Draft) -> None:
+        if value != default or isinstance(value, bool) != isinstance(default, bool):
+            raise _unsupported(f"{name} other than {json.dumps(default)}")
+
+    return apply
+
+
+# Every OpenAI field the proxy accepts; ``null`` counts as absent.
+_FIELDS: dict[str, Callable[[Any, _Draft], None]] = {
+    "model": _model,
+    "messages": _messages,
+    "max_tokens": _max_tokens("max_tokens"),
+    "max_completion_tokens": _max_tokens("max_completion_tokens"),
+    "temperature": _copy("temperature"),
+    "top_p": _copy("top_p"),
+    "stop": _stop,
+    "stream": _stream,
+    "stream_options": _stream_options,
+    "n": _only("n", 1),
+    "presence_penalty": _only("presence_penalty", 0),
+    "frequency_penalty": _only("frequency_penalty", 0),
+    "logprobs": _only("logprobs", False),
+}
+
+
+def to_request(body: bytes, model: str) -> tuple[ChatRequest, _Draft]:
+    """Map an OpenAI chat body to a protocol v1 request, or raise :class:`OpenAIError`."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise OpenAIError(400, "the body is not JSON", "invalid_json") from None
+    if not isinstance(doc, dict):
+        raise OpenAIError(400, "the body must be a JSON object", "invalid_json")
+    draft = _Draft(model)
+    for name, value in doc.items():
+        if value is None:
+            continue
+        apply = _FIELDS.get(name)
+        if apply is None:
+            raise _unsupported(name if name.isidentifier() else "a field")
+        apply(value, draft)
+    if "messages" not in draft.plaintext:
+        raise _invalid("messages", "messages is required")
+    if draft.include_usage and not draft.stream:
+        raise _invalid("stream_options", "stream_options needs stream: true")
+    try:
+        request = parse_chat_request(json.dumps(draft.plaintext).encode())
+    except ProtocolError as e:
+        raise OpenAIError(400, e.message, "invalid_value") from None
+    return request, draft
+
+
+# Router failures -> OpenAI errors.
+
+
+def _from_chat_error(error: ChatError) -> OpenAIError:
+    status = error.status
+    if status is None or status == 401 or status >= 500:
+        # Trouble between the proxy and the router (stream cut, key document, proof of work,
+        # clock skew, router overloaded): the client's request itself was fine.
+        status = 503 if status in (503, 504) else 502
+    return OpenAIError(status, error.message, error.code, retry_after=error.retry_after)
+
+
+def _unreachable() -> OpenAIError:
+    return OpenAIError(502, "cannot talk to the router", "router_unreachable")
+
+
+# The HTTP side.
+
+
+class _Completion:
+    """One ``POST /v1/chat/completions``: runs the sealed chat and writes the OpenAI answer."""
+
+    def __init__(self, http: server.Request, client: Client, request: ChatRequest, draft: _Draft):
+        self._http = http
+        self._draft = draft
+        self._id = "chatcmpl-" + secrets.token_hex(12)
+        self._created = int(time.time())
+        self._text: list[str] = []
+        self._started = False
+        self._gone = False
+        self._call: Deferred[Done] = Deferred.fromCoroutine(client.chat(request, self._delta))
+        self._call.addCallbacks(self._done, self._failed)
+        # The client went away: cancelling closes the router connection, the router cancels.
+        http.notifyFinish().addErrback(self._left)
+
+    def _left(self, _: Failure) -> None:
+        self._gone = True
+        self._call.cancel()
+
+    # Streaming.
+
+    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._draft.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    def _event(self, doc: Any) -> None:
+        self._http.write(b"data: " + json.dumps(doc).encode() + b"\n\n")
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._http.setResponseCode(200)
+            self._http.setHeader(b"Content-Type", b"text/event-stream")
+            self._http.setHeader(b"Cache-Control", b"no-store")
+            self._event(self._chunk({"role": "assistant", "content": ""}))
+
+    def _delta(self, text: str) -> None:
+        if self._gone:
+            return
+        if not self._draft.stream:
+            self._text.append(text)
+            return
+        self._start()
+        self._event(self._chunk({"content": text}))
+
+    def _usage(self, done: Done) -> dict[str, int]:
+        return {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        }
+
+    def _done(self, done: Done) -> None:
+        if self._gone:
+            return
+        if done.finish_reason not in ("stop", "length"):
+            self._failed(
+                Failure(ChatError("cancelled", "the router cancelled the generation", None))
+            )
+            return
+        if not self._draft.stream:
+            message = {"role": "assistant", "content": "".join(self._text)}
+            choice = {"index": 0, "message": message, "finish_reason": done.finish_reason}
+            _json(
+                self._http,
+                200,
+                {
+                    "id": self._id,
+                    "object": "chat.completion",
+                    "created": self._created,
+                    "model": self._draft.model,
+                    "choices": [{**choice, "logprobs": None}],
+                    "usage": self._usage(done),
+                },
+            )
+            return
+        self._start()
+        self._event(self._chunk({}, done.finish_reason))
+        if self._draft.include_usage:
+            self._event({**self._chunk({}), "choices": [], "usage": self._usage(done)})
+        self._http.write(b"data: [DONE]\n\n")
+        self._http.finish()
+
+    def _failed(self, failure: Failure) -> None:
+        if self._gone or failure.check(CancelledError):
+            return
+        if isinstance(failure.value, ChatError):
+            error = _from_chat_error(failure.value)
+        elif failure.check(ConnectError, ResponseFailed, ResponseNeverReceived):
+            error = _unreachable()
+        else:
+            # Not logged: an unexpected exception's text could quote the conversation.
+            error = OpenAIError(500, "internal error", "internal")
+        if not self._started:
+            _error(self._http, error)
+            return
+        # Mid-stream: OpenAI's clients raise on an error event; no [DONE] follows.
+        self._event(error.body())
+        self._http.finish()
+
+
+def _json(http: server.Request, status: int, doc: Any) -> None:
+    http.setResponseCode(status)
+    http.setHeader(b"Content-Type", b"application/json")
+    http.setHeader(b"Cache-Control", b"no-store")
+    http.write(json.dumps(doc).encode())
+    http.finish()
+
+
+def _error(http: server.Request, error: OpenAIError) -> None:
+    if error.retry_after is not None:
+        http.setHeader(b"Retry-After", str(error.retry_after).encode())
+    _json(http, error.status, error.body())
+
+
+class ProxyResource(Resource):
+    """The whole HTTP surface of the proxy."""
+
+    isLeaf = True
+
+    def __init__(self, client: Client, model: str = DEFAULT_MODEL) -> None:
+        super().__init__()
+        self._client = client
+        self._model = model
+
+    def _models(self) -> dict[str, Any]:
+        return {"id": self._model, "object": "model", "created": 0, "owned_by": "llmrouter"}
+
+    def render(self, request: server.Request) -> Any:
+        path = request.path.rstrip(b"/")
+        try:
+            if path == b"/v1/chat/completions":
+                self._allow(request, b"POST")
+                return self._chat(request)
+            if path == b"/v1/models":
+                self._allow(request, b"GET")
+                _json(request, 200, {"object": "list", "data": [self._models()]})
+            elif path == b"/v1/models/" + self._model.encode():
+                self._allow(request, b"GET")
+                _json(request, 200, self._models())
+            else:
+                raise OpenAIError(404, "no such endpoint on this proxy", "not_found")
+        except OpenAIError as e:
+            _error(request, e)
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _allow(request: server.Request, method: bytes) -> None:
+        if request.method != method:
+            request.setHeader(b"Allow", method)
+            raise OpenAIError(405, "method not allowed", "method_not_allowed")
+
+    def _chat(self, request: server.Request) -> Any:
+        assert request.content is not None
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise OpenAIError(413, "the request body is too large", "body_too_large")
+        chat, draft = to_request(body, self._model)
+        _Completion(request, self._client, chat, draft)
+        return server.NOT_DONE_YET
+
+
+class ProxySite(server.Site):
+    """No access log: it would record the local client's requests."""
+
+    def __init__(self, resource: ProxyResource) -> None:
+        super().__init__(resource)
+        self.displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+# The listening address.
+
+
+def parse_listen(value: str, allow_remote: bool) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets, ``localhost``); non-loopback only with ``allow_remote``."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError("--listen must be HOST:PORT, e.g. 127.0.0.1:8000")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("--listen needs an IP address (or localhost), not a name") from None
+    if not address.is_loopback and not allow_remote:
+        raise ValueError(
+            "--listen is not a loopback address: anyone who can reach it would chat through"
+            " the router as you (and with your device key); add --allow-remote if you mean it"
+        )
+    return host, int(port_text)
+
+
+def read_tofu(path: str) -> str | None:
+    """The signing key trusted on first use, if ``path`` holds one."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def write_tofu(path: str, signing_key: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(signing_key + "\n")
