@@ -196,7 +196,7 @@ class RequestTests(SynchronousTestCase):
             {"messages": [{"role": "user", "content": "x"}], "top_p": 0},
             {"messages": [{"role": "user", "content": "x"}], "stop": "x"},
             {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
-            {"messages": [{"role": "user", "content": "x"}], "model": "gpt"},
+            {"messages": [{"role": "user", "content": "x"}], "gpt": "model"},
         ]
         for case in cases:
             with self.assertRaises(p.ProtocolError) as cm:
