@@ -6,14 +6,18 @@ request. When the client reads slowly Twisted pauses us and we pause the upstrea
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
 
-Nothing is sent to the client before the first token (or an early end): until then upstream
+Nothing is sent to the client before the first output (or an early end): until then upstream
 failures can still be retried or answered with a plain JSON error.
+
+With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
+exactly one chunk: the oldest run, else the final chunk, else an empty delta.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -26,6 +30,8 @@ from llmrouter.router.metrics import RouterMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 
+Logprobs = list[dict[str, Any]] | None
+
 
 class UpstreamControl(Protocol):
     """What the stream needs from its upstream call (a ChatCall provides these)."""
@@ -35,6 +41,26 @@ class UpstreamControl(Protocol):
     def resume(self) -> None: ...
 
     def cancel(self) -> None: ...
+
+
+@dataclass
+class _Run:
+    """Output of one kind waiting for a cadence slot; a tool call's run is one call's fragments."""
+
+    kind: str  # delta, reasoning, tool_call
+    parts: list[str]
+    logprobs: Logprobs = None
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+
+    def takes(self, kind: str, index: int, first: bool) -> bool:
+        return self.kind == kind and (kind != "tool_call" or (self.index == index and not first))
+
+    def add(self, text: str, logprobs: Logprobs) -> None:
+        self.parts.append(text)
+        if logprobs is not None:
+            self.logprobs = (self.logprobs or []) + logprobs
 
 
 @implementer(IPushProducer)
@@ -66,7 +92,7 @@ class EncryptedStream:
         self._paused = False
         self._last_write = 0.0
         self._timer: IDelayedCall | None = None
-        self._pending: list[str] = []
+        self._pending: list[_Run] = []
         self._final: tuple[str, tuple[object, ...]] | None = None
         self.client_gone = False
         self.done: Deferred[None] = Deferred(lambda d: self._client_left())
@@ -78,17 +104,42 @@ class EncryptedStream:
 
     # TokenSink
 
-    def token(self, text: str) -> None:
+    def token(self, text: str, logprobs: Logprobs = None) -> None:
         if self._closed:
             return
         self._metrics.tokens_streamed.inc()
         if not self._opened:
-            self._open()
-            self._metrics.ttft.observe(self._clock.seconds() - self._started)
+            self._first_output()
         if self._cadence:
-            self._pending.append(text)
+            self._queue("delta", text, logprobs)
         else:
-            self._write(self._sealer.delta(text))
+            self._write(self._sealer.delta(text, logprobs))
+
+    def reasoning(self, text: str, logprobs: Logprobs = None) -> None:
+        if self._closed:
+            return
+        self._metrics.tokens_streamed.inc()
+        if not self._opened:
+            self._first_output()
+        if self._cadence:
+            self._queue("reasoning", text, logprobs)
+        else:
+            self._write(self._sealer.reasoning(text, logprobs))
+
+    def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None:
+        if self._closed:
+            return
+        if not self._opened:
+            self._first_output()
+        if self._cadence:
+            self._queue("tool_call", arguments, None, index, id, name)
+        else:
+            self._write(self._sealer.tool_call(index, id, name, arguments))
+
+    def progress(self) -> None:
+        """Output the client did not ask to see: open the stream (keepalives, cadence slots)."""
+        if not self._closed and not self._opened:
+            self._first_output()
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         if self._closed:
@@ -97,11 +148,13 @@ class EncryptedStream:
             self._open()
         self._end_with("done", (finish_reason, prompt_tokens, completion_tokens))
 
-    def failed(self, code: str, message: str, status: int) -> None:
+    def failed(
+        self, code: str, message: str, status: int, detail: Mapping[str, Any] | None = None
+    ) -> None:
         if self._closed:
             return
         if not self._opened:
-            self._reject(ProtocolError(code, message, status))
+            self._reject(ProtocolError(code, message, status, **(detail or {})))
             return
         self._end_with("error", (code, message))
 
@@ -132,6 +185,25 @@ class EncryptedStream:
         self._client_left()
 
     # Internals
+
+    def _first_output(self) -> None:
+        self._open()
+        self._metrics.ttft.observe(self._clock.seconds() - self._started)
+
+    def _queue(
+        self,
+        kind: str,
+        text: str,
+        logprobs: Logprobs,
+        index: int = 0,
+        id: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        first = id is not None or name is not None
+        if self._pending and self._pending[-1].takes(kind, index, first):
+            self._pending[-1].add(text, logprobs)
+        else:
+            self._pending.append(_Run(kind, [text], logprobs, index, id, name))
 
     def _open(self) -> None:
         self._opened = True
@@ -169,8 +241,14 @@ class EncryptedStream:
         if self._paused:
             return
         if self._pending:
-            text, self._pending = "".join(self._pending), []
-            self._write(self._sealer.delta(text))
+            run = self._pending.pop(0)
+            text = "".join(run.parts)
+            if run.kind == "delta":
+                self._write(self._sealer.delta(text, run.logprobs))
+            elif run.kind == "reasoning":
+                self._write(self._sealer.reasoning(text, run.logprobs))
+            else:
+                self._write(self._sealer.tool_call(run.index, run.id, run.name, text))
         elif self._final is not None:
             self._emit_final()
         else:
