@@ -17,6 +17,7 @@ import binascii
 import dataclasses
 import hmac
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -90,6 +91,7 @@ FINISH_REASONS = frozenset({"stop", "length", "cancelled", "tool_calls"})
 MAX_TOOL_INDEX = 63
 MAX_LOGPROB_ENTRIES = 256
 MAX_TOP_LOGPROBS = 20
+MIN_LOGPROB = -9999.0
 _MAX_JSON_INT = (1 << 53) - 1
 _B64U = re.compile(r"[A-Za-z0-9_-]*")
 _KID = re.compile(r"[0-9a-f]{2}")
@@ -637,6 +639,8 @@ def _logprob_entry(entry: Any, top: bool) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ValueError("a logprob entry must be an object")
     token, logprob, raw_bytes = entry.get("token"), entry.get("logprob"), entry.get("bytes")
+    if logprob is None or (_is_number(logprob) and not math.isfinite(logprob)):
+        logprob = MIN_LOGPROB  # minus infinity (JSON has none; backends send null): as OpenAI does
     if not isinstance(token, str) or not _is_number(logprob):
         raise ValueError("a logprob entry needs a token and a number")
     out: dict[str, Any] = {"token": token, "logprob": logprob}
