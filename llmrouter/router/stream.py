@@ -105,26 +105,10 @@ class EncryptedStream:
     # TokenSink
 
     def token(self, text: str, logprobs: Logprobs = None) -> None:
-        if self._closed:
-            return
-        self._metrics.tokens_streamed.inc()
-        if not self._opened:
-            self._first_output()
-        if self._cadence:
-            self._queue("delta", text, logprobs)
-        else:
-            self._write(self._sealer.delta(text, logprobs))
+        self._text("delta", self._sealer.delta, text, logprobs)
 
     def reasoning(self, text: str, logprobs: Logprobs = None) -> None:
-        if self._closed:
-            return
-        self._metrics.tokens_streamed.inc()
-        if not self._opened:
-            self._first_output()
-        if self._cadence:
-            self._queue("reasoning", text, logprobs)
-        else:
-            self._write(self._sealer.reasoning(text, logprobs))
+        self._text("reasoning", self._sealer.reasoning, text, logprobs)
 
     def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None:
         if self._closed:
@@ -185,6 +169,19 @@ class EncryptedStream:
         self._client_left()
 
     # Internals
+
+    def _text(
+        self, kind: str, seal: Callable[[str, Logprobs], bytes], text: str, logprobs: Logprobs
+    ) -> None:
+        if self._closed:
+            return
+        self._metrics.tokens_streamed.inc()
+        if not self._opened:
+            self._first_output()
+        if self._cadence:
+            self._queue(kind, text, logprobs)
+        else:
+            self._write(seal(text, logprobs))
 
     def _first_output(self) -> None:
         self._open()
