@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_PAD",
     "KEEPALIVE",
+    "MAX_LOGPROB_ENTRIES",
     "MAX_STOP_SEQUENCES",
     "REQUEST_INFO",
     "RESPONSE_LABEL",

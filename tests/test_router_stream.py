@@ -16,7 +16,15 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
 
 from llmrouter.chat import Tool
-from llmrouter.protocol import Delta, Done, ErrorChunk, Reasoning, ResponseOpener, ToolCallDelta
+from llmrouter.protocol import (
+    MAX_LOGPROB_ENTRIES,
+    Delta,
+    Done,
+    ErrorChunk,
+    Reasoning,
+    ResponseOpener,
+    ToolCallDelta,
+)
 from llmrouter.sse import SSEParser
 from tests.router_support import Script, prompt, sealed, start_fault_backend, start_router
 
@@ -146,6 +154,27 @@ class CadenceTests(TestCase):
             ],
         )
         self.assertEqual([e[0] for e in raw.events], ["init", "chunk", "chunk", "chunk", "final"])
+
+    @defer.inlineCallbacks
+    def test_logprobs_split_at_the_chunk_limit(self) -> Any:
+        """Text merges into one chunk per slot, but no chunk carries more logprobs than a client
+        takes: 300 tokens with logprobs in one slot go out as two chunks."""
+        entry = {"token": "t", "logprob": -0.5, "top_logprobs": []}
+        events = [
+            {"choices": [{"delta": {"content": "t"}, "logprobs": {"content": [entry]}}]}
+        ] * 300
+        fake, url = yield start_fault_backend(self, Script(events=events))
+        running = yield start_router(self, [url], stream_cadence_ms=50)
+        raw = yield stream(running, request=prompt("hi", logprobs=True))
+        while not fake.log.completed:  # all of it waits for the first slot
+            yield settle()
+        yield settle()
+        while not raw.ended.called:
+            yield settle()
+            running.router.clock.advance(0.05)
+        deltas = [item for item in raw.items if isinstance(item, Delta)]
+        self.assertEqual([len(d.logprobs) for d in deltas], [MAX_LOGPROB_ENTRIES, 44])
+        self.assertEqual("".join(d.text for d in deltas), "t" * 300)
 
 
 class KeepaliveTests(TestCase):

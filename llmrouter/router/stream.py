@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmrouter.protocol import KEEPALIVE, ProtocolError, ResponseSealer
+from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ProtocolError, ResponseSealer
 from llmrouter.router.metrics import RouterMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
@@ -54,13 +54,18 @@ class _Run:
     id: str | None = None
     name: str | None = None
 
-    def takes(self, kind: str, index: int, first: bool) -> bool:
-        return self.kind == kind and (kind != "tool_call" or (self.index == index and not first))
+    def takes(self, kind: str, index: int, first: bool, logprobs: Logprobs) -> bool:
+        if self.kind != kind or (kind == "tool_call" and (self.index != index or first)):
+            return False
+        # a chunk carries at most MAX_LOGPROB_ENTRIES (a client refuses more)
+        return len(self.logprobs or ()) + len(logprobs or ()) <= MAX_LOGPROB_ENTRIES
 
     def add(self, text: str, logprobs: Logprobs) -> None:
         self.parts.append(text)
         if logprobs is not None:
-            self.logprobs = (self.logprobs or []) + logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(logprobs)
 
 
 @implementer(IPushProducer)
@@ -197,10 +202,11 @@ class EncryptedStream:
         name: str | None = None,
     ) -> None:
         first = id is not None or name is not None
-        if self._pending and self._pending[-1].takes(kind, index, first):
+        if self._pending and self._pending[-1].takes(kind, index, first, logprobs):
             self._pending[-1].add(text, logprobs)
         else:
-            self._pending.append(_Run(kind, [text], logprobs, index, id, name))
+            own = None if logprobs is None else list(logprobs)
+            self._pending.append(_Run(kind, [text], own, index, id, name))
 
     def _open(self) -> None:
         self._opened = True

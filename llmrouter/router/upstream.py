@@ -61,6 +61,7 @@ _MAX_PROPS_BODY = 1 << 18  # llama-server's /props carries its chat templates
 _MAX_ERROR_BODY = 1 << 12
 _MAX_TOOL_INDEX = 63
 _MAX_ID_CHARS = 256
+_MAX_CURSORS = 1024
 _ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # an enum, never a sentence or a value
 
 
@@ -283,7 +284,7 @@ class BackendPool:
         self._interval = interval
         self._probe_timeout = probe_timeout
         self.default_model = default_model
-        self._next: dict[str | None, int] = {}  # round-robin cursor per model (known names only)
+        self._next: dict[str | None, int] = {}  # round-robin cursor per model (served names only)
         self._timer: IDelayedCall | None = None
         self._probing: list[Deferred[Any]] = []
         self.connection_pools: list[HTTPConnectionPool] = []
@@ -395,6 +396,8 @@ class BackendPool:
                 if not backend.healthy or (backend in avoid and not allow_avoided):
                     continue
                 if backend.breaker.acquire():
+                    if len(self._next) > _MAX_CURSORS:  # names backends no longer list
+                        self._next.clear()
                     self._next[key] = (start + step + 1) % n
                     return backend
         return None
@@ -635,6 +638,7 @@ def _tool_fragments(raw: Any) -> list[tuple[int, str | None, str | None, str]] |
         name, arguments = function.get("name"), function.get("arguments") or ""
         if (
             not isinstance(index, int)
+            or isinstance(index, bool)
             or not 0 <= index <= _MAX_TOOL_INDEX
             or not (call_id is None or (isinstance(call_id, str) and len(call_id) <= _MAX_ID_CHARS))
             or not (name is None or (isinstance(name, str) and len(name) <= _MAX_ID_CHARS))
@@ -670,7 +674,7 @@ class ChatCall:
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
-        self._request_body = request
+        self._chat = request
         self._route = route  # None: any backend, as in protocol v1
         self._bodies: dict[tuple[str, str | None], bytes] = {}
         self.relay_reasoning = request.wants_reasoning
@@ -727,7 +731,7 @@ class ChatCall:
         key = (backend.dialect.kind, model)
         body = self._bodies.get(key)
         if body is None:
-            body = self._bodies[key] = backend.dialect.body(self._request_body, model)
+            body = self._bodies[key] = backend.dialect.body(self._chat, model)
         return body
 
     def _try(self) -> None:
@@ -769,9 +773,9 @@ class ChatCall:
                 reader.done.addCallback(self._refused, code, attempt)
                 return
             response.deliverBody(_Discard(limit=0))  # drop the connection, not worth reusing
-            error = UpstreamError("upstream_failed", "the inference backend refused the request")
-            error.breaker = code not in (429, 503)
-            self._attempt_failed(error)
+            message = "the inference backend refused the request"
+            overloaded = code in (429, 503)
+            self._attempt_failed(UpstreamError("upstream_failed", message, breaker=not overloaded))
             return
         stream = _OpenAIStream(self)
         self._stream = stream
