@@ -656,6 +656,8 @@ def _tool_choice(raw: Any, tools: tuple[Tool, ...] | None) -> str | None:
         raise RequestError("tool_choice must be none, auto, required or a named function")
     if function["name"] not in {tool.name for tool in tools}:
         raise RequestError("tool_choice names a function that is not in tools")
+    if function["name"] in TOOL_CHOICES:  # would read as the mode of that name
+        raise RequestError("tool_choice cannot name a function none, auto or required")
     name: str = function["name"]
     return name
 

@@ -177,6 +177,8 @@ class FieldTests(SynchronousTestCase):
             tools=[TOOL],
             tool_choice={"type": "function", "function": {"name": "other"}},
         )
+        auto = {"type": "function", "function": {"name": "auto"}}
+        self.bad("tool_choice", tools=[auto], tool_choice=auto)
         self.bad("parallel_tool_calls", parallel_tool_calls=True)  # without tools
         self.bad("parallel_tool_calls", tools=[TOOL], parallel_tool_calls="yes")
 
