@@ -603,8 +603,6 @@ def _tools(raw: Any) -> tuple[Tool, ...] | None:
         return None
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_TOOLS:
         raise RequestError(f"tools must be a list of 1 to {MAX_TOOLS} tools")
-    if len(_dumps(raw).encode("utf-8")) > MAX_TOOLS_BYTES:
-        raise RequestError(f"tools exceed {MAX_TOOLS_BYTES} bytes")
     tools = []
     for item in raw:
         function = item.get("function") if isinstance(item, dict) else None
@@ -633,6 +631,9 @@ def _tools(raw: Any) -> tuple[Tool, ...] | None:
         tools.append(Tool(name, description, parameters, strict))
     if len({tool.name for tool in tools}) != len(tools):
         raise RequestError("tool names must be unique")
+    # measured once every part is known to be shallow (serializing recurses)
+    if len(_dumps(raw).encode("utf-8")) > MAX_TOOLS_BYTES:
+        raise RequestError(f"tools exceed {MAX_TOOLS_BYTES} bytes")
     return tuple(tools)
 
 
@@ -677,8 +678,6 @@ def _check_schema(schema: Any, what: str) -> None:
     """
     if not isinstance(schema, dict):
         raise RequestError(f"{what} must be a JSON object")
-    if len(_dumps(schema).encode("utf-8")) > MAX_SCHEMA_BYTES:
-        raise RequestError(f"{what} exceeds {MAX_SCHEMA_BYTES} bytes")
     stack: list[tuple[Any, int]] = [(schema, 1)]
     children: Iterable[Any]
     while stack:
@@ -706,6 +705,9 @@ def _check_schema(schema: Any, what: str) -> None:
         else:
             continue
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    # measured once it is known to be shallow (serializing recurses)
+    if len(_dumps(schema).encode("utf-8")) > MAX_SCHEMA_BYTES:
+        raise RequestError(f"{what} exceeds {MAX_SCHEMA_BYTES} bytes")
 
 
 def _check_pattern(pattern: str, what: str) -> None:

@@ -137,6 +137,17 @@ class FieldTests(SynchronousTestCase):
         # the same limits hold for tool parameters
         tool = {"type": "function", "function": {"name": "f", "parameters": nested(40)}}
         self.bad("tool parameters", tools=[tool])
+        # as deep as JSON parsing allows, and deeper: refused, never a RecursionError
+        for depth in (900, 5000):
+            deep = '{"a":' * depth + "1" + "}" * depth
+            for field in (
+                f'"tools":[{{"type":"function","function":{{"name":"f","parameters":{deep}}}}}]',
+                f'"response_format":{{"type":"json_schema","json_schema":{{"schema":{deep}}}}}',
+            ):
+                plaintext = f'{{"messages":[{{"role":"user","content":"x"}}],{field}}}'
+                with self.assertRaises(p.ProtocolError) as cm:
+                    p.parse_chat_request(plaintext.encode())
+                self.assertEqual(cm.exception.code, "bad_payload")
 
     def test_tools(self) -> None:
         request = parse(tools=[TOOL], tool_choice="required", parallel_tool_calls=False)
