@@ -653,6 +653,7 @@ def _tool_choice(raw: Any, tools: tuple[Tool, ...] | None) -> str | None:
         or raw["type"] != "function"
         or not isinstance(function, dict)
         or set(function) != {"name"}
+        or not isinstance(function["name"], str)
     ):
         raise RequestError("tool_choice must be none, auto, required or a named function")
     if function["name"] not in {tool.name for tool in tools}:

@@ -305,11 +305,40 @@ class NeverA500Tests(SynchronousTestCase):
     )
     keys = st.sampled_from([*sorted(chat._FIELDS), "role", "content", "tool_calls", "x"])
 
-    @settings(max_examples=300, deadline=None)
-    @given(st.dictionaries(keys, json_values, max_size=6), st.lists(json_values, max_size=3))
+    # Shapes close to valid ones, with any JSON in their leaves.
+    function = st.fixed_dictionaries(
+        {"name": json_values | st.just("f")},
+        optional={"parameters": json_values, "description": json_values, "arguments": json_values},
+    )
+    shaped = st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "json_schema", "text", "x"]) | json_values},
+        optional={"function": function, "json_schema": st.dictionaries(keys, json_values)},
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(chat.ROLES) | json_values},
+        optional={
+            "content": json_values | st.lists(shaped, max_size=2),
+            "tool_calls": st.lists(shaped | st.fixed_dictionaries({"id": json_values}), max_size=2),
+            "tool_call_id": json_values,
+        },
+    )
+    values = json_values | shaped | st.lists(shaped, max_size=3)
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.dictionaries(keys, values, max_size=6), st.lists(message | json_values, max_size=3))
     def test_fuzz(self, fields: dict[str, Any], extra_messages: list[Any]) -> None:
         doc = {"messages": USER + extra_messages, **fields}
         try:
             p.parse_chat_request(json.dumps(doc).encode())
         except p.ProtocolError as e:
             self.assertEqual(e.code, "bad_payload")
+
+    def test_unhashable_names(self) -> None:
+        for fields in (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": ["x"]}}},
+            {"tools": [{"type": "function", "function": {"name": {"a": 1}}}]},
+            {"reasoning_effort": ["low"]},
+            {"response_format": {"type": ["json_object"]}},
+        ):
+            with self.assertRaises(p.ProtocolError):
+                parse(**fields)
