@@ -49,6 +49,7 @@ class Handler(resource.Resource):
         self.seen_modes: list[str] = []
         self.seen_devices: list[bytes | None] = []
         self.requests: list[p.ChatRequest] = []
+        self.fail_requests: set[int] = set()  # by number, from 1
 
     def document(self) -> bytes:
         key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
@@ -104,8 +105,8 @@ class Handler(resource.Resource):
                 return server.NOT_DONE_YET
             request.write(sealer.delta(word + " "))
             request.write(p.KEEPALIVE)
-        if self.fail_with:
-            request.write(sealer.error(self.fail_with, "upstream went away"))
+        if self.fail_with or len(self.requests) in self.fail_requests:
+            request.write(sealer.error(self.fail_with or "timeout", "upstream went away"))
         else:
             request.write(sealer.done("stop", 3, len(words)))
         request.finish()
@@ -320,6 +321,16 @@ class CommandLineTests(Fixture):
                 ("user", "three four"),
             ],
         )
+
+    @defer.inlineCallbacks
+    def test_interactive_turn_failure_goes_on(self) -> Any:
+        self.handler.fail_requests = {1}
+        out, err, code = yield self.run_client("chat", stdin=b"one two\nthree four\n")
+        self.assertEqual(code, 1)  # a turn failed...
+        self.assertIn(b"llmrouter-client: timeout: upstream went away", err)
+        self.assertEqual(out, b"two one \nfour three \n")  # ...and the next one went on
+        second = self.handler.requests[1]
+        self.assertEqual([m.content for m in second.messages], ["three four"])  # no failed turn
 
     @defer.inlineCallbacks
     def test_models(self) -> Any:

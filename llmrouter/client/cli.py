@@ -154,14 +154,28 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def _reasoning_writer() -> Any:
-    dim = sys.stderr.isatty()
+class _Printer:
+    """The answer to stdout; reasoning (if shown) to stderr, dimmed on a terminal, and a line
+    break between the two when the answer starts."""
 
-    def write(text: str) -> None:
-        sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if dim else text)
+    def __init__(self, show_reasoning: bool) -> None:
+        self.on_reasoning = self._reasoning if show_reasoning else None
+        self._dim = sys.stderr.isatty()
+        self._thinking = False
+        self.printed = False
+
+    def _reasoning(self, text: str) -> None:
+        self._thinking = True
+        sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if self._dim else text)
         sys.stderr.flush()
 
-    return write
+    def answer(self, text: str) -> None:
+        if self._thinking:
+            self._thinking = False
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        self.printed = True
+        _write(text)
 
 
 def _finish(reply: Reply) -> None:
@@ -173,20 +187,30 @@ def _finish(reply: Reply) -> None:
 
 
 async def _converse(client: Client, args: argparse.Namespace) -> int:
-    """Interactive mode: one line per turn; the history lives in this process only."""
+    """Interactive mode: one line per turn; the history lives in this process only. A turn that
+    fails is reported and left out of the history; the conversation goes on."""
     conversation = Conversation(client, system=args.system, **_params(args))
-    on_reasoning = _reasoning_writer() if args.show_reasoning else None
     interactive = sys.stdin.isatty()
     if interactive:
         sys.stderr.write("llmrouter-client: chatting; an empty line or Ctrl-D ends it\n")
+    status = 0
     while True:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
         line = await threads.deferToThread(sys.stdin.readline)
         if not line.strip():
-            return 0
-        reply = await conversation.say(line.rstrip("\n"), _write, on_reasoning=on_reasoning)
+            return status
+        printer = _Printer(args.show_reasoning)
+        try:
+            reply = await conversation.say(
+                line.rstrip("\n"), printer.answer, on_reasoning=printer.on_reasoning
+            )
+        except ChatError as e:
+            if printer.printed:
+                _write("\n")  # the part of the answer that came before the failure
+            status = _fail(e)
+            continue
         _write("\n")
         _finish(reply)
 
@@ -213,8 +237,9 @@ async def _run(reactor: Any, args: argparse.Namespace) -> int:
         return 0
     if args.prompt is None:
         return await _converse(client, args)
-    on_reasoning = _reasoning_writer() if args.show_reasoning else None
-    reply = await client.complete(_request(args, args.prompt), _write, on_reasoning=on_reasoning)
+    printer = _Printer(args.show_reasoning)
+    request = _request(args, args.prompt)
+    reply = await client.complete(request, printer.answer, on_reasoning=printer.on_reasoning)
     _write("\n")
     _finish(reply)
     return 0
