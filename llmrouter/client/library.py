@@ -119,8 +119,9 @@ class _Collector:
             call.append(item.arguments)
 
     def reply(self, done: Done) -> Reply:
-        calls = tuple(
-            ToolCall(call[0], call[1], "".join(call[2:])) for _, call in sorted(self.calls.items())
+        calls = tuple(  # a call without an id gets one, so it can go back in the history
+            ToolCall(call[0] or f"call_{index}", call[1], "".join(call[2:]))
+            for index, call in sorted(self.calls.items())
         )
         text, reasoning = "".join(self.text), "".join(self.reasoning)
         return Reply(text, reasoning, calls, tuple(self.logprobs), done)
