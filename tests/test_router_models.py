@@ -327,6 +327,20 @@ class RelayTests(TestCase):
         self.assertEqual(fake.log.requests, 1)  # ...so the failure was not retried elsewhere
 
     @defer.inlineCallbacks
+    def test_tool_call_without_id(self) -> Any:
+        """Some backends give no id; the client names the call so it can go back in history."""
+        events = [
+            event(tool_calls=[{"index": 0, "function": {"name": "get_weather", "arguments": "{}"}}])
+        ]
+        _, url = yield backend(self, None, events=events, finish_reason="tool_calls")
+        running = yield start_router(self, [url])
+        reply = yield defer.Deferred.fromCoroutine(
+            running.client().complete(prompt("hi", tools=TOOLS))
+        )
+        self.assertEqual(reply.tool_calls[0].id, "call_0")
+        self.assertEqual(reply.message().tool_calls[0].name, "get_weather")
+
+    @defer.inlineCallbacks
     def test_malformed_upstream_tool_call(self) -> Any:
         events = [event(content="x"), event(tool_calls=[{"index": "zero"}])]
         _, url = yield backend(self, None, events=events)
