@@ -570,8 +570,15 @@ class _OpenAIStream(Protocol):
         if isinstance(choices, list) and choices and isinstance(choices[0], dict):
             choice = choices[0]
             delta = choice.get("delta")
-            if isinstance(delta, dict) and not self._delta(choice, delta):
-                return False
+            if isinstance(delta, dict):
+                text = delta.get("content")
+                # The common case first: a delta of text alone (every v1 token).
+                if len(delta) == 1 and isinstance(text, str) and not self._call.relay_logprobs:
+                    if text:
+                        self.usage.deltas += 1
+                        self._call._token(text)
+                elif not self._delta(choice, delta):
+                    return False
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.usage.finish_reason = reason
@@ -819,8 +826,11 @@ class ChatCall:
         return True
 
     def _token(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
-        if self._progress():
-            self._sink.token(text, logprobs)
+        if self.over:
+            return
+        self.tokens += 1  # _progress(), inline on the path of every token
+        self._arm(self._settings.idle_timeout_seconds, "idle")
+        self._sink.token(text, logprobs)
 
     def _reasoning(self, text: str, logprobs: list[dict[str, Any]] | None) -> None:
         if self._progress():
