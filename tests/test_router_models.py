@@ -341,6 +341,18 @@ class RelayTests(TestCase):
         self.assertEqual(reply.message().tool_calls[0].name, "get_weather")
 
     @defer.inlineCallbacks
+    def test_backend_error_after_output_is_sealed(self) -> Any:
+        events = [event(content="Hi"), {"error": {"code": 500, "message": "quoting CANARY"}}]
+        _, url = yield backend(self, None, events=events)
+        running = yield start_router(self, [url])
+        body, _, state = yield sealed(running, prompt("hi"))
+        status, _, raw = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        items = ResponseOpener(state).feed(raw)
+        # the backend's own message (it may quote the request) stays inside
+        self.assertEqual(items[-1], ErrorChunk("upstream_failed", "the inference backend failed"))
+
+    @defer.inlineCallbacks
     def test_malformed_upstream_tool_call(self) -> Any:
         events = [event(content="x"), event(tool_calls=[{"index": "zero"}])]
         _, url = yield backend(self, None, events=events)
