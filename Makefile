@@ -5,8 +5,13 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# llama-server built from the llama.cpp vendored in the pinned llama-cpp-python, for the tests that
+# run the router against it; cached outside the checkout and built only when missing (~10 min).
+LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' setup.cfg)
+LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_CPP_VERSION)
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 
-.PHONY: run test trial lint type wheel-check system-deps sdk-test clean
+.PHONY: run test trial lint type wheel-check system-deps sdk-test llama-server clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +26,13 @@ run: $(STAMP)
 # The README's test command: everything CI checks, from a fresh clone.
 test: system-deps trial lint type wheel-check sdk-test
 
-trial: $(STAMP)
-	$(BIN)/trial $(TRIAL_ARGS) tests
+trial: $(STAMP) $(LLAMA_SERVER)
+	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
+
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): | $(STAMP) system-deps
+	bench/build-llama-server "$(LLAMA_SERVER_DIR)"
 
 # System tools the production tests drive (promtool, nft, caddy, ...); idempotent.
 system-deps:

@@ -1,7 +1,10 @@
-"""Wire protocol v1: sealed chat requests, sealed SSE response streams, the signed key document.
+"""Wire protocol v1.1: sealed chat requests, sealed SSE response streams, the signed key document.
 
 Both sides live here: the client seals a request and opens a response stream; the router opens a
-request and seals a response stream. ``docs/protocol.md`` is the prose version of this module.
+request and seals a response stream. ``docs/protocol.md`` is the prose version of this module; the
+request plaintext itself (the OpenAI chat fields) is :mod:`llmrouter.chat`. Version 1.1 keeps the v1
+envelope, key schedule and chunk framing; it adds request fields and chunk types, and a chunk type
+is only ever sent to a client whose request asked for it, so a v1 client sees v1 bytes.
 
 Error messages are fixed strings chosen here. Nothing a peer sent (field names, values, plaintext)
 is ever echoed back or put into an exception, so errors can be logged and returned safely.
@@ -14,6 +17,7 @@ import binascii
 import dataclasses
 import hmac
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -24,12 +28,15 @@ import nacl.exceptions
 import nacl.signing
 
 from llmrouter import hpke
+from llmrouter.chat import MAX_STOP_SEQUENCES, ChatRequest, Message, RequestError, parse_request
 from llmrouter.sse import SSEError, SSEParser, format_event
 
 __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_PAD",
     "KEEPALIVE",
+    "MAX_LOGPROB_ENTRIES",
+    "MAX_STOP_SEQUENCES",
     "REQUEST_INFO",
     "RESPONSE_LABEL",
     "SKEW_SECONDS",
@@ -41,13 +48,16 @@ __all__ = [
     "ErrorChunk",
     "KeyDocument",
     "KeyDocumentError",
+    "Logprob",
     "Message",
     "ProtocolError",
     "PublishedKey",
+    "Reasoning",
     "RequestState",
     "ResponseOpener",
     "ResponseSealer",
     "StreamError",
+    "ToolCallDelta",
     "b64u_decode",
     "b64u_encode",
     "build_jwks",
@@ -56,6 +66,7 @@ __all__ = [
     "check_timestamp",
     "key_id_for_kid",
     "kid_for_key_id",
+    "logprob_entries",
     "open_request",
     "pad",
     "parse_chat_request",
@@ -77,9 +88,11 @@ RESPONSE_NONCE_BYTES = 32
 SUITE = {"kem": hpke.KEM_ID, "kdf": hpke.KDF_ID, "aead": hpke.AEAD_ID}
 KEEPALIVE = b": keepalive\n\n"
 
-ROLES = frozenset({"system", "user", "assistant"})
-FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
-MAX_STOP_SEQUENCES = 4
+FINISH_REASONS = frozenset({"stop", "length", "cancelled", "tool_calls"})
+MAX_TOOL_INDEX = 63
+MAX_LOGPROB_ENTRIES = 256
+MAX_TOP_LOGPROBS = 20
+MIN_LOGPROB = -9999.0
 _MAX_JSON_INT = (1 << 53) - 1
 _B64U = re.compile(r"[A-Za-z0-9_-]*")
 _KID = re.compile(r"[0-9a-f]{2}")
@@ -276,103 +289,16 @@ def check_timestamp(ts: int, now: float, skew: int = SKEW_SECONDS) -> None:
         raise ProtocolError("stale", "request timestamp is outside the accepted window")
 
 
-# The request plaintext.
-
-
-@dataclass(frozen=True, repr=False)
-class Message:
-    role: str
-    content: str
-
-    def __repr__(self) -> str:
-        return f"Message(role={self.role!r}, content=<{len(self.content)} chars>)"
-
-
-@dataclass(frozen=True, repr=False)
-class ChatRequest:
-    messages: tuple[Message, ...]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] | None = None
-
-    def __repr__(self) -> str:
-        return f"ChatRequest(<{len(self.messages)} messages>, max_tokens={self.max_tokens})"
-
-    @classmethod
-    def from_prompt(cls, prompt: str, **params: Any) -> ChatRequest:
-        return cls(messages=(Message("user", prompt),), **params)
-
-    def _params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {}
-        if self.max_tokens is not None:
-            params["max_tokens"] = self.max_tokens
-        if self.temperature is not None:
-            params["temperature"] = self.temperature
-        if self.top_p is not None:
-            params["top_p"] = self.top_p
-        if self.stop is not None:
-            params["stop"] = list(self.stop)
-        return params
-
-    def to_plaintext(self) -> dict[str, Any]:
-        messages = [{"role": m.role, "content": m.content} for m in self.messages]
-        return {"messages": messages, **self._params()}
-
-    def to_openai(self, model: str | None = None) -> dict[str, Any]:
-        """The body of a streaming ``POST /v1/chat/completions`` for any OpenAI-style backend."""
-        body = self.to_plaintext()
-        body.update(stream=True, stream_options={"include_usage": True})
-        if model is not None:
-            body["model"] = model
-        return body
-
-
-_REQUEST_FIELDS = frozenset({"messages", "max_tokens", "temperature", "top_p", "stop"})
+# The request plaintext (fields: llmrouter.chat).
 
 
 def parse_chat_request(plaintext: bytes) -> ChatRequest:
     """Validate a decrypted request. Codes are all ``bad_payload``; messages never echo content."""
-
-    def bad(message: str) -> ProtocolError:
-        return ProtocolError("bad_payload", message)
-
     doc = _loads(plaintext.rstrip(b" "), "bad_payload", "request plaintext")
-    if not isinstance(doc, dict):
-        raise bad("request plaintext must be a JSON object")
-    if not _REQUEST_FIELDS.issuperset(doc):
-        raise bad("request has a field protocol v1 does not define")
-    raw_messages = doc.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad("messages must be a non-empty list")
-    messages = []
-    for item in raw_messages:
-        if not isinstance(item, dict) or set(item) != {"role", "content"}:
-            raise bad("each message must have exactly role and content")
-        if item["role"] not in ROLES:
-            raise bad("message role must be system, user or assistant")
-        if not isinstance(item["content"], str):
-            raise bad("message content must be a string")
-        messages.append(Message(item["role"], item["content"]))
-    max_tokens = doc.get("max_tokens")
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise bad("max_tokens must be a positive integer")
-    temperature = doc.get("temperature")
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
-        raise bad("temperature must be a number from 0 to 2")
-    top_p = doc.get("top_p")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise bad("top_p must be a number above 0 and at most 1")
-    stop = doc.get("stop")
-    if stop is not None:
-        if (
-            not isinstance(stop, list)
-            or len(stop) > MAX_STOP_SEQUENCES
-            or not all(isinstance(s, str) and s for s in stop)
-        ):
-            raise bad(f"stop must be a list of at most {MAX_STOP_SEQUENCES} non-empty strings")
-        stop = tuple(stop)
-    return ChatRequest(tuple(messages), max_tokens, temperature, top_p, stop)
+    try:
+        return parse_request(doc)
+    except RequestError as e:
+        raise ProtocolError("bad_payload", str(e)) from None
 
 
 # Sealing and opening requests.
@@ -499,8 +425,27 @@ class ResponseSealer:
         sealed = self._keys.seal(aad, pad(_dumps(message), self._pad))
         return format_event(name, b64u_encode(sealed))
 
-    def delta(self, text: str) -> bytes:
-        return self._event("chunk", b"", {"type": "delta", "text": text})
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        if logprobs is None:
+            return self._event("chunk", b"", {"type": "delta", "text": text})
+        return self._event("chunk", b"", {"type": "delta", "text": text, "logprobs": logprobs})
+
+    def reasoning(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        """v1.1, only for a request with ``include_reasoning``: the model's thinking."""
+        message: dict[str, Any] = {"type": "reasoning", "text": text}
+        if logprobs is not None:
+            message["logprobs"] = logprobs
+        return self._event("chunk", b"", message)
+
+    def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> bytes:
+        """v1.1, only for a request with ``tools``: one fragment of the call at ``index``."""
+        message: dict[str, Any] = {"type": "tool_call", "index": index}
+        if id is not None:
+            message["id"] = id
+        if name is not None:
+            message["name"] = name
+        message["arguments"] = arguments
+        return self._event("chunk", b"", message)
 
     def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         if finish_reason not in FINISH_REASONS:
@@ -522,9 +467,41 @@ class StreamError(Exception):
     """The response stream is malformed, tampered with, or truncated."""
 
 
+@dataclass(frozen=True, repr=False)
+class Logprob:
+    """A sampled token's log probability (and its most likely alternatives), as OpenAI gives it."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+    top_logprobs: tuple[Logprob, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Logprob({self.logprob:.3f})"
+
+
 @dataclass(frozen=True)
 class Delta:
     text: str = field(repr=False)
+    logprobs: tuple[Logprob, ...] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """v1.1: reasoning text, apart from the answer (only sent when the request asked for it)."""
+
+    text: str = field(repr=False)
+    logprobs: tuple[Logprob, ...] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """v1.1: a fragment of tool call ``index``; ``id`` and ``name`` come with its first one."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -540,7 +517,7 @@ class ErrorChunk:
     message: str
 
 
-StreamItem = Delta | Done | ErrorChunk
+StreamItem = Delta | Reasoning | ToolCallDelta | Done | ErrorChunk
 
 
 class ResponseOpener:
@@ -613,8 +590,28 @@ def _loads_stream(data: str | bytes) -> dict[str, Any]:
 
 def _parse_chunk(doc: dict[str, Any], final: bool) -> StreamItem:
     kind = doc.get("type")
-    if kind == "delta" and not final and isinstance(doc.get("text"), str):
-        return Delta(doc["text"])
+    if not final:
+        if kind in ("delta", "reasoning") and isinstance(doc.get("text"), str):
+            logprobs = None
+            if "logprobs" in doc:
+                try:
+                    logprobs = _logprobs(logprob_entries(doc["logprobs"]))
+                except ValueError:
+                    raise StreamError("unexpected chunk content") from None
+            if kind == "delta":
+                return Delta(doc["text"], logprobs)
+            return Reasoning(doc["text"], logprobs)
+        if kind == "tool_call":
+            index, call_id, name = doc.get("index"), doc.get("id"), doc.get("name")
+            if (
+                isinstance(index, int)
+                and not isinstance(index, bool)
+                and 0 <= index <= MAX_TOOL_INDEX
+                and isinstance(doc.get("arguments"), str)
+                and isinstance(call_id, str | None)
+                and isinstance(name, str | None)
+            ):
+                return ToolCallDelta(index, call_id, name, doc["arguments"])
     if kind == "done" and final and doc.get("finish_reason") in FINISH_REASONS:
         usage = doc.get("usage")
         if isinstance(usage, dict):
@@ -626,6 +623,53 @@ def _parse_chunk(doc: dict[str, Any], final: bool) -> StreamItem:
         if isinstance(code, str) and isinstance(message, str):
             return ErrorChunk(code, message)
     raise StreamError("unexpected chunk content")
+
+
+def logprob_entries(raw: Any) -> list[dict[str, Any]]:
+    """Validate OpenAI ``logprobs.content`` entries into the shape chunks carry (ValueError).
+
+    Keeps ``token``, ``logprob``, ``bytes`` and ``top_logprobs`` (each ``token``, ``logprob``,
+    ``bytes``), bounded in count, so what the router relays is exactly what it checked.
+    """
+    if not isinstance(raw, list) or len(raw) > MAX_LOGPROB_ENTRIES:
+        raise ValueError("logprobs must be a bounded list")
+    return [_logprob_entry(entry, top=True) for entry in raw]
+
+
+def _logprob_entry(entry: Any, top: bool) -> dict[str, Any]:
+    if not isinstance(entry, dict):
+        raise ValueError("a logprob entry must be an object")
+    token, logprob, raw_bytes = entry.get("token"), entry.get("logprob"), entry.get("bytes")
+    if logprob is None or (_is_number(logprob) and not math.isfinite(logprob)):
+        logprob = MIN_LOGPROB  # minus infinity (JSON has none; backends send null): as OpenAI does
+    if not isinstance(token, str) or not _is_number(logprob):
+        raise ValueError("a logprob entry needs a token and a number")
+    out: dict[str, Any] = {"token": token, "logprob": logprob}
+    if raw_bytes is not None:
+        if not isinstance(raw_bytes, list) or not all(
+            _is_int(b) and 0 <= b <= 255 for b in raw_bytes
+        ):
+            raise ValueError("logprob bytes must be a list of bytes")
+        out["bytes"] = raw_bytes
+    if top:
+        alternatives = entry.get("top_logprobs") or []
+        if not isinstance(alternatives, list) or len(alternatives) > MAX_TOP_LOGPROBS:
+            raise ValueError("top_logprobs must be a bounded list")
+        out["top_logprobs"] = [_logprob_entry(alt, top=False) for alt in alternatives]
+    return out
+
+
+def _logprobs(entries: list[dict[str, Any]]) -> tuple[Logprob, ...]:
+    def one(entry: dict[str, Any]) -> Logprob:
+        raw_bytes = entry.get("bytes")
+        return Logprob(
+            entry["token"],
+            entry["logprob"],
+            None if raw_bytes is None else tuple(raw_bytes),
+            tuple(one(alt) for alt in entry.get("top_logprobs", ())),
+        )
+
+    return tuple(one(entry) for entry in entries)
 
 
 # Key documents (section 3.1).

@@ -81,8 +81,10 @@ class Daemon:
         ready_timeout: float = 120.0,
         clock: Any = None,
         listen_fds: Sequence[int] = (),
+        command: Sequence[str] = (),
     ) -> None:
         self.plugin = plugin
+        self.command = list(command)  # another program than ``twistd -n plugin`` (llama-server)
         self.args = list(args)
         self.directory = directory or Path(tempfile.mkdtemp(prefix="llmr-"))
         self._owns_directory = directory is None
@@ -110,7 +112,9 @@ class Daemon:
         environment.update(self.env)
         environment["PYTHONUNBUFFERED"] = "1"
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", self.plugin, *self.args]
-        executable = sys.executable
+        if self.command:
+            argv = [*self.command, *self.args]
+        executable = argv[0]
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         if self.listen_fds:
             # systemd socket activation: the sockets as fds 3, 4, ... and LISTEN_PID set to the

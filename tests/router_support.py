@@ -49,6 +49,11 @@ class Script:
     token_delay: float = 0.0  # seconds between tokens (real reactor time)
     stall_after: int | None = None  # stop sending (connection stays open) after this many
     text: str = "tok"
+    # Whole chat completion chunks to send instead of the numbered tokens (reasoning, tool calls,
+    # logprobs, ...), then the usual final chunk with ``finish_reason``.
+    events: list[dict[str, Any]] | None = None
+    finish_reason: str = "stop"
+    error_body: bytes = b'{"error": {"message": "scripted failure"}}'
 
 
 @dataclass
@@ -70,6 +75,9 @@ class FaultBackend(resource.Resource):
         self.log = BackendLog()
         self.healthy = True
         self.has_health_route = True  # False: only /v1/models (like some OpenAI-style servers)
+        self.models: list[str] | None = None  # served on /v1/models when set
+        self.owned_by = "fault"
+        self.props: dict[str, Any] | None = None  # served on /props when set (llama-server)
         self.open_requests: list[server.Request] = []
         self.paused = 0
 
@@ -77,9 +85,14 @@ class FaultBackend(resource.Resource):
         if request.path == b"/health" and self.has_health_route:
             request.setResponseCode(200 if self.healthy else 503)
             return b'{"status": "ok"}'
-        if request.path == b"/v1/models" and not self.has_health_route:
+        if request.path == b"/v1/models" and (self.models is not None or not self.has_health_route):
             request.setResponseCode(200 if self.healthy else 503)
-            return b'{"object": "list", "data": []}'
+            data = [
+                {"id": m, "object": "model", "owned_by": self.owned_by} for m in self.models or []
+            ]
+            return json.dumps({"object": "list", "data": data}).encode()
+        if request.path == b"/props" and self.props is not None:
+            return json.dumps(self.props).encode()
         request.setResponseCode(404)
         return b"{}"
 
@@ -90,7 +103,7 @@ class FaultBackend(resource.Resource):
         script = self.script
         if script.status != 200:
             request.setResponseCode(script.status)
-            return b'{"error": {"message": "scripted failure"}}'
+            return script.error_body
         self.open_requests.append(request)
         state: dict[str, Any] = {"sent": 0, "over": False, "timer": None}
 
@@ -116,8 +129,9 @@ class FaultBackend(resource.Resource):
                 return
             if script.stall_after is not None and state["sent"] >= script.stall_after:
                 return
-            if state["sent"] >= script.tokens:
-                final = {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+            events = script.events
+            if state["sent"] >= (script.tokens if events is None else len(events)):
+                final = {"choices": [{"delta": {}, "finish_reason": script.finish_reason}]}
                 usage = {
                     "choices": [],
                     "usage": {"prompt_tokens": 3, "completion_tokens": state["sent"]},
@@ -128,7 +142,7 @@ class FaultBackend(resource.Resource):
                 request.finish()
                 return
             chunk = {"choices": [{"delta": {"content": f"{script.text}{state['sent']} "}}]}
-            request.write(_event(chunk))
+            request.write(_event(chunk if events is None else events[state["sent"]]))
             state["sent"] += 1
             state["timer"] = reactor.callLater(script.token_delay, step)
 

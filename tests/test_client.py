@@ -26,7 +26,8 @@ from twisted.web.http import Request
 
 from llmrouter import hpke, pow
 from llmrouter import protocol as p
-from llmrouter.client import ChatError, Client, load_device_key
+from llmrouter.chat import Tool
+from llmrouter.client import ChatError, Client, Conversation, load_device_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,8 @@ class Handler(resource.Resource):
         self.fail_with: str | None = None
         self.seen_modes: list[str] = []
         self.seen_devices: list[bytes | None] = []
+        self.requests: list[p.ChatRequest] = []
+        self.fail_requests: set[int] = set()  # by number, from 1
 
     def document(self) -> bytes:
         key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
@@ -54,6 +57,8 @@ class Handler(resource.Resource):
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
+        if request.path == b"/api/models":
+            return b'{"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]}'
         return self.document()
 
     def render_POST(self, request: Request) -> bytes | int:
@@ -79,18 +84,29 @@ class Handler(resource.Resource):
             return e.to_json()
         self.seen_modes.append(env.mode)
         self.seen_devices.append(env.device_pubkey)
+        self.requests.append(chat)
         request.setHeader(b"content-type", b"text/event-stream")
         sealer = p.ResponseSealer(secret, env.enc)
         request.write(sealer.init_event())
-        words = chat.messages[-1].content.split()[::-1]
+        if chat.include_reasoning:
+            request.write(sealer.reasoning("thinking it over"))
+        last = chat.messages[-1]
+        if chat.tools and last.role == "user":  # call the first tool, in two fragments
+            request.write(sealer.tool_call(0, "call_7", chat.tools[0].name, '{"x":'))
+            request.write(sealer.tool_call(0, None, None, " 1}"))
+            request.write(sealer.done("tool_calls", 3, 2))
+            request.finish()
+            return server.NOT_DONE_YET
+        assert isinstance(last.content, str)
+        words = last.content.split()[::-1]
         for i, word in enumerate(words):
             if self.cut_after is not None and i == self.cut_after:
                 request.finish()  # the stream ends without a final chunk
                 return server.NOT_DONE_YET
             request.write(sealer.delta(word + " "))
             request.write(p.KEEPALIVE)
-        if self.fail_with:
-            request.write(sealer.error(self.fail_with, "upstream went away"))
+        if self.fail_with or len(self.requests) in self.fail_requests:
+            request.write(sealer.error(self.fail_with or "timeout", "upstream went away"))
         else:
             request.write(sealer.done("stop", 3, len(words)))
         request.finish()
@@ -203,6 +219,36 @@ class ClientTests(Fixture):
         self.assertEqual((cm.exception.code, cm.exception.status), ("key_unknown", 400))
 
 
+class ConversationTests(Fixture):
+    @defer.inlineCallbacks
+    def test_tool_round_trip_keeps_history_here(self) -> Any:
+        tool = Tool("lookup", "Look it up", {"type": "object"})
+        conversation = Conversation(self.client(), system="be brief", tools=(tool,))
+        reply = yield defer.Deferred.fromCoroutine(conversation.say("find x"))
+        self.assertEqual(reply.finish_reason, "tool_calls")
+        (call,) = reply.tool_calls
+        self.assertEqual((call.id, call.name, call.arguments), ("call_7", "lookup", '{"x": 1}'))
+        conversation.tool_result(call.id, "x is forty two")
+        reply = yield defer.Deferred.fromCoroutine(conversation.resume())
+        self.assertEqual(reply.text, "two forty is x ")
+        last = self.handler.requests[-1]
+        self.assertEqual([m.role for m in last.messages], ["system", "user", "assistant", "tool"])
+        self.assertEqual(last.messages[2].tool_calls, (call,))
+        self.assertEqual(last.tools, (tool,))
+        self.assertEqual(
+            [m.role for m in conversation.messages],
+            ["system", "user", "assistant", "tool", "assistant"],
+        )
+
+    @defer.inlineCallbacks
+    def test_failed_turn_leaves_no_trace(self) -> Any:
+        conversation = Conversation(self.client())
+        yield defer.Deferred.fromCoroutine(conversation.say("a b"))
+        self.handler.fail_with = "upstream_failed"
+        yield self.assertFailure(defer.Deferred.fromCoroutine(conversation.say("c d")), ChatError)
+        self.assertEqual([m.role for m in conversation.messages], ["user", "assistant"])
+
+
 class CommandLineTests(Fixture):
     """``llmrouter-client`` as operators run it: a separate process."""
 
@@ -224,6 +270,72 @@ class CommandLineTests(Fixture):
         out, err, code = yield self.run_client("chat", "hello there world", "--pin", pin)
         self.assertEqual((out, code), (b"world there hello \n", 0), err)
         self.assertIn(b"finish_reason=stop", err)
+
+    @defer.inlineCallbacks
+    def test_chat_v11_options(self) -> Any:
+        schema = Path(self.mktemp()).absolute().with_name("weather report.json")
+        schema.write_text('{"type": "object", "properties": {"city": {"type": "string"}}}')
+        out, err, code = yield self.run_client(
+            "chat", "hello there", "--model", "m2", "--json-schema", str(schema), "--show-reasoning"
+        )
+        self.assertEqual((out, code), (b"there hello \n", 0), err)
+        self.assertIn(b"thinking it over", err)  # reasoning apart: stderr, never stdout
+        sent = self.handler.requests[-1]
+        self.assertEqual((sent.model, sent.include_reasoning), ("m2", True))
+        assert sent.response_format is not None
+        self.assertEqual(sent.response_format.name, "weather_report")
+        self.assertEqual(sent.response_format.schema["properties"], {"city": {"type": "string"}})
+        # without --show-reasoning nothing asks for it
+        out, err, code = yield self.run_client("chat", "a b")
+        self.assertNotIn(b"thinking", err)
+        self.assertIsNone(self.handler.requests[-1].include_reasoning)
+
+    @defer.inlineCallbacks
+    def test_chat_refuses_a_bad_schema_before_sealing(self) -> Any:
+        schema = Path(self.mktemp()).absolute()
+        schema.write_text('{"$ref": "https://example.com/x.json"}')
+        _, err, code = yield self.run_client("chat", "x", "--json-schema", str(schema))
+        self.assertEqual(code, 1)
+        self.assertIn(b"bad_request", err)
+        self.assertIn(b"local $ref", err)
+        schema.write_text("{not json")
+        _, err, code = yield self.run_client("chat", "x", "--json-schema", str(schema))
+        self.assertIn(b"bad_schema", err)
+        self.assertEqual(self.handler.requests, [])
+
+    @defer.inlineCallbacks
+    def test_interactive_conversation(self) -> Any:
+        out, err, code = yield self.run_client(
+            "chat", "--system", "terse", stdin=b"one two\nthree four\n\n"
+        )
+        self.assertEqual((out, code), (b"two one \nfour three \n", 0), err)
+        first, second = self.handler.requests
+        self.assertEqual([m.role for m in first.messages], ["system", "user"])
+        # the history travels with each turn, from the client; the router keeps nothing
+        self.assertEqual(
+            [(m.role, m.content) for m in second.messages],
+            [
+                ("system", "terse"),
+                ("user", "one two"),
+                ("assistant", "two one "),
+                ("user", "three four"),
+            ],
+        )
+
+    @defer.inlineCallbacks
+    def test_interactive_turn_failure_goes_on(self) -> Any:
+        self.handler.fail_requests = {1}
+        out, err, code = yield self.run_client("chat", stdin=b"one two\nthree four\n")
+        self.assertEqual(code, 1)  # a turn failed...
+        self.assertIn(b"llmrouter-client: timeout: upstream went away", err)
+        self.assertEqual(out, b"two one \nfour three \n")  # ...and the next one went on
+        second = self.handler.requests[1]
+        self.assertEqual([m.content for m in second.messages], ["three four"])  # no failed turn
+
+    @defer.inlineCallbacks
+    def test_models(self) -> Any:
+        out, err, code = yield self.run_client("models")
+        self.assertEqual((out, code), (b"m1\nm2\n", 0), err)
 
     @defer.inlineCallbacks
     def test_chat_auth_creates_device_key(self) -> Any:

@@ -196,7 +196,7 @@ class RequestTests(SynchronousTestCase):
             {"messages": [{"role": "user", "content": "x"}], "top_p": 0},
             {"messages": [{"role": "user", "content": "x"}], "stop": "x"},
             {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
-            {"messages": [{"role": "user", "content": "x"}], "model": "gpt"},
+            {"messages": [{"role": "user", "content": "x"}], "gpt": "model"},
         ]
         for case in cases:
             with self.assertRaises(p.ProtocolError) as cm:
@@ -325,6 +325,69 @@ class ResponseStreamTests(SynchronousTestCase):
         self.assertStreamError(init + bytes(flipped) + d2 + final)
         other = sealed()[2]
         self.assertStreamError(init + d1 + d2 + final, state=other)  # someone else's stream
+
+    def test_v11_chunk_types(self) -> None:
+        logprobs = [
+            {
+                "token": "Hi",
+                "logprob": -0.5,
+                "bytes": [72, 105],
+                "top_logprobs": [{"token": "Hi", "logprob": -0.5}, {"token": "Yo", "logprob": -1}],
+            }
+        ]
+        raw = self.sealer.init_event() + self.sealer.reasoning("think")
+        raw += self.sealer.delta("Hi", logprobs)
+        raw += self.sealer.tool_call(0, "call_1", "get_weather", "")
+        raw += self.sealer.tool_call(0, None, None, '{"city":')
+        raw += self.sealer.tool_call(1, "call_2", "f", "{}") + self.sealer.done("tool_calls", 5, 4)
+        opener = p.ResponseOpener(self.state)
+        items = opener.feed(raw)
+        self.assertEqual(items[0], p.Reasoning("think"))
+        self.assertEqual(items[1].text, "Hi")
+        assert isinstance(items[1], p.Delta) and items[1].logprobs is not None
+        (entry,) = items[1].logprobs
+        self.assertEqual((entry.token, entry.logprob, entry.bytes), ("Hi", -0.5, (72, 105)))
+        self.assertEqual([t.token for t in entry.top_logprobs], ["Hi", "Yo"])
+        self.assertEqual(
+            items[2:5],
+            [
+                p.ToolCallDelta(0, "call_1", "get_weather", ""),
+                p.ToolCallDelta(0, None, None, '{"city":'),
+                p.ToolCallDelta(1, "call_2", "f", "{}"),
+            ],
+        )
+        self.assertEqual(opener.close(), p.Done("tool_calls", 5, 4))
+
+    def test_v1_delta_bytes_unchanged(self) -> None:
+        """A delta without logprobs is the v1 plaintext exactly (the worked example pins it)."""
+        sealer = stream_for(self.state, self.pair, self.doc)
+        events = self.events(sealer.init_event() + sealer.delta("Hi"))
+        nonce = p.b64u_decode(json.loads(events[0][1])["response_nonce"], "n", 32)
+        keys = p._ResponseKeys(self.state.secret, self.state.enc, nonce)
+        plaintext = keys.open(b"", p.b64u_decode(events[1][1], "c"))
+        self.assertEqual(plaintext, b'{"type":"delta","text":"Hi"}'.ljust(64))
+
+    def test_malformed_v11_chunks(self) -> None:
+        for message in (
+            {"type": "reasoning", "text": 5},
+            {"type": "tool_call", "index": -1, "arguments": ""},
+            {"type": "tool_call", "index": 64, "arguments": ""},
+            {"type": "tool_call", "index": True, "arguments": ""},
+            {"type": "tool_call", "index": 0, "arguments": None},
+            {"type": "tool_call", "index": 0, "id": 5, "arguments": ""},
+            {"type": "delta", "text": "x", "logprobs": [{"token": "x"}]},
+            {"type": "delta", "text": "x", "logprobs": [{"token": "x", "logprob": "-1"}]},
+            {"type": "delta", "text": "x", "logprobs": {"content": []}},
+        ):
+            pair, doc, state = sealed()
+            sealer = stream_for(state, pair, doc)
+            raw = sealer.init_event() + sealer._event("chunk", b"", message)
+            self.assertStreamError(raw, state)
+        # minus infinity (null from a backend) is carried as OpenAI does
+        entries = p.logprob_entries([{"token": "x", "logprob": None, "top_logprobs": []}])
+        self.assertEqual(entries[0]["logprob"], p.MIN_LOGPROB)
+        with self.assertRaises(ValueError):
+            p.logprob_entries([{"token": "x", "logprob": 0}] * (p.MAX_LOGPROB_ENTRIES + 1))
 
     def test_unknown_events_and_comments_ignored(self) -> None:
         raw = b": hello\n\nevent: ping\ndata: {}\n\n" + self.sealer.init_event()

@@ -4,8 +4,12 @@ Unique canary strings are sent as prompt content, as the device key, and in head
 X-Forwarded-For, a custom header, the URL path), through real ``twistd llmrouter`` and
 ``twistd inference`` subprocesses whose output is captured to files. Good requests, rejected
 ones (replay, rate limit, bad JSON quoting the canary, unknown route) and a client that hangs up
-mid-stream all happen. Then no log, no /metrics output of either daemon and no file either daemon
-wrote (key directory, working and temp directories) may contain any canary.
+mid-stream all happen. Protocol v1.1 adds its own: tool definitions, a JSON schema and tool
+results in the request; tool-call arguments (forced out of a real llama-server by its grammar)
+and reasoning text in the response (a scripted backend, since no random model writes a canary
+while it thinks); a backend refusal whose message quotes the canary; malformed v1.1 fields. Then
+no log, no /metrics output of either daemon and no file either daemon wrote (key directory,
+working and temp directories) may contain any canary.
 """
 
 from __future__ import annotations
@@ -20,10 +24,19 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from llmrouter import hpke
-from llmrouter.client import Client
+from llmrouter.chat import ChatRequest, Message, ResponseFormat, Tool
+from llmrouter.client import ChatError, Client
 from llmrouter.protocol import b64u_encode, seal_request
 from tests.daemons import start_inference, start_router_daemon
-from tests.router_support import http, key_document, prompt, short_tempdir
+from tests.llama_server import HERMES, start_llama_server
+from tests.router_support import (
+    Script,
+    http,
+    key_document,
+    prompt,
+    short_tempdir,
+    start_fault_backend,
+)
 from tests.test_router_e2e import INFERENCE_ARGS, open_stream
 
 
@@ -55,15 +68,26 @@ class CanaryTests(TestCase):
             extra_args=[*INFERENCE_ARGS, "--max-tokens", "2000"],
             env={"TMPDIR": str(tmp)},
         )
+        tool_canary = f"TOOLCANARY{tag}"
+        reasoning_canary = f"REASONINGCANARY{tag}"
+        llama = yield start_llama_server(self, "tools", HERMES)
+        scripted, scripted_url = yield start_fault_backend(
+            self, Script(events=_v11_output(reasoning_canary, tool_canary))
+        )
+        scripted.models = ["scripted"]
         directory = short_tempdir(self)
         router = start_router_daemon(
             self,
             directory,
-            [f"unix:{inference.socket}"],
+            [
+                f"unix:{inference.socket} model=tiny",
+                f"unix:{llama.socket}",
+                f"{scripted_url} model=scripted",
+            ],
             env={
                 "TMPDIR": str(tmp),
                 "RATE_LIMIT_PER_MINUTE": "60",
-                "RATE_LIMIT_BURST": "6",
+                "RATE_LIMIT_BURST": "24",
                 "TRUSTED_PROXIES": "127.0.0.1",
             },
         )
@@ -79,10 +103,15 @@ class CanaryTests(TestCase):
         tokens: list[str] = []
         done = yield defer.Deferred.fromCoroutine(
             Client(reactor, url, device_key=device).chat(
-                prompt(f"Repeat after me: {prompt_canary}", max_tokens=16), tokens.append
+                prompt(f"Repeat after me: {prompt_canary}", model="tiny", max_tokens=16),
+                tokens.append,
             )
         )
         self.assertEqual(done.completion_tokens, 16)
+
+        # v1.1: tool arguments and reasoning come back (sealed), tools and schemas go out
+        client = Client(reactor, url, device_key=device)
+        yield self._v11(client, tool_canary, reasoning_canary, prompt_canary)
 
         # the same envelope twice (replay), with canary headers
         document = yield key_document(url)
@@ -123,9 +152,11 @@ class CanaryTests(TestCase):
         yield reader.ended
 
         # until the per-IP limit answers 429 (its security event carries a hashed address)
-        for _ in range(10):
+        for _ in range(30):
             envelope, _ = seal_request(
-                document.current(), prompt(prompt_canary, max_tokens=1), int(reactor.seconds())
+                document.current(),
+                prompt(prompt_canary, model="tiny", max_tokens=1),
+                int(reactor.seconds()),
             )
             status, _, answer = yield http(
                 url, b"POST", "/api/chat", json.dumps(envelope.to_json()).encode(), chat_headers
@@ -146,7 +177,7 @@ class CanaryTests(TestCase):
         self.assertIn('"event":"rate_limited"', router_log)
 
         canaries = [prompt_canary, agent_canary, header_canary, path_canary, forwarded]
-        canaries += device_canaries
+        canaries += [tool_canary, reasoning_canary, *device_canaries]
         sources: dict[str, bytes] = {
             "router /metrics": router_metrics,
             "inference /metrics": inference_metrics,
@@ -161,3 +192,80 @@ class CanaryTests(TestCase):
             for canary in canaries:
                 self.assertNotIn(canary.encode(), data, f"{canary} leaked into {name}")
                 self.assertNotIn(canary.lower().encode(), data.lower(), f"{name}")
+
+    @defer.inlineCallbacks
+    def _v11(self, client: Client, tool_canary: str, reasoning_canary: str, other: str) -> Any:
+        # llama-server's grammar forces the canary into the arguments (a const in the schema)
+        secret = {"type": "object", "properties": {"secret": {"const": tool_canary}}}
+        secret["required"] = ["secret"]
+        tool = Tool("remember", f"Remember {tool_canary}", secret)
+        request = ChatRequest(
+            (Message("user", f"{other} {tool_canary}"), Message("assistant", "<tool_call>\n")),
+            model="tools",
+            tools=(tool,),
+            tool_choice="required",
+            temperature=0.0,
+            max_tokens=150,
+        )
+        reply = yield defer.Deferred.fromCoroutine(client.complete(request))
+        self.assertEqual(json.loads(reply.tool_calls[0].arguments), {"secret": tool_canary})
+        # the call and its result go back in the history, with a canary JSON schema
+        follow_up = ChatRequest(
+            (
+                Message("user", other),
+                Message("assistant", None, (reply.tool_calls[0],)),
+                Message("tool", f"stored {tool_canary}", (), reply.tool_calls[0].id),
+            ),
+            model="tools",
+            tools=(tool,),
+            tool_choice="none",
+            response_format=ResponseFormat("json_schema", secret, "canary"),
+            max_tokens=150,
+        )
+        answer = yield defer.Deferred.fromCoroutine(client.complete(follow_up))
+        self.assertEqual(json.loads(answer.text), {"secret": tool_canary})
+        # reasoning and a tool call from the scripted backend
+        request = prompt(other, model="scripted", tools=(tool,), include_reasoning=True)
+        reply = yield defer.Deferred.fromCoroutine(client.complete(request))
+        self.assertIn(reasoning_canary, reply.reasoning)
+        self.assertIn(tool_canary, reply.tool_calls[0].arguments)
+        # the same output to a v1 request: dropped, never logged
+        yield defer.Deferred.fromCoroutine(client.complete(prompt(other, model="scripted")))
+        # llama-server refuses (logprobs with tools while streaming): its message stays inside
+        bad = ChatRequest((Message("user", other),), model="tools", tools=(tool,), logprobs=True)
+        e = yield self.assertFailure(defer.Deferred.fromCoroutine(client.complete(bad)), ChatError)
+        self.assertEqual(e.code, "upstream_refused")
+        # malformed v1.1 fields quoting the canaries are refused without them
+        for broken in (
+            prompt(other, tools=(Tool(f"bad name {tool_canary}"),)),
+            prompt(other, model=f"{tool_canary} model"),
+            ChatRequest((Message("tool", tool_canary, (), tool_canary),), model="tools"),
+            prompt(other, tools=(Tool("f", None, {"$ref": f"https://{tool_canary}"}),)),
+        ):
+            e = yield self.assertFailure(
+                defer.Deferred.fromCoroutine(client.complete(broken)), ChatError
+            )
+            self.assertEqual(e.code, "bad_payload")
+            self.assertNotIn(tool_canary, e.message)
+        e = yield self.assertFailure(
+            defer.Deferred.fromCoroutine(client.complete(prompt(other, model=tool_canary))),
+            ChatError,
+        )
+        self.assertEqual(e.code, "model_unknown")
+        self.assertNotIn(tool_canary, e.message)
+
+
+def _v11_output(reasoning: str, arguments: str) -> list[dict[str, Any]]:
+    """Chunks as llama-server streams them: reasoning, then one tool call in fragments."""
+
+    def delta(**fields: Any) -> dict[str, Any]:
+        return {"choices": [{"delta": fields}]}
+
+    first = {"index": 0, "id": "call_1", "type": "function"}
+    first["function"] = {"name": "remember", "arguments": ""}
+    rest = {"index": 0, "function": {"arguments": json.dumps({"secret": arguments})}}
+    return [
+        delta(reasoning_content=f"I must keep {reasoning} secret."),
+        delta(tool_calls=[first]),
+        delta(tool_calls=[rest]),
+    ]

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
 
 from llmrouter import hpke
+from llmrouter.chat import Tool
 from llmrouter.client import ChatError, Client
 from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
 from llmrouter.router.keys import KeyStore
@@ -319,5 +320,59 @@ class DeviceAuthRequiredTests(TestCase):
             Client(reactor, url, device_key=hpke.generate_key_pair()).chat(
                 prompt("hi", max_tokens=2)
             )
+        )
+        self.assertEqual(done.completion_tokens, 2)
+
+
+class ModelsTests(TestCase):
+    """Two of our inference daemons serving two model names behind one real router."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_model_selects_the_daemon(self) -> Any:
+        small = yield start_inference(self, extra_args=[*INFERENCE_ARGS, "--model-name", "small"])
+        big = yield start_inference(
+            self, extra_args=[*INFERENCE_ARGS, "--model-name", "big", "--max-tokens", "64"]
+        )
+        directory = short_tempdir(self)
+        router = start_router_daemon(
+            self, directory, [f"unix:{small.socket}", f"unix:{big.socket}"]
+        )
+        yield router.start()
+        url = f"unix:{directory / 'router.sock'}"
+        client = Client(reactor, url)
+        names = yield defer.Deferred.fromCoroutine(client.models())
+        self.assertEqual(names, ["small", "big"])  # found on each daemon's GET /v1/models
+
+        for model, count in (("big", 1), ("small", 1), ("big", 2)):
+            done = yield defer.Deferred.fromCoroutine(
+                client.chat(prompt("hi", model=model, max_tokens=2))
+            )
+            self.assertEqual(done.completion_tokens, 2)
+            text = yield inference_metrics(big if model == "big" else small)
+            self.assertEqual(metric_value(text, "inference_requests_total", 'outcome="ok"'), count)
+
+        e = yield self.assertFailure(
+            defer.Deferred.fromCoroutine(client.chat(prompt("hi", model="huge"))), ChatError
+        )
+        self.assertEqual((e.code, e.status), ("model_unknown", 404))
+        # our daemon, as it is, would ignore tools and JSON schemas: the router refuses them
+        e = yield self.assertFailure(
+            defer.Deferred.fromCoroutine(
+                client.chat(prompt("hi", model="small", tools=(Tool("f"),)))
+            ),
+            ChatError,
+        )
+        self.assertEqual((e.code, e.status), ("unsupported_field", 400))
+        # what the daemon itself refuses comes back as its error code, before any stream
+        e = yield self.assertFailure(
+            defer.Deferred.fromCoroutine(client.chat(prompt("hi", model="big", max_tokens=65))),
+            ChatError,
+        )
+        self.assertEqual((e.code, e.status), ("upstream_refused", 400))
+        # a seed is something it does take
+        done = yield defer.Deferred.fromCoroutine(
+            client.chat(prompt("hi", model="big", seed=7, max_tokens=2))
         )
         self.assertEqual(done.completion_tokens, 2)

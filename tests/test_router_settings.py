@@ -9,7 +9,7 @@ from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from llmrouter.router import settings as settings_module
-from llmrouter.router.settings import Settings, SettingsError, load, read_env_file
+from llmrouter.router.settings import Endpoint, Settings, SettingsError, load, read_env_file
 from llmrouter.router.tap import Options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,34 @@ class ValidationTests(TestCase):
         )
         self.assertEqual(len(s.inference_endpoints), 3)
 
+    def test_endpoint_models_and_kinds(self) -> None:
+        s = load(
+            {
+                "INFERENCE_ENDPOINTS": "unix:/a.sock model=small, unix:/b.sock model=big"
+                " model=big-2 kind=vllm\nunix:/c.sock unix:/d.sock kind=llama-server",
+                "DEFAULT_MODEL": "big",
+            }
+        )
+        self.assertEqual(
+            s.endpoints(),
+            (
+                Endpoint("unix:/a.sock", ("small",)),
+                Endpoint("unix:/b.sock", ("big", "big-2"), "vllm"),
+                Endpoint("unix:/c.sock"),
+                Endpoint("unix:/d.sock", (), "llama-server"),
+            ),
+        )
+        self.assertEqual(s.default_model, "big")
+        self.check({"INFERENCE_ENDPOINTS": "model=x unix:/a.sock"}, "INFERENCE_ENDPOINTS")
+        for bad in ("model=bad/../n@me!", "model=", "kind=tgi"):
+            self.check({"INFERENCE_ENDPOINTS": f"unix:/a.sock {bad}"}, "kind=llmrouter|")
+        self.check({"DEFAULT_MODEL": "no such"}, "DEFAULT_MODEL must be a model name")
+        # every endpoint pinned and none serves the default: it could never be routed
+        self.check(
+            {"INFERENCE_ENDPOINTS": "unix:/a.sock model=a", "DEFAULT_MODEL": "b"},
+            "DEFAULT_MODEL is not among",
+        )
+
 
 class OptionsTests(TestCase):
     def setUp(self) -> None:
@@ -130,6 +158,10 @@ class OptionsTests(TestCase):
                 "unix:/tmp/r.sock",
                 "--inference",
                 "unix:/x.sock",
+                "--inference",
+                "unix:/y.sock model=small kind=llmrouter",
+                "--default-model",
+                "small",
                 "--device-auth",
                 "required",
                 "--keys-dir",
@@ -141,7 +173,11 @@ class OptionsTests(TestCase):
         s = options.settings
         assert s is not None
         self.assertEqual(s.listen, ("tcp:1:interface=127.0.0.1", "unix:/tmp/r.sock"))
-        self.assertEqual(s.inference_endpoints, ("unix:/x.sock",))
+        self.assertEqual(
+            s.endpoints(),
+            (Endpoint("unix:/x.sock"), Endpoint("unix:/y.sock", ("small",), "llmrouter")),
+        )
+        self.assertEqual(s.default_model, "small")
         self.assertEqual(s.device_auth, "required")
         self.assertEqual(s.keys_dir, Path("/k"))
         self.assertEqual(s.metrics_listen, "tcp:2:interface=127.0.0.1")

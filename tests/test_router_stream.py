@@ -15,9 +15,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseDone
 
-from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
+from llmrouter.chat import Tool
+from llmrouter.protocol import (
+    MAX_LOGPROB_ENTRIES,
+    Delta,
+    Done,
+    ErrorChunk,
+    Reasoning,
+    ResponseOpener,
+    ToolCallDelta,
+)
 from llmrouter.sse import SSEParser
-from tests.router_support import Script, sealed, start_fault_backend, start_router
+from tests.router_support import Script, prompt, sealed, start_fault_backend, start_router
 
 
 def settle() -> defer.Deferred[None]:
@@ -45,7 +54,7 @@ class _Raw(Protocol):
 
 
 @defer.inlineCallbacks
-def stream(running: Any, tokens: int = 64) -> Any:
+def stream(running: Any, tokens: int = 64, request: Any = None) -> Any:
     from io import BytesIO
 
     from twisted.web.client import FileBodyProducer
@@ -54,7 +63,7 @@ def stream(running: Any, tokens: int = 64) -> Any:
     from llmrouter.httpclient import agent_for
     from tests.router_support import prompt
 
-    body, _, state = yield sealed(running, prompt("hi", max_tokens=tokens))
+    body, _, state = yield sealed(running, request or prompt("hi", max_tokens=tokens))
     agent, base = agent_for(reactor, running.url)
     response = yield agent.request(
         b"POST",
@@ -107,6 +116,65 @@ class CadenceTests(TestCase):
         self.assertIsInstance(raw.items[-1], Done)
         self.assertEqual([e[0] for e in raw.events], ["init", "chunk", "final"])
         self.assertEqual(running.router.app.streams, set())
+
+    @defer.inlineCallbacks
+    def test_one_kind_per_slot(self) -> Any:
+        """Reasoning, answer and a tool call's fragments each merge into runs; a slot sends one."""
+
+        def delta(**fields: Any) -> dict[str, Any]:
+            return {"choices": [{"delta": fields}]}
+
+        call = {"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}
+        events = [
+            delta(reasoning_content="thinking "),
+            delta(reasoning_content="hard"),
+            delta(content="A"),
+            delta(content="B"),
+            delta(tool_calls=[call]),
+            delta(tool_calls=[{"index": 0, "function": {"arguments": '{"x":'}}]),
+            delta(tool_calls=[{"index": 0, "function": {"arguments": "1}"}}]),
+        ]
+        _, url = yield start_fault_backend(self, Script(events=events, finish_reason="tool_calls"))
+        running = yield start_router(self, [url], stream_cadence_ms=50)
+        clock = running.router.clock
+        tools = (Tool("f"),)
+        request = prompt("hi", include_reasoning=True, tools=tools)
+        raw = yield stream(running, request=request)
+        for _ in range(4):
+            yield settle()
+            clock.advance(0.05)
+        yield raw.ended
+        self.assertEqual(
+            raw.items,
+            [
+                Reasoning("thinking hard"),
+                Delta("AB"),
+                ToolCallDelta(0, "c1", "f", '{"x":1}'),
+                Done("tool_calls", 3, 7),
+            ],
+        )
+        self.assertEqual([e[0] for e in raw.events], ["init", "chunk", "chunk", "chunk", "final"])
+
+    @defer.inlineCallbacks
+    def test_logprobs_split_at_the_chunk_limit(self) -> Any:
+        """Text merges into one chunk per slot, but no chunk carries more logprobs than a client
+        takes: 300 tokens with logprobs in one slot go out as two chunks."""
+        entry = {"token": "t", "logprob": -0.5, "top_logprobs": []}
+        events = [
+            {"choices": [{"delta": {"content": "t"}, "logprobs": {"content": [entry]}}]}
+        ] * 300
+        fake, url = yield start_fault_backend(self, Script(events=events))
+        running = yield start_router(self, [url], stream_cadence_ms=50)
+        raw = yield stream(running, request=prompt("hi", logprobs=True))
+        while not fake.log.completed:  # all of it waits for the first slot
+            yield settle()
+        yield settle()
+        while not raw.ended.called:
+            yield settle()
+            running.router.clock.advance(0.05)
+        deltas = [item for item in raw.items if isinstance(item, Delta)]
+        self.assertEqual([len(d.logprobs) for d in deltas], [MAX_LOGPROB_ENTRIES, 44])
+        self.assertEqual("".join(d.text for d in deltas), "t" * 300)
 
 
 class KeepaliveTests(TestCase):

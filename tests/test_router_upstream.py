@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
+from llmrouter.chat import ChatRequest
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.upstream import BackendPool, ChatCall, CircuitBreaker
 from tests.router_support import Script, short_tempdir, start_fault_backend, test_settings
@@ -81,10 +82,22 @@ class Sink:
 
     def __init__(self) -> None:
         self.tokens: list[str] = []
+        self.items: list[tuple[Any, ...]] = []  # everything, in order
+        self.detail: Any = None
         self.result: defer.Deferred[tuple[str, Any]] = defer.Deferred()
 
-    def token(self, text: str) -> None:
+    def token(self, text: str, logprobs: Any = None) -> None:
         self.tokens.append(text)
+        self.items.append(("token", text, logprobs))
+
+    def reasoning(self, text: str, logprobs: Any = None) -> None:
+        self.items.append(("reasoning", text, logprobs))
+
+    def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None:
+        self.items.append(("tool_call", index, id, name, arguments))
+
+    def progress(self) -> None:
+        self.items.append(("progress",))
 
     # Fired on the next reactor turn, so the HTTP client finishes its bookkeeping (returning the
     # connection to the keep-alive pool) before the test ends and closes the pool.
@@ -93,11 +106,12 @@ class Sink:
         result = ("done", (finish_reason, prompt_tokens, completion_tokens))
         reactor.callLater(0, self.result.callback, result)
 
-    def failed(self, code: str, message: str, status: int) -> None:
+    def failed(self, code: str, message: str, status: int, detail: Any = None) -> None:
+        self.detail = detail
         reactor.callLater(0, self.result.callback, ("failed", (code, status)))
 
 
-BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+BODY = ChatRequest.from_prompt("hi")
 
 
 class CallTests(TestCase):
@@ -144,7 +158,7 @@ class CallTests(TestCase):
         self.assertEqual(kind, "done")
         self.assertEqual(args, ("stop", 3, 4))
         self.assertEqual(sink.tokens, ["tok0 ", "tok1 ", "tok2 ", "tok3 "])
-        self.assertEqual(fake.log.bodies, [BODY])
+        self.assertEqual(fake.log.bodies, [BODY.to_openai()])
 
     @defer.inlineCallbacks
     def test_round_robin(self) -> Any:
@@ -179,11 +193,16 @@ class CallTests(TestCase):
     @defer.inlineCallbacks
     def test_400_is_not_retried(self) -> Any:
         (bad, good), pool, settings, metrics = yield self.pool(
-            [Script(status=400), Script(tokens=2)]
+            [
+                Script(status=400, error_body=b'{"error": {"code": "bad_schema", "message": "q"}}'),
+                Script(tokens=2),
+            ]
         )
         _, sink = self.call(pool, settings, metrics)
         kind, args = yield sink.result
-        self.assertEqual((kind, args), ("failed", ("upstream_failed", 502)))
+        # the backend's refusal, by its error code (never its message, which may quote the request)
+        self.assertEqual((kind, args), ("failed", ("upstream_refused", 400)))
+        self.assertEqual(sink.detail, {"upstream_status": 400, "upstream_code": "bad_schema"})
         self.assertEqual((bad.log.requests, good.log.requests), (1, 0))
         self.assertEqual(pool.backends[0].breaker.state, CircuitBreaker.CLOSED)
 

@@ -34,7 +34,7 @@ N_CTX_TRAIN = 4096
 SEED = 20261123
 
 _lock = threading.Lock()
-_cached: Path | None = None
+_cached: dict[str, Path] = {}
 
 
 def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
@@ -55,7 +55,7 @@ def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_model(path: Path) -> Path:
+def write_tiny_model(path: Path, chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write the tiny model to ``path`` (deterministic weights) and return it."""
     tokens, scores, types = _vocabulary()
     n_vocab = len(tokens)
@@ -84,7 +84,7 @@ def write_tiny_model(path: Path) -> Path:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD, scale=1.0))
     for layer in range(N_LAYER):
@@ -108,12 +108,12 @@ def write_tiny_model(path: Path) -> Path:
     return path
 
 
-def tiny_model_path() -> Path:
-    """Build the tiny model once per process (in a temp dir removed at exit) and return its path."""
-    global _cached
+def tiny_model_path(chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Build the tiny model once per process and template (in a temp dir removed at exit)."""
     with _lock:
-        if _cached is None or not _cached.exists():
+        path = _cached.get(chat_template)
+        if path is None or not path.exists():
             directory = Path(tempfile.mkdtemp(prefix="llmrouter-tinymodel-"))
             atexit.register(shutil.rmtree, directory, True)
-            _cached = write_tiny_model(directory / "tiny.gguf")
-        return _cached
+            path = _cached[chat_template] = write_tiny_model(directory / "tiny.gguf", chat_template)
+        return path

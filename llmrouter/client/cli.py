@@ -1,7 +1,9 @@
-"""``llmrouter-client``: chat, the curl-friendly ``seal``/``open`` pair, ``keys`` and ``proxy``.
+"""``llmrouter-client``: chat (one prompt, or an interactive conversation), the curl-friendly
+``seal``/``open`` pair, ``keys``, ``models`` and ``proxy``.
 
 A thin layer over :class:`llmrouter.client.library.Client` (and, for ``proxy``,
-:mod:`llmrouter.client.proxy`).
+:mod:`llmrouter.client.proxy`). The answer goes to stdout; reasoning (``--show-reasoning``)
+goes to stderr, dimmed on a terminal, so a piped answer stays clean.
 """
 
 from __future__ import annotations
@@ -15,19 +17,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectError
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from llmrouter.chat import RequestError, parse_request
 from llmrouter.client import proxy as proxy_module
-from llmrouter.client.library import DEFAULT_URL, ChatError, Client, load_device_key
+from llmrouter.client.library import (
+    DEFAULT_URL,
+    ChatError,
+    Client,
+    Conversation,
+    Reply,
+    load_device_key,
+)
 from llmrouter.protocol import (
     ChatRequest,
     Delta,
     ErrorChunk,
     Message,
     ProtocolError,
+    Reasoning,
     RequestState,
     ResponseOpener,
     StreamError,
@@ -67,25 +79,43 @@ def _parser() -> argparse.ArgumentParser:
         help="use auth mode with the X25519 device key in FILE (created 0600 on first use)",
     )
     request = argparse.ArgumentParser(add_help=False)
-    request.add_argument("prompt", help="the user message")
     request.add_argument("--system", help="a system message sent before the prompt")
+    request.add_argument("--model", help="the model to use (llmrouter-client models lists them)")
     request.add_argument("--max-tokens", type=int)
     request.add_argument("--temperature", type=float)
     request.add_argument("--top-p", type=float)
+    request.add_argument("--seed", type=int)
+    request.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        type=Path,
+        help="answer with JSON valid against the JSON Schema in FILE",
+    )
+    request.add_argument(
+        "--show-reasoning",
+        action="store_true",
+        help="ask for the model's reasoning and print it to stderr (dimmed on a terminal)",
+    )
 
     parser = argparse.ArgumentParser(prog="llmrouter-client", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser(
-        "chat", parents=[common, request], help="send a prompt, print tokens as they stream"
+    chat = sub.add_parser(
+        "chat",
+        parents=[common, request],
+        help="send a prompt and print the answer as it streams; without a prompt, an"
+        " interactive conversation (history kept here only, an empty line or EOF ends it)",
     )
+    chat.add_argument("prompt", nargs="?", help="the user message")
     seal = sub.add_parser(
         "seal", parents=[common, request], help="print a sealed request envelope (for curl)"
     )
+    seal.add_argument("prompt", help="the user message")
     seal.add_argument("--state", type=Path, required=True, help="file to keep the response secret")
     open_ = sub.add_parser("open", parents=[common], help="decrypt a saved or piped response")
     open_.add_argument("--state", type=Path, required=True, help="the file written by seal")
     open_.add_argument("input", nargs="?", default="-", help="the SSE response (default stdin)")
     sub.add_parser("keys", parents=[common], help="fetch, verify and print the key document")
+    sub.add_parser("models", parents=[common], help="list the models the router serves")
     proxy = sub.add_parser(
         "proxy",
         parents=[common],
@@ -110,10 +140,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args: argparse.Namespace) -> ChatRequest:
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the options ask for, checked as the router would check them."""
+    params: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "model": args.model,
+        "seed": args.seed,
+    }
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_bytes())
+        except (OSError, ValueError):
+            raise ChatError("bad_schema", "--json-schema: cannot read a JSON file") from None
+        name = "".join(c if c.isalnum() or c in "_-" else "_" for c in args.json_schema.stem)
+        json_schema = {"name": name[:64] or "response", "schema": schema}
+        params["response_format"] = {"type": "json_schema", "json_schema": json_schema}
+    if args.show_reasoning:
+        params["include_reasoning"] = True
+    params = {name: value for name, value in params.items() if value is not None}
+    try:  # the same checks the router runs, before anything is sealed
+        parsed = parse_request({"messages": [{"role": "user", "content": ""}], **params})
+    except RequestError as e:
+        raise ChatError("bad_request", str(e)) from None
+    return {name: getattr(parsed, name) for name in params}
+
+
+def _request(args: argparse.Namespace, prompt: str) -> ChatRequest:
     messages = [Message("system", args.system)] if args.system else []
-    messages.append(Message("user", args.prompt))
-    return ChatRequest(tuple(messages), args.max_tokens, args.temperature, args.top_p)
+    messages.append(Message("user", prompt))
+    return ChatRequest(tuple(messages), **_params(args))
 
 
 def _write(text: str) -> None:
@@ -155,6 +212,67 @@ async def _proxy(reactor: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Printer:
+    """The answer to stdout; reasoning (if shown) to stderr, dimmed on a terminal, and a line
+    break between the two when the answer starts."""
+
+    def __init__(self, show_reasoning: bool) -> None:
+        self.on_reasoning = self._reasoning if show_reasoning else None
+        self._dim = sys.stderr.isatty()
+        self._thinking = False
+        self.printed = False
+
+    def _reasoning(self, text: str) -> None:
+        self._thinking = True
+        sys.stderr.write(f"\x1b[2m{text}\x1b[0m" if self._dim else text)
+        sys.stderr.flush()
+
+    def answer(self, text: str) -> None:
+        if self._thinking:
+            self._thinking = False
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        self.printed = True
+        _write(text)
+
+
+def _finish(reply: Reply) -> None:
+    done = reply.done
+    sys.stderr.write(
+        f"[finish_reason={done.finish_reason} prompt_tokens={done.prompt_tokens} "
+        f"completion_tokens={done.completion_tokens}]\n"
+    )
+
+
+async def _converse(client: Client, args: argparse.Namespace) -> int:
+    """Interactive mode: one line per turn; the history lives in this process only. A turn that
+    fails is reported and left out of the history; the conversation goes on."""
+    conversation = Conversation(client, system=args.system, **_params(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        sys.stderr.write("llmrouter-client: chatting; an empty line or Ctrl-D ends it\n")
+    status = 0
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = await threads.deferToThread(sys.stdin.readline)
+        if not line.strip():
+            return status
+        printer = _Printer(args.show_reasoning)
+        try:
+            reply = await conversation.say(
+                line.rstrip("\n"), printer.answer, on_reasoning=printer.on_reasoning
+            )
+        except ChatError as e:
+            if printer.printed:
+                _write("\n")  # the part of the answer that came before the failure
+            status = _fail(e)
+            continue
+        _write("\n")
+        _finish(reply)
+
+
 async def _run(reactor: Any, args: argparse.Namespace) -> int:
     if args.command == "proxy":
         return await _proxy(reactor, args)
@@ -168,17 +286,22 @@ async def _run(reactor: Any, args: argparse.Namespace) -> int:
         _write(json.dumps({"signing_key": signing_key, "issued_at": doc.issued_at, "keys": keys}))
         _write("\n")
         return 0
+    if args.command == "models":
+        for name in await client.models():
+            _write(name + "\n")
+        return 0
     if args.command == "seal":
-        envelope, state = await client.seal(_request(args))
+        envelope, state = await client.seal(_request(args, args.prompt))
         _write_private(args.state, json.dumps(state.to_json()))
         _write(json.dumps(envelope) + "\n")
         return 0
-    done = await client.chat(_request(args), _write)
+    if args.prompt is None:
+        return await _converse(client, args)
+    printer = _Printer(args.show_reasoning)
+    request = _request(args, args.prompt)
+    reply = await client.complete(request, printer.answer, on_reasoning=printer.on_reasoning)
     _write("\n")
-    sys.stderr.write(
-        f"[finish_reason={done.finish_reason} prompt_tokens={done.prompt_tokens} "
-        f"completion_tokens={done.completion_tokens}]\n"
-    )
+    _finish(reply)
     return 0
 
 
@@ -201,6 +324,8 @@ def _open(args: argparse.Namespace) -> int:
             for item in items:
                 if isinstance(item, Delta):
                     _write(item.text)
+                elif isinstance(item, Reasoning):
+                    sys.stderr.write(item.text)
     try:
         final = opener.close()
     except StreamError as e:

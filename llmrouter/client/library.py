@@ -1,8 +1,10 @@
-"""The Python client library for wire protocol v1.
+"""The Python client library for wire protocol v1.1.
 
 :class:`Client` talks to one router: it fetches and verifies the signed key document, seals each
-request with HPKE, and delivers verified tokens to a callback as they arrive (Deferred/coroutine
-API). ``llmrouter.client.cli`` is the command line built on it.
+request with HPKE, and delivers verified output to callbacks as it arrives (Deferred/coroutine
+API): answer text, reasoning apart from it, tool calls assembled from their fragments.
+:class:`Conversation` keeps a multi-turn history (tool results included) on the client only; each
+turn sends all of it. ``llmrouter.client.cli`` is the command line built on it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llmrouter import hpke, pow
+from llmrouter.chat import Message, ToolCall
 from llmrouter.httpclient import ClientTLS, agent_for
 from llmrouter.protocol import (
     DEFAULT_PAD,
@@ -34,17 +38,21 @@ from llmrouter.protocol import (
     ErrorChunk,
     KeyDocument,
     KeyDocumentError,
+    Logprob,
     ProtocolError,
+    Reasoning,
     RequestState,
     ResponseOpener,
     StreamError,
+    StreamItem,
+    ToolCallDelta,
     b64u_decode,
     b64u_encode,
     seal_request,
     verify_key_document,
 )
 
-__all__ = ["DEFAULT_URL", "ChatError", "Client", "load_device_key"]
+__all__ = ["DEFAULT_URL", "ChatError", "Client", "Conversation", "Reply", "load_device_key"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -62,12 +70,72 @@ class ChatError(Exception):
         self.retry_after = retry_after  # seconds, when the router said (rate limits)
 
 
-class _StreamReader(Protocol):
-    """Feeds the response body to a ResponseOpener, verified delta by verified delta."""
+@dataclass(frozen=True, repr=False)
+class Reply:
+    """One whole answer: text, reasoning (apart), tool calls (assembled), logprobs, usage."""
 
-    def __init__(self, opener: ResponseOpener, on_delta: Callable[[str], None]) -> None:
+    text: str
+    reasoning: str
+    tool_calls: tuple[ToolCall, ...]
+    logprobs: tuple[Logprob, ...]
+    done: Done
+
+    def __repr__(self) -> str:
+        return f"Reply(<{len(self.text)} chars>, {len(self.tool_calls)} tool calls, {self.done})"
+
+    @property
+    def finish_reason(self) -> str:
+        return self.done.finish_reason
+
+    def message(self) -> Message:
+        """The assistant message to put into the history (reasoning is not sent back)."""
+        if self.tool_calls:
+            return Message("assistant", self.text or None, self.tool_calls)
+        return Message("assistant", self.text)
+
+
+@dataclass
+class _Collector:
+    """Assembles stream items into a Reply, passing text and reasoning on as they arrive."""
+
+    on_delta: Callable[[str], None]
+    on_reasoning: Callable[[str], None] | None
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, arguments...]
+
+    def __call__(self, item: StreamItem) -> None:
+        if isinstance(item, Delta):
+            self.text.append(item.text)
+            self.logprobs.extend(item.logprobs or ())
+            if item.text:
+                self.on_delta(item.text)
+        elif isinstance(item, Reasoning):
+            self.reasoning.append(item.text)
+            if self.on_reasoning is not None:
+                self.on_reasoning(item.text)
+        elif isinstance(item, ToolCallDelta):
+            call = self.calls.setdefault(item.index, ["", ""])
+            call[0] = item.id or call[0]
+            call[1] = item.name or call[1]
+            call.append(item.arguments)
+
+    def reply(self, done: Done) -> Reply:
+        calls = tuple(  # a call without an id gets one, so it can go back in the history
+            ToolCall(call[0] or f"call_{index}", call[1], "".join(call[2:]))
+            for index, call in sorted(self.calls.items())
+        )
+        text, reasoning = "".join(self.text), "".join(self.reasoning)
+        return Reply(text, reasoning, calls, tuple(self.logprobs), done)
+
+
+class _StreamReader(Protocol):
+    """Feeds the response body to a ResponseOpener, verified item by verified item."""
+
+    def __init__(self, opener: ResponseOpener, on_item: Callable[[StreamItem], None]) -> None:
         self._opener = opener
-        self._on_delta = on_delta
+        self._on_item = on_item
         # Cancelling (the caller gave up, e.g. its own client left) closes the connection, which
         # makes the router cancel the generation.
         self.finished: Deferred[Done | ErrorChunk] = Deferred(self._cancel)
@@ -89,8 +157,7 @@ class _StreamReader(Protocol):
             self.finished.errback(ChatError("bad_stream", str(e)))
             return
         for item in items:
-            if isinstance(item, Delta):
-                self._on_delta(item.text)
+            self._on_item(item)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         if self._failed:
@@ -151,19 +218,52 @@ class Client:
         env, state = seal_request(keys.current(), request, now, self._device_key, self._pad)
         return env.to_json(), state
 
+    async def models(self) -> list[str]:
+        """The model names the router serves (``GET /api/models``; not signed, names only)."""
+        response, body = await self._get("/api/models")
+        if response.code != 200:
+            code, message, _ = _json_error(response.code, body)
+            raise ChatError(code, message, response.code)
+        try:
+            return [str(entry["id"]) for entry in json.loads(body)["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise ChatError("bad_models", "the model list is malformed") from None
+
     async def chat(
-        self, request: ChatRequest, on_delta: Callable[[str], None] = lambda text: None
+        self,
+        request: ChatRequest,
+        on_delta: Callable[[str], None] = lambda text: None,
+        *,
+        on_reasoning: Callable[[str], None] | None = None,
     ) -> Done:
-        """Send one request; on ``key_unknown`` refetch the key document and retry once."""
+        """Send one request, text to ``on_delta`` as it arrives; returns the final chunk."""
+        reply = await self.complete(request, on_delta, on_reasoning=on_reasoning)
+        return reply.done
+
+    async def complete(
+        self,
+        request: ChatRequest,
+        on_delta: Callable[[str], None] = lambda text: None,
+        *,
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> Reply:
+        """Send one request and return the whole reply (tool calls assembled).
+
+        Reasoning reaches ``on_reasoning`` only for a request with ``include_reasoning``. On
+        ``key_unknown`` the key document is fetched again and the request resent once.
+        """
         for attempt in (0, 1):
             if attempt:
                 await self.fetch_keys()
             envelope, state = await self.seal(request)
+            collector = _Collector(on_delta, on_reasoning)
             try:
-                return await self.post(envelope, state, on_delta)
+                done = await self.post(envelope, state, on_item=collector)
             except ChatError as e:
                 if e.code != "key_unknown" or attempt:
                     raise
+                continue
+            return collector.reply(done)
         raise AssertionError("unreachable")
 
     async def post(
@@ -171,13 +271,20 @@ class Client:
         envelope: dict[str, Any],
         state: RequestState,
         on_delta: Callable[[str], None] = lambda text: None,
+        *,
+        on_item: Callable[[StreamItem], None] | None = None,
     ) -> Done:
-        """POST a sealed envelope and stream the response; solves a PoW challenge if asked once."""
+        """POST a sealed envelope and stream the response; solves a PoW challenge if asked once.
+
+        Every verified item goes to ``on_item`` if given, else the text of deltas to ``on_delta``.
+        """
+        if on_item is None:
+            on_item = _Collector(on_delta, None)
         pow_header: str | None = None
         for _ in (0, 1):
             response = await self._post(envelope, pow_header)
             if response.code == 200:
-                return await self._stream(response, state, on_delta)
+                return await self._stream(response, state, on_item)
             body = await readBody(response)
             code, message, error = _json_error(response.code, body)
             if code == "pow_required" and pow_header is None and "challenge" in error:
@@ -201,14 +308,67 @@ class Client:
         return response
 
     async def _stream(
-        self, response: IResponse, state: RequestState, on_delta: Callable[[str], None]
+        self, response: IResponse, state: RequestState, on_item: Callable[[StreamItem], None]
     ) -> Done:
-        reader = _StreamReader(ResponseOpener(state), on_delta)
+        reader = _StreamReader(ResponseOpener(state), on_item)
         response.deliverBody(reader)
         final = await reader.finished
         if isinstance(final, ErrorChunk):
             raise ChatError(final.code, final.message)
         return final
+
+
+class Conversation:
+    """A multi-turn chat whose history stays on this side: each turn sends the whole history.
+
+    ``params`` are :class:`ChatRequest` fields for every turn (``model``, ``tools``,
+    ``response_format``, ``max_tokens``, ...). After a reply with tool calls, add each result with
+    :meth:`tool_result` and call :meth:`resume` for the model's answer.
+    """
+
+    def __init__(self, client: Client, *, system: str | None = None, **params: Any) -> None:
+        self.client = client
+        self.params = params
+        self.messages: list[Message] = [Message("system", system)] if system else []
+
+    async def say(
+        self,
+        text: str,
+        on_delta: Callable[[str], None] = lambda text: None,
+        *,
+        on_reasoning: Callable[[str], None] | None = None,
+    ) -> Reply:
+        self.messages.append(Message("user", text))
+        return await self._turn(1, on_delta, on_reasoning, {})
+
+    def tool_result(self, call_id: str, content: str) -> None:
+        self.messages.append(Message("tool", content, (), call_id))
+
+    async def resume(
+        self,
+        on_delta: Callable[[str], None] = lambda text: None,
+        *,
+        on_reasoning: Callable[[str], None] | None = None,
+        **overrides: Any,
+    ) -> Reply:
+        """Ask for the next assistant message (after tool results); ``overrides`` for this turn."""
+        return await self._turn(0, on_delta, on_reasoning, overrides)
+
+    async def _turn(
+        self,
+        added: int,
+        on_delta: Callable[[str], None],
+        on_reasoning: Callable[[str], None] | None,
+        overrides: dict[str, Any],
+    ) -> Reply:
+        request = ChatRequest(tuple(self.messages), **{**self.params, **overrides})
+        try:
+            reply = await self.client.complete(request, on_delta, on_reasoning=on_reasoning)
+        except BaseException:
+            del self.messages[len(self.messages) - added :]  # a failed turn leaves no trace
+            raise
+        self.messages.append(reply.message())
+        return reply
 
 
 # Device keys (auth mode).

@@ -1,7 +1,8 @@
 """The public HTTP surface of the router (Klein), and the Site that serves it.
 
-Routes: ``POST /api/chat``, ``GET /api/pubkey``, ``GET /.well-known/jwks.json``,
-``GET /.well-known/ohttp-keys``, ``GET /health`` (readiness) and ``GET /health/live`` (liveness).
+Routes: ``POST /api/chat``, ``GET /api/pubkey``, ``GET /api/models``,
+``GET /.well-known/jwks.json``, ``GET /.well-known/ohttp-keys``, ``GET /health`` (readiness) and
+``GET /health/live`` (liveness).
 Every error, including 404, 405 and bugs, is ``{"error": {"code", "message"}}`` JSON; nothing a
 client sent (path, headers, body) is logged or echoed, and Twisted's access log is off.
 """
@@ -9,6 +10,7 @@ client sent (path, headers, body) is logged or echoed, and Twisted's access log 
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Protocol, cast
@@ -149,6 +151,12 @@ class RouterApp:
             )
         except ProtocolError as e:
             return self._error(request, e)
+        chat = admitted.request
+        try:
+            route = self._pool.route(chat.model, chat.features())
+        except ProtocolError as e:
+            admitted.release()
+            return self._error(request, e)
         settings = self.settings
         sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
         stream = EncryptedStream(
@@ -172,9 +180,10 @@ class RouterApp:
             self._pool,
             settings,
             self._metrics,
-            admitted.request.to_openai(settings.inference_model),
+            chat,
             stream,
             deadline=started + settings.request_ttl_seconds,
+            route=route,
         )
         stream.attach(call)
         call.start()
@@ -183,6 +192,17 @@ class RouterApp:
     @app.route("/api/pubkey", methods=["GET"])
     def pubkey(self, request: server.Request) -> bytes:
         return self._keys_reply(request, b"application/json", self._keys.key_document)
+
+    @app.route("/api/models", methods=["GET"])
+    def models(self, request: server.Request) -> bytes:
+        """The public model list: names only (what the backends serve, not where)."""
+        data = [{"id": name, "object": "model"} for name in self._pool.models()]
+        doc = {"object": "list", "protocol": "1.1", "default": self._pool.default_model}
+        body = self._reply(
+            request, 200, b"application/json", json.dumps({**doc, "data": data}).encode()
+        )
+        request.setHeader(b"Cache-Control", b"public, max-age=30")
+        return body
 
     @app.route("/.well-known/jwks.json", methods=["GET"])
     def jwks(self, request: server.Request) -> bytes:

@@ -16,7 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_NAMES", "Settings", "SettingsError", "load", "read_env_file"]
+from llmrouter.chat import MODEL_NAME
+from llmrouter.router.dialects import KINDS
+
+__all__ = [
+    "ENV_NAMES",
+    "Endpoint",
+    "Settings",
+    "SettingsError",
+    "endpoint_entries",
+    "load",
+    "read_env_file",
+]
 
 
 class SettingsError(ValueError):
@@ -25,6 +36,51 @@ class SettingsError(ValueError):
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part for part in re.split(r"[,\s]+", value.strip()) if part)
+
+
+_OPTION = re.compile(r"(model|kind)=")
+
+
+def endpoint_entries(value: str) -> tuple[str, ...]:
+    """Entries ``URL [model=NAME ...] [kind=KIND]``: an option belongs to the URL before it, so
+    commas and whitespace still separate plain URLs as they always did."""
+    entries: list[str] = []
+    for token in _split(value):
+        if _OPTION.match(token):
+            if not entries:
+                raise ValueError("an option before any endpoint")
+            entries[-1] += " " + token
+        else:
+            entries.append(token)
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One ``INFERENCE_ENDPOINTS`` entry: where, which models it serves (pinned names, else found
+    in its ``GET /v1/models``), and what kind of backend it is (``auto``: recognised there too)."""
+
+    url: str
+    models: tuple[str, ...] = ()
+    kind: str = "auto"
+
+    @classmethod
+    def parse(cls, entry: str) -> Endpoint:
+        url, *options = entry.split()
+        models: list[str] = []
+        kind = "auto"
+        for option in options:
+            name, _, value = option.partition("=")
+            if name == "model" and MODEL_NAME.fullmatch(value) and value not in models:
+                models.append(value)
+            elif name == "kind" and value in KINDS:
+                kind = value
+            else:
+                raise SettingsError(
+                    "INFERENCE_ENDPOINTS options are model=NAME (letters, digits, ._:/@+-) and"
+                    " kind=" + "|".join(KINDS)
+                )
+        return cls(url, tuple(models), kind)
 
 
 def _bool(value: str) -> bool:
@@ -49,7 +105,7 @@ class Settings:
     metrics_listen: str = "tcp:9100:interface=127.0.0.1"
     keys_dir: Path = Path("./dev-keys")
     inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock",)
-    inference_model: str | None = None
+    default_model: str | None = None
     device_auth: str = "optional"
     upstream_tls_cert: Path | None = None
     upstream_tls_key: Path | None = None
@@ -104,6 +160,9 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(Endpoint.parse(entry) for entry in self.inference_endpoints)
+
 
 # Environment variable name -> (field, parser). Names are contracts (systemd units, docs).
 _Parser = Callable[[str], Any]
@@ -112,8 +171,8 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "LISTEN": ("listen", _split),
     "METRICS_LISTEN": ("metrics_listen", str.strip),
     "KEYS_DIR": ("keys_dir", Path),
-    "INFERENCE_ENDPOINTS": ("inference_endpoints", _split),
-    "INFERENCE_MODEL_NAME": ("inference_model", lambda v: v.strip() or None),
+    "INFERENCE_ENDPOINTS": ("inference_endpoints", endpoint_entries),
+    "DEFAULT_MODEL": ("default_model", lambda v: v.strip() or None),
     "DEVICE_AUTH": ("device_auth", str.strip),
     "UPSTREAM_TLS_CERT": ("upstream_tls_cert", _opt_path),
     "UPSTREAM_TLS_KEY": ("upstream_tls_key", _opt_path),
@@ -180,7 +239,8 @@ def _validate(s: Settings) -> None:
     if not s.inference_endpoints:
         raise SettingsError("INFERENCE_ENDPOINTS (--inference) needs at least one backend")
     needs_tls = False
-    for endpoint in s.inference_endpoints:
+    endpoints = s.endpoints()
+    for endpoint in (e.url for e in endpoints):
         if endpoint.startswith("unix:") and len(endpoint) > len("unix:"):
             continue
         if re.fullmatch(r"https://[^/\s:]+(:\d{1,5})?/?", endpoint):
@@ -206,6 +266,13 @@ def _validate(s: Settings) -> None:
             raise SettingsError(
                 "https:// inference endpoints use mutual TLS and need " + ", ".join(missing)
             )
+    if s.default_model is not None:
+        if not MODEL_NAME.fullmatch(s.default_model):
+            raise SettingsError("DEFAULT_MODEL must be a model name (letters, digits, ._:/@+-)")
+        if all(e.models for e in endpoints) and not any(
+            s.default_model in e.models for e in endpoints
+        ):
+            raise SettingsError("DEFAULT_MODEL is not among the model= names of the endpoints")
     for proxy in s.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

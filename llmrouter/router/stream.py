@@ -6,14 +6,18 @@ request. When the client reads slowly Twisted pauses us and we pause the upstrea
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
 
-Nothing is sent to the client before the first token (or an early end): until then upstream
+Nothing is sent to the client before the first output (or an early end): until then upstream
 failures can still be retried or answered with a plain JSON error.
+
+With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
+exactly one chunk: the oldest run, else the final chunk, else an empty delta.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -21,10 +25,12 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmrouter.protocol import KEEPALIVE, ProtocolError, ResponseSealer
+from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ProtocolError, ResponseSealer
 from llmrouter.router.metrics import RouterMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
+
+Logprobs = list[dict[str, Any]] | None
 
 
 class UpstreamControl(Protocol):
@@ -35,6 +41,31 @@ class UpstreamControl(Protocol):
     def resume(self) -> None: ...
 
     def cancel(self) -> None: ...
+
+
+@dataclass
+class _Run:
+    """Output of one kind waiting for a cadence slot; a tool call's run is one call's fragments."""
+
+    kind: str  # delta, reasoning, tool_call
+    parts: list[str]
+    logprobs: Logprobs = None
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+
+    def takes(self, kind: str, index: int, first: bool, logprobs: Logprobs) -> bool:
+        if self.kind != kind or (kind == "tool_call" and (self.index != index or first)):
+            return False
+        # a chunk carries at most MAX_LOGPROB_ENTRIES (a client refuses more)
+        return len(self.logprobs or ()) + len(logprobs or ()) <= MAX_LOGPROB_ENTRIES
+
+    def add(self, text: str, logprobs: Logprobs) -> None:
+        self.parts.append(text)
+        if logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(logprobs)
 
 
 @implementer(IPushProducer)
@@ -66,7 +97,7 @@ class EncryptedStream:
         self._paused = False
         self._last_write = 0.0
         self._timer: IDelayedCall | None = None
-        self._pending: list[str] = []
+        self._pending: list[_Run] = []
         self._final: tuple[str, tuple[object, ...]] | None = None
         self.client_gone = False
         self.done: Deferred[None] = Deferred(lambda d: self._client_left())
@@ -78,17 +109,26 @@ class EncryptedStream:
 
     # TokenSink
 
-    def token(self, text: str) -> None:
+    def token(self, text: str, logprobs: Logprobs = None) -> None:
+        self._text("delta", self._sealer.delta, text, logprobs)
+
+    def reasoning(self, text: str, logprobs: Logprobs = None) -> None:
+        self._text("reasoning", self._sealer.reasoning, text, logprobs)
+
+    def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None:
         if self._closed:
             return
-        self._metrics.tokens_streamed.inc()
         if not self._opened:
-            self._open()
-            self._metrics.ttft.observe(self._clock.seconds() - self._started)
+            self._first_output()
         if self._cadence:
-            self._pending.append(text)
+            self._queue("tool_call", arguments, None, index, id, name)
         else:
-            self._write(self._sealer.delta(text))
+            self._write(self._sealer.tool_call(index, id, name, arguments))
+
+    def progress(self) -> None:
+        """Output the client did not ask to see: open the stream (keepalives, cadence slots)."""
+        if not self._closed and not self._opened:
+            self._first_output()
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
         if self._closed:
@@ -97,11 +137,13 @@ class EncryptedStream:
             self._open()
         self._end_with("done", (finish_reason, prompt_tokens, completion_tokens))
 
-    def failed(self, code: str, message: str, status: int) -> None:
+    def failed(
+        self, code: str, message: str, status: int, detail: Mapping[str, Any] | None = None
+    ) -> None:
         if self._closed:
             return
         if not self._opened:
-            self._reject(ProtocolError(code, message, status))
+            self._reject(ProtocolError(code, message, status, **(detail or {})))
             return
         self._end_with("error", (code, message))
 
@@ -132,6 +174,39 @@ class EncryptedStream:
         self._client_left()
 
     # Internals
+
+    def _text(
+        self, kind: str, seal: Callable[[str, Logprobs], bytes], text: str, logprobs: Logprobs
+    ) -> None:
+        if self._closed:
+            return
+        self._metrics.tokens_streamed.inc()
+        if not self._opened:
+            self._first_output()
+        if self._cadence:
+            self._queue(kind, text, logprobs)
+        else:
+            self._write(seal(text, logprobs))
+
+    def _first_output(self) -> None:
+        self._open()
+        self._metrics.ttft.observe(self._clock.seconds() - self._started)
+
+    def _queue(
+        self,
+        kind: str,
+        text: str,
+        logprobs: Logprobs,
+        index: int = 0,
+        id: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        first = id is not None or name is not None
+        if self._pending and self._pending[-1].takes(kind, index, first, logprobs):
+            self._pending[-1].add(text, logprobs)
+        else:
+            own = None if logprobs is None else list(logprobs)
+            self._pending.append(_Run(kind, [text], own, index, id, name))
 
     def _open(self) -> None:
         self._opened = True
@@ -169,8 +244,14 @@ class EncryptedStream:
         if self._paused:
             return
         if self._pending:
-            text, self._pending = "".join(self._pending), []
-            self._write(self._sealer.delta(text))
+            run = self._pending.pop(0)
+            text = "".join(run.parts)
+            if run.kind == "delta":
+                self._write(self._sealer.delta(text, run.logprobs))
+            elif run.kind == "reasoning":
+                self._write(self._sealer.reasoning(text, run.logprobs))
+            else:
+                self._write(self._sealer.tool_call(run.index, run.id, run.name, text))
         elif self._final is not None:
             self._emit_final()
         else:

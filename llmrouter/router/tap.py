@@ -28,7 +28,7 @@ from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
 from llmrouter.router.replay import ReplayCache
 from llmrouter.router.seclog import SecurityLog
-from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, load
+from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
 from llmrouter.router.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
@@ -51,7 +51,7 @@ def _env_help() -> str:
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
-        "Encrypted (HPKE) chat router: admits protocol v1 requests, forwards them to OpenAI-style"
+        "Encrypted (HPKE) chat router: admits protocol v1.1 requests, forwards them to OpenAI-style"
         " inference backends and streams the tokens back sealed as SSE. Every option falls back"
         " to the environment variable in brackets; --env-file loads KEY=VALUE lines first (the"
         " environment and the command line override it). SIGHUP re-reads the key directory;"
@@ -68,6 +68,12 @@ class Options(usage.Options):
             f"{_DEFAULTS.metrics_listen}).",
         ],
         ["keys-dir", None, None, f"Key directory [KEYS_DIR] (default {_DEFAULTS.keys_dir})."],
+        [
+            "default-model",
+            None,
+            None,
+            "Model for requests that name none [DEFAULT_MODEL] (default: any backend).",
+        ],
         [
             "device-auth",
             None,
@@ -110,7 +116,8 @@ class Options(usage.Options):
 
         overrides: dict[str, Any] = {
             "listen": self["listen"],
-            "inference_endpoints": self["inference"],
+            "inference_endpoints": [e for value in self["inference"] for e in _entries(value)],
+            "default_model": self["default-model"],
             "metrics_listen": self["metrics-listen"],
             "keys_dir": Path(self["keys-dir"]) if self["keys-dir"] else None,
             "device_auth": self["device-auth"],
@@ -130,9 +137,17 @@ Options.opt_listen.__doc__ = (
     "systemd:domain=INET:index=0, unix:/path [LISTEN] (default tcp:8080:interface=127.0.0.1)."
 )
 Options.opt_inference.__doc__ = (
-    "Inference backend unix:/path.sock or https://host:port (repeatable; replaces "
+    "Inference backend unix:/path.sock or https://host:port, optionally followed by model=NAME"
+    " (repeatable) and kind=llmrouter|llama-server|vllm|ollama|openai (repeatable; replaces "
     "INFERENCE_ENDPOINTS) (default unix:/run/llmrouter/inference.sock)."
 )
+
+
+def _entries(value: str) -> tuple[str, ...]:
+    try:
+        return endpoint_entries(value)
+    except ValueError:
+        raise usage.UsageError("--inference: an option before any endpoint") from None
 
 
 def _path(value: str | None) -> Path | None:

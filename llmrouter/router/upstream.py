@@ -1,18 +1,26 @@
-"""Inference backends: health, circuit breakers, round-robin, and one chat call with retries.
+"""Inference backends: health, models, circuit breakers, round robin, one chat call with retries.
 
-Backends speak the OpenAI streaming chat API (``POST /v1/chat/completions`` with ``stream: true``),
-so our inference daemon, ``llama-server``, vLLM and Ollama are interchangeable. A :class:`ChatCall`
-owns the upstream side of one client request: it picks a backend, retries elsewhere with capped
-exponential backoff and jitter while nothing has reached the client yet, enforces the connect,
-first-token, idle and total timeouts, and relays tokens to a :class:`TokenSink` (the client-facing
-stream). After the first token it never retries: a failure becomes an error for the sink to seal.
+Backends speak the OpenAI streaming chat API (``POST /v1/chat/completions`` with ``stream: true``):
+our inference daemon, ``llama-server``, vLLM and Ollama, each spelled in its own dialect
+(:mod:`llmrouter.router.dialects`). Each backend serves one or more models, pinned in the settings
+or discovered from its ``GET /v1/models`` on every health probe; a request's ``model`` selects the
+pool of backends serving it (:meth:`BackendPool.route`).
+
+A :class:`ChatCall` owns the upstream side of one client request: it picks a backend of its route,
+retries elsewhere with capped exponential backoff and jitter while nothing has reached the client
+yet, enforces the connect, first-token, idle and total timeouts, and relays content, reasoning,
+tool-call fragments and logprobs to a :class:`TokenSink` (the client-facing stream), each kind only
+if the request asked for it. After the first output it never retries: a failure becomes an error for
+the sink to seal.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -27,9 +35,12 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llmrouter.chat import ChatRequest
 from llmrouter.httpclient import ClientTLS, agent_for
+from llmrouter.protocol import ProtocolError, logprob_entries
+from llmrouter.router.dialects import DIALECTS, Dialect, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
-from llmrouter.router.settings import Settings
+from llmrouter.router.settings import Endpoint, Settings
 from llmrouter.sse import SSEError, SSEParser
 
 __all__ = [
@@ -37,6 +48,7 @@ __all__ = [
     "BackendPool",
     "ChatCall",
     "CircuitBreaker",
+    "Route",
     "TokenSink",
     "UpstreamError",
 ]
@@ -45,17 +57,31 @@ log = Logger()
 
 _MAX_SSE_LINE = 1 << 20
 _MAX_PROBE_BODY = 1 << 16
+_MAX_PROPS_BODY = 1 << 18  # llama-server's /props carries its chat templates
+_MAX_ERROR_BODY = 1 << 12
+_MAX_TOOL_INDEX = 63
+_MAX_ID_CHARS = 256
+_MAX_CURSORS = 1024
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # an enum, never a sentence or a value
 
 
 class UpstreamError(Exception):
     """Why an upstream attempt failed; ``retryable`` is false when another backend won't help."""
 
-    def __init__(self, code: str, message: str, retryable: bool = True, breaker: bool = True):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        retryable: bool = True,
+        breaker: bool = True,
+        detail: Mapping[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
         self.retryable = retryable
         self.breaker = breaker  # count against the backend's circuit breaker
+        self.detail = detail  # extra fields of the plain JSON error (never request data)
 
 
 class CircuitBreaker:
@@ -121,7 +147,12 @@ class CircuitBreaker:
 
 
 class Backend:
-    """One configured inference endpoint, named by its index (``backend-0``) in metrics/logs."""
+    """One configured inference endpoint, named by its index (``backend-0``) in metrics/logs.
+
+    ``models`` are the pinned names, else the ones its last ``GET /v1/models`` listed;
+    ``models_known`` says whether that list has been seen at all. ``dialect`` is the pinned kind,
+    else the one recognised there; ``features`` what it can do (its template may take some away).
+    """
 
     def __init__(
         self,
@@ -130,20 +161,55 @@ class Backend:
         agent: IAgent,
         base_url: str,
         breaker: CircuitBreaker,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.name = name
         self.url = url
         self.agent = agent
         self.base_url = base_url
         self.breaker = breaker
+        self.endpoint = endpoint or Endpoint(url)
         self.healthy = False
         self.probed = False
+        self.models: tuple[str, ...] = self.endpoint.models
+        self.models_known = bool(self.models)
+        self.dialect: Dialect = DIALECTS["openai"]
+        self.features = self.dialect.features
+        self.discovered(None, None)
 
     def __repr__(self) -> str:
         return f"Backend({self.name})"
 
     def uri(self, path: str) -> bytes:
         return (self.base_url + path).encode("ascii")
+
+    def discovered(
+        self,
+        models: tuple[str, ...] | None,
+        kind: str | None,
+        unsupported: frozenset[str] = frozenset(),
+    ) -> None:
+        """What the backend's model list (None: none seen) and template said; pins win."""
+        if models is not None and not self.endpoint.models:
+            self.models, self.models_known = models, True
+        if self.endpoint.kind != "auto":
+            kind = self.endpoint.kind
+        self.dialect = DIALECTS[kind or "openai"]
+        self.features = self.dialect.features - unsupported
+
+    def upstream_model(self, model: str | None) -> str | None:
+        """The ``model`` sent upstream: the one asked for, else the first this backend serves."""
+        if model is not None:
+            return model
+        return self.models[0] if self.models else None
+
+
+@dataclass(frozen=True)
+class Route:
+    """The backends a request may use: those serving its model that implement its features."""
+
+    model: str | None
+    backends: tuple[Backend, ...]
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -210,13 +276,15 @@ class BackendPool:
         metrics: RouterMetrics,
         interval: float,
         probe_timeout: float,
+        default_model: str | None = None,
     ) -> None:
         self._clock = clock
         self.backends = list(backends)
         self._metrics = metrics
         self._interval = interval
         self._probe_timeout = probe_timeout
-        self._next = 0
+        self.default_model = default_model
+        self._next: dict[str | None, int] = {}  # round-robin cursor per model (served names only)
         self._timer: IDelayedCall | None = None
         self._probing: list[Deferred[Any]] = []
         self.connection_pools: list[HTTPConnectionPool] = []
@@ -238,7 +306,8 @@ class BackendPool:
             )
         backends = []
         pools = []
-        for index, url in enumerate(settings.inference_endpoints):
+        for index, endpoint in enumerate(settings.endpoints()):
+            url = endpoint.url
             name = f"backend-{index}"
             # Keep-alive connections save a connect and a handshake per request; a cancelled
             # stream aborts its connection, so it never goes back to the pool.
@@ -262,13 +331,14 @@ class BackendPool:
                 settings.circuit_reset_seconds,
                 gauge.set,
             )
-            backends.append(Backend(name, url, agent, base, breaker))
+            backends.append(Backend(name, url, agent, base, breaker, endpoint))
         pool = cls(
             clock,
             backends,
             metrics,
             settings.health_interval_seconds,
             settings.connect_timeout_seconds,
+            settings.default_model,
         )
         pool.connection_pools = pools
         return pool
@@ -276,16 +346,59 @@ class BackendPool:
     def ready(self) -> bool:
         return any(b.healthy for b in self.backends)
 
-    def choose(self, avoid: Sequence[Backend] = ()) -> Backend | None:
-        """The next usable backend, preferring ones not in ``avoid``; claims its breaker."""
-        n = len(self.backends)
+    def models(self) -> list[str]:
+        """Every model name some backend serves (pinned or last discovered), in config order."""
+        names: list[str] = []
+        for backend in self.backends:
+            names.extend(name for name in backend.models if name not in names)
+        return names
+
+    def route(self, model: str | None, features: frozenset[str] = frozenset()) -> Route:
+        """The backends for ``model`` (None: the default model, else every backend) that
+        implement ``features``; a ProtocolError to answer with when there are none."""
+        model = model or self.default_model
+        if model is None:
+            candidates = self.backends
+        else:
+            candidates = [b for b in self.backends if model in b.models]
+            if not candidates:
+                if all(b.models_known for b in self.backends):
+                    raise ProtocolError("model_unknown", "no backend serves that model", 404)
+                raise ProtocolError(
+                    "no_backend", "no inference backend is available", 503, retry_after=self._wait()
+                )
+        capable = tuple(b for b in candidates if features <= b.features)
+        if not capable:
+            missing = sorted(features - frozenset().union(*(b.features for b in candidates)))
+            field = (missing or sorted(features))[0]
+            raise ProtocolError(
+                "unsupported_field", f"the model's backends do not support {field}", 400
+            )
+        if model is not None and not any(b.healthy for b in capable):
+            raise ProtocolError(
+                "overloaded", "no backend of that model is available", 503, retry_after=self._wait()
+            )
+        return Route(model, capable)
+
+    def _wait(self) -> int:
+        return max(1, math.ceil(self._interval))
+
+    def choose(self, avoid: Sequence[Backend] = (), route: Route | None = None) -> Backend | None:
+        """The next usable backend of ``route`` (default: any), preferring ones not in ``avoid``;
+        claims its breaker."""
+        backends = self.backends if route is None else route.backends
+        key = None if route is None else route.model
+        start = self._next.get(key, 0)
+        n = len(backends)
         for allow_avoided in (False, True):
             for step in range(n):
-                backend = self.backends[(self._next + step) % n]
+                backend = backends[(start + step) % n]
                 if not backend.healthy or (backend in avoid and not allow_avoided):
                     continue
                 if backend.breaker.acquire():
-                    self._next = (self._next + step + 1) % n
+                    if len(self._next) > _MAX_CURSORS:  # names backends no longer list
+                        self._next.clear()
+                    self._next[key] = (start + step + 1) % n
                     return backend
         return None
 
@@ -328,16 +441,19 @@ class BackendPool:
         d.addBoth(untrack)
 
     def probe(self, backend: Backend) -> Deferred[bool]:
-        """GET /health, falling back to /v1/models for backends without it."""
+        """GET /health (backends without it: /v1/models decides), then discover its models and
+        kind from /v1/models (and llama-server's template from /props) before it takes traffic."""
 
         async def run() -> bool:
-            for path in ("/health", "/v1/models"):
-                code = await self._get(backend, path)
-                if code == 200:
-                    return True
-                if code != 404:
-                    return False
-            return False
+            health, _ = await self._get(backend, "/health")
+            if health not in (200, 404):
+                return False
+            code, body = await self._get(backend, "/v1/models")
+            if code == 200:
+                await self._discover(backend, body)
+            elif code == 404:
+                backend.discovered((), None)  # it lists none: only the default route reaches it
+            return health == 200 or code == 200
 
         d: Deferred[bool] = Deferred.fromCoroutine(run())
         timer = self._clock.callLater(self._probe_timeout, d.cancel)
@@ -353,22 +469,48 @@ class BackendPool:
 
         return d.addBoth(done)
 
-    async def _get(self, backend: Backend, path: str) -> int:
+    async def _discover(self, backend: Backend, models: bytes) -> None:
+        names, kind = models_from(models)
+        if not backend.endpoint.models and names != backend.models:
+            log.info("backend {name} serves {models}", name=backend.name, models=list(names))
+        unsupported: frozenset[str] = frozenset()
+        if (kind if backend.endpoint.kind == "auto" else backend.endpoint.kind) == "llama-server":
+            code, props = await self._get(backend, "/props", _MAX_PROPS_BODY)
+            if code == 200:
+                unsupported = template_limits(props)
+        backend.discovered(names, kind, unsupported)
+
+    async def _get(
+        self, backend: Backend, path: str, limit: int = _MAX_PROBE_BODY
+    ) -> tuple[int, bytes]:
         response: IResponse = await backend.agent.request(b"GET", backend.uri(path))
-        discard = _Discard()
-        response.deliverBody(discard)
-        await discard.done
-        return int(response.code)
+        reader = _Discard(limit)
+        response.deliverBody(reader)
+        body = await reader.done
+        return int(response.code), body
 
 
 class TokenSink(TypingProtocol):
-    """What a ChatCall feeds: the client-facing stream."""
+    """What a ChatCall feeds: the client-facing stream.
 
-    def token(self, text: str) -> None: ...
+    ``reasoning``, ``tool_call`` and ``logprobs`` only come for a request that asked for them;
+    ``progress`` says the backend produced output the request did not ask to see (reasoning of a
+    request without ``include_reasoning``), so the stream may open and keep the client waiting.
+    """
+
+    def token(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None: ...
+
+    def reasoning(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None: ...
+
+    def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None: ...
+
+    def progress(self) -> None: ...
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
 
-    def failed(self, code: str, message: str, status: int) -> None: ...
+    def failed(
+        self, code: str, message: str, status: int, detail: Mapping[str, Any] | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -430,12 +572,53 @@ class _OpenAIStream(Protocol):
             delta = choice.get("delta")
             if isinstance(delta, dict):
                 text = delta.get("content")
-                if isinstance(text, str) and text:
-                    self.usage.deltas += 1
-                    self._call._token(text)
+                # The common case first: a delta of text alone (every v1 token).
+                if len(delta) == 1 and isinstance(text, str) and not self._call.relay_logprobs:
+                    if text:
+                        self.usage.deltas += 1
+                        self._call._token(text)
+                elif not self._delta(choice, delta):
+                    return False
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.usage.finish_reason = reason
+        return True
+
+    def _delta(self, choice: dict[str, Any], delta: dict[str, Any]) -> bool:
+        """Reasoning, then content, then tool calls, as the backend's event carries them;
+        logprobs ride with the text they belong to. False when the event is malformed."""
+        call = self._call
+        logprobs = None
+        if call.relay_logprobs:
+            raw = choice.get("logprobs")
+            if isinstance(raw, dict) and raw.get("content") is not None:
+                try:
+                    logprobs = logprob_entries(raw["content"])
+                except ValueError:
+                    self._break(UpstreamError("upstream_failed", "malformed upstream logprobs"))
+                    return False
+        content = delta.get("content")
+        text = content if isinstance(content, str) else ""
+        reasoning = delta.get("reasoning_content")
+        if reasoning is None:
+            reasoning = delta.get("reasoning")  # Ollama, newer vLLM
+        if isinstance(reasoning, str) and reasoning:
+            self.usage.deltas += 1
+            call._reasoning(reasoning, None if text else logprobs)
+            if not text:
+                logprobs = None
+        if text or logprobs:
+            if text:
+                self.usage.deltas += 1
+            call._token(text, logprobs)
+        calls = delta.get("tool_calls")
+        if calls is not None:
+            fragments = _tool_fragments(calls)
+            if fragments is None:
+                self._break(UpstreamError("upstream_failed", "malformed upstream tool call"))
+                return False
+            for fragment in fragments:
+                call._tool_call(*fragment)
         return True
 
     def _break(self, error: UpstreamError) -> None:
@@ -447,8 +630,36 @@ class _OpenAIStream(Protocol):
         self._call._body_ended(self, reason)
 
 
-def _finish_reason(reason: str | None) -> str:
-    return reason if reason in ("stop", "length") else "stop"
+def _tool_fragments(raw: Any) -> list[tuple[int, str | None, str | None, str]] | None:
+    """OpenAI ``delta.tool_calls`` as (index, id, name, arguments) fragments; None if malformed."""
+    if not isinstance(raw, list):
+        return None
+    fragments = []
+    for item in raw:
+        if not isinstance(item, dict):
+            return None
+        index, call_id = item.get("index", 0), item.get("id")
+        function = item.get("function") or {}
+        if not isinstance(function, dict):
+            return None
+        name, arguments = function.get("name"), function.get("arguments") or ""
+        if (
+            not isinstance(index, int)
+            or isinstance(index, bool)
+            or not 0 <= index <= _MAX_TOOL_INDEX
+            or not (call_id is None or (isinstance(call_id, str) and len(call_id) <= _MAX_ID_CHARS))
+            or not (name is None or (isinstance(name, str) and len(name) <= _MAX_ID_CHARS))
+            or not isinstance(arguments, str)
+        ):
+            return None
+        fragments.append((index, call_id, name, arguments))
+    return fragments
+
+
+def _finish_reason(reason: str | None, tools: bool) -> str:
+    if reason in ("stop", "length") or (reason == "tool_calls" and tools):
+        return reason
+    return "stop"
 
 
 class ChatCall:
@@ -460,16 +671,22 @@ class ChatCall:
         pool: BackendPool,
         settings: Settings,
         metrics: RouterMetrics,
-        body: dict[str, Any],
+        request: ChatRequest,
         sink: TokenSink,
         deadline: float,
         rng: random.Random | None = None,
+        route: Route | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
-        self._body = json.dumps(body).encode("utf-8")
+        self._chat = request
+        self._route = route  # None: any backend, as in protocol v1
+        self._bodies: dict[tuple[str, str | None], bytes] = {}
+        self.relay_reasoning = request.wants_reasoning
+        self.relay_tool_calls = request.wants_tool_calls
+        self.relay_logprobs = request.wants_logprobs
         self._sink = sink
         self._deadline = deadline
         self._rng = rng or random.SystemRandom()
@@ -515,8 +732,17 @@ class ChatCall:
 
     # Attempts.
 
+    def _body(self, backend: Backend) -> bytes:
+        """The request in the backend's dialect (built once per dialect and model name)."""
+        model = backend.upstream_model(None if self._route is None else self._route.model)
+        key = (backend.dialect.kind, model)
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._bodies[key] = backend.dialect.body(self._chat, model)
+        return body
+
     def _try(self) -> None:
-        backend = self._pool.choose(self._tried)
+        backend = self._pool.choose(self._tried, self._route)
         if backend is None:
             self._fail(UpstreamError("no_backend", "no inference backend is available"))
             return
@@ -530,7 +756,7 @@ class ChatCall:
             b"POST",
             backend.uri("/v1/chat/completions"),
             Headers(_JSON_HEADERS),
-            _BytesProducer(self._body),
+            _BytesProducer(self._body(backend)),
         )
         self._request = request
         request.addCallbacks(
@@ -545,23 +771,41 @@ class ChatCall:
             response.deliverBody(_Discard(limit=0))
             return
         self._request = None
-        if response.code != 200:
+        code = int(response.code)
+        if code != 200:
+            # 4xx (other than 408/429) means this request is wrong for any backend: read why.
+            if 400 <= code < 500 and code not in (408, 429):
+                reader = _Discard(_MAX_ERROR_BODY)
+                response.deliverBody(reader)
+                reader.done.addCallback(self._refused, code, attempt)
+                return
             response.deliverBody(_Discard(limit=0))  # drop the connection, not worth reusing
-            # 4xx (other than 408/429) means this request is wrong for any backend.
-            client_fault = 400 <= response.code < 500 and response.code not in (408, 429)
-            overloaded = response.code in (429, 503)
-            self._attempt_failed(
-                UpstreamError(
-                    "upstream_failed",
-                    "the inference backend refused the request",
-                    retryable=not client_fault,
-                    breaker=not (client_fault or overloaded),
-                )
-            )
+            message = "the inference backend refused the request"
+            overloaded = code in (429, 503)
+            self._attempt_failed(UpstreamError("upstream_failed", message, breaker=not overloaded))
             return
         stream = _OpenAIStream(self)
         self._stream = stream
         response.deliverBody(stream)
+
+    def _refused(self, body: bytes, status: int, attempt: int) -> None:
+        """The backend refused the request itself: answer with its error code, not its message
+        (a message may quote the request)."""
+        if attempt != self._current or self.over:
+            return
+        detail: dict[str, Any] = {"upstream_status": status}
+        upstream_code = _error_code(body)
+        if upstream_code is not None:
+            detail["upstream_code"] = upstream_code
+        self._attempt_failed(
+            UpstreamError(
+                "upstream_refused",
+                "the inference backend refused the request",
+                retryable=False,
+                breaker=False,
+                detail=detail,
+            )
+        )
 
     def _attached(self, stream: _OpenAIStream) -> None:
         if self._paused and stream.transport is not None:
@@ -573,12 +817,34 @@ class ChatCall:
         self._request = None
         self._attempt_failed(UpstreamError("upstream_failed", "the inference backend failed"))
 
-    def _token(self, text: str) -> None:
+    def _progress(self) -> bool:
+        """Output arrived: from now on no retry, and the idle timer restarts."""
         if self.over:
-            return
+            return False
         self.tokens += 1
         self._arm(self._settings.idle_timeout_seconds, "idle")
-        self._sink.token(text)
+        return True
+
+    def _token(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> None:
+        if self.over:
+            return
+        self.tokens += 1  # _progress(), inline on the path of every token
+        self._arm(self._settings.idle_timeout_seconds, "idle")
+        self._sink.token(text, logprobs)
+
+    def _reasoning(self, text: str, logprobs: list[dict[str, Any]] | None) -> None:
+        if self._progress():
+            if self.relay_reasoning:
+                self._sink.reasoning(text, logprobs)
+            else:
+                self._sink.progress()
+
+    def _tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> None:
+        if self._progress():
+            if self.relay_tool_calls:
+                self._sink.tool_call(index, call_id, name, arguments)
+            else:
+                self._sink.progress()
 
     def _body_ended(self, stream: _OpenAIStream, reason: Failure) -> None:
         if stream is not self._stream:
@@ -597,7 +863,7 @@ class ChatCall:
             self._observe_upstream(backend)
             self._end()
             self._sink.finished(
-                _finish_reason(usage.finish_reason),
+                _finish_reason(usage.finish_reason, self.relay_tool_calls),
                 usage.prompt_tokens,
                 usage.completion_tokens or usage.deltas,
             )
@@ -702,5 +968,21 @@ class ChatCall:
 
     def _fail(self, error: UpstreamError) -> None:
         self._end()
-        status = {"no_backend": 503, "timeout": 504}.get(error.code, 502)
-        self._sink.failed(error.code, error.message, status)
+        status = {"no_backend": 503, "timeout": 504, "upstream_refused": 400}.get(error.code, 502)
+        self._sink.failed(error.code, error.message, status, error.detail)
+
+
+def _error_code(body: bytes) -> str | None:
+    """An OpenAI-style error's ``code`` (or ``type``) when it is an identifier, else None."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    error = doc.get("error", doc) if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        return None
+    for name in ("code", "type"):
+        value = error.get(name)
+        if isinstance(value, str) and _ERROR_CODE.fullmatch(value):
+            return value
+    return None
