@@ -11,7 +11,8 @@ directives whose effect on a process can be reproduced without PID 1:
   /dev with null, zero, full, random, urandom, tty only), ProtectProc=invisible and
   ProcSubset=pid (a private procfs instance with hidepid/subset options);
 - PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
-- User=: a non-root uid with an empty capability bounding set (CapabilityBoundingSet=);
+- User=: a non-root uid; CapabilityBoundingSet=: every other capability dropped from the
+  bounding set (empty for the daemons, CAP_CHOWN only for the renewal);
 - PrivateUsers=yes: a user namespace mapping only the service's own uid and gid (systemd also
   maps root, which a process cannot do for itself);
 - UMask=, LimitCORE=0, NoNewPrivileges=yes;
@@ -119,6 +120,7 @@ MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 32, 4096, 8192, 16384, 1 << 19
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 (generic table)
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_MDWE, PR_GET_MDWE = 38, 24, 65, 66
+PR_CAPBSET_READ = 23
 PR_MDWE_REFUSE_EXEC_GAIN = 1
 PR_SET_DUMPABLE = 4
 
@@ -353,10 +355,24 @@ def _socket_activation(path: str, unit: dict[str, list[str]]) -> socket.socket:
     return sock
 
 
-def _drop_bounding_set() -> None:
+# The capabilities units keep (CapabilityBoundingSet=NAME ...), by number (linux/capability.h).
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_NET_BIND_SERVICE": 10}
+
+
+def _drop_bounding_set(keep: Iterable[int] = ()) -> None:
+    kept = set(keep)
     cap = 0
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+    while libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last capability
+        if cap not in kept:
+            _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
         cap += 1
+
+
+def _bounding_set(unit: dict[str, list[str]]) -> list[int] | None:
+    """The capabilities CapabilityBoundingSet= keeps; None when the unit does not restrict it."""
+    if "Service.CapabilityBoundingSet" not in unit:
+        return None
+    return [CAPABILITIES[name] for name in service_setting(unit, "CapabilityBoundingSet").split()]
 
 
 def _private_users() -> None:
@@ -390,19 +406,17 @@ def launch(
         flags |= CLONE_NEWIPC
     _check(libc.unshare(flags), "unshare")
     _filesystem(unit, rw, keep)
-    empty_bounding_set = "Service.CapabilityBoundingSet" in unit and not service_setting(
-        unit, "CapabilityBoundingSet"
-    )
-    if empty_bounding_set:
-        _drop_bounding_set()
+    bounding_set = _bounding_set(unit)
+    if bounding_set is not None:
+        _drop_bounding_set(bounding_set)
     if service_setting(unit, "User") not in ("", "root"):
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
     if service_setting(unit, "PrivateUsers") == "yes":
         _private_users()
-        if empty_bounding_set:
-            _drop_bounding_set()  # a new user namespace starts with a full bounding set
+        if bounding_set is not None:
+            _drop_bounding_set(bounding_set)  # a new user namespace starts with a full set
     os.umask(int(service_setting(unit, "UMask", "0022"), 8))
     if service_setting(unit, "LimitCORE") == "0":
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -677,6 +691,12 @@ class RenewUnitTests(unittest.TestCase):
         directory = base / "pki"
         pki.create_ca(directory)
         pki.issue(directory, "client", "router", lifetime=datetime.timedelta(days=1))
+        pki.issue(directory, "server", "node", ["node.wg"], lifetime=datetime.timedelta(days=1))
+        # as the operator made them: the router's key readable by the router's group, the
+        # node's key handed to another user (the service user stands in for both)
+        os.chown(directory / "router.key", 0, 65534)
+        os.chmod(directory / "router.key", 0o640)
+        os.chown(directory / "node.key", 65534, 65534)
         before = (directory / "router.crt").read_bytes()
         tool = str(Path(sys.executable).parent / "llmrouter-pki")
         argv = sandbox_argv(
@@ -685,9 +705,29 @@ class RenewUnitTests(unittest.TestCase):
             [tool, "--dir", str(directory), "renew", "--if-expiring-within", "2d"],
         )
         out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
-        self.assertEqual((rc, out.strip()), (0, b"renewed: router"), err.decode()[-2000:])
+        self.assertEqual((rc, out.strip()), (0, b"renewed: node, router"), err.decode()[-2000:])
         self.assertNotEqual((directory / "router.crt").read_bytes(), before)
         pki.verify(directory, "router")
+        # root without CAP_DAC_OVERRIDE, with CAP_CHOWN only: owners, groups and modes kept
+        for name, expected in (
+            ("router.key", (0, 65534, 0o640)),
+            ("node.key", (65534, 65534, 0o600)),
+        ):
+            st = (directory / name).stat()
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), expected, name)
+
+    @defer.inlineCallbacks
+    def test_renewal_capabilities(self) -> defer.Deferred[None]:
+        """Under the unit, CAP_CHOWN is the only capability root keeps."""
+        argv = sandbox_argv(
+            "llmrouter-pki-renew.service",
+            [],
+            ["/bin/sh", "-c", "grep -E '^Cap(Eff|Bnd):' /proc/self/status"],
+        )
+        out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
+        self.assertEqual(rc, 0, err.decode()[-2000:])
+        caps = dict(line.split() for line in out.decode().replace(":", "").splitlines())
+        self.assertEqual(caps, {"CapEff": "0000000000000001", "CapBnd": "0000000000000001"})
 
 
 class SandboxedDaemon:
