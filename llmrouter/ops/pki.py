@@ -221,7 +221,8 @@ def create_ca(
     now = now or _utcnow()
     if not directory.exists():
         directory.mkdir(parents=True)
-        os.chmod(directory, 0o755)  # whatever the umask: services read their files in it
+        # whatever the umask: services read their own files in it (keys have their own modes)
+        os.chmod(directory, 0o755)  # noqa: S103
     if (directory / CA_KEY).exists() or (directory / CA_CERT).exists():
         raise PKIError(f"a CA already exists in {directory}; refusing to overwrite it")
     key = _new_key(algorithm)

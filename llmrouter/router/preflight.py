@@ -10,15 +10,13 @@ before it is switched on (docs/deployment.md, "Upgrade and rollback").
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Iterable, Iterator
 
+from llmrouter.listen import split_description
 from llmrouter.router.settings import Settings, SettingsError
 
 __all__ = ["check", "problems"]
 
-# Twisted endpoint strings: ``kind:arg:key=value``; ``\:`` escapes a colon (IPv6 addresses).
-_FIELD = re.compile(r"(?<!\\):")
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Where a plain-HTTP metrics listener may be: networks that are never routed on the internet,
 # like the WireGuard network (10.8.0.0/24). (ipaddress's is_private also counts documentation
@@ -30,13 +28,8 @@ _PRIVATE = tuple(
 
 def _endpoint(description: str) -> tuple[str, str | None]:
     """(kind, interface) of a server endpoint string; interface None when not given."""
-    fields = [f.replace("\\:", ":") for f in _FIELD.split(description.strip())]
-    interface = None
-    for field in fields[1:]:
-        key, sep, value = field.partition("=")
-        if sep and key == "interface":
-            interface = value
-    return fields[0].lower(), interface
+    args, kwargs = split_description(description.strip())
+    return args[0].lower(), kwargs.get("interface")
 
 
 def _address(interface: str | None, kind: str) -> _Address:

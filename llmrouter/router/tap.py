@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from llmrouter.listen import ListenError, server_endpoint
+from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
 from llmrouter.router import preflight, secmem
 from llmrouter.router.admission import Admission, StreamSlots
@@ -184,6 +184,9 @@ class Router:
         self.keys.events = self.events
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
         self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
+        remote = any(url.startswith("https:") for url in settings.inference_endpoints)
+        if remote and settings.upstream_tls_cert is not None:
+            self.metrics.client_certificate_expiry(certificate_expiry(settings.upstream_tls_cert))
         self.admission = Admission(
             settings,
             clock,
