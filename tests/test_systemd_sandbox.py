@@ -11,7 +11,8 @@ directives whose effect on a process can be reproduced without PID 1:
   /dev with null, zero, full, random, urandom, tty only), ProtectProc=invisible and
   ProcSubset=pid (a private procfs instance with hidepid/subset options);
 - PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
-- User=: a non-root uid; CapabilityBoundingSet=: every other capability dropped from the
+- User=, Group=: the unit's user where it exists (a throwaway root with the service users),
+  else the overflow user nobody; CapabilityBoundingSet=: every other capability dropped from the
   bounding set (empty for the daemons, CAP_CHOWN only for the renewal);
 - PrivateUsers=yes: a user namespace mapping only the service's own uid and gid (systemd also
   maps root, which a process cannot do for itself);
@@ -375,17 +376,37 @@ def _seccomp(unit: dict[str, list[str]]) -> None:
     _check(lib.seccomp_load(ctx), "seccomp_load")
 
 
-def _socket_activation(path: str, unit: dict[str, list[str]]) -> socket.socket:
-    """What systemd does for inference.socket: create the listening UNIX socket (mode from the
-    .socket unit; owner: the sandbox's service user) and pass it as fd 3 (LISTEN_FDS=1)."""
-    socket_unit = read_unit(UNITS / "inference.socket")
+def _ids(user: str, group: str) -> tuple[int, int]:
+    """uid and gid of the unit's user and group where they exist (a throwaway root with the
+    service users, tests/test_deployment_walk.py), else the overflow user ``nobody`` (65534)
+    that stands in for them on a build machine."""
+    import grp
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = 65534
+    try:
+        gid = grp.getgrnam(group or user).gr_gid
+    except KeyError:
+        gid = 65534
+    return uid, gid
+
+
+def _socket_activation(path: str, unit_path: Path, unit: dict[str, list[str]]) -> socket.socket:
+    """What systemd does for inference.socket (next to the service's unit file): create the
+    listening UNIX socket with its SocketMode and owners, and pass it as fd 3 (LISTEN_FDS=1)."""
+    socket_unit = read_unit(unit_path.parent / "inference.socket")
     mode = int(socket_unit["Socket.SocketMode"][-1], 8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(128)
     os.chmod(path, mode)
     if service_setting(unit, "User") not in ("", "root"):
-        os.chown(path, 65534, 65534)
+        os.chown(
+            path, *_ids(socket_unit["Socket.SocketUser"][-1], socket_unit["Socket.SocketGroup"][-1])
+        )
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_FDNAMES"] = "inference.socket"
     os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
@@ -418,12 +439,13 @@ def _private_users() -> None:
     systemd also maps root; a process can map only its own ids, so here root-owned files show
     up as the overflow id. Access checks are the kernel's and the same either way.
     """
+    uid, gid = os.getuid(), os.getgid()  # inside, until mapped, these read as the overflow id
     _check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     # setuid() left the process non-dumpable, which makes /proc/self root's; exec resets it
     _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
     Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/uid_map").write_text(f"{os.getuid()} {os.getuid()} 1\n")
-    Path("/proc/self/gid_map").write_text(f"{os.getgid()} {os.getgid()} 1\n")
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1\n")
 
 
 def launch(
@@ -435,7 +457,7 @@ def launch(
 ) -> None:
     """Apply ``unit_path``'s restrictions to this process, then exec ``argv`` (never returns)."""
     unit = read_unit(unit_path)
-    activated = None if listen_unix is None else _socket_activation(listen_unix, unit)
+    activated = None if listen_unix is None else _socket_activation(listen_unix, unit_path, unit)
     flags = CLONE_NEWNS
     if service_setting(unit, "PrivateNetwork") == "yes":
         flags |= CLONE_NEWNET
@@ -447,9 +469,10 @@ def launch(
     if bounding_set is not None:
         _drop_bounding_set(bounding_set)
     if service_setting(unit, "User") not in ("", "root"):
+        uid, gid = _ids(service_setting(unit, "User"), service_setting(unit, "Group"))
         os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
+        os.setgid(gid)
+        os.setuid(uid)
     if service_setting(unit, "PrivateUsers") == "yes":
         _private_users()
         if bounding_set is not None:
