@@ -27,7 +27,17 @@ from twisted.trial import unittest
 
 from llmrouter.ops import pki
 from tests.test_systemd_sandbox import require_sandbox
-from tests.walk import REPO, Block, Host, Walk, blocks, group_id, set_lines
+from tests.walk import (
+    REPO,
+    Block,
+    Host,
+    Walk,
+    apt_packages,
+    blocks,
+    group_id,
+    installed,
+    set_lines,
+)
 
 DOC = REPO / "docs" / "deployment.md"
 SITE = "llm.example.org"
@@ -37,11 +47,20 @@ PKI = "/etc/llmrouter/pki"
 
 
 def require_walk(testcase: unittest.TestCase) -> None:
-    """Root, namespaces, overlayfs and the tools the page uses; fail in CI, skip elsewhere."""
+    """Root, namespaces, overlayfs and the packages the page installs (etc/dev/ci-deps installs
+    them); fail in CI, skip elsewhere."""
     require_sandbox(testcase)
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if "overlay" not in Path("/proc/filesystems").read_text():
         missing.append("overlayfs")
+    named = {
+        package
+        for block in blocks(DOC.read_text())
+        for command in block.commands()
+        if command.startswith("apt-get ")
+        for package in apt_packages(command)
+    }
+    missing += sorted(package for package in named if not installed(package))
     if missing:
         message = f"cannot walk docs/deployment.md here: missing {', '.join(missing)}"
         if os.environ.get("CI") == "true":

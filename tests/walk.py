@@ -236,8 +236,6 @@ class Services:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.running: dict[str, Service] = {}
-        self.enabled: set[str] = set()
-        self.masked: set[str] = set()
         self.before_start: dict[str, Callable[[], None]] = {}
 
     # Unit files.
@@ -274,15 +272,11 @@ class Services:
         args = [a for a in argv if not a.startswith("-")]
         now = "--now" in argv
         verb, names = args[0], [_full(n) for n in args[1:]]
-        if verb == "daemon-reload":
-            return
-        if verb == "mask":
-            self.masked.update(names)
-            return
+        if verb in ("daemon-reload", "mask"):
+            return  # nothing to load; nothing swaps here
         for name in names:
             if verb in ("enable", "disable"):
-                self.unit_file(name)  # installed
-                (self.enabled.add if verb == "enable" else self.enabled.discard)(name)
+                self.unit_file(name)  # must be installed; boot-time enabling has no meaning here
                 if now:
                     (self.start if verb == "enable" else self.stop)(name)
             elif verb == "start":
@@ -630,6 +624,19 @@ class Link:
         self.holder.wait(10)
 
 
+def apt_packages(command: str) -> list[str]:
+    """The packages an ``apt-get install`` line names."""
+    return [word for word in command.split()[2:] if not word.startswith("-")]
+
+
+def installed(package: str) -> bool:
+    """Whether dpkg has ``package`` installed on this machine (the roots' lower layer)."""
+    status = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+    )
+    return status.stdout == "install ok installed"
+
+
 def group_id(host: Host, name: str) -> int:
     for line in host.path("/etc/group").read_text().splitlines():
         if line.split(":")[0] == name:
@@ -720,17 +727,7 @@ class Walk:
         return ""
 
     def packages(self, host: Host, command: str) -> None:
-        names = [w for w in command.split()[2:] if not w.startswith("-")]
-        missing = []
-        for name in names:
-            status = subprocess.run(
-                ["dpkg-query", "-W", "-f=${Status}", name],
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout
-            if status != "install ok installed":
-                missing.append(name)
+        missing = [name for name in apt_packages(command) if not installed(name)]
         if missing:
             raise WalkError(f"[{host.name}] not installed here (etc/dev/ci-deps): {missing}")
 
