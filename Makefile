@@ -1,6 +1,7 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
 #   make test  - set up, then run the trial suite, ruff, mypy, the wheel check and the SDK tests
+#   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' s
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_CPP_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 
-.PHONY: run test trial lint type wheel-check system-deps sdk-test llama-server clean
+.PHONY: run test trial lint type wheel-check system-deps sdk-test llama-server dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,14 @@ sdk-test: $(STAMP) system-deps
 # virtualenv that has never seen this checkout.
 wheel-check: $(STAMP)
 	etc/dev/wheel-check
+
+# The release wheel, dist/llmrouter-VERSION-py3-none-any.whl, from a throwaway virtualenv so that
+# a fresh server needs only python3.11-venv (Debian's python3.11 has no pip of its own).
+dist:
+	rm -rf dist
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PYTHON) -m venv "$$tmp/env" && "$$tmp/env/bin/pip" wheel -q --no-deps -w dist .
+	@ls dist/llmrouter-*.whl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp

@@ -21,36 +21,11 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-from llmrouter.listen import adopt_unix
+from llmrouter.listen import adopt_unix, split_description
 
 
 class ListenError(Exception):
     """A listen string we refuse to serve on; the message says why."""
-
-
-def _split(description: str) -> tuple[list[str], dict[str, str]]:
-    """Twisted's endpoint syntax: colon-separated, ``\\`` escapes, ``key=value`` options."""
-    parts: list[str] = []
-    current: list[str] = []
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if sep:
-            kwargs[key] = value
-        else:
-            args.append(part)
-    return [parts[0], *args], kwargs
 
 
 def is_loopback(interface: str) -> bool:
@@ -108,7 +83,7 @@ def server_endpoint(
             return adopt_unix(serverFromString(reactor, description))
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise ListenError(f"{description!r}: {e}") from None
-    args, kwargs = _split(description)
+    args, kwargs = split_description(description)
     if kind == "tcp" or kind == "tcp6":
         interface = kwargs.get("interface")
         if interface is None or not is_loopback(interface):

@@ -59,6 +59,18 @@ class Metrics:
             "1 once the model is loaded.",
             registry=self.registry,
         )
+        self._certificate_expiry: Gauge | None = None
+
+    def server_certificate_expiry(self, not_after: float) -> None:
+        """Export when the loaded server certificate of the ssl: listener expires (only daemons
+        with one: a 0 would look like an expired certificate)."""
+        if self._certificate_expiry is None:
+            self._certificate_expiry = Gauge(
+                "inference_server_certificate_expiry_timestamp_seconds",
+                "Unix time when the loaded server certificate of the ssl: listener expires",
+                registry=self.registry,
+            )
+        self._certificate_expiry.set(not_after)
 
     def watch(self, active: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the gauges from the scheduler at scrape time."""

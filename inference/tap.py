@@ -25,6 +25,7 @@ from inference.config import DEFAULT_LISTEN, Settings
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
 from inference.metrics import Metrics
+from llmrouter.listen import certificate_expiry
 
 __all__ = ["EngineService", "Options", "makeService", "settings_from"]
 
@@ -255,4 +256,6 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         listener = StreamServerEndpointService(endpoint, site)
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
+        if description.split(":", 1)[0].lower() == "ssl" and settings.tls_cert is not None:
+            metrics.server_certificate_expiry(certificate_expiry(settings.tls_cert))
     return top

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, fdesc, ssl, tcp, unix
@@ -34,8 +35,10 @@ __all__ = [
     "ListenError",
     "adopt_unix",
     "alpn_protocols",
+    "certificate_expiry",
     "public_tls",
     "server_endpoint",
+    "split_description",
 ]
 
 # Forward secrecy and authenticated encryption only; TLS 1.3 suites are all AEAD already.
@@ -117,6 +120,40 @@ def adopt_unix(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
     ):
         return AdoptedUNIXEndpoint(endpoint.reactor, endpoint.fileno)
     return endpoint
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """``(["kind", *args], {key: value})`` of a Twisted endpoint string: colon-separated,
+    ``\\`` escapes, ``key=value`` options (for checks of a string before it is served)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(description)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return [parts[0], *args], kwargs
+
+
+def certificate_expiry(path: Path) -> float:
+    """When the (first) certificate in a PEM file expires, as a Unix time: the daemons export
+    it for the certificates they loaded, so an alert fires before a missed renewal bites."""
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
 
 
 def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:

@@ -98,13 +98,28 @@ class CoverageTests(unittest.TestCase):
             "development",
             "production",
             "migrating from development to production",
-            "backup and rollback",
+            "upgrade and rollback",
+            "backup signing key",
+            "monitoring host",
+            "how this page is tested",
             "key and certificate rotation",
             "incident response checklist",
             "swap",
             "sandbox verification",
         ):
             self.assertIn(topic, text)
+
+    def test_runbook_links_reach_a_heading(self) -> None:
+        """Alerts link to sections of docs/deployment.md by their anchors (GitHub's rule:
+        lowercase, punctuation other than '-' dropped, spaces to '-')."""
+        headings = re.findall(r"^#+ (.+)$", (REPO / "docs" / "deployment.md").read_text(), re.M)
+        anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+        links = re.findall(
+            r"docs/deployment\.md#([\w-]+)",
+            (REPO / "etc" / "prometheus" / "alerts.yml").read_text(),
+        )
+        self.assertTrue(links)
+        self.assertEqual(set(links) - anchors, set())
 
     def test_tls_sections(self) -> None:
         text = (REPO / "docs" / "tls.md").read_text().lower()

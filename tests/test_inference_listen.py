@@ -18,8 +18,9 @@ from twisted.web.client import Agent, FileBodyProducer, ResponseNeverReceived, r
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from inference.listen import ListenError, _split, is_loopback, server_endpoint
+from inference.listen import ListenError, is_loopback, server_endpoint
 from llmrouter.httpclient import ClientTLS, agent_for
+from llmrouter.listen import split_description
 from tests.certs import PKI, make_pki
 from tests.daemons import Daemon, activation_socket, start_inference
 from tests.tinymodel import tiny_model_path
@@ -262,7 +263,8 @@ class ParsingTests(unittest.TestCase):
 
     def test_split(self) -> None:
         self.assertEqual(
-            _split(r"tcp:8080:interface=\:\:1"), (["tcp", "8080"], {"interface": "::1"})
+            split_description(r"tcp:8080:interface=\:\:1"),
+            (["tcp", "8080"], {"interface": "::1"}),
         )
 
     def test_refusals(self) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import nacl.signing
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock
@@ -19,6 +20,7 @@ from twisted.trial import unittest
 from llmrouter import protocol
 from llmrouter.ops import keyctl
 from llmrouter.router.keys import KeyStore
+from llmrouter.router.seclog import SecurityLog
 
 
 def _secret_spellings(directory: Path) -> list[str]:
@@ -50,6 +52,12 @@ class KeyctlTests(unittest.TestCase):
         code = keyctl.main(["--keys-dir", str(self.dir), *args], harden=False)
         return code, out.getvalue(), err.getvalue()
 
+    def init(self) -> tuple[int, str, str]:
+        """``init`` as the directory's owner would run it: as root (these tests run as root
+        in CI) only into a directory root made, since root refuses to create one."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.run_main("init")
+
     def running_store(self) -> KeyStore:
         store = KeyStore.open(self.dir, self.clock)
         store.start()
@@ -57,7 +65,7 @@ class KeyctlTests(unittest.TestCase):
         return store
 
     def test_init_then_list(self) -> None:
-        code, out, err = self.run_main("init")
+        code, out, err = self.init()
         self.assertEqual((code, err), (0, ""))
         store = KeyStore.open(self.dir, self.clock)
         self.addCleanup(store.close)
@@ -120,7 +128,7 @@ class KeyctlTests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("does not exist", err)
         self.assertFalse(self.dir.exists())
-        self.run_main("init")
+        self.init()
         code, _, err = self.run_main("revoke", "42")
         self.assertEqual(code, 1)
         self.assertIn("no key 42", err)
@@ -141,6 +149,7 @@ class KeyctlTests(unittest.TestCase):
         blocker = Path(self.mktemp())
         blocker.write_bytes(b"")
         self.dir = blocker / "keys"
+        self.patch(os, "geteuid", lambda: 1000)  # not root: init may create directories
         code, _, err = self.run_main("init")
         self.assertEqual(code, 1)
         self.assertIn("cannot use the key directory", err)
@@ -149,7 +158,7 @@ class KeyctlTests(unittest.TestCase):
     def test_waits_for_the_lock_then_gives_up_cleanly(self) -> None:
         import fcntl
 
-        self.run_main("init")
+        self.init()
         fd = os.open(self.dir / ".lock", os.O_RDWR)
         self.addCleanup(os.close, fd)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -157,6 +166,84 @@ class KeyctlTests(unittest.TestCase):
         code, _, err = self.run_main("rotate")
         self.assertEqual(code, 1)
         self.assertIn("locked by another process", err)
+
+    def test_root_does_not_create_a_key_directory(self) -> None:
+        """As root, ``init`` would leave root-owned keys that the router (llmrouter) refuses."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root")
+        code, _, err = self.run_main("init")
+        self.assertEqual(code, 1)
+        self.assertIn("refusing to create", err)
+        self.assertIn(f"runuser -u llmrouter -- llmrouter-keys --keys-dir {self.dir} init", err)
+        self.assertFalse(self.dir.exists())
+        self.assertEqual(self.init()[0], 0)  # a directory root made on purpose is root's
+
+    def test_pin_prints_only_the_signing_key(self) -> None:
+        store = self.running_store()
+        code, out, err = self.run_main("pin")
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(out, protocol.b64u_encode(bytes(store.signing_key.verify_key)) + "\n")
+
+    def test_backup_signing_key_create_pin_and_switch(self) -> None:
+        events: list[str] = []
+        store = self.running_store()
+        store.events = SecurityLog(
+            store.log_hash_key, emit=lambda line: events.append(json.loads(line)["event"])
+        )
+        old_pin = bytes(store.signing_key.verify_key)
+        current = (store.current.kid, store.current.fingerprint)
+        backup = Path(self.mktemp())
+        code, out, err = self.run_main("backup-create", str(backup))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(backup.stat().st_mode & 0o777, 0o600)
+        new_pin = nacl.signing.SigningKey(backup.read_bytes()).verify_key.encode()
+        self.assertIn(f"backup pin (apps pin it next to the current one): {b64(new_pin)}", out)
+        self.assertNotIn(backup.read_bytes().hex(), out)
+        self.assertNotIn(protocol.b64u_encode(backup.read_bytes()), out)
+        # never overwritten
+        code, _, err = self.run_main("backup-create", str(backup))
+        self.assertEqual(code, 1)
+        self.assertIn("refusing to overwrite", err)
+        code, out, _ = self.run_main("backup-pin", str(backup))
+        self.assertEqual((code, out), (0, b64(new_pin) + "\n"))
+
+        # the switch, from standard input (root hands a root-only file to the router's user)
+        self.patch(sys, "stdin", io.TextIOWrapper(io.BytesIO(backup.read_bytes())))
+        code, out, err = self.run_main("backup-switch", "-")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn(f"the pin is now {b64(new_pin)} (was {b64(old_pin)})", out)
+        self.clock.advance(2)  # the running store's poll picks the new key up
+        self.assertEqual(bytes(store.signing_key.verify_key), new_pin)
+        document = protocol.verify_key_document(store.key_document(), pin=new_pin)
+        self.assertEqual(document.keys[0].kid, current[0])  # HPKE keys stay as they were
+        self.assertEqual((store.current.kid, store.current.fingerprint), current)
+        self.assertRaises(
+            protocol.KeyDocumentError,
+            protocol.verify_key_document,
+            store.key_document(),
+            pin=old_pin,
+        )
+        self.assertIn("signing_key_replaced", events)
+        reopened = KeyStore.open(self.dir, self.clock)
+        self.addCleanup(reopened.close)
+        self.assertEqual(bytes(reopened.signing_key.verify_key), new_pin)
+
+    def test_backup_file_errors(self) -> None:
+        self.running_store()
+        short = Path(self.mktemp())
+        short.write_bytes(b"x" * 31)
+        for command in ("backup-pin", "backup-switch"):
+            code, _, err = self.run_main(command, str(short))
+            self.assertEqual(code, 1)
+            self.assertIn("is not a signing key file", err)
+            code, _, err = self.run_main(command, str(short) + ".missing")
+            self.assertEqual(code, 1)
+            self.assertIn("cannot read", err)
+            self.assertNotIn("Traceback", err)
+
+
+def b64(data: bytes) -> str:
+    return protocol.b64u_encode(data)
 
 
 class KeyctlProcessTests(unittest.TestCase):

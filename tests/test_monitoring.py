@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 PROM = REPO / "etc" / "prometheus"
 DASHBOARD = REPO / "etc" / "grafana" / "llmrouter-dashboard.json"
 
-# The contract (/tmp/team/contracts.md, "Prometheus metric names"): family name -> type.
+# The contract (/tmp/team/contracts.md, "Prometheus metric names"), plus the certificate expiry
+# gauges the daemons export when they use mutual TLS: family name -> type.
 CONTRACT = {
     "inference_tokens_generated": "counter",
     "inference_time_to_first_token_seconds": "histogram",
@@ -34,6 +35,7 @@ CONTRACT = {
     "inference_active_generations": "gauge",
     "inference_requests": "counter",
     "inference_model_loaded": "gauge",
+    "inference_server_certificate_expiry_timestamp_seconds": "gauge",
     "llmrouter_request_duration_seconds": "histogram",
     "llmrouter_upstream_duration_seconds": "histogram",
     "llmrouter_time_to_first_token_seconds": "histogram",
@@ -47,6 +49,7 @@ CONTRACT = {
     "llmrouter_key_rotations": "counter",
     "llmrouter_current_key_age_seconds": "gauge",
     "llmrouter_security_events": "counter",
+    "llmrouter_client_certificate_expiry_timestamp_seconds": "gauge",
 }
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 NAME = re.compile(r"\b((?:llmrouter|inference)_[a-z0-9_]+)\b")
@@ -138,7 +141,7 @@ class PromtoolTests(unittest.TestCase):
         (tmp / "prometheus.yml").write_text(config)
         result = self.run_promtool("check", "config", "prometheus.yml", cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 22 rules found", result.stdout)
+        self.assertIn("SUCCESS: 23 rules found", result.stdout)
 
 
 class DashboardQueryTests(unittest.TestCase):
@@ -248,9 +251,21 @@ class LiveMetricsTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_router_and_inference_export_every_used_name(self) -> Any:
+        """Over mutual TLS, as in production, so that the certificate expiry gauges (exported
+        only by daemons that load a certificate) are there too, with the loaded expiry."""
+        from tests.certs import make_pki
         from tests.daemons import start_inference, start_router_daemon
+        from tests.router_support import short_tempdir
+        from tests.test_router_mtls_upstream import free_port
 
-        inference = yield start_inference(self)
+        certs = make_pki(short_tempdir(self))
+        port = free_port()
+        tls = ["--tls-cert", str(certs.server.cert), "--tls-key", str(certs.server.key)]
+        inference = yield start_inference(
+            self,
+            listen=[f"ssl:{port}:interface=127.0.0.1"],
+            extra_args=[*tls, "--tls-ca", str(certs.ca)],
+        )
         # one request so labelled series (outcome) have samples
         status, _, _ = yield post_json(
             f"unix:{inference.socket}",
@@ -261,13 +276,36 @@ class LiveMetricsTests(unittest.TestCase):
         status, _, body = yield inference.request(b"GET", "/metrics")
         self.assertEqual(status, 200)
         self.check("inference_", body.decode())
+        self.assertExpiry(
+            body, "inference_server_certificate_expiry_timestamp_seconds", certs.server.cert
+        )
 
         directory = Path(tempfile.mkdtemp(prefix="llmr-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        router = start_router_daemon(self, directory, [f"unix:{inference.socket}"])
-        yield router.start()
+        client = [
+            *("--tls-ca", str(certs.ca)),
+            *("--tls-client-cert", str(certs.client.cert)),
+            *("--tls-client-key", str(certs.client.key)),
+        ]
+        router = start_router_daemon(self, directory, [f"https://localhost:{port}"], client)
+        yield router.start()  # ready only once a health probe over mutual TLS succeeded
         yield router.request(b"GET", "/api/pubkey")
         metrics = f"unix:{directory / 'metrics.sock'}"
         status, _, body = yield router.request(b"GET", "/metrics", base=metrics)
         self.assertEqual(status, 200)
         self.check("llmrouter_", body.decode())
+        self.assertExpiry(
+            body, "llmrouter_client_certificate_expiry_timestamp_seconds", certs.client.cert
+        )
+
+    def assertExpiry(self, body: bytes, name: str, cert: Path) -> None:
+        from cryptography import x509
+
+        expected = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+        value = next(
+            s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name == name
+        )
+        self.assertEqual(value, expected.timestamp())

@@ -172,7 +172,8 @@ class NftablesTests(unittest.TestCase):
     def test_rulesets_validate(self) -> None:
         files = sorted(NFT.glob("*.nft"))
         self.assertEqual(
-            [f.name for f in files], ["development.nft", "inference-node.nft", "router.nft"]
+            [f.name for f in files],
+            ["development.nft", "inference-node.nft", "monitoring.nft", "router.nft"],
         )
         for path in files:
             result = self.check(path)
@@ -199,6 +200,13 @@ class NftablesTests(unittest.TestCase):
             for m in re.findall(r"dport (\d+)", line)
         }
         self.assertEqual(ports, {"22", "443"})
+
+    def test_monitoring_host_serves_nothing(self) -> None:
+        """Prometheus pulls over wg0; from outside only SSH and WireGuard come in."""
+        lines = self.accepted_ports(NFT / "monitoring.nft")
+        self.assertEqual(len(lines), 2, lines)
+        for line in lines:
+            self.assertRegex(line, r"^iifname != \$WG_IF (tcp dport 22|udp dport 51820) accept$")
 
     def test_inference_only_on_wireguard(self) -> None:
         for line in self.accepted_ports(NFT / "inference-node.nft"):
@@ -246,6 +254,7 @@ class WireGuardTests(unittest.TestCase):
         for name, address in (
             ("wg0-router.conf", "10.8.0.1/24"),
             ("wg0-inference.conf", "10.8.0.2/24"),
+            ("wg0-monitoring.conf", "10.8.0.10/24"),
         ):
             directory = Path(tempfile.mkdtemp())
             self.addCleanup(shutil.rmtree, directory)
@@ -262,3 +271,23 @@ class WireGuardTests(unittest.TestCase):
                 self.assertTrue(
                     ipaddress.ip_network(allowed).subnet_of(ipaddress.ip_network("10.8.0.0/24"))
                 )
+            # every peer has an endpoint, so either side can start the handshake
+            peers = result.stdout.count("[Peer]")
+            self.assertEqual(result.stdout.count("Endpoint = "), peers, name)
+
+    def test_templates_agree(self) -> None:
+        """Each pair of hosts names the same preshared key placeholder for each other, and
+        each host's public key placeholder is the one its peers use."""
+        psks = {
+            name: set(re.findall(r"<([a-z0-9-]+-psk)>", (WG / name).read_text()))
+            for name in ("wg0-router.conf", "wg0-inference.conf", "wg0-monitoring.conf")
+        }
+        self.assertEqual(
+            psks["wg0-router.conf"] & psks["wg0-inference.conf"], {"router-inference-1-psk"}
+        )
+        self.assertEqual(
+            psks["wg0-router.conf"] & psks["wg0-monitoring.conf"], {"router-prometheus-psk"}
+        )
+        self.assertEqual(
+            psks["wg0-inference.conf"] & psks["wg0-monitoring.conf"], {"inference-1-prometheus-psk"}
+        )

@@ -1,6 +1,7 @@
-"""etc/caddy/Caddyfile: validates, and a real Caddy in front of a real HTTP upstream streams SSE
-unbuffered, enforces the 256 KiB body limit, drops query strings and identifying headers, hides
-/metrics and writes no access log."""
+"""etc/caddy/Caddyfile: validates, needs its site name, uses port 443 only, reloads through its
+default admin socket, and a real Caddy in front of a real HTTP upstream streams SSE unbuffered,
+enforces the 256 KiB body limit, drops query strings and identifying headers, hides /metrics and
+writes no access log."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
 CADDYFILE = Path(__file__).resolve().parent.parent / "etc" / "caddy" / "Caddyfile"
+DROP_IN = CADDYFILE.parent / "llmrouter.conf"
 SECRET_QUERY = "canary-query-7f3a"
 
 
@@ -51,23 +53,54 @@ class StaticTests(unittest.TestCase):
             [self.caddy, "adapt", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
             capture_output=True,
             text=True,
-            env=caddy_env(self.home),
+            env=caddy_env(self.home, LLMROUTER_SITE="llm.example.org"),
             check=True,
         )
         self.assertNotIn("not formatted", result.stderr)
         adapted: dict[str, Any] = json.loads(result.stdout)
         return adapted
 
-    def test_validate(self) -> None:
-        result = subprocess.run(
+    def validate(self, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [self.caddy, "validate", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
             capture_output=True,
             text=True,
-            env=caddy_env(self.home),
+            env=caddy_env(self.home, **env),
             check=False,
         )
+
+    def test_validate(self) -> None:
+        result = self.validate(LLMROUTER_SITE="llm.example.org")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("Valid configuration", result.stdout + result.stderr)
+
+    def test_site_name_is_required(self) -> None:
+        """Without LLMROUTER_SITE (a Caddy unit that read no environment file) Caddy refuses
+        the file instead of serving a made-up name."""
+        result = self.validate()
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("server block without any key", result.stderr)
+
+    def test_only_port_443(self) -> None:
+        """No port 80: no redirect listener, no HTTP challenge (verify-network stays clean and
+        the firewall's closed port 80 breaks nothing)."""
+        config = self.adapt()
+        http = config["apps"]["http"]
+        self.assertEqual([s["listen"] for s in http["servers"].values()], [[":443"]])
+        self.assertEqual(http["servers"]["srv0"]["automatic_https"], {"disable_redirects": True})
+        (policy,) = config["apps"]["tls"]["automation"]["policies"]
+        self.assertEqual(policy["subjects"], ["llm.example.org"])
+        self.assertEqual(policy["issuers"][0]["challenges"]["http"], {"disabled": True})
+        self.assertNotIn("tls-alpn", policy["issuers"][0]["challenges"])  # 443 stays on
+
+    def test_drop_in(self) -> None:
+        """The caddy.service drop-in gives Caddy its site name and its admin socket directory."""
+        from tests.test_systemd_sandbox import read_unit
+
+        unit = read_unit(DROP_IN)
+        self.assertEqual(unit["Service.EnvironmentFile"], ["/etc/caddy/llmrouter.env"])
+        self.assertEqual(unit["Service.RuntimeDirectory"], ["caddy"])
+        self.assertIn("unix//run/caddy/admin.sock", CADDYFILE.read_text())
 
     def test_adapted_settings(self) -> None:
         config = self.adapt()
@@ -283,6 +316,50 @@ class LiveProxyTests(unittest.TestCase):
             yield readBody(response)
             self.assertEqual(response.code, 404, path)
         self.assertEqual(self.upstream.seen, [])
+
+
+RELOAD = r"""
+set -eu
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -m 0750 /run/caddy             # RuntimeDirectory=caddy of the drop-in
+ip link set lo up
+caddy run --environ --adapter caddyfile --config "$CADDYFILE" > "$HOME/caddy.log" 2>&1 &
+caddy=$!
+for _ in $(seq 100); do [ -S /run/caddy/admin.sock ] && break; sleep 0.1; done
+# what Debian's caddy.service runs for `systemctl reload caddy` (ExecReload=)
+status=0
+caddy reload --adapter caddyfile --config "$CADDYFILE" --force || status=$?
+kill "$caddy"
+wait "$caddy" || true
+exit $status
+"""
+
+
+class DefaultAdminTests(unittest.TestCase):
+    """The admin API on its default address (no CADDY_ADMIN): `systemctl reload caddy` works.
+    In private mount and network namespaces, so /run/caddy and port 443 are this test's own."""
+
+    timeout = 60
+
+    def test_reload_through_the_default_admin_socket(self) -> None:
+        caddy_binary(self)
+        if os.geteuid() != 0 or shutil.which("unshare") is None:
+            if os.environ.get("CI") == "true":
+                self.fail("needs root and unshare (namespaces) in CI")
+            raise unittest.SkipTest("needs root and unshare (namespaces)")
+        home = Path(tempfile.mkdtemp(prefix="cad-"))
+        self.addCleanup(shutil.rmtree, home, True)
+        env = caddy_env(home, LLMROUTER_SITE="http://127.0.0.1:8081", CADDYFILE=str(CADDYFILE))
+        result = subprocess.run(
+            ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", RELOAD],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+            timeout=50,
+        )
+        log = (home / "caddy.log").read_text() if (home / "caddy.log").exists() else ""
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr + log)
 
 
 class FullStackThroughCaddyTests(unittest.TestCase):

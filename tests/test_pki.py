@@ -48,7 +48,8 @@ class PKITestCase(unittest.TestCase):
 class CATests(PKITestCase):
     def test_create_ca_files_and_modes(self) -> None:
         cert = pki.create_ca(self.dir, now=NOW)
-        self.assertEqual(_mode(self.dir), 0o700)
+        # services read their own files in it; each key is guarded by its own mode
+        self.assertEqual(_mode(self.dir), 0o755)
         self.assertEqual(_mode(self.dir / "ca.key"), 0o600)
         self.assertEqual(_mode(self.dir / "ca.crt"), 0o644)
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -246,6 +247,47 @@ class RenewTests(PKITestCase):
         pki.renew(self.dir, if_expiring_within=datetime.timedelta(days=2), now=much_later)
         pki.verify(self.dir, "inf", now=much_later)
         pki.verify(self.dir, "router", now=much_later)
+
+    def test_renewal_keeps_owner_group_and_mode(self) -> None:
+        """A key the router reads (0640 root:llmrouter) stays readable to it after renewal
+        (finding: renewal used to rewrite it 0600 root:root and the router failed at restart).
+        Tests run as root: the owners below are another user's, as in production."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (chown)")
+        os.chown(self.dir / "router.key", 0, 65534)
+        os.chmod(self.dir / "router.key", 0o640)
+        os.chown(self.dir / "inf.key", 65534, 65534)  # another owner altogether
+        os.chmod(self.dir / "inf.key", 0o644)  # too open: renewal drops "other"
+        os.chmod(self.dir / "inf.crt", 0o640)
+        before = {n: (self.dir / n).read_bytes() for n in ("router.key", "inf.key")}
+        pki.renew(self.dir, now=NOW + datetime.timedelta(days=6))
+        for name, (uid, gid, mode) in {
+            "router.key": (0, 65534, 0o640),
+            "inf.key": (65534, 65534, 0o640),
+            "inf.crt": (0, 0, 0o640),
+            "router.crt": (0, 0, 0o644),
+        }.items():
+            st = (self.dir / name).stat()
+            self.assertEqual((st.st_uid, st.st_gid, _mode(self.dir / name)), (uid, gid, mode), name)
+        for name, old in before.items():
+            self.assertNotEqual((self.dir / name).read_bytes(), old, name)
+
+    def test_issue_with_group(self) -> None:
+        import grp
+
+        group = grp.getgrgid(os.getgid()).gr_name
+        code, _, err = _run("--dir", str(self.dir), "issue", "client", "router", "--group", group)
+        self.assertEqual((code, err), (0, ""))
+        st = (self.dir / "router.key").stat()
+        self.assertEqual((st.st_gid, _mode(self.dir / "router.key")), (os.getgid(), 0o640))
+        pki.renew(self.dir, ["router"], now=NOW + datetime.timedelta(days=1))
+        self.assertEqual(_mode(self.dir / "router.key"), 0o640)  # renewal keeps it
+        code, _, err = _run(
+            "--dir", str(self.dir), "issue", "client", "x", "--group", "no-such-group-x"
+        )
+        self.assertEqual(code, 2)
+        self.assertIn("no group 'no-such-group-x'", err)
+        self.assertFalse((self.dir / "x.key").exists())
 
     def test_keep_key(self) -> None:
         key = (self.dir / "inf.key").read_bytes()

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.test_systemd_sandbox import UNITS, read_unit, service_setting, syscall_allow_list
+from tests.test_systemd_sandbox import (
+    UNITS,
+    read_unit,
+    service_setting,
+    syscall_allow_list,
+    unit_environment,
+)
 from tests.tools import require_tool
 
 REPO = UNITS.parent.parent
@@ -145,6 +151,54 @@ class UnitContentTests(unittest.TestCase):
         env = (REPO / "etc" / "llmrouter" / "env.production").read_text()
         self.assertRegex(env, r"(?m)^KEYS_DIR=/var/lib/llmrouter/")
 
+    def test_development_drop_ins_keep_the_keys_directory(self) -> None:
+        """Development and production settings give the router the same KEYS_DIR, so moving a
+        server from one to the other keeps its keys and the signing key apps pin. (It used to
+        differ: env.development's KEYS_DIR=./dev-keys overrode the unit's Environment=, since
+        systemd lets EnvironmentFile= win.)"""
+
+        def repo_file(path: str) -> Path:
+            self.assertTrue(path.startswith("/etc/llmrouter/"), path)
+            return REPO / "etc" / "llmrouter" / Path(path).name
+
+        for service, dev_file in (
+            ("llmrouter.service", "env.development"),
+            ("inference.service", "inference.env.development"),
+        ):
+            drop_in = UNITS / "development" / service.replace(".service", ".conf")
+            unit = read_unit(UNITS / service, [drop_in])
+            self.assertEqual(unit["Service.EnvironmentFile"], ["", f"/etc/llmrouter/{dev_file}"])
+            self.assertEqual(unit["Service.User"], read_unit(UNITS / service)["Service.User"])
+        production = unit_environment(read_unit(UNITS / "llmrouter.service"), repo_file)
+        development = unit_environment(
+            read_unit(UNITS / "llmrouter.service", [UNITS / "development" / "llmrouter.conf"]),
+            repo_file,
+        )
+        self.assertEqual(production["ENVIRONMENT"], "production")
+        self.assertEqual(development["ENVIRONMENT"], "development")
+        self.assertEqual(production["KEYS_DIR"], "/var/lib/llmrouter/keys")
+        self.assertEqual(development["KEYS_DIR"], production["KEYS_DIR"])
+
+    def test_inference_settings_name_real_places(self) -> None:
+        """The inference env files name only files a unit reads, models the inference user
+        can read, and addresses on the WireGuard network."""
+        read = {
+            path
+            for name in DAEMONS
+            for path in read_unit(UNITS / name).get("Service.EnvironmentFile", [])
+        }
+        self.assertIn("/etc/llmrouter/inference-%i.env", read)
+        for path in sorted((REPO / "etc" / "llmrouter").glob("inference.env*")):
+            text = path.read_text()
+            for named in re.findall(r"/etc/llmrouter/[\w.%-]+\.env[\w.]*", text):
+                pattern = named.replace("NAME", "%i")
+                self.assertIn(pattern, read | {"/etc/llmrouter/inference.env.development"}, path)
+            for model in re.findall(r"INFERENCE_MODEL=(\S+)", text):
+                self.assertTrue(model.startswith("/var/lib/inference/models/"), (path, model))
+            for address in re.findall(r"interface=([\d.]+)", text):
+                if not address.startswith("127."):
+                    self.assertTrue(address.startswith("10.8.0."), (path, address))
+
     def test_environment_files_exist_in_repo(self) -> None:
         for name in DAEMONS:
             for line in read_unit(UNITS / name)["Service.EnvironmentFile"]:
@@ -169,6 +223,8 @@ class UnitContentTests(unittest.TestCase):
             if name in DAEMONS:
                 self.assertTrue(service_setting(unit, "Restart").startswith("on-"))
             for key, value in required.items():
+                if (name, key) == ("llmrouter-pki-renew.service", "CapabilityBoundingSet"):
+                    value = "CAP_CHOWN"  # renewed keys keep their owner and group
                 self.assertEqual(service_setting(unit, key, "<unset>"), value, f"{name} {key}")
             self.assertIn("@system-service", unit["Service.SystemCallFilter"])
             # W^X everywhere except where pyOpenSSL's cffi callbacks need W+X memory (TLS);

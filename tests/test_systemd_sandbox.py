@@ -11,7 +11,9 @@ directives whose effect on a process can be reproduced without PID 1:
   /dev with null, zero, full, random, urandom, tty only), ProtectProc=invisible and
   ProcSubset=pid (a private procfs instance with hidepid/subset options);
 - PrivateNetwork=yes and PrivateIPC=yes: new network and IPC namespaces;
-- User=: a non-root uid with an empty capability bounding set (CapabilityBoundingSet=);
+- User=, Group=: the unit's user where it exists (a throwaway root with the service users),
+  else the overflow user nobody; CapabilityBoundingSet=: every other capability dropped from the
+  bounding set (empty for the daemons, CAP_CHOWN only for the renewal);
 - PrivateUsers=yes: a user namespace mapping only the service's own uid and gid (systemd also
   maps root, which a process cannot do for itself);
 - UMask=, LimitCORE=0, NoNewPrivileges=yes;
@@ -50,20 +52,57 @@ UNITS = REPO / "etc" / "systemd"
 # --- unit files ------------------------------------------------------------------------------
 
 
-def read_unit(path: Path) -> dict[str, list[str]]:
-    """``[Service]`` (and other sections') assignments as ``{"Section.Key": [values...]}``."""
+def read_unit(path: Path, dropins: Iterable[Path] = ()) -> dict[str, list[str]]:
+    """``[Service]`` (and other sections') assignments as ``{"Section.Key": [values...]}``, the
+    unit file then its drop-ins in order. As in systemd, an empty assignment (``Key=``) clears
+    what came before (and is kept as ``""``, so that ``CapabilityBoundingSet=`` means empty)."""
     result: dict[str, list[str]] = {}
-    section = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            section = line[1:-1]
-            continue
-        key, _, value = line.partition("=")
-        result.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    for source in (path, *dropins):
+        section = ""
+        for raw in source.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                section = line[1:-1]
+                continue
+            key, _, value = line.partition("=")
+            name, value = f"{section}.{key.strip()}", value.strip()
+            if value:
+                result.setdefault(name, []).append(value)
+            else:
+                result[name] = [""]
     return result
+
+
+def unit_environment(unit: dict[str, list[str]], resolve: Any = Path) -> dict[str, str]:
+    """The environment systemd gives the service: ``Environment=`` assignments, then each
+    ``EnvironmentFile=`` in order, whose lines override them (systemd's precedence).
+    ``resolve`` maps a path the unit names to the file to read (tests read repository files)."""
+    import shlex
+
+    env: dict[str, str] = {}
+    for line in unit.get("Service.Environment", []):
+        for assignment in shlex.split(line):
+            key, _, value = assignment.partition("=")
+            env[key] = value
+    for name in unit.get("Service.EnvironmentFile", []):
+        if not name:
+            continue
+        optional = name.startswith("-")
+        path = resolve(name.lstrip("-"))
+        if optional and not path.exists():
+            continue
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            env[key.strip()] = value
+    return env
 
 
 def service_setting(unit: dict[str, list[str]], key: str, default: str = "") -> str:
@@ -119,6 +158,7 @@ MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_SLAVE = 32, 4096, 8192, 16384, 1 << 19
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
 SYS_MOUNT_SETATTR = 442  # x86_64 and aarch64 (generic table)
 PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_MDWE, PR_GET_MDWE = 38, 24, 65, 66
+PR_CAPBSET_READ = 23
 PR_MDWE_REFUSE_EXEC_GAIN = 1
 PR_SET_DUMPABLE = 4
 
@@ -336,27 +376,61 @@ def _seccomp(unit: dict[str, list[str]]) -> None:
     _check(lib.seccomp_load(ctx), "seccomp_load")
 
 
-def _socket_activation(path: str, unit: dict[str, list[str]]) -> socket.socket:
-    """What systemd does for inference.socket: create the listening UNIX socket (mode from the
-    .socket unit; owner: the sandbox's service user) and pass it as fd 3 (LISTEN_FDS=1)."""
-    socket_unit = read_unit(UNITS / "inference.socket")
+def _ids(user: str, group: str) -> tuple[int, int]:
+    """uid and gid of the unit's user and group where they exist (a throwaway root with the
+    service users, tests/test_deployment_walk.py), else the overflow user ``nobody`` (65534)
+    that stands in for them on a build machine."""
+    import grp
+    import pwd
+
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        uid = 65534
+    try:
+        gid = grp.getgrnam(group or user).gr_gid
+    except KeyError:
+        gid = 65534
+    return uid, gid
+
+
+def _socket_activation(path: str, unit_path: Path, unit: dict[str, list[str]]) -> socket.socket:
+    """What systemd does for inference.socket (next to the service's unit file): create the
+    listening UNIX socket with its SocketMode and owners, and pass it as fd 3 (LISTEN_FDS=1)."""
+    socket_unit = read_unit(unit_path.parent / "inference.socket")
     mode = int(socket_unit["Socket.SocketMode"][-1], 8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
     sock.listen(128)
     os.chmod(path, mode)
     if service_setting(unit, "User") not in ("", "root"):
-        os.chown(path, 65534, 65534)
+        os.chown(
+            path, *_ids(socket_unit["Socket.SocketUser"][-1], socket_unit["Socket.SocketGroup"][-1])
+        )
     os.environ["LISTEN_FDS"] = "1"
     os.environ["LISTEN_FDNAMES"] = "inference.socket"
     os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
     return sock
 
 
-def _drop_bounding_set() -> None:
+# The capabilities units keep (CapabilityBoundingSet=NAME ...), by number (linux/capability.h).
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_NET_BIND_SERVICE": 10}
+
+
+def _drop_bounding_set(keep: Iterable[int] = ()) -> None:
+    kept = set(keep)
     cap = 0
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
+    while libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0:  # EINVAL past the last capability
+        if cap not in kept:
+            _check(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
         cap += 1
+
+
+def _bounding_set(unit: dict[str, list[str]]) -> list[int] | None:
+    """The capabilities CapabilityBoundingSet= keeps; None when the unit does not restrict it."""
+    if "Service.CapabilityBoundingSet" not in unit:
+        return None
+    return [CAPABILITIES[name] for name in service_setting(unit, "CapabilityBoundingSet").split()]
 
 
 def _private_users() -> None:
@@ -365,12 +439,13 @@ def _private_users() -> None:
     systemd also maps root; a process can map only its own ids, so here root-owned files show
     up as the overflow id. Access checks are the kernel's and the same either way.
     """
+    uid, gid = os.getuid(), os.getgid()  # inside, until mapped, these read as the overflow id
     _check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     # setuid() left the process non-dumpable, which makes /proc/self root's; exec resets it
     _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
     Path("/proc/self/setgroups").write_text("deny")
-    Path("/proc/self/uid_map").write_text(f"{os.getuid()} {os.getuid()} 1\n")
-    Path("/proc/self/gid_map").write_text(f"{os.getgid()} {os.getgid()} 1\n")
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1\n")
 
 
 def launch(
@@ -382,7 +457,7 @@ def launch(
 ) -> None:
     """Apply ``unit_path``'s restrictions to this process, then exec ``argv`` (never returns)."""
     unit = read_unit(unit_path)
-    activated = None if listen_unix is None else _socket_activation(listen_unix, unit)
+    activated = None if listen_unix is None else _socket_activation(listen_unix, unit_path, unit)
     flags = CLONE_NEWNS
     if service_setting(unit, "PrivateNetwork") == "yes":
         flags |= CLONE_NEWNET
@@ -390,19 +465,18 @@ def launch(
         flags |= CLONE_NEWIPC
     _check(libc.unshare(flags), "unshare")
     _filesystem(unit, rw, keep)
-    empty_bounding_set = "Service.CapabilityBoundingSet" in unit and not service_setting(
-        unit, "CapabilityBoundingSet"
-    )
-    if empty_bounding_set:
-        _drop_bounding_set()
+    bounding_set = _bounding_set(unit)
+    if bounding_set is not None:
+        _drop_bounding_set(bounding_set)
     if service_setting(unit, "User") not in ("", "root"):
+        uid, gid = _ids(service_setting(unit, "User"), service_setting(unit, "Group"))
         os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
+        os.setgid(gid)
+        os.setuid(uid)
     if service_setting(unit, "PrivateUsers") == "yes":
         _private_users()
-        if empty_bounding_set:
-            _drop_bounding_set()  # a new user namespace starts with a full bounding set
+        if bounding_set is not None:
+            _drop_bounding_set(bounding_set)  # a new user namespace starts with a full set
     os.umask(int(service_setting(unit, "UMask", "0022"), 8))
     if service_setting(unit, "LimitCORE") == "0":
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -677,6 +751,12 @@ class RenewUnitTests(unittest.TestCase):
         directory = base / "pki"
         pki.create_ca(directory)
         pki.issue(directory, "client", "router", lifetime=datetime.timedelta(days=1))
+        pki.issue(directory, "server", "node", ["node.wg"], lifetime=datetime.timedelta(days=1))
+        # as the operator made them: the router's key readable by the router's group, the
+        # node's key handed to another user (the service user stands in for both)
+        os.chown(directory / "router.key", 0, 65534)
+        os.chmod(directory / "router.key", 0o640)
+        os.chown(directory / "node.key", 65534, 65534)
         before = (directory / "router.crt").read_bytes()
         tool = str(Path(sys.executable).parent / "llmrouter-pki")
         argv = sandbox_argv(
@@ -685,9 +765,29 @@ class RenewUnitTests(unittest.TestCase):
             [tool, "--dir", str(directory), "renew", "--if-expiring-within", "2d"],
         )
         out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
-        self.assertEqual((rc, out.strip()), (0, b"renewed: router"), err.decode()[-2000:])
+        self.assertEqual((rc, out.strip()), (0, b"renewed: node, router"), err.decode()[-2000:])
         self.assertNotEqual((directory / "router.crt").read_bytes(), before)
         pki.verify(directory, "router")
+        # root without CAP_DAC_OVERRIDE, with CAP_CHOWN only: owners, groups and modes kept
+        for name, expected in (
+            ("router.key", (0, 65534, 0o640)),
+            ("node.key", (65534, 65534, 0o600)),
+        ):
+            st = (directory / name).stat()
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o777), expected, name)
+
+    @defer.inlineCallbacks
+    def test_renewal_capabilities(self) -> defer.Deferred[None]:
+        """Under the unit, CAP_CHOWN is the only capability root keeps."""
+        argv = sandbox_argv(
+            "llmrouter-pki-renew.service",
+            [],
+            ["/bin/sh", "-c", "grep -E '^Cap(Eff|Bnd):' /proc/self/status"],
+        )
+        out, err, rc = yield getProcessOutputAndValue(argv[0], argv[1:], env=dict(os.environ))
+        self.assertEqual(rc, 0, err.decode()[-2000:])
+        caps = dict(line.split() for line in out.decode().replace(":", "").splitlines())
+        self.assertEqual(caps, {"CapEff": "0000000000000001", "CapBnd": "0000000000000001"})
 
 
 class SandboxedDaemon:

@@ -2,13 +2,22 @@
 
     llmrouter-keys --keys-dir DIR init          create the directory (if needed), print the pin
     llmrouter-keys --keys-dir DIR list          keys, statuses, validity, public fingerprints
+    llmrouter-keys --keys-dir DIR pin           the signing public key alone (what apps pin)
     llmrouter-keys --keys-dir DIR rotate        rotate now (the old key keeps its overlap window)
     llmrouter-keys --keys-dir DIR revoke KID    destroy a key at once
+    llmrouter-keys backup-create FILE           a backup signing key for offline storage; its pin
+    llmrouter-keys backup-pin FILE              the pin of a signing key file (backup or copy)
+    llmrouter-keys --keys-dir DIR backup-switch FILE
+                                                make the backup the signing key (HPKE keys stay)
 
 Every change is made under the key directory's lock, starting from the state on disk, so it is
 safe next to a running router; the router picks it up within 2 s (it polls ``state.json``) or at
 once on SIGHUP. The rotation and overlap settings are the router's, as recorded in the state file.
-Nothing secret is ever printed: keys are shown by public-key fingerprint.
+Nothing secret is ever printed: keys are shown by public-key fingerprint, signing keys by their
+public key (the pin).
+
+Run it as the router's user (``runuser -u llmrouter -- llmrouter-keys ...``): the router refuses
+key files it does not own, so as root this tool refuses to create a key directory.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+import nacl.signing
 from twisted.internet.task import Clock
 
 from llmrouter.protocol import b64u_encode, key_id_for_kid
-from llmrouter.router.keys import KeyStore, KeyStoreError
+from llmrouter.router.keys import SECRET_BYTES, KeyStore, KeyStoreError
 from llmrouter.router.secmem import harden_process
 
 __all__ = ["main"]
@@ -50,9 +60,20 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("init", help="create the key directory if needed; print the signing key")
     commands.add_parser("list", help="list keys (never prints secret bytes)")
+    commands.add_parser("pin", help="print the signing public key (what apps pin), alone")
     commands.add_parser("rotate", help="rotate now: next becomes current, a new next is made")
     revoke = commands.add_parser("revoke", help="destroy a key at once")
     revoke.add_argument("kid", metavar="KID", help="key id, two lowercase hex digits")
+    for name, text in (
+        (
+            "backup-create",
+            "write a new backup signing key to FILE (keep it offline); print its pin",
+        ),
+        ("backup-pin", "print the pin (public key) of the signing key in FILE (- for stdin)"),
+        ("backup-switch", "make the signing key in FILE (- for stdin) the router's signing key"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("file", metavar="FILE", type=Path)
     return parser
 
 
@@ -86,6 +107,42 @@ def _list(store: KeyStore, out: TextIO) -> None:
         )
 
 
+def _pin(seed: bytes) -> str:
+    return b64u_encode(bytes(nacl.signing.SigningKey(seed).verify_key))
+
+
+def _read_seed(path: Path) -> bytes:
+    """A signing key file: the 32-byte Ed25519 seed, as in the key directory's signing.key.
+    ``-`` reads standard input, so root can hand a root-only backup file to this tool running
+    as the router's user (``runuser ... backup-switch - < FILE``)."""
+    try:
+        seed = sys.stdin.buffer.read(SECRET_BYTES + 1) if str(path) == "-" else path.read_bytes()
+    except OSError as e:
+        raise KeyStoreError(f"cannot read {path}: {e.strerror}") from None
+    if len(seed) != SECRET_BYTES:
+        raise KeyStoreError(f"{path} is not a signing key file ({SECRET_BYTES} bytes)")
+    return seed
+
+
+def _backup_create(path: Path, out: TextIO) -> None:
+    seed = os.urandom(SECRET_BYTES)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise KeyStoreError(f"{path} exists; refusing to overwrite a signing key") from None
+    except OSError as e:
+        raise KeyStoreError(f"cannot create {path}: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(seed)
+        handle.flush()
+        os.fsync(handle.fileno())
+    print(
+        f"backup signing key written to {path} (0600): keep it offline, never on a server", file=out
+    )
+    print(f"backup pin (apps pin it next to the current one): {_pin(seed)}", file=out)
+
+
 def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     """The command without process hardening (for tests that call it in-process)."""
     try:
@@ -100,6 +157,18 @@ def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
             except ValueError:
                 print(f"{PROG}: error: KID must be two lowercase hex digits", file=err)
                 return 2
+        if command == "backup-create":
+            _backup_create(args.file, out)
+            return 0
+        if command == "backup-pin":
+            print(_pin(_read_seed(args.file)), file=out)
+            return 0
+        if command == "init" and os.geteuid() == 0 and not args.keys_dir.exists():
+            raise KeyStoreError(
+                f"refusing to create {args.keys_dir} as root: the router (user llmrouter) "
+                "refuses key files it does not own. Start the router once (it creates its "
+                f"keys), or run: runuser -u llmrouter -- {PROG} --keys-dir {args.keys_dir} init"
+            )
         store = KeyStore.open(
             args.keys_dir,
             _wall_clock(),
@@ -121,6 +190,16 @@ def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
                 store.revoke(args.kid)
                 print(
                     f"revoked {args.kid}; current is {store.current.kid}, next is {store.next.kid}",
+                    file=out,
+                )
+            elif command == "pin":
+                print(b64u_encode(bytes(store.signing_key.verify_key)), file=out)
+            elif command == "backup-switch":
+                before = b64u_encode(bytes(store.signing_key.verify_key))
+                after = b64u_encode(store.replace_signing_key(_read_seed(args.file)))
+                print(
+                    f"signing key replaced: the pin is now {after} (was {before}); apps that "
+                    "pin only the old key refuse this router until they are updated",
                     file=out,
                 )
             else:

@@ -9,7 +9,14 @@ revocation list.
 Layout of a PKI directory (the CA key never leaves the machine that runs this tool):
 
     ca.key, ca.crt            the CA (key 0600)
-    NAME.key, NAME.crt        one issued identity per NAME (key 0600, certificate 0644)
+    NAME.key, NAME.crt        one issued identity per NAME (key 0600, or 0640 with --group;
+                              certificate 0644)
+
+The directory is 0755: certificates are public, and each key is guarded by its own mode, so a
+service (the router, user llmrouter) can read the one key made readable to its group. A key or
+certificate that is written again (renewal, a second ``issue``) keeps the owner, group and mode
+the operator gave the file it replaces (a key never gains access for others), so a renewal run
+by root never leaves a service unable to read its key.
 
 Keys are ECDSA P-256 by default (step-ca's default, supported by every TLS stack) or Ed25519.
 """
@@ -22,6 +29,7 @@ import ipaddress
 import os
 import re
 import secrets
+import stat
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -126,13 +134,36 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def _write_atomic(
+    path: Path, data: bytes, mode: int, group: int | None = None, private: bool = False
+) -> None:
     """Write ``data`` so readers see either the old or the new file, never a partial or
-    world-readable one: the temporary file is created with ``mode`` before any byte is written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    world-readable one: the temporary file gets its mode and owner before any byte is written.
+
+    A file that replaces another keeps that one's owner, group and mode (without access for
+    others when ``private``), unless ``group`` is given: then it gets ``mode`` and that group.
+    A new file gets ``mode`` (and ``group``). Giving the file another owner than ours needs
+    CAP_CHOWN (llmrouter-pki-renew.service keeps only that capability).
+    """
+    uid = gid = -1
+    try:
+        old = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        uid, gid = old.st_uid, old.st_gid
+        if group is None:
+            mode = stat.S_IMODE(old.st_mode) & (0o770 if private else 0o777)
+    if group is not None:
+        gid = group
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # Mode, then owner (root without CAP_FOWNER cannot chmod another user's file), then
+        # the data: the file is still empty while anyone else could open it.
         os.fchmod(fd, mode)
+        st = os.fstat(fd)
+        if (uid, gid) != (-1, -1) and (uid, gid) != (st.st_uid, st.st_gid):
+            os.fchown(fd, uid, gid)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -186,9 +217,12 @@ def create_ca(
     algorithm: Algorithm = "p256",
     now: datetime.datetime | None = None,
 ) -> x509.Certificate:
-    """Create ``ca.key`` (0600) and ``ca.crt`` in ``directory`` (0700); refuse to overwrite."""
+    """Create ``ca.key`` (0600) and ``ca.crt`` in ``directory`` (0755); refuse to overwrite."""
     now = now or _utcnow()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not directory.exists():
+        directory.mkdir(parents=True)
+        # whatever the umask: services read their own files in it (keys have their own modes)
+        os.chmod(directory, 0o755)  # noqa: S103
     if (directory / CA_KEY).exists() or (directory / CA_CERT).exists():
         raise PKIError(f"a CA already exists in {directory}; refusing to overwrite it")
     key = _new_key(algorithm)
@@ -221,7 +255,7 @@ def create_ca(
         .add_extension(ski, critical=False)
         .sign(key, _hash_for(key))
     )
-    _write_atomic(directory / CA_KEY, _key_pem(key), 0o600)
+    _write_atomic(directory / CA_KEY, _key_pem(key), 0o600, private=True)
     _write_atomic(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert
 
@@ -236,11 +270,14 @@ def issue(
     algorithm: Algorithm = "p256",
     now: datetime.datetime | None = None,
     key: PrivateKey | None = None,
+    group: str | None = None,
 ) -> x509.Certificate:
     """Issue ``NAME.crt`` and a fresh ``NAME.key`` (0600) signed by the CA in ``directory``.
 
     Server certificates need at least one DNS name or IP address: clients check the server's
-    identity against them (service-identity), never against the subject CN.
+    identity against them (service-identity), never against the subject CN. With ``group`` the
+    key is 0640 and belongs to that group (the service that reads it on this host); otherwise a
+    key that already exists keeps its owner, group and mode.
     """
     _check_name(name)
     if kind not in ("server", "client"):
@@ -248,6 +285,7 @@ def issue(
     if lifetime <= datetime.timedelta(0):
         raise PKIError("lifetime must be positive")
     now = now or _utcnow()
+    gid = _group_id(group) if group is not None else None
     ca_key, ca_cert = _load_ca(directory)
     try:
         ips = [ipaddress.ip_address(ip) for ip in ip_addresses]
@@ -298,9 +336,19 @@ def issue(
         .sign(ca_key, _hash_for(ca_key))
     )
     # Key first: a reader that sees the new certificate always finds its key already in place.
-    _write_atomic(directory / f"{name}.key", _key_pem(key), 0o600)
+    key_mode = 0o600 if gid is None else 0o640
+    _write_atomic(directory / f"{name}.key", _key_pem(key), key_mode, gid, private=True)
     _write_atomic(directory / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert
+
+
+def _group_id(group: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise PKIError(f"no group {group!r} on this host") from None
 
 
 def _kind_of(cert: x509.Certificate) -> str:
@@ -478,6 +526,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
     p.add_argument("--lifetime", default=f"{DEFAULT_DAYS}d", help="validity, e.g. 7d or 36h")
     p.add_argument("--algorithm", choices=["p256", "ed25519"], default="p256")
+    p.add_argument(
+        "--group",
+        help="key 0640 owned by this group (the service on this host that reads it, e.g. "
+        "llmrouter); renewals keep it",
+    )
 
     p = sub.add_parser("renew", help="re-issue certificates (new keys) before they expire")
     p.add_argument("names", nargs="*", help="default: every issued certificate")
@@ -517,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lifetime=parse_duration(args.lifetime),
                 algorithm=args.algorithm,
                 now=now,
+                group=args.group,
             )
             print(
                 f"issued {directory / (args.name + '.crt')} "

@@ -18,7 +18,9 @@ and removed, its locked memory wiped. Revocation destroys a key at once; its rec
 overlap window so its id is not reused while clients may still send it.
 
 A running router notices changes made by another process by polling ``state.json`` every 2 s
-(:meth:`KeyStore.start`) and on SIGHUP (:meth:`KeyStore.reload`).
+(:meth:`KeyStore.start`) and on SIGHUP (:meth:`KeyStore.reload`). That includes a new signing
+key: :meth:`KeyStore.replace_signing_key` (``llmrouter-keys backup-switch``) is the one way to
+change it, a deliberate operator step when the old one is lost or compromised.
 
 Nothing here puts key bytes into a message, a ``repr`` or a log line.
 """
@@ -517,13 +519,16 @@ class KeyStore:
             _write_private(self.directory, name, secret)
             return secret
 
-    def _load_long_lived(self, state: _State) -> None:
+    def _signing_key_for(self, state: _State) -> _SigningKey:
         signing = _SigningKey(self._long_lived_secret(SIGNING_FILE))
         if not hmac.compare_digest(bytes(signing.verify_key), state.signing_pk):
             raise KeyStoreError(
                 f"{self.directory / SIGNING_FILE} does not match the signing key in {STATE_FILE}"
             )
-        self.signing_key = signing
+        return signing
+
+    def _load_long_lived(self, state: _State) -> None:
+        self.signing_key = self._signing_key_for(state)
         self.log_hash_key = self._long_lived_secret(LOG_HASH_FILE)
         self.pow_key = self._long_lived_secret(POW_FILE)
 
@@ -555,6 +560,9 @@ class KeyStore:
     def _apply(self, state: _State, raw: bytes, initial: bool = False) -> None:
         wanted = state.with_secrets()
         old = None if initial else self._state
+        signing = None
+        if old is not None and old.signing_pk != state.signing_pk:
+            signing = self._signing_key_for(state)  # replaced by another process
         old_keys = {} if old is None else {k.kid: k for k in old.keys}
         loaded: dict[str, LockedBuffer] = {}
         try:
@@ -575,6 +583,9 @@ class KeyStore:
                 buf.wipe()
         self._secrets = loaded
         published_changed = old is None or old.published() != state.published()
+        if signing is not None:
+            self.signing_key = signing
+            published_changed = True  # the key document's signature changes
         self._state, self._state_raw = state, raw
         if published_changed:
             self._cache.clear()
@@ -583,6 +594,9 @@ class KeyStore:
         self._schedule()
 
     def _report(self, old: _State, new: _State) -> None:
+        if old.signing_pk != new.signing_pk:
+            _log.warn("the signing key was replaced: apps must pin the new one")
+            self._event("signing_key_replaced")
         before, after = old.with_status("current"), new.with_status("current")
         if (before.kid, before.pk) != (after.kid, after.pk):
             self.rotations += 1
@@ -692,6 +706,26 @@ class KeyStore:
     def rotate(self) -> None:
         """Rotate now (the operator's ``llmrouter-keys rotate``)."""
         self._transaction(self._rotated, self.lock_timeout)
+
+    def replace_signing_key(self, seed: bytes) -> bytes:
+        """Make ``seed`` (a 32-byte Ed25519 seed: the offline backup key) the signing key.
+
+        The HPKE keys stay; the old ``signing.key`` is overwritten. Apps that pin only the old
+        key stop trusting this router, which is why only an operator does this. Returns the
+        new public key (the pin).
+        """
+        if len(seed) != SECRET_BYTES:
+            raise KeyStoreError(f"a signing key is {SECRET_BYTES} bytes")
+        new_pk = bytes(nacl.signing.SigningKey(seed).verify_key)
+
+        def change(state: _State, now: int) -> _State | None:
+            if state.signing_pk == new_pk:
+                return None
+            _write_private(self.directory, SIGNING_FILE, seed)
+            return replace(state, signing_pk=new_pk)
+
+        self._transaction(change, self.lock_timeout)
+        return new_pk
 
     def revoke(self, kid: str) -> None:
         """Destroy key ``kid`` at once; if it was current, the next key takes over."""

@@ -104,12 +104,25 @@ class RouterMetrics:
             "llmrouter_security_events", "Security events by name", ["event"], registry=r
         )
         self._key_collector: _KeyCollector | None = None
+        self._certificate_expiry: Gauge | None = None
 
     def watch_keys(self, rotations: Callable[[], int], age: Callable[[], float]) -> None:
         if self._key_collector is not None:
             self.registry.unregister(self._key_collector)
         self._key_collector = _KeyCollector(rotations, age)
         self.registry.register(self._key_collector)
+
+    def client_certificate_expiry(self, not_after: float) -> None:
+        """Export when the client certificate for https:// backends expires, as loaded at start
+        (so a renewal that was not followed by a restart still alerts). Only routers with one
+        export it: a 0 would look like an expired certificate."""
+        if self._certificate_expiry is None:
+            self._certificate_expiry = Gauge(
+                "llmrouter_client_certificate_expiry_timestamp_seconds",
+                "Unix time when the loaded client certificate for https:// backends expires",
+                registry=self.registry,
+            )
+        self._certificate_expiry.set(not_after)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

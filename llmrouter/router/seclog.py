@@ -40,6 +40,7 @@ EVENTS = frozenset(
         "key_rotated",
         "key_revoked",
         "key_expired",
+        "signing_key_replaced",
         "replay",
         "rate_limited",
         "device_rate_limited",

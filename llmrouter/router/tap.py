@@ -18,9 +18,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from llmrouter.listen import ListenError, server_endpoint
+from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
-from llmrouter.router import secmem
+from llmrouter.router import preflight, secmem
 from llmrouter.router.admission import Admission, StreamSlots
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
@@ -56,8 +56,13 @@ class Options(usage.Options):
         " to the environment variable in brackets; --env-file loads KEY=VALUE lines first (the"
         " environment and the command line override it). SIGHUP re-reads the key directory;"
         " `llmrouter-keys --keys-dir DIR rotate|revoke KID` changes the keys of a running router"
-        " within seconds. Reference: docs/router.md."
+        " within seconds. With ENVIRONMENT=production, settings that are unsafe in production"
+        " stop the router, each named (--check runs only these checks). Reference:"
+        " docs/router.md."
     )
+    optFlags = [
+        ["check", None, "Check the settings (and the production preflight), print, exit."],
+    ]
     optParameters = [
         ["env-file", None, None, "Load KEY=VALUE settings from this file first."],
         [
@@ -128,8 +133,14 @@ class Options(usage.Options):
         env_file = Path(self["env-file"]) if self["env-file"] else None
         try:
             self.settings = load(os.environ, env_file, overrides)
+            preflight.check(self.settings)
         except SettingsError as e:
+            if self["check"]:
+                raise SystemExit(f"llmrouter: {e}") from None
             raise usage.UsageError(str(e)) from None
+        if self["check"]:
+            print(f"llmrouter: settings OK ({self.settings.environment})")
+            raise SystemExit(0)
 
 
 Options.opt_listen.__doc__ = (
@@ -188,6 +199,9 @@ class Router:
         self.keys.events = self.events
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
         self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
+        remote = any(url.startswith("https:") for url in settings.inference_endpoints)
+        if remote and settings.upstream_tls_cert is not None:
+            self.metrics.client_certificate_expiry(certificate_expiry(settings.upstream_tls_cert))
         self.admission = Admission(
             settings,
             clock,
@@ -276,6 +290,26 @@ class RouterService(service.Service):
         return self.router.stop()
 
 
+def _check_readable(settings: Settings) -> None:
+    """Fail fast (before twistd forks) on TLS files this user cannot read, e.g. a client key a
+    renewal left owned by root: the router would otherwise start without any https backend."""
+    for env, path in (
+        ("UPSTREAM_TLS_CA", settings.upstream_tls_ca),
+        ("UPSTREAM_TLS_CERT", settings.upstream_tls_cert),
+        ("UPSTREAM_TLS_KEY", settings.upstream_tls_key),
+    ):
+        if path is None:
+            continue
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as e:
+            raise SystemExit(
+                f"llmrouter: cannot read {env} {path}: {e.strerror}; the router's user needs "
+                "read access (e.g. 0640 root:llmrouter for the key)"
+            ) from None
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -294,6 +328,7 @@ def makeService(options: Options) -> service.IService:
         ).close()
     except KeyStoreError as e:
         raise SystemExit(f"llmrouter: {e}") from None
+    _check_readable(settings)
     metrics = RouterMetrics()
     # The public site gets its resource when the router is built (RouterService.startService);
     # the reactor does not run, so no request is served, before that.

@@ -1,0 +1,170 @@
+"""Production preflight: settings that are valid, but unsafe in production, stop the router.
+
+``ENVIRONMENT=production`` turns this on; development stays permissive. Every check names the
+setting, where it came from and what to set instead, and all problems are reported at once, so
+an operator fixes a settings file in one pass. The checks read :class:`Settings` only (no files,
+no network), so ``twistd llmrouter --check`` can run them against a new release's settings
+before it is switched on (docs/deployment.md, "Upgrade and rollback").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Iterator
+
+from llmrouter.listen import split_description
+from llmrouter.router.settings import Settings, SettingsError
+
+__all__ = ["check", "problems"]
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Where a plain-HTTP metrics listener may be: networks that are never routed on the internet,
+# like the WireGuard network (10.8.0.0/24). (ipaddress's is_private also counts documentation
+# ranges, which are public addresses in every test that uses them.)
+_PRIVATE = tuple(
+    ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
+def _endpoint(description: str) -> tuple[str, str | None]:
+    """(kind, interface) of a server endpoint string; interface None when not given."""
+    args, kwargs = split_description(description.strip())
+    return args[0].lower(), kwargs.get("interface")
+
+
+def _address(interface: str | None, kind: str) -> _Address:
+    """The address a ``tcp:``/``tcp6:`` endpoint binds (no interface: the wildcard)."""
+    if interface is None:
+        return ipaddress.ip_address("::" if kind == "tcp6" else "0.0.0.0")  # noqa: S104
+    try:
+        return ipaddress.ip_address(interface.strip("[]"))
+    except ValueError:
+        return ipaddress.ip_address("0.0.0.0")  # a host name: treat it as public  # noqa: S104
+
+
+def _within(
+    address: _Address, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def _trusted(address: _Address, settings: Settings) -> bool:
+    networks = []
+    for proxy in settings.trusted_proxies:
+        try:
+            networks.append(ipaddress.ip_network(proxy, strict=False))
+        except ValueError:
+            continue  # the literal "unix" (UNIX-socket peers) is no network
+    return _within(address, networks)
+
+
+def _origin(settings: Settings, name: str, env: str) -> str:
+    return f"{env} ({settings.source_of(name)})"
+
+
+def _device_auth(s: Settings) -> Iterator[str]:
+    if s.device_auth != "required":
+        yield (
+            f"{_origin(s, 'device_auth', 'DEVICE_AUTH')} is {s.device_auth}: without device keys "
+            "there are no per-device limits or budgets; set DEVICE_AUTH=required"
+        )
+
+
+def _keys_dir(s: Settings) -> Iterator[str]:
+    if not s.keys_dir.is_absolute():
+        yield (
+            f"{_origin(s, 'keys_dir', 'KEYS_DIR')} is the relative path {s.keys_dir}: the keys "
+            "(and the signing key apps pin) would depend on the working directory; set "
+            "KEYS_DIR=/var/lib/llmrouter/keys"
+        )
+
+
+def _cadence(s: Settings) -> Iterator[str]:
+    if s.stream_cadence_ms <= 0:
+        yield (
+            f"{_origin(s, 'stream_cadence_ms', 'STREAM_CADENCE_MS')} is 0 (off): chunk timing "
+            "would reveal token boundaries; set STREAM_CADENCE_MS=50"
+        )
+
+
+def _listeners(s: Settings) -> Iterator[str]:
+    where = _origin(s, "listen", "LISTEN")
+    for description in s.listen:
+        kind, interface = _endpoint(description)
+        if kind == "unix":
+            if "unix" not in s.trusted_proxies:
+                # Peers of a UNIX socket have no address: the proxy in front must be trusted
+                # to name the client (X-Forwarded-For), or all clients share one bucket.
+                yield (
+                    f"{where} entry {description} is behind a proxy on a UNIX socket, but "
+                    f"{_origin(s, 'trusted_proxies', 'TRUSTED_PROXIES')} does not include "
+                    "unix: every client would share one rate-limit bucket; set "
+                    "TRUSTED_PROXIES=unix"
+                )
+            continue
+        if kind in ("ssl", "systemd"):
+            continue
+        if kind not in ("tcp", "tcp6"):
+            yield f"{where} entry {description}: production accepts ssl:, unix:, systemd: or tcp:"
+            continue
+        address = _address(interface, kind)
+        if not address.is_loopback:
+            yield (
+                f"{where} entry {description} serves plain HTTP on {address}: use ssl: there, "
+                "or keep tcp: on 127.0.0.1 behind the TLS proxy (Caddy)"
+            )
+        elif not _trusted(address, s):
+            # A loopback listener is reached through the local TLS proxy: without it in
+            # TRUSTED_PROXIES every client shares the proxy's per-IP rate-limit bucket.
+            yield (
+                f"{where} entry {description} is behind a local proxy, but "
+                f"{_origin(s, 'trusted_proxies', 'TRUSTED_PROXIES')} does not include "
+                f"{address}: every client would share one rate-limit bucket; set "
+                f"TRUSTED_PROXIES={address}"
+            )
+    metrics_kind, interface = _endpoint(s.metrics_listen)
+    if metrics_kind in ("tcp", "tcp6"):
+        address = _address(interface, metrics_kind)
+        if not (address.is_loopback or _within(address, _PRIVATE)):
+            yield (
+                f"{_origin(s, 'metrics_listen', 'METRICS_LISTEN')} {s.metrics_listen} serves "
+                f"plain HTTP on {address}: use loopback or the WireGuard address "
+                "(tcp:9100:interface=10.8.0.1)"
+            )
+
+
+def _upstreams(s: Settings) -> Iterator[str]:
+    for endpoint in s.inference_endpoints:
+        if endpoint.startswith("http://"):
+            yield (
+                f"{_origin(s, 'inference_endpoints', 'INFERENCE_ENDPOINTS')} entry {endpoint} "
+                "is plain HTTP (development and benchmarks only): use unix:/path.sock on this "
+                "host or https:// with mutual TLS (UPSTREAM_TLS_CERT, UPSTREAM_TLS_KEY, "
+                "UPSTREAM_TLS_CA)"
+            )
+
+
+_CHECKS: tuple[Callable[[Settings], Iterator[str]], ...] = (
+    _device_auth,
+    _keys_dir,
+    _cadence,
+    _listeners,
+    _upstreams,
+)
+
+
+def problems(settings: Settings) -> list[str]:
+    """What production mode refuses in ``settings`` (whatever ENVIRONMENT says), one line each."""
+    return [problem for check in _CHECKS for problem in check(settings)]
+
+
+def check(settings: Settings) -> None:
+    """Raise :class:`SettingsError` naming every problem, if ``settings`` are production's."""
+    if not settings.production:
+        return
+    found = problems(settings)
+    if found:
+        raise SettingsError(
+            "ENVIRONMENT=production refuses to start with these settings:\n"
+            + "\n".join(f"  - {line}" for line in found)
+        )

@@ -1,0 +1,188 @@
+"""Production preflight: ENVIRONMENT=production refuses unsafe settings by name, all at once;
+development stays permissive; the real daemon does not start; ``--check`` runs only the checks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python import usage
+from twisted.trial.unittest import TestCase
+
+from llmrouter.router import preflight
+from llmrouter.router import settings as settings_module
+from llmrouter.router.settings import Settings, SettingsError, load
+from llmrouter.router.tap import Options
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCTION = ROOT / "etc" / "llmrouter" / "env.production"
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def production(**changes: Any) -> Settings:
+    """The shipped production settings with ``changes`` (as if the operator edited the file)."""
+    return load({}, PRODUCTION).replace(**changes)
+
+
+class ChecksTests(TestCase):
+    def assertRefused(self, settings: Settings, *names: str) -> list[str]:
+        found = preflight.problems(settings)
+        for name in names:
+            self.assertTrue(any(name in line for line in found), (name, found))
+        return found
+
+    def test_shipped_production_file_passes(self) -> None:
+        s = production()
+        self.assertTrue(s.production)
+        self.assertEqual(preflight.problems(s), [])
+        preflight.check(s)
+
+    def test_defaults_fail_on_each_unsafe_setting(self) -> None:
+        found = self.assertRefused(
+            Settings(environment="production"),
+            "DEVICE_AUTH",
+            "KEYS_DIR",
+            "STREAM_CADENCE_MS",
+            "TRUSTED_PROXIES",
+        )
+        self.assertEqual(len(found), 4, found)
+        error = self.assertRaises(
+            SettingsError, preflight.check, Settings(environment="production")
+        )
+        for line in found:
+            self.assertIn(line, str(error))  # every problem in one message
+
+    def test_development_is_permissive(self) -> None:
+        lax = Settings(environment="development", listen=("tcp:8080",))
+        self.assertTrue(preflight.problems(lax))
+        preflight.check(lax)  # no error
+
+    def test_names_where_the_value_came_from(self) -> None:
+        s = load({"DEVICE_AUTH": "optional"}, PRODUCTION)
+        (line,) = preflight.problems(s)
+        self.assertIn("DEVICE_AUTH (environment) is optional", line)
+        self.assertIn("DEVICE_AUTH=required", line)
+
+    def test_relative_keys_dir(self) -> None:
+        self.assertRefused(production(keys_dir=Path("dev-keys")), "KEYS_DIR")
+        self.assertEqual(preflight.problems(production(keys_dir=Path("/srv/keys"))), [])
+
+    def test_cadence_off(self) -> None:
+        self.assertRefused(production(stream_cadence_ms=0), "STREAM_CADENCE_MS")
+
+    def test_plain_http_listeners_off_loopback(self) -> None:
+        for listen in (
+            "tcp:8080",
+            "tcp:8080:interface=0.0.0.0",
+            "tcp:8080:interface=192.0.2.7",
+            "tcp6:8080",
+            "tcp6:8080:interface=\\:\\:",
+            "tcp:8080:interface=router.example",
+        ):
+            self.assertRefused(production(listen=(listen,)), f"entry {listen} serves plain HTTP")
+        ok = (
+            "tcp:8080:interface=127.0.0.1",
+            "tcp6:8080:interface=\\:\\:1",
+            "ssl:443:privateKey=k.pem:certKey=c.pem",
+            "systemd:domain=INET:index=0",
+        )
+        self.assertEqual(preflight.problems(production(listen=ok)), [])
+        self.assertRefused(production(listen=("le:/srv/acme:tcp:443",)), "production accepts")
+
+    def test_metrics_listener_only_loopback_or_private(self) -> None:
+        for metrics in ("tcp:9100", "tcp:9100:interface=203.0.113.9"):
+            self.assertRefused(production(metrics_listen=metrics), "METRICS_LISTEN")
+        for metrics in ("tcp:9100:interface=10.8.0.1", "unix:/run/llmrouter/metrics.sock"):
+            self.assertEqual(preflight.problems(production(metrics_listen=metrics)), [])
+
+    def test_local_proxy_must_be_trusted(self) -> None:
+        """Behind Caddy on loopback, TRUSTED_PROXIES must name it, or all clients share a bucket."""
+        found = self.assertRefused(production(trusted_proxies=()), "TRUSTED_PROXIES")
+        self.assertIn("set TRUSTED_PROXIES=127.0.0.1", found[0])
+        self.assertRefused(production(trusted_proxies=("10.0.0.0/8",)), "TRUSTED_PROXIES")
+        self.assertEqual(preflight.problems(production(trusted_proxies=("127.0.0.0/8",))), [])
+        # behind a proxy on a UNIX socket, the proxy is trusted by the word `unix`
+        found = self.assertRefused(
+            production(listen=("unix:/run/llmrouter/router.sock",)), "TRUSTED_PROXIES=unix"
+        )
+        self.assertEqual(len(found), 1)
+
+    def test_plain_http_upstream(self) -> None:
+        found = self.assertRefused(
+            production(inference_endpoints=("http://127.0.0.1:8081",)), "INFERENCE_ENDPOINTS"
+        )
+        self.assertIn("https:// with mutual TLS", found[0])
+        remote = production(
+            inference_endpoints=("https://inference-1.wg:8443", "unix:/run/x.sock"),
+            upstream_tls_ca=Path("/ca"),
+            upstream_tls_cert=Path("/c"),
+            upstream_tls_key=Path("/k"),
+        )
+        self.assertEqual(preflight.problems(remote), [])
+
+
+class OptionsTests(TestCase):
+    def setUp(self) -> None:
+        saved = {k: os.environ.pop(k) for k in list(os.environ) if k in settings_module.ENV_NAMES}
+        self.addCleanup(os.environ.update, saved)
+        self.addCleanup(lambda: [os.environ.pop(k, None) for k in settings_module.ENV_NAMES])
+
+    def test_production_refusal_is_a_usage_error(self) -> None:
+        os.environ["ENVIRONMENT"] = "production"
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, [])
+        for name in ("DEVICE_AUTH", "KEYS_DIR", "STREAM_CADENCE_MS", "TRUSTED_PROXIES"):
+            self.assertIn(name, str(error))
+
+    def test_check_flag(self) -> None:
+        out = self.patch_stdout()
+        exit_ = self.assertRaises(
+            SystemExit, Options().parseOptions, ["--env-file", str(PRODUCTION), "--check"]
+        )
+        self.assertEqual(exit_.code, 0)
+        self.assertIn("settings OK (production)", out())
+        exit_ = self.assertRaises(
+            SystemExit,
+            Options().parseOptions,
+            ["--env-file", str(PRODUCTION), "--device-auth", "optional", "--check"],
+        )
+        self.assertIn("DEVICE_AUTH (command line) is optional", str(exit_.code))
+
+    def patch_stdout(self) -> Any:
+        import io
+
+        buffer = io.StringIO()
+        self.patch(sys, "stdout", buffer)
+        return buffer.getvalue
+
+
+class DaemonTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_daemon_refuses_to_start(self) -> Any:
+        """The real ``twistd llmrouter`` exits before it listens or creates keys, naming each
+        setting."""
+        directory = Path(self.mktemp()).absolute()
+        directory.mkdir()
+        env_file = directory / "env"
+        env_file.write_text(
+            PRODUCTION.read_text()
+            + "DEVICE_AUTH=optional\nSTREAM_CADENCE_MS=0\nLISTEN=tcp:0:interface=0.0.0.0\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in settings_module.ENV_NAMES}
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-c", TWISTD, "-n", "--pidfile=", "llmrouter", "--env-file", str(env_file)],
+            env=env,
+            path=str(directory),
+        )
+        text = (out + err).decode()
+        self.assertNotEqual(code, 0, text)
+        for name in ("DEVICE_AUTH", "STREAM_CADENCE_MS", "LISTEN", "entry tcp:0:interface=0.0.0.0"):
+            self.assertIn(name, text)
+        self.assertNotIn("Traceback", text)
+        self.assertFalse((directory / "keys").exists())

@@ -1,0 +1,757 @@
+"""Throwaway hosts for tests/test_deployment_walk.py, and the commands of docs/deployment.md.
+
+A :class:`Host` is a process holding new mount, network and UTS namespaces whose root is an
+overlay of this machine's ``/`` with a private tmpfs on top: commands (``nsenter`` into it)
+see the machine's Debian, its packages and this checkout, and everything they write (users in
+``/etc/passwd``, ``/opt/llmrouter``, ``/etc/llmrouter``, units in ``/etc/systemd/system``) lands
+in the tmpfs and vanishes with the host. Its network namespace has loopback and, once
+WireGuard "starts", a ``wg0`` (a veth into a bridge shared by the hosts of one walk, with the
+address the host's ``wg0.conf`` names), so the firewall rules, listeners and ``verify-network``
+are each host's own.
+
+systemd cannot run as PID 1 here, so :class:`Services` stands in for it where the page says
+``systemctl``: it reads the installed unit files and their drop-ins (systemd's precedence for
+``Environment=``/``EnvironmentFile=``, ``User=``, state and runtime directories) and starts
+``ExecStart=`` with the sandbox launcher of tests/test_systemd_sandbox.py for our units, or as
+the unit's user (with its ambient capabilities) for Debian's (Caddy, Prometheus). ``systemctl``
+itself is replaced inside a host by a script that records its calls, which the walk then
+performs (the renewal unit's ``ExecStartPost=`` calls it).
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.test_systemd_sandbox import read_unit, service_setting, unit_environment
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "tests" / "test_systemd_sandbox.py"
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system")
+CALLS = "/run/walk-systemctl"
+
+# Runs as ``python -c HOLDER BASE NAME``: namespaces, the overlay root, then waits for EOF.
+HOLDER = r"""
+import ctypes, os, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def check(result, what):
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+def mount(src, target, fstype, flags, data=None):
+    enc = lambda v: v.encode() if v else None
+    check(libc.mount(enc(src), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)), target)
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+base, name, repo, shim = sys.argv[1:5]
+check(libc.unshare(0x00020000 | 0x40000000 | 0x04000000), "unshare")  # mount, net, uts
+mount(None, "/", None, MS_REC | MS_PRIVATE)
+mount("tmpfs", base, "tmpfs", 0, "size=16g,mode=0700")
+for d in ("upper", "work", "root"):
+    os.mkdir(f"{base}/{d}")
+root = f"{base}/root"
+mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={base}/upper,workdir={base}/work")
+mount("proc", f"{root}/proc", "proc", 0)
+mount("/dev", f"{root}/dev", None, MS_BIND | MS_REC)
+mount("sysfs", f"{root}/sys", "sysfs", 0)
+for d in ("tmp", "run"):
+    mount("tmpfs", f"{root}/{d}", "tmpfs", 0, "mode=1777" if d == "tmp" else "mode=0755")
+with open(f"{base}/systemctl", "w") as f:
+    f.write(shim)
+os.chmod(f"{base}/systemctl", 0o755)
+mount(f"{base}/systemctl", f"{root}/usr/bin/systemctl", None, MS_BIND)
+libc.sethostname(name.encode(), len(name))
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+# pivot_root, not chroot: a chrooted process may not create user namespaces (PrivateUsers=)
+os.chdir(root)
+pivot_root = {"x86_64": 155, "aarch64": 41}[os.uname().machine]
+check(libc.syscall(pivot_root, b".", b"."), "pivot_root")
+check(libc.umount2(b".", 2), "umount old root")  # MNT_DETACH
+os.chdir(repo)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+SHIM = (
+    f'#!/bin/sh\n# systemd is not PID 1 here: record the call for the walk\necho "$*" >> {CALLS}\n'
+)
+
+
+class WalkError(AssertionError):
+    """A documented step failed; the message has the command, its output and where it is."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A fenced block of docs/deployment.md: commands (``sh``) or lines to set in a file."""
+
+    host: str
+    kind: str  # "sh" or "edit"
+    lines: tuple[str, ...]
+    line_number: int
+    path: str = ""
+
+    def commands(self) -> Iterator[str]:
+        """Logical lines: continuations joined, comments and blank lines skipped."""
+        pending = ""
+        for raw in self.lines:
+            line = pending + raw.strip()
+            if line.endswith("\\"):
+                pending = line[:-1].rstrip() + " "
+                continue
+            pending = ""
+            if line and not line.startswith("#"):
+                yield line
+
+
+def blocks(markdown: str) -> list[Block]:
+    """The blocks the walk performs: fences ``sh HOST`` and ``ini HOST`` (an edit, whose first
+    line ``# /path`` names the file); untagged fences are illustrations."""
+    found: list[Block] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        match = re.fullmatch(r"```(sh|ini) (\w+)", lines[i].strip())
+        if match is None:
+            i += 1
+            continue
+        start = i + 1
+        end = lines.index("```", start)
+        body = tuple(lines[start:end])
+        if match.group(1) == "sh":
+            found.append(Block(match.group(2), "sh", body, start))
+        else:
+            path = body[0].removeprefix("#").strip()
+            found.append(Block(match.group(2), "edit", body[1:], start, path))
+        i = end + 1
+    return found
+
+
+def set_lines(text: str, assignments: list[str]) -> str:
+    """What an operator does in an editor: replace ``KEY=...`` (or its commented example)
+    with the new line, or add it at the end."""
+    out = text.splitlines()
+    for assignment in assignments:
+        key = assignment.split("=", 1)[0]
+        pattern = re.compile(rf"^#?\s*{re.escape(key)}=")
+        for index, line in enumerate(out):
+            if pattern.match(line):
+                out[index] = assignment
+                break
+        else:
+            out.append(assignment)
+    return "\n".join(out) + "\n"
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    unit: dict[str, list[str]]
+    env: dict[str, str]
+
+
+class Host:
+    """One throwaway machine; commands run as root in its root, namespaces and checkout."""
+
+    def __init__(self, name: str, scratch: Path, logs: Path) -> None:
+        self.name = name
+        self.logs = logs
+        self.variables: dict[str, str] = {}
+        self.link: Link | None = None
+        base = scratch / name
+        base.mkdir()
+        self._holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(base), name, str(REPO), SHIM],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self._holder.stdout is not None
+        if self._holder.stdout.readline() != b"ready\n":
+            assert self._holder.stderr is not None
+            raise WalkError(f"{name}: no throwaway root: {self._holder.stderr.read().decode()}")
+        self.pid = self._holder.pid
+        self.services = Services(self)
+
+    def path(self, inside: str) -> Path:
+        """A path of this host, seen from the test (through its root)."""
+        return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
+
+    def enter(self, network: bool = True) -> list[str]:
+        argv = ["nsenter", "-t", str(self.pid), "-m", "-u", "-r", "-w"]
+        return [*argv, "-n"] if network else argv
+
+    def environment(self) -> dict[str, str]:
+        """A root login's environment (plus this machine's pip configuration)."""
+        env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "USER": "root"}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_")})
+        return env
+
+    def shell(self, command: str, network: bool = True, timeout: float = 900) -> str:
+        """``command`` in bash (``-euo pipefail``, this host's variables set); its output, or
+        :class:`WalkError` with the output when it fails."""
+        prefix = "".join(f"{k}={shlex.quote(v)}\n" for k, v in self.variables.items())
+        result = subprocess.run(
+            [*self.enter(network), "bash", "-euo", "pipefail", "-c", prefix + command],
+            capture_output=True,
+            env=self.environment(),
+            timeout=timeout,
+            check=False,
+        )
+        output = (result.stdout + result.stderr).decode(errors="replace")
+        if result.returncode != 0:
+            raise WalkError(f"[{self.name}] exit {result.returncode}: {command}\n{output[-6000:]}")
+        return output
+
+    def calls(self) -> list[list[str]]:
+        """The systemctl calls recorded since the last look."""
+        path = self.path(CALLS)
+        if not path.exists():
+            return []
+        text = path.read_text()
+        path.unlink()
+        return [shlex.split(line) for line in text.splitlines() if line.strip()]
+
+    def close(self) -> None:
+        self.services.stop_all()
+        if self._holder.stdin is not None:
+            self._holder.stdin.close()
+        self._holder.wait(30)
+
+
+class Services:
+    """systemd's part, for the units the page starts (see the module docstring)."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.running: dict[str, Service] = {}
+        self.before_start: dict[str, Callable[[], None]] = {}
+
+    # Unit files.
+
+    def unit_file(self, name: str) -> tuple[str, list[Path], str]:
+        """(unit file inside the host, drop-ins, instance) for ``name``, found as systemd would."""
+        instance = ""
+        template = name
+        match = re.fullmatch(r"(.+@)(.+)(\.\w+)", name)
+        if match is not None:
+            template, instance = match.group(1) + match.group(3), match.group(2)
+        for directory in UNIT_DIRS:
+            if self.host.path(f"{directory}/{template}").exists():
+                inside = f"{directory}/{template}"
+                break
+        else:
+            raise WalkError(f"[{self.host.name}] no unit {name} installed")
+        dropins: list[Path] = []
+        for directory in UNIT_DIRS:
+            for stem in sorted({name, template}):
+                folder = self.host.path(f"{directory}/{stem}.d")
+                if folder.is_dir():
+                    dropins += sorted(folder.glob("*.conf"))
+        return inside, dropins, instance
+
+    def unit(self, name: str) -> dict[str, list[str]]:
+        inside, dropins, instance = self.unit_file(name)
+        unit = read_unit(self.host.path(inside), dropins)
+        return {k: [v.replace("%i", instance) for v in vs] for k, vs in unit.items()}
+
+    # systemctl.
+
+    def systemctl(self, argv: list[str]) -> None:
+        args = [a for a in argv if not a.startswith("-")]
+        now = "--now" in argv
+        verb, names = args[0], [_full(n) for n in args[1:]]
+        if verb in ("daemon-reload", "mask"):
+            return  # nothing to load; nothing swaps here
+        for name in names:
+            if verb in ("enable", "disable"):
+                self.unit_file(name)  # must be installed; boot-time enabling has no meaning here
+                if now:
+                    (self.start if verb == "enable" else self.stop)(name)
+            elif verb == "start":
+                self.start(name)
+            elif verb == "stop":
+                self.stop(name)
+            elif verb == "restart":
+                self.stop(name)
+                self.start(name)
+            elif verb == "try-restart":
+                for running in [n for n in self.running if _matches(name, n)]:
+                    self.stop(running)
+                    self.start(running)
+            elif verb == "reload":
+                self.reload(name)
+            else:
+                raise WalkError(f"[{self.host.name}] systemctl {verb}: not modelled by the walk")
+
+    def start(self, name: str) -> None:
+        if name in self.running:
+            return
+        hook = self.before_start.get(name)
+        if hook is not None:
+            hook()
+        if name.endswith(".socket"):
+            # the launcher creates the socket (as systemd would) when the service starts
+            self.start(
+                self.unit(name).get("Socket.Service", [name.replace(".socket", ".service")])[0]
+            )
+            return
+        if name.endswith(".timer"):
+            self.unit_file(name)
+            return
+        if name == "nftables.service":
+            self.host.shell("nft -f /etc/nftables.conf")
+            return
+        if name.startswith("wg-quick@"):
+            self.wireguard(name)
+            return
+        self.run_service(name)
+
+    def stop(self, name: str) -> None:
+        if name.endswith(".socket"):
+            path = self.unit(name).get("Socket.ListenStream", [""])[0]
+            if path and self.host.path(path).exists():
+                self.host.path(path).unlink()  # RemoveOnStop=yes
+            return
+        service = self.running.pop(name, None)
+        if service is None:
+            return
+        if service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+            try:
+                service.process.wait(30)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait(10)
+        for directory in service.unit.get("Service.RuntimeDirectory", []):
+            shutil.rmtree(self.host.path(f"/run/{directory}"), ignore_errors=True)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+    def reload(self, name: str) -> None:
+        if name == "nftables.service":
+            self.host.shell("nft -f /etc/nftables.conf")
+            return
+        service = self.running.get(name)
+        if service is None:
+            raise WalkError(f"[{self.host.name}] reload of {name}, which is not running")
+        command = service_setting(service.unit, "ExecReload").replace(
+            "$MAINPID", str(service.process.pid)
+        )
+        self.exec(service.unit, _words(command, service.env), service.env, wait=True)
+
+    def pid(self, name: str) -> int:
+        return self.running[name].process.pid
+
+    def log(self, name: str) -> str:
+        path = self.host.logs / f"{self.host.name}-{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # Starting a service.
+
+    def environment(self, unit: dict[str, list[str]]) -> dict[str, str]:
+        """What systemd gives a service: PATH, the user's HOME/USER/LOGNAME/SHELL, then the
+        unit's Environment= and EnvironmentFile= (read from this host's root)."""
+        env = {"PATH": PATH, "LANG": "C.UTF-8"}
+        user = service_setting(unit, "User") or "root"
+        entry = self.passwd(user)
+        env.update(HOME=entry[5], USER=user, LOGNAME=user, SHELL=entry[6])
+        env.update(unit_environment(unit, self.host.path))
+        return env
+
+    def passwd(self, user: str) -> list[str]:
+        for line in self.host.path("/etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == user:
+                return fields
+        raise WalkError(f"[{self.host.name}] no user {user}")
+
+    def ids(self, unit: dict[str, list[str]]) -> tuple[int, int]:
+        user = service_setting(unit, "User") or "root"
+        fields = self.passwd(user)
+        group = service_setting(unit, "Group")
+        if group:
+            for line in self.host.path("/etc/group").read_text().splitlines():
+                if line.split(":")[0] == group:
+                    return int(fields[2]), int(line.split(":")[2])
+        return int(fields[2]), int(fields[3])
+
+    def directories(self, unit: dict[str, list[str]]) -> list[str]:
+        """StateDirectory=, CacheDirectory=, RuntimeDirectory=: created, owned by the user."""
+        uid, gid = self.ids(unit)
+        made = []
+        for kind, top in (("State", "/var/lib"), ("Cache", "/var/cache"), ("Runtime", "/run")):
+            mode = int(service_setting(unit, f"{kind}DirectoryMode", "0755"), 8)
+            for name in " ".join(unit.get(f"Service.{kind}Directory", [])).split():
+                inside = f"{top}/{name}"
+                path = self.host.path(inside)
+                path.mkdir(parents=True, exist_ok=True)
+                os.chown(path, uid, gid)
+                os.chmod(path, mode)
+                made.append(inside)
+        return made
+
+    def run_service(self, name: str) -> None:
+        unit = self.unit(name)
+        env = self.environment(unit)
+        writable = self.directories(unit)
+        unit_path = self.unit_file(name)[0]
+        ours = (REPO / "etc" / "systemd" / Path(unit_path).name).exists()
+        argv = _words(service_setting(unit, "ExecStart"), env)
+        if ours:
+            launcher = [sys.executable, str(LAUNCHER), unit_path]
+            if name == "inference.service":
+                sock = self.unit("inference.socket")["Socket.ListenStream"][0]
+                launcher += ["--listen-unix", sock]
+            for path in writable:
+                launcher += ["--rw", path]
+            argv = [*launcher, "--", *argv]
+        else:
+            argv = self.as_user(unit, argv)
+        cwd = service_setting(unit, "WorkingDirectory") or "/"
+        oneshot = service_setting(unit, "Type") == "oneshot"
+        process = self.exec(unit, argv, env, cwd=cwd, log=name, wait=oneshot)
+        if oneshot:
+            for post in unit.get("Service.ExecStartPost", []):
+                self.exec(unit, _words(post, env), env, wait=True, log=name)
+            for directory in unit.get("Service.RuntimeDirectory", []):
+                shutil.rmtree(self.host.path(f"/run/{directory}"), ignore_errors=True)
+            return
+        self.running[name] = Service(
+            name, process, self.host.logs / f"{self.host.name}-{name}.log", unit, env
+        )
+        try:
+            self.wait_ready(name, env)
+        except WalkError:
+            self.stop(name)
+            raise
+
+    def as_user(self, unit: dict[str, list[str]], argv: list[str]) -> list[str]:
+        user = service_setting(unit, "User")
+        if not user or user == "root":
+            return argv
+        caps = []
+        for cap in " ".join(unit.get("Service.AmbientCapabilities", [])).split():
+            name = cap.lower().removeprefix("cap_")
+            caps += [f"--inh-caps=+{name}", f"--ambient-caps=+{name}"]
+        uid, gid = self.ids(unit)
+        return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", *caps, "--", *argv]
+
+    def exec(
+        self,
+        unit: dict[str, list[str]],
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str = "/",
+        log: str = "",
+        wait: bool = False,
+    ) -> subprocess.Popen[bytes]:
+        """``argv`` in this host; systemd's prefixes: ``+`` (as root, no sandbox: the walk
+        sandboxes only what it starts through the launcher) and ``-`` (failure ignored)."""
+        ignore = argv[0].startswith("-") or argv[0].startswith("+-")
+        argv = [argv[0].lstrip("+-"), *argv[1:]]
+        self.host.logs.mkdir(parents=True, exist_ok=True)
+        path = self.host.logs / f"{self.host.name}-{log or 'exec'}.log"
+        with path.open("ab") as output:
+            process = subprocess.Popen(
+                [*self.host.enter(), "env", f"--chdir={cwd}", *argv],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if wait:
+            code = process.wait(300)
+            if code != 0 and not ignore:
+                raise WalkError(
+                    f"[{self.host.name}] {' '.join(argv)} exited {code}:\n"
+                    + path.read_text(errors="replace")[-4000:]
+                )
+            for call in self.host.calls():
+                self.systemctl(call)
+        return process
+
+    def wait_ready(self, name: str, env: dict[str, str], limit: float = 120) -> None:
+        """Until the service answers where it listens (systemd's Type=simple returns at once;
+        the walk waits so that the next documented check is not a race)."""
+        probe = _probe(name, env)
+        deadline = time.monotonic() + limit
+        service = self.running[name]
+        while True:
+            if service.process.poll() is not None:
+                raise WalkError(f"[{self.host.name}] {name} exited:\n{self.log(name)[-4000:]}")
+            if probe is None:
+                return
+            try:
+                self.host.shell(probe, timeout=10)
+                return
+            except (WalkError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise WalkError(
+                        f"[{self.host.name}] {name} not ready:\n{self.log(name)[-4000:]}"
+                    ) from None
+                time.sleep(0.3)
+
+    def wireguard(self, name: str) -> None:
+        """wg-quick@wg0 needs the WireGuard kernel module, which this kernel lacks: check the
+        file the page wrote (0600, no placeholder left, accepted by ``wg-quick strip``) and
+        give the host a ``wg0`` with its address on the walk's shared link instead."""
+        conf = self.host.path("/etc/wireguard/wg0.conf")
+        if conf.stat().st_mode & 0o077:
+            raise WalkError(f"[{self.host.name}] /etc/wireguard/wg0.conf is not 0600")
+        if re.search(r"^[^#]*<", conf.read_text(), re.M):
+            raise WalkError(f"[{self.host.name}] placeholders left in /etc/wireguard/wg0.conf")
+        self.host.shell("wg-quick strip wg0 > /dev/null")
+        address = re.search(r"^Address = (\S+)", conf.read_text(), re.M)
+        assert address is not None and self.host.link is not None
+        self.host.link.attach(self.host)
+        self.host.shell(f"ip addr add {address.group(1)} dev wg0 && ip link set wg0 up")
+
+
+def _full(name: str) -> str:
+    return name if re.search(r"\.(service|socket|timer|target)$", name) else f"{name}.service"
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), name) is not None
+
+
+def _words(command: str, env: dict[str, str]) -> list[str]:
+    """systemd's command line: ``$VAR`` splits into words, ``${VAR}`` stays one."""
+    words: list[str] = []
+    for word in shlex.split(command):
+        if re.fullmatch(r"\$[A-Za-z_][A-Za-z0-9_]*", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
+def _probe(name: str, env: dict[str, str]) -> str | None:
+    """A command that succeeds once the service serves (None: ready when started)."""
+    if name == "llmrouter.service":
+        listen = re.search(r"tcp:(\d+):interface=([\d.]+)", env.get("LISTEN", ""))
+        assert listen is not None, env.get("LISTEN")
+        return f"curl -fsS -o /dev/null http://{listen.group(2)}:{listen.group(1)}/health/live"
+    if name.startswith("inference@"):
+        listen = re.search(r"ssl:(\d+):interface=([\d.]+)", env.get("INFERENCE_LISTEN", ""))
+        assert listen is not None
+        return f"exec 3<>/dev/tcp/{listen.group(2)}/{listen.group(1)}"
+    if name == "caddy.service":
+        return "test -S /run/caddy/admin.sock && exec 3<>/dev/tcp/127.0.0.1/443"
+    if name == "prometheus.service":
+        return "curl -fsS -o /dev/null http://127.0.0.1:9090/-/ready"
+    if name == "prometheus-alertmanager.service":
+        return "curl -fsS -o /dev/null http://127.0.0.1:9093/-/ready"
+    return None
+
+
+@dataclass
+class Link:
+    """The hosts' shared link (what WireGuard carries in production): a bridge in a namespace
+    of its own; each host gets a veth named wg0 into it."""
+
+    holder: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.holder = subprocess.Popen(
+            [
+                "unshare",
+                "--net",
+                "sh",
+                "-c",
+                "ip link add br0 type bridge && ip link set br0 up && echo ready && exec cat",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline() != b"ready\n":
+            raise WalkError("no bridge for the walk's hosts")
+
+    def attach(self, host: Host) -> None:
+        peer = f"to-{host.name}"
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "wg0",
+                "netns",
+                str(host.pid),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                peer,
+                "netns",
+                str(self.holder.pid),
+            ],
+            check=True,
+        )
+        subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(self.holder.pid),
+                "-n",
+                "ip",
+                "link",
+                "set",
+                peer,
+                "master",
+                "br0",
+                "up",
+            ],
+            check=True,
+        )
+
+    def close(self) -> None:
+        if self.holder.stdin is not None:
+            self.holder.stdin.close()
+        self.holder.wait(10)
+
+
+def apt_packages(command: str) -> list[str]:
+    """The packages an ``apt-get install`` line names."""
+    return [word for word in command.split()[2:] if not word.startswith("-")]
+
+
+def installed(package: str) -> bool:
+    """Whether dpkg has ``package`` installed on this machine (the roots' lower layer)."""
+    status = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
+    )
+    return status.stdout == "install ok installed"
+
+
+def group_id(host: Host, name: str) -> int:
+    for line in host.path("/etc/group").read_text().splitlines():
+        if line.split(":")[0] == name:
+            return int(line.split(":")[2])
+    return grp.getgrnam(name).gr_gid
+
+
+class Walk:
+    """The hosts of one walk, and the page's blocks performed on them in order.
+
+    Commands run as written, with these exceptions, which need what a test machine cannot
+    give: ``apt-get`` (the packages must already be installed here: etc/dev/ci-deps),
+    ``git`` (the walk runs in this checkout; ``git checkout vNEW`` sets the version of the
+    root's copy to NEW, for the upgrade), ``cd`` into the checkout, ``scp`` (copies between
+    the hosts' roots, by the public names in ``addresses``), ``sysctl --system`` (the file must
+    be installed; the kernel is the machine's) and ``swapoff``. Commands that download
+    (``pip``, ``make``) use the machine's network; all others run in the host's own.
+    """
+
+    def __init__(
+        self, scratch: Path, logs: Path, names: list[str], addresses: dict[str, str]
+    ) -> None:
+        self.link = Link()
+        self.hosts: dict[str, Host] = {}
+        self.addresses = addresses
+        self.transcript: list[str] = []
+        self.before: list[tuple[str, Callable[[Host, str], None]]] = []
+        self.after: list[tuple[str, Callable[[Host, str, str], None]]] = []
+        try:
+            for name in names:
+                self.hosts[name] = Host(name, scratch, logs)
+                self.hosts[name].link = self.link
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+        self.link.close()
+
+    def perform(self, block: Block) -> None:
+        host = self.hosts[block.host]
+        if block.kind == "edit":
+            path = host.path(block.path)
+            text = path.read_text() if path.exists() else ""
+            path.write_text(set_lines(text, [line for line in block.lines if "=" in line]))
+            self.transcript.append(f"[{host.name}] (edit) {block.path}")
+            return
+        for command in block.commands():
+            for pattern, before in self.before:
+                if re.search(pattern, command):
+                    before(host, command)
+            try:
+                output = self.run(host, command)
+            except (WalkError, subprocess.TimeoutExpired) as error:
+                raise WalkError(
+                    f"docs/deployment.md, block at line {block.line_number}:\n{error}\n"
+                    "walk so far:\n" + "\n".join(self.transcript[-15:])
+                ) from None
+            self.transcript.append(f"[{host.name}] {command}")
+            for pattern, after in self.after:
+                if re.search(pattern, command):
+                    after(host, command, output)
+
+    def run(self, host: Host, command: str) -> str:
+        word = command.split()[0]
+        assignment = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(\S.*)", command)
+        if assignment is not None:
+            name = assignment.group(1)
+            host.variables[name] = host.shell(f'{command}\nprintf %s "${name}"')
+            return host.variables[name]
+        if word == "apt-get":
+            self.packages(host, command)
+        elif word == "git":
+            self.checkout(host, command)
+        elif word == "scp":
+            self.copy(host, command)
+        elif command == "sysctl --system":
+            if not host.path("/etc/sysctl.d/90-llmrouter.conf").is_file():
+                raise WalkError(f"[{host.name}] sysctl --system: the settings are not installed")
+        elif word not in ("cd", "swapoff"):
+            network = re.search(r"\bpip\b|^make\b", command) is None
+            output = host.shell(command, network=network)
+            for call in host.calls():
+                host.services.systemctl(call)
+            return output
+        return ""
+
+    def packages(self, host: Host, command: str) -> None:
+        missing = [name for name in apt_packages(command) if not installed(name)]
+        if missing:
+            raise WalkError(f"[{host.name}] not installed here (etc/dev/ci-deps): {missing}")
+
+    def checkout(self, host: Host, command: str) -> None:
+        match = re.search(r"checkout v(\S+)", command)
+        if match is None:
+            return  # git clone: the walk runs in this checkout
+        version = host.shell(f'printf %s "{match.group(1)}"')
+        setup = host.path(str(REPO / "setup.cfg"))
+        setup.write_text(re.sub(r"(?m)^version = .*$", f"version = {version}", setup.read_text()))
+        init = host.path(str(REPO / "llmrouter" / "__init__.py"))
+        init.write_text(
+            re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text())
+        )
+
+    def copy(self, host: Host, command: str) -> None:
+        words = shlex.split(
+            host.shell(f"printf '%s\\n' {command.split(' ', 1)[1]}").replace("\n", " ")
+        )
+        *sources, target = words
+        user_host, _, directory = target.partition(":")
+        other = self.hosts[self.addresses[user_host.split("@")[-1]]]
+        for source in sources:
+            original = host.path(str(REPO / source))  # relative: to the checkout, the cwd
+            copied = other.path(directory) / Path(source).name
+            shutil.copyfile(original, copied)
+            os.chmod(copied, original.stat().st_mode & 0o777)
