@@ -95,6 +95,9 @@ class PageTests(unittest.TestCase):
     def test_set_lines(self) -> None:
         text = "A=1\n#B=2\nC=3\n"
         self.assertEqual(set_lines(text, ["B=9", "D=4", "A=0"]), "A=0\nB=9\nC=3\nD=4\n")
+        # The active line wins over a comment that shows an example of the same setting.
+        text = "#   A=x, y (an example in prose)\nA=1\n"
+        self.assertEqual(set_lines(text, ["A=2"]), "#   A=x, y (an example in prose)\nA=2\n")
 
     def test_commands_join_continuations(self) -> None:
         block = Block("server", "sh", ("# comment", "a \\", "  b", "", "c"), 1)

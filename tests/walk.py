@@ -137,14 +137,15 @@ def blocks(markdown: str) -> list[Block]:
 
 
 def set_lines(text: str, assignments: list[str]) -> str:
-    """What an operator does in an editor: replace ``KEY=...`` (or its commented example)
-    with the new line, or add it at the end."""
+    """What an operator does in an editor: replace the active ``KEY=...`` line, else its
+    commented-out example ``#KEY=...``, or add it at the end. (A comment that merely mentions
+    ``KEY=`` in prose, e.g. ``#   KEY=a, b``, is not the setting.)"""
     out = text.splitlines()
     for assignment in assignments:
-        key = assignment.split("=", 1)[0]
-        pattern = re.compile(rf"^#?\s*{re.escape(key)}=")
-        for index, line in enumerate(out):
-            if pattern.match(line):
+        key = re.escape(assignment.split("=", 1)[0])
+        for pattern in (re.compile(rf"^{key}="), re.compile(rf"^#{key}=")):
+            index = next((i for i, line in enumerate(out) if pattern.match(line)), None)
+            if index is not None:
                 out[index] = assignment
                 break
         else:
