@@ -8,7 +8,7 @@
  */
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { createWriteStream, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -223,6 +223,9 @@ export async function startRouter(inference: Inference, env: Record<string, stri
   const directory = tempDir();
   const keysDir = join(directory, 'keys');
   const keys = (...args: string[]) => python('-m', 'llmrouter.ops.keyctl', '--keys-dir', keysDir, ...args);
+  // As root (CI), llmrouter-keys creates keys only in a directory made on purpose, as the
+  // router's own user would own it in production.
+  mkdirSync(keysDir, { mode: 0o700 });
   const init = await keys('init');
   const pin = /clients pin this\): (\S+)/.exec(init)?.[1];
   if (pin === undefined) throw new Error(`llmrouter-keys init printed no signing key:\n${init}`);
