@@ -33,7 +33,7 @@ from twisted.web import server
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
-from llmrouter.chat import MODEL_NAME
+from llmrouter.chat import FIELDS, MODEL_NAME
 from llmrouter.client.library import ChatError, Client, Reply
 from llmrouter.protocol import (
     ChatRequest,
@@ -232,9 +232,12 @@ def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
     return apply
 
 
-# Every OpenAI field the proxy accepts; ``null`` counts as absent. ``include_reasoning`` is not
-# OpenAI's (OpenRouter's spelling): reasoning is sent as ``reasoning_content`` unless it is false.
+# Every OpenAI field the proxy accepts; ``null`` counts as absent. The request fields of protocol
+# v1.1 go as they are (the router's checks run on them before anything is sent) but for those
+# mapped here. ``include_reasoning`` is not OpenAI's (OpenRouter's spelling): reasoning is sent as
+# ``reasoning_content`` unless it is false.
 _FIELDS: dict[str, Callable[[Any, _Draft], None]] = {
+    **{name: _copy(name) for name in FIELDS},
     "model": _model,
     "messages": _messages,
     "max_tokens": _max_tokens("max_tokens"),
@@ -243,24 +246,6 @@ _FIELDS: dict[str, Callable[[Any, _Draft], None]] = {
     "stream": _stream,
     "stream_options": _stream_options,
     "n": _only("n", 1),
-    **{
-        name: _copy(name)
-        for name in (
-            "temperature",
-            "top_p",
-            "seed",
-            "presence_penalty",
-            "frequency_penalty",
-            "response_format",
-            "tools",
-            "tool_choice",
-            "parallel_tool_calls",
-            "logprobs",
-            "top_logprobs",
-            "reasoning_effort",
-            "include_reasoning",
-        )
-    },
 }
 
 
