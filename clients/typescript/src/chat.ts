@@ -162,7 +162,7 @@ function hasOwn(object: object, name: string): boolean {
 }
 
 /** A name for a message: names are the caller's code, not user content, but keep them short. */
-export function safeName(name: string): string {
+function safeName(name: string): string {
   return /^[A-Za-z0-9_]{1,64}$/.test(name) ? name : '(unnamed)';
 }
 
