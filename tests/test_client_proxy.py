@@ -71,7 +71,7 @@ class ProxyEndToEnd(TestCase):
     @defer.inlineCallbacks
     def stack(self) -> Any:
         self.inference = yield start_inference(self, extra_args=["--parallel", "2"])
-        client, directory = yield proxied_router(self, [f"unix:{self.inference.socket}"])
+        client, directory, _ = yield proxied_router(self, [f"unix:{self.inference.socket}"])
         self.metrics_url = f"unix:{directory / 'metrics.sock'}"
         return client
 
@@ -179,7 +179,7 @@ class ProxyEndToEnd(TestCase):
 @defer.inlineCallbacks
 def proxied_router(testcase: TestCase, backends: list[str], extra: tuple[str, ...] = ()) -> Any:
     """A router in front of ``backends`` and the proxy in front of it: an ``openai`` client,
-    and the router's directory."""
+    the router's directory and the proxy."""
     directory = short_tempdir(testcase)
     router = start_router_daemon(testcase, directory, backends, extra)
     yield router.start()
@@ -189,7 +189,7 @@ def proxied_router(testcase: TestCase, backends: list[str], extra: tuple[str, ..
     proxy = run_proxy(testcase, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
     base_url = yield proxy.url
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
-    return client, directory
+    return client, directory, proxy
 
 
 CITY = {"type": "string", "enum": ["Paris", "Oslo"]}
@@ -226,7 +226,15 @@ class ProxyProtocolV11(TestCase):
         thinker = yield start_llama_server(self, "thinker", QWQ)
         tools = yield start_llama_server(self, "tools", HERMES)
         backends = [f"unix:{thinker.socket}", f"unix:{tools.socket}"]
-        self.client, _ = yield proxied_router(self, backends, ("--default-model", "thinker"))
+        self.client, _, self.proxy = yield proxied_router(
+            self, backends, ("--default-model", "thinker")
+        )
+
+    def assertNotPrinted(self, *texts: str) -> None:
+        """Nothing of the conversation reaches the proxy's output (it logs nothing of it)."""
+        for text in texts:
+            self.assertTrue(text)
+            self.assertNotIn(text.encode(), self.proxy.output)
 
     def call(self, f: Any, *args: Any, **kw: Any) -> defer.Deferred[Any]:
         return threads.deferToThread(f, *args, **kw)
@@ -291,6 +299,7 @@ class ProxyProtocolV11(TestCase):
         self.assertEqual(answer.choices[0].finish_reason, "length")
         self.assertIsNone(answer.choices[0].message.tool_calls)
         self.assertTrue(answer.choices[0].message.content)
+        self.assertNotPrinted("Weather in Oslo", call.function.arguments, '"temperature": 3')
 
     @defer.inlineCallbacks
     def test_json_schema(self) -> Any:
@@ -337,6 +346,7 @@ class ProxyProtocolV11(TestCase):
             [None] * len(chunks),
         )
         self.assertEqual(chunks[-1].choices[0].finish_reason, "length")
+        self.assertNotPrinted(message.model_extra["reasoning_content"])
 
     @defer.inlineCallbacks
     def test_logprobs(self) -> Any:
