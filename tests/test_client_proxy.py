@@ -540,6 +540,11 @@ class RequestMappingTests(SynchronousTestCase):
             "messages[].role (only system, developer, user, assistant, tool)",
             messages=[{"role": "function", "content": "x"}],
         )
+        self.refused(
+            "unsupported_parameter",
+            "messages[].role (only system, developer, user, assistant, tool)",
+            messages=[{"role": ["user"], "content": "x"}],  # not even hashable
+        )
         # reasoning is not sent back: a history that carries it is refused, not stripped
         reasoned = {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
         self.refused(

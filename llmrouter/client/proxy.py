@@ -164,7 +164,8 @@ def _messages(value: Any, draft: _Draft) -> None:
     for message in value:
         if not isinstance(message, dict):
             raise _invalid("messages", "each message must be an object")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise _unsupported("messages[].role (only system, developer, user, assistant, tool)")
         carried = _MESSAGE_FIELDS.get(role, ())
