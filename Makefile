@@ -50,10 +50,12 @@ type: $(STAMP)
 	$(BIN)/mypy --strict --scripts-are-modules bin/verify-network
 
 # The TypeScript SDK (clients/typescript): install from the lockfile, then `npm test` (type check,
-# unit tests, end to end against real daemons run with this venv's Python, headless Chromium; all
-# twice, the second time without crypto.subtle). Node, npm and chromium come from system-deps.
-sdk-test: $(STAMP) system-deps
-	cd clients/typescript && npm ci --no-audit --no-fund && LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python npm test
+# unit tests, end to end against real daemons run with this venv's Python and against llama-server,
+# headless Chromium; all twice, the second time without crypto.subtle). Node, npm and chromium
+# come from system-deps.
+sdk-test: $(STAMP) system-deps $(LLAMA_SERVER)
+	cd clients/typescript && npm ci --no-audit --no-fund && \
+	  LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" npm test
 
 # The plugin modules must ship in the wheel and be found from site-packages of a
 # virtualenv that has never seen this checkout.

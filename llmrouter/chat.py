@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 __all__ = [
+    "FIELDS",
     "MAX_MESSAGES",
     "MAX_SCHEMA_BYTES",
     "MAX_SCHEMA_COUNT",
@@ -94,7 +95,7 @@ _UNSUPPORTED = frozenset(
         "safety_identifier",
     }
 )
-_FIELDS = frozenset(
+FIELDS = frozenset(
     {
         "messages",
         "max_tokens",
@@ -365,7 +366,7 @@ def parse_request(doc: Any) -> ChatRequest:
     if not isinstance(doc, dict):
         raise RequestError("request plaintext must be a JSON object")
     for name in doc:
-        if name not in _FIELDS:
+        if name not in FIELDS:
             if name in _UNSUPPORTED:
                 raise RequestError(f"{name} is not supported")
             raise RequestError("request has a field protocol v1.1 does not define")

@@ -303,7 +303,7 @@ class NeverA500Tests(SynchronousTestCase):
         ),
         max_leaves=20,
     )
-    keys = st.sampled_from([*sorted(chat._FIELDS), "role", "content", "tool_calls", "x"])
+    keys = st.sampled_from([*sorted(chat.FIELDS), "role", "content", "tool_calls", "x"])
 
     # Shapes close to valid ones, with any JSON in their leaves.
     function = st.fixed_dictionaries(

@@ -1,8 +1,10 @@
 """``llmrouter-client proxy``: the official ``openai`` client, through the proxy, to a real router.
 
 The proxy runs as its own process (``python -m llmrouter.client proxy``), in front of a real
-``twistd llmrouter`` and ``twistd inference`` on the tiny model. The ``openai`` client is
-synchronous, so it runs in a thread while the reactor keeps serving the test's helpers.
+``twistd llmrouter`` and ``twistd inference`` on the tiny model, or stock llama-servers on it with
+real chat templates (protocol v1.1: tool calls, JSON schema output, reasoning, logprobs; see
+tests/test_router_llama_server.py for how a random model is made to call a tool). The ``openai``
+client is synchronous, so it runs in a thread while the reactor keeps serving the test's helpers.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import openai
+import pydantic
 from twisted.internet import defer, reactor, threads
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -21,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from llmrouter.client.proxy import OpenAIError, parse_listen, to_request
 from llmrouter.protocol import b64u_encode
 from tests.daemons import Daemon, start_inference, start_router_daemon
+from tests.llama_server import HERMES, QWQ, start_llama_server
 from tests.router_support import http, key_document, metric_value, short_tempdir
 from tests.test_router_e2e import inference_metrics, sleep, wait_metric
 
@@ -67,24 +71,16 @@ class ProxyEndToEnd(TestCase):
     @defer.inlineCallbacks
     def stack(self) -> Any:
         self.inference = yield start_inference(self, extra_args=["--parallel", "2"])
-        directory = short_tempdir(self)
-        router = start_router_daemon(self, directory, [f"unix:{self.inference.socket}"])
-        yield router.start()
-        self.router_url = f"unix:{directory / 'router.sock'}"
+        client, directory, _ = yield proxied_router(self, [f"unix:{self.inference.socket}"])
         self.metrics_url = f"unix:{directory / 'metrics.sock'}"
-        document = yield key_document(self.router_url)
-        self.pin = b64u_encode(document.signing_key)
-        proxy = run_proxy(
-            self, "--listen", "127.0.0.1:0", "--url", self.router_url, "--pin", self.pin
-        )
-        url = yield proxy.url
-        return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        return client
 
     @defer.inlineCallbacks
     def test_openai_client_streaming_and_not(self) -> Any:
         client = yield self.stack()
         models = yield threads.deferToThread(client.models.list)
-        self.assertEqual([m.id for m in models.data], ["llmrouter"])
+        # the proxy's name for the router's default, then the router's own (the daemon's)
+        self.assertEqual([m.id for m in models.data], ["llmrouter", "tiny"])
 
         messages: Any = [
             {"role": "system", "content": "Be brief."},
@@ -121,7 +117,7 @@ class ProxyEndToEnd(TestCase):
         self.assertEqual(chunks[-1].usage.completion_tokens, 5)
         self.assertEqual(len({c.id for c in chunks}), 1)
 
-        # What protocol v1 cannot carry is refused by name, never dropped.
+        # What protocol v1.1 cannot carry is refused by name, never dropped.
         def refused(**extra: Any) -> Exception:
             try:
                 client.chat.completions.create(
@@ -131,13 +127,16 @@ class ProxyEndToEnd(TestCase):
                 return e
             raise AssertionError("accepted")
 
+        error = yield threads.deferToThread(refused, logit_bias={"1": 5})
+        self.assertIsInstance(error, openai.BadRequestError)
+        self.assertEqual((error.code, error.param), ("unsupported_parameter", "logit_bias"))
+        self.assertIn("logit_bias", error.message)
+        # ... and what the model's backend cannot do, by the router (our daemon takes no tools)
         tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
         error = yield threads.deferToThread(refused, tools=tools)
         self.assertIsInstance(error, openai.BadRequestError)
-        self.assertEqual((error.code, error.param), ("unsupported_parameter", "tools"))
+        self.assertEqual(error.code, "unsupported_parameter")
         self.assertIn("tools", error.message)
-        error = yield threads.deferToThread(refused, response_format={"type": "json_object"})
-        self.assertEqual(error.param, "response_format")
         error = yield threads.deferToThread(refused, model="gpt-4o")
         self.assertIsInstance(error, openai.NotFoundError)
         self.assertEqual(error.code, "model_not_found")
@@ -175,6 +174,212 @@ class ProxyEndToEnd(TestCase):
                 break
             yield sleep(0.05)
         self.assertEqual(metric_value(body.decode(), "llmrouter_active_streams"), 0)
+
+
+@defer.inlineCallbacks
+def proxied_router(testcase: TestCase, backends: list[str], extra: tuple[str, ...] = ()) -> Any:
+    """A router in front of ``backends`` and the proxy in front of it: an ``openai`` client,
+    the router's directory and the proxy."""
+    directory = short_tempdir(testcase)
+    router = start_router_daemon(testcase, directory, backends, extra)
+    yield router.start()
+    url = f"unix:{directory / 'router.sock'}"
+    document = yield key_document(url)
+    pin = b64u_encode(document.signing_key)
+    proxy = run_proxy(testcase, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
+    base_url = yield proxy.url
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    return client, directory, proxy
+
+
+CITY = {"type": "string", "enum": ["Paris", "Oslo"]}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": CITY},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+QUESTION = {"role": "user", "content": "Weather in Oslo?"}
+PREFILL = {"role": "assistant", "content": "<tool_call>\n"}  # puts the model inside a call
+
+
+class Weather(pydantic.BaseModel):
+    city: Literal["Paris", "Oslo"]
+    sunny: bool
+
+
+class ProxyProtocolV11(TestCase):
+    """Tool calls, JSON schema output, reasoning and logprobs through the proxy, in OpenAI's
+    shapes, from llama-servers with real chat templates (QwQ thinks, Hermes calls tools)."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        thinker = yield start_llama_server(self, "thinker", QWQ)
+        tools = yield start_llama_server(self, "tools", HERMES)
+        backends = [f"unix:{thinker.socket}", f"unix:{tools.socket}"]
+        self.client, _, self.proxy = yield proxied_router(
+            self, backends, ("--default-model", "thinker")
+        )
+
+    def assertNotPrinted(self, *texts: str) -> None:
+        """Nothing of the conversation reaches the proxy's output (it logs nothing of it)."""
+        for text in texts:
+            self.assertTrue(text)
+            self.assertNotIn(text.encode(), self.proxy.output)
+
+    def call(self, f: Any, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        return threads.deferToThread(f, *args, **kw)
+
+    @defer.inlineCallbacks
+    def test_models(self) -> Any:
+        models = yield self.call(self.client.models.list)
+        self.assertEqual([m.id for m in models.data], ["llmrouter", "thinker", "tools"])
+        model = yield self.call(self.client.models.retrieve, "tools")
+        self.assertEqual((model.id, model.object), ("tools", "model"))
+        e = yield self.assertFailure(self.call(self.client.models.retrieve, "nope"), Exception)
+        self.assertIsInstance(e, openai.NotFoundError)
+
+    @defer.inlineCallbacks
+    def test_forced_tool_call(self) -> Any:
+        """Not streamed, then streamed (fragments assembled as OpenAI's clients do), then the
+        call and its result go back in the history as the openai package hands them over."""
+        request: dict[str, Any] = {
+            "model": "tools",
+            "messages": [QUESTION, PREFILL],
+            "tools": [WEATHER],
+            "tool_choice": "required",
+            "temperature": 0,
+            "max_tokens": 60,
+        }
+        completion = yield self.call(self.client.chat.completions.create, **request)
+        choice = completion.choices[0]
+        call = choice.message.tool_calls[0]  # the grammar lets it go on calling until max_tokens
+        self.assertEqual((call.type, call.function.name), ("function", "get_weather"))
+        self.assertTrue(call.id)
+        self.assertIn(json.loads(call.function.arguments)["city"], CITY["enum"])
+        self.assertIsNone(choice.message.content)
+        self.assertIn(choice.finish_reason, ("tool_calls", "length"))
+
+        def stream() -> list[Any]:
+            return list(self.client.chat.completions.create(**request, stream=True))
+
+        chunks = yield self.call(stream)
+        calls: dict[int, dict[str, Any]] = {}
+        for chunk in chunks:
+            for fragment in chunk.choices[0].delta.tool_calls or ():
+                entry = calls.setdefault(fragment.index, {"arguments": ""})
+                if fragment.id:
+                    self.assertNotIn("id", entry)  # id and name come once, first
+                    entry.update(id=fragment.id, name=fragment.function.name)
+                entry["arguments"] += fragment.function.arguments or ""
+        self.assertEqual(calls[0]["name"], "get_weather")
+        self.assertIn(json.loads(calls[0]["arguments"])["city"], CITY["enum"])
+        self.assertIn(chunks[-1].choices[0].finish_reason, ("tool_calls", "length"))
+
+        assistant = choice.message.model_dump(exclude_none=True)
+        assistant["tool_calls"] = assistant["tool_calls"][:1]
+        result = {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 3}'}
+        answer = yield self.call(
+            self.client.chat.completions.create,
+            model="tools",
+            messages=[QUESTION, assistant, result],
+            tools=[WEATHER],
+            tool_choice="none",
+            max_tokens=5,
+        )
+        self.assertEqual(answer.choices[0].finish_reason, "length")
+        self.assertIsNone(answer.choices[0].message.tool_calls)
+        self.assertTrue(answer.choices[0].message.content)
+        self.assertNotPrinted("Weather in Oslo", call.function.arguments, '"temperature": 3')
+
+    @defer.inlineCallbacks
+    def test_json_schema(self) -> Any:
+        """The openai package's own structured output: it sends a strict JSON schema made from
+        a pydantic model and validates the answer against that model."""
+        completion = yield self.call(
+            self.client.chat.completions.parse,
+            model="tools",
+            messages=[{"role": "user", "content": "Weather?"}],
+            response_format=Weather,
+            max_tokens=200,
+        )
+        parsed = completion.choices[0].message.parsed
+        self.assertIsInstance(parsed, Weather)
+        self.assertIn(parsed.city, CITY["enum"])
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+
+    @defer.inlineCallbacks
+    def test_reasoning_apart(self) -> Any:
+        """The default model (the proxy's name for it) thinks: its reasoning comes as
+        ``reasoning_content``, never as content; ``include_reasoning: false`` leaves it out."""
+        messages = [{"role": "user", "content": "Why?"}]
+        completion = yield self.call(
+            self.client.chat.completions.create, model="llmrouter", messages=messages, max_tokens=12
+        )
+        message = completion.choices[0].message
+        self.assertEqual(message.content, "")
+        self.assertTrue(message.model_extra["reasoning_content"])
+        self.assertEqual(completion.usage.completion_tokens, 12)
+
+        def stream(**extra: Any) -> list[Any]:
+            chunks = self.client.chat.completions.create(
+                model="llmrouter", messages=messages, max_tokens=12, stream=True, **extra
+            )
+            return list(chunks)
+
+        chunks = yield self.call(stream)
+        reasoning = [c.choices[0].delta.model_extra.get("reasoning_content") for c in chunks]
+        self.assertTrue("".join(r for r in reasoning if r))
+        self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks), "")
+        chunks = yield self.call(stream, extra_body={"include_reasoning": False})
+        self.assertEqual(
+            [c.choices[0].delta.model_extra.get("reasoning_content") for c in chunks],
+            [None] * len(chunks),
+        )
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "length")
+        self.assertNotPrinted(message.model_extra["reasoning_content"])
+
+    @defer.inlineCallbacks
+    def test_logprobs(self) -> Any:
+        completion = yield self.call(
+            self.client.chat.completions.create,
+            model="tools",
+            messages=[{"role": "user", "content": "Hi"}],
+            logprobs=True,
+            top_logprobs=2,
+            max_tokens=8,
+            temperature=0,
+        )
+        entries = completion.choices[0].logprobs.content
+        self.assertTrue(0 < len(entries) <= 8)
+        for entry in entries:
+            self.assertLessEqual(entry.logprob, 0)
+            self.assertEqual(len(entry.top_logprobs), 2)
+
+        def stream() -> list[Any]:
+            chunks = self.client.chat.completions.create(
+                model="tools",
+                messages=[{"role": "user", "content": "Hi"}],
+                logprobs=True,
+                max_tokens=8,
+                stream=True,
+            )
+            return list(chunks)
+
+        chunks = yield self.call(stream)
+        streamed = [
+            e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+        ]
+        self.assertTrue(0 < len(streamed) <= 8)
 
 
 class ProxyStartup(TestCase):
@@ -250,7 +455,7 @@ class RequestMappingTests(SynchronousTestCase):
                     "role": "user",
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
-                {"role": "assistant", "content": "ok", "name": None},
+                {"role": "assistant", "content": "ok", "name": None, "tool_calls": []},
             ],
             max_completion_tokens=7,
             temperature=0.5,
@@ -265,25 +470,61 @@ class RequestMappingTests(SynchronousTestCase):
             seed=None,
         )
         self.assertEqual([m.role for m in request.messages], ["system", "user", "assistant"])
-        self.assertEqual(request.messages[1].content, "a\nb")
+        self.assertEqual(request.messages[1].content, ("a", "b"))
+        self.assertEqual(request.messages[2].tool_calls, ())
         self.assertEqual((request.max_tokens, request.temperature, request.top_p), (7, 0.5, 0.9))
         self.assertEqual(request.stop, ("\n",))
+        self.assertEqual((request.model, draft.model), (None, "llmrouter"))  # the default
         self.assertTrue(draft.stream and draft.include_usage)
+        self.assertTrue(request.include_reasoning)  # as reasoning_content, unless asked not to
+
+    def test_carried_v11_fields(self) -> None:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        schema = {"name": "out", "schema": {"type": "object"}, "strict": True}
+        request, draft = self.map(
+            model="small",
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            ],
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+            parallel_tool_calls=False,
+            response_format={"type": "json_schema", "json_schema": schema},
+            logprobs=True,
+            top_logprobs=3,
+            seed=7,
+            presence_penalty=0.5,
+            frequency_penalty=-0.5,
+            reasoning_effort="low",
+            include_reasoning=False,
+        )
+        self.assertEqual((request.model, draft.model), ("small", "small"))
+        self.assertEqual(request.messages[1].tool_calls[0].id, "c1")
+        self.assertEqual(request.messages[2].tool_call_id, "c1")
+        self.assertEqual(request.tool_choice, "f")
+        self.assertEqual(request.response_format.to_json()["json_schema"], schema)
+        fields = (request.parallel_tool_calls, request.logprobs, request.top_logprobs, request.seed)
+        self.assertEqual(fields, (False, True, 3, 7))
+        penalties = (request.presence_penalty, request.frequency_penalty, request.reasoning_effort)
+        self.assertEqual(penalties, (0.5, -0.5, "low"))
+        self.assertFalse(request.include_reasoning)
 
     def test_refused_by_name(self) -> None:
         for name, value in [
-            ("tools", []),
-            ("tool_choice", "auto"),
-            ("response_format", {"type": "text"}),
-            ("seed", 1),
             ("logit_bias", {}),
             ("user", "u1"),
-            ("reasoning_effort", "low"),
+            ("functions", []),
+            ("function_call", "auto"),
+            ("store", True),
+            ("modalities", ["text"]),
+            ("web_search_options", {}),
         ]:
             e = self.refused("unsupported_parameter", name, **{name: value})
             self.assertEqual(e.status, 400)
         self.refused("unsupported_parameter", "n other than 1", n=2)
-        self.refused("unsupported_parameter", "presence_penalty other than 0", presence_penalty=1)
         self.refused(
             "unsupported_parameter",
             "messages[].name",
@@ -296,16 +537,44 @@ class RequestMappingTests(SynchronousTestCase):
         )
         self.refused(
             "unsupported_parameter",
-            "messages[].role (only system, developer, user, assistant)",
-            messages=[{"role": "tool", "content": "x"}],
+            "messages[].role (only system, developer, user, assistant, tool)",
+            messages=[{"role": "function", "content": "x"}],
         )
+        self.refused(
+            "unsupported_parameter",
+            "messages[].role (only system, developer, user, assistant, tool)",
+            messages=[{"role": ["user"], "content": "x"}],  # not even hashable
+        )
+        # reasoning is not sent back: a history that carries it is refused, not stripped
+        reasoned = {"role": "assistant", "content": "4", "reasoning_content": "2+2"}
+        self.refused(
+            "unsupported_parameter",
+            "messages[].reasoning_content",
+            messages=[{"role": "user", "content": "x"}, reasoned],
+        )
+        self.refused(
+            "unsupported_parameter",
+            "messages[].tool_call_id",
+            messages=[{"role": "user", "content": "x", "tool_call_id": "c"}],
+        )
+        # the router's own checks of v1.1 fields, before anything is sent
+        for body in (
+            {"tools": []},
+            {"tool_choice": "auto"},
+            {"top_logprobs": 2},
+            {"reasoning_effort": "minimal"},
+            {"response_format": {"type": "xml"}},
+            {"messages": [{"role": "tool", "tool_call_id": "c", "content": "x"}]},
+        ):
+            self.refused("invalid_value", None, **body)
         self.refused(
             "invalid_value", "max_completion_tokens", max_tokens=3, max_completion_tokens=4
         )
         self.refused("invalid_value", "stream_options", stream_options={"include_usage": True})
         e = self.refused("invalid_value", None, top_p=0)
         self.assertIn("top_p", e.message)
-        self.refused("model_not_found", "model", model="gpt-4o")
+        self.refused("model_not_found", "model", model="bad name")
+        self.assertEqual(self.map(model="gpt-4o")[0].model, "gpt-4o")  # the router decides
         self.assertRaises(OpenAIError, to_request, b"[]", "llmrouter")
         self.assertRaises(OpenAIError, to_request, b"{", "llmrouter")
 

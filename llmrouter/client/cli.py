@@ -135,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     proxy.add_argument(
         "--model-name",
         default=proxy_module.DEFAULT_MODEL,
-        help=f"the model id served by /v1/models (default {proxy_module.DEFAULT_MODEL})",
+        help="the model id that stands for the router's default model (default"
+        f" {proxy_module.DEFAULT_MODEL}); /v1/models lists it and the router's models",
     )
     return parser
 

@@ -100,12 +100,15 @@ class _Collector:
 
     on_delta: Callable[[str], None]
     on_reasoning: Callable[[str], None] | None
+    on_item: Callable[[StreamItem], None] | None = None
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
     calls: dict[int, list[str]] = field(default_factory=dict)  # index -> [id, name, arguments...]
 
     def __call__(self, item: StreamItem) -> None:
+        if self.on_item is not None:
+            self.on_item(item)
         if isinstance(item, Delta):
             self.text.append(item.text)
             self.logprobs.extend(item.logprobs or ())
@@ -246,17 +249,20 @@ class Client:
         on_delta: Callable[[str], None] = lambda text: None,
         *,
         on_reasoning: Callable[[str], None] | None = None,
+        on_item: Callable[[StreamItem], None] | None = None,
     ) -> Reply:
         """Send one request and return the whole reply (tool calls assembled).
 
-        Reasoning reaches ``on_reasoning`` only for a request with ``include_reasoning``. On
-        ``key_unknown`` the key document is fetched again and the request resent once.
+        Reasoning reaches ``on_reasoning`` only for a request with ``include_reasoning``;
+        ``on_item`` sees every verified item as it arrives (tool-call fragments, logprobs), for
+        a caller that relays the stream. On ``key_unknown`` the key document is fetched again
+        and the request resent once.
         """
         for attempt in (0, 1):
             if attempt:
                 await self.fetch_keys()
             envelope, state = await self.seal(request)
-            collector = _Collector(on_delta, on_reasoning)
+            collector = _Collector(on_delta, on_reasoning, on_item)
             try:
                 done = await self.post(envelope, state, on_item=collector)
             except ChatError as e:

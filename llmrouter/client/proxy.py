@@ -5,12 +5,14 @@ the user's own machine; the proxy seals each request to the router with :class:`
 the sealed stream, so nothing between this machine and the router can read the conversation.
 
 Served: ``POST /v1/chat/completions`` (streaming and not, OpenAI's chunk format, ``[DONE]``),
-``GET /v1/models`` and ``GET /v1/models/<id>``. Errors are OpenAI-style
+``GET /v1/models`` and ``GET /v1/models/<id>`` (the router's models, from its ``GET /api/models``,
+and the proxy's own name for the router's default model). Errors are OpenAI-style
 ``{"error": {"message", "type", "param", "code"}}`` bodies.
 
-An OpenAI request field is either carried by protocol v1 (``_FIELDS``) or refused by name with 400
-``unsupported_parameter``; nothing is dropped silently. A later protocol version adds its fields
-(tools, response_format, reasoning, ...) to ``_FIELDS`` and its chunk types to the stream writer.
+An OpenAI request field is either carried by protocol v1.1 (``_FIELDS``) or refused by name with
+400 ``unsupported_parameter``; nothing is dropped silently. Answers come back in OpenAI's shapes:
+``tool_calls`` (fragments while streaming), ``logprobs``, finish reason ``tool_calls``, and the
+model's reasoning apart as ``reasoning_content``, as llama-server, vLLM and DeepSeek send it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +33,18 @@ from twisted.web import server
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
-from llmrouter.client.library import ChatError, Client
-from llmrouter.protocol import ChatRequest, Done, ProtocolError, parse_chat_request
+from llmrouter.chat import FIELDS, MODEL_NAME
+from llmrouter.client.library import ChatError, Client, Reply
+from llmrouter.protocol import (
+    ChatRequest,
+    Delta,
+    Logprob,
+    ProtocolError,
+    Reasoning,
+    StreamItem,
+    ToolCallDelta,
+    parse_chat_request,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -87,7 +99,10 @@ class OpenAIError(Exception):
 
 def _unsupported(name: str) -> OpenAIError:
     return OpenAIError(
-        400, f"{name} is not supported by this router (protocol v1)", "unsupported_parameter", name
+        400,
+        f"{name} is not supported by this router (protocol v1.1)",
+        "unsupported_parameter",
+        name,
     )
 
 
@@ -95,38 +110,51 @@ def _invalid(name: str, message: str) -> OpenAIError:
     return OpenAIError(400, message, "invalid_value", name)
 
 
-# The request: OpenAI fields -> protocol v1 plaintext.
+def _model_not_found(name: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"the router serves no model {name} (see GET /v1/models)", "model_not_found", "model"
+    )
+
+
+def _field_name(key: Any, fallback: str) -> str:
+    """A request's field name, for a message: only when it is a plain identifier."""
+    return key if isinstance(key, str) and key.isidentifier() else fallback
+
+
+# The request: OpenAI fields -> protocol v1.1 plaintext.
 
 
 @dataclass
 class _Draft:
-    """What an OpenAI request asks for, on its way to a protocol v1 request."""
+    """What an OpenAI request asks for, on its way to a protocol v1.1 request."""
 
-    model: str
+    default_model: str  # the proxy's name for the router's default model
+    model: str = ""  # the model as the client named it, echoed in the answer
     plaintext: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     include_usage: bool = False
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+# Message fields protocol v1.1 carries, besides role and content (checked by the router's rules).
+_MESSAGE_FIELDS = {"assistant": ("tool_calls",), "tool": ("tool_call_id",)}
 
 
-def _content(value: Any) -> str:
-    """A string, or a list of text parts (joined with newlines); any other part is refused."""
-    if isinstance(value, str):
-        return value
+def _content(value: Any) -> Any:
+    """A string, null, or a list of text parts; any other part is refused by its type."""
     if isinstance(value, list):
-        texts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text":
                 kind = part.get("type") if isinstance(part, dict) else None
-                name = kind if isinstance(kind, str) and kind.isidentifier() else "non-text"
+                name = _field_name(kind, "non-text")
                 raise _unsupported(f"messages[].content[].type={name}")
-            if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
-                raise _invalid("messages", "a text part has exactly type and text")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _invalid("messages", "message content must be a string or a list of text parts")
+    return value
 
 
 def _messages(value: Any, draft: _Draft) -> None:
@@ -136,14 +164,19 @@ def _messages(value: Any, draft: _Draft) -> None:
     for message in value:
         if not isinstance(message, dict):
             raise _invalid("messages", "each message must be an object")
-        for key in message:
-            if key not in ("role", "content") and message[key] is not None:
-                name = key if isinstance(key, str) and key.isidentifier() else "field"
-                raise _unsupported(f"messages[].{name}")
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = message.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
-            raise _unsupported("messages[].role (only system, developer, user, assistant)")
-        out.append({"role": role, "content": _content(message.get("content"))})
+            raise _unsupported("messages[].role (only system, developer, user, assistant, tool)")
+        carried = _MESSAGE_FIELDS.get(role, ())
+        for key in message:
+            if key not in ("role", "content", *carried) and message[key] is not None:
+                raise _unsupported(f"messages[].{_field_name(key, 'field')}")
+        mapped = {"role": role, "content": _content(message.get("content"))}
+        for key in carried:
+            if message.get(key) not in (None, []):  # no calls at all is what an empty list says
+                mapped[key] = message[key]
+        out.append(mapped)
     draft.plaintext["messages"] = out
 
 
@@ -180,13 +213,14 @@ def _stream_options(value: Any, draft: _Draft) -> None:
 
 
 def _model(value: Any, draft: _Draft) -> None:
-    if value != draft.model:
-        raise OpenAIError(
-            404,
-            f"this proxy serves one model, {draft.model} (see GET /v1/models)",
-            "model_not_found",
-            "model",
-        )
+    """The proxy's own name stands for the router's default model; any other is the router's."""
+    if not isinstance(value, str) or not (
+        value == draft.default_model or MODEL_NAME.fullmatch(value)
+    ):
+        raise _model_not_found("of that name")
+    draft.model = value
+    if value != draft.default_model:
+        draft.plaintext["model"] = value
 
 
 def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
@@ -199,44 +233,44 @@ def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
     return apply
 
 
-# Every OpenAI field the proxy accepts; ``null`` counts as absent.
+# Every OpenAI field the proxy accepts; ``null`` counts as absent. The request fields of protocol
+# v1.1 go as they are (the router's checks run on them before anything is sent) but for those
+# mapped here. ``include_reasoning`` is not OpenAI's (OpenRouter's spelling): reasoning is sent as
+# ``reasoning_content`` unless it is false.
 _FIELDS: dict[str, Callable[[Any, _Draft], None]] = {
+    **{name: _copy(name) for name in FIELDS},
     "model": _model,
     "messages": _messages,
     "max_tokens": _max_tokens("max_tokens"),
     "max_completion_tokens": _max_tokens("max_completion_tokens"),
-    "temperature": _copy("temperature"),
-    "top_p": _copy("top_p"),
     "stop": _stop,
     "stream": _stream,
     "stream_options": _stream_options,
     "n": _only("n", 1),
-    "presence_penalty": _only("presence_penalty", 0),
-    "frequency_penalty": _only("frequency_penalty", 0),
-    "logprobs": _only("logprobs", False),
 }
 
 
-def to_request(body: bytes, model: str) -> tuple[ChatRequest, _Draft]:
-    """Map an OpenAI chat body to a protocol v1 request, or raise :class:`OpenAIError`."""
+def to_request(body: bytes, default_model: str) -> tuple[ChatRequest, _Draft]:
+    """Map an OpenAI chat body to a protocol v1.1 request, or raise :class:`OpenAIError`."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         raise OpenAIError(400, "the body is not JSON", "invalid_json") from None
     if not isinstance(doc, dict):
         raise OpenAIError(400, "the body must be a JSON object", "invalid_json")
-    draft = _Draft(model)
+    draft = _Draft(default_model, default_model)
     for name, value in doc.items():
         if value is None:
             continue
         apply = _FIELDS.get(name)
         if apply is None:
-            raise _unsupported(name if name.isidentifier() else "a field")
+            raise _unsupported(_field_name(name, "a field"))
         apply(value, draft)
     if "messages" not in draft.plaintext:
         raise _invalid("messages", "messages is required")
     if draft.include_usage and not draft.stream:
         raise _invalid("stream_options", "stream_options needs stream: true")
+    draft.plaintext.setdefault("include_reasoning", True)
     try:
         request = parse_chat_request(json.dumps(draft.plaintext).encode())
     except ProtocolError as e:
@@ -248,6 +282,10 @@ def to_request(body: bytes, model: str) -> tuple[ChatRequest, _Draft]:
 
 
 def _from_chat_error(error: ChatError) -> OpenAIError:
+    if error.code == "model_unknown":
+        return _model_not_found("of that name")
+    if error.code == "unsupported_field":
+        return OpenAIError(400, error.message, "unsupported_parameter")
     status = error.status
     if status is None or status == 401 or status >= 500:
         # Trouble between the proxy and the router (stream cut, key document, proof of work,
@@ -256,8 +294,55 @@ def _from_chat_error(error: ChatError) -> OpenAIError:
     return OpenAIError(status, error.message, error.code, retry_after=error.retry_after)
 
 
-def _unreachable() -> OpenAIError:
-    return OpenAIError(502, "cannot talk to the router", "router_unreachable")
+def _to_openai_error(failure: Failure) -> OpenAIError:
+    if isinstance(failure.value, OpenAIError):
+        return failure.value
+    if isinstance(failure.value, ChatError):
+        return _from_chat_error(failure.value)
+    if failure.check(ConnectError, ResponseFailed, ResponseNeverReceived):
+        return OpenAIError(502, "cannot talk to the router", "router_unreachable")
+    # Not logged: an unexpected exception's text could quote the conversation.
+    return OpenAIError(500, "internal error", "internal")
+
+
+# Answers: protocol v1.1 -> OpenAI shapes.
+
+
+def _logprob(entry: Logprob, top: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": None if entry.bytes is None else list(entry.bytes),
+    }
+    if top:
+        out["top_logprobs"] = [_logprob(alt, top=False) for alt in entry.top_logprobs]
+    return out
+
+
+def _logprobs(entries: tuple[Logprob, ...]) -> dict[str, Any]:
+    return {"content": [_logprob(entry) for entry in entries], "refusal": None}
+
+
+def _usage(reply: Reply) -> dict[str, int]:
+    done = reply.done
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+def _reply_message(reply: Reply) -> dict[str, Any]:
+    """The non-streaming ``message``: content null when the answer is only tool calls."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": reply.text or (None if reply.tool_calls else ""),
+    }
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [call.to_json() for call in reply.tool_calls]
+    return message
 
 
 # The HTTP side.
@@ -269,12 +354,16 @@ class _Completion:
     def __init__(self, http: server.Request, client: Client, request: ChatRequest, draft: _Draft):
         self._http = http
         self._draft = draft
+        self._logprobs = bool(request.logprobs)
         self._id = "chatcmpl-" + secrets.token_hex(12)
         self._created = int(time.time())
-        self._text: list[str] = []
+        self._calls: set[int] = set()  # tool calls whose first fragment went out
         self._started = False
         self._gone = False
-        self._call: Deferred[Done] = Deferred.fromCoroutine(client.chat(request, self._delta))
+        on_item = self._item if draft.stream else None
+        self._call: Deferred[Reply] = Deferred.fromCoroutine(
+            client.complete(request, on_item=on_item)
+        )
         self._call.addCallbacks(self._done, self._failed)
         # The client went away: cancelling closes the router connection, the router cancels.
         http.notifyFinish().addErrback(self._left)
@@ -285,7 +374,7 @@ class _Completion:
 
     # Streaming.
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
             "id": self._id,
             "object": "chat.completion.chunk",
@@ -305,33 +394,45 @@ class _Completion:
             self._http.setHeader(b"Cache-Control", b"no-store")
             self._event(self._chunk({"role": "assistant", "content": ""}))
 
-    def _delta(self, text: str) -> None:
+    def _item(self, item: StreamItem) -> None:
+        """Each verified item, as OpenAI streams it; empty deltas (a cadence's filler) are not."""
         if self._gone:
             return
-        if not self._draft.stream:
-            self._text.append(text)
-            return
-        self._start()
-        self._event(self._chunk({"content": text}))
+        chunk: dict[str, Any] | None = None
+        if isinstance(item, Delta) and (item.text or item.logprobs):
+            chunk = self._chunk({"content": item.text})
+            if self._logprobs:
+                chunk["choices"][0]["logprobs"] = _logprobs(item.logprobs or ())
+        elif isinstance(item, Reasoning) and item.text:
+            chunk = self._chunk({"reasoning_content": item.text})
+        elif isinstance(item, ToolCallDelta):
+            call: dict[str, Any] = {"index": item.index}
+            function: dict[str, Any] = {"arguments": item.arguments}
+            if item.index not in self._calls:  # OpenAI's first fragment names the call
+                self._calls.add(item.index)
+                call.update(id=item.id or f"call_{item.index}", type="function")
+                function = {"name": item.name or "", **function}
+            call["function"] = function
+            chunk = self._chunk({"tool_calls": [call]})
+        if chunk is not None:
+            self._start()
+            self._event(chunk)
 
-    def _usage(self, done: Done) -> dict[str, int]:
-        return {
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-        }
-
-    def _done(self, done: Done) -> None:
+    def _done(self, reply: Reply) -> None:
         if self._gone:
             return
-        if done.finish_reason not in ("stop", "length"):
+        if reply.finish_reason == "cancelled":
             self._failed(
                 Failure(ChatError("cancelled", "the router cancelled the generation", None))
             )
             return
         if not self._draft.stream:
-            message = {"role": "assistant", "content": "".join(self._text)}
-            choice = {"index": 0, "message": message, "finish_reason": done.finish_reason}
+            choice = {
+                "index": 0,
+                "message": _reply_message(reply),
+                "logprobs": _logprobs(reply.logprobs) if self._logprobs else None,
+                "finish_reason": reply.finish_reason,
+            }
             _json(
                 self._http,
                 200,
@@ -340,28 +441,22 @@ class _Completion:
                     "object": "chat.completion",
                     "created": self._created,
                     "model": self._draft.model,
-                    "choices": [{**choice, "logprobs": None}],
-                    "usage": self._usage(done),
+                    "choices": [choice],
+                    "usage": _usage(reply),
                 },
             )
             return
         self._start()
-        self._event(self._chunk({}, done.finish_reason))
+        self._event(self._chunk({}, reply.finish_reason))
         if self._draft.include_usage:
-            self._event({**self._chunk({}), "choices": [], "usage": self._usage(done)})
+            self._event({**self._chunk({}), "choices": [], "usage": _usage(reply)})
         self._http.write(b"data: [DONE]\n\n")
         self._http.finish()
 
     def _failed(self, failure: Failure) -> None:
         if self._gone or failure.check(CancelledError):
             return
-        if isinstance(failure.value, ChatError):
-            error = _from_chat_error(failure.value)
-        elif failure.check(ConnectError, ResponseFailed, ResponseNeverReceived):
-            error = _unreachable()
-        else:
-            # Not logged: an unexpected exception's text could quote the conversation.
-            error = OpenAIError(500, "internal error", "internal")
+        error = _to_openai_error(failure)
         if not self._started:
             _error(self._http, error)
             return
@@ -384,8 +479,34 @@ def _error(http: server.Request, error: OpenAIError) -> None:
     _json(http, error.status, error.body())
 
 
+class _Answer:
+    """A JSON answer computed by a coroutine (asking the router); dropped if the client left."""
+
+    def __init__(self, http: server.Request, work: Coroutine[Any, Any, Any]) -> None:
+        self._http = http
+        self._gone = False
+        self._work = Deferred.fromCoroutine(work)
+        self._work.addCallbacks(self._done, self._failed)
+        http.notifyFinish().addErrback(self._left)
+
+    def _left(self, _: Failure) -> None:
+        self._gone = True
+        self._work.cancel()
+
+    def _done(self, doc: Any) -> None:
+        if not self._gone:
+            _json(self._http, 200, doc)
+
+    def _failed(self, failure: Failure) -> None:
+        if not self._gone and not failure.check(CancelledError):
+            _error(self._http, _to_openai_error(failure))
+
+
+_MODELS = b"/v1/models"
+
+
 class ProxyResource(Resource):
-    """The whole HTTP surface of the proxy."""
+    """The whole HTTP surface of the proxy. ``model`` is its name for the router's default."""
 
     isLeaf = True
 
@@ -394,8 +515,24 @@ class ProxyResource(Resource):
         self._client = client
         self._model = model
 
-    def _models(self) -> dict[str, Any]:
-        return {"id": self._model, "object": "model", "created": 0, "owned_by": "llmrouter"}
+    @staticmethod
+    def _entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "llmrouter"}
+
+    async def _models(self, wanted: str | None) -> dict[str, Any]:
+        """The proxy's name for the default first, then the router's (none from a v1 router)."""
+        try:
+            names = await self._client.models()
+        except ChatError as e:
+            if e.code != "not_found":
+                raise
+            names = []
+        names = [self._model, *(name for name in names if name != self._model)]
+        if wanted is None:
+            return {"object": "list", "data": [self._entry(name) for name in names]}
+        if wanted not in names:
+            raise _model_not_found("of that name")
+        return self._entry(wanted)
 
     def render(self, request: server.Request) -> Any:
         path = request.path.rstrip(b"/")
@@ -403,12 +540,10 @@ class ProxyResource(Resource):
             if path == b"/v1/chat/completions":
                 self._allow(request, b"POST")
                 return self._chat(request)
-            if path == b"/v1/models":
+            if path == _MODELS or path.startswith(_MODELS + b"/"):
                 self._allow(request, b"GET")
-                _json(request, 200, {"object": "list", "data": [self._models()]})
-            elif path == b"/v1/models/" + self._model.encode():
-                self._allow(request, b"GET")
-                _json(request, 200, self._models())
+                wanted = path[len(_MODELS) + 1 :].decode("utf-8", "replace") or None
+                _Answer(request, self._models(wanted))
             else:
                 raise OpenAIError(404, "no such endpoint on this proxy", "not_found")
         except OpenAIError as e:

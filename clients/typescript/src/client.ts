@@ -18,26 +18,33 @@ import {
   RouterError,
   TruncatedStreamError,
   routerError,
+  type UpstreamRefusal,
 } from './errors.js';
 import { generateKeyPair, type KeyPair, N_SK, publicKey } from './hpke.js';
 import { challengeDifficulty, HEADER as POW_HEADER, solve } from './pow.js';
+import { type ChatRequest, type ExpectedChunks, expectedChunks, MODEL_NAME, requestPlaintext } from './chat.js';
 import {
-  type ChatRequest,
   checkKeyDocumentTimes,
   DEFAULT_PAD,
-  type DeltaEvent,
-  type DoneEvent,
   type KeyDocument,
   type RequestState,
-  requestPlaintext,
   ResponseOpener,
   sealRequest,
   verifyKeyDocument,
 } from './protocol.js';
+import { type ChatEvent, type Reply, ReplyBuilder } from './reply.js';
 import { type KeyStorage, MemoryStorage } from './storage.js';
 
-/** What `chat()` yields: verified text deltas, then one `done` event with the usage. */
-export type ChatEvent = DeltaEvent | DoneEvent;
+export type { ChatEvent } from './reply.js';
+
+/** `GET /api/models`: what a request's `model` may be (names only, not signed). */
+export interface ModelList {
+  /** `'1.1'` (or later); `'1'` for a router that predates the list: send it v1 fields only. */
+  protocol: string;
+  /** What a request without `model` gets; null when any backend may answer. */
+  default: string | null;
+  models: string[];
+}
 
 /** The part of a `fetch` Response the client reads (global `fetch`, `expo/fetch`, ...). */
 export interface FetchResponse {
@@ -263,13 +270,59 @@ export class LLMRouterClient {
   // Chat.
 
   /**
-   * Send one request and yield its verified deltas, then a `done` event with the usage. Aborting
-   * `signal` (or leaving the loop early) closes the connection, and the router stops generating.
+   * The models the router serves (`GET /api/models`), and whether it speaks protocol v1.1: a v1
+   * router has no such list (`protocol: '1'`), and refuses every v1.1 field with `bad_payload`.
+   */
+  async models(options: { signal?: AbortSignal } = {}): Promise<ModelList> {
+    const { signal } = options;
+    const response = await this.guard(signal, () =>
+      this.fetch('/api/models', { method: 'GET', headers: { Accept: 'application/json' }, signal }),
+    );
+    const body = await this.guard(signal, () => response.text());
+    if (response.status !== 200) {
+      const error = refusalError(response.status, body, response);
+      if (response.status === 404 && error.code === 'not_found') return { protocol: '1', default: null, models: [] };
+      throw error;
+    }
+    const malformed = () => new RouterError('bad_models', 'the model list is malformed');
+    let doc: Record<string, unknown>;
+    try {
+      doc = JSON.parse(body) as Record<string, unknown>;
+    } catch {
+      throw malformed();
+    }
+    const name = (value: unknown): value is string => typeof value === 'string' && MODEL_NAME.test(value);
+    const entries = doc?.data;
+    if (typeof doc?.protocol !== 'string' || !(doc.default === null || name(doc.default)) || !Array.isArray(entries)) throw malformed();
+    const models = entries.map((entry: unknown) => (entry as Record<string, unknown> | null)?.id);
+    if (!models.every(name)) throw malformed();
+    return { protocol: doc.protocol, default: doc.default, models };
+  }
+
+  /**
+   * Send one request and yield its verified events as they arrive: `delta` (answer text), and
+   * for a request that asked for them `reasoning`, `tool_call` fragments and `logprobs`; then a
+   * `done` event with the finish reason and usage. Aborting `signal` (or leaving the loop early)
+   * closes the connection, and the router stops generating.
    */
   async *chat(request: ChatRequest, options: { signal?: AbortSignal } = {}): AsyncGenerator<ChatEvent, void, undefined> {
-    requestPlaintext(request); // refuse a bad request before any network traffic
+    const expects = expectedChunks(requestPlaintext(request)); // a bad request never leaves
     const { response, state } = await this.send(request, options.signal);
-    yield* this.read(response, state, options.signal);
+    yield* this.read(response, state, expects, options.signal);
+  }
+
+  /**
+   * Send one request and return the whole reply: text, reasoning, tool calls assembled from
+   * their fragments, logprobs, usage, and the assistant message for the history. `onEvent` sees
+   * every event as it arrives (to show the text streaming).
+   */
+  async complete(request: ChatRequest, options: { signal?: AbortSignal; onEvent?: (event: ChatEvent) => void } = {}): Promise<Reply> {
+    const builder = new ReplyBuilder();
+    for await (const event of this.chat(request, { signal: options.signal })) {
+      builder.add(event);
+      options.onEvent?.(event);
+    }
+    return builder.reply();
   }
 
   private async send(request: ChatRequest, signal: AbortSignal | undefined): Promise<{ response: FetchResponse; state: RequestState }> {
@@ -327,8 +380,8 @@ export class LLMRouterClient {
       const response = await this.guard(signal, () => this.fetch('/api/chat', { method: 'POST', headers, body, signal }));
       if (response.status === 200) return { response, state };
       const text = await this.guard(signal, () => response.text());
-      const { code, message, retryAfter, challenge } = refusal(response.status, text, response);
-      const error = routerError(code, message, response.status, retryAfter);
+      const { code, message, retryAfter, challenge, upstream } = refusal(response.status, text, response);
+      const error = routerError(code, message, response.status, retryAfter, upstream);
       if (code !== 'pow_required' || POW_HEADER in headers || challenge === undefined) throw error;
       let difficulty: number;
       try {
@@ -354,8 +407,13 @@ export class LLMRouterClient {
     }
   }
 
-  private async *read(response: FetchResponse, state: RequestState, signal: AbortSignal | undefined): AsyncGenerator<ChatEvent, void, undefined> {
-    const opener = new ResponseOpener(state);
+  private async *read(
+    response: FetchResponse,
+    state: RequestState,
+    expects: ExpectedChunks,
+    signal: AbortSignal | undefined,
+  ): AsyncGenerator<ChatEvent, void, undefined> {
+    const opener = new ResponseOpener(state, expects);
     const body = response.body;
     if (body === undefined || body === null) {
       // No streaming body on this platform: the same checks, all at once.
@@ -405,6 +463,7 @@ interface Refusal {
   message: string;
   retryAfter: number | undefined;
   challenge: string | undefined;
+  upstream: UpstreamRefusal | undefined;
 }
 
 /** The router's JSON refusal `{"error": {"code", "message", ...}}` (or just the status). */
@@ -419,15 +478,20 @@ function refusal(status: number, body: string, response: FetchResponse): Refusal
     error = undefined;
   }
   if (error === undefined || typeof error.code !== 'string' || typeof error.message !== 'string') {
-    return { code: 'http_error', message: `the router answered HTTP ${status}`, retryAfter, challenge: undefined };
+    return { code: 'http_error', message: `the router answered HTTP ${status}`, retryAfter, challenge: undefined, upstream: undefined };
   }
   const challenge = typeof error.challenge === 'string' ? error.challenge : undefined;
-  return { code: error.code, message: error.message, retryAfter, challenge };
+  let upstream: UpstreamRefusal | undefined;
+  if (Number.isInteger(error.upstream_status)) {
+    upstream = { status: error.upstream_status as number };
+    if (typeof error.upstream_code === 'string') upstream.code = error.upstream_code;
+  }
+  return { code: error.code, message: error.message, retryAfter, challenge, upstream };
 }
 
 function refusalError(status: number, body: string, response: FetchResponse): LLMRouterError {
-  const { code, message, retryAfter } = refusal(status, body, response);
-  return routerError(code, message, status, retryAfter);
+  const { code, message, retryAfter, upstream } = refusal(status, body, response);
+  return routerError(code, message, status, retryAfter, upstream);
 }
 
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {

@@ -27,6 +27,9 @@ export type RouterErrorCode =
   | 'replay'
   | 'decrypt_failed'
   | 'bad_payload'
+  | 'model_unknown'
+  | 'unsupported_field'
+  | 'upstream_refused'
   | 'device_rate_limited'
   | 'budget_exhausted'
   | 'device_streams'
@@ -53,7 +56,8 @@ export type ClientErrorCode =
   | 'bad_key_document'
   | 'pin_mismatch'
   | 'stale_key_document'
-  | 'pow_too_hard';
+  | 'pow_too_hard'
+  | 'bad_models';
 
 export type ErrorCode = RouterErrorCode | ClientErrorCode;
 
@@ -78,7 +82,7 @@ export class ConfigurationError extends LLMRouterError {
   }
 }
 
-/** The request cannot be sent as protocol v1: `field` names the offending field. */
+/** The request cannot be sent as protocol v1.1: `field` names the offending field. */
 export class InvalidRequestError extends LLMRouterError {
   constructor(
     code: 'invalid_request' | 'unsupported_field',
@@ -151,17 +155,36 @@ export class RateLimitedError extends LLMRouterError {
   }
 }
 
+/** What the router says of a backend's own refusal (`upstream_refused`): never its message. */
+export interface UpstreamRefusal {
+  /** The backend's HTTP status. */
+  status: number;
+  /** The backend's error code, when it gave one. */
+  code?: string;
+}
+
 /**
- * Any other refusal (`replay`, `stale`, `overloaded`, `no_backend`, ...), or a stream that ended
- * with the router's sealed error chunk (`upstream_failed`, `timeout`, ...).
+ * Any other refusal (`replay`, `stale`, `overloaded`, `model_unknown`, `unsupported_field`,
+ * `upstream_refused`, ...), or a stream that ended with the router's sealed error chunk
+ * (`upstream_failed`, `timeout`, ...).
  */
-export class RouterError extends LLMRouterError {}
+export class RouterError extends LLMRouterError {
+  constructor(
+    code: string,
+    message: string,
+    status?: number,
+    /** For `upstream_refused`: what the backend answered. */
+    readonly upstream?: UpstreamRefusal,
+  ) {
+    super(code, message, status);
+  }
+}
 
 const RATE_LIMIT_CODES = new Set(['rate_limited', 'device_rate_limited', 'budget_exhausted', 'device_streams']);
 
 /** The typed error for a router refusal with `code` (HTTP `status`, `Retry-After` seconds). */
-export function routerError(code: string, message: string, status?: number, retryAfter?: number): LLMRouterError {
+export function routerError(code: string, message: string, status?: number, retryAfter?: number, upstream?: UpstreamRefusal): LLMRouterError {
   if (RATE_LIMIT_CODES.has(code)) return new RateLimitedError(code, message, status, retryAfter);
   if (code === 'key_unknown') return new KeyRotationError(message, status);
-  return new RouterError(code, message, status);
+  return new RouterError(code, message, status, upstream);
 }

@@ -1,16 +1,17 @@
 /**
- * Wire protocol v1, client side (docs/protocol.md): the request plaintext and its checks, the
- * sealed envelope, the sealed SSE response stream, the signed key document.
+ * Wire protocol v1.1, client side (docs/protocol.md): the sealed envelope, the sealed SSE
+ * response stream and its chunk types, the signed key document. The request plaintext and its
+ * checks are `chat.ts`.
  *
- * Pure functions of bytes and time, no I/O: `client.ts` does the HTTP. The tables of request
- * fields and chunk types are where later protocol versions add theirs.
+ * Pure functions of bytes and time, no I/O: `client.ts` does the HTTP.
  */
 
 import { equalBytes } from '@noble/ciphers/utils.js';
 import { ed25519 } from '@noble/curves/ed25519.js';
 
 import { b64uDecode, b64uEncode, concat, EncodingError, fromUtf8, i2osp, randomBytes, utf8, xor } from './bytes.js';
-import { DecryptionError, EncryptionError, InvalidRequestError, KeyDocumentError, TruncatedStreamError } from './errors.js';
+import { type ChatRequest, type ExpectedChunks, requestPlaintext } from './chat.js';
+import { DecryptionError, EncryptionError, KeyDocumentError, TruncatedStreamError } from './errors.js';
 import * as hpke from './hpke.js';
 import { SSEParser, SSEError } from './sse.js';
 
@@ -21,110 +22,21 @@ export const DEFAULT_PAD = 64;
 export const RID_BYTES = 16;
 export const RESPONSE_NONCE_BYTES = 32;
 export const SUITE = { kem: hpke.KEM_ID, kdf: hpke.KDF_ID, aead: hpke.AEAD_ID } as const;
-export const MAX_STOP_SEQUENCES = 4;
 const FINAL_AAD = utf8('final');
 const EMPTY = new Uint8Array(0);
 
-// The request.
+// The request plaintext: chat.ts (re-exported here, where v1 had it).
 
-export type Role = 'system' | 'user' | 'assistant';
-
-export interface Message {
-  role: Role;
-  content: string;
-}
-
-/** A chat request as protocol v1 carries it; the names are the wire's (and OpenAI's). */
-export interface ChatRequest {
-  messages: Message[];
-  max_tokens?: number;
-  temperature?: number;
-  top_p?: number;
-  stop?: string[];
-}
-
-type FieldCheck = (value: unknown) => string | undefined;
-
-const ROLES = new Set<unknown>(['system', 'user', 'assistant']);
-
-function isNumber(value: unknown): value is number {
-  return typeof value === 'number' && Number.isFinite(value);
-}
-
-/**
- * Every request field v1 defines, with its check (an error message, or undefined when fine).
- * A later version adds its fields here; anything not listed is refused by name, never dropped.
- */
-export const REQUEST_FIELDS: Readonly<Record<string, FieldCheck>> = {
-  messages: (value) => {
-    if (!Array.isArray(value) || value.length === 0) return 'messages must be a non-empty list';
-    for (const item of value) {
-      if (typeof item !== 'object' || item === null || Array.isArray(item)) {
-        return 'each message must be an object with role and content';
-      }
-      for (const key of Object.keys(item)) {
-        if (key !== 'role' && key !== 'content') return `message field ${safeName(key)} is not supported by protocol v1`;
-      }
-      const message = item as Record<string, unknown>;
-      if (!ROLES.has(message.role)) return 'message role must be system, user or assistant';
-      if (typeof message.content !== 'string') return 'message content must be a string';
-    }
-    return undefined;
-  },
-  max_tokens: (value) =>
-    Number.isSafeInteger(value) && (value as number) >= 1 ? undefined : 'max_tokens must be a positive integer',
-  temperature: (value) =>
-    isNumber(value) && value >= 0 && value <= 2 ? undefined : 'temperature must be a number from 0 to 2',
-  top_p: (value) =>
-    isNumber(value) && value > 0 && value <= 1 ? undefined : 'top_p must be a number above 0 and at most 1',
-  stop: (value) =>
-    Array.isArray(value) &&
-    value.length <= MAX_STOP_SEQUENCES &&
-    value.every((s) => typeof s === 'string' && s.length > 0)
-      ? undefined
-      : `stop must be a list of at most ${MAX_STOP_SEQUENCES} non-empty strings`,
-};
-
-function hasOwn(object: object, name: string): boolean {
-  return Object.prototype.hasOwnProperty.call(object, name);
-}
-
-/** A field name for a message: names are the caller's code, not user content, but keep them short. */
-function safeName(name: string): string {
-  return /^[A-Za-z0-9_]{1,64}$/.test(name) ? name : '(unnamed)';
-}
-
-/**
- * Check `request` and return the plaintext object, fields in the wire's order. Unknown fields are
- * refused by name (`unsupported_field`); `undefined` values count as absent.
- */
-export function requestPlaintext(request: ChatRequest): Record<string, unknown> {
-  if (typeof request !== 'object' || request === null) {
-    throw new InvalidRequestError('invalid_request', 'the request must be an object', '');
-  }
-  const source = request as unknown as Record<string, unknown>;
-  const out: Record<string, unknown> = {};
-  for (const [name, value] of Object.entries(source)) {
-    if (value !== undefined && !hasOwn(REQUEST_FIELDS, name)) {
-      throw new InvalidRequestError(
-        'unsupported_field',
-        `${safeName(name)} is not supported by protocol v1`,
-        safeName(name),
-      );
-    }
-  }
-  if (source.messages === undefined) {
-    throw new InvalidRequestError('invalid_request', 'messages must be a non-empty list', 'messages');
-  }
-  for (const [name, check] of Object.entries(REQUEST_FIELDS)) {
-    const value = source[name];
-    if (value === undefined) continue;
-    const problem = check(value);
-    if (problem !== undefined) throw new InvalidRequestError('invalid_request', problem, name);
-    out[name] = name === 'messages' ? (value as Message[]).map((m) => ({ role: m.role, content: m.content })) : value;
-  }
-  return out;
-}
+export {
+  type ChatRequest,
+  type Content,
+  type ExpectedChunks,
+  expectedChunks,
+  MAX_STOP_SEQUENCES,
+  type Message,
+  requestPlaintext,
+  type Role,
+} from './chat.js';
 
 /** UTF-8 JSON followed by ASCII spaces up to a multiple of `size` (JSON ignores them). */
 export function pad(data: Uint8Array, size: number): Uint8Array {
@@ -358,14 +270,50 @@ export interface Usage {
   completion_tokens: number;
 }
 
+/** An alternative token; `logprob` -9999 stands for minus infinity, as OpenAI writes it. */
+export interface TopLogprob {
+  token: string;
+  logprob: number;
+  bytes?: number[];
+}
+
+/** (1.1) A sampled token's log probability and its most likely alternatives. */
+export interface Logprob extends TopLogprob {
+  top_logprobs: TopLogprob[];
+}
+
+/** Answer text, in order; `logprobs` (1.1) only for a request with `logprobs: true`. */
 export interface DeltaEvent {
   type: 'delta';
   text: string;
+  logprobs?: Logprob[];
 }
+
+/** (1.1) The model's reasoning, apart from the answer; only for `include_reasoning: true`. */
+export interface ReasoningEvent {
+  type: 'reasoning';
+  text: string;
+  logprobs?: Logprob[];
+}
+
+/**
+ * (1.1) One fragment of tool call number `index`, only for a request with `tools`: `id` and
+ * `name` come with its first fragment, the `arguments` fragments concatenate to its JSON.
+ */
+export interface ToolCallEvent {
+  type: 'tool_call';
+  index: number;
+  id?: string;
+  name?: string;
+  arguments: string;
+}
+
+/** `tool_calls` (1.1) only for a request with `tools`: the model stopped to call them. */
+export type FinishReason = 'stop' | 'length' | 'cancelled' | 'tool_calls';
 
 export interface DoneEvent {
   type: 'done';
-  finish_reason: 'stop' | 'length' | 'cancelled';
+  finish_reason: FinishReason;
   usage: Usage;
 }
 
@@ -376,36 +324,17 @@ export interface ErrorEvent {
   message: string;
 }
 
-export type StreamItem = DeltaEvent | DoneEvent | ErrorEvent;
+export type StreamItem = DeltaEvent | ReasoningEvent | ToolCallEvent | DoneEvent | ErrorEvent;
 export type FinalItem = DoneEvent | ErrorEvent;
 
-type ChunkParser = (doc: Record<string, unknown>) => StreamItem | undefined;
+/** What a v1 request may receive: text deltas only. */
+export const V1_CHUNKS: Readonly<ExpectedChunks> = Object.freeze({ reasoning: false, toolCalls: false, logprobs: false });
 
-/** Chunk types inside `chunk` events: a later version adds its own (tool calls, reasoning). */
-export const CHUNK_TYPES: Readonly<Record<string, ChunkParser>> = {
-  delta: (doc) => (typeof doc.text === 'string' ? { type: 'delta', text: doc.text } : undefined),
-};
-
-const FINISH_REASONS = new Set<unknown>(['stop', 'length', 'cancelled']);
-
-/** Chunk types inside the `final` event. */
-export const FINAL_TYPES: Readonly<Record<string, ChunkParser>> = {
-  done: (doc) => {
-    const usage = doc.usage as Record<string, unknown> | null;
-    if (!FINISH_REASONS.has(doc.finish_reason) || typeof usage !== 'object' || usage === null) return undefined;
-    const { prompt_tokens, completion_tokens } = usage;
-    if (!Number.isSafeInteger(prompt_tokens) || !Number.isSafeInteger(completion_tokens)) return undefined;
-    return {
-      type: 'done',
-      finish_reason: doc.finish_reason as DoneEvent['finish_reason'],
-      usage: { prompt_tokens: prompt_tokens as number, completion_tokens: completion_tokens as number },
-    };
-  },
-  error: (doc) =>
-    typeof doc.code === 'string' && typeof doc.message === 'string'
-      ? { type: 'error', code: doc.code, message: doc.message }
-      : undefined,
-};
+const MAX_TOOL_INDEX = 63;
+const MAX_LOGPROB_ENTRIES = 256;
+const MAX_TOP_LOGPROBS = 20;
+const MIN_LOGPROB = -9999;
+const FINISH_REASONS = new Set<unknown>(['stop', 'length', 'cancelled', 'tool_calls']);
 
 /** RFC 9458 section 4.4 style response keys, with our own export label. */
 class ResponseKeys {
@@ -435,6 +364,10 @@ function badStream(message: string): DecryptionError {
  * Feed raw SSE bytes, get verified stream items back, in order. The stream is complete only once
  * `final` is set; `close()` on a stream without its verified final chunk throws
  * {@link TruncatedStreamError}.
+ *
+ * `expects` says which v1.1 chunk types the request asked for (`expectedChunks`); the router
+ * sends no others, so any other one is a broken stream, as is a chunk type this client does not
+ * know: code written for text deltas never meets anything else.
  */
 export class ResponseOpener {
   private readonly parser: SSEParser;
@@ -443,6 +376,7 @@ export class ResponseOpener {
 
   constructor(
     private readonly state: RequestState,
+    private readonly expects: ExpectedChunks = V1_CHUNKS,
     maxLine = 1 << 20,
   ) {
     this.parser = new SSEParser(maxLine, maxLine);
@@ -487,7 +421,7 @@ export class ResponseOpener {
       if (e instanceof DecryptionError) throw e;
       throw new DecryptionError('decryption_failed', 'a response chunk failed authentication');
     }
-    const item = parseChunk(plaintext, final ? FINAL_TYPES : CHUNK_TYPES);
+    const item = parseChunk(plaintext, final, this.expects);
     if (final) this.final = item as FinalItem;
     return item;
   }
@@ -502,7 +436,7 @@ function decodeChunk(text: unknown, length?: number): Uint8Array {
   }
 }
 
-function parseChunk(plaintext: Uint8Array, types: Readonly<Record<string, ChunkParser>>): StreamItem {
+function parseChunk(plaintext: Uint8Array, final: boolean, expects: ExpectedChunks): StreamItem {
   let doc: unknown;
   try {
     doc = parseJson(fromUtf8(plaintext)); // trailing padding spaces are JSON whitespace
@@ -510,9 +444,78 @@ function parseChunk(plaintext: Uint8Array, types: Readonly<Record<string, ChunkP
     doc = undefined;
   }
   if (typeof doc !== 'object' || doc === null || Array.isArray(doc)) throw badStream('malformed chunk JSON');
-  const record = doc as Record<string, unknown>;
-  const parser = typeof record.type === 'string' && hasOwn(types, record.type) ? types[record.type] : undefined;
-  const item = parser?.(record);
+  const item = final ? finalItem(doc as Record<string, unknown>) : chunkItem(doc as Record<string, unknown>);
   if (item === undefined) throw badStream('unexpected chunk content');
+  const asked =
+    (item.type !== 'reasoning' || expects.reasoning) &&
+    (item.type !== 'tool_call' || expects.toolCalls) &&
+    (item.type !== 'done' || item.finish_reason !== 'tool_calls' || expects.toolCalls) &&
+    (!('logprobs' in item) || expects.logprobs);
+  if (!asked) throw badStream('a chunk the request did not ask for');
   return item;
+}
+
+function chunkItem(doc: Record<string, unknown>): StreamItem | undefined {
+  if ((doc.type === 'delta' || doc.type === 'reasoning') && typeof doc.text === 'string') {
+    if (doc.logprobs === undefined) return { type: doc.type, text: doc.text };
+    const logprobs = logprobEntries(doc.logprobs);
+    return logprobs === undefined ? undefined : { type: doc.type, text: doc.text, logprobs };
+  }
+  if (doc.type === 'tool_call') {
+    const { index, id, name } = doc;
+    const optional = (value: unknown) => value === undefined || value === null || typeof value === 'string';
+    if (!Number.isInteger(index) || (index as number) < 0 || (index as number) > MAX_TOOL_INDEX) return undefined;
+    if (!optional(id) || !optional(name) || typeof doc.arguments !== 'string') return undefined;
+    return {
+      type: 'tool_call',
+      index: index as number,
+      ...(typeof id === 'string' ? { id } : {}),
+      ...(typeof name === 'string' ? { name } : {}),
+      arguments: doc.arguments,
+    };
+  }
+  return undefined;
+}
+
+function finalItem(doc: Record<string, unknown>): FinalItem | undefined {
+  if (doc.type === 'done') {
+    const usage = doc.usage as Record<string, unknown> | null;
+    if (!FINISH_REASONS.has(doc.finish_reason) || typeof usage !== 'object' || usage === null) return undefined;
+    const { prompt_tokens, completion_tokens } = usage;
+    if (!Number.isSafeInteger(prompt_tokens) || !Number.isSafeInteger(completion_tokens)) return undefined;
+    return {
+      type: 'done',
+      finish_reason: doc.finish_reason as FinishReason,
+      usage: { prompt_tokens: prompt_tokens as number, completion_tokens: completion_tokens as number },
+    };
+  }
+  if (doc.type === 'error' && typeof doc.code === 'string' && typeof doc.message === 'string') {
+    return { type: 'error', code: doc.code, message: doc.message };
+  }
+  return undefined;
+}
+
+/** The `logprobs` of a chunk, bounded and checked as the router checked them; undefined if bad. */
+function logprobEntries(raw: unknown): Logprob[] | undefined {
+  if (!Array.isArray(raw) || raw.length > MAX_LOGPROB_ENTRIES) return undefined;
+  const out: Logprob[] = [];
+  for (const entry of raw) {
+    const top = logprobEntry(entry);
+    const alternatives = (entry as Record<string, unknown> | null)?.top_logprobs ?? [];
+    if (top === undefined || !Array.isArray(alternatives) || alternatives.length > MAX_TOP_LOGPROBS) return undefined;
+    const parsed = alternatives.map(logprobEntry);
+    if (parsed.some((alt) => alt === undefined)) return undefined;
+    out.push({ ...top, top_logprobs: parsed as TopLogprob[] });
+  }
+  return out;
+}
+
+function logprobEntry(raw: unknown): TopLogprob | undefined {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) return undefined;
+  const { token, bytes } = raw as Record<string, unknown>;
+  const logprob = (raw as Record<string, unknown>).logprob ?? MIN_LOGPROB;
+  if (typeof token !== 'string' || typeof logprob !== 'number') return undefined;
+  if (bytes === undefined || bytes === null) return { token, logprob };
+  if (!Array.isArray(bytes) || !bytes.every((b) => Number.isInteger(b) && b >= 0 && b <= 255)) return undefined;
+  return { token, logprob, bytes: [...(bytes as number[])] };
 }

@@ -27,9 +27,20 @@ describe('client options', () => {
     assert.equal(new LLMRouterClient({ url: 'https://x//', pin: PIN }).url, 'https://x');
   });
 
-  it('refuses a request protocol v1 cannot carry before sending anything', async () => {
+  it('refuses a request the router would refuse before sending anything', async () => {
     const client = new LLMRouterClient({ url: 'https://x', pin: PIN, fetch: offline });
-    const request = { messages: [{ role: 'user' as const, content: 'hi' }], tools: [] };
-    await assert.rejects(client.chat(request).next(), (e: unknown) => e instanceof InvalidRequestError && e.field === 'tools');
+    const messages = [{ role: 'user' as const, content: 'hi' }];
+    const cases: [Record<string, unknown>, string, string][] = [
+      [{ messages, n: 2 }, 'n', 'unsupported_field'],
+      [{ messages, tools: [] }, 'tools', 'invalid_request'],
+      [{ messages, top_logprobs: 3 }, 'top_logprobs', 'invalid_request'],
+    ];
+    for (const [request, field, code] of cases) {
+      await assert.rejects(
+        client.chat(request as never).next(),
+        (e: unknown) => e instanceof InvalidRequestError && e.field === field && e.code === code,
+      );
+      await assert.rejects(client.complete(request as never), InvalidRequestError);
+    }
   });
 });

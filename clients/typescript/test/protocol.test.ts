@@ -1,6 +1,7 @@
 /**
- * Protocol v1 without a network: the worked example of docs/protocol.md recomputed, strict
- * base64url, the SSE parser, request checks, the key-document rules and the response opener.
+ * Protocol v1.1 without a network: the worked examples of docs/protocol.md recomputed, strict
+ * base64url, the SSE parser, the key-document rules and the response opener with every chunk
+ * type. The request checks are chat.test.ts.
  */
 
 import assert from 'node:assert/strict';
@@ -10,15 +11,17 @@ import { describe, it } from 'node:test';
 
 import { ed25519 } from '@noble/curves/ed25519.js';
 
-import { InvalidRequestError, KeyDocumentError, TruncatedStreamError } from '@llmrouter/client';
+import { type ChatEvent, KeyDocumentError, type Message, ReplyBuilder, TruncatedStreamError } from '@llmrouter/client';
 import * as hpke from '@llmrouter/client/hpke';
 import {
   type ChatRequest,
+  expectedChunks,
   type PublishedKey,
   requestAad,
   requestPlaintext,
   ResponseOpener,
   sealRequest,
+  type StreamItem,
   verifyKeyDocument,
 } from '@llmrouter/client/protocol';
 
@@ -30,42 +33,55 @@ const range = (from: number, to: number) => Uint8Array.from({ length: to - from 
 const hex = (data: Uint8Array) => Buffer.from(data).toString('hex');
 const b64u = (data: Uint8Array) => Buffer.from(data).toString('base64url');
 
-/** The last fenced block of docs/protocol.md that starts with `first` (the example's). */
-function fenced(first: string): string {
-  const start = DOC.lastIndexOf('```\n' + first);
-  assert.ok(start >= 0, `docs/protocol.md has no block starting with ${first}`);
-  return DOC.slice(start + 4, DOC.indexOf('```', start + 4)) + '\n'; // the blank line ending the last event
+/** From the first line of section `section` of docs/protocol.md that starts with `first` to the end of its fenced block. */
+function fenced(section: string, first: string): string {
+  const from = DOC.indexOf(`\n### ${section} `);
+  assert.ok(from >= 0, `docs/protocol.md has no section ${section}`);
+  const start = DOC.indexOf('\n' + first, from) + 1;
+  const next = DOC.indexOf('\n### ', from + 1);
+  assert.ok(start > 0 && (next < 0 || start < next), `section ${section} has no block starting with ${first}`);
+  return DOC.slice(start, DOC.indexOf('```', start)) + '\n'; // the blank line ending the last event
 }
 
-describe('the worked example of docs/protocol.md', () => {
-  const router = hpke.deriveKeyPair(range(0, 32));
-  const ephemeral = hpke.deriveKeyPair(range(32, 64));
-  const key: PublishedKey = { kid: '01', pk: router.pk, status: 'current', not_before: 1767225600, not_after: 1767312000 };
-  const request: ChatRequest = { messages: [{ role: 'user', content: 'Hello!' }], max_tokens: 16 };
-  const { envelope, state } = sealRequest(key, request, 1767225660, { ephemeral, rid: range(0, 16) });
+const router = hpke.deriveKeyPair(range(0, 32));
+const routerKey: PublishedKey = { kid: '01', pk: router.pk, status: 'current', not_before: 1767225600, not_after: 1767312000 };
 
-  it('recomputes every value the page shows', () => {
-    assert.ok(DOC.includes(hex(router.sk)));
-    assert.ok(DOC.includes(b64u(router.pk)));
-    assert.ok(DOC.includes(hex(ephemeral.sk)));
-    assert.ok(DOC.includes(JSON.stringify(requestPlaintext(request))));
-    assert.ok(DOC.includes(new TextDecoder().decode(requestAad(envelope))));
-    for (const line of JSON.stringify(envelope, null, 2).split('\n')) {
-      assert.ok(DOC.includes(line.trim()), `docs/protocol.md lacks ${line.trim()}`);
-    }
-    assert.equal(Buffer.from(envelope.ct, 'base64url').length, 144);
-    assert.ok(DOC.includes(hex(state.secret)));
-  });
+/** The example's fixed inputs, `first` bytes apart (RFC 9180 DeriveKeyPair on fixed ikm). */
+function example(request: ChatRequest, first: number) {
+  const ephemeral = hpke.deriveKeyPair(range(32 + first, 64 + first));
+  const sealed = sealRequest(routerKey, request, 1767225660, { ephemeral, rid: range(first, 16 + first) });
+  return { ephemeral, ...sealed };
+}
+
+function recomputed(request: ChatRequest, first: number, ctBytes: number): void {
+  const { ephemeral, envelope, state } = example(request, first);
+  assert.ok(DOC.includes(hex(router.sk)));
+  assert.ok(DOC.includes(b64u(router.pk)));
+  assert.ok(DOC.includes(hex(ephemeral.sk)));
+  assert.ok(DOC.includes(JSON.stringify(requestPlaintext(request))));
+  assert.ok(DOC.includes(new TextDecoder().decode(requestAad(envelope))));
+  for (const line of JSON.stringify(envelope, null, 2).split('\n')) {
+    assert.ok(DOC.includes(line.trim()), `docs/protocol.md lacks ${line.trim()}`);
+  }
+  assert.equal(Buffer.from(envelope.ct, 'base64url').length, ctBytes);
+  assert.ok(DOC.includes(hex(state.secret)));
+}
+
+describe('the worked example of docs/protocol.md: a text answer', () => {
+  const request: ChatRequest = { messages: [{ role: 'user', content: 'Hello!' }], max_tokens: 16 };
+  const { state } = example(request, 0);
+
+  it('recomputes every value the page shows', () => recomputed(request, 0, 144));
 
   it('opens the example stream', () => {
     const opener = new ResponseOpener(state);
-    const items = opener.feed(utf8(fenced('event: init')));
+    const items = opener.feed(utf8(fenced('7.1', 'event: init')));
     assert.deepEqual(items.filter((i) => i.type === 'delta').map((i) => (i.type === 'delta' ? i.text : '')), ['Hi', ' there']);
     assert.deepEqual(opener.close(), { type: 'done', finish_reason: 'stop', usage: { prompt_tokens: 9, completion_tokens: 2 } });
   });
 
   it('opens it fed one byte at a time, and refuses it with the wrong secret', () => {
-    const stream = utf8(fenced('event: init'));
+    const stream = utf8(fenced('7.1', 'event: init'));
     const opener = new ResponseOpener(state);
     const texts: string[] = [];
     for (let i = 0; i < stream.length; i++) {
@@ -74,6 +90,45 @@ describe('the worked example of docs/protocol.md', () => {
     assert.deepEqual(texts, ['Hi', ' there']);
     const wrong = new ResponseOpener({ enc: state.enc, secret: new Uint8Array(32) });
     assert.throws(() => wrong.feed(stream), { code: 'decryption_failed' });
+  });
+});
+
+describe('the worked example of docs/protocol.md: a tool call', () => {
+  const weather = {
+    type: 'function' as const,
+    function: {
+      name: 'get_weather',
+      description: 'Current weather in a city',
+      parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+    },
+  };
+  const question: Message = { role: 'user', content: 'Weather in Oslo?' };
+  const request: ChatRequest = { messages: [question], model: 'gpt-oss-20b', tools: [weather], tool_choice: 'required' };
+  const { state } = example(request, 128);
+  const stream = () => utf8(fenced('7.2', 'event: init'));
+
+  it('recomputes every value the page shows', () => recomputed(request, 128, 336));
+
+  it('opens the stream, assembles the call and sends its result back as the page shows', () => {
+    const opener = new ResponseOpener(state, expectedChunks(requestPlaintext(request)));
+    const items = opener.feed(stream());
+    assert.deepEqual(items.map((i) => i.type), ['tool_call', 'tool_call', 'tool_call', 'done']);
+    assert.deepEqual(items[0], { type: 'tool_call', index: 0, id: 'call_1', name: 'get_weather', arguments: '' });
+    const builder = new ReplyBuilder();
+    for (const item of items) builder.add(item as ChatEvent);
+    const reply = builder.reply();
+    assert.deepEqual(reply.tool_calls, [{ id: 'call_1', type: 'function', function: { name: 'get_weather', arguments: '{"city":"Oslo"}' } }]);
+    assert.deepEqual([reply.finish_reason, reply.usage, reply.text], ['tool_calls', { prompt_tokens: 71, completion_tokens: 12 }, '']);
+    assert.deepEqual(reply.message, { role: 'assistant', content: null, tool_calls: reply.tool_calls });
+
+    const result: Message = { role: 'tool', tool_call_id: reply.tool_calls[0]!.id, content: '{"temperature": 3}' };
+    const next = requestPlaintext({ ...request, tool_choice: undefined, messages: [question, reply.message, result] });
+    const shown = JSON.parse(fenced('7.2', '{"messages": [').replace('[...]', 'null')) as Record<string, unknown>;
+    assert.deepEqual(next.messages, shown.messages);
+  });
+
+  it('is a broken stream for a request that offered no tools', () => {
+    assert.throws(() => new ResponseOpener(state).feed(stream()), { code: 'bad_stream', message: /did not ask for/ });
   });
 });
 
@@ -87,50 +142,6 @@ describe('base64url', () => {
     for (const bad of [b64u(payload) + '=', Buffer.from(payload).toString('base64').replace(/=+$/, '') + '+', 'e31']) {
       const body = JSON.stringify({ payload: bad, signature: b64u(signature), signing_key: b64u(signingKey) });
       assert.throws(() => verifyKeyDocument(body, signingKey, 0), { code: 'bad_key_document', message: 'malformed key document' });
-    }
-  });
-});
-
-describe('request checks', () => {
-  const ok: ChatRequest = { messages: [{ role: 'user', content: 'hi' }] };
-  it('keeps the wire order and drops undefined values', () => {
-    const plaintext = requestPlaintext({ stop: ['\n'], temperature: 0.5, max_tokens: undefined, ...ok });
-    assert.deepEqual(Object.keys(plaintext), ['messages', 'temperature', 'stop']);
-  });
-  it('refuses fields protocol v1 cannot carry, by name', () => {
-    for (const field of ['tools', 'response_format', 'model', 'seed']) {
-      assert.throws(
-        () => requestPlaintext({ ...ok, [field]: 1 } as ChatRequest),
-        (e: unknown) => e instanceof InvalidRequestError && e.code === 'unsupported_field' && e.field === field && e.message.includes(field),
-      );
-    }
-    assert.throws(() => requestPlaintext({ messages: [{ role: 'user', content: 'x', name: 'n' }] } as unknown as ChatRequest), /message field name/);
-    assert.throws(() => requestPlaintext({ ...ok, toString: 1 } as unknown as ChatRequest), { code: 'unsupported_field' });
-  });
-  it('refuses bad values with the field name and without the content', () => {
-    const cases: [Record<string, unknown>, string][] = [
-      [{ messages: [] }, 'messages'],
-      [{ messages: [{ role: 'tool', content: 'secret words' }] }, 'messages'],
-      [{ messages: [{ role: 'user', content: 42 }] }, 'messages'],
-      [{ ...ok, max_tokens: 0 }, 'max_tokens'],
-      [{ ...ok, max_tokens: 1.5 }, 'max_tokens'],
-      [{ ...ok, temperature: 3 }, 'temperature'],
-      [{ ...ok, top_p: 0 }, 'top_p'],
-      [{ ...ok, stop: ['a', 'b', 'c', 'd', 'e'] }, 'stop'],
-      [{ ...ok, stop: [''] }, 'stop'],
-    ];
-    for (const [request, field] of cases) {
-      assert.throws(
-        () => requestPlaintext(request as unknown as ChatRequest),
-        (e: unknown) => e instanceof InvalidRequestError && e.field === field && !e.message.includes('secret'),
-      );
-    }
-  });
-  it('pads the plaintext to a multiple of 64 bytes', () => {
-    const key: PublishedKey = { kid: '00', pk: hpke.generateKeyPair().pk, status: 'current', not_before: 0, not_after: 1 };
-    for (const content of ['', 'a'.repeat(100)]) {
-      const { envelope } = sealRequest(key, { messages: [{ role: 'user', content }] }, 0);
-      assert.equal((Buffer.from(envelope.ct, 'base64url').length - 16) % 64, 0);
     }
   });
 });
@@ -235,11 +246,65 @@ describe('response stream', () => {
     assert.throws(() => open(init + `event: chunk\ndata: ${sealed(0, { type: 'done' })}\n\n`), { code: 'bad_stream' });
   });
   it('bounds lines and events', () => {
-    const opener = new ResponseOpener(state, 1024);
+    const opener = new ResponseOpener(state, undefined, 1024);
     assert.throws(() => opener.feed(utf8('data: ' + 'x'.repeat(2000))), { code: 'bad_stream' });
-    const many = new ResponseOpener(state, 1024);
+    const many = new ResponseOpener(state, undefined, 1024);
     assert.throws(() => many.feed(utf8('data: xxxxxxxxxx\n'.repeat(200))), { code: 'bad_stream' });
     assert.throws(() => new ResponseOpener(state).feed(new Uint8Array([0x64, 0x61, 0xff, 0x0a])), { code: 'bad_stream' });
+  });
+  it('delivers v1.1 chunks to a request that asked for them, and only to it', () => {
+    const asked = { reasoning: true, toolCalls: true, logprobs: true };
+    const logprobs = [{ token: 'a', logprob: -0.5, bytes: [97], top_logprobs: [{ token: 'b', logprob: null }] }];
+    const chunks = [
+      { type: 'reasoning', text: 'hmm' },
+      { type: 'delta', text: 'a', logprobs },
+      { type: 'tool_call', index: 1, id: 'c', name: 'f', arguments: '{' },
+      { type: 'tool_call', index: 1, id: null, arguments: '}' },
+    ];
+    const event = (i: number, doc: unknown) => `event: chunk\ndata: ${sealed(i, doc, false, 128)}\n\n`;
+    const finish = (i: number, reason: string) =>
+      `event: final\ndata: ${sealed(i, { type: 'done', finish_reason: reason, usage: { prompt_tokens: 1, completion_tokens: 4 } }, true)}\n\n`;
+    const opener = new ResponseOpener(state, asked);
+    const items: StreamItem[] = opener.feed(utf8(init + chunks.map((c, i) => event(i, c)).join('') + finish(4, 'tool_calls')));
+    assert.deepEqual(items, [
+      { type: 'reasoning', text: 'hmm' },
+      { type: 'delta', text: 'a', logprobs: [{ token: 'a', logprob: -0.5, bytes: [97], top_logprobs: [{ token: 'b', logprob: -9999 }] }] },
+      { type: 'tool_call', index: 1, id: 'c', name: 'f', arguments: '{' },
+      { type: 'tool_call', index: 1, arguments: '}' },
+      { type: 'done', finish_reason: 'tool_calls', usage: { prompt_tokens: 1, completion_tokens: 4 } },
+    ]);
+    const unasked: [unknown, keyof typeof asked][] = [[chunks[0], 'reasoning'], [chunks[1], 'logprobs'], [chunks[2], 'toolCalls']];
+    for (const [chunk, missing] of unasked) {
+      assert.throws(() => new ResponseOpener(state, { ...asked, [missing]: false }).feed(utf8(init + event(0, chunk))), {
+        code: 'bad_stream',
+        message: /did not ask for/,
+      });
+    }
+    assert.throws(() => new ResponseOpener(state, { ...asked, toolCalls: false }).feed(utf8(init + finish(0, 'tool_calls'))), { code: 'bad_stream' });
+    assert.throws(() => new ResponseOpener(state).feed(utf8(init + event(0, chunks[0]))), { code: 'bad_stream' }); // a v1 request
+  });
+  it('refuses malformed v1.1 chunks and chunk types it does not know', () => {
+    const all = { reasoning: true, toolCalls: true, logprobs: true };
+    const entry = { token: 'a', logprob: -1, top_logprobs: [] };
+    const bad = [
+      { type: 'tool_call', index: 64, arguments: '' },
+      { type: 'tool_call', index: -1, arguments: '' },
+      { type: 'tool_call', index: '0', arguments: '' },
+      { type: 'tool_call', index: 0 },
+      { type: 'tool_call', index: 0, id: 5, arguments: '' },
+      { type: 'delta', text: 'a', logprobs: Array.from({ length: 257 }, () => entry) },
+      { type: 'delta', text: 'a', logprobs: [{ ...entry, top_logprobs: Array.from({ length: 21 }, () => entry) }] },
+      { type: 'delta', text: 'a', logprobs: [{ logprob: -1 }] },
+      { type: 'reasoning', text: 'a', logprobs: [{ ...entry, bytes: [256] }] },
+      { type: 'delta', text: 'a', logprobs: {} },
+      { type: 'image', url: 'x' },
+    ];
+    for (const doc of bad) {
+      assert.throws(() => new ResponseOpener(state, all).feed(utf8(init + `event: chunk\ndata: ${sealed(0, doc, false, 64)}\n\n`)), {
+        code: 'bad_stream',
+        message: 'unexpected chunk content',
+      });
+    }
   });
   it('turns the router error chunk into an error item', () => {
     const error = `event: final\ndata: ${sealed(1, { type: 'error', code: 'upstream_failed', message: 'the backend failed' }, true)}\n\n`;

@@ -38,6 +38,19 @@ export const replaying: Fetch = async (url, init) => {
   return fetch(url, init);
 };
 
+/** Global fetch, keeping the raw body of every answer to `POST /api/chat` (read whole, then handed on). */
+export function capturing(): { fetch: Fetch; bodies: string[] } {
+  const bodies: string[] = [];
+  const captured: Fetch = async (url, init) => {
+    const response = await fetch(url, init);
+    if (init.method !== 'POST') return response;
+    const body = await response.text();
+    bodies.push(body);
+    return new Response(body, { status: response.status, headers: response.headers });
+  };
+  return { fetch: captured, bodies };
+}
+
 /** A fetch without response streams, as React Native's own: the body arrives all at once. */
 export const unstreamed: Fetch = async (url, init) => {
   const response = await fetch(url, init);

@@ -1,6 +1,7 @@
 /**
- * Real daemons for the SDK's tests: `twistd inference` on the tiny test model (tests/tinymodel.py)
- * and `twistd llmrouter` in front of it, run with the repository's Python (`.venv/bin/python`, or
+ * Real daemons for the SDK's tests: `twistd inference` on the tiny test model (tests/tinymodel.py),
+ * a stock llama-server on the same model with a real chat template (as tests/llama_server.py), and
+ * `twistd llmrouter` in front of them, run with the repository's Python (`.venv/bin/python`, or
  * `$LLMROUTER_PYTHON`), each in its own temp dir, stopped by the test's `after` hook.
  *
  * Routers listen on a free loopback port (support/launch.py binds it and hands it over as systemd
@@ -11,7 +12,7 @@ import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 
@@ -103,9 +104,10 @@ export class Daemon {
     argv: string[],
     env: Record<string, string> = {},
     announces = false,
+    command = PYTHON,
   ) {
     const log = createWriteStream(join(directory, `${name}.log`));
-    this.proc = spawn(PYTHON, argv, { cwd: directory, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+    this.proc = spawn(command, argv, { cwd: directory, env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     this.proc.stderr?.pipe(log);
     if (!announces) this.proc.stdout?.pipe(createWriteStream(join(directory, `${name}.out`)));
     this.exited = new Promise((resolve) =>
@@ -181,9 +183,13 @@ process.on('exit', () => {
   for (const daemon of running) daemon.stop().catch(() => undefined);
 });
 
-export interface Inference {
-  daemon: Daemon;
+/** Anything the router can have as a backend: it listens on a UNIX socket. */
+export interface Backend {
   socket: string;
+}
+
+export interface Inference extends Backend {
+  daemon: Daemon;
   metrics(): Promise<string>;
   stop(): Promise<void>;
 }
@@ -218,13 +224,58 @@ export interface Router {
   stop(): Promise<void>;
 }
 
-/** `twistd llmrouter` in front of `inference`, settings from `env` (e.g. CORS_ORIGINS). */
-export async function startRouter(inference: Inference, env: Record<string, string> = {}): Promise<Router> {
+/** Chat templates in tests/data/templates (see its README). */
+export const QWQ = 'Qwen-QwQ-32B'; // reasoning: its generation prompt opens <think>
+export const HERMES = 'NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use'; // <tool_call> JSON tool calls
+
+/** The llama-server `make llama-server` builds (found as tests/llama_server.py does), if any. */
+export async function llamaServerBinary(): Promise<string | undefined> {
+  try {
+    return (await python('-c', 'from tests.llama_server import binary; print(binary())')).trim();
+  } catch {
+    return undefined;
+  }
+}
+
+export interface LlamaServer extends Backend {
+  daemon: Daemon;
+  stop(): Promise<void>;
+}
+
+/**
+ * `llama-server --jinja` on the tiny model carrying `template` (a file stem in
+ * tests/data/templates, or its own template), serving `alias`, with the options of
+ * tests/llama_server.py (one thread, two slots of 4096 tokens).
+ */
+export async function startLlamaServer(binary: string, alias: string, template?: string): Promise<LlamaServer> {
+  const directory = tempDir();
+  const model = join(directory, 'tiny.gguf');
+  const templateFile = template === undefined ? '' : join(REPO, 'tests', 'data', 'templates', `${template}.jinja`);
+  const write = 'import sys, pathlib; from tests import tinymodel; t = sys.argv[2]; '
+    + 'tinymodel.write_tiny_model(pathlib.Path(sys.argv[1]), pathlib.Path(t).read_text() if t else tinymodel.CHAT_TEMPLATE)';
+  await python('-c', write, model, templateFile);
+  const socket = join(directory, 'llama.sock');
+  const args = ['-m', model, '--host', socket, '--alias', alias, '--jinja', '--no-webui'];
+  args.push('--threads', '1', '--parallel', '2', '--ctx-size', '8192', '--no-warmup');
+  const daemon = new Daemon(directory, 'llama-server', args, { LD_LIBRARY_PATH: dirname(binary) }, false, binary);
+  await daemon.healthy(async () => (await unixGet(socket, '/health')).status, 120000);
+  return {
+    daemon,
+    socket,
+    stop: async () => {
+      await daemon.stop();
+      rmSync(directory, { recursive: true, force: true });
+    },
+  };
+}
+
+/** `twistd llmrouter` in front of `backends`, settings from `env` (e.g. CORS_ORIGINS), options `args`. */
+export async function startRouter(backends: Backend | Backend[], env: Record<string, string> = {}, args: string[] = []): Promise<Router> {
   const directory = tempDir();
   const keysDir = join(directory, 'keys');
   const keys = (...args: string[]) => python('-m', 'llmrouter.ops.keyctl', '--keys-dir', keysDir, ...args);
-  // As root (CI), llmrouter-keys creates keys only in a directory made on purpose, as the
-  // router's own user would own it in production.
+  // Made here, owned by whoever runs the tests: as root, llmrouter-keys creates no key directory
+  // (in production it belongs to the router's user), but it fills one it is given.
   mkdirSync(keysDir, { mode: 0o700 });
   const init = await keys('init');
   const pin = /clients pin this\): (\S+)/.exec(init)?.[1];
@@ -233,7 +284,18 @@ export async function startRouter(inference: Inference, env: Record<string, stri
   const daemon = new Daemon(
     directory,
     'llmrouter',
-    [LAUNCH, 'llmrouter', '--listen', 'systemd:domain=INET:index=0', '--metrics-listen', `unix:${metricsSocket}`, '--keys-dir', keysDir, '--inference', `unix:${inference.socket}`],
+    [
+      LAUNCH,
+      'llmrouter',
+      '--listen',
+      'systemd:domain=INET:index=0',
+      '--metrics-listen',
+      `unix:${metricsSocket}`,
+      '--keys-dir',
+      keysDir,
+      ...(Array.isArray(backends) ? backends : [backends]).flatMap((backend) => ['--inference', `unix:${backend.socket}`]),
+      ...args,
+    ],
     { HEALTH_INTERVAL_SECONDS: '0.5', ...env },
     true,
   );
