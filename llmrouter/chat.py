@@ -692,7 +692,9 @@ def _check_schema(schema: Any, what: str) -> None:
                 raise RequestError(f"{what} may only use local $ref (starting with #)")
             for key in _COUNTS:
                 count = node.get(key)
-                if _int(count) and not 0 <= count <= MAX_SCHEMA_COUNT:
+                # Any number counts (5000.0 and 1e9 expand like 5000 and 10**9); other types are
+                # the schema's own problem, refused or ignored by the backend's converter.
+                if _number(count) and not 0 <= count <= MAX_SCHEMA_COUNT:
                     raise RequestError(f"{what} {key} must be from 0 to {MAX_SCHEMA_COUNT}")
             pattern = node.get("pattern")
             if isinstance(pattern, str):

@@ -125,6 +125,8 @@ class FieldTests(SynchronousTestCase):
         big = {"type": "object", "description": "x" * chat.MAX_SCHEMA_BYTES}
         self.bad("bytes", response_format=with_schema(big))
         self.bad("maxItems", response_format=with_schema({"type": "array", "maxItems": 10**6}))
+        for count in (5000.0, 1e9):  # a float expands like an integer
+            self.bad("maxItems", response_format=with_schema({"type": "array", "maxItems": count}))
         self.bad("minLength", response_format=with_schema({"type": "string", "minLength": 5000}))
         self.bad("pattern", response_format=with_schema({"pattern": "a{100000}"}))
         self.bad("pattern", response_format=with_schema({"pattern": "a" * 600}))
