@@ -14,10 +14,11 @@ import struct
 
 from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode
 
-__all__ = ["HEADER", "MAX_DIFFICULTY", "issue_challenge", "solve", "verify"]
+__all__ = ["HEADER", "MAX_DIFFICULTY", "MAX_HEADER", "issue_challenge", "solve", "verify"]
 
 HEADER = "X-LLMRouter-PoW"
 MAX_DIFFICULTY = 32
+MAX_HEADER = 256  # a challenge (51 characters), a colon and at most 20 digits fit easily
 _VERSION = 1
 _LABEL = b"llmrouter/v1 pow|"
 _BODY = struct.Struct(">BQB16s")  # version, expiry (unix seconds), difficulty, random

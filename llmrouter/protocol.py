@@ -349,7 +349,7 @@ def parse_chat_request(plaintext: bytes) -> ChatRequest:
     for item in raw_messages:
         if not isinstance(item, dict) or set(item) != {"role", "content"}:
             raise bad("each message must have exactly role and content")
-        if item["role"] not in ROLES:
+        if not isinstance(item["role"], str) or item["role"] not in ROLES:
             raise bad("message role must be system, user or assistant")
         if not isinstance(item["content"], str):
             raise bad("message content must be a string")

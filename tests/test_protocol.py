@@ -197,6 +197,9 @@ class RequestTests(SynchronousTestCase):
             {"messages": [{"role": "user", "content": "x"}], "stop": "x"},
             {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
             {"messages": [{"role": "user", "content": "x"}], "model": "gpt"},
+            # unhashable roles once raised TypeError (a 500) instead of bad_payload (issue 8)
+            {"messages": [{"role": ["user"], "content": "x"}]},
+            {"messages": [{"role": {"user": 1}, "content": "x"}]},
         ]
         for case in cases:
             with self.assertRaises(p.ProtocolError) as cm:

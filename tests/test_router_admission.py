@@ -209,6 +209,20 @@ class AdmissionTests(TestCase):
         first.cancel()
         yield self.assertFailure(first, Exception)
 
+    @defer.inlineCallbacks
+    def test_non_ascii_pow_header_is_400_without_a_log_line(self) -> Any:
+        """It raised UnicodeDecodeError before any limit and logged a traceback (issue 8)."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        observed: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(observed.append)
+        self.addCleanup(globalLogPublisher.removeObserver, observed.append)
+        running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
+        body, _, _ = yield sealed(running)
+        for value in (b"\xff\xfe:1", "défi:1".encode("latin-1")):
+            yield self.rejected(running, body, 400, "bad_pow_header", {b"X-LLMRouter-PoW": [value]})
+        self.assertEqual([e for e in observed if e.get("log_level") == LogLevel.error], [])
+
     # 4. timestamp
 
     @defer.inlineCallbacks

@@ -205,7 +205,7 @@ class Admission:
             self._events.event(event, **fields)
         return error
 
-    def admit(self, body: bytes, client_ip: str, pow_header: str | None) -> Admitted:
+    def admit(self, body: bytes, client_ip: str, pow_header: bytes | None) -> Admitted:
         """All checks, in order; raises the first rejection as a ProtocolError."""
         s = self._settings
         self.rate.hit()
@@ -222,8 +222,12 @@ class Admission:
         if retry is not None:
             raise self.reject(_limited("rate_limited", retry), client_ip)
 
+        try:
+            header = _pow_header(pow_header)
+        except ProtocolError as e:
+            raise self.reject(e, client_ip) from None
         if self.stressed():
-            self._check_pow(envelope, pow_header, client_ip)
+            self._check_pow(envelope, header, client_ip)
 
         now = self._clock.seconds()
         try:
@@ -277,7 +281,7 @@ class Admission:
                 "the router is under load: solve the proof of work and retry",
                 None,
             )
-        elif len(header) > 256 or not pow.verify(self._keys.pow_key, header, envelope.enc, now):
+        elif not pow.verify(self._keys.pow_key, header, envelope.enc, now):
             code, message, ip = "pow_invalid", "the proof of work was not accepted", client_ip
         else:
             return
@@ -285,6 +289,15 @@ class Admission:
         raise self.reject(
             ProtocolError(code, message, challenge=challenge, difficulty=s.pow_difficulty), ip
         )
+
+
+def _pow_header(raw: bytes | None) -> str | None:
+    """The proof-of-work header as text: printable ASCII only, refused before any work."""
+    if raw is None:
+        return None
+    if len(raw) > pow.MAX_HEADER or not all(0x21 <= b <= 0x7E for b in raw):
+        raise ProtocolError("bad_pow_header", f"the {pow.HEADER} header is not a valid solution")
+    return raw.decode("ascii")
 
 
 def _limited(code: str, retry_after: float) -> ProtocolError:

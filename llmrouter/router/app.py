@@ -139,7 +139,8 @@ class RouterApp:
         assert request.content is not None
         body = request.content.read()
         request.content = BytesIO()  # the ciphertext is not needed past admission
-        pow_header = request.getHeader(pow.HEADER)
+        # Raw bytes: a str lookup decodes as UTF-8 and raised on anything else (issue 8).
+        pow_header = request.requestHeaders.getRawHeaders(pow.HEADER.encode("ascii"), [None])[-1]
         try:
             admitted = self.admission.admit(
                 body, client_address(request, self._trusted), pow_header
