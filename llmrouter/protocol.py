@@ -97,6 +97,7 @@ class ProtocolError(Exception):
         "stale": 401,
         "replay": 409,
         "device_rate_limited": 429,
+        "new_device_rate_limited": 429,
         "budget_exhausted": 429,
         "device_streams": 429,
         "overloaded": 503,

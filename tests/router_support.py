@@ -175,6 +175,7 @@ def test_settings(directory: Path, backends: list[str], **changes: Any) -> Setti
         "connect_timeout_seconds": 5.0,
         "first_token_timeout_seconds": 30.0,
         "idle_timeout_seconds": 30.0,
+        "new_device_pow_difficulty": 0,  # the new-device tests turn it on
     }
     values.update(changes)
     return Settings(**values)

@@ -42,6 +42,7 @@ class Handler(resource.Resource):
         self.pair = hpke.generate_key_pair()
         self.kid = "07"
         self.rotations_pending = 0
+        self.stale_pending = 0
         self.pow_key: bytes | None = None
         self.cut_after: int | None = None
         self.fail_with: str | None = None
@@ -63,6 +64,9 @@ class Handler(resource.Resource):
             if self.rotations_pending:
                 self.rotations_pending -= 1
                 self.rotate()
+            if self.stale_pending:
+                self.stale_pending -= 1
+                raise p.ProtocolError("stale", "the request predates the router's start")
             if env.kid != self.kid:
                 raise p.ProtocolError("key_unknown", "unknown key id")
             if self.pow_key is not None:
@@ -164,6 +168,17 @@ class ClientTests(Fixture):
         text, _ = yield defer.Deferred.fromCoroutine(self.chat(client, "x y"))
         self.assertEqual(text, "y x ")
         self.assertEqual(self.handler.kid, "08")
+
+    @defer.inlineCallbacks
+    def test_stale_is_sealed_again_once(self) -> Any:
+        """A router that just restarted refuses timestamps from before its start."""
+        self.handler.stale_pending = 1
+        text, _ = yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x y"))
+        self.assertEqual(text, "y x ")
+        self.handler.stale_pending = 2
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        self.assertEqual(cm.exception.code, "stale")
 
     @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:

@@ -144,16 +144,19 @@ class Client:
     async def chat(
         self, request: ChatRequest, on_delta: Callable[[str], None] = lambda text: None
     ) -> Done:
-        """Send one request; on ``key_unknown`` refetch the key document and retry once."""
+        """Send one request, sealed again once on ``key_unknown`` (after refetching the key
+        document) or ``stale`` (a router that just restarted refuses earlier timestamps)."""
+        refetch = False
         for attempt in (0, 1):
-            if attempt:
+            if refetch:
                 await self.fetch_keys()
             envelope, state = await self.seal(request)
             try:
                 return await self.post(envelope, state, on_delta)
             except ChatError as e:
-                if e.code != "key_unknown" or attempt:
+                if e.code not in ("key_unknown", "stale") or attempt:
                     raise
+                refetch = e.code == "key_unknown"
         raise AssertionError("unreachable")
 
     async def post(

@@ -8,7 +8,6 @@ client sent (path, headers, body) is logged or echoed, and Twisted's access log 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, Protocol, cast
@@ -26,13 +25,14 @@ from zope.interface import implementer
 
 from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
+from llmrouter.router.addresses import TrustedProxies
 from llmrouter.router.admission import Admission
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.stream import EncryptedStream
 from llmrouter.router.upstream import BackendPool, ChatCall
 
-__all__ = ["RouterApp", "RouterSite", "client_address"]
+__all__ = ["RouterApp", "RouterSite"]
 
 log = Logger()
 
@@ -45,36 +45,6 @@ class PublishedKeys(Protocol):
     def jwks(self) -> bytes: ...
 
     def ohttp_configs(self) -> bytes: ...
-
-
-def client_address(request: server.Request, trusted: tuple[Any, ...]) -> str:
-    """The peer address, or behind a trusted proxy the last untrusted X-Forwarded-For hop."""
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", None)
-    if not isinstance(host, str):
-        return "local"  # UNIX socket peers all share one rate-limit bucket
-    if not trusted or not _in(host, trusted):
-        return host
-    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
-    hops = [h.strip() for line in forwarded for h in line.decode("latin-1").split(",")]
-    for hop in reversed(hops):
-        if not hop:
-            continue
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return host  # garbage: do not let a client pick its own bucket
-        if not _in(hop, trusted):
-            return hop
-    return host
-
-
-def _in(address: str, networks: tuple[Any, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
 
 
 class RouterApp:
@@ -99,9 +69,7 @@ class RouterApp:
         self._pool = pool
         self.admission = admission
         self._metrics = metrics
-        self._trusted = tuple(
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        )
+        self._proxies = TrustedProxies.parse(settings.trusted_proxies)
         self.streams: set[EncryptedStream] = set()
 
     def resource(self) -> IResource:
@@ -128,7 +96,7 @@ class RouterApp:
     # Routes.
 
     @app.route("/api/chat", methods=["POST"])
-    def chat(self, request: server.Request) -> Any:
+    async def chat(self, request: server.Request) -> Any:
         started = self._clock.seconds()
         content_type = request.getHeader(b"content-type") or b""
         if content_type.split(b";")[0].strip().lower() != b"application/json":
@@ -142,11 +110,14 @@ class RouterApp:
         # Raw bytes: a str lookup decodes as UTF-8 and raised on anything else (issue 8).
         pow_header = request.requestHeaders.getRawHeaders(pow.HEADER.encode("ascii"), [None])[-1]
         try:
-            admitted = self.admission.admit(
-                body, client_address(request, self._trusted), pow_header
+            admitted = await self.admission.admit(
+                body, self._proxies.client_address(request), pow_header
             )
         except ProtocolError as e:
             return self._error(request, e)
+        if request._disconnected:  # left while a shared table answered
+            admitted.release()
+            return b""
         settings = self.settings
         sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
         stream = EncryptedStream(
@@ -176,7 +147,8 @@ class RouterApp:
         )
         stream.attach(call)
         call.start()
-        return stream.done
+        await stream.done  # cancelled by Klein when the client goes: the stream cleans up
+        return None
 
     @app.route("/api/pubkey", methods=["GET"])
     def pubkey(self, request: server.Request) -> bytes:

@@ -43,6 +43,7 @@ EVENTS = frozenset(
         "replay",
         "rate_limited",
         "device_rate_limited",
+        "new_device_rate_limited",
         "pow_failed",
         "auth_failed",
         "stale",
