@@ -40,9 +40,7 @@ class KeyStoreTestCase(unittest.TestCase):
 
     def open(self, **kwargs: object) -> KeyStore:
         store = KeyStore.open(self.dir, self.clock, **kwargs)  # type: ignore[arg-type]
-        store.events = SecurityLog(
-            store.log_hash_key, emit=lambda line: self.events.append(json.loads(line))
-        )
+        store.events = SecurityLog(emit=lambda line: self.events.append(json.loads(line)))
         self.stores.append(store)
         self.addCleanup(store.close)
         return store
@@ -68,7 +66,6 @@ class CreationTests(KeyStoreTestCase):
                 ".lock",
                 "state.json",
                 "signing.key",
-                "log-hash.key",
                 "pow.key",
                 "hpke-00.key",
                 "hpke-01.key",
@@ -80,13 +77,20 @@ class CreationTests(KeyStoreTestCase):
         current, upcoming = store.published()
         self.assertEqual((current.not_before, current.not_after), (T0, T0 + DAY + HOUR))
         self.assertEqual((upcoming.not_before, upcoming.not_after), (T0 + DAY, T0 + 2 * DAY + HOUR))
-        self.assertEqual(len(store.log_hash_key), 32)
         self.assertEqual(len(store.pow_key), 32)
-        self.assertNotEqual(store.log_hash_key, store.pow_key)
         sk = store.private_key_for("00")
         assert sk is not None
         self.assertEqual(hpke.public_key(sk), current.pk)
         self.assertEqual((self.dir / "hpke-00.key").read_bytes(), sk)
+
+    def test_an_old_log_hash_key_is_destroyed(self) -> None:
+        """Security-log hashes used a long-lived key kept here; whoever holds it can reverse
+        the IPv4 hashes of old logs, so it is destroyed (the log now keys a day in memory)."""
+        self.open().close()
+        (self.dir / "log-hash.key").write_bytes(bytes(32))
+        os.chmod(self.dir / "log-hash.key", 0o600)
+        self.open()
+        self.assertNotIn("log-hash.key", self.names())
 
     def test_permissions_do_not_depend_on_the_umask(self) -> None:
         for umask in (0o000, 0o777):
@@ -104,7 +108,6 @@ class CreationTests(KeyStoreTestCase):
         first = self.open()
         first_state = (
             bytes(first.signing_key.verify_key),
-            first.log_hash_key,
             first.pow_key,
             first.published(),
             first.private_key_for("00"),
@@ -116,7 +119,6 @@ class CreationTests(KeyStoreTestCase):
         self.assertEqual(
             (
                 bytes(again.signing_key.verify_key),
-                again.log_hash_key,
                 again.pow_key,
                 again.published(),
                 again.private_key_for("00"),
@@ -127,7 +129,7 @@ class CreationTests(KeyStoreTestCase):
 
     def test_refuses_group_or_world_accessible_files(self) -> None:
         self.open().close()
-        for name in ("signing.key", "hpke-01.key", "log-hash.key", "state.json"):
+        for name in ("signing.key", "hpke-01.key", "pow.key", "state.json"):
             for mode in (0o640, 0o604, 0o620):
                 os.chmod(self.dir / name, mode)
                 with self.assertRaises(KeyStoreError) as caught:
@@ -215,7 +217,7 @@ class CreationTests(KeyStoreTestCase):
 
     def test_secrets_never_in_repr_or_str(self) -> None:
         store = self.open()
-        secrets = [store.private_key_for("00"), store.private_key_for("01"), store.log_hash_key]
+        secrets = [store.private_key_for("00"), store.private_key_for("01")]
         secrets += [store.pow_key, bytes(store.signing_key)]
         texts = [repr(store), str(store), repr(store.keys()), repr(store.published())]
         texts += [str(store.signing_key), repr(store.signing_key), f"{store.signing_key}"]

@@ -3,7 +3,8 @@
 Layout of the directory (0700, every file 0600, written atomically):
 
 * ``signing.key``: Ed25519 seed that signs the key document; long-lived, the app pins it.
-* ``log-hash.key``, ``pow.key``: long-lived HMAC keys of the security log and of PoW challenges.
+* ``pow.key``: long-lived HMAC key of PoW challenges. (A ``log-hash.key`` left by an older version,
+  the security log's hash key, is destroyed on open: the log now keys each day in memory.)
 * ``hpke-KID.key``: one X25519 secret key per live HPKE key (``KID`` = RFC 9458 key_id in hex).
 * ``state.json``: which keys exist and their status (current, next, retired, revoked), validity
   times and public keys, the rotation settings and counters. It holds no secret.
@@ -73,7 +74,7 @@ POLL_SECONDS = 2.0
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 SIGNING_FILE = "signing.key"
-LOG_HASH_FILE = "log-hash.key"
+OLD_LOG_HASH_FILE = "log-hash.key"
 POW_FILE = "pow.key"
 STATE_VERSION = 1
 SECRET_BYTES = 32
@@ -388,7 +389,6 @@ class KeyStore:
         self.events = events
         self.rotations = 0
         self.signing_key: nacl.signing.SigningKey
-        self.log_hash_key: bytes
         self.pow_key: bytes
         self._state: _State
         self._state_raw = b""
@@ -524,7 +524,8 @@ class KeyStore:
                 f"{self.directory / SIGNING_FILE} does not match the signing key in {STATE_FILE}"
             )
         self.signing_key = signing
-        self.log_hash_key = self._long_lived_secret(LOG_HASH_FILE)
+        if (self.directory / OLD_LOG_HASH_FILE).exists():
+            _destroy_file(self.directory / OLD_LOG_HASH_FILE)
         self.pow_key = self._long_lived_secret(POW_FILE)
 
     def _create_hpke_key(self, kid: str) -> bytes:

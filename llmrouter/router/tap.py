@@ -170,9 +170,7 @@ class Router:
             rotation_seconds=settings.key_rotation_hours * 3600,
             overlap_seconds=settings.key_overlap_seconds,
         )
-        self.events = SecurityLog(
-            self.keys.log_hash_key, emit=emit, clock=clock, counter=self.metrics.security_events
-        )
+        self.events = SecurityLog(emit=emit, clock=clock, counter=self.metrics.security_events)
         self.keys.events = self.events
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
         self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
