@@ -63,7 +63,7 @@ class CanaryTests(TestCase):
             env={
                 "TMPDIR": str(tmp),
                 "RATE_LIMIT_PER_MINUTE": "60",
-                "RATE_LIMIT_BURST": "6",
+                "RATE_LIMIT_BURST": "8",  # a proof of work and junk count too
                 "TRUSTED_PROXIES": "127.0.0.1",
             },
         )

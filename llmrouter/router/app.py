@@ -128,6 +128,8 @@ class RouterApp:
             started,
             settings.keepalive_seconds,
             settings.stream_cadence_ms / 1000.0,
+            deadline=started + settings.request_ttl_seconds,
+            write_stall=settings.write_stall_seconds,
         )
         self.streams.add(stream)
 

@@ -82,6 +82,14 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.streams_dropped = Counter(
+            "llmrouter_streams_dropped",
+            "Client connections dropped by the router: write_stall (the client took no bytes"
+            " for WRITE_STALL_SECONDS) or deadline (REQUEST_TTL_SECONDS ran out while the"
+            " client was not reading)",
+            ["reason"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "llmrouter_circuit_state",
             "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
