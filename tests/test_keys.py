@@ -251,14 +251,17 @@ class KeyDocumentTests(KeyStoreTestCase):
         nacl.signing.VerifyKey(signing_pk).verify(payload, signature)  # raises if bad
         body = json.loads(payload)
         self.assertEqual([k["status"] for k in body["keys"]], ["current", "next"])
-        self.assertEqual(body["issued_at"], T0)
-        verified = protocol.verify_key_document(store.key_document(), pin=signing_pk)
+        self.assertEqual(body["issued_at"], T0 // HOUR * HOUR)
+        verified = protocol.verify_key_document(store.key_document(), signing_pk, now=T0)
         self.assertEqual(verified.current().kid, "00")
         self.assertEqual(list(verified.keys), store.published())
         # Tampering breaks it.
         bad = dict(doc, payload=protocol.b64u_encode(payload.replace(b'"00"', b'"05"')))
         self.assertRaises(
-            protocol.KeyDocumentError, protocol.verify_key_document, json.dumps(bad).encode()
+            protocol.KeyDocumentError,
+            protocol.verify_key_document,
+            json.dumps(bad).encode(),
+            now=T0,
         )
 
     def test_jwks_and_ohttp_configs(self) -> None:
@@ -282,17 +285,36 @@ class KeyDocumentTests(KeyStoreTestCase):
         self.assertNotEqual(store.key_document(), doc)
         self.assertNotEqual(store.jwks(), jwks)
         self.assertNotEqual(store.ohttp_configs(), ohttp)
-        body = protocol.verify_key_document(store.key_document())
-        self.assertEqual(body.issued_at, T0 + 60)
+        body = protocol.verify_key_document(store.key_document(), now=T0 + 60)
+        self.assertEqual(body.issued_at, T0 // HOUR * HOUR)
         self.assertEqual(
             [(k.kid, k.status) for k in body.keys], [("01", "current"), ("02", "next")]
         )
-        # Expiry of the retired key does not change what is published: still cached.
-        doc = store.key_document()
+        # Expiry of the retired key does not change what is published.
         store.start()
         self.clock.advance(HOUR)
         self.assertIsNone(store.private_key_for("00"))
+        again = protocol.verify_key_document(store.key_document(), now=self.clock.seconds())
+        self.assertEqual(again.keys, body.keys)
+
+    def test_signed_again_every_hour_and_the_same_bytes_from_the_same_keys(self) -> None:
+        """Clients refuse documents older than a day, so the router re-signs every hour on the
+        hour; with the same keys two routers serve byte-identical documents (issue 8)."""
+        store = self.open()
+        hour = T0 // HOUR * HOUR
+        doc = store.key_document()
+        self.assertEqual(json.loads(self.payload(doc))["issued_at"], hour)
+        self.clock.advance(hour + HOUR - 1 - T0)
         self.assertIs(store.key_document(), doc)
+        self.assertEqual(self.open().key_document(), doc)  # another router, same directory
+        self.clock.advance(1)
+        later = store.key_document()
+        self.assertEqual(json.loads(self.payload(later))["issued_at"], hour + HOUR)
+        self.assertEqual(self.open().key_document(), later)
+
+    @staticmethod
+    def payload(document: bytes) -> bytes:
+        return protocol.b64u_decode(json.loads(document)["payload"], "payload")
 
 
 class RotationTests(KeyStoreTestCase):
@@ -409,7 +431,12 @@ class RotationTests(KeyStoreTestCase):
         self.assertEqual(store.rotations, 8)
         hpke_files = sorted(n for n in self.names() if n.startswith("hpke-"))
         self.assertEqual(hpke_files, ["hpke-01.key", "hpke-02.key"])
-        self.assertEqual(protocol.verify_key_document(store.key_document()).current().kid, "01")
+        self.assertEqual(
+            protocol.verify_key_document(store.key_document(), now=self.clock.seconds())
+            .current()
+            .kid,
+            "01",
+        )
 
     def test_allocation_skips_ids_in_use(self) -> None:
         self.assertEqual(allocate_key_id(0, set()), 1)
@@ -489,7 +516,12 @@ class ReloadTests(KeyStoreTestCase):
         self.assertEqual(router.current.kid, "01")
         self.assertEqual(router.private_key_for("02"), operator.private_key_for("02"))
         self.assertEqual(router.rotations, 1)
-        self.assertEqual(protocol.verify_key_document(router.key_document()).current().kid, "01")
+        self.assertEqual(
+            protocol.verify_key_document(router.key_document(), now=self.clock.seconds())
+            .current()
+            .kid,
+            "01",
+        )
 
     def test_polling_picks_up_a_revocation_within_two_seconds(self) -> None:
         router = self.open()

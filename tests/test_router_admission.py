@@ -644,5 +644,5 @@ class ErrorShapeTests(TestCase):
 def _keydoc(running: Any) -> Any:
     from tests.router_support import key_document
 
-    doc = yield key_document(running.url)
+    doc = yield key_document(running.url, running.router.clock.seconds())
     return doc

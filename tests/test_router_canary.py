@@ -23,7 +23,7 @@ from llmrouter import hpke
 from llmrouter.client import Client
 from llmrouter.protocol import b64u_encode, seal_request
 from tests.daemons import start_inference, start_router_daemon
-from tests.router_support import http, key_document, prompt, short_tempdir
+from tests.router_support import daemon_pin, http, key_document, prompt, short_tempdir
 from tests.test_router_e2e import INFERENCE_ARGS, open_stream
 
 
@@ -78,7 +78,7 @@ class CanaryTests(TestCase):
         # a full chat in auth mode with the canary prompt
         tokens: list[str] = []
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url, device_key=device).chat(
+            Client(reactor, url, pin=daemon_pin(directory), device_key=device).chat(
                 prompt(f"Repeat after me: {prompt_canary}", max_tokens=16), tokens.append
             )
         )

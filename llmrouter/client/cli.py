@@ -18,7 +18,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from llmrouter.client.library import DEFAULT_URL, ChatError, Client, load_device_key
+from llmrouter.client.library import (
+    DEFAULT_URL,
+    ChatError,
+    Client,
+    load_device_key,
+    write_private,
+)
 from llmrouter.protocol import (
     ChatRequest,
     Delta,
@@ -35,13 +41,6 @@ from llmrouter.protocol import (
 __all__ = ["main"]
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 # The command line.
 
 
@@ -55,7 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--pin",
         metavar="SIGNING_KEY",
-        help="refuse a key document not signed by this Ed25519 key (base64url)",
+        default=os.environ.get("LLMROUTER_PIN") or None,
+        help="trust only key documents signed by this Ed25519 key, base64url (env LLMROUTER_PIN;"
+        " `llmrouter-keys list` prints it)",
+    )
+    common.add_argument(
+        "--tofu",
+        metavar="FILE",
+        type=Path,
+        help="trust on first use: keep the first signing key seen in FILE (created 0600) and"
+        " refuse any other later",
     )
     common.add_argument(
         "--device-key",
@@ -98,9 +106,12 @@ def _write(text: str) -> None:
 
 
 async def _run(reactor: Any, args: argparse.Namespace) -> int:
-    pin = b64u_decode(args.pin, "pin", 32) if args.pin else None
+    try:
+        pin = b64u_decode(args.pin, "pin", 32) if args.pin else None
+    except ProtocolError:
+        raise ChatError("bad_pin", "--pin is not a base64url Ed25519 public key") from None
     device_key = load_device_key(args.device_key) if args.device_key else None
-    client = Client(reactor, args.url, pin=pin, device_key=device_key)
+    client = Client(reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key)
     if args.command == "keys":
         doc = await client.fetch_keys()
         keys = [k.to_json() for k in doc.keys]
@@ -110,7 +121,10 @@ async def _run(reactor: Any, args: argparse.Namespace) -> int:
         return 0
     if args.command == "seal":
         envelope, state = await client.seal(_request(args))
-        _write_private(args.state, json.dumps(state.to_json()))
+        try:
+            write_private(args.state, json.dumps(state.to_json()))
+        except OSError as e:
+            raise ChatError("bad_state", f"cannot write the state file: {e.strerror}") from None
         _write(json.dumps(envelope) + "\n")
         return 0
     done = await client.chat(_request(args), _write)
@@ -166,7 +180,14 @@ async def _guarded(reactor: Any, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "open" and not args.pin and args.tofu is None:
+        parser.error(
+            "the router's signing key must be trusted explicitly: --pin SIGNING_KEY (or"
+            " LLMROUTER_PIN; `llmrouter-keys list` prints it), or --tofu FILE to trust the first"
+            " key seen and refuse any other later"
+        )
     if args.command == "open":
         try:
             return _open(args)

@@ -54,6 +54,7 @@ from llmrouter.protocol import (
     build_jwks,
     build_key_document,
     build_ohttp_key_configs,
+    key_document_issued_at,
     kid_for_key_id,
 )
 from llmrouter.router.seclog import SecurityLog
@@ -394,6 +395,7 @@ class KeyStore:
         self._state_raw = b""
         self._secrets: dict[str, LockedBuffer] = {}
         self._cache: dict[str, bytes] = {}
+        self._document_hour = -1
         self._timer: IDelayedCall | None = None
         self._poller: LoopingCall | None = None
         self._closed = False
@@ -787,12 +789,14 @@ class KeyStore:
         return value
 
     def key_document(self) -> bytes:
-        """The signed key document; rebuilt (with a new ``issued_at``) only when keys change."""
+        """The signed key document, signed again when the keys change and every hour on the
+        hour (``issued_at`` is the hour boundary: the same keys give the same bytes anywhere)."""
+        issued_at = key_document_issued_at(self._clock.seconds())
+        if self._document_hour != issued_at:
+            self._cache.pop("document", None)
+            self._document_hour = issued_at
         return self._cached(
-            "document",
-            lambda: build_key_document(
-                self.published(), self.signing_key, int(self._clock.seconds())
-            ),
+            "document", lambda: build_key_document(self.published(), self.signing_key, issued_at)
         )
 
     def jwks(self) -> bytes:
