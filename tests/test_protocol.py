@@ -474,6 +474,20 @@ class SSETests(SynchronousTestCase):
         parser = SSEParser(max_line=10)
         self.assertRaises(ValueError, parser.feed, b"data: " + b"x" * 20)
 
+    def test_event_data_bounded(self) -> None:
+        """Short ``data:`` lines accumulated without bound until a blank line: a hostile proxy
+        could exhaust the client's memory one line at a time (issue 8)."""
+        parser = SSEParser(max_line=100, max_event=1000)
+        self.assertEqual(
+            parser.feed(b"data: x\n" * 400 + b"\n"), [("message", "\n".join("x" * 400))]
+        )
+        with self.assertRaises(ValueError):
+            for _ in range(200):
+                parser.feed(b"data: xxxxxxxxx\n")
+        parser = SSEParser(max_line=100, max_event=1000)
+        with self.assertRaises(ValueError):
+            parser.feed(b"data:\n" * 2000)  # empty lines count too (one newline each)
+
 
 class TimestampTests(SynchronousTestCase):
     def test_now(self) -> None:

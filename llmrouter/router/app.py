@@ -314,3 +314,7 @@ class RouterSite(server.Site):
 
     def log(self, request: Any) -> None:
         pass
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: HTTP/1.1 only, even with ``h2`` installed (see :mod:`llmrouter.listen`)."""
+        return [b"http/1.1"]
