@@ -53,6 +53,10 @@ class TrustedProxies:
                 networks.append(ipaddress.ip_network(entry, strict=False))
         return cls(tuple(networks), unix)
 
+    def trusts(self, address: str) -> bool:
+        """Whether a peer (an IP address, or ``local`` for a UNIX socket) is a trusted proxy."""
+        return self.unix if address == LOCAL else self._trusted(address)
+
     def _trusted(self, address: str) -> bool:
         ip = _ip(address)
         return ip is not None and any(ip in net for net in self.networks)

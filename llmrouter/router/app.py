@@ -15,6 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -25,8 +26,9 @@ from zope.interface import implementer
 
 from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
-from llmrouter.router.addresses import TrustedProxies
+from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
+from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.stream import EncryptedStream
@@ -35,6 +37,8 @@ from llmrouter.router.upstream import BackendPool, ChatCall
 __all__ = ["RouterApp", "RouterSite"]
 
 log = Logger()
+
+IDLE_SECONDS = 60  # a kept-alive connection with no request in flight
 
 
 class PublishedKeys(Protocol):
@@ -281,9 +285,13 @@ class _Drop:
 
 
 class _QuietChannel(http.HTTPChannel):
-    """HTTPChannel whose own log lines (which name the peer address) are dropped."""
+    """HTTPChannel whose own log lines (which name the peer address) are dropped, and which
+    reports to its site's :class:`~llmrouter.router.connections.ConnectionGuard`, if any."""
 
     _log = Logger(observer=_Drop())
+
+    def _guard(self) -> ConnectionGuard | None:
+        return getattr(getattr(self, "site", None), "guard", None)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -292,10 +300,36 @@ class _QuietChannel(http.HTTPChannel):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            host = getattr(self.transport.getPeer(), "host", None)
+            guard.opened(self.transport, host if isinstance(host, str) else LOCAL)
+
+    def dataReceived(self, data: bytes) -> None:
+        guard = self._guard()
+        if guard is not None and not self._handlingRequest and self.transport is not None:
+            guard.reading(self.transport)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            guard.dispatched(self.transport)
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            guard.closed(self.transport)
+        super().connectionLost(reason)
 
 
 class RouterSite(server.Site):
-    """A Site without an access log (it would record paths, user agents, addresses)."""
+    """A Site without an access log (it would record paths, user agents, addresses).
+
+    ``guard`` (set by the router for its public listeners) bounds connections; connections idle
+    between requests are closed after a minute (Twisted's default is twelve hours).
+    """
 
     requestFactory = _BoundedRequest
     protocol = _QuietChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 via ALPN
@@ -307,10 +341,12 @@ class RouterSite(server.Site):
         on_too_large: Callable[[ProtocolError], object] = lambda error: None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("timeout", IDLE_SECONDS)
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.on_too_large = on_too_large
         self.displayTracebacks = False
+        self.guard: ConnectionGuard | None = None
 
     def log(self, request: Any) -> None:
         pass

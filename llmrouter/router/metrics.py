@@ -90,6 +90,18 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.open_connections = Gauge(
+            "llmrouter_open_connections", "Open client connections (public listeners)", registry=r
+        )
+        self.connections_dropped = Counter(
+            "llmrouter_connections_dropped",
+            "Client connections closed by the router before a response: read_timeout (the"
+            " request did not arrive in REQUEST_READ_SECONDS), per_address"
+            " (MAX_CONNECTIONS_PER_ADDRESS), shed (the longest-waiting one, to make room under"
+            " MAX_CONNECTIONS), full (every connection busy streaming)",
+            ["reason"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "llmrouter_circuit_state",
             "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",

@@ -87,6 +87,9 @@ class Settings:
     budget_period_seconds: float = 86400.0
     budget_max_devices: int = 1_000_000
     max_streams: int = 1024
+    request_read_seconds: float = 15.0
+    max_connections: int = 4096
+    max_connections_per_address: int = 64
     max_streams_per_device: int = 4
     connect_timeout_seconds: float = 5.0
     first_token_timeout_seconds: float = 60.0
@@ -157,6 +160,9 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "BUDGET_PERIOD_SECONDS": ("budget_period_seconds", float),
     "BUDGET_MAX_DEVICES": ("budget_max_devices", int),
     "MAX_STREAMS": ("max_streams", int),
+    "REQUEST_READ_SECONDS": ("request_read_seconds", float),
+    "MAX_CONNECTIONS": ("max_connections", int),
+    "MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", int),
     "MAX_STREAMS_PER_DEVICE": ("max_streams_per_device", int),
     "CONNECT_TIMEOUT_SECONDS": ("connect_timeout_seconds", float),
     "FIRST_TOKEN_TIMEOUT_SECONDS": ("first_token_timeout_seconds", float),
@@ -252,6 +258,9 @@ def _validate(s: Settings) -> None:
         "epsilon_per_query",
         "budget_period_seconds",
         "max_streams",
+        "request_read_seconds",
+        "max_connections",
+        "max_connections_per_address",
         "max_streams_per_device",
         "connect_timeout_seconds",
         "first_token_timeout_seconds",

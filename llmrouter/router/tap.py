@@ -22,9 +22,11 @@ from llmrouter import pow
 from llmrouter.listen import ListenError, server_endpoint
 from llmrouter.protocol import ProtocolError
 from llmrouter.router import secmem
+from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission, Tables
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
+from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.devices import KnownDevices
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
@@ -194,6 +196,19 @@ class Router:
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
         self.site.on_too_large = self._too_large
+        proxies = TrustedProxies.parse(settings.trusted_proxies)
+        self.site.guard = ConnectionGuard(
+            clock,
+            self.metrics,
+            settings.request_read_seconds,
+            settings.max_connections,
+            settings.max_connections_per_address,
+            lambda peer: (
+                None
+                if proxies.trusts(peer) or peer == LOCAL
+                else bucket(peer, settings.rate_limit_ipv6_prefix)
+            ),
+        )
 
     def _too_large(self, error: ProtocolError) -> None:
         self.admission.reject(error)
