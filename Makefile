@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test trial lint type wheel-check system-deps clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,25 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
-test: system-deps trial lint type wheel-check
+test: system-deps trial lint type wheel-check fuzz
 
 trial: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests
+
+# Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
+# a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails
+FUZZ_SECONDS ?= 12
+fuzz: $(STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+	  out=$$(mktemp -d); \
+	  if ! $(BIN)/python -m tests.fuzz.targets $$target -max_total_time=$(FUZZ_SECONDS) \
+	      -artifact_prefix=$$out/ $$out tests/fuzz/corpus/$$target >$$out/log 2>&1; then \
+	    tail -n 40 $$out/log; echo "fuzz: $$target FAILED; the input is kept in $$out"; exit 1; \
+	  fi; \
+	  echo "fuzz: $$target: $$(grep -E '^#[0-9]+[[:space:]]+DONE' $$out/log | tail -n 1)"; \
+	  rm -rf $$out; \
+	done
 
 # System tools the production tests drive (promtool, nft, caddy, ...); idempotent.
 system-deps:
