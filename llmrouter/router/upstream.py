@@ -332,7 +332,14 @@ class BackendPool:
 
         async def run() -> bool:
             for path in ("/health", "/v1/models"):
-                code = await self._get(backend, path)
+                try:
+                    code = await self._get(backend, path)
+                except CancelledError:
+                    raise
+                except Exception:
+                    # A kept-alive connection the backend has just closed fails the request; one
+                    # such race must not take a healthy backend out of service until next time.
+                    code = await self._get(backend, path)
                 if code == 200:
                     return True
                 if code != 404:
@@ -347,7 +354,11 @@ class BackendPool:
                 timer.cancel()
             healthy = result is True
             if isinstance(result, Failure) and not result.check(CancelledError):
-                log.debug("health probe of {name} failed", name=backend.name)
+                log.debug(
+                    "health probe of {name} failed: {kind}",
+                    name=backend.name,
+                    kind=type(result.value).__name__,
+                )
             self.set_healthy(backend, healthy)
             return healthy
 
