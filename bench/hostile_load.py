@@ -39,7 +39,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task, threads, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -59,6 +59,7 @@ from llmrouter.protocol import (  # noqa: E402
     Delta,
     Done,
     ResponseOpener,
+    b64u_decode,
     b64u_encode,
     seal_request,
     verify_key_document,
@@ -371,14 +372,31 @@ async def junk_one_address(target: Target, seconds: float) -> dict[str, int]:
     return await _flood(target, seconds, 16, one)
 
 
+async def _paid_device(target: Target) -> tuple[hpke.KeyPair, dict[str, int]]:
+    """A device key the router knows: its first request's proof of work, solved once."""
+    device, forwarded = hpke.generate_key_pair(), _forwarded()
+    body, envelope, _ = _envelope(target, device, "x")
+    response = await target.post(PROXY, body, forwarded)
+    if response.code == 401:
+        error = json.loads(await readBody(response))["error"]
+        solution = await threads.deferToThread(pow.solve, error["challenge"], envelope.enc)
+        headers = {**forwarded, pow.HEADER.encode(): [solution.encode()]}
+        response = await target.post(PROXY, body, headers)
+    await readBody(response)
+    return device, {"device_admitted": int(response.code == 200)}
+
+
 async def junk_many_addresses(target: Target, seconds: float) -> dict[str, int]:
+    """Envelopes of a known device whose ciphertext is junk: each costs a decapsulation."""
+    device, paid = await _paid_device(target)
+
     async def one() -> int:
-        body, envelope, _ = _envelope(target, None, "x")
+        body, envelope, _ = _envelope(target, device, "x")
         doc = json.loads(body)
-        doc["ct"] = b64u_encode(os.urandom(len(envelope.ct)))  # decrypts to nothing
+        doc["ct"] = b64u_encode(os.urandom(len(envelope.ct)))
         return await _status(await target.post(PROXY, json.dumps(doc).encode(), _forwarded()))
 
-    return await _flood(target, seconds, 16, one)
+    return {**paid, **await _flood(target, seconds, 16, one)}
 
 
 async def fresh_devices(target: Target, seconds: float) -> dict[str, int]:
@@ -466,7 +484,14 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between chats")
     parser.add_argument("--only", action="append", choices=list(ATTACKS))
+    parser.add_argument("--attacker", nargs=4, metavar=("ATTACK", "PORT", "PIN", "SECONDS"))
     args = parser.parse_args(argv)
+    if args.attacker:  # the attacking process: one attack, its outcome as JSON on stdout
+        name, port, pin, seconds = args.attacker
+        target = Target(reactor, int(port), 0, b64u_decode(pin, "pin", 32))
+        await target.refresh_key()
+        print(json.dumps(await ATTACKS[name](target, float(seconds))))
+        return
     directory = Path(tempfile.mkdtemp(prefix="llmr-hostile-"))
     from tests.tinymodel import tiny_model_path
 
@@ -489,8 +514,6 @@ async def main(reactor: Any, argv: list[str]) -> None:
         await wait_healthy(reactor, f"unix:{socket_path}", inference)
         await wait_healthy(reactor, f"http://127.0.0.1:{port}", router)
         state = json.loads((directory / "keys" / "state.json").read_text())
-        from llmrouter.protocol import b64u_decode
-
         target = Target(reactor, port, metrics_port, b64u_decode(state["signing_key"], "pin", 32))
         await target.refresh_key()
         clients = [Legit(target, f"127.0.0.{2 + i}", args.interval) for i in range(args.clients)]
@@ -506,7 +529,19 @@ async def main(reactor: Any, argv: list[str]) -> None:
                 await _sleep(reactor, args.phase_seconds)
                 attack: dict[str, int] = {}
             else:
-                attack = await ATTACKS[name](target, args.phase_seconds)
+                # Its own process, so that the attack's CPU does not delay the legitimate
+                # clients' event loop (both still share the machine with the daemons).
+                output, errors, code = await utils.getProcessOutputAndValue(
+                    sys.executable,
+                    [
+                        *(__file__, "--attacker", name, str(port), state["signing_key"]),
+                        str(args.phase_seconds),
+                    ],
+                    env=os.environ,
+                )
+                if code != 0:
+                    raise SystemExit(f"attack {name} failed:\n{errors.decode()[-3000:]}")
+                attack = json.loads(output.decode().strip().splitlines()[-1])
             results = [r for c in clients for r in c.results if r[0] == name]
             ttfts = [r[2] for r in results if r[1] and r[2] is not None]
             failures = Counter(r[3] for r in results if not r[1])

@@ -10,8 +10,11 @@ from pathlib import Path
 from twisted.trial import unittest
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "docs" / name for name in ("threat-model.md", "deployment.md", "tls.md")]
-ROOTS = ("llmrouter/", "inference/", "tests/", "etc/", "docs/", "bin/")
+DOCS = [
+    REPO / "docs" / name
+    for name in ("threat-model.md", "deployment.md", "tls.md", "security-testing.md")
+]
+ROOTS = ("llmrouter/", "inference/", "tests/", "etc/", "docs/", "bin/", "bench/")
 CODE = re.compile(r"`([^`\s]+)`")
 # `tests/test_x.py` (`name`, `name2`) or (`name`; ...) right after the module
 CITATION = re.compile(r"`(tests/test_[a-z0-9_]+\.py)` \(([^)]*)\)")
