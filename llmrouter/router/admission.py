@@ -264,7 +264,13 @@ class Admission:
             release = await _settle(t.slots.acquire(device))
         except ProtocolError as e:
             raise self.reject(e) from None
-        if device is not None and not await _settle(t.budget.charge(device)):
+        try:
+            charged = device is None or await _settle(t.budget.charge(device))
+        except BaseException:  # a shared store failed: the slot must not leak
+            release()
+            raise
+        if not charged:
+            assert device is not None
             release()
             retry = await _settle(t.budget.replenishes_in(device))
             raise self.reject(
