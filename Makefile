@@ -1,6 +1,7 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
-#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check and the SDK tests
+#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run and
+#                the SDK tests
 #   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -12,7 +13,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' s
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_CPP_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 
-.PHONY: run test trial lint type wheel-check system-deps sdk-test llama-server dist clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,7 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
-test: system-deps trial lint type wheel-check sdk-test
+test: system-deps trial lint type wheel-check fuzz sdk-test
 
 trial: $(STAMP) $(LLAMA_SERVER)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
@@ -34,6 +35,21 @@ llama-server: $(LLAMA_SERVER)
 
 $(LLAMA_SERVER): | $(STAMP) system-deps
 	bench/build-llama-server "$(LLAMA_SERVER_DIR)"
+
+# Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
+# a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails
+FUZZ_SECONDS ?= 12
+fuzz: $(STAMP)
+	@for target in $(FUZZ_TARGETS); do \
+	  out=$$(mktemp -d); \
+	  if ! $(BIN)/python -m tests.fuzz.targets $$target -max_total_time=$(FUZZ_SECONDS) \
+	      -artifact_prefix=$$out/ $$out tests/fuzz/corpus/$$target >$$out/log 2>&1; then \
+	    tail -n 40 $$out/log; echo "fuzz: $$target FAILED; the input is kept in $$out"; exit 1; \
+	  fi; \
+	  echo "fuzz: $$target: $$(grep -E '^#[0-9]+[[:space:]]+DONE' $$out/log | tail -n 1)"; \
+	  rm -rf $$out; \
+	done
 
 # System tools the production tests drive (promtool, nft, caddy, ...); idempotent.
 system-deps:

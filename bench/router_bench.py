@@ -154,7 +154,7 @@ class Router:
 
     async def fetch_key(self) -> None:
         response = await self.agent.request(b"GET", (self.base + "/api/pubkey").encode())
-        self.key = verify_key_document(await readBody(response)).current()
+        self.key = verify_key_document(await readBody(response), now=time.time()).current()
 
     async def stream(self, request: ChatRequest, on_delta: Any) -> tuple[float, int]:
         """Returns (ttft seconds, deltas); ``on_delta(text, t)`` for each verified delta."""

@@ -4,8 +4,15 @@ Twisted's ``ssl:`` string parser loads the certificate and key but has no option
 protocol versions, cipher list or ALPN, and its default cipher list still accepts CBC suites in
 TLS 1.2. So the router keeps Twisted's parsing (same syntax, same error messages) and serves the
 parsed certificate with options of its own: TLS 1.2 at least (1.3 preferred: OpenSSL picks the
-highest version both sides offer), ECDHE with AEAD ciphers only in TLS 1.2, and HTTP/2 offered
-through ALPN when the ``h2`` package is installed.
+highest version both sides offer), ECDHE with AEAD ciphers only in TLS 1.2, and ALPN offering
+HTTP/1.1 only.
+
+Why not HTTP/2: the router's site is HTTP/1.1 (its body limits, slow-client limits and flow
+control are written against Twisted's HTTP/1.1 channel), and the TLS proxy in front (Caddy)
+already speaks HTTP/2 and HTTP/3 to clients and HTTP/1.1 to us. Serving HTTP/2 here as well would
+add a second, less exercised request path and its own attack surface (stream floods, rapid
+reset, HPACK and CONTINUATION abuse) for no client that needs it. Offering ``h2`` by ALPN
+without serving it broke HTTP/2 clients, so it is not offered, whatever is installed.
 
 Socket-activated (``systemd:``) UNIX sockets are served without touching their file
 (:class:`AdoptedUNIXEndpoint`); the inference daemon uses that too.
@@ -13,7 +20,6 @@ Socket-activated (``systemd:``) UNIX sockets are served without touching their f
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -50,9 +56,7 @@ class ListenError(Exception):
 
 
 def alpn_protocols() -> list[bytes]:
-    """What ALPN offers: Twisted's web server speaks HTTP/2 only when ``h2`` is importable."""
-    if importlib.util.find_spec("h2") is not None:
-        return [b"h2", b"http/1.1"]
+    """What ALPN offers: HTTP/1.1 only (see the module docstring)."""
     return [b"http/1.1"]
 
 

@@ -1,8 +1,9 @@
 """Stateless proof-of-work challenges, asked for only when the router is under stress.
 
 A challenge is ``version | expiry | difficulty | random | MAC`` signed with the router's PoW key,
-so the router keeps no state per challenge. The work binds the request's ``enc``: a solution buys
-exactly one request, and the replay cache already refuses the same ``enc`` twice.
+so the router keeps no state per challenge. The work binds the request's ``enc``, and the router
+remembers each solution it checked (:func:`solution_id`) for as long as its challenge lives: a
+solution buys exactly one check, whether or not the request behind it then decrypts.
 """
 
 from __future__ import annotations
@@ -14,10 +15,21 @@ import struct
 
 from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode
 
-__all__ = ["HEADER", "MAX_DIFFICULTY", "issue_challenge", "solve", "verify"]
+__all__ = [
+    "CHALLENGE_TTL",
+    "HEADER",
+    "MAX_DIFFICULTY",
+    "MAX_HEADER",
+    "issue_challenge",
+    "solution_id",
+    "solve",
+    "verify",
+]
 
 HEADER = "X-LLMRouter-PoW"
 MAX_DIFFICULTY = 32
+CHALLENGE_TTL = 120
+MAX_HEADER = 256  # a challenge (51 characters), a colon and at most 20 digits fit easily
 _VERSION = 1
 _LABEL = b"llmrouter/v1 pow|"
 _BODY = struct.Struct(">BQB16s")  # version, expiry (unix seconds), difficulty, random
@@ -29,7 +41,7 @@ def _mac(key: bytes, body: bytes) -> bytes:
     return hmac.new(key, _LABEL + body, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
-def issue_challenge(key: bytes, difficulty: int, now: float, ttl: int = 120) -> str:
+def issue_challenge(key: bytes, difficulty: int, now: float, ttl: int = CHALLENGE_TTL) -> str:
     if not 0 <= difficulty <= MAX_DIFFICULTY:
         raise ValueError("difficulty out of range")
     body = _BODY.pack(_VERSION, int(now) + ttl, difficulty, os.urandom(16))
@@ -63,7 +75,8 @@ def solve(challenge: str, enc: bytes, difficulty: int | None = None) -> str:
     return f"{challenge}:{nonce}"
 
 
-def verify(key: bytes, header_value: str, enc: bytes, now: float) -> bool:
+def verify(key: bytes, header_value: str, enc: bytes, now: float, difficulty: int = 0) -> bool:
+    """A genuine, unexpired challenge of at least ``difficulty`` bits, solved for ``enc``."""
     challenge, sep, nonce = header_value.partition(":")
     if not sep or not nonce.isdigit() or not nonce.isascii() or len(nonce) > _MAX_NONCE_DIGITS:
         return False
@@ -74,7 +87,12 @@ def verify(key: bytes, header_value: str, enc: bytes, now: float) -> bool:
     body, mac = raw[: _BODY.size], raw[_BODY.size :]
     if not hmac.compare_digest(mac, _mac(key, body)):
         return False
-    version, expiry, difficulty, _ = _BODY.unpack(body)
-    if version != _VERSION or int(expiry) < now or int(difficulty) > MAX_DIFFICULTY:
+    version, expiry, bits, _ = _BODY.unpack(body)
+    if version != _VERSION or int(expiry) < now or not difficulty <= int(bits) <= MAX_DIFFICULTY:
         return False
-    return _work(challenge, enc, nonce) >= int(difficulty)
+    return _work(challenge, enc, nonce) >= int(bits)
+
+
+def solution_id(header_value: str, enc: bytes) -> bytes:
+    """What the router remembers of a checked solution (16 bytes, whatever the header's size)."""
+    return hashlib.sha256(_LABEL + header_value.encode("ascii") + b"|" + enc).digest()[:16]

@@ -35,6 +35,8 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_PAD",
     "KEEPALIVE",
+    "KEY_DOCUMENT_MAX_AGE",
+    "KEY_DOCUMENT_SKEW",
     "MAX_LOGPROB_ENTRIES",
     "MAX_STOP_SEQUENCES",
     "REQUEST_INFO",
@@ -64,6 +66,7 @@ __all__ = [
     "build_key_document",
     "build_ohttp_key_configs",
     "check_timestamp",
+    "key_document_issued_at",
     "key_id_for_kid",
     "kid_for_key_id",
     "logprob_entries",
@@ -83,6 +86,9 @@ FINAL_AAD = b"final"
 DEFAULT_PAD = 64
 DEFAULT_MAX_BODY = 256 * 1024
 SKEW_SECONDS = 60
+KEY_DOCUMENT_MAX_AGE = 86400  # clients refuse older documents; routers re-sign every hour
+KEY_DOCUMENT_SKEW = 300  # clock difference allowed for issued_at and the key validity
+KEY_DOCUMENT_PERIOD = 3600  # issued_at is the hour the document was signed in
 RID_BYTES = 16
 RESPONSE_NONCE_BYTES = 32
 SUITE = {"kem": hpke.KEM_ID, "kdf": hpke.KDF_ID, "aead": hpke.AEAD_ID}
@@ -110,6 +116,7 @@ class ProtocolError(Exception):
         "stale": 401,
         "replay": 409,
         "device_rate_limited": 429,
+        "new_device_rate_limited": 429,
         "budget_exhausted": 429,
         "device_streams": 429,
         "overloaded": 503,
@@ -764,11 +771,25 @@ class KeyDocument:
     signing_key: bytes
 
     def current(self) -> PublishedKey:
+        """The only key a client seals to."""
         return next(k for k in self.keys if k.status == "current")
 
 
-def verify_key_document(body: bytes, pin: bytes | None = None) -> KeyDocument:
-    """Check the signature over the exact payload bytes (and the pin), then parse the payload."""
+def key_document_issued_at(now: float) -> int:
+    """The ``issued_at`` a router signs at ``now``: the hour boundary, so that routers with the
+    same keys sign the same bytes (Ed25519 is deterministic) and re-sign once an hour."""
+    return int(now) // KEY_DOCUMENT_PERIOD * KEY_DOCUMENT_PERIOD
+
+
+def verify_key_document(body: bytes, pin: bytes | None = None, *, now: float) -> KeyDocument:
+    """Check the signature over the exact payload bytes (and the pin), then the payload.
+
+    Refused (docs/protocol.md, section 1): a document issued more than
+    :data:`KEY_DOCUMENT_MAX_AGE` seconds before ``now`` or more than :data:`KEY_DOCUMENT_SKEW`
+    after it (an old signed document may carry a key revoked since), a current key outside its
+    validity window (give or take the skew), duplicate ``kid``s, anything but exactly one
+    ``current`` and one ``next`` key.
+    """
     try:
         doc = json.loads(body)
         if not isinstance(doc, dict):
@@ -776,7 +797,7 @@ def verify_key_document(body: bytes, pin: bytes | None = None) -> KeyDocument:
         signing_key = b64u_decode(doc["signing_key"], "signing_key", 32)
         signature = b64u_decode(doc["signature"], "signature", 64)
         payload = b64u_decode(doc["payload"], "payload")
-    except (ValueError, KeyError, TypeError, ProtocolError):
+    except (ValueError, KeyError, TypeError, RecursionError, ProtocolError):
         raise KeyDocumentError("malformed key document") from None
     if pin is not None and not hmac.compare_digest(pin, signing_key):
         raise KeyDocumentError("key document is not signed by the pinned key")
@@ -789,17 +810,31 @@ def verify_key_document(body: bytes, pin: bytes | None = None) -> KeyDocument:
         if p["v"] != VERSION or p["suite"] != SUITE or not _is_int(p["issued_at"]):
             raise ValueError
         keys = tuple(_published_key(k) for k in p["keys"])
-    except (ValueError, KeyError, TypeError, ProtocolError):
+    except (ValueError, KeyError, TypeError, RecursionError, ProtocolError):
         raise KeyDocumentError("key document payload is not protocol v1") from None
-    if sum(k.status == "current" for k in keys) != 1:
-        raise KeyDocumentError("key document must have exactly one current key")
-    return KeyDocument(p["issued_at"], keys, signing_key)
+    issued_at: int = p["issued_at"]
+    if issued_at < now - KEY_DOCUMENT_MAX_AGE:
+        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
+    if issued_at > now + KEY_DOCUMENT_SKEW:
+        raise KeyDocumentError("key document is issued in the future (check the clock)")
+    if len({k.kid for k in keys}) != len(keys):
+        raise KeyDocumentError("key document has duplicate key ids")
+    statuses = sorted(k.status for k in keys)
+    if statuses != ["current", "next"]:
+        raise KeyDocumentError("key document must have exactly one current and one next key")
+    document = KeyDocument(issued_at, keys, signing_key)
+    current = document.current()
+    if not current.not_before - KEY_DOCUMENT_SKEW <= now <= current.not_after + KEY_DOCUMENT_SKEW:
+        raise KeyDocumentError("the current key is outside its validity window")
+    return document
 
 
 def _published_key(doc: Any) -> PublishedKey:
     if not isinstance(doc, dict) or doc.get("status") not in ("current", "next"):
         raise ValueError
-    if not _KID.fullmatch(doc["kid"]) or not _is_int(doc["not_before"]):
+    if not isinstance(doc["kid"], str) or not _KID.fullmatch(doc["kid"]):
+        raise ValueError
+    if not _is_int(doc["not_before"]):
         raise ValueError
     if not _is_int(doc["not_after"]):
         raise ValueError

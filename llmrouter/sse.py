@@ -1,7 +1,8 @@
 """Server-Sent Events framing (WHATWG HTML, "server-sent events"), both directions.
 
 The parser is incremental (bytes arrive in arbitrary pieces) and bounded: a line longer than
-``max_line`` is an error rather than a buffer that grows with whatever a peer sends.
+``max_line``, or an event whose ``data`` lines add up to more than ``max_event`` characters, is an
+error rather than a buffer that grows with whatever a peer (or a proxy on the way) sends.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ def format_event(event: str | None, data: str) -> bytes:
 class SSEParser:
     """Feed bytes, get ``(event, data)`` pairs; ``event`` is ``"message"`` when unnamed."""
 
-    def __init__(self, max_line: int = 1 << 20) -> None:
+    def __init__(self, max_line: int = 1 << 20, max_event: int | None = None) -> None:
         self._max_line = max_line
+        self._max_event = max_line if max_event is None else max_event
         self._buffer = b""
         self._event = ""
         self._data: list[str] = []
+        self._size = 0  # characters of data (and their newlines) in the event being built
         self._has_data = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
@@ -74,11 +77,14 @@ class SSEParser:
         if name == "event":
             self._event = value
         elif name == "data":
+            self._size += len(value) + 1
+            if self._size > self._max_event:
+                raise SSEError("event too long")
             self._data.append(value)
             self._has_data = True
         return None  # id, retry and unknown fields carry nothing for us
 
     def _dispatch(self) -> tuple[str, str] | None:
         event, data, has_data = self._event or "message", "\n".join(self._data), self._has_data
-        self._event, self._data, self._has_data = "", [], False
+        self._event, self._data, self._has_data, self._size = "", [], False, 0
         return (event, data) if has_data else None

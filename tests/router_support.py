@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -189,6 +190,7 @@ def test_settings(directory: Path, backends: list[str], **changes: Any) -> Setti
         "connect_timeout_seconds": 5.0,
         "first_token_timeout_seconds": 30.0,
         "idle_timeout_seconds": 30.0,
+        "new_device_pow_difficulty": 0,  # the new-device tests turn it on
     }
     values.update(changes)
     return Settings(**values)
@@ -202,6 +204,7 @@ class RunningRouter:
     events: list[str]
 
     def client(self, clock: Any = None, **kwargs: Any) -> Client:
+        kwargs.setdefault("pin", bytes(self.router.keys.signing_key.verify_key))
         return Client(reactor, self.url, clock=clock or self.router.clock, **kwargs)
 
 
@@ -262,6 +265,14 @@ def post_json(url: str, path: str, payload: object) -> Any:
     return http(url, b"POST", path, json.dumps(payload).encode(), headers)
 
 
+def daemon_pin(directory: Path) -> bytes:
+    """The signing key (the pin) of a router daemon whose key directory is ``directory/keys``."""
+    from llmrouter.protocol import b64u_decode
+
+    state = json.loads((directory / "keys" / "state.json").read_text())
+    return b64u_decode(state["signing_key"], "signing_key", 32)
+
+
 def prompt(text: str = "Hello", **params: Any) -> ChatRequest:
     return ChatRequest.from_prompt(text, **params)
 
@@ -272,12 +283,13 @@ def collect() -> tuple[list[str], Callable[[str], None]]:
 
 
 @defer.inlineCallbacks
-def key_document(url: str) -> Any:
+def key_document(url: str, now: float | None = None) -> Any:
+    """The verified key document (``now``: the router's clock when it is not the real one)."""
     from llmrouter.protocol import verify_key_document
 
     status, _, body = yield http(url, path="/api/pubkey")
     assert status == 200, status
-    return verify_key_document(body)
+    return verify_key_document(body, now=time.time() if now is None else now)
 
 
 @defer.inlineCallbacks
@@ -293,7 +305,7 @@ def sealed(
     from llmrouter.protocol import seal_request
 
     if key is None:
-        document = yield key_document(running.url)
+        document = yield key_document(running.url, running.router.clock.seconds())
         key = document.current()
     now = int(running.router.clock.seconds()) if ts is None else ts
     envelope, state = seal_request(key, request or prompt(), now, device)

@@ -56,21 +56,23 @@ class PrivacyBudgetTests(unittest.TestCase):
         # A new period began with that charge.
         self.assertAlmostEqual(budget.replenishes_in(DEVICE), 3600)
 
-    def test_full_table_refuses_new_devices_rather_than_forget_spent_budget(self) -> None:
+    def test_full_table_never_refuses_a_new_device(self) -> None:
+        """A full table refused every new device for a whole period: fresh keys at a dozen
+        requests per second locked everyone new out for a day (issue 8). Now the account
+        closest to replenishing (the oldest period) makes room, and that is counted."""
         budget = PrivacyBudget(
             self.clock, epsilon_total=1.0, epsilon_per_query=1.0, period_seconds=100, max_devices=2
         )
         self.assertTrue(budget.charge(b"a"))
         self.clock.advance(10)
         self.assertTrue(budget.charge(b"b"))
+        self.assertTrue(budget.charge(b"c"))  # a (period started first) is forgotten
+        self.assertEqual((budget.evicted_live, len(budget)), (1, 2))
+        self.assertFalse(budget.charge(b"b"), "b's spent budget was forgotten instead of a's")
         self.assertFalse(budget.charge(b"c"))
-        self.assertEqual(budget.refused_full, 1)
-        self.assertFalse(budget.charge(b"a"), "a's spent budget was forgotten")
-        self.assertEqual(len(budget), 2)
-        self.clock.advance(90)  # a's period is over, b's is not
-        self.assertTrue(budget.charge(b"c"))
-        self.assertFalse(budget.charge(b"b"))
-        self.assertEqual(len(budget), 2)
+        self.clock.advance(100)  # b's and c's periods are over: room without evicting
+        self.assertTrue(budget.charge(b"d"))
+        self.assertEqual((budget.evicted_live, len(budget)), (1, 1))
 
     def test_memory_bounded_under_device_churn(self) -> None:
         budget = PrivacyBudget(self.clock, period_seconds=10, max_devices=50)
@@ -102,14 +104,14 @@ class PrivacyBudgetModelTests(unittest.TestCase):
         clock = Clock()
         period = 100.0
         budget = PrivacyBudget(
-            clock, epsilon_total=1.0, epsilon_per_query=0.25, period_seconds=period, max_devices=2
+            clock, epsilon_total=1.0, epsilon_per_query=0.25, period_seconds=period, max_devices=4
         )
         charged: dict[int, list[float]] = {}
         for device, wait in ops:
             clock.advance(wait)
             if budget.charge(bytes([device])):
                 charged.setdefault(device, []).append(clock.seconds())
-            self.assertLessEqual(len(budget), 2)
+            self.assertLessEqual(len(budget), 4)
         for times in charged.values():
             # A period starts at the first charge after the previous one ended; each allows
             # 1.0 / 0.25 = 4 charges.

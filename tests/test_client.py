@@ -15,6 +15,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ class Handler(resource.Resource):
         self.pair = hpke.generate_key_pair()
         self.kid = "07"
         self.rotations_pending = 0
+        self.stale_pending = 0
         self.pow_key: bytes | None = None
         self.cut_after: int | None = None
         self.fail_with: str | None = None
@@ -50,10 +52,15 @@ class Handler(resource.Resource):
         self.seen_devices: list[bytes | None] = []
         self.requests: list[p.ChatRequest] = []
         self.fail_requests: set[int] = set()  # by number, from 1
+        self.issued_at: int | None = None  # None: signed this hour, as a router does
+        self.upcoming = hpke.generate_key_pair()
 
     def document(self) -> bytes:
+        now = time.time()
+        issued_at = p.key_document_issued_at(now) if self.issued_at is None else self.issued_at
         key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
-        return p.build_key_document([key], self.signing, 1)
+        upcoming = p.PublishedKey("ff", self.upcoming.pk, "next", int(now), 2**31)
+        return p.build_key_document([key, upcoming], self.signing, issued_at)
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
@@ -68,6 +75,9 @@ class Handler(resource.Resource):
             if self.rotations_pending:
                 self.rotations_pending -= 1
                 self.rotate()
+            if self.stale_pending:
+                self.stale_pending -= 1
+                raise p.ProtocolError("stale", "the request predates the router's start")
             if env.kid != self.kid:
                 raise p.ProtocolError("key_unknown", "unknown key id")
             if self.pow_key is not None:
@@ -182,6 +192,61 @@ class ClientTests(Fixture):
         self.assertEqual(self.handler.kid, "08")
 
     @defer.inlineCallbacks
+    def test_stale_is_sealed_again_once(self) -> Any:
+        """A router that just restarted refuses timestamps from before its start."""
+        self.handler.stale_pending = 1
+        text, _ = yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x y"))
+        self.assertEqual(text, "y x ")
+        self.handler.stale_pending = 2
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        self.assertEqual(cm.exception.code, "stale")
+
+    def test_a_pin_or_trust_on_first_use_is_required(self) -> None:
+        """Without ``pin`` the document's own signing key was trusted silently (issue 8)."""
+        with self.assertRaises(ValueError) as caught:
+            Client(reactor, self.urls[0])
+        self.assertIn("tofu", str(caught.exception))
+
+    @defer.inlineCallbacks
+    def test_trust_on_first_use_keeps_the_first_key(self) -> Any:
+        path = Path(self.mktemp())
+        text, _ = yield defer.Deferred.fromCoroutine(
+            self.chat(self.client(pin=None, tofu=path), "a b")
+        )
+        self.assertEqual(text, "b a ")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
+        yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "c"))
+        self.handler.signing = nacl.signing.SigningKey.generate()  # another router, or a MITM
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "x"))
+        self.assertEqual(cm.exception.code, "bad_key_document")
+        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
+        self.assertEqual(self.handler.seen_modes, ["base", "base"])
+
+    @defer.inlineCallbacks
+    def test_trust_on_first_use_file_is_not_followed(self) -> Any:
+        target = Path(self.mktemp())
+        target.write_text("precious\n")
+        link = Path(self.mktemp())
+        link.symlink_to(target)
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=link), "x"))
+        self.assertEqual(cm.exception.code, "tofu")
+        self.assertEqual(target.read_text(), "precious\n")
+
+    @defer.inlineCallbacks
+    def test_stale_key_document_is_refused(self) -> Any:
+        """An old signed document may carry a key revoked since: refuse it (issue 8)."""
+        self.handler.issued_at = p.key_document_issued_at(time.time()) - 2 * 86400
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        self.assertEqual(cm.exception.code, "bad_key_document")
+        self.assertIn("older than 24 hours", cm.exception.message)
+        self.assertEqual(self.handler.seen_modes, [])
+
+    @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:
         other = bytes(nacl.signing.SigningKey.generate().verify_key)
         with self.assertRaises(ChatError) as cm:
@@ -252,8 +317,20 @@ class ConversationTests(Fixture):
 class CommandLineTests(Fixture):
     """``llmrouter-client`` as operators run it: a separate process."""
 
-    def run_client(self, *args: str, stdin: bytes | None = None) -> Any:
-        env = {**os.environ, "LLMROUTER_URL": self.urls[0]}
+    def run_client(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        pin: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Any:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "LLMROUTER_PIN"},
+            "LLMROUTER_URL": self.urls[0],
+            **(env or {}),
+        }
+        if pin and args[0] != "open" and "--pin" not in args and "--tofu" not in args:
+            args = (*args, "--pin", p.b64u_encode(self.pin))
         argv = ["-m", "llmrouter.client", *args]
         if stdin is None:
             return utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=str(ROOT))
@@ -268,6 +345,7 @@ class CommandLineTests(Fixture):
     def test_chat(self) -> Any:
         pin = p.b64u_encode(self.pin)
         out, err, code = yield self.run_client("chat", "hello there world", "--pin", pin)
+        self.assertNotIn(b"warning", err)
         self.assertEqual((out, code), (b"world there hello \n", 0), err)
         self.assertIn(b"finish_reason=stop", err)
 
@@ -338,6 +416,34 @@ class CommandLineTests(Fixture):
         self.assertEqual((out, code), (b"m1\nm2\n", 0), err)
 
     @defer.inlineCallbacks
+    def test_refuses_to_run_without_pin_or_tofu(self) -> Any:
+        _out, err, code = yield self.run_client("chat", "x", pin=False)
+        self.assertEqual(code, 2)
+        self.assertIn(b"--pin", err)
+        self.assertIn(b"--tofu", err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(self.handler.seen_modes, [])
+        tofu = Path(self.mktemp()).absolute()
+        out, err, code = yield self.run_client("chat", "a b", "--tofu", str(tofu), pin=False)
+        self.assertEqual((out, code), (b"b a \n", 0), err)
+        self.assertEqual(tofu.read_text().strip(), p.b64u_encode(self.pin))
+        env_pin = {"LLMROUTER_PIN": p.b64u_encode(self.pin)}
+        out, err, code = yield self.run_client("keys", pin=False, env=env_pin)
+        self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
+    def test_state_file_is_not_written_through_a_symlink(self) -> Any:
+        target = Path(self.mktemp()).absolute()
+        target.write_text("precious\n")
+        link = Path(self.mktemp()).absolute()
+        link.symlink_to(target)
+        _out, err, code = yield self.run_client("seal", "x", "--state", str(link))
+        self.assertEqual(code, 1)
+        self.assertIn(b"state", err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(target.read_text(), "precious\n")
+
+    @defer.inlineCallbacks
     def test_chat_auth_creates_device_key(self) -> Any:
         key_file = Path(self.mktemp()).absolute()
         out, err, code = yield self.run_client("chat", "a b", "--device-key", str(key_file))
@@ -401,4 +507,4 @@ class CommandLineTests(Fixture):
         self.assertEqual(code, 0, err)
         doc = json.loads(out)
         self.assertEqual(doc["signing_key"], p.b64u_encode(self.pin))
-        self.assertEqual([k["kid"] for k in doc["keys"]], ["07"])
+        self.assertEqual([k["kid"] for k in doc["keys"]], ["07", "ff"])

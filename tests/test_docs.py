@@ -11,9 +11,16 @@ from twisted.trial import unittest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [
-    REPO / "docs" / name for name in ("threat-model.md", "deployment.md", "tls.md", "clients.md")
+    REPO / "docs" / name
+    for name in (
+        "threat-model.md",
+        "deployment.md",
+        "tls.md",
+        "clients.md",
+        "security-testing.md",
+    )
 ]
-ROOTS = ("llmrouter/", "inference/", "tests/", "etc/", "docs/", "bin/", "clients/")
+ROOTS = ("llmrouter/", "inference/", "tests/", "etc/", "docs/", "bin/", "clients/", "bench/")
 CODE = re.compile(r"`([^`\s]+)`")
 # `tests/test_x.py` (`name`, `name2`) or (`name`; ...) right after the module
 CITATION = re.compile(r"`(tests/test_[a-z0-9_]+\.py)` \(([^)]*)\)")

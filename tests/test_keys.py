@@ -40,9 +40,7 @@ class KeyStoreTestCase(unittest.TestCase):
 
     def open(self, **kwargs: object) -> KeyStore:
         store = KeyStore.open(self.dir, self.clock, **kwargs)  # type: ignore[arg-type]
-        store.events = SecurityLog(
-            store.log_hash_key, emit=lambda line: self.events.append(json.loads(line))
-        )
+        store.events = SecurityLog(emit=lambda line: self.events.append(json.loads(line)))
         self.stores.append(store)
         self.addCleanup(store.close)
         return store
@@ -68,7 +66,6 @@ class CreationTests(KeyStoreTestCase):
                 ".lock",
                 "state.json",
                 "signing.key",
-                "log-hash.key",
                 "pow.key",
                 "hpke-00.key",
                 "hpke-01.key",
@@ -80,13 +77,20 @@ class CreationTests(KeyStoreTestCase):
         current, upcoming = store.published()
         self.assertEqual((current.not_before, current.not_after), (T0, T0 + DAY + HOUR))
         self.assertEqual((upcoming.not_before, upcoming.not_after), (T0 + DAY, T0 + 2 * DAY + HOUR))
-        self.assertEqual(len(store.log_hash_key), 32)
         self.assertEqual(len(store.pow_key), 32)
-        self.assertNotEqual(store.log_hash_key, store.pow_key)
         sk = store.private_key_for("00")
         assert sk is not None
         self.assertEqual(hpke.public_key(sk), current.pk)
         self.assertEqual((self.dir / "hpke-00.key").read_bytes(), sk)
+
+    def test_an_old_log_hash_key_is_destroyed(self) -> None:
+        """Security-log hashes used a long-lived key kept here; whoever holds it can reverse
+        the IPv4 hashes of old logs, so it is destroyed (the log now keys a day in memory)."""
+        self.open().close()
+        (self.dir / "log-hash.key").write_bytes(bytes(32))
+        os.chmod(self.dir / "log-hash.key", 0o600)
+        self.open()
+        self.assertNotIn("log-hash.key", self.names())
 
     def test_permissions_do_not_depend_on_the_umask(self) -> None:
         for umask in (0o000, 0o777):
@@ -104,7 +108,6 @@ class CreationTests(KeyStoreTestCase):
         first = self.open()
         first_state = (
             bytes(first.signing_key.verify_key),
-            first.log_hash_key,
             first.pow_key,
             first.published(),
             first.private_key_for("00"),
@@ -116,7 +119,6 @@ class CreationTests(KeyStoreTestCase):
         self.assertEqual(
             (
                 bytes(again.signing_key.verify_key),
-                again.log_hash_key,
                 again.pow_key,
                 again.published(),
                 again.private_key_for("00"),
@@ -127,7 +129,7 @@ class CreationTests(KeyStoreTestCase):
 
     def test_refuses_group_or_world_accessible_files(self) -> None:
         self.open().close()
-        for name in ("signing.key", "hpke-01.key", "log-hash.key", "state.json"):
+        for name in ("signing.key", "hpke-01.key", "pow.key", "state.json"):
             for mode in (0o640, 0o604, 0o620):
                 os.chmod(self.dir / name, mode)
                 with self.assertRaises(KeyStoreError) as caught:
@@ -215,7 +217,7 @@ class CreationTests(KeyStoreTestCase):
 
     def test_secrets_never_in_repr_or_str(self) -> None:
         store = self.open()
-        secrets = [store.private_key_for("00"), store.private_key_for("01"), store.log_hash_key]
+        secrets = [store.private_key_for("00"), store.private_key_for("01")]
         secrets += [store.pow_key, bytes(store.signing_key)]
         texts = [repr(store), str(store), repr(store.keys()), repr(store.published())]
         texts += [str(store.signing_key), repr(store.signing_key), f"{store.signing_key}"]
@@ -249,14 +251,17 @@ class KeyDocumentTests(KeyStoreTestCase):
         nacl.signing.VerifyKey(signing_pk).verify(payload, signature)  # raises if bad
         body = json.loads(payload)
         self.assertEqual([k["status"] for k in body["keys"]], ["current", "next"])
-        self.assertEqual(body["issued_at"], T0)
-        verified = protocol.verify_key_document(store.key_document(), pin=signing_pk)
+        self.assertEqual(body["issued_at"], T0 // HOUR * HOUR)
+        verified = protocol.verify_key_document(store.key_document(), signing_pk, now=T0)
         self.assertEqual(verified.current().kid, "00")
         self.assertEqual(list(verified.keys), store.published())
         # Tampering breaks it.
         bad = dict(doc, payload=protocol.b64u_encode(payload.replace(b'"00"', b'"05"')))
         self.assertRaises(
-            protocol.KeyDocumentError, protocol.verify_key_document, json.dumps(bad).encode()
+            protocol.KeyDocumentError,
+            protocol.verify_key_document,
+            json.dumps(bad).encode(),
+            now=T0,
         )
 
     def test_jwks_and_ohttp_configs(self) -> None:
@@ -280,17 +285,36 @@ class KeyDocumentTests(KeyStoreTestCase):
         self.assertNotEqual(store.key_document(), doc)
         self.assertNotEqual(store.jwks(), jwks)
         self.assertNotEqual(store.ohttp_configs(), ohttp)
-        body = protocol.verify_key_document(store.key_document())
-        self.assertEqual(body.issued_at, T0 + 60)
+        body = protocol.verify_key_document(store.key_document(), now=T0 + 60)
+        self.assertEqual(body.issued_at, T0 // HOUR * HOUR)
         self.assertEqual(
             [(k.kid, k.status) for k in body.keys], [("01", "current"), ("02", "next")]
         )
-        # Expiry of the retired key does not change what is published: still cached.
-        doc = store.key_document()
+        # Expiry of the retired key does not change what is published.
         store.start()
         self.clock.advance(HOUR)
         self.assertIsNone(store.private_key_for("00"))
+        again = protocol.verify_key_document(store.key_document(), now=self.clock.seconds())
+        self.assertEqual(again.keys, body.keys)
+
+    def test_signed_again_every_hour_and_the_same_bytes_from_the_same_keys(self) -> None:
+        """Clients refuse documents older than a day, so the router re-signs every hour on the
+        hour; with the same keys two routers serve byte-identical documents (issue 8)."""
+        store = self.open()
+        hour = T0 // HOUR * HOUR
+        doc = store.key_document()
+        self.assertEqual(json.loads(self.payload(doc))["issued_at"], hour)
+        self.clock.advance(hour + HOUR - 1 - T0)
         self.assertIs(store.key_document(), doc)
+        self.assertEqual(self.open().key_document(), doc)  # another router, same directory
+        self.clock.advance(1)
+        later = store.key_document()
+        self.assertEqual(json.loads(self.payload(later))["issued_at"], hour + HOUR)
+        self.assertEqual(self.open().key_document(), later)
+
+    @staticmethod
+    def payload(document: bytes) -> bytes:
+        return protocol.b64u_decode(json.loads(document)["payload"], "payload")
 
 
 class RotationTests(KeyStoreTestCase):
@@ -407,7 +431,12 @@ class RotationTests(KeyStoreTestCase):
         self.assertEqual(store.rotations, 8)
         hpke_files = sorted(n for n in self.names() if n.startswith("hpke-"))
         self.assertEqual(hpke_files, ["hpke-01.key", "hpke-02.key"])
-        self.assertEqual(protocol.verify_key_document(store.key_document()).current().kid, "01")
+        self.assertEqual(
+            protocol.verify_key_document(store.key_document(), now=self.clock.seconds())
+            .current()
+            .kid,
+            "01",
+        )
 
     def test_allocation_skips_ids_in_use(self) -> None:
         self.assertEqual(allocate_key_id(0, set()), 1)
@@ -487,7 +516,12 @@ class ReloadTests(KeyStoreTestCase):
         self.assertEqual(router.current.kid, "01")
         self.assertEqual(router.private_key_for("02"), operator.private_key_for("02"))
         self.assertEqual(router.rotations, 1)
-        self.assertEqual(protocol.verify_key_document(router.key_document()).current().kid, "01")
+        self.assertEqual(
+            protocol.verify_key_document(router.key_document(), now=self.clock.seconds())
+            .current()
+            .kid,
+            "01",
+        )
 
     def test_polling_picks_up_a_revocation_within_two_seconds(self) -> None:
         router = self.open()

@@ -424,8 +424,8 @@ class FullStackThroughCaddyTests(unittest.TestCase):
             except OSError:
                 yield task.deferLater(reactor, 0.05, lambda: None)
 
-        # pin the signing key as the app would, learned directly from the router
-        direct = Client(reactor, f"http://127.0.0.1:{router_port}")
+        # pin the signing key as the app would, learned directly from the router (first use)
+        direct = Client(reactor, f"http://127.0.0.1:{router_port}", tofu=Path(self.mktemp()))
         keys = yield defer.Deferred.fromCoroutine(direct.fetch_keys())
         client = Client(reactor, f"http://127.0.0.1:{caddy_port}", pin=keys.signing_key)
         deltas: list[str] = []

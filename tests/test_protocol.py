@@ -197,6 +197,9 @@ class RequestTests(SynchronousTestCase):
             {"messages": [{"role": "user", "content": "x"}], "stop": "x"},
             {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5},
             {"messages": [{"role": "user", "content": "x"}], "gpt": "model"},
+            # unhashable roles once raised TypeError (a 500) instead of bad_payload (issue 8)
+            {"messages": [{"role": ["user"], "content": "x"}]},
+            {"messages": [{"role": {"user": 1}, "content": "x"}]},
         ]
         for case in cases:
             with self.assertRaises(p.ProtocolError) as cm:
@@ -424,7 +427,7 @@ class KeyDocumentTests(SynchronousTestCase):
     def test_round_trip_and_pin(self) -> None:
         raw = p.build_key_document([self.current, self.next], self.signing, NOW)
         pin = bytes(self.signing.verify_key)
-        doc = p.verify_key_document(raw, pin)
+        doc = p.verify_key_document(raw, pin, now=NOW)
         self.assertEqual(doc.keys, (self.current, self.next))
         self.assertEqual(doc.current(), self.current)
         self.assertEqual(doc.issued_at, NOW)
@@ -433,7 +436,41 @@ class KeyDocumentTests(SynchronousTestCase):
         self.assertEqual(payload["suite"], {"kem": 32, "kdf": 1, "aead": 3})
         self.assertEqual(payload["v"], 1)
         other = bytes(nacl.signing.SigningKey.generate().verify_key)
-        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw, other)
+        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw, other, now=NOW)
+
+    def refused(self, keys: list[p.PublishedKey], issued_at: int = NOW, now: int = NOW) -> str:
+        raw = p.build_key_document(keys, self.signing, issued_at)
+        with self.assertRaises(p.KeyDocumentError) as caught:
+            p.verify_key_document(raw, now=now)
+        return str(caught.exception)
+
+    def test_stale_or_future_documents_are_refused(self) -> None:
+        """issued_at was never checked, so an old signed document carrying a revoked key could
+        be replayed to clients, and they sealed to it (issue 8)."""
+        keys = [self.current, self.next]
+        for issued_at in (NOW - p.KEY_DOCUMENT_MAX_AGE, NOW + p.KEY_DOCUMENT_SKEW):
+            raw = p.build_key_document(keys, self.signing, issued_at)
+            self.assertEqual(p.verify_key_document(raw, now=NOW).issued_at, issued_at)
+        self.assertIn("older than", self.refused(keys, NOW - p.KEY_DOCUMENT_MAX_AGE - 1))
+        self.assertIn("future", self.refused(keys, NOW + p.KEY_DOCUMENT_SKEW + 1))
+
+    def test_current_key_outside_its_validity_is_refused(self) -> None:
+        early = p.PublishedKey("0a", self.current.pk, "current", NOW + 301, NOW + 9000)
+        late = p.PublishedKey("0a", self.current.pk, "current", NOW - 9000, NOW - 301)
+        for current in (early, late):
+            self.assertIn("validity", self.refused([current, self.next]))
+        edge = p.PublishedKey("0a", self.current.pk, "current", NOW + 300, NOW + 9000)
+        raw = p.build_key_document([edge, self.next], self.signing, NOW)
+        self.assertEqual(p.verify_key_document(raw, now=NOW).current(), edge)
+
+    def test_duplicate_kids_and_missing_next_are_refused(self) -> None:
+        twin = p.PublishedKey("0a", self.next.pk, "next", NOW, NOW + 90000)
+        self.assertIn("duplicate", self.refused([self.current, twin]))
+        self.assertIn("one current and one next", self.refused([self.current]))
+        other_next = p.PublishedKey("0c", self.next.pk, "next", NOW, NOW + 90000)
+        self.assertIn(
+            "one current and one next", self.refused([self.current, self.next, other_next])
+        )
 
     def test_signature_over_exact_bytes(self) -> None:
         raw = p.build_key_document([self.current], self.signing, NOW)
@@ -444,16 +481,17 @@ class KeyDocumentTests(SynchronousTestCase):
             p.KeyDocumentError,
             p.verify_key_document,
             json.dumps({**outer, "payload": p.b64u_encode(reformatted)}).encode(),
+            now=NOW,
         )
 
     def test_inconsistent_documents(self) -> None:
         two_current = p.PublishedKey("0c", self.next.pk, "current", 0, 1)
         raw = p.build_key_document([self.current, two_current], self.signing, NOW)
-        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw)
+        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw, now=NOW)
         raw = p.build_key_document([self.next], self.signing, NOW)
-        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw)
+        self.assertRaises(p.KeyDocumentError, p.verify_key_document, raw, now=NOW)
         for junk in (b"", b"[]", b"{}", b'{"payload": 1}'):
-            self.assertRaises(p.KeyDocumentError, p.verify_key_document, junk)
+            self.assertRaises(p.KeyDocumentError, p.verify_key_document, junk, now=NOW)
 
     def test_jwks(self) -> None:
         jwks = json.loads(p.build_jwks([self.current, self.next]))
@@ -498,6 +536,20 @@ class SSETests(SynchronousTestCase):
     def test_bounded(self) -> None:
         parser = SSEParser(max_line=10)
         self.assertRaises(ValueError, parser.feed, b"data: " + b"x" * 20)
+
+    def test_event_data_bounded(self) -> None:
+        """Short ``data:`` lines accumulated without bound until a blank line: a hostile proxy
+        could exhaust the client's memory one line at a time (issue 8)."""
+        parser = SSEParser(max_line=100, max_event=1000)
+        self.assertEqual(
+            parser.feed(b"data: x\n" * 400 + b"\n"), [("message", "\n".join("x" * 400))]
+        )
+        with self.assertRaises(ValueError):
+            for _ in range(200):
+                parser.feed(b"data: xxxxxxxxx\n")
+        parser = SSEParser(max_line=100, max_event=1000)
+        with self.assertRaises(ValueError):
+            parser.feed(b"data:\n" * 2000)  # empty lines count too (one newline each)
 
 
 class TimestampTests(SynchronousTestCase):

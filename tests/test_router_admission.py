@@ -165,6 +165,53 @@ class AdmissionTests(TestCase):
             running, body, 429, "rate_limited", {b"X-Forwarded-For": [b"198.51.100.0"]}
         )
 
+    @defer.inlineCallbacks
+    def test_ipv6_clients_share_a_bucket_per_prefix(self) -> Any:
+        """Every address of an IPv6 /64 had its own bucket: unlimited buckets (issue 8)."""
+        running = yield self.router(
+            rate_limit_per_minute=1, rate_limit_burst=1, trusted_proxies=("127.0.0.1",)
+        )
+
+        def from_(address: str) -> Any:
+            return {b"X-Forwarded-For": [address.encode()]}
+
+        for address in ("2001:db8:0:1::1", "2001:db8:0:2::1", "198.51.100.1", "198.51.100.2"):
+            body, _, _ = yield sealed(running)
+            status, _, _ = yield post_chat(running.url, body, from_(address))
+            self.assertEqual(status, 200, address)
+        for address in ("2001:db8:0:1::2", "2001:db8:0:1:ffff:1:2:3", "::ffff:198.51.100.1"):
+            body, _, _ = yield sealed(running)
+            yield self.rejected(running, body, 429, "rate_limited", from_(address))
+
+    @defer.inlineCallbacks
+    def test_ipv6_prefix_is_configurable(self) -> Any:
+        running = yield self.router(
+            rate_limit_per_minute=1,
+            rate_limit_burst=1,
+            trusted_proxies=("127.0.0.1",),
+            rate_limit_ipv6_prefix=48,
+        )
+        body, _, _ = yield sealed(running)
+        status, _, _ = yield post_chat(running.url, body, {b"X-Forwarded-For": [b"2001:db8::1"]})
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running)
+        yield self.rejected(
+            running, body, 429, "rate_limited", {b"X-Forwarded-For": [b"2001:db8:0:ff::1"]}
+        )
+
+    @defer.inlineCallbacks
+    def test_unix_socket_proxy_forwards_addresses_only_when_trusted(self) -> Any:
+        """UNIX-socket peers all shared one ``local`` bucket, so behind a local Caddy one client
+        could 429 everyone (issue 8). ``TRUSTED_PROXIES=unix`` trusts X-Forwarded-For there."""
+        for trusted, second in (((), 429), (("unix",), 200)):
+            running = yield self.router(
+                unix=True, rate_limit_per_minute=1, rate_limit_burst=1, trusted_proxies=trusted
+            )
+            for address, expected in ((b"198.51.100.1", 200), (b"198.51.100.2", second)):
+                body, _, _ = yield sealed(running)
+                status, _, _ = yield post_chat(running.url, body, {b"X-Forwarded-For": [address]})
+                self.assertEqual(status, expected, (trusted, address))
+
     # 3. proof of work under stress
 
     @defer.inlineCallbacks
@@ -198,6 +245,38 @@ class AdmissionTests(TestCase):
         self.assertIn("pow_failed", "".join(running.events))
 
     @defer.inlineCallbacks
+    def test_pow_solution_is_spent_when_checked(self) -> Any:
+        """One solved header with junk ciphertext passed again and again, each costing a
+        decapsulation: the enc only entered the replay cache after a decryption (issue 8)."""
+        running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
+        body, envelope, _ = yield sealed(running)
+        _, error = yield self.rejected(running, body, 401, "pow_required")
+        header = {pow.HEADER.encode(): [pow.solve(error["challenge"], envelope.enc).encode()]}
+        doc = json.loads(body)
+        junk = json.dumps(dict(doc, ct=b64u_encode(b"\x00" * 40))).encode()
+        yield self.rejected(running, junk, 400, "decrypt_failed", header)
+        yield self.rejected(running, junk, 401, "pow_invalid", header)
+        yield self.rejected(running, body, 401, "pow_invalid", header)  # spent, even if genuine
+
+    @defer.inlineCallbacks
+    def test_junk_from_one_address_does_not_raise_the_stress_signal(self) -> Any:
+        """Requests were counted toward "under stress" before the per-IP limit, so one address
+        sending junk forced proof of work on everyone (issue 8)."""
+        running = yield self.router(
+            pow_threshold_rps=1,
+            pow_difficulty=6,
+            rate_limit_per_minute=6,
+            rate_limit_burst=2,
+            trusted_proxies=("127.0.0.1",),
+        )
+        attacker = {b"X-Forwarded-For": [b"203.0.113.9"]}
+        for _ in range(30):
+            yield post_chat(running.url, b"junk", attacker)
+        body, _, _ = yield sealed(running)
+        status, _, raw = yield post_chat(running.url, body, {b"X-Forwarded-For": [b"192.0.2.1"]})
+        self.assertEqual(status, 200, raw)
+
+    @defer.inlineCallbacks
     def test_pow_under_open_stream_threshold(self) -> Any:
         running = yield self.router(Script(hang=True), pow_threshold_streams=1, pow_difficulty=4)
         body, _, _ = yield sealed(running)
@@ -209,16 +288,44 @@ class AdmissionTests(TestCase):
         first.cancel()
         yield self.assertFailure(first, Exception)
 
+    @defer.inlineCallbacks
+    def test_non_ascii_pow_header_is_400_without_a_log_line(self) -> Any:
+        """It raised UnicodeDecodeError before any limit and logged a traceback (issue 8)."""
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        observed: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(observed.append)
+        self.addCleanup(globalLogPublisher.removeObserver, observed.append)
+        running = yield self.router(pow_threshold_rps=0.1, pow_difficulty=6)
+        body, _, _ = yield sealed(running)
+        for value in (b"\xff\xfe:1", "défi:1".encode("latin-1")):
+            yield self.rejected(running, body, 400, "bad_pow_header", {b"X-LLMRouter-PoW": [value]})
+        self.assertEqual([e for e in observed if e.get("log_level") == LogLevel.error], [])
+
     # 4. timestamp
 
     @defer.inlineCallbacks
     def test_stale(self) -> Any:
         running = yield self.router()
+        running.router.clock.advance(60)  # timestamps before the router started are refused
         now = int(running.router.clock.seconds())
         for ts in (now - 61, now + 61):
             body, _, _ = yield sealed(running, ts=ts)
             yield self.rejected(running, body, 401, "stale")
         body, _, _ = yield sealed(running, ts=now - 60)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+
+    @defer.inlineCallbacks
+    def test_requests_sealed_before_the_start_are_stale(self) -> Any:
+        """The replay cache is in memory: after a restart a request captured just before it
+        could be replayed while its timestamp is still accepted (issue 8)."""
+        running = yield self.router()
+        started = int(running.router.clock.seconds())
+        body, _, _ = yield sealed(running, ts=started - 1)
+        _, error = yield self.rejected(running, body, 401, "stale")
+        self.assertIn("seal it again", error["message"])
+        body, _, _ = yield sealed(running, ts=started)
         status, _, _ = yield post_chat(running.url, body)
         self.assertEqual(status, 200)
 
@@ -309,6 +416,51 @@ class AdmissionTests(TestCase):
         }
         yield self.rejected(running, json.dumps(doc).encode(), 400, "bad_payload")
 
+    # New devices (auth mode): a fresh key must cost something
+
+    @defer.inlineCallbacks
+    def test_new_device_solves_proof_of_work_once(self) -> Any:
+        """Device keys cost nothing, so rotating them escaped every per-device limit (issue 8)."""
+        running = yield self.router(new_device_pow_difficulty=6)
+        device = hpke.generate_key_pair()
+        body, envelope, _ = yield sealed(running, device=device)
+        _, error = yield self.rejected(running, body, 401, "pow_required")
+        self.assertEqual(error["difficulty"], 6)
+        header = pow.solve(error["challenge"], envelope.enc)
+        status, _, _ = yield post_chat(running.url, body, {pow.HEADER.encode(): [header.encode()]})
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running, device=device)  # known now: no work
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running)  # mode base carries no device
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        done = yield defer.Deferred.fromCoroutine(
+            running.client(device_key=hpke.generate_key_pair()).chat(prompt())
+        )
+        self.assertEqual(done.finish_reason, "stop")
+
+    @defer.inlineCallbacks
+    def test_new_devices_per_address_are_rate_limited(self) -> Any:
+        running = yield self.router(
+            new_devices_per_hour=1, new_device_burst=2, trusted_proxies=("127.0.0.1",)
+        )
+        here = {b"X-Forwarded-For": [b"198.51.100.7"]}
+        devices = [hpke.generate_key_pair() for _ in range(3)]
+        for device in devices[:2]:
+            body, _, _ = yield sealed(running, device=device)
+            status, _, _ = yield post_chat(running.url, body, here)
+            self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running, device=devices[2])
+        headers, _ = yield self.rejected(running, body, 429, "new_device_rate_limited", here)
+        self.assertGreaterEqual(int(headers.getRawHeaders(b"retry-after")[0]), 1)
+        body, _, _ = yield sealed(running, device=devices[0])  # a known device is not affected
+        status, _, _ = yield post_chat(running.url, body, here)
+        self.assertEqual(status, 200)
+        body, _, _ = yield sealed(running, device=devices[2])  # nor another address
+        status, _, _ = yield post_chat(running.url, body, {b"X-Forwarded-For": [b"192.0.2.7"]})
+        self.assertEqual(status, 200)
+
     # 8. per-device rate limit
 
     @defer.inlineCallbacks
@@ -365,6 +517,31 @@ class AdmissionTests(TestCase):
         yield self.assertFailure(first, Exception)
         while running.router.admission.slots.open:
             yield deferLater(reactor, 0.01, lambda: None)  # the slot is released on disconnect
+
+    @defer.inlineCallbacks
+    def test_only_admitted_requests_spend_budget(self) -> Any:
+        """The budget was charged before the stream-slot check, so ``overloaded`` and
+        ``device_streams`` refusals still spent a device's budget (issue 8)."""
+        running = yield self.router(Script(hang=True), max_streams_per_device=1, max_streams=2)
+        device, other = hpke.generate_key_pair(), hpke.generate_key_pair()
+        budget = running.router.admission.budget
+        body, _, _ = yield sealed(running, device=device)
+        first = post_chat(running.url, body)
+        while running.router.admission.slots.open < 1:
+            yield deferLater(reactor, 0.01, lambda: None)
+        body, _, _ = yield sealed(running, device=device)
+        yield self.rejected(running, body, 429, "device_streams")
+        body, _, _ = yield sealed(running)
+        second = post_chat(running.url, body)
+        while running.router.admission.slots.open < 2:
+            yield deferLater(reactor, 0.01, lambda: None)
+        body, _, _ = yield sealed(running, device=other)
+        yield self.rejected(running, body, 503, "overloaded")
+        self.assertAlmostEqual(budget.remaining(device.pk), 10.0 - 0.1)
+        self.assertEqual(budget.remaining(other.pk), 10.0)
+        for d in (first, second):
+            d.cancel()
+            yield self.assertFailure(d, Exception)
 
     @defer.inlineCallbacks
     def test_device_stream_limit(self) -> Any:
@@ -467,5 +644,5 @@ class ErrorShapeTests(TestCase):
 def _keydoc(running: Any) -> Any:
     from tests.router_support import key_document
 
-    doc = yield key_document(running.url)
+    doc = yield key_document(running.url, running.router.clock.seconds())
     return doc

@@ -31,6 +31,7 @@ from tests.daemons import start_inference, start_router_daemon
 from tests.llama_server import HERMES, start_llama_server
 from tests.router_support import (
     Script,
+    daemon_pin,
     http,
     key_document,
     prompt,
@@ -87,7 +88,7 @@ class CanaryTests(TestCase):
             env={
                 "TMPDIR": str(tmp),
                 "RATE_LIMIT_PER_MINUTE": "60",
-                "RATE_LIMIT_BURST": "24",
+                "RATE_LIMIT_BURST": "26",  # the v1.1 requests, a proof of work and junk count too
                 "TRUSTED_PROXIES": "127.0.0.1",
             },
         )
@@ -102,7 +103,7 @@ class CanaryTests(TestCase):
         # a full chat in auth mode with the canary prompt
         tokens: list[str] = []
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url, device_key=device).chat(
+            Client(reactor, url, pin=daemon_pin(directory), device_key=device).chat(
                 prompt(f"Repeat after me: {prompt_canary}", model="tiny", max_tokens=16),
                 tokens.append,
             )
@@ -110,7 +111,7 @@ class CanaryTests(TestCase):
         self.assertEqual(done.completion_tokens, 16)
 
         # v1.1: tool arguments and reasoning come back (sealed), tools and schemas go out
-        client = Client(reactor, url, device_key=device)
+        client = Client(reactor, url, pin=daemon_pin(directory), device_key=device)
         yield self._v11(client, tool_canary, reasoning_canary, prompt_canary)
 
         # the same envelope twice (replay), with canary headers

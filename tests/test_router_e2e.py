@@ -27,6 +27,7 @@ from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
 from llmrouter.router.keys import KeyStore
 from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.router_support import (
+    daemon_pin,
     http,
     key_document,
     metric_value,
@@ -127,7 +128,7 @@ class FullPathTests(TestCase):
         url = f"unix:{directory / 'router.sock'}"
 
         tokens: list[str] = []
-        client = Client(reactor, url)
+        client = Client(reactor, url, pin=daemon_pin(directory))
         done = yield defer.Deferred.fromCoroutine(
             client.chat(prompt("Hello there", max_tokens=8, temperature=0.0), tokens.append)
         )
@@ -136,7 +137,7 @@ class FullPathTests(TestCase):
         self.assertGreater(done.prompt_tokens, 0)
 
         device = hpke.generate_key_pair()
-        auth = Client(reactor, url, device_key=device)
+        auth = Client(reactor, url, pin=daemon_pin(directory), device_key=device)
         done = yield defer.Deferred.fromCoroutine(
             auth.chat(prompt("Hello in auth mode", max_tokens=4))
         )
@@ -172,7 +173,9 @@ class FullPathTests(TestCase):
                 break
             yield sleep(0.05)
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url).chat(prompt("after rotation", max_tokens=2))
+            Client(reactor, url, pin=daemon_pin(directory)).chat(
+                prompt("after rotation", max_tokens=2)
+            )
         )
         self.assertEqual(done.completion_tokens, 2)
 
@@ -313,13 +316,16 @@ class DeviceAuthRequiredTests(TestCase):
         yield router.start()
         url = f"unix:{directory / 'router.sock'}"
         e = yield self.assertFailure(
-            defer.Deferred.fromCoroutine(Client(reactor, url).chat(prompt("hi"))), ChatError
+            defer.Deferred.fromCoroutine(
+                Client(reactor, url, pin=daemon_pin(directory)).chat(prompt("hi"))
+            ),
+            ChatError,
         )
         self.assertEqual((e.code, e.status), ("device_auth_required", 400))
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url, device_key=hpke.generate_key_pair()).chat(
-                prompt("hi", max_tokens=2)
-            )
+            Client(
+                reactor, url, pin=daemon_pin(directory), device_key=hpke.generate_key_pair()
+            ).chat(prompt("hi", max_tokens=2))
         )
         self.assertEqual(done.completion_tokens, 2)
 

@@ -60,11 +60,11 @@ class RotationTests(TestCase):
     def test_overlap_window_then_expiry(self) -> Any:
         running = yield self.router()
         clock = running.router.clock
-        before = yield key_document(running.url)
+        before = yield key_document(running.url, running.router.clock.seconds())
         old = before.current()
         upcoming = next(k for k in before.keys if k.status == "next")
         clock.advance(HOUR)  # the rotation timer fires
-        after = yield key_document(running.url)
+        after = yield key_document(running.url, running.router.clock.seconds())
         self.assertEqual(after.current().kid, upcoming.kid)
         self.assertNotIn(old.kid, {k.kid for k in after.keys})  # no longer published...
         result = yield self.status_for(running, old)
@@ -93,12 +93,12 @@ class RotationTests(TestCase):
     @defer.inlineCallbacks
     def test_revoked_key_refused_at_once(self) -> Any:
         running = yield self.router()
-        doc = yield key_document(running.url)
+        doc = yield key_document(running.url, running.router.clock.seconds())
         current = doc.current()
         running.router.keys.revoke(current.kid)
         result = yield self.status_for(running, current)
         self.assertEqual(result, (400, "key_unknown"))
-        fresh = yield key_document(running.url)
+        fresh = yield key_document(running.url, running.router.clock.seconds())
         self.assertNotEqual(fresh.current().kid, current.kid)
         result = yield self.status_for(running, fresh.current())
         self.assertEqual(result, (200, None))
@@ -106,13 +106,13 @@ class RotationTests(TestCase):
     @defer.inlineCallbacks
     def test_operator_rotation_on_disk_is_picked_up(self) -> Any:
         running = yield self.router()
-        before = yield key_document(running.url)
+        before = yield key_document(running.url, running.router.clock.seconds())
         # what `llmrouter-keys --keys-dir DIR rotate` does, from another process
         operator = operator_store(running)
         operator.rotate()
         operator.close()
         running.router.reload_keys()  # SIGHUP; the 2 s poll does the same
-        after = yield key_document(running.url)
+        after = yield key_document(running.url, running.router.clock.seconds())
         self.assertNotEqual(after.current().kid, before.current().kid)
         self.assertEqual(after.signing_key, before.signing_key)  # the pinned key is long-lived
         result = yield self.status_for(running, before.current())
@@ -121,7 +121,7 @@ class RotationTests(TestCase):
     @defer.inlineCallbacks
     def test_poll_picks_up_revocation_without_signal(self) -> Any:
         running = yield self.router()
-        doc = yield key_document(running.url)
+        doc = yield key_document(running.url, running.router.clock.seconds())
         operator = operator_store(running)
         operator.revoke(doc.current().kid)
         operator.close()

@@ -47,6 +47,26 @@ class PublicEndpointTests(SynchronousTestCase):
             self.assertTrue(name.startswith("ECDHE-"), name)
             self.assertTrue("GCM" in name or "CHACHA20" in name, name)
 
+    def test_http2_is_never_offered(self) -> None:
+        """With ``h2`` installed the listener offered HTTP/2 by ALPN, but the site speaks only
+        HTTP/1.1, so HTTP/2 clients broke (issue 8). Here ``h2`` looks installed to both."""
+        import importlib.machinery
+        import sys
+        import types
+
+        from twisted.web import http
+        from twisted.web.resource import Resource
+
+        from llmrouter.listen import alpn_protocols
+        from llmrouter.router.app import RouterSite
+
+        fake = types.ModuleType("h2")
+        fake.__spec__ = importlib.machinery.ModuleSpec("h2", None)
+        self.patch(sys, "modules", {**sys.modules, "h2": fake})
+        self.patch(http, "H2_ENABLED", True)
+        self.assertEqual(alpn_protocols(), [b"http/1.1"])
+        self.assertEqual(RouterSite(Resource(), 1024).acceptableProtocols(), [b"http/1.1"])
+
     def test_missing_file_is_a_clear_error(self) -> None:
         missing = self.dir / "nope.key"
         with self.assertRaises(ListenError) as caught:

@@ -87,6 +87,21 @@ class ValidationTests(TestCase):
         self.check({"ENVIRONMENT": "staging"}, "ENVIRONMENT must be")
         self.check({"DEVICE_AUTH": "sometimes"}, "DEVICE_AUTH")
         self.check({"TRUSTED_PROXIES": "proxy.example"}, "TRUSTED_PROXIES")
+        self.check({"RATE_LIMIT_IPV6_PREFIX": "129"}, "RATE_LIMIT_IPV6_PREFIX must be from")
+        self.check({"WRITE_STALL_SECONDS": "0"}, "WRITE_STALL_SECONDS must be greater than 0")
+        self.check({"NEW_DEVICE_POW_DIFFICULTY": "33"}, "NEW_DEVICE_POW_DIFFICULTY must be")
+
+    def test_replay_window_covers_the_skew(self) -> None:
+        """Below 2 x 60 s a request could be replayed once its enc left the cache (issue 8)."""
+        self.check({"REPLAY_WINDOW_SECONDS": "100"}, "REPLAY_WINDOW_SECONDS must be at least 120")
+        self.assertEqual(load({"REPLAY_WINDOW_SECONDS": "120"}).replay_window_seconds, 120)
+
+    def test_trusted_proxies_unix(self) -> None:
+        """``unix`` trusts the peer of UNIX-socket listeners (a local Caddy) for X-Forwarded-For."""
+        s = load({"TRUSTED_PROXIES": "unix,10.0.0.0/8", "RATE_LIMIT_IPV6_PREFIX": "56"})
+        self.assertEqual(s.trusted_proxies, ("unix", "10.0.0.0/8"))
+        self.assertEqual(s.rate_limit_ipv6_prefix, 56)
+        self.assertEqual(load({}).rate_limit_ipv6_prefix, 64)
 
     def test_endpoints(self) -> None:
         self.check({"INFERENCE_ENDPOINTS": "tcp:1234"}, "INFERENCE_ENDPOINTS entries")

@@ -218,3 +218,65 @@ class KeepaliveTests(TestCase):
         self.assertEqual(
             raw.items[-1], ErrorChunk("overloaded", "the router is shutting down, retry")
         )
+
+
+class SlowReaderTests(TestCase):
+    """A client that stops reading pinned its stream slot forever in cadence mode: the final
+    chunk waited for a slot that never came and the request deadline had ended with the upstream
+    call (issue 8). Both modes now drop a stalled client and hold every stream to a deadline."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def stalled(self, cadence_ms: int, **changes: Any) -> Any:
+        _, url = yield start_fault_backend(self, Script(tokens=3000, text="x" * 2000))
+        running = yield start_router(
+            self,
+            [url],
+            unix=True,  # small socket buffers: the window closes after a few hundred KiB
+            stream_cadence_ms=cadence_ms,
+            idle_timeout_seconds=1000,
+            **{"request_ttl_seconds": 1000, "write_stall_seconds": 30, **changes},
+        )
+        clock = running.router.clock
+        raw = yield stream(running)
+        raw.transport.pauseProducing()  # type: ignore[attr-defined]  # zero window from now on
+        (open_stream,) = running.router.app.streams
+        for _ in range(400):
+            if open_stream._paused:
+                break
+            clock.advance(0.05)
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(open_stream._paused, "the client's window never closed")
+        return running, raw
+
+    @defer.inlineCallbacks
+    def check_dropped(self, running: Any, raw: Any, after: float, reason: str) -> Any:
+        clock = running.router.clock
+        clock.advance(after - 1)
+        yield settle()
+        self.assertEqual(running.router.admission.slots.open, 1)
+        clock.advance(1)
+        self.assertEqual(running.router.admission.slots.open, 0)
+        self.assertEqual(running.router.app.streams, set())
+        raw.transport.resumeProducing()  # type: ignore[attr-defined]
+        yield raw.ended  # the connection was closed under the client, without a final chunk
+        self.assertFalse(raw.opener.finished)
+        metrics = running.router.metrics.render().decode()
+        self.assertIn(f'llmrouter_streams_dropped_total{{reason="{reason}"}} 1.0', metrics)
+
+    @defer.inlineCallbacks
+    def test_write_stall_frees_the_slot_in_cadence_mode(self) -> Any:
+        running, raw = yield self.stalled(50)
+        yield self.check_dropped(running, raw, 30, "write_stall")
+
+    @defer.inlineCallbacks
+    def test_write_stall_frees_the_slot_without_cadence(self) -> Any:
+        running, raw = yield self.stalled(0)
+        yield self.check_dropped(running, raw, 30, "write_stall")
+
+    @defer.inlineCallbacks
+    def test_whole_stream_deadline(self) -> Any:
+        running, raw = yield self.stalled(50, request_ttl_seconds=20, write_stall_seconds=1000)
+        elapsed = running.router.clock.seconds() - 1_700_000_000
+        yield self.check_dropped(running, raw, 20 - elapsed, "deadline")

@@ -27,7 +27,7 @@ class SecurityLogTests(unittest.TestCase):
         self.registry = CollectorRegistry()
         self.counter = Counter("llmrouter_security_events", "x", ["event"], registry=self.registry)
         self.log = SecurityLog(
-            HASH_KEY, emit=self.lines.append, clock=self.clock, counter=self.counter
+            emit=self.lines.append, clock=self.clock, counter=self.counter, new_key=lambda: HASH_KEY
         )
 
     def test_one_json_line_per_event(self) -> None:
@@ -55,8 +55,21 @@ class SecurityLogTests(unittest.TestCase):
         self.assertEqual(self.log.ident(device), expected)
         self.assertEqual(self.log.ident("10.0.0.1"), self.log.ident(b"10.0.0.1"))
         self.assertIsInstance(self.log.ident(device), Ident)
-        other = SecurityLog(b"\x01" * 32, emit=self.lines.append)
+        other = SecurityLog(emit=self.lines.append, new_key=lambda: b"\x01" * 32)
         self.assertNotEqual(other.ident(device), self.log.ident(device))
+
+    def test_hash_key_is_random_in_memory_and_changes_every_day(self) -> None:
+        """A long-lived key on disk let its holder reverse IPv4 hashes by trying all 2^32
+        addresses (issue 8): the key is made in memory and replaced at every UTC midnight."""
+        log = SecurityLog(emit=self.lines.append, clock=self.clock)
+        again = SecurityLog(emit=self.lines.append, clock=self.clock)
+        first = log.ident("198.51.100.4")
+        self.assertNotEqual(again.ident("198.51.100.4"), first)  # no key to share or recover
+        midnight = (int(self.clock.seconds()) // 86400 + 1) * 86400
+        self.clock.advance(midnight - 0.001 - self.clock.seconds())
+        self.assertEqual(log.ident("198.51.100.4"), first)
+        self.clock.advance(0.001)
+        self.assertNotEqual(log.ident("198.51.100.4"), first)
 
     def test_counts_events_by_name(self) -> None:
         self.log.event("replay")
@@ -67,7 +80,7 @@ class SecurityLogTests(unittest.TestCase):
         self.assertEqual(value("llmrouter_security_events_total", {"event": "stale"}), 1.0)
 
     def test_default_counter_is_the_module_counter(self) -> None:
-        log = SecurityLog(HASH_KEY, emit=self.lines.append)
+        log = SecurityLog(emit=self.lines.append)
         labels = {"event": "pow_failed"}
         before = REGISTRY.get_sample_value("llmrouter_security_events_total", labels) or 0.0
         log.event("pow_failed")
@@ -79,7 +92,7 @@ class SecurityLogTests(unittest.TestCase):
         events: list[LogEvent] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        SecurityLog(HASH_KEY, clock=self.clock, counter=self.counter).event(
+        SecurityLog(clock=self.clock, counter=self.counter).event(
             "auth_failed", reason="decrypt_failed"
         )
         mine = [e for e in events if e.get("log_namespace") == "llmrouter.security"]
@@ -100,7 +113,7 @@ class SecurityLogTests(unittest.TestCase):
     def test_repr_hides_the_hash_key(self) -> None:
         self.assertNotIn(HASH_KEY.hex(), repr(self.log))
         self.assertNotIn(repr(HASH_KEY), repr(self.log))
-        self.assertRaises(ValueError, SecurityLog, b"short")
+        self.assertRaises(ValueError, SecurityLog(new_key=lambda: b"short").ident, "x")
 
 
 class CanaryTests(unittest.TestCase):
@@ -108,9 +121,7 @@ class CanaryTests(unittest.TestCase):
 
     def test_no_raw_identifier_ever_emitted(self) -> None:
         lines: list[str] = []
-        log = SecurityLog(
-            HASH_KEY, emit=lines.append, counter=Counter("c", "c", ["event"], registry=None)
-        )
+        log = SecurityLog(emit=lines.append, counter=Counter("c", "c", ["event"], registry=None))
         device = b"CANARY-DEVICE-KEY-0123456789abcd"
         ip4, ip6 = "192.0.2.233", "2001:db8::c0ff:ee"
         canaries: list[object] = [

@@ -32,6 +32,7 @@ from llmrouter.client.library import (
     Conversation,
     Reply,
     load_device_key,
+    write_private,
 )
 from llmrouter.protocol import (
     ChatRequest,
@@ -50,13 +51,6 @@ from llmrouter.protocol import (
 __all__ = ["main"]
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-
-
 # The command line.
 
 
@@ -70,7 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--pin",
         metavar="SIGNING_KEY",
-        help="refuse a key document not signed by this Ed25519 key (base64url)",
+        default=os.environ.get("LLMROUTER_PIN") or None,
+        help="trust only key documents signed by this Ed25519 key, base64url (env LLMROUTER_PIN;"
+        " `llmrouter-keys pin` prints it)",
+    )
+    common.add_argument(
+        "--tofu",
+        metavar="FILE",
+        type=Path,
+        help="trust on first use: keep the first signing key seen in FILE (created 0600) and"
+        " refuse any other later",
     )
     common.add_argument(
         "--device-key",
@@ -123,11 +126,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     proxy.add_argument(
         "--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000; port 0: any)"
-    )
-    proxy.add_argument(
-        "--tofu",
-        metavar="FILE",
-        help="instead of --pin: trust the router's signing key on first use, keep it in FILE",
     )
     proxy.add_argument(
         "--allow-remote", action="store_true", help="allow a --listen address that is not loopback"
@@ -186,23 +184,20 @@ def _pin(text: str) -> bytes:
         raise ChatError("bad_pin", "--pin must be an Ed25519 public key in base64url") from None
 
 
-async def _proxy(reactor: Any, args: argparse.Namespace) -> int:
-    """Check everything before listening: a bad pin or address never serves a request."""
+def _listen(args: argparse.Namespace) -> tuple[str, int]:
     try:
-        host, port = proxy_module.parse_listen(args.listen, args.allow_remote)
+        return proxy_module.parse_listen(args.listen, args.allow_remote)
     except ValueError as e:
         raise ChatError("bad_listen", str(e)) from None
-    if bool(args.pin) == bool(args.tofu):
-        raise ChatError(
-            "no_pin", "proxy needs --pin SIGNING_KEY (llmrouter-keys init) or --tofu FILE"
-        )
-    trusted = args.pin or proxy_module.read_tofu(args.tofu)
-    device_key = load_device_key(args.device_key) if args.device_key else None
-    pin = _pin(trusted) if trusted else None
-    client = Client(reactor, args.url, pin=pin, device_key=device_key)
-    document = await client.fetch_keys()
-    if pin is None:
-        proxy_module.write_tofu(args.tofu, b64u_encode(document.signing_key))
+
+
+async def _proxy(
+    reactor: Any, client: Client, listen: tuple[str, int], args: argparse.Namespace
+) -> int:
+    """Check everything before listening: a bad address, pin or key document never serves a
+    request (the key document is verified, and with --tofu its key kept, first)."""
+    host, port = listen
+    await client.fetch_keys()
     site = proxy_module.ProxySite(proxy_module.ProxyResource(client, args.model_name))
     endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
     listening = await endpoint_type(reactor, port, interface=host).listen(site)
@@ -275,11 +270,14 @@ async def _converse(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _run(reactor: Any, args: argparse.Namespace) -> int:
-    if args.command == "proxy":
-        return await _proxy(reactor, args)
+    listen = _listen(args) if args.command == "proxy" else None  # before any file is made
     pin = _pin(args.pin) if args.pin else None
     device_key = load_device_key(args.device_key) if args.device_key else None
-    client = Client(reactor, args.url, pin=pin, device_key=device_key)
+    client = Client(reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key)
+    if listen is not None:
+        return await _proxy(reactor, client, listen, args)
+    device_key = load_device_key(args.device_key) if args.device_key else None
+    client = Client(reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key)
     if args.command == "keys":
         doc = await client.fetch_keys()
         keys = [k.to_json() for k in doc.keys]
@@ -293,7 +291,10 @@ async def _run(reactor: Any, args: argparse.Namespace) -> int:
         return 0
     if args.command == "seal":
         envelope, state = await client.seal(_request(args, args.prompt))
-        _write_private(args.state, json.dumps(state.to_json()))
+        try:
+            write_private(args.state, json.dumps(state.to_json()))
+        except OSError as e:
+            raise ChatError("bad_state", f"cannot write the state file: {e.strerror}") from None
         _write(json.dumps(envelope) + "\n")
         return 0
     if args.prompt is None:
@@ -354,7 +355,16 @@ async def _guarded(reactor: Any, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "open" and not args.pin and args.tofu is None:
+        parser.error(
+            "the router's signing key must be trusted explicitly: --pin SIGNING_KEY (or"
+            " LLMROUTER_PIN; `llmrouter-keys pin` prints it), or --tofu FILE to trust the first"
+            " key seen and refuse any other later"
+        )
+    if args.command != "open" and args.pin and args.tofu is not None:
+        parser.error("--pin (or LLMROUTER_PIN) and --tofu exclude each other: give one")
     if args.command == "open":
         try:
             return _open(args)

@@ -5,6 +5,12 @@ request with HPKE, and delivers verified output to callbacks as it arrives (Defe
 API): answer text, reasoning apart from it, tool calls assembled from their fragments.
 :class:`Conversation` keeps a multi-turn history (tool results included) on the client only; each
 turn sends all of it. ``llmrouter.client.cli`` is the command line built on it.
+
+Trust in the router's keys comes from a pin of its Ed25519 signing key, or from an explicit
+trust-on-first-use file that keeps the first signing key seen and refuses any other later; a
+client with neither cannot be made (docs/protocol.md, section 1). Files the client writes (device
+key, trust-on-first-use file, the state of a sealed request) are created 0600 and never followed
+through a symbolic link.
 """
 
 from __future__ import annotations
@@ -52,7 +58,16 @@ from llmrouter.protocol import (
     verify_key_document,
 )
 
-__all__ = ["DEFAULT_URL", "ChatError", "Client", "Conversation", "Reply", "load_device_key"]
+__all__ = [
+    "DEFAULT_URL",
+    "ChatError",
+    "Client",
+    "Conversation",
+    "Reply",
+    "load_device_key",
+    "read_private",
+    "write_private",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -188,14 +203,21 @@ class Client:
         url: str,
         *,
         pin: bytes | None = None,
+        tofu: Path | None = None,
         device_key: hpke.KeyPair | None = None,
         pad: int = DEFAULT_PAD,
         tls: ClientTLS | None = None,
         clock: IReactorTime | None = None,
     ) -> None:
+        if pin is None and tofu is None:
+            raise ValueError(
+                "trusting a router needs pin= (its signing key) or tofu= (a trust-on-first-use"
+                " file that keeps the first signing key seen)"
+            )
         self._agent, self._base = agent_for(reactor, url, tls)
         self._clock: IReactorTime = clock or reactor
         self._pin = pin
+        self._tofu = tofu
         self._device_key = device_key
         self._pad = pad
         self._keys: KeyDocument | None = None
@@ -209,11 +231,19 @@ class Client:
         if response.code != 200:
             code, message, _ = _json_error(response.code, body)
             raise ChatError(code, message, response.code)
+        pin = self._pin
+        if pin is None and self._tofu is not None:
+            pin = _trusted_key(self._tofu)
         try:
-            self._keys = verify_key_document(body, self._pin)
+            keys = verify_key_document(body, pin, now=self._clock.seconds())
         except KeyDocumentError as e:
+            if self._pin is None and pin is not None:
+                raise ChatError("bad_key_document", f"{e} (trusted on first use)") from None
             raise ChatError("bad_key_document", str(e)) from None
-        return self._keys
+        if pin is None and self._tofu is not None:
+            _trust(self._tofu, keys.signing_key)
+        self._keys = keys
+        return keys
 
     async def seal(self, request: ChatRequest) -> tuple[dict[str, Any], RequestState]:
         keys = self._keys or await self.fetch_keys()
@@ -255,19 +285,22 @@ class Client:
 
         Reasoning reaches ``on_reasoning`` only for a request with ``include_reasoning``;
         ``on_item`` sees every verified item as it arrives (tool-call fragments, logprobs), for
-        a caller that relays the stream. On ``key_unknown`` the key document is fetched again
-        and the request resent once.
+        a caller that relays the stream. The request is sealed again and resent once on
+        ``key_unknown`` (after fetching the key document again) or ``stale`` (a router that
+        just restarted refuses earlier timestamps).
         """
+        refetch = False
         for attempt in (0, 1):
-            if attempt:
+            if refetch:
                 await self.fetch_keys()
             envelope, state = await self.seal(request)
             collector = _Collector(on_delta, on_reasoning, on_item)
             try:
                 done = await self.post(envelope, state, on_item=collector)
             except ChatError as e:
-                if e.code != "key_unknown" or attempt:
+                if e.code not in ("key_unknown", "stale") or attempt:
                     raise
+                refetch = e.code == "key_unknown"
                 continue
             return collector.reply(done)
         raise AssertionError("unreachable")
@@ -377,25 +410,90 @@ class Conversation:
         return reply
 
 
+# Private files: 0600, never through a symbolic link, never someone else's.
+
+
+def write_private(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write ``text`` to a 0600 file of ours; ``exclusive``: only if it does not exist yet.
+
+    Raises OSError (FileExistsError with ``exclusive``; ELOOP for a symbolic link) or ChatError
+    for a file that belongs to another user.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_EXCL if exclusive else 0
+    fd = os.open(path, flags, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ChatError("private_file", f"{path} is not a regular file of this user")
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def read_private(path: Path) -> str:
+    """Read a 0600 file of ours (FileNotFoundError passes through)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ChatError("private_file", f"{path} is not a regular file of this user")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ChatError("private_file", f"{path} must not be group/world accessible")
+        with os.fdopen(os.dup(fd), "r", encoding="utf-8") as f:
+            return f.read(65536)
+    finally:
+        os.close(fd)
+
+
+def _trusted_key(path: Path) -> bytes | None:
+    """The signing key a trust-on-first-use file holds, None if there is no file yet."""
+    try:
+        text = read_private(path)
+    except FileNotFoundError:
+        return None
+    except ChatError as e:
+        raise ChatError("tofu", e.message) from None
+    except OSError as e:
+        raise ChatError("tofu", f"cannot read {path}: {e.strerror}") from None
+    try:
+        return b64u_decode(text.strip(), "trusted key", 32)
+    except ProtocolError:
+        raise ChatError("tofu", f"{path} does not hold a signing key") from None
+
+
+def _trust(path: Path, signing_key: bytes) -> None:
+    try:
+        write_private(path, b64u_encode(signing_key) + "\n", exclusive=True)
+    except FileExistsError:  # another client got there first: it must have seen the same key
+        if _trusted_key(path) != signing_key:
+            raise ChatError("bad_key_document", "the router's signing key changed") from None
+    except OSError as e:
+        raise ChatError("tofu", f"cannot create {path}: {e.strerror}") from None
+
+
 # Device keys (auth mode).
 
 
 def load_device_key(path: Path) -> hpke.KeyPair:
     """Load the X25519 device key, creating it (0600, never overwritten) on first use."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ChatError(
-                "device_key", "device key file must not be group/world accessible"
-            ) from None
+        text = read_private(path)
+    except FileNotFoundError:
+        pair = hpke.generate_key_pair()
         try:
-            sk = b64u_decode(path.read_text().strip(), "device key", hpke.N_SK)
-        except ProtocolError:
-            raise ChatError("device_key", "device key file is not a device key") from None
-        return hpke.KeyPair(sk=sk, pk=hpke.public_key(sk))
-    pair = hpke.generate_key_pair()
-    with os.fdopen(fd, "w") as f:
-        f.write(b64u_encode(pair.sk) + "\n")
-    return pair
+            write_private(path, b64u_encode(pair.sk) + "\n", exclusive=True)
+        except OSError as e:
+            raise ChatError("device_key", f"cannot create {path}: {e.strerror}") from None
+        return pair
+    except ChatError as e:
+        raise ChatError("device_key", e.message) from None
+    except OSError as e:
+        raise ChatError("device_key", f"cannot read {path}: {e.strerror}") from None
+    try:
+        sk = b64u_decode(text.strip(), "device key", hpke.N_SK)
+    except ProtocolError:
+        raise ChatError("device_key", "device key file is not a device key") from None
+    return hpke.KeyPair(sk=sk, pk=hpke.public_key(sk))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -53,9 +52,7 @@ __all__ = [
     "ProxyResource",
     "ProxySite",
     "parse_listen",
-    "read_tofu",
     "to_request",
-    "write_tofu",
 ]
 
 DEFAULT_MODEL = "llmrouter"
@@ -598,18 +595,3 @@ def parse_listen(value: str, allow_remote: bool) -> tuple[str, int]:
             " the router as you (and with your device key); add --allow-remote if you mean it"
         )
     return host, int(port_text)
-
-
-def read_tofu(path: str) -> str | None:
-    """The signing key trusted on first use, if ``path`` holds one."""
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def write_tofu(path: str, signing_key: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(signing_key + "\n")

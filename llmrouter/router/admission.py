@@ -1,18 +1,28 @@
 """Admission: the ordered checks a chat request passes before it may use a backend.
 
-Cheapest first, so hostile traffic costs as little as possible (issue 4):
+Cheapest first, so hostile traffic costs as little as possible (issue 4), and nothing a request
+can do before it passes the per-address limit counts toward anyone else's (issue 8):
 
- 1. body size and strict envelope (413 / 400), device auth policy (400 ``device_auth_required``)
- 2. per-IP rate limit (429 ``rate_limited`` + Retry-After)
- 3. proof of work, only under stress (401 ``pow_required`` with a challenge, ``pow_invalid``)
- 4. timestamp (401 ``stale``)
- 5. key id (400 ``key_unknown``)
- 6. replay: ``enc`` seen inside the window (409 ``replay``) - recorded only after step 7
- 7. decryption (400 ``decrypt_failed``, one code whatever failed; ``bad_payload`` for bad JSON)
- 8. per-device rate limit (429 ``device_rate_limited``)
- 9. privacy budget per device (429 ``budget_exhausted``)
-10. open streams: global (503 ``overloaded``) and per device (429 ``device_streams``)
+ 1. per-address rate limit (429 ``rate_limited`` + Retry-After); IPv6 by prefix
+ 2. (counted toward the "under stress" signal only from here on)
+ 3. strict envelope (400), device auth policy (400 ``device_auth_required``), proof-of-work
+    header syntax (400 ``bad_pow_header``)
+ 4. proof of work (401 ``pow_required`` with a challenge, ``pow_invalid``): under stress, and for
+    a device key seen for the first time; each solution is spent when it is checked
+ 5. new devices per address bucket (429 ``new_device_rate_limited``)
+ 6. timestamp (401 ``stale``), also for a timestamp from before the router started
+ 7. key id (400 ``key_unknown``)
+ 8. replay: ``enc`` seen inside the window (409 ``replay``) - recorded only after step 9
+ 9. decryption (400 ``decrypt_failed``, one code whatever failed; ``bad_payload`` for bad JSON)
+10. per-device rate limit (429 ``device_rate_limited``); the device is known from now on
+11. route: backends that serve the request's model and implement its fields (404
+    ``model_unknown``, 400 ``unsupported_field``, 503 ``overloaded``/``no_backend``)
+12. open streams: global (503 ``overloaded``) and per device (429 ``device_streams``)
+13. privacy budget per device (429 ``budget_exhausted``), charged only here, once the stream
+    has its slot, so a refused request spends nothing
 
+Every table (steps 1, 4, 5, 8, 10, 12, 13) is reached through an interface of
+:mod:`llmrouter.router.interfaces` and awaited, so a shared store can stand in for memory.
 Every rejection is a :class:`~llmrouter.protocol.ProtocolError` counted by reason; the
 security-relevant ones are also written to the security log with keyed-hash identifiers only.
 """
@@ -22,8 +32,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from llmrouter import pow
@@ -35,10 +46,22 @@ from llmrouter.protocol import (
     open_request,
     parse_envelope,
 )
+from llmrouter.router.addresses import bucket
+from llmrouter.router.interfaces import (
+    IKnownDevices,
+    IPrivacyBudget,
+    IRateLimiter,
+    IReplayCache,
+    ISpentSolutions,
+    IStreamSlots,
+)
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
+from llmrouter.router.upstream import Route
 
-__all__ = ["Admission", "Admitted", "KeySource", "RequestRate", "StreamSlots"]
+__all__ = ["Admission", "Admitted", "KeySource", "RequestRate", "Routes", "Tables"]
+
+T = TypeVar("T")
 
 
 class KeySource(Protocol):
@@ -49,26 +72,37 @@ class KeySource(Protocol):
     def private_key_for(self, kid: str) -> bytes | None: ...
 
 
-class Limiter(Protocol):
-    def check(self, key: bytes | str) -> float | None: ...
+class Routes(Protocol):
+    """The part of the backend pool admission needs: where a request may go."""
 
-
-class Replay(Protocol):
-    def seen(self, enc: bytes) -> bool: ...
-
-    def record(self, enc: bytes) -> bool: ...
-
-
-class Budget(Protocol):
-    def charge(self, device: bytes) -> bool: ...
-
-    def replenishes_in(self, device: bytes) -> float: ...
+    def route(self, model: str | None, features: frozenset[str] = ...) -> Route: ...
 
 
 class Events(Protocol):
     def ident(self, value: bytes | str) -> str: ...
 
     def event(self, name: str, **fields: str | int | float | bool) -> None: ...
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Everything admission remembers between requests (see :mod:`.interfaces`)."""
+
+    addresses: IRateLimiter
+    devices: IRateLimiter
+    new_devices: IRateLimiter
+    replay: IReplayCache
+    spent: ISpentSolutions
+    known: IKnownDevices
+    slots: IStreamSlots
+    budget: IPrivacyBudget
+
+
+async def _settle(value: T | Deferred[T]) -> T:
+    """A table's answer, whether it came at once (memory) or later (a shared store)."""
+    if isinstance(value, Deferred):
+        return await value
+    return value
 
 
 class RequestRate:
@@ -97,41 +131,6 @@ class RequestRate:
         return total / self._window
 
 
-class StreamSlots:
-    """Counts open streams globally and per device; a slot is released when its stream ends."""
-
-    def __init__(self, max_streams: int, max_per_device: int) -> None:
-        self.max_streams = max_streams
-        self.max_per_device = max_per_device
-        self.open = 0
-        self._per_device: dict[bytes, int] = {}
-
-    def acquire(self, device: bytes | None) -> Callable[[], None]:
-        if self.open >= self.max_streams:
-            raise ProtocolError("overloaded", "the router is at capacity, retry later")
-        if device is not None and self._per_device.get(device, 0) >= self.max_per_device:
-            raise ProtocolError("device_streams", "too many open streams for this device")
-        self.open += 1
-        if device is not None:
-            self._per_device[device] = self._per_device.get(device, 0) + 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
-            self.open -= 1
-            if device is not None:
-                left = self._per_device[device] - 1
-                if left:
-                    self._per_device[device] = left
-                else:
-                    del self._per_device[device]
-
-        return release
-
-
 @dataclass(frozen=True, repr=False)
 class Admitted:
     """A request that passed every check; ``release`` frees its stream slot (idempotent)."""
@@ -139,6 +138,7 @@ class Admitted:
     envelope: Envelope
     request: ChatRequest
     secret: bytes
+    route: Route
     release: Callable[[], None] = field(compare=False)
 
     def __repr__(self) -> str:
@@ -153,6 +153,7 @@ _SECURITY_EVENTS = {
     "replay": "replay",
     "decrypt_failed": "auth_failed",
     "budget_exhausted": "budget_exhausted",
+    "new_device_rate_limited": "new_device_rate_limited",
 }
 
 
@@ -164,25 +165,30 @@ class Admission:
         settings: Settings,
         clock: IReactorTime,
         keys: KeySource,
-        ip_limiter: Limiter,
-        device_limiter: Limiter,
-        replay: Replay,
-        budget: Budget,
-        slots: StreamSlots,
+        tables: Tables,
+        routes: Routes,
         metrics: RouterMetrics,
         events: Events | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
         self._keys = keys
-        self._ip_limiter = ip_limiter
-        self._device_limiter = device_limiter
-        self._replay = replay
-        self._budget = budget
-        self.slots = slots
+        self.tables = tables
+        self._routes = routes
         self._metrics = metrics
         self._events = events
         self.rate = RequestRate(clock)
+        # The replay cache starts empty: a request sealed before now may have been accepted by
+        # the previous process, so only timestamps from this second on are accepted.
+        self.started = int(clock.seconds())
+
+    @property
+    def slots(self) -> IStreamSlots:
+        return self.tables.slots
+
+    @property
+    def budget(self) -> IPrivacyBudget:
+        return self.tables.budget
 
     def stressed(self) -> bool:
         s = self._settings
@@ -205,90 +211,126 @@ class Admission:
             self._events.event(event, **fields)
         return error
 
-    def admit(self, body: bytes, client_ip: str, pow_header: str | None) -> Admitted:
+    async def admit(self, body: bytes, client_ip: str, pow_header: bytes | None) -> Admitted:
         """All checks, in order; raises the first rejection as a ProtocolError."""
-        s = self._settings
+        s, t = self._settings, self.tables
+        ip = bucket(client_ip, s.rate_limit_ipv6_prefix)
+        retry = await _settle(t.addresses.check(ip))
+        if retry is not None:
+            raise self.reject(_limited("rate_limited", retry), ip)
         self.rate.hit()
+
         try:
             envelope = parse_envelope(body, s.max_body_bytes)
+            if s.device_auth == "required" and envelope.mode != "auth":
+                raise ProtocolError("device_auth_required", "this router requires mode auth")
+            header = _pow_header(pow_header)
         except ProtocolError as e:
             raise self.reject(e) from None
-        if s.device_auth == "required" and envelope.mode != "auth":
-            raise self.reject(
-                ProtocolError("device_auth_required", "this router requires mode auth")
-            )
 
-        retry = self._ip_limiter.check(client_ip)
-        if retry is not None:
-            raise self.reject(_limited("rate_limited", retry), client_ip)
-
-        if self.stressed():
-            self._check_pow(envelope, pow_header, client_ip)
+        device = envelope.device_pubkey
+        new = device is not None and not await _settle(t.known.known(device))
+        difficulty = max(
+            s.pow_difficulty if self.stressed() else 0,
+            s.new_device_pow_difficulty if new else 0,
+        )
+        if difficulty:
+            await self._check_pow(envelope, header, difficulty, ip)
+        if new:
+            retry = await _settle(t.new_devices.check(ip))
+            if retry is not None:
+                raise self.reject(_limited("new_device_rate_limited", retry), ip)
 
         now = self._clock.seconds()
         try:
             check_timestamp(envelope.ts, now)
         except ProtocolError as e:
-            raise self.reject(e, client_ip) from None
+            raise self.reject(e, ip) from None
+        if envelope.ts < self.started:
+            raise self.reject(
+                ProtocolError("stale", "the request predates the router's start: seal it again"),
+                ip,
+            )
 
         secret_key = self._keys.private_key_for(envelope.kid)
         if secret_key is None:
             raise self.reject(ProtocolError("key_unknown", "unknown key id"))
 
-        if self._replay.seen(envelope.enc):
-            raise self.reject(
-                ProtocolError("replay", "this request was already received"), client_ip
-            )
+        if await _settle(t.replay.seen(envelope.enc)):
+            raise self.reject(ProtocolError("replay", "this request was already received"), ip)
 
         try:
             request, secret = open_request(envelope, secret_key)
         except ProtocolError as e:
-            raise self.reject(e, client_ip) from None
-        if not self._replay.record(envelope.enc):
+            raise self.reject(e, ip) from None
+        if not await _settle(t.replay.record(envelope.enc)):
             raise self.reject(ProtocolError("overloaded", "the router is at capacity"))
 
-        device = envelope.device_pubkey
         if device is not None:
-            retry = self._device_limiter.check(device)
+            retry = await _settle(t.devices.check(device))
             if retry is not None:
                 raise self.reject(_limited("device_rate_limited", retry), device=device)
-            if not self._budget.charge(device):
-                retry = self._budget.replenishes_in(device)
-                raise self.reject(
-                    ProtocolError(
-                        "budget_exhausted",
-                        "the privacy budget of this device is exhausted",
-                        retry_after=max(1, math.ceil(retry)),
-                    ),
-                    device=device,
-                )
+            if new:
+                await _settle(t.known.remember(device))
         try:
-            release = self.slots.acquire(device)
+            route = self._routes.route(request.model, request.features())
+            release = await _settle(t.slots.acquire(device))
         except ProtocolError as e:
             raise self.reject(e) from None
-        return Admitted(envelope, request, secret, release)
+        try:
+            charged = device is None or await _settle(t.budget.charge(device))
+        except BaseException:  # a shared store failed: the slot must not leak
+            release()
+            raise
+        if not charged:
+            assert device is not None
+            release()
+            retry = await _settle(t.budget.replenishes_in(device))
+            raise self.reject(
+                ProtocolError(
+                    "budget_exhausted",
+                    "the privacy budget of this device is exhausted",
+                    retry_after=max(1, math.ceil(retry)),
+                ),
+                device=device,
+            )
+        return Admitted(envelope, request, secret, route, release)
 
-    def _check_pow(self, envelope: Envelope, header: str | None, client_ip: str) -> None:
-        s = self._settings
+    async def _check_pow(
+        self, envelope: Envelope, header: str | None, difficulty: int, ip: str
+    ) -> None:
         now = self._clock.seconds()
+        key = self._keys.pow_key
         if header is None:
-            code, message, ip = (
+            code, message, culprit = (
                 "pow_required",
-                "the router is under load: solve the proof of work and retry",
+                "solve the proof of work and retry",
                 None,
             )
-        elif len(header) > 256 or not pow.verify(self._keys.pow_key, header, envelope.enc, now):
-            code, message, ip = "pow_invalid", "the proof of work was not accepted", client_ip
+        elif not pow.verify(key, header, envelope.enc, now, difficulty) or not await _settle(
+            self.tables.spent.spend(pow.solution_id(header, envelope.enc))
+        ):
+            code, message, culprit = "pow_invalid", "the proof of work was not accepted", ip
         else:
             return
-        challenge = pow.issue_challenge(self._keys.pow_key, s.pow_difficulty, now)
+        challenge = pow.issue_challenge(key, difficulty, now)
         raise self.reject(
-            ProtocolError(code, message, challenge=challenge, difficulty=s.pow_difficulty), ip
+            ProtocolError(code, message, challenge=challenge, difficulty=difficulty), culprit
         )
 
 
+def _pow_header(raw: bytes | None) -> str | None:
+    """The proof-of-work header as text: printable ASCII only, refused before any work."""
+    if raw is None:
+        return None
+    if len(raw) > pow.MAX_HEADER or not all(0x21 <= b <= 0x7E for b in raw):
+        raise ProtocolError("bad_pow_header", f"the {pow.HEADER} header is not a valid solution")
+    return raw.decode("ascii")
+
+
 def _limited(code: str, retry_after: float) -> ProtocolError:
-    message = "too many requests, retry later"
-    if code == "device_rate_limited":
-        message = "too many requests from this device, retry later"
+    message = {
+        "device_rate_limited": "too many requests from this device, retry later",
+        "new_device_rate_limited": "too many new devices from this address, retry later",
+    }.get(code, "too many requests, retry later")
     return ProtocolError(code, message, retry_after=max(1, math.ceil(retry_after)))

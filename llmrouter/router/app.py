@@ -9,7 +9,6 @@ client sent (path, headers, body) is logged or echoed, and Twisted's access log 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable
 from io import BytesIO
@@ -18,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -28,15 +28,19 @@ from zope.interface import implementer
 
 from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
+from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
+from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.stream import EncryptedStream
 from llmrouter.router.upstream import BackendPool, ChatCall
 
-__all__ = ["RouterApp", "RouterSite", "client_address"]
+__all__ = ["RouterApp", "RouterSite"]
 
 log = Logger()
+
+IDLE_SECONDS = 60  # a kept-alive connection with no request in flight
 
 
 class PublishedKeys(Protocol):
@@ -47,36 +51,6 @@ class PublishedKeys(Protocol):
     def jwks(self) -> bytes: ...
 
     def ohttp_configs(self) -> bytes: ...
-
-
-def client_address(request: server.Request, trusted: tuple[Any, ...]) -> str:
-    """The peer address, or behind a trusted proxy the last untrusted X-Forwarded-For hop."""
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", None)
-    if not isinstance(host, str):
-        return "local"  # UNIX socket peers all share one rate-limit bucket
-    if not trusted or not _in(host, trusted):
-        return host
-    forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
-    hops = [h.strip() for line in forwarded for h in line.decode("latin-1").split(",")]
-    for hop in reversed(hops):
-        if not hop:
-            continue
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return host  # garbage: do not let a client pick its own bucket
-        if not _in(hop, trusted):
-            return hop
-    return host
-
-
-def _in(address: str, networks: tuple[Any, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
 
 
 class RouterApp:
@@ -101,9 +75,7 @@ class RouterApp:
         self._pool = pool
         self.admission = admission
         self._metrics = metrics
-        self._trusted = tuple(
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        )
+        self._proxies = TrustedProxies.parse(settings.trusted_proxies)
         self.streams: set[EncryptedStream] = set()
 
     def resource(self) -> IResource:
@@ -133,7 +105,7 @@ class RouterApp:
     # Routes.
 
     @app.route("/api/chat", methods=["POST"])
-    def chat(self, request: server.Request) -> Any:
+    async def chat(self, request: server.Request) -> Any:
         started = self._clock.seconds()
         content_type = request.getHeader(b"content-type") or b""
         if content_type.split(b";")[0].strip().lower() != b"application/json":
@@ -144,19 +116,17 @@ class RouterApp:
         assert request.content is not None
         body = request.content.read()
         request.content = BytesIO()  # the ciphertext is not needed past admission
-        pow_header = request.getHeader(pow.HEADER)
+        # Raw bytes: a str lookup decodes as UTF-8 and raised on anything else (issue 8).
+        pow_header = request.requestHeaders.getRawHeaders(pow.HEADER.encode("ascii"), [None])[-1]
         try:
-            admitted = self.admission.admit(
-                body, client_address(request, self._trusted), pow_header
+            admitted = await self.admission.admit(
+                body, self._proxies.client_address(request), pow_header
             )
         except ProtocolError as e:
             return self._error(request, e)
-        chat = admitted.request
-        try:
-            route = self._pool.route(chat.model, chat.features())
-        except ProtocolError as e:
+        if request._disconnected:  # left while a shared table answered
             admitted.release()
-            return self._error(request, e)
+            return b""
         settings = self.settings
         sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
         stream = EncryptedStream(
@@ -167,6 +137,8 @@ class RouterApp:
             started,
             settings.keepalive_seconds,
             settings.stream_cadence_ms / 1000.0,
+            deadline=started + settings.request_ttl_seconds,
+            write_stall=settings.write_stall_seconds,
         )
         self.streams.add(stream)
 
@@ -180,14 +152,15 @@ class RouterApp:
             self._pool,
             settings,
             self._metrics,
-            chat,
+            admitted.request,
             stream,
             deadline=started + settings.request_ttl_seconds,
-            route=route,
+            route=admitted.route,
         )
         stream.attach(call)
         call.start()
-        return stream.done
+        await stream.done  # cancelled by Klein when the client goes: the stream cleans up
+        return None
 
     @app.route("/api/pubkey", methods=["GET"])
     def pubkey(self, request: server.Request) -> bytes:
@@ -365,9 +338,13 @@ class _Drop:
 
 
 class _QuietChannel(http.HTTPChannel):
-    """HTTPChannel whose own log lines (which name the peer address) are dropped."""
+    """HTTPChannel whose own log lines (which name the peer address) are dropped, and which
+    reports to its site's :class:`~llmrouter.router.connections.ConnectionGuard`, if any."""
 
     _log = Logger(observer=_Drop())
+
+    def _guard(self) -> ConnectionGuard | None:
+        return getattr(getattr(self, "site", None), "guard", None)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -376,10 +353,36 @@ class _QuietChannel(http.HTTPChannel):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            host = getattr(self.transport.getPeer(), "host", None)
+            guard.opened(self.transport, host if isinstance(host, str) else LOCAL)
+
+    def dataReceived(self, data: bytes) -> None:
+        guard = self._guard()
+        if guard is not None and not self._handlingRequest and self.transport is not None:
+            guard.reading(self.transport)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            guard.dispatched(self.transport)
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        guard = self._guard()
+        if guard is not None and self.transport is not None:
+            guard.closed(self.transport)
+        super().connectionLost(reason)
 
 
 class RouterSite(server.Site):
-    """A Site without an access log (it would record paths, user agents, addresses)."""
+    """A Site without an access log (it would record paths, user agents, addresses).
+
+    ``guard`` (set by the router for its public listeners) bounds connections; connections idle
+    between requests are closed after a minute (Twisted's default is twelve hours).
+    """
 
     requestFactory = _BoundedRequest
     protocol = _QuietChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 via ALPN
@@ -391,10 +394,16 @@ class RouterSite(server.Site):
         on_too_large: Callable[[ProtocolError], object] = lambda error: None,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("timeout", IDLE_SECONDS)
         super().__init__(resource, **kwargs)
         self.max_body = max_body
         self.on_too_large = on_too_large
         self.displayTracebacks = False
+        self.guard: ConnectionGuard | None = None
 
     def log(self, request: Any) -> None:
         pass
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: HTTP/1.1 only, even with ``h2`` installed (see :mod:`llmrouter.listen`)."""
+        return [b"http/1.1"]

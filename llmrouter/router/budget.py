@@ -4,10 +4,14 @@ A device's budget is replenished in full ``period_seconds`` after its period beg
 starts with the first charge after the previous one ended), so a device makes at most
 ``epsilon_total / epsilon_per_query`` queries per period.
 
-Why memory is bounded the way it is: forgetting a device with spent budget would hand it a fresh
-budget, so only devices whose period is over (whose budget is full again anyway) are ever dropped.
-When ``max_devices`` devices all have live periods, a new device is refused (``charge`` returns
-False, counted in ``refused_full``): failing closed is the privacy-preserving choice.
+Why memory is bounded the way it is: forgetting a device with spent budget hands it a fresh
+budget, so devices whose period is over (whose budget is full again anyway) are dropped first.
+When ``max_devices`` devices all have live periods, the account whose period began first (the one
+closest to replenishing anyway) is forgotten to make room, counted in ``evicted_live``. Refusing
+new devices instead turned the table into a lockout: fresh device keys at a dozen requests per
+second kept every new device out for a whole period (issue 8). What keeps an attacker from
+churning the table is that a device key is not free: admission asks a proof of work on a
+device's first sight and limits new devices per address (``llmrouter.router.admission``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
+
+from llmrouter.router.interfaces import IPrivacyBudget
 
 __all__ = ["PrivacyBudget"]
 
@@ -30,6 +37,7 @@ class _Account:
         self.spent = 0.0
 
 
+@implementer(IPrivacyBudget)
 class PrivacyBudget:
     def __init__(
         self,
@@ -53,7 +61,7 @@ class PrivacyBudget:
         # Ordered by period start (an account is dropped when its period ends and a new one is
         # appended on the next charge), so the accounts whose period is over are at the front.
         self._accounts: OrderedDict[bytes, _Account] = OrderedDict()
-        self.refused_full = 0
+        self.evicted_live = 0
 
     def __len__(self) -> int:
         return len(self._accounts)
@@ -83,8 +91,8 @@ class PrivacyBudget:
         account = self._accounts.get(key)
         if account is None:
             if len(self._accounts) >= self.max_devices:
-                self.refused_full += 1
-                return False
+                self._accounts.popitem(last=False)
+                self.evicted_live += 1
             account = self._accounts[key] = _Account(now)
         if account.spent + cost > self.epsilon_total + _EPSILON_SLACK:
             return False

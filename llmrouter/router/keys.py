@@ -3,7 +3,8 @@
 Layout of the directory (0700, every file 0600, written atomically):
 
 * ``signing.key``: Ed25519 seed that signs the key document; long-lived, the app pins it.
-* ``log-hash.key``, ``pow.key``: long-lived HMAC keys of the security log and of PoW challenges.
+* ``pow.key``: long-lived HMAC key of PoW challenges. (A ``log-hash.key`` left by an older version,
+  the security log's hash key, is destroyed on open: the log now keys each day in memory.)
 * ``hpke-KID.key``: one X25519 secret key per live HPKE key (``KID`` = RFC 9458 key_id in hex).
 * ``state.json``: which keys exist and their status (current, next, retired, revoked), validity
   times and public keys, the rotation settings and counters. It holds no secret.
@@ -55,6 +56,7 @@ from llmrouter.protocol import (
     build_jwks,
     build_key_document,
     build_ohttp_key_configs,
+    key_document_issued_at,
     kid_for_key_id,
 )
 from llmrouter.router.seclog import SecurityLog
@@ -75,7 +77,7 @@ POLL_SECONDS = 2.0
 STATE_FILE = "state.json"
 LOCK_FILE = ".lock"
 SIGNING_FILE = "signing.key"
-LOG_HASH_FILE = "log-hash.key"
+OLD_LOG_HASH_FILE = "log-hash.key"
 POW_FILE = "pow.key"
 STATE_VERSION = 1
 SECRET_BYTES = 32
@@ -390,12 +392,12 @@ class KeyStore:
         self.events = events
         self.rotations = 0
         self.signing_key: nacl.signing.SigningKey
-        self.log_hash_key: bytes
         self.pow_key: bytes
         self._state: _State
         self._state_raw = b""
         self._secrets: dict[str, LockedBuffer] = {}
         self._cache: dict[str, bytes] = {}
+        self._document_hour = -1
         self._timer: IDelayedCall | None = None
         self._poller: LoopingCall | None = None
         self._closed = False
@@ -529,7 +531,8 @@ class KeyStore:
 
     def _load_long_lived(self, state: _State) -> None:
         self.signing_key = self._signing_key_for(state)
-        self.log_hash_key = self._long_lived_secret(LOG_HASH_FILE)
+        if (self.directory / OLD_LOG_HASH_FILE).exists():
+            _destroy_file(self.directory / OLD_LOG_HASH_FILE)
         self.pow_key = self._long_lived_secret(POW_FILE)
 
     def _create_hpke_key(self, kid: str) -> bytes:
@@ -820,12 +823,14 @@ class KeyStore:
         return value
 
     def key_document(self) -> bytes:
-        """The signed key document; rebuilt (with a new ``issued_at``) only when keys change."""
+        """The signed key document, signed again when the keys change and every hour on the
+        hour (``issued_at`` is the hour boundary: the same keys give the same bytes anywhere)."""
+        issued_at = key_document_issued_at(self._clock.seconds())
+        if self._document_hour != issued_at:
+            self._cache.pop("document", None)
+            self._document_hour = issued_at
         return self._cached(
-            "document",
-            lambda: build_key_document(
-                self.published(), self.signing_key, int(self._clock.seconds())
-            ),
+            "document", lambda: build_key_document(self.published(), self.signing_key, issued_at)
         )
 
     def jwks(self) -> bytes:

@@ -82,6 +82,26 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.streams_dropped = Counter(
+            "llmrouter_streams_dropped",
+            "Client connections dropped by the router: write_stall (the client took no bytes"
+            " for WRITE_STALL_SECONDS) or deadline (REQUEST_TTL_SECONDS ran out while the"
+            " client was not reading)",
+            ["reason"],
+            registry=r,
+        )
+        self.open_connections = Gauge(
+            "llmrouter_open_connections", "Open client connections (public listeners)", registry=r
+        )
+        self.connections_dropped = Counter(
+            "llmrouter_connections_dropped",
+            "Client connections closed by the router before a response: read_timeout (the"
+            " request did not arrive in REQUEST_READ_SECONDS), per_address"
+            " (MAX_CONNECTIONS_PER_ADDRESS), shed (the longest-waiting one, to make room under"
+            " MAX_CONNECTIONS), full (every connection busy streaming)",
+            ["reason"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "llmrouter_circuit_state",
             "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",

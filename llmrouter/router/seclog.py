@@ -10,7 +10,9 @@ must never carry an IP address, a device key or any request content. The only va
 
 * ``int``, ``float`` (finite) and ``bool``;
 * identifiers hashed by :meth:`SecurityLog.ident` (an :class:`Ident`), correlatable within one
-  deployment (the hash key is long-lived) and meaningless outside it;
+  UTC day of one router process and meaningless outside it: the hash key is random, held only in
+  memory and replaced at every UTC midnight (a key that outlived the day, or lay on disk, would
+  let its holder reverse an IPv4 hash by trying all 2^32 addresses);
 * short lowercase code tokens (``[a-z0-9][a-z0-9_-]{0,31}``, not a long run of hex digits), such as
   an error code, a key id or a backend name.
 
@@ -26,6 +28,7 @@ import hmac
 import json
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable
 
@@ -44,6 +47,7 @@ EVENTS = frozenset(
         "replay",
         "rate_limited",
         "device_rate_limited",
+        "new_device_rate_limited",
         "pow_failed",
         "auth_failed",
         "stale",
@@ -55,6 +59,7 @@ EVENTS = frozenset(
 SECURITY_EVENTS = Counter("llmrouter_security_events", "Security events by name", ["event"])
 
 IDENT_CHARS = 16
+DAY_SECONDS = 86400
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -75,36 +80,52 @@ def _twisted_emit(line: str) -> None:
 
 
 class SecurityLog:
-    """Writes security events; holds the hash key, so its ``repr`` is redacted."""
+    """Writes security events; holds the day's hash key, so its ``repr`` is redacted.
+
+    ``new_key`` makes each day's key (32 random bytes unless a test hands in its own).
+    """
 
     def __init__(
         self,
-        hash_key: bytes,
         emit: Callable[[str], None] | None = None,
         clock: IReactorTime | None = None,
         counter: Counter | None = None,
+        new_key: Callable[[], bytes] = lambda: secrets.token_bytes(32),
     ) -> None:
-        if not isinstance(hash_key, bytes) or len(hash_key) < 16:
-            raise ValueError("hash_key must be at least 16 bytes")
-        self._hash_key = hash_key
         self._emit = emit if emit is not None else _twisted_emit
         self._clock = clock
         self._counter = counter if counter is not None else SECURITY_EVENTS
+        self._new_key = new_key
+        self._day = -1
+        self._key = bytearray()
 
     def __repr__(self) -> str:
         return "SecurityLog(<hash key redacted>)"
 
+    def _now(self) -> float:
+        return self._clock.seconds() if self._clock is not None else time.time()
+
+    def _day_key(self) -> bytearray:
+        day = int(self._now() // DAY_SECONDS)
+        if day != self._day:
+            key = self._new_key()
+            if not isinstance(key, bytes) or len(key) < 16:
+                raise ValueError("a hash key must be at least 16 bytes")
+            self._key[:] = bytes(len(self._key))  # yesterday's key is gone, not just unused
+            self._key, self._day = bytearray(key), day
+        return self._key
+
     def ident(self, value: bytes | str) -> Ident:
-        """HMAC-SHA256(hash_key, value), hex, truncated to 16 characters (64 bits)."""
+        """HMAC-SHA256(the day's key, value), hex, truncated to 16 characters (64 bits)."""
         data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        digest = hmac.new(self._hash_key, data, hashlib.sha256).hexdigest()
+        digest = hmac.new(self._day_key(), data, hashlib.sha256).hexdigest()
         return Ident(digest[:IDENT_CHARS])
 
     def format(self, name: str, **fields: str | int | float | bool) -> str:
         """The JSON line for an event (validated as described in the module docstring)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError("security event names are lowercase identifiers")
-        ts = self._clock.seconds() if self._clock is not None else time.time()
+        ts = self._now()
         record: dict[str, str | int | float | bool] = {"ts": round(ts, 3), "event": name}
         for key in sorted(fields):
             record[key] = _check_field(key, fields[key])

@@ -9,7 +9,6 @@ value might be secret; none of these are).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmrouter.chat import MODEL_NAME
+from llmrouter.protocol import SKEW_SECONDS
+from llmrouter.router.addresses import TrustedProxies
 from llmrouter.router.dialects import KINDS
 
 __all__ = [
@@ -113,6 +114,7 @@ class Settings:
     upstream_tls_server_name: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    rate_limit_ipv6_prefix: int = 64
     request_ttl_seconds: float = 300.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 30.0
@@ -120,6 +122,10 @@ class Settings:
     rate_limit_burst: int = 20
     device_rate_limit_per_minute: float = 30.0
     device_rate_limit_burst: int = 10
+    new_device_pow_difficulty: int = 20
+    new_devices_per_hour: float = 30.0
+    new_device_burst: int = 10
+    max_known_devices: int = 1_000_000
     key_rotation_hours: float = 24.0
     key_overlap_seconds: float = 3600.0
     replay_window_seconds: float = 150.0
@@ -128,13 +134,18 @@ class Settings:
     pad_bytes: int = 64
     stream_cadence_ms: int = 0
     keepalive_seconds: float = 15.0
+    write_stall_seconds: float = 30.0
     pow_threshold_streams: int = 0
     pow_threshold_rps: float = 0.0
     pow_difficulty: int = 18
     epsilon_total: float = 10.0
     epsilon_per_query: float = 0.1
     budget_period_seconds: float = 86400.0
+    budget_max_devices: int = 1_000_000
     max_streams: int = 1024
+    request_read_seconds: float = 15.0
+    max_connections: int = 4096
+    max_connections_per_address: int = 64
     max_streams_per_device: int = 4
     connect_timeout_seconds: float = 5.0
     first_token_timeout_seconds: float = 60.0
@@ -180,6 +191,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "UPSTREAM_TLS_SERVER_NAME": ("upstream_tls_server_name", lambda v: v.strip() or None),
     "TRUSTED_PROXIES": ("trusted_proxies", _split),
     "CORS_ORIGINS": ("cors_origins", _split),
+    "RATE_LIMIT_IPV6_PREFIX": ("rate_limit_ipv6_prefix", int),
     "REQUEST_TTL_SECONDS": ("request_ttl_seconds", float),
     "CIRCUIT_BREAKER_THRESHOLD": ("circuit_breaker_threshold", int),
     "CIRCUIT_RESET_SECONDS": ("circuit_reset_seconds", float),
@@ -187,6 +199,10 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "RATE_LIMIT_BURST": ("rate_limit_burst", int),
     "DEVICE_RATE_LIMIT_PER_MINUTE": ("device_rate_limit_per_minute", float),
     "DEVICE_RATE_LIMIT_BURST": ("device_rate_limit_burst", int),
+    "NEW_DEVICE_POW_DIFFICULTY": ("new_device_pow_difficulty", int),
+    "NEW_DEVICES_PER_HOUR": ("new_devices_per_hour", float),
+    "NEW_DEVICE_BURST": ("new_device_burst", int),
+    "MAX_KNOWN_DEVICES": ("max_known_devices", int),
     "KEY_ROTATION_HOURS": ("key_rotation_hours", float),
     "KEY_OVERLAP_SECONDS": ("key_overlap_seconds", float),
     "REPLAY_WINDOW_SECONDS": ("replay_window_seconds", float),
@@ -195,13 +211,18 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "PAD_BYTES": ("pad_bytes", int),
     "STREAM_CADENCE_MS": ("stream_cadence_ms", int),
     "KEEPALIVE_SECONDS": ("keepalive_seconds", float),
+    "WRITE_STALL_SECONDS": ("write_stall_seconds", float),
     "POW_THRESHOLD_STREAMS": ("pow_threshold_streams", int),
     "POW_THRESHOLD_RPS": ("pow_threshold_rps", float),
     "POW_DIFFICULTY": ("pow_difficulty", int),
     "EPSILON_TOTAL": ("epsilon_total", float),
     "EPSILON_PER_QUERY": ("epsilon_per_query", float),
     "BUDGET_PERIOD_SECONDS": ("budget_period_seconds", float),
+    "BUDGET_MAX_DEVICES": ("budget_max_devices", int),
     "MAX_STREAMS": ("max_streams", int),
+    "REQUEST_READ_SECONDS": ("request_read_seconds", float),
+    "MAX_CONNECTIONS": ("max_connections", int),
+    "MAX_CONNECTIONS_PER_ADDRESS": ("max_connections_per_address", int),
     "MAX_STREAMS_PER_DEVICE": ("max_streams_per_device", int),
     "CONNECT_TIMEOUT_SECONDS": ("connect_timeout_seconds", float),
     "FIRST_TOKEN_TIMEOUT_SECONDS": ("first_token_timeout_seconds", float),
@@ -273,11 +294,14 @@ def _validate(s: Settings) -> None:
             s.default_model in e.models for e in endpoints
         ):
             raise SettingsError("DEFAULT_MODEL is not among the model= names of the endpoints")
-    for proxy in s.trusted_proxies:
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except ValueError:
-            raise SettingsError("TRUSTED_PROXIES must be IP addresses or CIDR networks") from None
+    try:
+        TrustedProxies.parse(s.trusted_proxies)
+    except ValueError:
+        raise SettingsError(
+            "TRUSTED_PROXIES must be IP addresses, CIDR networks or the word unix"
+        ) from None
+    if not 8 <= s.rate_limit_ipv6_prefix <= 128:
+        raise SettingsError("RATE_LIMIT_IPV6_PREFIX must be from 8 to 128 (prefix length)")
     for origin in s.cors_origins:
         if not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
             raise SettingsError("CORS_ORIGINS entries must be origins: http(s)://host[:port]")
@@ -290,6 +314,11 @@ def _validate(s: Settings) -> None:
         "rate_limit_burst",
         "device_rate_limit_per_minute",
         "device_rate_limit_burst",
+        "new_devices_per_hour",
+        "new_device_burst",
+        "max_known_devices",
+        "budget_max_devices",
+        "write_stall_seconds",
         "key_rotation_hours",
         "replay_window_seconds",
         "replay_max_entries",
@@ -300,6 +329,9 @@ def _validate(s: Settings) -> None:
         "epsilon_per_query",
         "budget_period_seconds",
         "max_streams",
+        "request_read_seconds",
+        "max_connections",
+        "max_connections_per_address",
         "max_streams_per_device",
         "connect_timeout_seconds",
         "first_token_timeout_seconds",
@@ -318,6 +350,15 @@ def _validate(s: Settings) -> None:
     )
     if not 1 <= s.pow_difficulty <= 32:
         raise SettingsError("POW_DIFFICULTY must be from 1 to 32 (leading zero bits)")
+    if not 0 <= s.new_device_pow_difficulty <= 32:
+        raise SettingsError(
+            "NEW_DEVICE_POW_DIFFICULTY must be from 0 (off) to 32 (leading zero bits)"
+        )
+    if s.replay_window_seconds < 2 * SKEW_SECONDS:
+        raise SettingsError(
+            f"REPLAY_WINDOW_SECONDS must be at least {2 * SKEW_SECONDS} (twice the"
+            f" {SKEW_SECONDS} s timestamp skew), or a replay outlives its cache entry"
+        )
     if s.epsilon_per_query > s.epsilon_total:
         raise SettingsError("EPSILON_PER_QUERY must not exceed EPSILON_TOTAL")
     if s.max_body_bytes > 16 * 1024 * 1024:

@@ -11,6 +11,12 @@ failures can still be retried or answered with a plain JSON error.
 
 With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
 exactly one chunk: the oldest run, else the final chunk, else an empty delta.
+
+A client that stops reading must not hold its stream slot (and the router's memory) for ever, so
+two limits hold in both modes: a client whose connection stays paused (its buffers full, taking
+nothing) for ``write_stall`` seconds is dropped, and every stream ends at its ``deadline``
+(admission + ``REQUEST_TTL_SECONDS``): with a sealed ``timeout`` error if the client still reads,
+by closing the connection if it does not. Either frees the slot at once.
 """
 
 from __future__ import annotations
@@ -82,6 +88,9 @@ class EncryptedStream:
         keepalive_seconds: float,
         cadence_seconds: float = 0.0,
         on_close: Callable[[], None] = lambda: None,
+        *,
+        deadline: float,
+        write_stall: float,
     ) -> None:
         self._request = request
         self._sealer = sealer
@@ -97,6 +106,11 @@ class EncryptedStream:
         self._paused = False
         self._last_write = 0.0
         self._timer: IDelayedCall | None = None
+        self._write_stall = write_stall
+        self._stall: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = clock.callLater(
+            max(0.0, deadline - clock.seconds()), self._out_of_time
+        )
         self._pending: list[_Run] = []
         self._final: tuple[str, tuple[object, ...]] | None = None
         self.client_gone = False
@@ -149,26 +163,59 @@ class EncryptedStream:
 
     def shutdown(self) -> None:
         """The router is stopping: cancel upstream, tell the client (sealed if streaming)."""
+        self._end_now("overloaded", "the router is shutting down, retry", 503)
+
+    def _end_now(self, code: str, message: str, status: int) -> None:
+        """Cancel upstream and end the response at once with an error (sealed if streaming)."""
         if self._closed:
             return
         if self._upstream is not None:
             self._upstream.cancel()
         self._pending = []
-        self.failed("overloaded", "the router is shutting down, retry", 503)
+        self.failed(code, message, status)
         if self._final is not None and not self._closed:
             self._emit_final()
+
+    def _out_of_time(self) -> None:
+        self._deadline = None
+        if self._paused:
+            self._drop("deadline")
+        else:
+            self._end_now("timeout", "the request took too long", 504)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        self._drop("write_stall")
+
+    def _drop(self, reason: str) -> None:
+        """Close the connection under a client that does not read; frees its slot now."""
+        if self._closed:
+            return
+        self._metrics.streams_dropped.labels(reason).inc()
+        channel = self._request.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.abortConnection()  # type: ignore[attr-defined]
+        self._client_left()
 
     # IPushProducer (driven by the client's connection)
 
     def pauseProducing(self) -> None:
         self._paused = True
+        if self._stall is None and not self._closed:
+            self._stall = self._clock.callLater(self._write_stall, self._stalled)
         if self._upstream is not None:
             self._upstream.pause()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._cancel_stall()
         if self._upstream is not None:
             self._upstream.resume()
+
+    def _cancel_stall(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
 
     def stopProducing(self) -> None:
         self._client_left()
@@ -300,9 +347,11 @@ class EncryptedStream:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._deadline = None
+        self._cancel_stall()
         self._pending = []
         self._metrics.active_streams.dec()
         self._metrics.request_duration.observe(self._clock.seconds() - self._started)

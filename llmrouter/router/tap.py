@@ -18,17 +18,22 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from llmrouter import pow
 from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
 from llmrouter.router import preflight, secmem
-from llmrouter.router.admission import Admission, StreamSlots
+from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
+from llmrouter.router.admission import Admission, Tables
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
+from llmrouter.router.connections import ConnectionGuard
+from llmrouter.router.devices import KnownDevices
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
-from llmrouter.router.replay import ReplayCache
+from llmrouter.router.replay import ReplayCache, SpentSolutions
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
+from llmrouter.router.slots import StreamSlots
 from llmrouter.router.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
@@ -193,9 +198,7 @@ class Router:
             rotation_seconds=settings.key_rotation_hours * 3600,
             overlap_seconds=settings.key_overlap_seconds,
         )
-        self.events = SecurityLog(
-            self.keys.log_hash_key, emit=emit, clock=clock, counter=self.metrics.security_events
-        )
+        self.events = SecurityLog(emit=emit, clock=clock, counter=self.metrics.security_events)
         self.keys.events = self.events
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
         self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
@@ -206,18 +209,8 @@ class Router:
             settings,
             clock,
             self.keys,
-            RateLimiter(clock, settings.rate_limit_per_minute, settings.rate_limit_burst),
-            RateLimiter(
-                clock, settings.device_rate_limit_per_minute, settings.device_rate_limit_burst
-            ),
-            ReplayCache(clock, settings.replay_window_seconds, settings.replay_max_entries),
-            PrivacyBudget(
-                clock,
-                settings.epsilon_total,
-                settings.epsilon_per_query,
-                settings.budget_period_seconds,
-            ),
-            StreamSlots(settings.max_streams, settings.max_streams_per_device),
+            memory_tables(settings, clock),
+            self.pool,
             self.metrics,
             self.events if settings.security_log else None,
         )
@@ -233,6 +226,19 @@ class Router:
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
         self.site.on_too_large = self._too_large
+        proxies = TrustedProxies.parse(settings.trusted_proxies)
+        self.site.guard = ConnectionGuard(
+            clock,
+            self.metrics,
+            settings.request_read_seconds,
+            settings.max_connections,
+            settings.max_connections_per_address,
+            lambda peer: (
+                None
+                if proxies.trusts(peer) or peer == LOCAL
+                else bucket(peer, settings.rate_limit_ipv6_prefix)
+            ),
+        )
 
     def _too_large(self, error: ProtocolError) -> None:
         self.admission.reject(error)
@@ -253,6 +259,30 @@ class Router:
     def reload_keys(self) -> None:
         if self.keys.reload():
             log.info("key directory re-read")
+
+
+def memory_tables(settings: Settings, clock: IReactorTime) -> Tables:
+    """Admission's tables in this process's memory (one router; see llmrouter.router.interfaces)."""
+    return Tables(
+        addresses=RateLimiter(clock, settings.rate_limit_per_minute, settings.rate_limit_burst),
+        devices=RateLimiter(
+            clock, settings.device_rate_limit_per_minute, settings.device_rate_limit_burst
+        ),
+        new_devices=RateLimiter(
+            clock, settings.new_devices_per_hour / 60.0, settings.new_device_burst
+        ),
+        replay=ReplayCache(clock, settings.replay_window_seconds, settings.replay_max_entries),
+        spent=SpentSolutions(clock, pow.CHALLENGE_TTL),
+        known=KnownDevices(settings.max_known_devices),
+        slots=StreamSlots(settings.max_streams, settings.max_streams_per_device),
+        budget=PrivacyBudget(
+            clock,
+            settings.epsilon_total,
+            settings.epsilon_per_query,
+            settings.budget_period_seconds,
+            settings.budget_max_devices,
+        ),
+    )
 
 
 class RouterService(service.Service):

@@ -463,7 +463,11 @@ class BackendPool:
                 timer.cancel()
             healthy = result is True
             if isinstance(result, Failure) and not result.check(CancelledError):
-                log.debug("health probe of {name} failed", name=backend.name)
+                log.debug(
+                    "health probe of {name} failed: {kind}",
+                    name=backend.name,
+                    kind=type(result.value).__name__,
+                )
             self.set_healthy(backend, healthy)
             return healthy
 
@@ -483,6 +487,16 @@ class BackendPool:
     async def _get(
         self, backend: Backend, path: str, limit: int = _MAX_PROBE_BODY
     ) -> tuple[int, bytes]:
+        try:
+            return await self._get_once(backend, path, limit)
+        except CancelledError:
+            raise
+        except Exception:
+            # A kept-alive connection the backend has just closed fails the request; one such
+            # race must not take a healthy backend out of service until next time.
+            return await self._get_once(backend, path, limit)
+
+    async def _get_once(self, backend: Backend, path: str, limit: int) -> tuple[int, bytes]:
         response: IResponse = await backend.agent.request(b"GET", backend.uri(path))
         reader = _Discard(limit)
         response.deliverBody(reader)

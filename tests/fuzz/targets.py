@@ -1,0 +1,112 @@
+"""Coverage-guided fuzzing (atheris) of every parser that reads what a peer sent.
+
+    python -m tests.fuzz.targets TARGET [libFuzzer options] [CORPUS_DIR ...]
+
+Targets: ``envelope`` (the router's request envelope), ``plaintext`` (a decrypted request),
+``sse`` (the event-stream parser and the client's response opener), ``keydoc`` (the client's
+key-document verifier, with and without a valid signature over the fuzzed payload), and
+``guardrails`` (the inference daemon's request validation). Each may refuse its input only with
+the error type it documents; any other exception (a crash, a ``TypeError`` that would be a 500)
+ends the run with a non-zero status and the input saved. ``make fuzz`` runs each for a few
+seconds from the seed corpus in ``tests/fuzz/corpus/``; docs/security-testing.md has the longer
+command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import atheris
+
+with atheris.instrument_imports():
+    import nacl.signing
+
+    from inference import guardrails
+    from llmrouter import protocol
+    from llmrouter.sse import SSEError, SSEParser
+
+NOW = 1_767_225_600
+_SIGNING = nacl.signing.SigningKey(bytes(range(32)))
+_STATE = protocol.RequestState(bytes(32), bytes(range(32)))
+
+
+def envelope(data: bytes) -> None:
+    try:
+        protocol.parse_envelope(data)
+    except protocol.ProtocolError:
+        pass
+
+
+def plaintext(data: bytes) -> None:
+    try:
+        protocol.parse_chat_request(data)
+    except protocol.ProtocolError:
+        pass
+
+
+def sse(data: bytes) -> None:
+    """The same bytes split at a position the input picks, through both parsers."""
+    split = data[0] if data else 0
+    parser = SSEParser(max_line=4096, max_event=8192)
+    try:
+        for piece in (data[1 : 1 + split], data[1 + split :]):
+            for name, payload in parser.feed(piece):
+                assert isinstance(name, str) and isinstance(payload, str)
+    except SSEError:
+        pass
+    opener = protocol.ResponseOpener(_STATE, max_line=4096)
+    try:
+        opener.feed(data)
+        opener.close()
+    except protocol.StreamError:
+        pass
+
+
+def keydoc(data: bytes) -> None:
+    """As sent (a signature almost never verifies), then signed so the payload is parsed."""
+    for body in (data, _signed(data)):
+        try:
+            protocol.verify_key_document(body, now=NOW)
+        except protocol.KeyDocumentError:
+            pass
+
+
+def _signed(payload: bytes) -> bytes:
+    return protocol.json.dumps(
+        {
+            "payload": protocol.b64u_encode(payload),
+            "signature": protocol.b64u_encode(_SIGNING.sign(payload).signature),
+            "signing_key": protocol.b64u_encode(bytes(_SIGNING.verify_key)),
+        }
+    ).encode()
+
+
+def guardrail(data: bytes) -> None:
+    try:
+        body = guardrails.parse_json(data)
+        guardrails.parse_chat(body, max_tokens_cap=256)
+        guardrails.parse_completion(body, max_tokens_cap=256)
+    except guardrails.APIError as e:
+        assert 400 <= e.status < 500, e.status
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "envelope": envelope,
+    "plaintext": plaintext,
+    "sse": sse,
+    "keydoc": keydoc,
+    "guardrails": guardrail,
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
+        sys.exit(f"usage: python -m tests.fuzz.targets {{{','.join(TARGETS)}}} [libFuzzer args]")
+    target = TARGETS[sys.argv.pop(1)]
+    atheris.Setup(sys.argv, target)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
