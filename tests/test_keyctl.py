@@ -187,9 +187,7 @@ class KeyctlTests(unittest.TestCase):
     def test_backup_signing_key_create_pin_and_switch(self) -> None:
         events: list[str] = []
         store = self.running_store()
-        store.events = SecurityLog(
-            store.log_hash_key, emit=lambda line: events.append(json.loads(line)["event"])
-        )
+        store.events = SecurityLog(emit=lambda line: events.append(json.loads(line)["event"]))
         old_pin = bytes(store.signing_key.verify_key)
         current = (store.current.kid, store.current.fingerprint)
         backup = Path(self.mktemp())
@@ -214,7 +212,9 @@ class KeyctlTests(unittest.TestCase):
         self.assertIn(f"the pin is now {b64(new_pin)} (was {b64(old_pin)})", out)
         self.clock.advance(2)  # the running store's poll picks the new key up
         self.assertEqual(bytes(store.signing_key.verify_key), new_pin)
-        document = protocol.verify_key_document(store.key_document(), pin=new_pin)
+        document = protocol.verify_key_document(
+            store.key_document(), pin=new_pin, now=self.clock.seconds()
+        )
         self.assertEqual(document.keys[0].kid, current[0])  # HPKE keys stay as they were
         self.assertEqual((store.current.kid, store.current.fingerprint), current)
         self.assertRaises(
@@ -222,6 +222,7 @@ class KeyctlTests(unittest.TestCase):
             protocol.verify_key_document,
             store.key_document(),
             pin=old_pin,
+            now=self.clock.seconds(),
         )
         self.assertIn("signing_key_replaced", events)
         reopened = KeyStore.open(self.dir, self.clock)

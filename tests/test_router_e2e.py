@@ -347,7 +347,7 @@ class ModelsTests(TestCase):
         )
         yield router.start()
         url = f"unix:{directory / 'router.sock'}"
-        client = Client(reactor, url)
+        client = Client(reactor, url, pin=daemon_pin(directory))
         names = yield defer.Deferred.fromCoroutine(client.models())
         self.assertEqual(names, ["small", "big"])  # found on each daemon's GET /v1/models
 

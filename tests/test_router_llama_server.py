@@ -26,7 +26,7 @@ from llmrouter.protocol import Done, ResponseOpener, seal_request
 from llmrouter.sse import SSEParser
 from tests.daemons import start_router_daemon
 from tests.llama_server import GPT_OSS, HERMES, QWQ, start_llama_server
-from tests.router_support import http, key_document, post_chat, short_tempdir
+from tests.router_support import daemon_pin, http, key_document, post_chat, short_tempdir
 
 CITY = {"type": "string", "enum": ["Paris", "Oslo"]}
 WEATHER = Tool(
@@ -62,7 +62,7 @@ class LlamaServerTests(TestCase):
         yield router.start()
         self.router = router
         self.url = f"unix:{directory / 'router.sock'}"
-        self.client = Client(reactor, self.url)
+        self.client = Client(reactor, self.url, pin=daemon_pin(directory))
 
     def complete(self, request: ChatRequest, **kw: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self.client.complete(request, **kw))
