@@ -44,10 +44,39 @@ def main() -> None:
         b'{"messages":[{"role":"system","content":"s"},{"role":"user","content":"u"}],'
         b'"top_p":0.9,"stop":["a","b"]}',
         b'{"messages":[{"role":["user"],"content":"x"}]}',
+        # protocol v1.1: tools and a tool round trip, structured output, logprobs, reasoning
+        b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"w"}]},'
+        b'{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",'
+        b'"function":{"name":"f","arguments":"{}"}}]},'
+        b'{"role":"tool","content":"r","tool_call_id":"c1"}],'
+        b'"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object",'
+        b'"properties":{"a":{"type":"string","maxLength":8}},"required":["a"]}}}],'
+        b'"tool_choice":{"type":"function","function":{"name":"f"}},'
+        b'"parallel_tool_calls":false,"logprobs":true,"top_logprobs":2,"seed":1,'
+        b'"include_reasoning":true,"reasoning_effort":"low","max_completion_tokens":8}',
+        b'{"messages":[{"role":"user","content":"u"}],"response_format":{"type":"json_schema",'
+        b'"json_schema":{"name":"n","strict":true,"schema":{"type":"array","items":'
+        b'{"$ref":"#/$defs/x"},"$defs":{"x":{"type":"string","pattern":"a{1,3}"}}}}},'
+        b'"presence_penalty":0.5,"frequency_penalty":-0.5}',
     )
     sealer = p.ResponseSealer(_STATE.secret, _STATE.enc, response_nonce=bytes(32))
     stream = sealer.init_event() + sealer.delta("Hi") + p.KEEPALIVE + sealer.done("stop", 3, 1)
-    _write("sse", b"\x10" + stream, b"\x00event: x\r\ndata: 1\rdata: 2\n\n: c\n\n")
+    logprobs = [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105], "top_logprobs": []}]
+    sealer = p.ResponseSealer(_STATE.secret, _STATE.enc, response_nonce=bytes(32))
+    v11 = (
+        sealer.init_event()
+        + sealer.reasoning("hmm", logprobs)
+        + sealer.tool_call(0, "c1", "f", '{"a":')
+        + sealer.tool_call(0, None, None, '"x"}')
+        + sealer.delta("Hi", logprobs)
+        + sealer.done("tool_calls", 3, 4)
+    )
+    _write(
+        "sse",
+        b"\x10" + stream,
+        b"\x00event: x\r\ndata: 1\rdata: 2\n\n: c\n\n",
+        bytes([len(v11) // 2 % 256]) + v11,
+    )
     document = p.build_key_document([key, upcoming], nacl.signing.SigningKey(bytes(32)), NOW)
     payload = p.b64u_decode(json.loads(document)["payload"], "payload")
     _write("keydoc", document, payload)
