@@ -386,11 +386,11 @@ class ProxyStartup(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def refused(self, *args: str) -> Any:
+    def refused(self, *args: str, status: int = 1) -> Any:
         proxy = run_proxy(self, "--listen", "127.0.0.1:0", *args)
         code = yield proxy.ended
         proxy.url.addErrback(lambda _: None)  # it never served
-        self.assertEqual(code, 1)
+        self.assertEqual(code, status)
         output: str = proxy.output.decode()
         self.assertNotIn("/v1 ->", output)
         return output
@@ -413,8 +413,13 @@ class ProxyStartup(TestCase):
         self.assertIn("not signed by the pinned key", output)
         output = yield self.refused("--url", url, "--pin", "not-a-key")
         self.assertIn("--pin must be", output)
-        output = yield self.refused("--url", url)
+        # neither, or both: a usage error (exit 2), as for every llmrouter-client command
+        output = yield self.refused("--url", url, status=2)
         self.assertIn("--pin SIGNING_KEY", output)
+        self.assertIn("--tofu FILE", output)
+        both = ("--pin", pin, "--tofu", str(Path(self.mktemp())))
+        output = yield self.refused("--url", url, *both, status=2)
+        self.assertIn("exclude each other", output)
 
         # Trust on first use: the key is kept, and a different one is refused later.
         tofu = Path(self.mktemp())
