@@ -544,6 +544,24 @@ class AdmissionTests(TestCase):
             yield self.assertFailure(d, Exception)
 
     @defer.inlineCallbacks
+    def test_a_request_refused_for_its_model_spends_nothing(self) -> Any:
+        """Routing (``model_unknown``) is checked before the stream slot and the budget charge:
+        a refused request spends no budget and holds no slot."""
+        running = yield self.router()
+        self.fake.models = ["m"]
+        yield running.router.pool.probe(running.router.pool.backends[0])
+        device = hpke.generate_key_pair()
+        budget = running.router.admission.budget
+        body, _, _ = yield sealed(running, prompt("hi", model="nope"), device=device)
+        yield self.rejected(running, body, 404, "model_unknown")
+        self.assertEqual(budget.remaining(device.pk), 10.0)
+        self.assertEqual(running.router.admission.slots.open, 0)
+        body, _, _ = yield sealed(running, prompt("hi", model="m"), device=device)
+        status, _, _ = yield post_chat(running.url, body)
+        self.assertEqual(status, 200)
+        self.assertAlmostEqual(budget.remaining(device.pk), 10.0 - 0.1)
+
+    @defer.inlineCallbacks
     def test_device_stream_limit(self) -> Any:
         running = yield self.router(Script(hang=True), max_streams_per_device=1)
         device = hpke.generate_key_pair()
