@@ -1,7 +1,8 @@
 """etc/caddy/Caddyfile: validates, needs its site name, uses port 443 only, reloads through its
 default admin socket, and a real Caddy in front of a real HTTP upstream streams SSE unbuffered,
 enforces the 256 KiB body limit, drops query strings and identifying headers, hides /metrics and
-writes no access log."""
+writes no access log; over a UNIX socket to the router, TRUSTED_PROXIES=unix keeps one bucket per
+client."""
 
 from __future__ import annotations
 
@@ -187,12 +188,42 @@ def free_port() -> int:
         return port
 
 
+@defer.inlineCallbacks
+def start_caddy(testcase: unittest.TestCase, home: Path, **env: str) -> Any:
+    """``caddy run`` on the Caddyfile with ``env``, stopped at cleanup; fires with the port
+    of its site (``http://127.0.0.1:PORT``) once it accepts connections. Log: home/caddy.log."""
+    caddy = caddy_binary(testcase)
+    port = free_port()
+    site = {"LLMROUTER_SITE": f"http://127.0.0.1:{port}", "CADDY_ADMIN": "off"}
+    with (home / "caddy.log").open("wb") as log:
+        process = subprocess.Popen(
+            [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=caddy_env(home, **{**site, **env}),
+        )
+
+    def stop() -> None:
+        process.terminate()
+        process.wait(10)
+
+    testcase.addCleanup(stop)
+    for _ in range(400):
+        if process.poll() is not None:
+            testcase.fail(f"caddy exited: {(home / 'caddy.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return port
+        except OSError:
+            yield task.deferLater(reactor, 0.05, lambda: None)
+    testcase.fail("caddy did not start listening")
+
+
 class LiveProxyTests(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
     def setUp(self) -> Any:
-        caddy = caddy_binary(self)
         home = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, home)
         self.upstream = UpstreamResource()
@@ -201,38 +232,11 @@ class LiveProxyTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         self.addCleanup(site.close_all)
         self.stop_upstream = port.stopListening
-        self.caddy_port = free_port()
-        env = caddy_env(
-            home,
-            LLMROUTER_SITE=f"http://127.0.0.1:{self.caddy_port}",
-            LLMROUTER_UPSTREAM=f"127.0.0.1:{port.getHost().port}",
-            CADDY_ADMIN="off",
+        self.caddy_port = yield start_caddy(
+            self, home, LLMROUTER_UPSTREAM=f"127.0.0.1:{port.getHost().port}"
         )
         self.log = home / "caddy.log"
-        log = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        log.close()
-        self.addCleanup(self.stop_caddy)
         self.agent = Agent(reactor)
-        for _ in range(400):
-            if self.process.poll() is not None:
-                self.fail(f"caddy exited: {self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.caddy_port), timeout=1):
-                    break
-            except OSError:
-                yield task.deferLater(reactor, 0.05, lambda: None)
-        else:
-            self.fail("caddy did not start listening")
-
-    def stop_caddy(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
 
     def request(
         self,
@@ -374,11 +378,11 @@ class FullStackThroughCaddyTests(unittest.TestCase):
         from llmrouter.protocol import ChatRequest, Message
         from tests.daemons import Daemon, start_inference
 
-        caddy = caddy_binary(self)
+        caddy_binary(self)  # skips before the daemons start when Caddy is missing
         home = Path(tempfile.mkdtemp(prefix="cad-"))
         self.addCleanup(shutil.rmtree, home, True)
         inference = yield start_inference(self)
-        router_port, caddy_port = free_port(), free_port()
+        router_port = free_port()
         router = Daemon(
             "llmrouter",
             [
@@ -398,31 +402,8 @@ class FullStackThroughCaddyTests(unittest.TestCase):
         )
         self.addCleanup(router.stop)
         yield router.start()
+        caddy_port = yield start_caddy(self, home, LLMROUTER_UPSTREAM=f"127.0.0.1:{router_port}")
         log_path = home / "caddy.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [caddy, "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=caddy_env(
-                    home,
-                    LLMROUTER_SITE=f"http://127.0.0.1:{caddy_port}",
-                    LLMROUTER_UPSTREAM=f"127.0.0.1:{router_port}",
-                    CADDY_ADMIN="off",
-                ),
-            )
-
-        def stop() -> None:
-            process.terminate()
-            process.wait(10)
-
-        self.addCleanup(stop)
-        for _ in range(400):
-            try:
-                with socket.create_connection(("127.0.0.1", caddy_port), timeout=1):
-                    break
-            except OSError:
-                yield task.deferLater(reactor, 0.05, lambda: None)
 
         # pin the signing key as the app would, learned directly from the router (first use)
         direct = Client(reactor, f"http://127.0.0.1:{router_port}", tofu=Path(self.mktemp()))
@@ -442,3 +423,52 @@ class FullStackThroughCaddyTests(unittest.TestCase):
         log = log_path.read_text()
         self.assertNotIn(canary, log)
         self.assertNotIn("/api/chat", log)
+
+
+class UnixSocketUpstreamTests(unittest.TestCase):
+    """Caddy reaching the router over a UNIX socket (``LLMROUTER_UPSTREAM=unix/PATH``): with
+    ``TRUSTED_PROXIES=unix`` the router believes Caddy's X-Forwarded-For, so each client has its
+    own rate-limit bucket; without it every client shares the socket's one bucket."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def statuses(self, trusted: tuple[str, ...]) -> Any:
+        """Three requests from 127.0.0.2, then one from 127.0.0.3 (burst 2, no refill)."""
+        from io import BytesIO
+
+        from tests.router_support import start_router
+
+        home = Path(tempfile.mkdtemp(prefix="cad-"))
+        self.addCleanup(shutil.rmtree, home, True)
+        running = yield start_router(
+            self,
+            ["unix:/nonexistent/inference.sock"],
+            probe=False,
+            unix=True,
+            trusted_proxies=trusted,
+            rate_limit_burst=2,
+        )
+        upstream = "unix/" + running.url.removeprefix("unix:")
+        port = yield start_caddy(self, home, LLMROUTER_UPSTREAM=upstream)
+        found = []
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.3"):
+            response = yield Agent(reactor, bindAddress=(source, 0)).request(
+                b"POST",
+                f"http://127.0.0.1:{port}/api/chat".encode(),
+                Headers({b"content-type": [b"application/json"]}),
+                FileBodyProducer(BytesIO(b"{}")),  # refused (400) after the per-address limit
+            )
+            yield readBody(response)
+            found.append(response.code)
+        return found
+
+    @defer.inlineCallbacks
+    def test_trusted_unix_proxy_gives_each_client_its_bucket(self) -> Any:
+        found = yield self.statuses(("unix",))
+        self.assertEqual(found, [400, 400, 429, 400])
+
+    @defer.inlineCallbacks
+    def test_untrusted_unix_proxy_shares_one_bucket(self) -> Any:
+        found = yield self.statuses(())
+        self.assertEqual(found, [400, 400, 429, 429])

@@ -105,11 +105,24 @@ class ChecksTests(TestCase):
         self.assertIn("set TRUSTED_PROXIES=127.0.0.1", found[0])
         self.assertRefused(production(trusted_proxies=("10.0.0.0/8",)), "TRUSTED_PROXIES")
         self.assertEqual(preflight.problems(production(trusted_proxies=("127.0.0.0/8",))), [])
-        # behind a proxy on a UNIX socket, the proxy is trusted by the word `unix`
-        found = self.assertRefused(
-            production(listen=("unix:/run/llmrouter/router.sock",)), "TRUSTED_PROXIES=unix"
+        # behind a proxy on a UNIX socket (made by the router or handed over by systemd), the
+        # proxy is trusted by the word `unix`, as the router's address bucketing reads it
+        for listen in ("unix:/run/llmrouter/router.sock", "systemd:domain=UNIX:index=0"):
+            found = self.assertRefused(production(listen=(listen,)), "TRUSTED_PROXIES=unix")
+            self.assertEqual(len(found), 1)
+            self.assertIn(f"entry {listen} is behind a proxy on a UNIX socket", found[0])
+            trusted = production(listen=(listen,), trusted_proxies=("unix",))
+            self.assertEqual(preflight.problems(trusted), [])
+        # as an operator writes it in the env file, next to the loopback proxy
+        both = load(
+            {
+                "LISTEN": "tcp:8080:interface=127.0.0.1 unix:/run/llmrouter/router.sock",
+                "TRUSTED_PROXIES": "127.0.0.1,::1,unix",
+            },
+            PRODUCTION,
         )
-        self.assertEqual(len(found), 1)
+        self.assertEqual(preflight.problems(both), [])
+        self.assertRefused(production(trusted_proxies=("unix",)), "set TRUSTED_PROXIES=127.0.0.1")
 
     def test_plain_http_upstream(self) -> None:
         found = self.assertRefused(

@@ -13,6 +13,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 
 from llmrouter.listen import split_description
+from llmrouter.router.addresses import TrustedProxies
 from llmrouter.router.settings import Settings, SettingsError
 
 __all__ = ["check", "problems"]
@@ -26,10 +27,10 @@ _PRIVATE = tuple(
 )
 
 
-def _endpoint(description: str) -> tuple[str, str | None]:
-    """(kind, interface) of a server endpoint string; interface None when not given."""
+def _endpoint(description: str) -> tuple[str, dict[str, str]]:
+    """(kind, options) of a server endpoint string."""
     args, kwargs = split_description(description.strip())
-    return args[0].lower(), kwargs.get("interface")
+    return args[0].lower(), kwargs
 
 
 def _address(interface: str | None, kind: str) -> _Address:
@@ -46,16 +47,6 @@ def _within(
     address: _Address, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
     return any(address.version == net.version and address in net for net in networks)
-
-
-def _trusted(address: _Address, settings: Settings) -> bool:
-    networks = []
-    for proxy in settings.trusted_proxies:
-        try:
-            networks.append(ipaddress.ip_network(proxy, strict=False))
-        except ValueError:
-            continue  # the literal "unix" (UNIX-socket peers) is no network
-    return _within(address, networks)
 
 
 def _origin(settings: Settings, name: str, env: str) -> str:
@@ -89,42 +80,42 @@ def _cadence(s: Settings) -> Iterator[str]:
 
 def _listeners(s: Settings) -> Iterator[str]:
     where = _origin(s, "listen", "LISTEN")
+    proxies_origin = _origin(s, "trusted_proxies", "TRUSTED_PROXIES")
+    proxies = TrustedProxies.parse(s.trusted_proxies)  # valid: load() checked it
     for description in s.listen:
-        kind, interface = _endpoint(description)
-        if kind == "unix":
-            if "unix" not in s.trusted_proxies:
+        kind, options = _endpoint(description)
+        if kind == "unix" or (kind == "systemd" and options.get("domain", "").upper() == "UNIX"):
+            if not proxies.unix:
                 # Peers of a UNIX socket have no address: the proxy in front must be trusted
                 # to name the client (X-Forwarded-For), or all clients share one bucket.
                 yield (
                     f"{where} entry {description} is behind a proxy on a UNIX socket, but "
-                    f"{_origin(s, 'trusted_proxies', 'TRUSTED_PROXIES')} does not include "
-                    "unix: every client would share one rate-limit bucket; set "
-                    "TRUSTED_PROXIES=unix"
+                    f"{proxies_origin} does not include unix: every client would share one "
+                    "rate-limit bucket; set TRUSTED_PROXIES=unix"
                 )
             continue
         if kind in ("ssl", "systemd"):
-            continue
+            continue  # TLS served here; systemd INET sockets: their address is systemd's
         if kind not in ("tcp", "tcp6"):
             yield f"{where} entry {description}: production accepts ssl:, unix:, systemd: or tcp:"
             continue
-        address = _address(interface, kind)
+        address = _address(options.get("interface"), kind)
         if not address.is_loopback:
             yield (
                 f"{where} entry {description} serves plain HTTP on {address}: use ssl: there, "
                 "or keep tcp: on 127.0.0.1 behind the TLS proxy (Caddy)"
             )
-        elif not _trusted(address, s):
+        elif not proxies.trusts(str(address)):
             # A loopback listener is reached through the local TLS proxy: without it in
             # TRUSTED_PROXIES every client shares the proxy's per-IP rate-limit bucket.
             yield (
-                f"{where} entry {description} is behind a local proxy, but "
-                f"{_origin(s, 'trusted_proxies', 'TRUSTED_PROXIES')} does not include "
-                f"{address}: every client would share one rate-limit bucket; set "
-                f"TRUSTED_PROXIES={address}"
+                f"{where} entry {description} is behind a local proxy, but {proxies_origin} "
+                f"does not include {address}: every client would share one rate-limit bucket; "
+                f"set TRUSTED_PROXIES={address}"
             )
-    metrics_kind, interface = _endpoint(s.metrics_listen)
+    metrics_kind, options = _endpoint(s.metrics_listen)
     if metrics_kind in ("tcp", "tcp6"):
-        address = _address(interface, metrics_kind)
+        address = _address(options.get("interface"), metrics_kind)
         if not (address.is_loopback or _within(address, _PRIVATE)):
             yield (
                 f"{_origin(s, 'metrics_listen', 'METRICS_LISTEN')} {s.metrics_listen} serves "
