@@ -448,20 +448,26 @@ def read_private(path: Path) -> str:
         os.close(fd)
 
 
-def _trusted_key(path: Path) -> bytes | None:
-    """The signing key a trust-on-first-use file holds, None if there is no file yet."""
+def _read_key(path: Path, code: str, name: str, size: int) -> bytes | None:
+    """The key (base64url, ``size`` bytes) a private file holds, None if there is no file yet;
+    anything else is a ChatError with ``code``."""
     try:
         text = read_private(path)
     except FileNotFoundError:
         return None
     except ChatError as e:
-        raise ChatError("tofu", e.message) from None
+        raise ChatError(code, e.message) from None
     except OSError as e:
-        raise ChatError("tofu", f"cannot read {path}: {e.strerror}") from None
+        raise ChatError(code, f"cannot read {path}: {e.strerror}") from None
     try:
-        return b64u_decode(text.strip(), "trusted key", 32)
+        return b64u_decode(text.strip(), name, size)
     except ProtocolError:
-        raise ChatError("tofu", f"{path} does not hold a signing key") from None
+        raise ChatError(code, f"{path} does not hold a {name}") from None
+
+
+def _trusted_key(path: Path) -> bytes | None:
+    """The signing key a trust-on-first-use file holds, None if there is no file yet."""
+    return _read_key(path, "tofu", "signing key", 32)
 
 
 def _trust(path: Path, signing_key: bytes) -> None:
@@ -479,21 +485,12 @@ def _trust(path: Path, signing_key: bytes) -> None:
 
 def load_device_key(path: Path) -> hpke.KeyPair:
     """Load the X25519 device key, creating it (0600, never overwritten) on first use."""
+    sk = _read_key(path, "device_key", "device key", hpke.N_SK)
+    if sk is not None:
+        return hpke.KeyPair(sk=sk, pk=hpke.public_key(sk))
+    pair = hpke.generate_key_pair()
     try:
-        text = read_private(path)
-    except FileNotFoundError:
-        pair = hpke.generate_key_pair()
-        try:
-            write_private(path, b64u_encode(pair.sk) + "\n", exclusive=True)
-        except OSError as e:
-            raise ChatError("device_key", f"cannot create {path}: {e.strerror}") from None
-        return pair
-    except ChatError as e:
-        raise ChatError("device_key", e.message) from None
+        write_private(path, b64u_encode(pair.sk) + "\n", exclusive=True)
     except OSError as e:
-        raise ChatError("device_key", f"cannot read {path}: {e.strerror}") from None
-    try:
-        sk = b64u_decode(text.strip(), "device key", hpke.N_SK)
-    except ProtocolError:
-        raise ChatError("device_key", "device key file is not a device key") from None
-    return hpke.KeyPair(sk=sk, pk=hpke.public_key(sk))
+        raise ChatError("device_key", f"cannot create {path}: {e.strerror}") from None
+    return pair
