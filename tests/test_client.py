@@ -444,6 +444,19 @@ class CommandLineTests(Fixture):
         self.assertEqual(target.read_text(), "precious\n")
 
     @defer.inlineCallbacks
+    def test_a_pin_that_begins_with_a_dash(self) -> Any:
+        """One pin in 64 begins with "-": argparse took it for an option (exit 2)."""
+        signing = nacl.signing.SigningKey.generate()
+        while not p.b64u_encode(bytes(signing.verify_key)).startswith("-"):
+            signing = nacl.signing.SigningKey.generate()
+        self.handler.signing = signing
+        pin = p.b64u_encode(bytes(signing.verify_key))
+        out, err, code = yield self.run_client("chat", "a b", "--pin", pin)
+        self.assertEqual((out, code), (b"b a \n", 0), err)
+        out, err, code = yield self.run_client("keys", "--pin", pin)
+        self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
     def test_chat_auth_creates_device_key(self) -> Any:
         key_file = Path(self.mktemp()).absolute()
         out, err, code = yield self.run_client("chat", "a b", "--device-key", str(key_file))
@@ -455,7 +468,7 @@ class CommandLineTests(Fixture):
     def test_chat_failure_exit_code(self) -> Any:
         self.handler.cut_after = 1
         _out, err, code = yield self.run_client("chat", "a b c")
-        self.assertEqual(code, 1)
+        self.assertEqual(code, 1, err)
         self.assertIn(b"truncated", err)
         self.assertNotIn(b"Traceback", err)
         _, err, code = yield self.run_client("chat", "x", "--url", "unix:/nonexistent.sock")

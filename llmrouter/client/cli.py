@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -354,9 +355,25 @@ async def _guarded(reactor: Any, args: argparse.Namespace) -> int:
         return _fail(ChatError("cannot_listen", "cannot listen on the --listen address"))
 
 
+# A pin is 43 base64url characters, and one in 64 begins with "-", which argparse would take
+# for an option ("--pin: expected one argument") unless it is written --pin=KEY.
+_DASH_PIN = re.compile(r"-[A-Za-z0-9_-]{42}")
+
+
+def _pins_attached(argv: Sequence[str]) -> list[str]:
+    """``--pin -KEY`` as ``--pin=-KEY``, so every pin works as the docs write it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--pin" and _DASH_PIN.fullmatch(arg):
+            out[-1] = f"--pin={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_pins_attached(sys.argv[1:] if argv is None else argv))
     if args.command != "open" and not args.pin and args.tofu is None:
         parser.error(
             "the router's signing key must be trusted explicitly: --pin SIGNING_KEY (or"
