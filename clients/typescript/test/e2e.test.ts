@@ -53,7 +53,8 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   before(async () => {
     inference = await startInference(['--parallel', '2', '--max-tokens', '4000']);
     [router, powRouter, limitedRouter] = await Promise.all([
-      startRouter(inference),
+      // a device key's first request costs a proof of work (12 bits here: fast tests; 20 by default)
+      startRouter(inference, { NEW_DEVICE_POW_DIFFICULTY: '12' }),
       startRouter(inference, { POW_THRESHOLD_RPS: '0.001', POW_DIFFICULTY: '8' }),
       startRouter(inference, { RATE_LIMIT_BURST: '1', RATE_LIMIT_PER_MINUTE: '60' }),
     ]);
@@ -94,7 +95,9 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
       assert.equal(envelope.mode, 'auth');
       assert.equal(envelope.device_pubkey, b64u(device!));
     }
-    assert.equal(chats().length, 2);
+    // a new device pays one proof of work on its first request; the router remembers it after
+    assert.deepEqual(chats().map((c) => c.status), [401, 200, 200]);
+    assert.deepEqual(chats().map((c) => c.headers['X-LLMRouter-PoW'] !== undefined), [false, true, false]);
   });
 
   it('works with a fetch that has no response streams (the answer is verified all at once)', async () => {
