@@ -314,6 +314,17 @@ class LiveProxyTests(unittest.TestCase):
             self.assertNotIn(canary, log)
 
     @defer.inlineCallbacks
+    def test_every_public_route_is_proxied(self) -> Any:
+        self.upstream.release.callback(None)
+        routes = ["/api/pubkey", "/api/models", "/.well-known/jwks.json"]
+        routes += ["/.well-known/ohttp-keys", "/health", "/health/live"]
+        for path in routes:
+            response = yield self.request(b"GET", path)
+            yield readBody(response)
+            self.assertEqual(response.code, 200, path)
+        self.assertEqual([uri for _, uri, _, _ in self.upstream.seen], [r.encode() for r in routes])
+
+    @defer.inlineCallbacks
     def test_metrics_and_unknown_paths_not_proxied(self) -> Any:
         for path in ("/metrics", "/metrics/x", "/admin", "/"):
             response = yield self.request(b"GET", path)
