@@ -459,6 +459,10 @@ def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> d
     env.update(
         {
             "PYTHONUNBUFFERED": "1",
+            # Production's preflight refuses a loopback listener whose clients are not behind a
+            # trusted proxy; here the legitimate clients and most attacks reach the router
+            # directly from their own loopback addresses. Every setting is still production's.
+            "ENVIRONMENT": "development",
             "KEYS_DIR": str(directory / "keys"),
             "INFERENCE_ENDPOINTS": backend,
             "LISTEN": f"tcp:{port}:interface=127.0.0.1:backlog=1024",
