@@ -258,6 +258,7 @@ class LiveProxyTests(unittest.TestCase):
             b"cookie": [b"session=canary-cookie"],
             b"user-agent": [b"canary-agent/1.0"],
             b"referer": [b"https://canary.example/"],
+            b"origin": [b"https://app.example"],
             b"x-forwarded-for": [b"203.0.113.99"],
         }
         response = yield self.request(b"POST", f"/api/chat?{SECRET_QUERY}=1", b'{"v": 1}', headers)
@@ -274,6 +275,8 @@ class LiveProxyTests(unittest.TestCase):
         self.assertEqual((method, uri, length), (b"POST", b"/api/chat", 8))
         for name in (b"cookie", b"referer"):
             self.assertNotIn(name, seen)
+        # the page's origin reaches the router, whose CORS_ORIGINS (docs/router.md) needs it
+        self.assertEqual(seen[b"origin"], [b"https://app.example"])
         # Go's HTTP client puts its constant default in place of the removed User-Agent
         self.assertNotIn(b"canary", b"".join(seen.get(b"user-agent", [])))
         # the client's spoofed X-Forwarded-For is replaced by the real peer address

@@ -122,7 +122,7 @@ class Settings:
     rate_limit_burst: int = 20
     device_rate_limit_per_minute: float = 30.0
     device_rate_limit_burst: int = 10
-    new_device_pow_difficulty: int = 20
+    new_device_pow_difficulty: int = 16
     new_devices_per_hour: float = 30.0
     new_device_burst: int = 10
     max_known_devices: int = 1_000_000
