@@ -97,7 +97,7 @@ class StreamingTests(unittest.TestCase):
     def test_chat_whole(self) -> Any:
         """Non-streaming: one JSON object; greedy decoding is reproducible."""
         daemon = yield start_inference(self)
-        body = chat("the same prompt", max_tokens=9, temperature=0, unknown_field={"x": 1})
+        body = chat("the same prompt", max_tokens=9, temperature=0)
         answers = []
         for _ in range(2):
             status, headers, data = yield daemon.request(b"POST", "/v1/chat/completions", body)
