@@ -27,12 +27,17 @@ from inference.chat_template import (
 
 _backend_ready = False
 _log_open = True  # llama.cpp's warnings and errors reach stderr only while a model loads
+_log_shown = False
+_WARN, _ERROR, _CONT = 3, 4, 5  # enum ggml_log_level
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
 def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     """After loading, llama.cpp's log lines could quote a request (a grammar, a prompt piece)."""
-    if _log_open and level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
+    global _log_shown
+    if level != _CONT:
+        _log_shown = _log_open and level in (_WARN, _ERROR)
+    if _log_shown:
         sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 

@@ -509,8 +509,14 @@ class OutputParser:
         stripped = self._buffer.lstrip()
         if stripped.startswith(END_TOOL_CALL):
             self._buffer = stripped[len(END_TOOL_CALL) :]
-            self._state = "answer"
+            self._state = "after-call"
         elif final or (stripped and not END_TOOL_CALL.startswith(stripped)):
+            self._state = "after-call"
+
+    def _state_after_call(self, final: bool) -> None:
+        """Whitespace between and after calls is not part of the answer."""
+        self._buffer = self._buffer.lstrip()
+        if self._buffer or final:
             self._state = "answer"
 
     # harmony: [<|start|>assistant] [to=R] <|channel|>C [to=R] [<|constrain|>json] <|message|> ...

@@ -6,6 +6,12 @@ about half a megabyte, loaded by llama-cpp-python in milliseconds. The output ro
 tokens are zero while every other row is large, so the model practically never emits end-of-
 sequence: generations run until ``max_tokens``, which tests about cancellation and backpressure
 rely on.
+
+Variants carry a real model's chat template (``tests/templates/``) and the special tokens that
+template and the model's answers use, with the same token types the real GGUF gives them:
+``gpt-oss`` (harmony), ``qwen3`` (``<think>``, ``<tool_call>``), ``llama3`` and
+``deepseek-r1``. Their special tokens are never sampled on their own either, only where a grammar
+requires them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -34,7 +42,67 @@ N_CTX_TRAIN = 4096
 SEED = 20261123
 
 _lock = threading.Lock()
-_cached: Path | None = None
+_cached: dict[str, Path] = {}
+
+_CONTROL = gguf.TokenType.CONTROL
+_USER = gguf.TokenType.USER_DEFINED
+# variant -> (template file, special tokens with their types, end-of-sequence token)
+VARIANTS: dict[str, tuple[str, tuple[tuple[str, int], ...], str]] = {
+    "gpt-oss": (
+        "openai-gpt-oss-120b.jinja",
+        tuple(
+            (t, _CONTROL)
+            for t in (
+                "<|start|>",
+                "<|end|>",
+                "<|message|>",
+                "<|channel|>",
+                "<|constrain|>",
+                "<|return|>",
+                "<|call|>",
+            )
+        ),
+        "<|return|>",
+    ),
+    "qwen3": (
+        "Qwen-Qwen3-0.6B.jinja",
+        (
+            ("<|im_start|>", _CONTROL),
+            ("<|im_end|>", _CONTROL),
+            ("<think>", _USER),
+            ("</think>", _USER),
+            ("<tool_call>", _USER),
+            ("</tool_call>", _USER),
+        ),
+        "<|im_end|>",
+    ),
+    "llama3": (
+        "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        tuple(
+            (t, _CONTROL)
+            for t in (
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+                "<|eom_id|>",
+                "<|python_tag|>",
+            )
+        ),
+        "<|eot_id|>",
+    ),
+    "deepseek-r1": (
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+        (
+            ("<｜User｜>", _USER),
+            ("<｜Assistant｜>", _USER),
+            ("<｜end▁of▁sentence｜>", _CONTROL),
+            ("<think>", _USER),
+            ("</think>", _USER),
+        ),
+        "<｜end▁of▁sentence｜>",
+    ),
+}
 
 
 def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
@@ -55,9 +123,18 @@ def _vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def write_tiny_model(path: Path) -> Path:
+def write_tiny_model(path: Path, variant: str = "plain") -> Path:
     """Write the tiny model to ``path`` (deterministic weights) and return it."""
     tokens, scores, types = _vocabulary()
+    template, eos = CHAT_TEMPLATE, 2
+    if variant != "plain":
+        name, specials, eos_text = VARIANTS[variant]
+        template = (TEMPLATES / name).read_text()
+        for text, kind in specials:
+            tokens.append(text.encode())
+            scores.append(0.0)
+            types.append(int(kind))
+        eos = [t.decode() for t in tokens].index(eos_text)
     n_vocab = len(tokens)
     rng = np.random.default_rng(SEED)
 
@@ -80,11 +157,14 @@ def write_tiny_model(path: Path) -> Path:
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(eos)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(template)
+    if variant != "plain":
+        # like the real models' BPE vocabularies: no space inserted after each special token
+        writer.add_add_space_prefix(False)
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD, scale=1.0))
     for layer in range(N_LAYER):
@@ -99,6 +179,7 @@ def write_tiny_model(path: Path) -> Path:
     writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
     output = weight(n_vocab, N_EMBD, scale=3.0)
     output[:3] = 0.0  # <unk>, <s>, </s>: logit 0 against a wide spread of the others
+    output[len(_vocabulary()[0]) :] = 0.0  # the variant's special tokens too
     writer.add_tensor("output.weight", output)
 
     writer.write_header_to_file()
@@ -108,12 +189,13 @@ def write_tiny_model(path: Path) -> Path:
     return path
 
 
-def tiny_model_path() -> Path:
-    """Build the tiny model once per process (in a temp dir removed at exit) and return its path."""
-    global _cached
+def tiny_model_path(variant: str = "plain") -> Path:
+    """Build a tiny model once per process (in a temp dir removed at exit) and return its path."""
     with _lock:
-        if _cached is None or not _cached.exists():
+        cached = _cached.get(variant)
+        if cached is None or not cached.exists():
             directory = Path(tempfile.mkdtemp(prefix="llmrouter-tinymodel-"))
             atexit.register(shutil.rmtree, directory, True)
-            _cached = write_tiny_model(directory / "tiny.gguf")
-        return _cached
+            name = "tiny.gguf" if variant == "plain" else f"tiny-{variant}.gguf"
+            cached = _cached[variant] = write_tiny_model(directory / name, variant)
+        return cached
