@@ -44,6 +44,8 @@ SEED = 20261123
 _lock = threading.Lock()
 _cached: dict[str, Path] = {}
 
+BAR = "\uff5c"  # DeepSeek's special tokens use a full-width vertical bar
+DEEPSEEK_EOS = f"<{BAR}end\u2581of\u2581sentence{BAR}>"
 _CONTROL = gguf.TokenType.CONTROL
 _USER = gguf.TokenType.USER_DEFINED
 # variant -> (template file, special tokens with their types, end-of-sequence token)
@@ -94,13 +96,13 @@ VARIANTS: dict[str, tuple[str, tuple[tuple[str, int], ...], str]] = {
     "deepseek-r1": (
         "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
         (
-            ("<｜User｜>", _USER),
-            ("<｜Assistant｜>", _USER),
-            ("<｜end▁of▁sentence｜>", _CONTROL),
+            (f"<{BAR}User{BAR}>", _USER),
+            (f"<{BAR}Assistant{BAR}>", _USER),
+            (DEEPSEEK_EOS, _CONTROL),
             ("<think>", _USER),
             ("</think>", _USER),
         ),
-        "<｜end▁of▁sentence｜>",
+        DEEPSEEK_EOS,
     ),
 }
 
