@@ -166,7 +166,11 @@ def _sampler_chain(sampling: Sampling, model: LlamaModel) -> Any:
     if sampling.presence_penalty or sampling.frequency_penalty:
         add(
             llama_cpp.llama_sampler_init_penalties(
-                sampling.max_tokens, 1.0, sampling.frequency_penalty, sampling.presence_penalty
+                model.n_vocab,
+                sampling.max_tokens,
+                1.0,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
             )
         )
     if sampling.temperature <= 0.0:

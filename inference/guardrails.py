@@ -446,7 +446,8 @@ def _tools(data: dict[str, Any]) -> Tools:
         parameters = function.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise invalid("invalid_tools", "parameters must be a JSON Schema object.", "tools")
-        tools.append({"type": "function", "function": dict(function)})
+        # templates print the description (gpt-oss's fails on a missing one)
+        tools.append({"type": "function", "function": {"description": "", **function}})
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
         raise invalid("invalid_tools", "Tool names must be distinct.", "tools")

@@ -61,7 +61,7 @@ def _chat(
         text = template.render(
             parsed.messages,
             tools=tools.tools if use_tools else None,
-            **dict(parsed.template_kwargs),
+            **{"enable_thinking": True, **dict(parsed.template_kwargs)},  # as llama-server
         )
     except TemplateError:
         raise invalid(
