@@ -21,7 +21,6 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from inference import embedded
-from inference.api import InferenceAPI, QuietSite
 from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
@@ -253,8 +252,18 @@ def makeService(options: Options) -> service.MultiService:
 
 
 def build(settings: Settings, reactor: Any) -> service.MultiService:
-    from inference.batched import BatchedScheduler  # llama.cpp: only once options are checked
+    # llama.cpp only once the options are checked (postOptions names the missing extra)
+    import llama_cpp
 
+    from inference.api import InferenceAPI, QuietSite
+    from inference.batched import BatchedScheduler
+
+    if settings.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        log.warn(
+            "--gpu-layers {layers}: this llama-cpp-python was built without a GPU backend"
+            " (CUDA, Vulkan, Metal); every layer runs on the CPU",
+            layers=settings.gpu_layers,
+        )
     metrics = Metrics()
     scheduler = BatchedScheduler(
         reactor,

@@ -151,6 +151,17 @@ class InfoTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
+    def test_gpu_options_on_a_cpu_build(self) -> Any:
+        """--gpu-layers and --flash-attn reach llama.cpp (tests.test_inference_units checks the
+        parameters); on this CPU-only build the daemon says so and serves from the CPU."""
+        daemon = yield start_inference(
+            self, extra_args=["--gpu-layers", "-1", "--flash-attn", "on"]
+        )
+        _, _, data = yield daemon.request(b"POST", "/v1/chat/completions", chat(max_tokens=4))
+        self.assertEqual(json.loads(data)["usage"]["completion_tokens"], 4)
+        self.assertIn("was built without a GPU backend", daemon.log_text())
+
+    @defer.inlineCallbacks
     def test_health_models_metrics(self) -> Any:
         daemon = yield start_inference(self, extra_args=["--model-name", "tiny-test"])
         status, _, data = yield daemon.request(b"GET", "/health")
