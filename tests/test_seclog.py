@@ -149,3 +149,22 @@ class CanaryTests(unittest.TestCase):
             self.assertNotIn(needle, output)
         b64 = base64.urlsafe_b64encode(device).decode().rstrip("=")
         self.assertNotIn(b64[:12], output)
+
+
+class CacheKeyTests(unittest.TestCase):
+    """The backend's prompt-cache key: per device, keyed, unrelated to the log's identifier."""
+
+    def test_keyed_per_device(self) -> None:
+        from llmrouter.router.cachekey import HEADER, CacheKeys
+
+        secret = b"k" * 32
+        keys = CacheKeys(secret)
+        device, other = b"\x01" * 32, b"\x02" * 32
+        (value,) = keys.headers(device)[HEADER]
+        self.assertEqual(keys.headers(device), {HEADER: [value]})
+        self.assertNotEqual(keys.headers(other)[HEADER], [value])
+        self.assertNotEqual(CacheKeys(b"j" * 32).headers(device)[HEADER], [value])
+        self.assertEqual(keys.headers(None), {})
+        self.assertRegex(value, rb"^[A-Za-z0-9_-]{43}$")
+        self.assertNotIn(SecurityLog(secret).ident(device).encode(), value)
+        self.assertNotIn(secret[:8].hex(), repr(keys))

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
 from llmrouter.router.admission import Admission
+from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.stream import EncryptedStream
@@ -91,8 +92,10 @@ class RouterApp:
         pool: BackendPool,
         admission: Admission,
         metrics: RouterMetrics,
+        cache_keys: CacheKeys | None = None,
     ) -> None:
         self.settings = settings
+        self._cache_keys = cache_keys
         self._clock = clock
         self._keys = keys
         self._keys_ready = keys_ready
@@ -172,6 +175,12 @@ class RouterApp:
             admitted.request.to_openai(settings.inference_model),
             stream,
             deadline=started + settings.request_ttl_seconds,
+            # auth mode: the backend may reuse this device's earlier conversation
+            headers=(
+                self._cache_keys.headers(admitted.envelope.device_pubkey)
+                if self._cache_keys is not None
+                else None
+            ),
         )
         stream.attach(call)
         call.start()

@@ -24,6 +24,7 @@ from llmrouter.router import secmem
 from llmrouter.router.admission import Admission, StreamSlots
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
+from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
 from llmrouter.router.replay import ReplayCache
@@ -200,6 +201,7 @@ class Router:
             self.pool,
             self.admission,
             self.metrics,
+            CacheKeys(self.keys.log_hash_key),
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()

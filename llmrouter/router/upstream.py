@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -464,9 +464,11 @@ class ChatCall:
         sink: TokenSink,
         deadline: float,
         rng: random.Random | None = None,
+        headers: Mapping[bytes, list[bytes]] | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
+        self._headers = {**_JSON_HEADERS, **(headers or {})}
         self._settings = settings
         self._metrics = metrics
         self._body = json.dumps(body).encode("utf-8")
@@ -529,7 +531,7 @@ class ChatCall:
         request = backend.agent.request(
             b"POST",
             backend.uri("/v1/chat/completions"),
-            Headers(_JSON_HEADERS),
+            Headers(self._headers),
             _BytesProducer(self._body),
         )
         self._request = request
