@@ -186,6 +186,7 @@ class InferenceAPI(Resource):
                 each = dataclasses.replace(sampling, seed=seed)
                 generations.append(self.scheduler.submit(prompt, each, choice))
         except Overloaded:
+            reply.abandon()
             for generation in generations:
                 generation.cancel()
             raise APIError(

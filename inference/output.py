@@ -413,13 +413,20 @@ class OutputParser:
         self._buffer = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep], None
 
-    def _state_start(self, final: bool) -> None:
+    def _expect(self, marker: str, final: bool) -> bool | None:
+        """Is ``marker`` next, after optional whitespace? (True: consumed; None: cannot tell yet)"""
         stripped = self._buffer.lstrip()
-        if stripped.startswith(THINK):
-            self._buffer = stripped[len(THINK) :]
-            self._state = "think"
-        elif final or (stripped and not THINK.startswith(stripped)):
-            self._state = "answer-start"
+        if stripped.startswith(marker):
+            self._buffer = stripped[len(marker) :]
+            return True
+        if final or (stripped and not marker.startswith(stripped)):
+            return False
+        return None
+
+    def _state_start(self, final: bool) -> None:
+        found = self._expect(THINK, final)
+        if found is not None:
+            self._state = "think" if found else "answer-start"
 
     def _state_think(self, final: bool) -> None:
         text, marker = self._upto((END_THINK,), final)
@@ -436,15 +443,15 @@ class OutputParser:
         if not self._tools:
             self._state = "answer"
             return
+        found = self._expect(PYTHON_TAG, final)
         stripped = self._buffer.lstrip()
-        if stripped.startswith(PYTHON_TAG):
-            self._buffer = stripped[len(PYTHON_TAG) :]
+        if found:
             self._start_json(held="")
-        elif stripped.startswith("{"):
+        elif found is False and stripped.startswith("{"):
             lead = self._buffer[: len(self._buffer) - len(stripped)]
             self._buffer = stripped
             self._start_json(held=lead)
-        elif final or (stripped and not PYTHON_TAG.startswith(stripped)):
+        elif found is False:
             self._state = "answer"
 
     def _start_json(self, held: str) -> None:
@@ -506,11 +513,7 @@ class OutputParser:
             self._state = "tool-block-end"
 
     def _state_tool_block_end(self, final: bool) -> None:
-        stripped = self._buffer.lstrip()
-        if stripped.startswith(END_TOOL_CALL):
-            self._buffer = stripped[len(END_TOOL_CALL) :]
-            self._state = "after-call"
-        elif final or (stripped and not END_TOOL_CALL.startswith(stripped)):
+        if self._expect(END_TOOL_CALL, final) is not None:
             self._state = "after-call"
 
     def _state_after_call(self, final: bool) -> None:

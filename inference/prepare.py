@@ -80,12 +80,14 @@ def _chat(
     except SchemaError as e:
         raise invalid("unsupported_schema", f"Unsupported JSON Schema: {e}.") from None
     sampling = dataclasses.replace(parsed.sampling, grammar=grammar)
-    in_think = text.rstrip().endswith("<think>")
+    # reasoning_format none: <think> stays in the text, harmony's analysis goes to content
+    split = parsed.split_reasoning
+    in_think = split and text.rstrip().endswith("<think>")
 
     def parser() -> OutputParser:
         return OutputParser(
             harmony=fmt.harmony,
-            think=parsed.response_format == "text",
+            think=split and parsed.response_format == "text",
             in_think=in_think,
             tools=use_tools,
             parallel_tools=tools.parallel,

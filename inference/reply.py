@@ -227,6 +227,10 @@ class Reply:
                 for choice in self.choices:
                     self._event(self._chunk(choice, {"role": "assistant", "content": ""}))
 
+    def abandon(self) -> None:
+        """The request was answered otherwise (refused): nothing more is written."""
+        self._end()
+
     def _each(self, action: Callable[[IGeneration], None]) -> None:
         for choice in self.choices:
             if choice.generation is not None and not choice.done:
@@ -261,7 +265,7 @@ class Reply:
         self.last_text = now
 
     def send_delta(self, choice: Choice, event: Event, logprobs: list[TokenLogprob]) -> None:
-        if self.gone:
+        if self.gone or self.done:
             return
         if self.kind == CHAT:
             chunk = self._chunk(choice, _delta(event))
@@ -276,6 +280,8 @@ class Reply:
         self._event(chunk)
 
     def choice_finished(self, choice: Choice) -> None:
+        if self.done:  # another choice failed, or the request was refused
+            return
         if self.stream and not self.gone:
             final = self._chunk(choice, {} if self.kind == CHAT else "", choice.reason)
             pending = choice.take_pending()

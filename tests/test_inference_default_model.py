@@ -104,16 +104,14 @@ class DefaultModelTests(unittest.TestCase):
     def test_json_from_a_real_model(self) -> Any:
         daemon = yield start(self)
         ask = [{"role": "user", "content": "Give the name and the capital of France as JSON."}]
-        result = yield post(
-            daemon,
-            "/v1/chat/completions",
-            {
-                "messages": ask,
-                "max_tokens": 200,
-                "temperature": 0,
-                "response_format": {"type": "json_object"},
-            },
-        )
+
+        def answer(response_format: dict[str, Any]) -> Any:
+            body = {"messages": ask, "max_tokens": 200, "temperature": 0}
+            return post(
+                daemon, "/v1/chat/completions", {**body, "response_format": response_format}
+            )
+
+        result = yield answer({"type": "json_object"})
         self.assertEqual(result["choices"][0]["finish_reason"], "stop")
         self.assertIsInstance(json.loads(result["choices"][0]["message"]["content"]), dict)
         schema = {
@@ -122,18 +120,8 @@ class DefaultModelTests(unittest.TestCase):
             "required": ["country", "capital"],
             "additionalProperties": False,
         }
-        result = yield post(
-            daemon,
-            "/v1/chat/completions",
-            {
-                "messages": ask,
-                "max_tokens": 200,
-                "temperature": 0,
-                "response_format": {
-                    "type": "json_schema",
-                    "json_schema": {"name": "country", "schema": schema},
-                },
-            },
+        result = yield answer(
+            {"type": "json_schema", "json_schema": {"name": "country", "schema": schema}}
         )
         answer = json.loads(result["choices"][0]["message"]["content"])
         jsonschema.validate(answer, schema)
