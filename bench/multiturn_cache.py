@@ -71,8 +71,10 @@ def system_prompt(round_: int) -> str:
     )
 
 
-def turn(server: Server, messages: list[dict[str, str]], key: str | None) -> tuple[float, str]:
-    """One streamed chat turn: (time to first token, the answer)."""
+def turn(
+    server: Server, messages: list[dict[str, str]], key: str | None
+) -> tuple[float, str, dict[str, int]]:
+    """One streamed chat turn: (time to first token, the answer, prompt and cached tokens)."""
     body = {
         "messages": messages,
         "max_tokens": REPLY_TOKENS,
@@ -91,11 +93,18 @@ def turn(server: Server, messages: list[dict[str, str]], key: str | None) -> tup
         raise SystemExit(f"{server.name}: HTTP {response.status} {response.read()[:200]!r}")
     first = None
     answer = []
+    usage = {"prompt": 0, "cached": 0}
     for raw in response:
         line = raw.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            usage["prompt"] = chunk["usage"].get("prompt_tokens", 0)
+            details = chunk["usage"].get("prompt_tokens_details") or {}
+            usage["cached"] = details.get("cached_tokens", 0)
+        if "timings" in chunk:  # llama-server's own count of reused tokens
+            usage["cached"] = chunk["timings"].get("cache_n", usage["cached"])
         for choice in chunk.get("choices") or []:
             text = (choice.get("delta") or {}).get("content")
             if text:
@@ -103,28 +112,31 @@ def turn(server: Server, messages: list[dict[str, str]], key: str | None) -> tup
                 answer.append(text)
     conn.close()
     assert first is not None, f"{server.name} produced no text"
-    return first - started, "".join(answer)
+    return first - started, "".join(answer), usage
 
 
-def conversation_pair(server: Server, round_: int, keyed: bool) -> tuple[float, float, int]:
+def conversation_pair(
+    server: Server, round_: int, keyed: bool
+) -> tuple[float, float, dict[str, int]]:
     """Both conversations, interleaved: the time to first token of the first and of the last
-    turn (each the mean of the two conversations), and the last prompt's size in characters."""
+    turn (each the mean of the two conversations), and conversation B's last prompt size and
+    reused tokens."""
     histories = {
         name: [{"role": "system", "content": system_prompt(round_)}] for name in ("A", "B")
     }
     keys = {name: f"bench-round{round_}-conversation-{name}" if keyed else None for name in "AB"}
     ttft: dict[str, list[float]] = {"A": [], "B": []}
+    usage: dict[str, int] = {}
     for t in range(TURNS):
         for name in ("A", "B"):
             history = histories[name]
             history.append({"role": "user", "content": user_turn(name, t)})
-            seconds, answer = turn(server, history, keys[name])
+            seconds, answer, usage = turn(server, history, keys[name])
             history.append({"role": "assistant", "content": answer})
             ttft[name].append(seconds)
     first = statistics.mean(ttft[n][0] for n in "AB")
     last = statistics.mean(ttft[n][-1] for n in "AB")
-    size = sum(len(m["content"]) for m in histories["A"][:-1])
-    return first, last, size
+    return first, last, usage
 
 
 def main() -> None:
@@ -153,9 +165,8 @@ def main() -> None:
         ),
     ]
     figures: dict[str, dict[str, list[float]]] = {
-        s.name: {"first": [], "last": []} for s in servers
+        s.name: {"first": [], "last": [], "prompt": [], "cached": []} for s in servers
     }
-    size = 0
     try:
         for s in servers:
             s.wait_ready()
@@ -164,9 +175,11 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = servers if round_ % 2 == 0 else servers[::-1]
             for s in order:
-                first, last, size = conversation_pair(s, round_, keyed=s.name == "ours")
+                first, last, usage = conversation_pair(s, round_, keyed=s.name == "ours")
                 figures[s.name]["first"].append(first)
                 figures[s.name]["last"].append(last)
+                figures[s.name]["prompt"].append(usage["prompt"])
+                figures[s.name]["cached"].append(usage["cached"])
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for s in servers:
@@ -174,8 +187,14 @@ def main() -> None:
     ours, theirs = figures["ours"], figures["llama-server"]
     print(
         f"model {model.name}, threads {args.threads}, 2 interleaved conversations x {TURNS}"
-        f" turns, last prompt ~{size} characters, {args.rounds} rounds (medians)"
+        f" turns, {args.rounds} rounds (medians)"
     )
+    for s in servers:
+        prompt, cached = figures[s.name]["prompt"], figures[s.name]["cached"]
+        print(
+            f"{s.name}: last prompt {statistics.median(prompt):.0f} tokens, reused per round "
+            + " ".join(f"{int(c)}" for c in cached)
+        )
     print(f"{'time to first token':<28}{'ours':>10}{'llama-server':>14}   per-round (ours, theirs)")
     for label, key in (("first turn (s)", "first"), ("last turn (s)", "last")):
         a, b = statistics.median(ours[key]), statistics.median(theirs[key])
