@@ -151,12 +151,15 @@ def default_model() -> Path:
     return embedded.MODELS[embedded.DEFAULT]()
 
 
-def start_ours(model: Path, threads: int, parallel: int, ctx: int, log: Path) -> Server:
+def start_ours(
+    model: Path, threads: int, parallel: int, ctx: int, log: Path, kv_unified: bool = False
+) -> Server:
     port = free_port()
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
     argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--model", str(model)]
     argv += ["--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx)]
     argv += ["--max-tokens", str(ctx), "--queue", "64"]
+    argv += ["--kv-unified"] if kv_unified else []
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     return Server("ours", port, process, {})
@@ -170,12 +173,14 @@ def start_llama_server(
     ctx: int,
     log: Path,
     prompt_cache: bool = False,
+    kv_unified: bool = False,
 ) -> Server:
-    """llama-server with the same slots; ``prompt_cache`` leaves its prompt caches as shipped
-    (slot reuse and the host-memory cache), otherwise both are off."""
+    """llama-server with the same slots and KV layout; ``prompt_cache`` leaves its prompt
+    caches as shipped (slot reuse and the host-memory cache), otherwise both are off."""
     port = free_port()
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads)]
-    argv += ["-c", str(ctx * parallel), "-np", str(parallel), "-kvu"]
+    argv += ["-c", str(ctx * parallel), "-np", str(parallel)]
+    argv += ["-kvu"] if kv_unified else []
     argv += [] if prompt_cache else ["-cram", "0"]
     argv += ["--no-webui", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -192,6 +197,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
+    parser.add_argument(
+        "--kv-unified",
+        action="store_true",
+        help="one KV buffer for all slots on both sides (default: one per slot, both defaults)",
+    )
     args = parser.parse_args()
     if not args.llama_server.exists():
         raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
@@ -199,9 +209,15 @@ def main() -> None:
     parallel = 8
     logs = Path(tempfile.mkdtemp(prefix="bench-inference-"))
     servers = [
-        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log"),
+        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log", args.kv_unified),
         start_llama_server(
-            args.llama_server, model, args.threads, parallel, args.ctx, logs / "llama-server.log"
+            args.llama_server,
+            model,
+            args.threads,
+            parallel,
+            args.ctx,
+            logs / "llama-server.log",
+            kv_unified=args.kv_unified,
         ),
     ]
     try:
@@ -231,7 +247,7 @@ def main() -> None:
     ours, theirs = figures["ours"], figures["llama-server"]
     print(
         f"model {model.name}, threads {args.threads}, {args.tokens} tokens per stream, "
-        f"{args.rounds} rounds (medians)"
+        f"{args.rounds} rounds (medians), KV {'unified' if args.kv_unified else 'per slot'}"
     )
     print(f"{'figure':<32}{'ours':>12}{'llama-server':>14}{'ratio':>9}   per-round ratios")
     rows = [

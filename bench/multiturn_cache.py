@@ -146,6 +146,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ctx", type=int, default=4096)
     parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
+    parser.add_argument(
+        "--kv-unified",
+        action="store_true",
+        help="one KV buffer for all slots on both sides (default: one per slot, both defaults)",
+    )
     args = parser.parse_args()
     if not args.llama_server.exists():
         raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
@@ -153,7 +158,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="bench-multiturn-"))
     parallel = 4
     servers = [
-        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log"),
+        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log", args.kv_unified),
         start_llama_server(
             args.llama_server,
             model,
@@ -162,6 +167,7 @@ def main() -> None:
             args.ctx,
             logs / "llama-server.log",
             prompt_cache=True,
+            kv_unified=args.kv_unified,
         ),
     ]
     figures: dict[str, dict[str, list[float]]] = {
@@ -187,7 +193,7 @@ def main() -> None:
     ours, theirs = figures["ours"], figures["llama-server"]
     print(
         f"model {model.name}, threads {args.threads}, 2 interleaved conversations x {TURNS}"
-        f" turns, {args.rounds} rounds (medians)"
+        f" turns, {args.rounds} rounds (medians), KV {'unified' if args.kv_unified else 'per slot'}"
     )
     for s in servers:
         prompt, cached = figures[s.name]["prompt"], figures[s.name]["cached"]

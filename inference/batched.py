@@ -229,6 +229,7 @@ class BatchedScheduler:
         batch: int,
         gpu_layers: int = 0,
         flash_attn: int = -1,
+        kv_unified: bool = False,
         cache_ttl: float = 300.0,
         load_delay: float = 0.0,
         on_token: Callable[[int], None] = lambda n: None,
@@ -244,6 +245,7 @@ class BatchedScheduler:
         self._batch = batch
         self._gpu_layers = gpu_layers
         self._flash_attn = flash_attn
+        self._kv_unified = kv_unified
         self._cache_ttl = cache_ttl
         self._load_delay = load_delay
         self._on_token = on_token
@@ -370,6 +372,7 @@ class BatchedScheduler:
                 batch=self._batch,
                 gpu_layers=self._gpu_layers,
                 flash_attn=self._flash_attn,
+                kv_unified=self._kv_unified,
             )
         except Exception as e:
             self._reactor.callFromThread(loaded.errback, Failure(e))

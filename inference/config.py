@@ -28,6 +28,7 @@ class Settings:
     cache_ttl: float = 300.0
     gpu_layers: int = 0
     flash_attn: str = "auto"
+    kv_unified: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

@@ -67,8 +67,22 @@ def model_params(gpu_layers: int) -> Any:
     return params
 
 
-def context_params(*, n_ctx_seq: int, n_seq: int, threads: int, batch: int, flash_attn: int) -> Any:
-    """llama_context_params for ``n_seq`` sequences of ``n_ctx_seq`` tokens in one unified cache."""
+def context_params(
+    *,
+    n_ctx_seq: int,
+    n_seq: int,
+    threads: int,
+    batch: int,
+    flash_attn: int,
+    kv_unified: bool = False,
+) -> Any:
+    """llama_context_params for ``n_seq`` sequences of ``n_ctx_seq`` tokens each.
+
+    By default every sequence has a KV cache stream of its own, so a token attends only to its
+    own sequence's cells, however much other slots keep for the prompt cache; ``kv_unified``
+    puts all sequences in one buffer (cheaper for many short, unrelated requests, but then each
+    token's attention spans every cached conversation).
+    """
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = n_ctx_seq * n_seq
     cparams.n_seq_max = n_seq
@@ -77,7 +91,7 @@ def context_params(*, n_ctx_seq: int, n_seq: int, threads: int, batch: int, flas
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.flash_attn_type = flash_attn
-    cparams.kv_unified = True
+    cparams.kv_unified = kv_unified
     cparams.swa_full = False
     cparams.no_perf = True
     return cparams
@@ -100,6 +114,7 @@ class LlamaModel:
         batch: int,
         gpu_layers: int = 0,
         flash_attn: int = -1,
+        kv_unified: bool = False,
     ):
         global _backend_ready, _log_open
         if not path.is_file():
@@ -117,7 +132,12 @@ class LlamaModel:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self._pieces: dict[int, bytes] = {}
         cparams = context_params(
-            n_ctx_seq=n_ctx_seq, n_seq=n_seq, threads=threads, batch=batch, flash_attn=flash_attn
+            n_ctx_seq=n_ctx_seq,
+            n_seq=n_seq,
+            threads=threads,
+            batch=batch,
+            flash_attn=flash_attn,
+            kv_unified=kv_unified,
         )
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:

@@ -129,6 +129,15 @@ class Options(usage.Options):
     optParameters = [
         [name, None, None, f"{text} [{env}]"] for name, (env, _, text) in _PARAMETERS.items()
     ]
+    optFlags = [
+        [
+            "kv-unified",
+            None,
+            "One KV cache buffer for all sequences instead of one per sequence: cheaper for many"
+            " short unrelated requests, but every token then attends over all cached"
+            " conversations [INFERENCE_KV_UNIFIED=1].",
+        ]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -188,6 +197,9 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
         values["embedded"] = model or embedded.DEFAULT
     else:
         values["model"] = Path(model)
+    values["kv_unified"] = bool(options.get("kv-unified")) or environ.get(
+        "INFERENCE_KV_UNIFIED", ""
+    ).lower() in ("1", "true", "yes", "on")
     listen = list(options.get("listen") or [])
     if not listen and environ.get("INFERENCE_LISTEN"):
         listen = [p for p in re.split(r"[,\s]+", environ["INFERENCE_LISTEN"]) if p]
@@ -275,6 +287,7 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         batch=settings.batch,
         gpu_layers=settings.gpu_layers,
         flash_attn=FLASH_ATTN[settings.flash_attn],
+        kv_unified=settings.kv_unified,
         cache_ttl=settings.cache_ttl,
         load_delay=settings.load_delay,
         on_token=metrics.tokens.inc,

@@ -85,6 +85,16 @@ class SettingsTests(unittest.TestCase):
             )
             self.assertEqual(params.flash_attn_type, value)
             self.assertEqual((params.n_ctx, params.n_seq_max), (512, 2))
+            self.assertFalse(params.kv_unified)
+        unified = context_params(
+            n_ctx_seq=256, n_seq=2, threads=1, batch=64, flash_attn=-1, kv_unified=True
+        )
+        self.assertTrue(unified.kv_unified)
+
+    def test_kv_unified_flag(self) -> None:
+        self.assertFalse(settings_from({}, {}).kv_unified)
+        self.assertTrue(settings_from({"kv-unified": 1}, {}).kv_unified)
+        self.assertTrue(settings_from({}, {"INFERENCE_KV_UNIFIED": "1"}).kv_unified)
 
     def test_environment_fallbacks(self) -> None:
         environ = {
@@ -140,6 +150,7 @@ class SettingsTests(unittest.TestCase):
             "INFERENCE_CACHE_TTL",
             "INFERENCE_GPU_LAYERS",
             "INFERENCE_FLASH_ATTN",
+            "INFERENCE_KV_UNIFIED",
         ):
             self.assertIn(name, text)
 
