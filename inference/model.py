@@ -1,8 +1,8 @@
 """One GGUF model and its llama.cpp context, through llama-cpp-python's low-level API.
 
 Loading is blocking and must happen off the reactor thread. After that, ``tokenize``,
-``format_chat`` and ``piece`` only read the vocabulary and are safe from any thread; the context
-itself belongs to the scheduler's worker thread.
+``template``, ``grammar_sampler`` and ``piece`` only read the vocabulary and are safe from any
+thread; the context itself belongs to the scheduler's worker thread.
 """
 
 from __future__ import annotations

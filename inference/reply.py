@@ -156,7 +156,7 @@ class Choice:
         if self.reply.stream:
             self._pending.extend(logprobs)
             for event in events:
-                self.reply.send_delta(self, event, self._take_logprobs())
+                self.reply.send_delta(self, event, self.take_pending())
             return
         self.logprobs.extend(logprobs)
         for event in events:
@@ -170,12 +170,10 @@ class Choice:
             else:
                 self.calls[event.index]["function"]["arguments"] += event.text
 
-    def _take_logprobs(self) -> list[TokenLogprob]:
+    def take_pending(self) -> list[TokenLogprob]:
+        """The logprobs of tokens sampled but not yet sent (streaming)."""
         taken, self._pending = self._pending, []
         return taken
-
-    def take_pending(self) -> list[TokenLogprob]:
-        return self._take_logprobs()
 
 
 @implementer(IPushProducer)
