@@ -456,7 +456,10 @@ class BatchedScheduler:
                         best, reused = slot, n
         if best is None or reused == 0:
             empty = [slot for slot in self._idle if slot.key is None]
-            best = empty[0] if empty else min(self._idle, key=lambda slot: slot.used)
+            if empty:  # the lowest id: running sequences stay consecutive (see _fill)
+                best = min(empty, key=lambda slot: slot.seq_id)
+            else:
+                best = min(self._idle, key=lambda slot: slot.used)
             reused = 0
         self._idle.remove(best)
         if reused:
@@ -546,7 +549,12 @@ class BatchedScheduler:
             batch.logits[n] = logits
             n += 1
 
-        running = [s for s in self._active.values() if not s.gen.paused and not s.gen.cancelled]
+        # in sequence id order: with a KV cache stream per sequence, llama.cpp puts only runs of
+        # consecutive sequence ids into one micro-batch
+        running = sorted(
+            (s for s in self._active.values() if not s.gen.paused and not s.gen.cancelled),
+            key=lambda s: s.seq_id,
+        )
         for seq in running:
             if seq.pending is not None and n < capacity:
                 add(seq.pending, seq.pos, seq.seq_id, True)
