@@ -454,8 +454,12 @@ class BatchedScheduler:
                     n = common_prefix(slot.tokens, gen.prompt)
                     if best is None or n > reused:
                         best, reused = slot, n
+        empty = [slot for slot in self._idle if slot.key is None]
+        # A new conversation shares only a system prompt with this key's other conversations:
+        # it takes a free slot rather than cutting another conversation's cache short.
+        if best is not None and reused * 2 < len(best.tokens) and empty:
+            best = None
         if best is None or reused == 0:
-            empty = [slot for slot in self._idle if slot.key is None]
             if empty:  # the lowest id: running sequences stay consecutive (see _fill)
                 best = min(empty, key=lambda slot: slot.seq_id)
             else:

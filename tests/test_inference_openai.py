@@ -446,6 +446,32 @@ class PromptCacheTests(unittest.TestCase):
         self.assertEqual(cached_again.choices[0].message.content, fresh.choices[0].message.content)
 
     @defer.inlineCallbacks
+    def test_a_new_conversation_keeps_the_old_one(self) -> Any:
+        """The same key (device), a second conversation with the same system prompt: it takes a
+        free slot, and the first conversation's next turn still reuses its whole history."""
+        server = yield serve(self, extra=["--parallel", "2"])
+        key = {"X-LLMRouter-Cache-Key": "dana-device-digest-0004"}
+        system = {"role": "system", "content": "You are a terse assistant. " * 10}
+
+        def turn(messages: list[dict[str, str]]) -> Any:
+            return server.chat(messages=messages, max_tokens=4, temperature=0, extra_headers=key)
+
+        first = [system, {"role": "user", "content": "First conversation, first question. " * 12}]
+        answer = yield turn(first)
+        other = yield turn([system, {"role": "user", "content": "Another conversation."}])
+        # the shared system prompt is not worth cutting the first conversation's cache for
+        self.assertEqual(other.usage.prompt_tokens_details.cached_tokens, 0)
+        follow = [
+            *first,
+            {"role": "assistant", "content": answer.choices[0].message.content},
+            {"role": "user", "content": "And a follow-up."},
+        ]
+        again = yield turn(follow)
+        self.assertGreater(
+            again.usage.prompt_tokens_details.cached_tokens, answer.usage.prompt_tokens
+        )
+
+    @defer.inlineCallbacks
     def test_ttl_and_bad_key(self) -> Any:
         server = yield serve(self, extra=["--cache-ttl", "0.2"])
         key = {"X-LLMRouter-Cache-Key": "carol-device-digest-003"}
