@@ -187,27 +187,29 @@ def start_llama_server(
     return Server("llama-server", port, process, {} if prompt_cache else {"cache_prompt": False})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def server_arguments(parser: argparse.ArgumentParser, ctx: int) -> None:
+    """The options both benchmarks share: model, threads, context, llama-server, KV layout."""
     parser.add_argument(
         "--model", type=Path, default=None, help="GGUF (default: the embedded default model)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--ctx", type=int, default=ctx)
     parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
     parser.add_argument(
         "--kv-unified",
         action="store_true",
         help="one KV buffer for all slots on both sides (default: one per slot, both defaults)",
     )
-    args = parser.parse_args()
+
+
+def start_both(
+    args: argparse.Namespace, parallel: int, name: str, prompt_cache: bool = False
+) -> tuple[Path, Path, list[Server]]:
+    """(model, log directory, [ours, llama-server]) started with the same settings."""
     if not args.llama_server.exists():
         raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
     model = args.model or default_model()
-    parallel = 8
-    logs = Path(tempfile.mkdtemp(prefix="bench-inference-"))
+    logs = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     servers = [
         start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log", args.kv_unified),
         start_llama_server(
@@ -217,9 +219,20 @@ def main() -> None:
             parallel,
             args.ctx,
             logs / "llama-server.log",
+            prompt_cache=prompt_cache,
             kv_unified=args.kv_unified,
         ),
     ]
+    return model, logs, servers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    server_arguments(parser, ctx=1024)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    model, logs, servers = start_both(args, 8, "inference")
     try:
         for s in servers:
             s.wait_ready()

@@ -21,22 +21,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference_vs_llama_server import (
-    HERE,
-    Server,
-    default_model,
-    start_llama_server,
-    start_ours,
-)
+from inference_vs_llama_server import Server, server_arguments, start_both
 
 TURNS = 8
 REPLY_TOKENS = 32
@@ -141,35 +133,10 @@ def conversation_pair(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    server_arguments(parser, ctx=4096)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
-    parser.add_argument(
-        "--kv-unified",
-        action="store_true",
-        help="one KV buffer for all slots on both sides (default: one per slot, both defaults)",
-    )
     args = parser.parse_args()
-    if not args.llama_server.exists():
-        raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
-    model = args.model or default_model()
-    logs = Path(tempfile.mkdtemp(prefix="bench-multiturn-"))
-    parallel = 4
-    servers = [
-        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log", args.kv_unified),
-        start_llama_server(
-            args.llama_server,
-            model,
-            args.threads,
-            parallel,
-            args.ctx,
-            logs / "llama-server.log",
-            prompt_cache=True,
-            kv_unified=args.kv_unified,
-        ),
-    ]
+    model, logs, servers = start_both(args, 4, "multiturn", prompt_cache=True)
     figures: dict[str, dict[str, list[float]]] = {
         s.name: {"first": [], "last": [], "prompt": [], "cached": []} for s in servers
     }
