@@ -63,6 +63,7 @@ class BackendLog:
     completed: int = 0
     cancelled: int = 0  # the connection went away before the stream ended
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    cache_keys: list[bytes | None] = field(default_factory=list)  # X-LLMRouter-Cache-Key
 
 
 class FaultBackend(resource.Resource):
@@ -101,6 +102,7 @@ class FaultBackend(resource.Resource):
         assert request.content is not None
         self.log.requests += 1
         self.log.bodies.append(json.loads(request.content.read()))
+        self.log.cache_keys.append(request.getHeader(b"x-llmrouter-cache-key"))
         script = self.script
         if script.status != 200:
             request.setResponseCode(script.status)

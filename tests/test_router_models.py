@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from llmrouter import hpke
 from llmrouter.chat import Message, ResponseFormat, Tool
 from llmrouter.client import ChatError
 from llmrouter.protocol import (
@@ -247,6 +248,22 @@ class ModelsTests(TestCase):
         self.assertEqual(e.code, "unsupported_field")
         self.assertIn("tools", e.message)
         self.assertEqual(len(llama.log.bodies), 1)
+
+    @defer.inlineCallbacks
+    def test_cache_key_only_to_our_daemon(self) -> Any:
+        """An auth-mode request's prompt-cache key goes to our daemon only (the same key for
+        the same device); any other kind would only get a tag to link a device's requests by."""
+        ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
+        llama, url1 = yield backend(self, ["l"], owned_by="llamacpp")
+        running = yield start_router(self, [url0, url1])
+        device = running.client(device_key=hpke.generate_key_pair())
+        for model in ("ours", "l", "ours"):
+            yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model=model)))
+        yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="ours")))
+        first, again, base = ours.log.cache_keys
+        self.assertRegex(first or b"", rb"^[A-Za-z0-9_-]{43}$")
+        self.assertEqual((again, base), (first, None))  # base mode: no device, no key
+        self.assertEqual(llama.log.cache_keys, [None])
 
     @defer.inlineCallbacks
     def test_backend_refusal_names_its_code(self) -> Any:
