@@ -82,7 +82,10 @@ def _chat(
     sampling = dataclasses.replace(parsed.sampling, grammar=grammar)
     # reasoning_format none: <think> stays in the text, harmony's analysis goes to content
     split = parsed.split_reasoning
-    in_think = split and text.rstrip().endswith("<think>")
+    # A JSON or forced-call grammar admits no </think>: after a prompt that opened <think>
+    # (DeepSeek-R1, QwQ) the constrained output is the answer, not reasoning that never ends.
+    constrained = parsed.response_format != "text" or bool(tools.forced)
+    in_think = split and not constrained and text.rstrip().endswith("<think>")
 
     def parser() -> OutputParser:
         return OutputParser(

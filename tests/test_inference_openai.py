@@ -159,6 +159,25 @@ class StructuredOutputTests(unittest.TestCase):
         self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
 
     @defer.inlineCallbacks
+    def test_json_after_a_prompt_that_opened_think(self) -> Any:
+        """DeepSeek-R1's generation prompt opens ``<think>``, but a JSON grammar leaves the
+        model no way to close it: what it writes is the answer, not reasoning."""
+        server = yield serve(self, "deepseek-r1")
+        response_format = {
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": self.SCHEMA, "strict": True},
+        }
+        result = yield server.chat(response_format=response_format, max_tokens=200, seed=1)
+        message = result.choices[0].message
+        jsonschema.validate(json.loads(message.content), self.SCHEMA)
+        self.assertIsNone(getattr(message, "reasoning_content", None))
+        forced = yield server.chat(
+            tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=200
+        )
+        (call,) = forced.choices[0].message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    @defer.inlineCallbacks
     def test_unsupported_schema_and_fields_are_refused_by_name(self) -> Any:
         server = yield serve(self)
         bad = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}
