@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmrouter import hpke
-from llmrouter.chat import Message, ResponseFormat, Tool
+from llmrouter.chat import Message, Tool
 from llmrouter.client import ChatError
 from llmrouter.protocol import (
     ErrorChunk,
@@ -26,7 +26,7 @@ from llmrouter.protocol import (
     ResponseSealer,
     b64u_decode,
 )
-from llmrouter.router.dialects import models_from, template_limits
+from llmrouter.router.dialects import EVERYTHING, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint
 from llmrouter.router.upstream import Backend, BackendPool, CircuitBreaker
@@ -133,15 +133,19 @@ class RouteTests(SynchronousTestCase):
             Endpoint("unix:/a", ("small",), "llmrouter"),
             Endpoint("unix:/b", ("big", "big-alias"), "llama-server"),
             Endpoint("unix:/c", ("big",), "vllm"),
+            Endpoint("unix:/d", ("local",), "ollama"),
         )
         for b in pool.backends:
             b.healthy = True
-        self.assertEqual(pool.models(), ["small", "big", "big-alias"])
-        self.assertEqual(len(pool.route(None).backends), 3)  # no default: any backend, as in v1
+        self.assertEqual(pool.models(), ["small", "big", "big-alias", "local"])
+        self.assertEqual(len(pool.route(None).backends), 4)  # no default: any backend, as in v1
         self.assertEqual([b.name for b in pool.route("big").backends], ["backend-1", "backend-2"])
         self.assertRefused(pool, "model_unknown", 404, "huge")
-        message = self.assertRefused(pool, "unsupported_field", 400, "small", frozenset({"tools"}))
-        self.assertIn("tools", message)
+        wanted = frozenset({"parallel_tool_calls"})
+        message = self.assertRefused(pool, "unsupported_field", 400, "local", wanted)
+        self.assertIn("parallel_tool_calls", message)
+        # our daemon takes every v1.1 field
+        self.assertEqual(len(pool.route("small", EVERYTHING).backends), 1)
         self.assertEqual(len(pool.route("big", frozenset({"tools", "logprobs"})).backends), 2)
         # round robin within the model's pool
         route = pool.route("big")
@@ -201,14 +205,21 @@ class ModelsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_refusals_are_plain_json_before_any_stream(self) -> Any:
-        fake, url = yield backend(self, ["ours"], owned_by="llmrouter")
+        fake, url = yield backend(self, ["ours"], owned_by="llamacpp")
+        fake.props = {
+            "chat_template_caps": {
+                "supports_tools": False,
+                "supports_tool_calls": False,
+                "supports_reasoning_effort": False,
+            }
+        }
         running = yield start_router(self, [url])
         client = running.client()
         cases = [
             (prompt("hi", model="nope"), "model_unknown", 404),
             (prompt("hi", model="ours", tools=TOOLS), "unsupported_field", 400),
-            (prompt("hi", response_format=ResponseFormat("json_object")), "unsupported_field", 400),
-            (prompt("hi", logprobs=True), "unsupported_field", 400),
+            (prompt("hi", reasoning_effort="low"), "unsupported_field", 400),
+            (prompt("hi", tools=TOOLS, parallel_tool_calls=False), "unsupported_field", 400),
         ]
         for request, code, status in cases:
             e = yield self.assertFailure(

@@ -54,9 +54,10 @@ class Dialect:
 
 
 DIALECTS = {
-    # Our daemon as it is: text, sampling and seed. It ignores fields it does not know, so nothing
-    # else may reach it (a JSON schema would be answered with free text).
-    "llmrouter": Dialect("llmrouter", frozenset({"seed"}), cache_key=True),
+    # Our daemon: everything. Tools reach a template without tool support as the generic call
+    # format in the system message; JSON output and forced calls are grammar-constrained; a field
+    # it does not know it refuses by name (docs/inference.md). It keeps a prompt cache per key.
+    "llmrouter": Dialect("llmrouter", EVERYTHING, cache_key=True),
     # llama-server --jinja: everything; tools only when its template handles them (see /props).
     "llama-server": Dialect("llama-server", EVERYTHING),
     # vLLM: everything (tools need --enable-auto-tool-choice, reasoning a --reasoning-parser);
