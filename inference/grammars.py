@@ -164,6 +164,9 @@ def _check(schema: Any, depth: int, count: list[int]) -> None:
         elif key == "pattern":
             if not isinstance(value, str) or not value.startswith("^") or not value.endswith("$"):
                 raise SchemaError("pattern must be a string anchored with ^ and $")
+            problem = _pattern_problem(value)
+            if problem is not None:
+                raise SchemaError(problem)
         elif key == "format":
             if value not in _FORMATS:
                 raise SchemaError(
@@ -172,6 +175,39 @@ def _check(schema: Any, depth: int, count: list[int]) -> None:
                 )
     if "allOf" in schema and schema.get("type", "object") != "object":
         raise SchemaError("allOf is supported for objects only")
+
+
+def _pattern_problem(pattern: str) -> str | None:
+    """What the converter cannot take in ``pattern``, read as the converter reads it: a ``]``
+    or ``}`` that closes nothing (it has no branch for those and loops forever on one), or a
+    quantifier above MAX_REPEAT (it writes a repeated literal out in full: ``a{99999999}``
+    would be a 100 MB string before any limit on the grammar applied)."""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+        elif c == "[":
+            i += 1
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif c == "{":
+            end = pattern.find("}", i)
+            if end < 0:
+                return None  # unclosed: the converter refuses it
+            for bound in pattern[i + 1 : end].split(","):
+                try:
+                    if int(bound) > MAX_REPEAT:
+                        return f"pattern repetitions above {MAX_REPEAT} are not supported"
+                except ValueError:
+                    pass  # empty (no bound) or not a number, which the converter refuses
+            i = end + 1
+        elif c in "]}":
+            return "pattern has a ']' or '}' that closes nothing"
+        else:
+            i += 1
+    return None
 
 
 def check_schema(schema: Any) -> None:
@@ -199,7 +235,7 @@ class _Grammar:
         try:
             schema = self._converter.resolve_refs(schema, name)
             return str(self._converter.visit(schema, name))
-        except (AssertionError, ValueError, KeyError, TypeError, RecursionError):
+        except (AssertionError, ValueError, LookupError, TypeError, RecursionError, OverflowError):
             raise SchemaError("the schema could not be turned into a grammar") from None
 
     def text(self) -> str:

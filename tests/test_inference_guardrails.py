@@ -253,6 +253,22 @@ class ParseTests(unittest.TestCase):
         self.assertIn("'maximum'", str(caught.exception))
         self.assertNotIn("secret-marker", str(caught.exception))
 
+    def test_patterns_the_converter_would_loop_on(self) -> None:
+        """llama-cpp-python's converter never returns on a ']' or '}' that closes nothing (the
+        fuzzer found "^type]{1,9}0$") and writes repeated literals out in full: refused before it
+        runs; the same inside a class, escaped or in a quantifier is fine."""
+        from inference.grammars import SchemaError, check_schema, json_schema_grammar
+
+        # check_schema alone: were the check gone, the converter would hang this test
+        # "[]a]": the converter ends the class at the first ']', as most regex engines do not
+        refused = ("^type]{1,9}0$", "^a]$", "^a}$", "^[a-z]]$", "^a{2}}$", "^[]a]$")
+        # and repetitions it would write out in full
+        for pattern in (*refused, "^a{99999999}$", "^(ab){1,300}$", "^[x]{2,257}$"):
+            with self.assertRaises(SchemaError, msg=pattern):
+                check_schema({"type": "string", "pattern": pattern})
+        for pattern in ("^[\\]]$", "^a\\]$", "^\\}{2}$", "^(ab|c){1,3}[x-z]$", "^a{256}$"):
+            json_schema_grammar({"type": "string", "pattern": pattern})
+
     def test_tool_history_for_templates(self) -> None:
         """Assistant calls' arguments become objects (templates' convention), content "" when
         null, and a tool message keeps its call id."""
