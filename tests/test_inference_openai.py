@@ -53,6 +53,19 @@ TIME = {
     },
 }
 USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
+# a JSON schema in every enforced shape (pattern, integer, enum array, enum, boolean)
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z]{1,10}$"},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "maxItems": 3},
+        "kind": {"enum": ["a", "b"]},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags", "kind", "ok"],
+    "additionalProperties": False,
+}
 
 
 def free_port() -> int:
@@ -126,25 +139,12 @@ def assemble_calls(chunks: list[Any]) -> list[dict[str, Any]]:
 class StructuredOutputTests(unittest.TestCase):
     timeout = 180
 
-    SCHEMA = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "pattern": "^[a-z]{1,10}$"},
-            "age": {"type": "integer"},
-            "tags": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "maxItems": 3},
-            "kind": {"enum": ["a", "b"]},
-            "ok": {"type": "boolean"},
-        },
-        "required": ["name", "age", "tags", "kind", "ok"],
-        "additionalProperties": False,
-    }
-
     @defer.inlineCallbacks
     def test_json_schema_whole_and_streamed(self) -> Any:
         server = yield serve(self)
         response_format = {
             "type": "json_schema",
-            "json_schema": {"name": "person", "schema": self.SCHEMA, "strict": True},
+            "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
         }
         for seed in (1, 2, 3):
             result = yield server.chat(
@@ -152,10 +152,10 @@ class StructuredOutputTests(unittest.TestCase):
             )
             choice = result.choices[0]
             self.assertEqual(choice.finish_reason, "stop")
-            jsonschema.validate(json.loads(choice.message.content), self.SCHEMA)
+            jsonschema.validate(json.loads(choice.message.content), SCHEMA)
         chunks = yield server.stream(response_format=response_format, max_tokens=200, seed=4)
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        jsonschema.validate(json.loads(text), self.SCHEMA)
+        jsonschema.validate(json.loads(text), SCHEMA)
         self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
 
     @defer.inlineCallbacks
@@ -165,11 +165,11 @@ class StructuredOutputTests(unittest.TestCase):
         server = yield serve(self, "deepseek-r1")
         response_format = {
             "type": "json_schema",
-            "json_schema": {"name": "person", "schema": self.SCHEMA, "strict": True},
+            "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
         }
         result = yield server.chat(response_format=response_format, max_tokens=200, seed=1)
         message = result.choices[0].message
-        jsonschema.validate(json.loads(message.content), self.SCHEMA)
+        jsonschema.validate(json.loads(message.content), SCHEMA)
         self.assertIsNone(getattr(message, "reasoning_content", None))
         forced = yield server.chat(
             tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, max_tokens=200

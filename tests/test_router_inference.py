@@ -36,20 +36,17 @@ from llmrouter.protocol import (
 )
 from llmrouter.sse import SSEParser
 from tests.daemons import start_inference, start_router_daemon
-from tests.router_support import daemon_pin, http, key_document, post_chat, short_tempdir
+from tests.router_support import (
+    daemon_pin,
+    direct_logprobs,
+    key_document,
+    post_chat,
+    short_tempdir,
+)
+from tests.test_inference_openai import SCHEMA
+from tests.test_router_llama_server import WEATHER, tool_round_trip
 from tests.tinymodel import tiny_model_path
 
-CITY = {"type": "string", "enum": ["Paris", "Oslo"]}
-WEATHER = Tool(
-    "get_weather",
-    "The weather in a city",
-    {
-        "type": "object",
-        "properties": {"city": CITY, "unit": {"enum": ["celsius", "fahrenheit"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-)
 TIME = Tool(
     "get_time",
     None,
@@ -59,17 +56,6 @@ TIME = Tool(
         "required": ["zone"],
     },
 )
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "pattern": "^[a-z]{1,10}$"},
-        "age": {"type": "integer"},
-        "tags": {"type": "array", "items": {"enum": ["x", "y", "z"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "tags", "ok"],
-    "additionalProperties": False,
-}
 MODELS = {"thinker": "deepseek-r1", "tools": "qwen3", "plain": "plain"}
 
 
@@ -139,18 +125,7 @@ class InferenceTests(TestCase):
         jsonschema.validate(json.loads(call.arguments), TIME.parameters)
 
         # the call and its result go back as history; the model answers in free text
-        follow_up = ChatRequest(
-            (
-                Message("user", "Weather in Oslo?"),
-                Message("assistant", None, (call,)),
-                Message("tool", '{"time": "12:00"}', (), call.id),
-            ),
-            model="tools",
-            tools=(WEATHER, TIME),
-            tool_choice="none",
-            max_tokens=5,
-        )
-        answer = yield self.complete(follow_up)
+        answer = yield self.complete(tool_round_trip(call, "tools", (WEATHER, TIME)))
         self.assertEqual((answer.tool_calls, answer.done.completion_tokens), ((), 5))
         self.assertTrue(answer.text)
 
@@ -217,21 +192,7 @@ class InferenceTests(TestCase):
             "Hi", model="plain", logprobs=True, top_logprobs=2, max_tokens=8, temperature=0.0
         )
         reply = yield self.complete(request)
-        status, _, body = yield http(
-            f"unix:{self.daemons['plain'].socket}",
-            b"POST",
-            "/v1/chat/completions",
-            json.dumps(request.to_openai("plain")).encode(),
-            {b"Content-Type": [b"application/json"]},
-        )
-        self.assertEqual(status, 200)
-        expected = []
-        for _, payload in SSEParser().feed(body):
-            choices = [] if payload == "[DONE]" else json.loads(payload)["choices"]
-            for choice in choices:
-                for entry in (choice.get("logprobs") or {}).get("content") or []:
-                    top = [(t["token"], t["logprob"]) for t in entry["top_logprobs"]]
-                    expected.append((entry["token"], entry["logprob"], tuple(entry["bytes"]), top))
+        expected = yield direct_logprobs(self.daemons["plain"].socket, request, "plain")
         self.assertEqual(len(expected), 8)
         self.assertEqual(len(reply.logprobs), 8)
         for entry, (token, logprob, raw, top) in zip(reply.logprobs, expected, strict=True):

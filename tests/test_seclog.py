@@ -14,6 +14,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from llmrouter.router import seclog
+from llmrouter.router.cachekey import HEADER, CacheKeys
+from llmrouter.router.daykey import DayKey
 from llmrouter.router.seclog import Ident, SecurityLog
 
 HASH_KEY = bytes(range(32))
@@ -167,15 +169,15 @@ class CacheKeyTests(unittest.TestCase):
     under a key of its own that is replaced at every UTC midnight."""
 
     def test_keyed_per_device(self) -> None:
-        from llmrouter.router.cachekey import HEADER, CacheKeys
-
         secret = b"k" * 32
-        keys = CacheKeys(new_key=lambda: secret)
+        keys = CacheKeys(DayKey(new_key=lambda: secret))
         device, other = b"\x01" * 32, b"\x02" * 32
         (value,) = keys.headers(device)[HEADER]
         self.assertEqual(keys.headers(device), {HEADER: [value]})
         self.assertNotEqual(keys.headers(other)[HEADER], [value])
-        self.assertNotEqual(CacheKeys(new_key=lambda: b"j" * 32).headers(device)[HEADER], [value])
+        self.assertNotEqual(
+            CacheKeys(DayKey(new_key=lambda: b"j" * 32)).headers(device)[HEADER], [value]
+        )
         self.assertEqual(keys.headers(None), {})
         self.assertRegex(value, rb"^[A-Za-z0-9_-]{43}$")
         log = SecurityLog(emit=lambda line: None, new_key=lambda: secret)
@@ -183,15 +185,14 @@ class CacheKeyTests(unittest.TestCase):
         self.assertNotIn(secret[:8].hex(), repr(keys))
 
     def test_random_and_replaced_every_day(self) -> None:
-        from llmrouter.router.cachekey import HEADER, CacheKeys
-
         clock = Clock()
         clock.advance(86400 - 10)
         device = b"\x01" * 32
-        keys = CacheKeys(clock)
+        keys = CacheKeys(DayKey(clock))
         today = keys.headers(device)[HEADER]
         self.assertEqual(keys.headers(device)[HEADER], today)
-        self.assertNotEqual(CacheKeys(clock).headers(device)[HEADER], today)  # random per router
+        other_router = CacheKeys(DayKey(clock))  # random: each router has its own
+        self.assertNotEqual(other_router.headers(device)[HEADER], today)
         clock.advance(10)  # UTC midnight
         self.assertNotEqual(keys.headers(device)[HEADER], today)
         self.assertEqual(clock.getDelayedCalls(), [])

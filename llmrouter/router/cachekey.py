@@ -17,11 +17,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime
-
-from llmrouter.router.daykey import DayKey, random_key
+from llmrouter.router.daykey import DayKey
 
 __all__ = ["HEADER", "CacheKeys"]
 
@@ -29,14 +26,11 @@ HEADER = b"X-LLMRouter-Cache-Key"
 
 
 class CacheKeys:
-    """Derives per-device cache keys under the day's key; ``repr`` is redacted."""
+    """Derives per-device cache keys under ``key`` (the router's own, never the security
+    log's); ``repr`` is redacted."""
 
-    def __init__(
-        self,
-        clock: IReactorTime | None = None,
-        new_key: Callable[[], bytes] = random_key,
-    ) -> None:
-        self._key = DayKey(clock, new_key)
+    def __init__(self, key: DayKey) -> None:
+        self._key = key
 
     def __repr__(self) -> str:
         return "CacheKeys(<secret redacted>)"

@@ -28,6 +28,7 @@ from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
 from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
+from llmrouter.router.daykey import DayKey
 from llmrouter.router.devices import KnownDevices
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
@@ -223,7 +224,7 @@ class Router:
             self.pool,
             self.admission,
             self.metrics,
-            CacheKeys(clock),
+            CacheKeys(DayKey(clock)),
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
