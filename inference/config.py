@@ -7,6 +7,9 @@ from pathlib import Path
 
 DEFAULT_LISTEN = "unix:/run/llmrouter/inference.sock:mode=660"
 
+# --flash-attn values -> llama.cpp's enum llama_flash_attn_type
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -14,6 +17,7 @@ class Settings:
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     model: Path | None = None
+    embedded: str = "smollm2-135m-instruct"  # used when model is None (inference.embedded)
     model_name: str | None = None
     threads: int = 2
     ctx: int = 4096
@@ -21,6 +25,10 @@ class Settings:
     max_tokens: int = 1024
     queue: int = 16
     time_budget: float = 300.0
+    cache_ttl: float = 300.0
+    gpu_layers: int = 0
+    flash_attn: str = "auto"
+    kv_unified: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

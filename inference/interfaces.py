@@ -15,19 +15,41 @@ from zope.interface import Attribute, Interface
 
 @dataclass(frozen=True)
 class Sampling:
-    """Per-request generation parameters, already validated."""
+    """Per-request generation parameters, already validated.
+
+    ``grammar`` is GBNF text (root rule ``root``) that every output must match; ``logprobs`` is
+    None (none reported) or how many alternatives to report per token (0: the chosen one only);
+    ``cache_key`` is the keyed digest that may reuse a finished sequence's KV cache (None: no
+    reuse).
+    """
 
     max_tokens: int
     temperature: float = 0.8
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
+    logprobs: int | None = None
+    cache_key: bytes | None = None
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token: its bytes, log-probability, and the most likely alternatives."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 class Overloaded(Exception):
@@ -40,8 +62,9 @@ class ITokenSink(Interface):
     def started() -> None:
         """The generation got a slot and its prompt is being processed."""
 
-    def text(delta: str) -> None:
-        """More completion text (never empty)."""
+    def text(delta: str, logprobs: tuple[TokenLogprob, ...]) -> None:
+        """More completion text, and the tokens sampled since the last call if logprobs were
+        asked for (the text may be empty while a stop string or a UTF-8 character is held)."""
 
     def finished(reason: str, usage: Usage) -> None:
         """The end: reason is stop, length or cancelled; the slot is already free."""
@@ -70,6 +93,8 @@ class IScheduler(Interface):
     active = Attribute("Number of generations holding a slot.")
     waiting = Attribute("Number of generations waiting for a slot.")
     crashed = Attribute("Deferred fired with an error type name if the worker dies.")
+    parallel = Attribute("Number of slots (sequences decoded together).")
+    cached = Attribute("Number of idle slots holding a reusable prompt cache.")
 
     def start() -> object:
         """Load the model in a worker thread; returns a Deferred that fires when it is loaded."""
@@ -80,8 +105,11 @@ class IScheduler(Interface):
     def tokenize(text: str, chat: bool) -> list[int]:
         """Tokenize a rendered chat (control tokens parsed) or a plain prompt (thread-safe)."""
 
-    def format_chat(messages: list[dict[str, str]]) -> str:
-        """Render messages with the model's chat template."""
+    template = Attribute("The model's inference.chat_template.ChatTemplate (once loaded).")
+    n_vocab = Attribute("The vocabulary size (once loaded).")
+
+    def check_grammar(grammar: str) -> bool:
+        """Whether llama.cpp accepts GBNF ``grammar`` (thread-safe)."""
 
     def submit(prompt: list[int], sampling: Sampling, sink: ITokenSink) -> IGeneration:
         """Queue a generation or raise ``Overloaded``."""

@@ -54,6 +54,22 @@ class Metrics:
         )
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
+        self.prompt_tokens = Counter(
+            "inference_prompt_tokens",
+            "Prompt tokens decoded (not counting those reused from the prompt cache).",
+            registry=self.registry,
+        )
+        self.prompt_tokens_reused = Counter(
+            "inference_prompt_tokens_reused",
+            "Prompt tokens whose KV cache was reused from an earlier request with the same"
+            " cache key.",
+            registry=self.registry,
+        )
+        self.cached_slots = Gauge(
+            "inference_cached_slots",
+            "Idle slots holding a reusable prompt cache.",
+            registry=self.registry,
+        )
         self.model_loaded = Gauge(
             "inference_model_loaded",
             "1 once the model is loaded.",
@@ -72,10 +88,21 @@ class Metrics:
             )
         self._certificate_expiry.set(not_after)
 
-    def watch(self, active: Callable[[], float], waiting: Callable[[], float]) -> None:
+    def watch(
+        self,
+        active: Callable[[], float],
+        waiting: Callable[[], float],
+        cached: Callable[[], float] = lambda: 0,
+    ) -> None:
         """Read the gauges from the scheduler at scrape time."""
         self.active.set_function(active)
         self.queue_depth.set_function(waiting)
+        self.cached_slots.set_function(cached)
+
+    def count_prompt(self, decoded: int, reused: int) -> None:
+        """Called by the engine (any thread) for each admitted generation."""
+        self.prompt_tokens.inc(decoded)
+        self.prompt_tokens_reused.inc(reused)
 
     def outcome(self, name: str) -> None:
         assert name in OUTCOMES

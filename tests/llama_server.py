@@ -49,7 +49,7 @@ def start_llama_server(
     tests/data/templates), serving ``alias`` on ``<tmp>/llama.sock``; stopped at cleanup."""
     server = binary()
     chat_template = (TEMPLATES / f"{template}.jinja").read_text() if template else None
-    model = tiny_model_path(chat_template) if chat_template else tiny_model_path()
+    model = tiny_model_path(chat_template=chat_template)
     directory = Path(tempfile.mkdtemp(prefix="llmr-ls-"))
     sock = directory / "llama.sock"
     args = ["-m", str(model), "--host", str(sock), "--alias", alias, "--jinja", "--no-webui"]

@@ -30,6 +30,7 @@ from llmrouter.httpclient import agent_for
 from llmrouter.protocol import ChatRequest
 from llmrouter.router.settings import Settings
 from llmrouter.router.tap import Router
+from llmrouter.sse import SSEParser
 
 
 def short_tempdir(testcase: Any) -> Path:
@@ -63,6 +64,7 @@ class BackendLog:
     completed: int = 0
     cancelled: int = 0  # the connection went away before the stream ended
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    cache_keys: list[bytes | None] = field(default_factory=list)  # X-LLMRouter-Cache-Key
 
 
 class FaultBackend(resource.Resource):
@@ -101,6 +103,7 @@ class FaultBackend(resource.Resource):
         assert request.content is not None
         self.log.requests += 1
         self.log.bodies.append(json.loads(request.content.read()))
+        self.log.cache_keys.append(request.getHeader(b"x-llmrouter-cache-key"))
         script = self.script
         if script.status != 200:
             request.setResponseCode(script.status)
@@ -241,6 +244,23 @@ def start_router(
     else:
         url = f"http://127.0.0.1:{port.getHost().port}"
     return RunningRouter(router, url, port, events)
+
+
+@defer.inlineCallbacks
+def direct_logprobs(socket: Path, request: ChatRequest, model: str) -> Any:
+    """What a backend on ``socket`` streams as logprobs for ``request`` asked of it directly:
+    ``(token, logprob, bytes, [(top token, logprob), ...])`` per token."""
+    body = json.dumps(request.to_openai(model)).encode()
+    headers = {b"Content-Type": [b"application/json"]}
+    status, _, raw = yield http(f"unix:{socket}", b"POST", "/v1/chat/completions", body, headers)
+    assert status == 200, status
+    entries = []
+    for _, payload in SSEParser().feed(raw):
+        for choice in [] if payload == "[DONE]" else json.loads(payload)["choices"]:
+            for entry in (choice.get("logprobs") or {}).get("content") or []:
+                top = [(t["token"], t["logprob"]) for t in entry["top_logprobs"]]
+                entries.append((entry["token"], entry["logprob"], tuple(entry["bytes"]), top))
+    return entries
 
 
 @defer.inlineCallbacks

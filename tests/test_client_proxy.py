@@ -131,17 +131,51 @@ class ProxyEndToEnd(TestCase):
         self.assertIsInstance(error, openai.BadRequestError)
         self.assertEqual((error.code, error.param), ("unsupported_parameter", "logit_bias"))
         self.assertIn("logit_bias", error.message)
-        # ... and what the model's backend cannot do, by the router (our daemon takes no tools)
-        tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-        error = yield threads.deferToThread(refused, tools=tools)
-        self.assertIsInstance(error, openai.BadRequestError)
-        self.assertEqual(error.code, "unsupported_parameter")
-        self.assertIn("tools", error.message)
         error = yield threads.deferToThread(refused, model="gpt-4o")
         self.assertIsInstance(error, openai.NotFoundError)
         self.assertEqual(error.code, "model_not_found")
         error = yield threads.deferToThread(refused, temperature=5)
         self.assertEqual((error.status_code, error.code), (400, "invalid_value"))
+
+    @defer.inlineCallbacks
+    def test_structured_output_and_tool_call_from_our_daemon(self) -> Any:
+        """Our daemon's grammars, through router and proxy: the openai package's own
+        structured output (a strict schema from a pydantic model, validated by the package)
+        and a forced tool call, streamed as OpenAI's tool-call deltas."""
+        client = yield self.stack()
+        completion = yield threads.deferToThread(
+            client.chat.completions.parse,
+            model="tiny",
+            messages=[{"role": "user", "content": "Weather?"}],
+            response_format=Weather,
+            max_tokens=100,
+        )
+        self.assertIsInstance(completion.choices[0].message.parsed, Weather)
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+
+        def stream() -> list[Any]:
+            chunks = client.chat.completions.create(
+                model="tiny",
+                messages=[QUESTION],
+                tools=[WEATHER],
+                tool_choice="required",
+                parallel_tool_calls=False,
+                temperature=0,
+                max_tokens=200,
+                stream=True,
+            )
+            return list(chunks)
+
+        chunks = yield threads.deferToThread(stream)
+        fragments = [f for c in chunks if c.choices for f in c.choices[0].delta.tool_calls or ()]
+        self.assertEqual({f.index for f in fragments}, {0})
+        self.assertEqual(
+            (fragments[0].function.name, fragments[0].type), ("get_weather", "function")
+        )
+        self.assertTrue(fragments[0].id)
+        arguments = "".join(f.function.arguments or "" for f in fragments)
+        self.assertIn(json.loads(arguments)["city"], CITY["enum"])
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
 
     @defer.inlineCallbacks
     def test_client_disconnect_cancels_upstream(self) -> Any:

@@ -97,7 +97,7 @@ class StreamingTests(unittest.TestCase):
     def test_chat_whole(self) -> Any:
         """Non-streaming: one JSON object; greedy decoding is reproducible."""
         daemon = yield start_inference(self)
-        body = chat("the same prompt", max_tokens=9, temperature=0, unknown_field={"x": 1})
+        body = chat("the same prompt", max_tokens=9, temperature=0)
         answers = []
         for _ in range(2):
             status, headers, data = yield daemon.request(b"POST", "/v1/chat/completions", body)
@@ -149,6 +149,17 @@ class StreamingTests(unittest.TestCase):
 
 class InfoTests(unittest.TestCase):
     timeout = 120
+
+    @defer.inlineCallbacks
+    def test_gpu_options_on_a_cpu_build(self) -> Any:
+        """--gpu-layers and --flash-attn reach llama.cpp (tests.test_inference_units checks the
+        parameters); on this CPU-only build the daemon says so and serves from the CPU."""
+        daemon = yield start_inference(
+            self, extra_args=["--gpu-layers", "-1", "--flash-attn", "on"]
+        )
+        _, _, data = yield daemon.request(b"POST", "/v1/chat/completions", chat(max_tokens=4))
+        self.assertEqual(json.loads(data)["usage"]["completion_tokens"], 4)
+        self.assertIn("was built without a GPU backend", daemon.log_text())
 
     @defer.inlineCallbacks
     def test_health_models_metrics(self) -> Any:

@@ -45,7 +45,54 @@ CHAT_CASES: list[tuple[object, str]] = [
     ({"messages": USER, "stream": "yes"}, "invalid_stream"),
     ({"messages": USER, "stop": 5}, "invalid_stop"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "invalid_stop"),
-    ({"messages": USER, "n": 2}, "unsupported_n"),
+    ({"messages": USER, "n": 0}, "invalid_n"),
+    ({"messages": USER, "n": 5}, "invalid_n"),  # more than the slots (--parallel 4)
+    ({"messages": USER, "whatever": [1]}, "unsupported_field"),
+    ({"messages": USER, "functions": []}, "unsupported_field"),
+    ({"messages": USER, "store": True}, "unsupported_field"),
+    ({"messages": USER, "presence_penalty": 3}, "invalid_presence_penalty"),
+    ({"messages": USER, "frequency_penalty": "x"}, "invalid_frequency_penalty"),
+    ({"messages": USER, "logprobs": 1}, "invalid_logprobs"),
+    ({"messages": USER, "top_logprobs": 2}, "invalid_top_logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "invalid_top_logprobs"),
+    ({"messages": USER, "logit_bias": {"x": 1}}, "invalid_logit_bias"),
+    ({"messages": USER, "logit_bias": {"5": 101}}, "invalid_logit_bias"),
+    ({"messages": USER, "logit_bias": {"99999": 1}}, "invalid_logit_bias"),
+    ({"messages": USER, "response_format": {"type": "xml"}}, "invalid_response_format"),
+    (
+        {
+            "messages": USER,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": 3}},
+            },
+        },
+        "unsupported_schema",
+    ),
+    ({"messages": USER, "grammar": "root ::= ("}, "invalid_grammar"),
+    ({"messages": USER, "tools": [{"type": "web_search"}]}, "invalid_tools"),
+    ({"messages": USER, "tool_choice": "required"}, "invalid_tool_choice"),
+    (
+        {
+            "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
+        "invalid_tool_choice",
+    ),
+    (
+        {
+            "messages": USER,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "json_object"},
+        },
+        "unsupported_combination",
+    ),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "invalid_tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "invalid_tool_calls"),
+    ({"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]}, "unsupported_field"),
+    ({"messages": USER, "reasoning_effort": "max"}, "invalid_reasoning_effort"),
+    ({"messages": USER, "chat_template_kwargs": {"messages": 1}}, "invalid_chat_template_kwargs"),
     ({"messages": USER, "seed": 1.5}, "invalid_seed"),
     ({"messages": [{"role": "user", "content": "x" * 600}]}, "context_length_exceeded"),
     (
@@ -60,6 +107,10 @@ COMPLETION_CASES: list[tuple[object, str]] = [
     ({"prompt": ["a", "b"]}, "invalid_prompt"),
     ({"prompt": "hi", "max_tokens": 1000}, "max_tokens_exceeded"),
     ({"prompt": "x" * 600}, "context_length_exceeded"),
+    ({"prompt": "hi", "echo": True}, "unsupported_field"),
+    ({"prompt": "hi", "best_of": 3}, "unsupported_field"),
+    ({"prompt": "hi", "logprobs": 21}, "invalid_logprobs"),
+    ({"prompt": "hi", "tools": []}, "unsupported_field"),
 ]
 
 
@@ -87,7 +138,7 @@ class GuardrailTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_chat_violations(self) -> Any:
         daemon = yield self.check("/v1/chat/completions", CHAT_CASES)
-        body = {"messages": USER, "max_tokens": 3, "whatever": [1], "logit_bias": {}}
+        body = {"messages": USER, "max_tokens": 3, "user": "u1", "logit_bias": {}, "store": False}
         status, _, data = yield daemon.request(b"POST", "/v1/chat/completions", encode(body))
         self.assertEqual(status, 200)
         self.assertEqual(json.loads(data)["usage"]["completion_tokens"], 3)
@@ -148,7 +199,10 @@ class ParseTests(unittest.TestCase):
             },
             100,
         )
-        self.assertEqual(parsed.messages, (("system", "be brief"), ("user", "ab")))
+        self.assertEqual(
+            parsed.messages,
+            ({"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}),
+        )
         self.assertEqual(parsed.sampling.stop, ("END",))
         self.assertEqual(parsed.sampling.max_tokens, 100)
         self.assertFalse(parsed.max_tokens_given)
@@ -165,7 +219,83 @@ class ParseTests(unittest.TestCase):
             {"messages": USER, "temperature": marker},
             {"messages": USER, "max_tokens": marker},
             {"messages": USER, "stop": [marker] * 9},
+            {"messages": USER, f"{marker} !": 1},
+            {"messages": [{"role": "user", "content": "x", f"{marker}?": 1}]},
+            {"messages": USER, "tools": [{"type": "function", "function": {"name": marker + "!"}}]},
+            {"messages": USER, "chat_template_kwargs": {marker: [1]}},
         ):
             with self.assertRaises(APIError) as caught:
                 parse_chat(data, 10)
             self.assertNotIn(marker, caught.exception.body().decode())
+
+    def test_unsupported_fields_are_named(self) -> None:
+        for data, name in (
+            ({"messages": USER, "logit_bias_v2": {}}, "logit_bias_v2"),
+            ({"messages": USER, "functions": []}, "functions"),
+            ({"messages": USER, "prediction": {"type": "content"}}, "prediction"),
+            ({"messages": USER, "modalities": ["text", "audio"]}, "modalities"),
+        ):
+            with self.assertRaises(APIError) as caught:
+                parse_chat(data, 10)
+            error = json.loads(caught.exception.body())["error"]
+            self.assertEqual((error["code"], error["param"]), ("unsupported_field", name))
+            self.assertIn(repr(name), error["message"])
+
+    def test_schema_errors_name_the_keyword_only(self) -> None:
+        from inference.grammars import SchemaError, json_schema_grammar
+
+        schema = {
+            "type": "object",
+            "properties": {"secret-marker": {"type": "integer", "maximum": 3}},
+        }
+        with self.assertRaises(SchemaError) as caught:
+            json_schema_grammar(schema)
+        self.assertIn("'maximum'", str(caught.exception))
+        self.assertNotIn("secret-marker", str(caught.exception))
+
+    def test_patterns_the_converter_would_loop_on(self) -> None:
+        """llama-cpp-python's converter never returns on a ']' or '}' that closes nothing (the
+        fuzzer found "^type]{1,9}0$") and writes repeated literals out in full: refused before it
+        runs; the same inside a class, escaped or in a quantifier is fine."""
+        from inference.grammars import SchemaError, check_schema, json_schema_grammar
+
+        # check_schema alone: were the check gone, the converter would hang this test
+        # "[]a]": the converter ends the class at the first ']', as most regex engines do not
+        refused = ("^type]{1,9}0$", "^a]$", "^a}$", "^[a-z]]$", "^a{2}}$", "^[]a]$")
+        # and repetitions it would write out in full
+        for pattern in (*refused, "^a{99999999}$", "^(ab){1,300}$", "^[x]{2,257}$"):
+            with self.assertRaises(SchemaError, msg=pattern):
+                check_schema({"type": "string", "pattern": pattern})
+        for pattern in ("^[\\]]$", "^a\\]$", "^\\}{2}$", "^(ab|c){1,3}[x-z]$", "^a{256}$"):
+            json_schema_grammar({"type": "string", "pattern": pattern})
+
+    def test_tool_history_for_templates(self) -> None:
+        """Assistant calls' arguments become objects (templates' convention), content "" when
+        null, and a tool message keeps its call id."""
+        parsed = parse_chat(
+            {
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "refusal": None,
+                        "reasoning_content": "think",
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "w", "arguments": '{"city": "Oslo"}'},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+                ],
+            },
+            10,
+        )
+        assistant, tool = parsed.messages[1], parsed.messages[2]
+        self.assertEqual(assistant["content"], "")
+        self.assertEqual(assistant["tool_calls"][0]["function"]["arguments"], {"city": "Oslo"})
+        self.assertEqual((assistant["reasoning_content"], assistant["thinking"]), ("think",) * 2)
+        self.assertEqual(tool, {"role": "tool", "content": "cold", "tool_call_id": "call_1"})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+from typing import Any
 
+from twisted.internet import defer, utils
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -47,6 +51,50 @@ class SettingsTests(unittest.TestCase):
         settings = settings_from({}, {})
         self.assertEqual(settings.listen, (DEFAULT_LISTEN,))
         self.assertIsNone(settings.model)
+        self.assertEqual(settings.embedded, "smollm2-135m-instruct")
+        self.assertEqual((settings.gpu_layers, settings.flash_attn), (0, "auto"))
+        self.assertEqual(settings.cache_ttl, 300)
+
+    def test_model_by_name_or_path(self) -> None:
+        settings = settings_from({"model": "gemma-3-270m"}, {})
+        self.assertEqual((settings.model, settings.embedded), (None, "gemma-3-270m"))
+        settings = settings_from({}, {"INFERENCE_MODEL": "/srv/m.gguf"})
+        self.assertEqual(settings.model, Path("/srv/m.gguf"))
+
+    def test_gpu_options(self) -> None:
+        settings = settings_from({"gpu-layers": "-1", "flash-attn": "on"}, {})
+        self.assertEqual((settings.gpu_layers, settings.flash_attn), (-1, "on"))
+        settings = settings_from({}, {"INFERENCE_GPU_LAYERS": "0", "INFERENCE_CACHE_TTL": "0"})
+        self.assertEqual((settings.gpu_layers, settings.cache_ttl), (0, 0))
+        for bad in ({"gpu-layers": "-2"}, {"flash-attn": "yes"}, {"cache-ttl": "-1"}):
+            with self.assertRaises(usage.UsageError):
+                settings_from(bad, {})
+
+    def test_gpu_options_reach_llama_cpp(self) -> None:
+        """The values llama.cpp gets: n_gpu_layers (-1 means every layer) and the flash
+        attention type."""
+        from inference.config import FLASH_ATTN
+        from inference.model import context_params, model_params
+
+        self.assertEqual(model_params(0).n_gpu_layers, 0)
+        self.assertEqual(model_params(12).n_gpu_layers, 12)
+        self.assertGreaterEqual(model_params(-1).n_gpu_layers, 1 << 30)
+        for name, value in (("on", 1), ("off", 0), ("auto", -1)):
+            params = context_params(
+                n_ctx_seq=256, n_seq=2, threads=1, batch=64, flash_attn=FLASH_ATTN[name]
+            )
+            self.assertEqual(params.flash_attn_type, value)
+            self.assertEqual((params.n_ctx, params.n_seq_max), (512, 2))
+            self.assertFalse(params.kv_unified)
+        unified = context_params(
+            n_ctx_seq=256, n_seq=2, threads=1, batch=64, flash_attn=-1, kv_unified=True
+        )
+        self.assertTrue(unified.kv_unified)
+
+    def test_kv_unified_flag(self) -> None:
+        self.assertFalse(settings_from({}, {}).kv_unified)
+        self.assertTrue(settings_from({"kv-unified": 1}, {}).kv_unified)
+        self.assertTrue(settings_from({}, {"INFERENCE_KV_UNIFIED": "1"}).kv_unified)
 
     def test_environment_fallbacks(self) -> None:
         environ = {
@@ -99,6 +147,10 @@ class SettingsTests(unittest.TestCase):
             "INFERENCE_TLS_CERT",
             "INFERENCE_TLS_KEY",
             "INFERENCE_TLS_CA",
+            "INFERENCE_CACHE_TTL",
+            "INFERENCE_GPU_LAYERS",
+            "INFERENCE_FLASH_ATTN",
+            "INFERENCE_KV_UNIFIED",
         ):
             self.assertIn(name, text)
 
@@ -120,3 +172,25 @@ class MetricsTests(unittest.TestCase):
             if "{" in line and not line.startswith("#")
         }
         self.assertEqual(labels, {"outcome", "le"})
+
+
+class MissingExtraTests(unittest.TestCase):
+    """``pip install llmrouter`` without the inference extra, then ``twistd inference``."""
+
+    @defer.inlineCallbacks
+    def test_one_line_naming_the_extra(self) -> Any:
+        script = (
+            "import sys; sys.modules['llama_cpp'] = None\n"  # as if it were not installed
+            "sys.argv = ['twistd', '-n', '--pidfile=', 'inference']\n"
+            "from twisted.scripts.twistd import run; run()\n"
+        )
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, ["-c", script], env=dict(os.environ)
+        )
+        self.assertNotEqual(code, 0)
+        self.assertNotIn(b"Traceback", out + err)
+        self.assertEqual(
+            err.strip().decode(),
+            "twistd inference: llama-cpp-python is not installed; install the inference extra:"
+            " pip install 'llmrouter[inference]'",
+        )

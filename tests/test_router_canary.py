@@ -5,11 +5,12 @@ X-Forwarded-For, a custom header, the URL path), through real ``twistd llmrouter
 ``twistd inference`` subprocesses whose output is captured to files. Good requests, rejected
 ones (replay, rate limit, bad JSON quoting the canary, unknown route) and a client that hangs up
 mid-stream all happen. Protocol v1.1 adds its own: tool definitions, a JSON schema and tool
-results in the request; tool-call arguments (forced out of a real llama-server by its grammar)
-and reasoning text in the response (a scripted backend, since no random model writes a canary
-while it thinks); a backend refusal whose message quotes the canary; malformed v1.1 fields. Then
-no log, no /metrics output of either daemon and no file either daemon wrote (key directory,
-working and temp directories) may contain any canary.
+results in the request; tool-call arguments (forced out of a real llama-server and of our own
+daemon by their grammars) and reasoning text in the response (from a scripted backend, since no
+random model writes a canary while it thinks, and our daemon's own reasoning, whose random text
+is then looked for like a canary); a backend refusal whose message quotes the canary; malformed
+v1.1 fields. Then no log, no /metrics output of any daemon and no file any daemon wrote (key
+directory, working and temp directories) may contain any canary.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tests.router_support import (
     start_fault_backend,
 )
 from tests.test_router_e2e import INFERENCE_ARGS, open_stream
+from tests.tinymodel import tiny_model_path
 
 
 def _files(*roots: Path) -> list[Path]:
@@ -69,6 +71,12 @@ class CanaryTests(TestCase):
             extra_args=[*INFERENCE_ARGS, "--max-tokens", "2000"],
             env={"TMPDIR": str(tmp)},
         )
+        thinker = yield start_inference(
+            self,
+            model=tiny_model_path("deepseek-r1"),
+            extra_args=[*INFERENCE_ARGS, "--model-name", "thinker"],
+            env={"TMPDIR": str(tmp)},
+        )
         tool_canary = f"TOOLCANARY{tag}"
         reasoning_canary = f"REASONINGCANARY{tag}"
         llama = yield start_llama_server(self, "tools", HERMES)
@@ -82,14 +90,16 @@ class CanaryTests(TestCase):
             directory,
             [
                 f"unix:{inference.socket} model=tiny",
+                f"unix:{thinker.socket}",
                 f"unix:{llama.socket}",
                 f"{scripted_url} model=scripted",
             ],
             env={
                 "TMPDIR": str(tmp),
                 "RATE_LIMIT_PER_MINUTE": "60",
-                "RATE_LIMIT_BURST": "26",  # the v1.1 requests, a proof of work and junk count too
+                "RATE_LIMIT_BURST": "29",  # the v1.1 requests, a proof of work and junk count too
                 "TRUSTED_PROXIES": "127.0.0.1",
+                "DEFAULT_MODEL": "tiny",  # v1 requests: never the thinker, whose text is reasoning
             },
         )
         yield router.start()
@@ -113,6 +123,8 @@ class CanaryTests(TestCase):
         # v1.1: tool arguments and reasoning come back (sealed), tools and schemas go out
         client = Client(reactor, url, pin=daemon_pin(directory), device_key=device)
         yield self._v11(client, tool_canary, reasoning_canary, prompt_canary)
+        base = Client(reactor, url, pin=daemon_pin(directory))  # past this device's burst
+        thought = yield self._ours(base, tool_canary, prompt_canary)
 
         # the same envelope twice (replay), with canary headers
         document = yield key_document(url)
@@ -169,25 +181,29 @@ class CanaryTests(TestCase):
         # metrics of both daemons
         _, _, router_metrics = yield http(f"unix:{directory / 'metrics.sock'}", path="/metrics")
         _, _, inference_metrics = yield inference.request(b"GET", "/metrics")
+        _, _, thinker_metrics = yield thinker.request(b"GET", "/metrics")
         self.assertIn(b"llmrouter_admission_rejections_total", router_metrics)
 
         yield router.stop()
         yield inference.stop()
+        yield thinker.stop()
         router_log = router.log_text()
         self.assertIn('"event":"replay"', router_log)  # the security log did run...
         self.assertIn('"event":"rate_limited"', router_log)
 
         canaries = [prompt_canary, agent_canary, header_canary, path_canary, forwarded]
-        canaries += [tool_canary, reasoning_canary, *device_canaries]
+        canaries += [tool_canary, reasoning_canary, thought, *device_canaries]
         sources: dict[str, bytes] = {
             "router /metrics": router_metrics,
             "inference /metrics": inference_metrics,
+            "thinker /metrics": thinker_metrics,
         }
-        for path in _files(directory, inference.directory, tmp):
+        for path in _files(directory, inference.directory, thinker.directory, tmp):
             if path.is_file():
                 sources[str(path)] = path.read_bytes()
         self.assertIn(str(router.log_path), sources)
         self.assertIn(str(inference.log_path), sources)
+        self.assertIn(str(thinker.log_path), sources)
         self.assertTrue(any("keys" in name for name in sources))
         for name, data in sources.items():
             for canary in canaries:
@@ -254,6 +270,31 @@ class CanaryTests(TestCase):
         )
         self.assertEqual(e.code, "model_unknown")
         self.assertNotIn(tool_canary, e.message)
+
+    @defer.inlineCallbacks
+    def _ours(self, client: Client, tool_canary: str, other: str) -> Any:
+        """Our daemon: its grammar forces the canary into a call's arguments, and what it
+        reasons (random text, returned to be looked for like a canary) arrives apart."""
+        secret = {"type": "object", "properties": {"secret": {"const": tool_canary}}}
+        secret["required"] = ["secret"]
+        tool = Tool("remember", f"Remember {tool_canary}", secret)
+        request = prompt(
+            f"{other} {tool_canary}",
+            model="thinker",
+            tools=(tool,),
+            tool_choice="remember",
+            parallel_tool_calls=False,
+            max_tokens=150,
+        )
+        reply = yield defer.Deferred.fromCoroutine(client.complete(request))
+        self.assertEqual(json.loads(reply.tool_calls[0].arguments), {"secret": tool_canary})
+        request = prompt(
+            other, model="thinker", include_reasoning=True, temperature=1.0, seed=3, max_tokens=40
+        )
+        reply = yield defer.Deferred.fromCoroutine(client.complete(request))
+        self.assertEqual(reply.text, "")
+        self.assertGreater(len(set(reply.reasoning)), 10)  # distinctive enough to look for
+        return reply.reasoning
 
 
 def _v11_output(reasoning: str, arguments: str) -> list[dict[str, Any]]:

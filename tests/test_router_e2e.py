@@ -180,6 +180,40 @@ class FullPathTests(TestCase):
         self.assertEqual(done.completion_tokens, 2)
 
     @defer.inlineCallbacks
+    def test_prompt_cache_is_per_device(self) -> Any:
+        """The router sends a keyed hash of the device (auth mode) as the backend's cache key:
+        the same device's next request reuses its prompt; another device's or a base-mode
+        request with the same prompt reuses nothing."""
+        inference = yield start_inference(self, extra_args=["--threads", "1", "--parallel", "4"])
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{inference.socket}"])
+        yield router.start()
+        url = f"unix:{directory / 'router.sock'}"
+        request = prompt("A long enough question about the weather in Oslo today?", max_tokens=3)
+        reused = "inference_prompt_tokens_reused_total"
+
+        def chat(client: Client) -> Any:
+            return defer.Deferred.fromCoroutine(client.chat(request))
+
+        pin = daemon_pin(directory)
+        alice = Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair())
+        first = yield chat(alice)
+        for other in (
+            Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair()),
+            Client(reactor, url, pin=pin),
+        ):
+            yield chat(other)
+            text = yield inference_metrics(inference)
+            self.assertEqual(metric_value(text, reused), 0)
+        yield chat(alice)
+        text = yield inference_metrics(inference)
+        # all of the prompt but its last token (decoded again for the first output)
+        self.assertEqual(metric_value(text, reused), first.prompt_tokens - 1)
+        self.assertNotIn(
+            "X-LLMRouter-Cache-Key".lower(), (router.log_text() + inference.log_text()).lower()
+        )
+
+    @defer.inlineCallbacks
     def test_client_disconnect_cancels_generation(self) -> Any:
         inference = yield start_inference(
             self, extra_args=[*INFERENCE_ARGS, "--max-tokens", "4000", "--ctx", "8192"]
@@ -363,14 +397,11 @@ class ModelsTests(TestCase):
             defer.Deferred.fromCoroutine(client.chat(prompt("hi", model="huge"))), ChatError
         )
         self.assertEqual((e.code, e.status), ("model_unknown", 404))
-        # our daemon, as it is, would ignore tools and JSON schemas: the router refuses them
-        e = yield self.assertFailure(
-            defer.Deferred.fromCoroutine(
-                client.chat(prompt("hi", model="small", tools=(Tool("f"),)))
-            ),
-            ChatError,
+        # tools reach our daemon: it takes every v1.1 field (tests/test_router_inference.py)
+        done = yield defer.Deferred.fromCoroutine(
+            client.chat(prompt("hi", model="small", tools=(Tool("f"),), max_tokens=2))
         )
-        self.assertEqual((e.code, e.status), ("unsupported_field", 400))
+        self.assertEqual(done.completion_tokens, 2)
         # what the daemon itself refuses comes back as its error code, before any stream
         e = yield self.assertFailure(
             defer.Deferred.fromCoroutine(client.chat(prompt("hi", model="big", max_tokens=65))),

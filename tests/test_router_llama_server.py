@@ -20,13 +20,20 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from llmrouter.chat import ChatRequest, Message, ResponseFormat, Tool
+from llmrouter.chat import ChatRequest, Message, ResponseFormat, Tool, ToolCall
 from llmrouter.client import ChatError, Client
 from llmrouter.protocol import Done, ResponseOpener, seal_request
 from llmrouter.sse import SSEParser
 from tests.daemons import start_router_daemon
 from tests.llama_server import GPT_OSS, HERMES, QWQ, start_llama_server
-from tests.router_support import daemon_pin, http, key_document, post_chat, short_tempdir
+from tests.router_support import (
+    daemon_pin,
+    direct_logprobs,
+    http,
+    key_document,
+    post_chat,
+    short_tempdir,
+)
 
 CITY = {"type": "string", "enum": ["Paris", "Oslo"]}
 WEATHER = Tool(
@@ -39,6 +46,22 @@ WEATHER = Tool(
         "additionalProperties": False,
     },
 )
+
+
+def tool_round_trip(call: ToolCall, model: str, tools: tuple[Tool, ...]) -> ChatRequest:
+    """The question, the model's call and the tool's result: a request for the answer (5
+    tokens of free text)."""
+    return ChatRequest(
+        (
+            Message("user", "Weather in Oslo?"),
+            Message("assistant", None, (call,)),
+            Message("tool", '{"temperature": 3}', (), call.id),
+        ),
+        model=model,
+        tools=tools,
+        tool_choice="none",
+        max_tokens=5,
+    )
 
 
 class LlamaServerTests(TestCase):
@@ -125,18 +148,7 @@ class LlamaServerTests(TestCase):
         self.assertTrue(call.id)
         self.assertIn(json.loads(call.arguments)["city"], CITY["enum"])
         # the call and its result go back as history; the model answers (in free text)
-        follow_up = ChatRequest(
-            (
-                Message("user", "Weather in Oslo?"),
-                Message("assistant", None, (call,)),
-                Message("tool", '{"temperature": 3}', (), call.id),
-            ),
-            model="tools",
-            tools=(WEATHER,),
-            tool_choice="none",
-            max_tokens=5,
-        )
-        answer = yield self.complete(follow_up)
+        answer = yield self.complete(tool_round_trip(call, "tools", (WEATHER,)))
         self.assertEqual((answer.tool_calls, answer.done.completion_tokens), ((), 5))
         self.assertTrue(answer.text)
 
@@ -170,20 +182,7 @@ class LlamaServerTests(TestCase):
             "Hi", model="tools", logprobs=True, top_logprobs=2, max_tokens=8, temperature=0.0
         )
         reply = yield self.complete(request)
-        direct = yield http(
-            f"unix:{self.servers['tools'].socket}",
-            b"POST",
-            "/v1/chat/completions",
-            json.dumps(request.to_openai("tools")).encode(),
-            {b"Content-Type": [b"application/json"]},
-        )
-        expected = []
-        for _, payload in SSEParser().feed(direct[2]):
-            choices = [] if payload == "[DONE]" else json.loads(payload)["choices"]
-            for choice in choices:
-                for entry in (choice.get("logprobs") or {}).get("content") or []:
-                    top = [(t["token"], t["logprob"]) for t in entry["top_logprobs"]]
-                    expected.append((entry["token"], entry["logprob"], tuple(entry["bytes"]), top))
+        expected = yield direct_logprobs(self.servers["tools"].socket, request, "tools")
         self.assertTrue(expected)
         self.assertEqual(len(reply.logprobs), len(expected))
         for entry, (token, logprob, raw, top) in zip(reply.logprobs, expected, strict=True):

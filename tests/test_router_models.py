@@ -16,7 +16,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmrouter.chat import Message, ResponseFormat, Tool
+from llmrouter import hpke
+from llmrouter.chat import Message, Tool
 from llmrouter.client import ChatError
 from llmrouter.protocol import (
     ErrorChunk,
@@ -25,7 +26,7 @@ from llmrouter.protocol import (
     ResponseSealer,
     b64u_decode,
 )
-from llmrouter.router.dialects import models_from, template_limits
+from llmrouter.router.dialects import EVERYTHING, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint
 from llmrouter.router.upstream import Backend, BackendPool, CircuitBreaker
@@ -132,15 +133,19 @@ class RouteTests(SynchronousTestCase):
             Endpoint("unix:/a", ("small",), "llmrouter"),
             Endpoint("unix:/b", ("big", "big-alias"), "llama-server"),
             Endpoint("unix:/c", ("big",), "vllm"),
+            Endpoint("unix:/d", ("local",), "ollama"),
         )
         for b in pool.backends:
             b.healthy = True
-        self.assertEqual(pool.models(), ["small", "big", "big-alias"])
-        self.assertEqual(len(pool.route(None).backends), 3)  # no default: any backend, as in v1
+        self.assertEqual(pool.models(), ["small", "big", "big-alias", "local"])
+        self.assertEqual(len(pool.route(None).backends), 4)  # no default: any backend, as in v1
         self.assertEqual([b.name for b in pool.route("big").backends], ["backend-1", "backend-2"])
         self.assertRefused(pool, "model_unknown", 404, "huge")
-        message = self.assertRefused(pool, "unsupported_field", 400, "small", frozenset({"tools"}))
-        self.assertIn("tools", message)
+        wanted = frozenset({"parallel_tool_calls"})
+        message = self.assertRefused(pool, "unsupported_field", 400, "local", wanted)
+        self.assertIn("parallel_tool_calls", message)
+        # our daemon takes every v1.1 field
+        self.assertEqual(len(pool.route("small", EVERYTHING).backends), 1)
         self.assertEqual(len(pool.route("big", frozenset({"tools", "logprobs"})).backends), 2)
         # round robin within the model's pool
         route = pool.route("big")
@@ -200,14 +205,21 @@ class ModelsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_refusals_are_plain_json_before_any_stream(self) -> Any:
-        fake, url = yield backend(self, ["ours"], owned_by="llmrouter")
+        fake, url = yield backend(self, ["ours"], owned_by="llamacpp")
+        fake.props = {
+            "chat_template_caps": {
+                "supports_tools": False,
+                "supports_tool_calls": False,
+                "supports_reasoning_effort": False,
+            }
+        }
         running = yield start_router(self, [url])
         client = running.client()
         cases = [
             (prompt("hi", model="nope"), "model_unknown", 404),
             (prompt("hi", model="ours", tools=TOOLS), "unsupported_field", 400),
-            (prompt("hi", response_format=ResponseFormat("json_object")), "unsupported_field", 400),
-            (prompt("hi", logprobs=True), "unsupported_field", 400),
+            (prompt("hi", reasoning_effort="low"), "unsupported_field", 400),
+            (prompt("hi", tools=TOOLS, parallel_tool_calls=False), "unsupported_field", 400),
         ]
         for request, code, status in cases:
             e = yield self.assertFailure(
@@ -247,6 +259,22 @@ class ModelsTests(TestCase):
         self.assertEqual(e.code, "unsupported_field")
         self.assertIn("tools", e.message)
         self.assertEqual(len(llama.log.bodies), 1)
+
+    @defer.inlineCallbacks
+    def test_cache_key_only_to_our_daemon(self) -> Any:
+        """An auth-mode request's prompt-cache key goes to our daemon only (the same key for
+        the same device); any other kind would only get a tag to link a device's requests by."""
+        ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
+        llama, url1 = yield backend(self, ["l"], owned_by="llamacpp")
+        running = yield start_router(self, [url0, url1])
+        device = running.client(device_key=hpke.generate_key_pair())
+        for model in ("ours", "l", "ours"):
+            yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model=model)))
+        yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="ours")))
+        first, again, base = ours.log.cache_keys
+        self.assertRegex(first or b"", rb"^[A-Za-z0-9_-]{43}$")
+        self.assertEqual((again, base), (first, None))  # base mode: no device, no key
+        self.assertEqual(llama.log.cache_keys, [None])
 
     @defer.inlineCallbacks
     def test_backend_refusal_names_its_code(self) -> Any:

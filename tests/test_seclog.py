@@ -14,6 +14,8 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from llmrouter.router import seclog
+from llmrouter.router.cachekey import HEADER, CacheKeys
+from llmrouter.router.daykey import DayKey
 from llmrouter.router.seclog import Ident, SecurityLog
 
 HASH_KEY = bytes(range(32))
@@ -160,3 +162,37 @@ class CanaryTests(unittest.TestCase):
             self.assertNotIn(needle, output)
         b64 = base64.urlsafe_b64encode(device).decode().rstrip("=")
         self.assertNotIn(b64[:12], output)
+
+
+class CacheKeyTests(unittest.TestCase):
+    """The backend's prompt-cache key: per device, keyed, unrelated to the log's identifier,
+    under a key of its own that is replaced at every UTC midnight."""
+
+    def test_keyed_per_device(self) -> None:
+        secret = b"k" * 32
+        keys = CacheKeys(DayKey(new_key=lambda: secret))
+        device, other = b"\x01" * 32, b"\x02" * 32
+        (value,) = keys.headers(device)[HEADER]
+        self.assertEqual(keys.headers(device), {HEADER: [value]})
+        self.assertNotEqual(keys.headers(other)[HEADER], [value])
+        self.assertNotEqual(
+            CacheKeys(DayKey(new_key=lambda: b"j" * 32)).headers(device)[HEADER], [value]
+        )
+        self.assertEqual(keys.headers(None), {})
+        self.assertRegex(value, rb"^[A-Za-z0-9_-]{43}$")
+        log = SecurityLog(emit=lambda line: None, new_key=lambda: secret)
+        self.assertNotIn(log.ident(device).encode(), value)
+        self.assertNotIn(secret[:8].hex(), repr(keys))
+
+    def test_random_and_replaced_every_day(self) -> None:
+        clock = Clock()
+        clock.advance(86400 - 10)
+        device = b"\x01" * 32
+        keys = CacheKeys(DayKey(clock))
+        today = keys.headers(device)[HEADER]
+        self.assertEqual(keys.headers(device)[HEADER], today)
+        other_router = CacheKeys(DayKey(clock))  # random: each router has its own
+        self.assertNotEqual(other_router.headers(device)[HEADER], today)
+        clock.advance(10)  # UTC midnight
+        self.assertNotEqual(keys.headers(device)[HEADER], today)
+        self.assertEqual(clock.getDelayedCalls(), [])

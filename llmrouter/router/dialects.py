@@ -38,20 +38,26 @@ EVERYTHING = frozenset(
 
 @dataclass(frozen=True)
 class Dialect:
-    """One kind of backend: the features it implements and how its body is spelled."""
+    """One kind of backend: the features it implements and how its body is spelled.
+
+    ``cache_key``: the backend keeps a prompt cache per ``X-LLMRouter-Cache-Key`` (our daemon);
+    no other kind is sent that header.
+    """
 
     kind: str
     features: frozenset[str]
     max_tokens_field: str = "max_tokens"
+    cache_key: bool = False
 
     def body(self, request: ChatRequest, model: str | None) -> bytes:
         return json.dumps(request.to_openai(model, self.max_tokens_field)).encode("utf-8")
 
 
 DIALECTS = {
-    # Our daemon as it is: text, sampling and seed. It ignores fields it does not know, so nothing
-    # else may reach it (a JSON schema would be answered with free text).
-    "llmrouter": Dialect("llmrouter", frozenset({"seed"})),
+    # Our daemon: everything. Tools reach a template without tool support as the generic call
+    # format in the system message; JSON output and forced calls are grammar-constrained; a field
+    # it does not know it refuses by name (docs/inference.md). It keeps a prompt cache per key.
+    "llmrouter": Dialect("llmrouter", EVERYTHING, cache_key=True),
     # llama-server --jinja: everything; tools only when its template handles them (see /props).
     "llama-server": Dialect("llama-server", EVERYTHING),
     # vLLM: everything (tools need --enable-auto-tool-choice, reasoning a --reasoning-parser);

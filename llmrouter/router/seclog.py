@@ -28,13 +28,14 @@ import hmac
 import json
 import math
 import re
-import secrets
 import time
 from collections.abc import Callable
 
 from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from llmrouter.router.daykey import DayKey, random_key
 
 __all__ = ["EVENTS", "SECURITY_EVENTS", "Ident", "SecurityLog"]
 
@@ -59,7 +60,6 @@ EVENTS = frozenset(
 SECURITY_EVENTS = Counter("llmrouter_security_events", "Security events by name", ["event"])
 
 IDENT_CHARS = 16
-DAY_SECONDS = 86400
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _FIELD = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _TOKEN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -90,14 +90,12 @@ class SecurityLog:
         emit: Callable[[str], None] | None = None,
         clock: IReactorTime | None = None,
         counter: Counter | None = None,
-        new_key: Callable[[], bytes] = lambda: secrets.token_bytes(32),
+        new_key: Callable[[], bytes] = random_key,
     ) -> None:
         self._emit = emit if emit is not None else _twisted_emit
         self._clock = clock
         self._counter = counter if counter is not None else SECURITY_EVENTS
-        self._new_key = new_key
-        self._day = -1
-        self._key = bytearray()
+        self._key = DayKey(clock, new_key)
 
     def __repr__(self) -> str:
         return "SecurityLog(<hash key redacted>)"
@@ -105,20 +103,10 @@ class SecurityLog:
     def _now(self) -> float:
         return self._clock.seconds() if self._clock is not None else time.time()
 
-    def _day_key(self) -> bytearray:
-        day = int(self._now() // DAY_SECONDS)
-        if day != self._day:
-            key = self._new_key()
-            if not isinstance(key, bytes) or len(key) < 16:
-                raise ValueError("a hash key must be at least 16 bytes")
-            self._key[:] = bytes(len(self._key))  # yesterday's key is gone, not just unused
-            self._key, self._day = bytearray(key), day
-        return self._key
-
     def ident(self, value: bytes | str) -> Ident:
         """HMAC-SHA256(the day's key, value), hex, truncated to 16 characters (64 bits)."""
         data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        digest = hmac.new(self._day_key(), data, hashlib.sha256).hexdigest()
+        digest = hmac.new(self._key.current(), data, hashlib.sha256).hexdigest()
         return Ident(digest[:IDENT_CHARS])
 
     def format(self, name: str, **fields: str | int | float | bool) -> str:

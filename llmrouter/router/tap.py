@@ -26,7 +26,9 @@ from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission, Tables
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.budget import PrivacyBudget
+from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
+from llmrouter.router.daykey import DayKey
 from llmrouter.router.devices import KnownDevices
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.ratelimit import RateLimiter
@@ -222,6 +224,7 @@ class Router:
             self.pool,
             self.admission,
             self.metrics,
+            CacheKeys(DayKey(clock)),
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()

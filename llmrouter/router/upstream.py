@@ -690,9 +690,11 @@ class ChatCall:
         deadline: float,
         rng: random.Random | None = None,
         route: Route | None = None,
+        headers: Mapping[bytes, list[bytes]] | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
+        self._extra_headers = dict(headers or {})
         self._settings = settings
         self._metrics = metrics
         self._chat = request
@@ -755,6 +757,13 @@ class ChatCall:
             body = self._bodies[key] = backend.dialect.body(self._chat, model)
         return body
 
+    def _headers(self, backend: Backend) -> dict[bytes, list[bytes]]:
+        """The extra headers (the prompt-cache key) go only to a backend of our own kind: to any
+        other they would be a stable per-device tag that backend could link requests by."""
+        if backend.dialect.cache_key:
+            return {**_JSON_HEADERS, **self._extra_headers}
+        return _JSON_HEADERS
+
     def _try(self) -> None:
         backend = self._pool.choose(self._tried, self._route)
         if backend is None:
@@ -769,7 +778,7 @@ class ChatCall:
         request = backend.agent.request(
             b"POST",
             backend.uri("/v1/chat/completions"),
-            Headers(_JSON_HEADERS),
+            Headers(self._headers(backend)),
             _BytesProducer(self._body(backend)),
         )
         self._request = request

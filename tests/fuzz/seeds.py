@@ -80,12 +80,75 @@ def main() -> None:
     document = p.build_key_document([key, upcoming], nacl.signing.SigningKey(bytes(32)), NOW)
     payload = p.b64u_decode(json.loads(document)["payload"], "payload")
     _write("keydoc", document, payload)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather"}}
+    call["function"]["arguments"] = '{"city":"Oslo"}'
+    city = {"type": "string", "enum": ["Oslo", "Paris"]}
+    unit = {"type": "string", "pattern": "^[a-z]{1,9}$"}
+    weather = {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": city, "unit": unit},
+            "required": ["city"],
+        },
+    }
+    person = {
+        "name": "p",
+        "strict": True,
+        "schema": {
+            "$defs": {"tag": {"enum": ["x", "y"]}},
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 10},
+                "age": {"type": "integer"},
+                "when": {"type": "string", "format": "date-time"},
+                "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
+                "any": {"anyOf": [{"type": "null"}, {"type": "number"}]},
+            },
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+    }
     _write(
         "guardrails",
         b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":8,'
         b'"temperature":0.2,"top_p":0.5,"stop":["x"],"stream":true,"seed":1}',
         b'{"prompt":"once upon","max_tokens":4,"stream":false}',
         b'{"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}',
+        # issue 9: a tool round trip with a forced call, a JSON schema the converter turns into
+        # a grammar, logprobs, penalties, n, reasoning and template options
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+                ],
+                "tools": [{"type": "function", "function": weather}],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+                "stream": True,
+            },
+            separators=(",", ":"),
+        ).encode(),
+        json.dumps(
+            {
+                "messages": [{"role": "user", "content": "who?"}],
+                "response_format": {"type": "json_schema", "json_schema": person},
+                "logprobs": True,
+                "top_logprobs": 2,
+                "presence_penalty": 0.5,
+                "frequency_penalty": -0.5,
+                "n": 2,
+                "seed": 3,
+            },
+            separators=(",", ":"),
+        ).encode(),
+        b'{"messages":[{"role":"developer","content":"x"},{"role":"user","content":"y"}],'
+        b'"tools":[{"type":"function","function":{"name":"t","parameters":{"type":"object",'
+        b'"properties":{"a":{"type":"array","prefixItems":[{"const":1},{"type":"boolean"}]}}}}}],'
+        b'"tool_choice":{"type":"function","function":{"name":"t"}},"reasoning_effort":"low",'
+        b'"reasoning_format":"deepseek","chat_template_kwargs":{"enable_thinking":false}}',
     )
 
 

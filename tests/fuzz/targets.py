@@ -5,7 +5,8 @@
 Targets: ``envelope`` (the router's request envelope), ``plaintext`` (a decrypted request),
 ``sse`` (the event-stream parser and the client's response opener), ``keydoc`` (the client's
 key-document verifier, with and without a valid signature over the fuzzed payload), and
-``guardrails`` (the inference daemon's request validation). Each may refuse its input only with
+``guardrails`` (the inference daemon's request validation and the grammars it makes of JSON
+schemas and forced tool calls). Each may refuse its input only with
 the error type it documents; any other exception (a crash, a ``TypeError`` that would be a 500)
 ends the run with a non-zero status and the input saved. ``make fuzz`` runs each for a few
 seconds from the seed corpus in ``tests/fuzz/corpus/``; docs/security-testing.md has the longer
@@ -22,7 +23,7 @@ import atheris
 with atheris.instrument_imports():
     import nacl.signing
 
-    from inference import guardrails
+    from inference import grammars, guardrails
     from llmrouter import protocol
     from llmrouter.sse import SSEError, SSEParser
 
@@ -83,12 +84,30 @@ def _signed(payload: bytes) -> bytes:
 
 
 def guardrail(data: bytes) -> None:
+    """Both request parsers, then the grammars a chat request's JSON schema and forced tool call
+    become (the daemon answers ``unsupported_schema`` for a SchemaError)."""
     try:
         body = guardrails.parse_json(data)
-        guardrails.parse_chat(body, max_tokens_cap=256)
+    except guardrails.APIError as e:
+        assert 400 <= e.status < 500, e.status
+        return
+    try:
         guardrails.parse_completion(body, max_tokens_cap=256)
     except guardrails.APIError as e:
         assert 400 <= e.status < 500, e.status
+    try:
+        chat = guardrails.parse_chat(body, max_tokens_cap=256)
+    except guardrails.APIError as e:
+        assert 400 <= e.status < 500, e.status
+        return
+    try:
+        if chat.response_format == "json_schema":
+            grammars.json_schema_grammar(chat.schema)
+        if chat.tools.forced:
+            for style in ("hermes", "llama3", "harmony", "generic"):
+                grammars.tool_call_grammar(chat.tools.forced, style, chat.tools.parallel)
+    except grammars.SchemaError:
+        pass
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -1,6 +1,6 @@
 /**
  * Protocol v1.1 end to end, through a real `twistd llmrouter`: model selection between two real
- * inference daemons, and reasoning, a forced tool call, JSON-schema output and logprobs from a
+ * inference daemons and a forced tool call from one of them (its grammar), and reasoning, a forced tool call, JSON-schema output and logprobs from a
  * stock llama-server on the tiny model with real chat templates (as the router's own tests in
  * tests/test_router_llama_server.py do). A random-weight model calls no tool and writes no JSON
  * by itself: llama-server's grammar for the schema and for tool calls, and an assistant prefill
@@ -93,11 +93,23 @@ describe('protocol v1.1: two inference daemons serving two models', { timeout: 2
     assert.equal(chats().length, 1);
   });
 
-  it('refuses a field the model cannot carry by name (our daemon takes no tools)', async () => {
+  it('a forced tool call from our daemon arrives in fragments and parses (its grammar)', async () => {
     const client = new LLMRouterClient({ url: router.url, pin: router.pin });
-    await assert.rejects(client.complete({ messages: [{ role: 'user', content: 'hi' }], model: 'small', tools: [WEATHER] }), (e: unknown) => {
-      return e instanceof RouterError && e.code === 'unsupported_field' && e.status === 400 && e.message.includes('tools');
-    });
+    const streamed: ChatEvent[] = [];
+    const reply = await client.complete(
+      { messages: [{ role: 'user', content: 'Weather in Oslo?' }], model: 'small', tools: [WEATHER], tool_choice: 'required', parallel_tool_calls: false, temperature: 0, max_tokens: 300 },
+      { onEvent: (e) => streamed.push(e) },
+    );
+    const fragments = streamed.filter((e) => e.type === 'tool_call');
+    assert.equal(fragments.length, streamed.length - 1); // then the final event
+    const first = fragments[0];
+    assert.ok(first?.type === 'tool_call' && first.index === 0 && first.name === 'get_weather' && first.id);
+    assert.equal(reply.finish_reason, 'tool_calls');
+    const [call] = reply.tool_calls;
+    assert.equal(reply.tool_calls.length, 1);
+    assert.ok(call !== undefined && call.id === first.id && call.function.name === 'get_weather');
+    assert.equal(call.function.arguments, fragments.map((e) => (e.type === 'tool_call' ? e.arguments : '')).join(''));
+    assert.ok(CITIES.includes((JSON.parse(call.function.arguments) as { city: string }).city));
   });
 });
 

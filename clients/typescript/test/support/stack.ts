@@ -252,7 +252,7 @@ export async function startLlamaServer(binary: string, alias: string, template?:
   const model = join(directory, 'tiny.gguf');
   const templateFile = template === undefined ? '' : join(REPO, 'tests', 'data', 'templates', `${template}.jinja`);
   const write = 'import sys, pathlib; from tests import tinymodel; t = sys.argv[2]; '
-    + 'tinymodel.write_tiny_model(pathlib.Path(sys.argv[1]), pathlib.Path(t).read_text() if t else tinymodel.CHAT_TEMPLATE)';
+    + 'tinymodel.write_tiny_model(pathlib.Path(sys.argv[1]), chat_template=pathlib.Path(t).read_text() if t else None)';
   await python('-c', write, model, templateFile);
   const socket = join(directory, 'llama.sock');
   const args = ['-m', model, '--host', socket, '--alias', alias, '--jinja', '--no-webui'];
