@@ -280,3 +280,72 @@ class SlowReaderTests(TestCase):
         running, raw = yield self.stalled(50, request_ttl_seconds=20, write_stall_seconds=1000)
         elapsed = running.router.clock.seconds() - 1_700_000_000
         yield self.check_dropped(running, raw, 20 - elapsed, "deadline")
+
+
+class StallTimerTests(TestCase):
+    """The write-stall limit on a clock: one lazily re-armed timer, not one per pause."""
+
+    def stream(self) -> tuple[Any, Any, Any, Any]:
+        from types import SimpleNamespace
+
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from llmrouter.protocol import ResponseSealer
+        from llmrouter.router.metrics import RouterMetrics
+        from llmrouter.router.stream import EncryptedStream
+
+        class Request(DummyRequest):
+            def registerProducer(self, producer: Any, streaming: bool) -> None:
+                self.producer = producer  # DummyRequest's loops over resumeProducing
+
+        clock, request, metrics = Clock(), Request([b"api", b"chat"]), RouterMetrics()
+        request.channel = SimpleNamespace(transport=StringTransport())
+        stream = EncryptedStream(
+            request,
+            ResponseSealer(b"s" * 32, b"e" * 32),
+            clock,
+            metrics,
+            0.0,
+            1000.0,
+            deadline=1000.0,
+            write_stall=30.0,
+        )
+        stream.token("first")
+        return stream, clock, metrics, request
+
+    def dropped(self, metrics: Any) -> float:
+        value = metrics.registry.get_sample_value(
+            "llmrouter_streams_dropped_total", {"reason": "write_stall"}
+        )
+        return value or 0.0
+
+    def test_a_reader_that_keeps_resuming_is_never_dropped(self) -> None:
+        stream, clock, metrics, request = self.stream()
+        for _ in range(100):  # many short pauses: still one stall timer in the reactor
+            stream.pauseProducing()
+            clock.advance(1)
+            stream.resumeProducing()
+        self.assertEqual(len([c for c in clock.getDelayedCalls() if c.func == stream._stalled]), 1)
+        clock.advance(60)
+        self.assertEqual(self.dropped(metrics), 0)
+        self.assertFalse(stream.client_gone)
+        self.assertFalse(request.channel.transport.disconnecting)
+        stream.stopProducing()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_the_limit_counts_from_the_current_pause(self) -> None:
+        stream, clock, metrics, request = self.stream()
+        stream.pauseProducing()  # the timer is armed for t=30
+        clock.advance(10)
+        stream.resumeProducing()
+        clock.advance(15)
+        stream.pauseProducing()  # paused since t=25: the t=30 timer re-arms for t=55
+        clock.advance(29.5)
+        self.assertEqual(self.dropped(metrics), 0)
+        clock.advance(0.5)
+        self.assertEqual(self.dropped(metrics), 1)
+        self.assertTrue(stream.client_gone)
+        self.assertTrue(request.channel.transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
