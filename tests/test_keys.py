@@ -67,6 +67,7 @@ class CreationTests(KeyStoreTestCase):
                 "state.json",
                 "signing.key",
                 "pow.key",
+                "state-hash.key",
                 "hpke-00.key",
                 "hpke-01.key",
             },

@@ -524,7 +524,7 @@ class AdmissionTests(TestCase):
         ``device_streams`` refusals still spent a device's budget (issue 8)."""
         running = yield self.router(Script(hang=True), max_streams_per_device=1, max_streams=2)
         device, other = hpke.generate_key_pair(), hpke.generate_key_pair()
-        budget = running.router.admission.budget
+        budget = running.router.store.budget
         body, _, _ = yield sealed(running, device=device)
         first = post_chat(running.url, body)
         while running.router.admission.slots.open < 1:
@@ -551,7 +551,7 @@ class AdmissionTests(TestCase):
         self.fake.models = ["m"]
         yield running.router.pool.probe(running.router.pool.backends[0])
         device = hpke.generate_key_pair()
-        budget = running.router.admission.budget
+        budget = running.router.store.budget
         body, _, _ = yield sealed(running, prompt("hi", model="nope"), device=device)
         yield self.rejected(running, body, 404, "model_unknown")
         self.assertEqual(budget.remaining(device.pk), 10.0)
