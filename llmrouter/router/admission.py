@@ -241,7 +241,7 @@ class Admission:
             check_timestamp(envelope.ts, now)
         except ProtocolError as e:
             raise self.reject(e, ip) from None
-        if envelope.ts < self.started:
+        if envelope.ts < max(self.started, verdict.since):
             raise self.reject(
                 ProtocolError("stale", "the request predates the router's start: seal it again"),
                 ip,

@@ -67,12 +67,15 @@ class Gate:
 @dataclass(frozen=True)
 class Verdict:
     """The gate's answer: the first refusal (an error code) or None; ``new``: the device has
-    not been admitted before; ``seen``: ``enc`` was recorded inside the replay window."""
+    not been admitted before; ``seen``: ``enc`` was recorded inside the replay window;
+    ``since``: when the store's memory begins (a request sealed before may have been accepted
+    and forgotten, e.g. by a Redis that restarted: it is stale)."""
 
     refusal: str | None = None
     retry_after: float = 0.0
     new: bool = False
     seen: bool = False
+    since: float = 0.0
 
 
 @dataclass(frozen=True)

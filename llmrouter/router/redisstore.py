@@ -73,6 +73,7 @@ BACKOFF_INITIAL, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
 # How long a device stays known: the day's name is found on that day and the next, and each
 # request moves it to the current day, so a device idle for longer solves one more proof of work.
 KNOWN_SECONDS = 2 * 86400
+SINCE = PREFIX + "since"  # when Redis's memory began (the only name that is not a hash)
 _UNUSED = PREFIX + "-"  # a key a script is handed but does not touch (base mode, junk)
 
 # Shared by the scripts: the routers' clock, expiry-valued entries and GCRA.
@@ -103,10 +104,11 @@ end
 """
 
 # KEYS: address (2), known (2), spent solution (2), new devices (2), replay (2), today's
-# name then yesterday's. ARGV: now, address interval and tolerance, full (0: junk, count the
-# address only), device, pow if known, pow if new, solution, valid if known, valid if new,
-# solution ttl, new-device interval and tolerance, known seconds.
-# Returns {refusal or '', retry after, new, seen}.
+# name then yesterday's; the marker of when Redis's memory began (its TTL, a day, is renewed).
+# ARGV: now, address interval and tolerance, full (0: junk, count the address only), device,
+# pow if known, pow if new, solution, valid if known, valid if new, solution ttl, new-device
+# interval and tolerance, known seconds.
+# Returns {refusal or '', retry after, new, seen[, since]}.
 GATE = (
     _LUA_COMMON
     + """
@@ -116,7 +118,7 @@ if ARGV[4] == '0' then return {'', '0', 0, 0} end
 local new = 0
 if ARGV[5] == '1' then
   if live(KEYS[3]) or live(KEYS[4]) then
-    mark(KEYS[3], now + tonumber(ARGV[15]))
+    mark(KEYS[3], now + tonumber(ARGV[14]))
     redis.call('DEL', KEYS[4])
   else
     new = 1
@@ -135,7 +137,15 @@ if new == 1 then
 end
 local seen = 0
 if live(KEYS[9]) or live(KEYS[10]) then seen = 1 end
-return {'', '0', new, seen}
+-- When this memory began: a Redis that restarted has forgotten every enc it held.
+local since = redis.call('GET', KEYS[11])
+if since == false then
+  since = string.format('%d', math.floor(now))
+  redis.call('SET', KEYS[11], since, 'PX', 86400000)
+elseif redis.call('PTTL', KEYS[11]) < 43200000 then
+  redis.call('PEXPIRE', KEYS[11], 86400000)
+end
+return {'', '0', new, seen, since}
 """
 )
 
@@ -353,8 +363,17 @@ class RedisStore:
             self._was_up = self.available
             if self.available:
                 _log.info("shared state (Redis) connected")
+                self._mark_since()
             else:
                 _log.warn("shared state (Redis) unreachable: admission refuses requests")
+
+    def _mark_since(self) -> None:
+        """Record when Redis's memory began, unless it was (first on each new connection, so
+        before any gate on it): a Redis that restarted empty makes older requests stale."""
+        assert self._factory is not None
+        since = str(int(self._clock.seconds()))  # whole seconds, as request timestamps are
+        d = self._factory.handler.set(SINCE, since, only_if_not_exists=True, pexpire=86400000)
+        d.addErrback(lambda _: self._metrics.state_errors.labels("since").inc())
 
     # One script call.
 
@@ -398,6 +417,7 @@ class RedisStore:
             *(n.both("p", query.solution) if full and query.solution else unused),
             *(n.both("n", query.address) if device else unused),
             *(n.both("r", query.enc) if query.enc is not None else unused),
+            SINCE,
         ]
         args = [
             repr(now),
@@ -415,8 +435,14 @@ class RedisStore:
         ]
 
         def verdict(reply: list[Any]) -> Verdict:
-            refusal, retry, new, seen = reply
-            return Verdict(refusal or None, float(retry), bool(int(new)), bool(int(seen)))
+            refusal, retry, new, seen, *since = reply
+            return Verdict(
+                refusal or None,
+                float(retry),
+                bool(int(new)),
+                bool(int(seen)),
+                float(since[0]) if since else 0.0,
+            )
 
         return self._call("gate", GATE, keys, args).addCallback(verdict)
 
