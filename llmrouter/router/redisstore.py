@@ -29,7 +29,8 @@ they expire.
 When Redis cannot answer (not connected, a reply slower than :data:`REPLY_TIMEOUT`, an error),
 the question fails and admission refuses the request (503 ``overloaded``): a store that cannot
 check replay must not let requests through. txredisapi reconnects with capped exponential
-backoff; ``llmrouter_state_up`` says whether the router is connected, ``/health`` says degraded.
+backoff (also when no reply came for :data:`REPLY_TIMEOUT`: Redis hangs);
+``llmrouter_state_up`` says whether the router is connected, ``/health`` says degraded.
 """
 
 from __future__ import annotations
@@ -65,14 +66,18 @@ __all__ = ["COMMIT", "GATE", "KNOWN_SECONDS", "REPLY_TIMEOUT", "RedisStore", "St
 _log = Logger(namespace="llmrouter.router.redisstore")
 
 PREFIX = "llmr:"
-# A reply slower than this fails the request (and drops the connection, which reconnects).
-REPLY_TIMEOUT = 1.0
+# A reply slower than this fails the request. It is measured on the router's own event loop, so
+# it allows for a router busy relaying many streams (each admission waits a few loop iterations
+# for its two replies; bench/scale_out_bench.py saw 2.5 s at full load); when no reply at all
+# came meanwhile, Redis hangs: the connection is dropped and made again.
+REPLY_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2
 # Reconnection backoff: 0.1 s, doubling, at most 5 s (with txredisapi's jitter).
 BACKOFF_INITIAL, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
 # How long a device stays known: the day's name is found on that day and the next, and each
 # request moves it to the current day, so a device idle for longer solves one more proof of work.
 KNOWN_SECONDS = 2 * 86400
+_SHA: dict[str, str] = {}  # script -> SHA-1, the name EVALSHA calls it by
 SINCE = PREFIX + "since"  # when Redis's memory began (the only name that is not a hash)
 _UNUSED = PREFIX + "-"  # a key a script is handed but does not touch (base mode, junk)
 
@@ -317,6 +322,7 @@ class RedisStore:
         self._leases: dict[str, str] = {}  # lease id -> its stream set's name
         self._renewer: LoopingCall | None = None
         self._was_up = False
+        self._replied_at = 0.0  # time.perf_counter() of the last reply
         self.available = False
         s = settings
         self._address = _gcra(s.rate_limit_per_minute, s.rate_limit_burst)
@@ -340,7 +346,6 @@ class RedisStore:
             isLazy=True,
             password=password,
             username=user,
-            replyTimeout=REPLY_TIMEOUT,
         )
         self._factory.startConnecting(endpoint_for(self._reactor, s.state_url, s.state_tls_ca))
         self._renewer = LoopingCall(self._renew)
@@ -384,13 +389,17 @@ class RedisStore:
         started = time.perf_counter()
         answer: Deferred[Any] = Deferred()
 
-        def late() -> None:  # e.g. waiting for a connection that was lost meanwhile
+        def late() -> None:
             self._metrics.state_errors.labels(operation).inc()
             answer.errback(StateUnavailable("timeout"))
+            if self._replied_at < started and self._factory is not None:
+                for connection in list(self._factory.pool):  # nothing came back: it hangs
+                    connection.transport.abortConnection()
 
         timer = self._reactor.callLater(REPLY_TIMEOUT, late)
 
         def done(reply: Any) -> None:
+            self._replied_at = time.perf_counter()
             if not timer.active():
                 return  # answered too late: the request was refused already
             timer.cancel()
@@ -401,8 +410,23 @@ class RedisStore:
                 self._metrics.state_seconds.labels(operation).observe(time.perf_counter() - started)
                 answer.callback(reply)
 
-        self._factory.handler.eval(script, keys, args).addBoth(done)
+        self._evalsha(script, [k.encode() for k in keys], [a.encode() for a in args]).addBoth(done)
         return answer
+
+    def _evalsha(self, script: str, keys: list[bytes], args: list[bytes]) -> Deferred[Any]:
+        """EVALSHA, and EVAL when the server does not have the script (after its restart)."""
+        assert self._factory is not None
+        handler = self._factory.handler
+        sha = _SHA.get(script)
+        if sha is None:
+            sha = _SHA[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
+
+        def missing(failure: Failure) -> Deferred[Any]:
+            failure.trap(txredisapi.ScriptDoesNotExist)
+            return handler.eval(script, keys, args)  # type: ignore[no-any-return]
+
+        d: Deferred[Any] = handler.evalsha(sha, keys, args)
+        return d.addErrback(missing)
 
     # The two questions.
 
