@@ -25,8 +25,12 @@ def redis_binary(testcase: Any) -> str:
     return path
 
 
+CONFIG = Path(__file__).resolve().parent.parent / "etc" / "redis" / "llmrouter.conf"
+
+
 class RedisServer:
-    """``redis-server`` with the configuration docs/deployment.md documents: no RDB, no AOF."""
+    """``redis-server`` with the configuration docs/deployment.md documents
+    (etc/redis/llmrouter.conf: no RDB, no AOF, no eviction), on a socket of its own."""
 
     def __init__(self, testcase: Any) -> None:
         self.binary = redis_binary(testcase)
@@ -44,18 +48,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary,
-                "--port",
-                "0",
+                str(CONFIG),
                 "--unixsocket",
                 str(self.socket),
                 "--unixsocketperm",
                 "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
                 "--dir",
                 str(self.directory),
             ],
@@ -115,4 +112,4 @@ def start_redis(testcase: Any) -> RedisServer:
     return RedisServer(testcase).start()
 
 
-__all__ = ["Path", "RedisServer", "redis_binary", "start_redis"]
+__all__ = ["CONFIG", "RedisServer", "redis_binary", "start_redis"]

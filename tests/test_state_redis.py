@@ -349,6 +349,14 @@ class PrivacyTests(TwoRouters):
             self.assertRegex(value, r"\A[0-9a-f.\nse]*\Z", key)  # numbers and lease ids only
         for stream in held:
             stream.cancel()
+        # the documented configuration keeps all of it in memory: nothing on disk, even after
+        # Redis stops
+        config = self.redis.cli("CONFIG", "GET", "*").split("\n")
+        settings = dict(zip(config[::2], config[1::2], strict=False))
+        self.assertEqual((settings["save"], settings["appendonly"]), ("", "no"))
+        self.assertEqual(settings["maxmemory-policy"], "noeviction")
+        self.redis.stop()
+        self.assertEqual(sorted(p.name for p in self.redis.directory.iterdir()), ["redis.log"])
 
 
 class FollowerTests(TwoRouters):
