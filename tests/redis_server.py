@@ -3,27 +3,14 @@ cleanup (Debian's ``redis-server``, installed by etc/dev/ci-deps)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from twisted.trial import unittest
-
 from tests.router_support import short_tempdir
-
-
-def redis_binary(testcase: Any) -> str:
-    path = shutil.which("redis-server")
-    if path is None:
-        if os.environ.get("CI") == "true":
-            testcase.fail("redis-server is missing in CI: run etc/dev/ci-deps")
-        raise unittest.SkipTest("redis-server not installed (etc/dev/ci-deps installs it)")
-    return path
-
+from tests.tools import require_tool
 
 CONFIG = Path(__file__).resolve().parent.parent / "etc" / "redis" / "llmrouter.conf"
 
@@ -32,8 +19,9 @@ class RedisServer:
     """``redis-server`` with the configuration docs/deployment.md documents
     (etc/redis/llmrouter.conf: no RDB, no AOF, no eviction), on a socket of its own."""
 
-    def __init__(self, testcase: Any) -> None:
-        self.binary = redis_binary(testcase)
+    def __init__(self, testcase: Any, *options: str) -> None:
+        self.binary = require_tool(testcase, "redis-server")
+        self.options = options  # more redis-server options (--requirepass, TLS)
         self.directory = short_tempdir(testcase)
         self.socket = self.directory / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,6 +43,7 @@ class RedisServer:
                 "700",
                 "--dir",
                 str(self.directory),
+                *self.options,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -80,10 +69,10 @@ class RedisServer:
         path = self.directory / "redis.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def cli(self, *args: str) -> str:
+    def cli(self, *args: str, options: tuple[str, ...] = ()) -> str:
         """``redis-cli`` against this server (blocking; for assertions only)."""
         result = subprocess.run(
-            ["redis-cli", "-s", str(self.socket), "--raw", *args],
+            ["redis-cli", "-s", str(self.socket), *options, "--raw", *args],
             capture_output=True,
             text=True,
             check=True,
@@ -108,8 +97,8 @@ class RedisServer:
         return found
 
 
-def start_redis(testcase: Any) -> RedisServer:
-    return RedisServer(testcase).start()
+def start_redis(testcase: Any, *options: str) -> RedisServer:
+    return RedisServer(testcase, *options).start()
 
 
-__all__ = ["CONFIG", "RedisServer", "redis_binary", "start_redis"]
+__all__ = ["CONFIG", "RedisServer", "start_redis"]

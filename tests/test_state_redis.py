@@ -301,6 +301,30 @@ class OutageTests(TwoRouters):
         self.assertEqual(status, 200)
 
 
+class ConnectionTests(TwoRouters):
+    @defer.inlineCallbacks
+    def test_password_and_database(self) -> Any:
+        """``unix://:PASSWORD@/PATH?db=N``: AUTH, then SELECT; a wrong password never connects
+        and every chat is refused."""
+        self.redis = start_redis(self, "--requirepass", "pa:ss@word")
+        url = f"unix://:pa%3Ass%40word@{self.redis.socket}?db=3"
+        a, b = yield self.routers(state_url=url)
+        body, _, _ = yield sealed(a)
+        self.assertEqual((yield self.status(a, body)), 200)
+        self.assertEqual((yield self.status(b, body)), (409, "replay"))
+        auth = ("--pass", "pa:ss@word", "--no-auth-warning")
+        self.assertTrue(self.redis.cli("-n", "3", "--scan", options=auth).split())
+        self.assertEqual(self.redis.cli("-n", "0", "--scan", options=auth).split(), [])
+        _, backend = yield start_fault_backend(self, Script())
+        wrong = yield start_router(
+            self, [backend], state_url=f"unix://:nope@{self.redis.socket}?db=3"
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(wrong.router.store.available)
+        body, _, _ = yield sealed(wrong)
+        self.assertEqual((yield self.status(wrong, body)), (503, "overloaded"))
+
+
 def _forms(value: bytes) -> list[str]:
     """How a raw identifier could appear in Redis: hex, base64, base64url, and as text."""
     forms = [value.hex(), base64.b64encode(value).decode(), b64u_encode(value)]
