@@ -324,6 +324,31 @@ class ConnectionTests(TwoRouters):
         body, _, _ = yield sealed(wrong)
         self.assertEqual((yield self.status(wrong, body)), (503, "overloaded"))
 
+    @defer.inlineCallbacks
+    def test_tls(self) -> Any:
+        """``rediss://`` verifies Redis's certificate against ``STATE_TLS_CA`` (and its name):
+        the right CA connects, another CA never does."""
+        from tests.certs import make_pki
+        from tests.test_router_mtls_upstream import free_port
+
+        certs = make_pki(short_tempdir(self))
+        port = free_port()
+        self.redis = start_redis(
+            self,
+            *("--tls-port", str(port), "--tls-auth-clients", "no"),
+            *("--tls-cert-file", str(certs.server.cert), "--tls-key-file", str(certs.server.key)),
+            *("--tls-ca-cert-file", str(certs.ca)),
+        )
+        a, _ = yield self.routers(state_url=f"rediss://localhost:{port}/0", state_tls_ca=certs.ca)
+        body, _, _ = yield sealed(a)
+        self.assertEqual((yield self.status(a, body)), 200)
+        _, backend = yield start_fault_backend(self, Script())
+        other = yield start_router(
+            self, [backend], state_url=f"rediss://localhost:{port}/0", state_tls_ca=certs.other_ca
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertFalse(other.router.store.available)
+
 
 def _forms(value: bytes) -> list[str]:
     """How a raw identifier could appear in Redis: hex, base64, base64url, and as text."""

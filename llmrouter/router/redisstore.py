@@ -347,6 +347,8 @@ class RedisStore:
             password=password,
             username=user,
         )
+        # fires once: connected, or refused at AUTH/SELECT (a wrong password or database)
+        self._factory.deferred.addErrback(self._refused)
         self._factory.startConnecting(endpoint_for(self._reactor, s.state_url, s.state_tls_ca))
         self._renewer = LoopingCall(self._renew)
         self._renewer.clock = self._clock
@@ -361,6 +363,10 @@ class RedisStore:
             return None
         stopped: Deferred[None] = factory.disconnect()
         return stopped.addErrback(lambda _: None)
+
+    def _refused(self, failure: Failure) -> None:
+        # txredisapi's message quotes Redis's reply, never the password
+        _log.error("shared state (Redis) refused the connection: {why}", why=str(failure.value))
 
     def _changed(self, up: bool) -> None:
         self.available = up and self._factory is not None
