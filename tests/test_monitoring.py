@@ -145,7 +145,7 @@ class PromtoolTests(unittest.TestCase):
         (tmp / "prometheus.yml").write_text(config)
         result = self.run_promtool("check", "config", "prometheus.yml", cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 23 rules found", result.stdout)
+        self.assertIn("SUCCESS: 24 rules found", result.stdout)
 
 
 class DashboardQueryTests(unittest.TestCase):
