@@ -169,6 +169,8 @@ def aead_seal(key: Buffer, nonce: Buffer, aad: Buffer, pt: Buffer) -> bytes:
 
 
 def aead_open(key: Buffer, nonce: Buffer, aad: Buffer, ct: Buffer) -> bytes:
+    if len(bytes(ct)) < N_T:  # PyNaCl raises a bare ValueError from cffi for these
+        raise OpenError("decryption failed")
     try:
         return sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
             bytes(ct), bytes(aad), bytes(nonce), bytes(key)
