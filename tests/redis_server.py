@@ -19,10 +19,10 @@ class RedisServer:
     """``redis-server`` with the configuration docs/deployment.md documents
     (etc/redis/llmrouter.conf: no RDB, no AOF, no eviction), on a socket of its own."""
 
-    def __init__(self, testcase: Any, *options: str) -> None:
+    def __init__(self, testcase: Any, *options: str, directory: Path | None = None) -> None:
         self.binary = require_tool(testcase, "redis-server")
         self.options = options  # more redis-server options (--requirepass, TLS)
-        self.directory = short_tempdir(testcase)
+        self.directory = directory or short_tempdir(testcase)
         self.socket = self.directory / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
         testcase.addCleanup(self.stop)

@@ -29,7 +29,7 @@ from llmrouter.protocol import b64u_encode
 from llmrouter.router.redisstore import StateNames
 from tests import test_router_admission
 from tests.daemons import start_router_daemon
-from tests.redis_server import start_redis
+from tests.redis_server import RedisServer, start_redis
 from tests.router_support import (
     Script,
     error_of,
@@ -41,6 +41,11 @@ from tests.router_support import (
     start_fault_backend,
     start_router,
 )
+from tests.router_support import (
+    prompt as prompt_request,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @defer.inlineCallbacks
@@ -479,3 +484,90 @@ class CaddyTests(TwoRouters):
             for r in (a, b)
         ]
         self.assertTrue(all(answered), answered)  # Caddy used both routers
+
+
+class UnitsTests(TestCase):
+    """Two instances of llmrouter@.service under the unit's sandbox (tests/test_systemd_sandbox.py
+    reproduces it), each on the UNIX socket its llmrouter@.socket makes, with the shipped
+    etc/llmrouter/router-instance.env, sharing one key directory (instance 2 follows) and a
+    Redis socket reached through group redis (SupplementaryGroups=): they behave as one."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_two_instances_under_their_units(self) -> Any:
+        import grp
+        import os
+        import time
+
+        from twisted.internet.endpoints import UNIXServerEndpoint
+        from twisted.web import server
+
+        from llmrouter.protocol import seal_request
+        from llmrouter.router.settings import read_env_file
+        from tests.router_support import FaultBackend, key_document
+        from tests.test_systemd_sandbox import SandboxedDaemon, require_sandbox, service_dir
+
+        require_sandbox(self)
+        base = service_dir(self)
+        state = base / "state"  # the units' StateDirectory stand-in (the service user's)
+        run = base / "redis"
+        run.mkdir(mode=0o750)
+        redis = RedisServer(self, "--unixsocketperm", "770", directory=run)
+        redis.start()
+        redis_gid = grp.getgrnam("redis").gr_gid
+        os.chown(run, 0, redis_gid)
+        os.chown(redis.socket, 0, redis_gid)
+        front = base / "front"
+        front.mkdir(mode=0o755)
+        # the backend where the sandboxed routers see it (their /tmp is private)
+        site = server.Site(FaultBackend(Script(tokens=2)))
+        listening = yield UNIXServerEndpoint(reactor, str(front / "backend.sock")).listen(site)
+        self.addCleanup(listening.stopListening)
+        backend = f"unix:{front}/backend.sock"
+        shipped = read_env_file(ROOT / "etc" / "llmrouter" / "router-instance.env")
+        self.assertEqual(shipped["STATE_URL"], "unix:///run/redis/redis-server.sock")
+        daemons = []
+        for n, role in ((1, "leader"), (2, "follower")):
+            env = {
+                **shipped,
+                "STATE_URL": f"unix://{redis.socket}",  # the shipped one is Debian's path
+                "METRICS_LISTEN": f"unix:{state}/metrics-{n}.sock",
+                "KEYS_ROLE": role,
+                "KEYS_DIR": str(state / "keys"),
+                "INFERENCE_ENDPOINTS": backend,
+                "NEW_DEVICE_POW_DIFFICULTY": "0",
+            }
+            daemon = SandboxedDaemon.create(
+                "llmrouter@.service",
+                [state],
+                "llmrouter",
+                [],
+                listen_unix=front / f"{n}.sock",
+                health=f"unix:{front}/{n}.sock",
+                env=env,
+                directory=state,
+            )
+            self.addCleanup(daemon.stop)
+            yield daemon.start()  # /health 200: keys, a healthy backend and Redis
+            daemons.append(daemon)
+        socket_unit = front / "1.sock"
+        self.assertEqual(socket_unit.stat().st_mode & 0o777, 0o660)
+        self.assertEqual(socket_unit.stat().st_gid, grp.getgrnam("caddy").gr_gid)
+        urls = [f"unix:{front}/{n}.sock" for n in (1, 2)]
+        documents = []
+        for url in urls:
+            status, _, body = yield http(url, path="/api/pubkey")
+            documents.append(body)
+        self.assertEqual(documents[0], documents[1])
+        document = yield key_document(urls[1])
+        envelope, _ = seal_request(document.current(), prompt_request(), int(time.time()))
+        body = json.dumps(envelope.to_json()).encode()
+        status, _, raw = yield post_chat(urls[0], body)
+        self.assertEqual(status, 200, raw)
+        status, _, raw = yield post_chat(urls[1], body)
+        self.assertEqual((status, error_of(raw)[0]), (409, "replay"))
+        for daemon in daemons:
+            code = yield daemon.stop()
+            self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
+            self.assertNotIn("Traceback", daemon.log_text())
