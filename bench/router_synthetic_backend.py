@@ -21,13 +21,21 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
 from zope.interface import implementer
 
+# --static: the same bytes for every token (no send stamp), so the backend spends as little CPU
+# as it can on a machine whose cores it shares with the routers under test
+_STATIC = (
+    b'data: {"choices": [{"delta": {"content": "1700000000.000000 "}, "finish_reason": null}]}\n\n'
+)
 _FINAL = b'data: {"choices":[{"delta":{},"finish_reason":"length"}]}\n\n'
 
 
 @implementer(IPushProducer)
 class _Stream:
-    def __init__(self, request: server.Request, tokens: int, interval: float) -> None:
+    def __init__(
+        self, request: server.Request, tokens: int, interval: float, static: bool = False
+    ) -> None:
         self.request = request
+        self.static = static
         self.left = tokens
         self.total = tokens
         self.interval = interval
@@ -46,9 +54,12 @@ class _Stream:
         self.timer = None
         burst = 1 if self.interval else 64
         while not self.paused and not self.done and self.left and burst:
-            text = f"{time.monotonic():.6f} "
-            chunk = {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
-            self.request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if self.static:
+                self.request.write(_STATIC)
+            else:
+                text = f"{time.monotonic():.6f} "
+                chunk = {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
+                self.request.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             self.left -= 1
             burst -= 1
         if self.done:
@@ -80,10 +91,13 @@ class _Stream:
 class Backend(resource.Resource):
     isLeaf = True
 
-    def __init__(self, tokens: int, interval: float) -> None:
+    def __init__(self, tokens: int, interval: float, hold: int = 0, static: bool = False) -> None:
         super().__init__()
+        self.static = static
         self.tokens = tokens
         self.interval = interval
+        self.hold = hold
+        self.held: list[_Stream] = []
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
@@ -97,8 +111,18 @@ class Backend(resource.Resource):
         body = json.loads(request.content.read())
         tokens = int(body.get("max_tokens") or self.tokens)
         request.setHeader(b"Content-Type", b"text/event-stream")
-        stream = _Stream(request, tokens, self.interval)
-        reactor.callLater(0, stream.pump)  # type: ignore[attr-defined]
+        stream = _Stream(request, tokens, self.interval, self.static)
+        if not self.hold:
+            reactor.callLater(0, stream.pump)  # type: ignore[attr-defined]
+            return server.NOT_DONE_YET
+        # --hold N: the first N requests wait for each other, then all stream at once (a burst
+        # measured in steady state, not while the router still admits the others); later ones
+        # (a new burst) wait for the next N
+        self.held.append(stream)
+        if len(self.held) >= self.hold:
+            for waiting in self.held:
+                reactor.callLater(0, waiting.pump)  # type: ignore[attr-defined]
+            self.held = []
         return server.NOT_DONE_YET
 
 
@@ -107,8 +131,10 @@ def main() -> None:
     parser.add_argument("--listen", required=True, help="Twisted endpoint, e.g. unix:/tmp/s.sock")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--hold", type=int, default=0, help="start streaming N requests at once")
+    parser.add_argument("--static", action="store_true", help="the same bytes for every token")
     args = parser.parse_args()
-    site = server.Site(Backend(args.tokens, args.interval))
+    site = server.Site(Backend(args.tokens, args.interval, args.hold, args.static))
     site.log = lambda request: None  # type: ignore[method-assign]
     endpoint = endpoints.serverFromString(reactor, args.listen)
     endpoint.listen(site).addCallback(lambda _: print("ready", flush=True))

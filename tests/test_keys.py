@@ -67,6 +67,7 @@ class CreationTests(KeyStoreTestCase):
                 "state.json",
                 "signing.key",
                 "pow.key",
+                "state-hash.key",
                 "hpke-00.key",
                 "hpke-01.key",
             },
@@ -616,3 +617,60 @@ class FingerprintTests(unittest.TestCase):
         self.assertEqual(
             fingerprint(bytes(32)), "SHA256:Zmh6rfhivXdsj8GLjp+OIAiXFIVu4jOzkCpZHQ1fKSU"
         )
+
+
+class FollowerTests(KeyStoreTestCase):
+    """KEYS_ROLE=follower (issue 10): another router's directory, read and never written."""
+
+    def snapshot(self) -> dict[str, tuple[bytes, float]]:
+        return {p.name: (p.read_bytes(), p.stat().st_mtime) for p in self.dir.iterdir()}
+
+    def test_refuses_a_missing_directory_or_state(self) -> None:
+        error = self.assertRaises(KeyStoreError, self.open, follower=True)
+        self.assertIn("never creates keys", str(error))
+        self.assertFalse(self.dir.exists())
+        self.dir.mkdir(mode=0o700, parents=True)
+        self.assertRaises(KeyStoreError, self.open, follower=True)
+        self.assertEqual(self.names(), set())
+
+    def test_follows_the_leader_and_never_writes(self) -> None:
+        leader = self.open(rotation_seconds=DAY, overlap_seconds=HOUR)
+        leader.start()
+        (self.dir / ".lock").unlink()  # a copy need not have one: the follower takes no lock
+        follower = self.open(follower=True, rotation_seconds=60, overlap_seconds=0)
+        follower.start()
+        self.assertEqual(follower.key_document(), leader.key_document())
+        self.assertEqual(follower.state_key, leader.state_key)
+        self.assertEqual(follower.pow_key, leader.pow_key)
+        before = self.snapshot()
+        self.assertRaises(KeyStoreError, follower.rotate)
+        self.assertRaises(KeyStoreError, follower.revoke, follower.current.kid)
+        leader.stop()  # only the follower's timers run from here on
+        self.clock.advance(2 * DAY)  # rotation long overdue: a follower does not rotate
+        self.assertEqual(self.snapshot(), before)
+        self.assertEqual(follower.rotations, 0)
+        leader._maintain()  # the leader's rotation reaches the follower at its next poll
+        self.clock.advance(2)
+        self.assertEqual(follower.rotations, 1)
+        self.assertEqual(follower.published(), leader.published())
+        self.assertEqual(follower.key_document(), leader.key_document())
+
+    def test_a_copy_in_progress_keeps_the_old_keys(self) -> None:
+        """state.json names a key file that has not arrived yet (rsync in progress): that
+        reload fails, the keys in memory stay, and the next poll applies the whole copy."""
+        leader = self.open()
+        follower = self.open(follower=True)
+        follower.start()
+        kid = follower.current.kid
+        leader.rotate()
+        new_next = leader.next.kid
+        hidden = self.dir / f"hpke-{new_next}.key"
+        moved = hidden.with_name("elsewhere")
+        hidden.rename(moved)
+        self.clock.advance(2)
+        self.assertEqual(follower.current.kid, kid)
+        self.assertIsNotNone(follower.last_error)
+        moved.rename(hidden)
+        self.clock.advance(2)
+        self.assertEqual(follower.published(), leader.published())
+        self.assertIsNone(follower.last_error)

@@ -50,6 +50,10 @@ CONTRACT = {
     "llmrouter_current_key_age_seconds": "gauge",
     "llmrouter_security_events": "counter",
     "llmrouter_client_certificate_expiry_timestamp_seconds": "gauge",
+    # routers sharing state in Redis (STATE_URL) only
+    "llmrouter_state_up": "gauge",
+    "llmrouter_state_errors": "counter",
+    "llmrouter_state_seconds": "histogram",
 }
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 NAME = re.compile(r"\b((?:llmrouter|inference)_[a-z0-9_]+)\b")
@@ -141,7 +145,7 @@ class PromtoolTests(unittest.TestCase):
         (tmp / "prometheus.yml").write_text(config)
         result = self.run_promtool("check", "config", "prometheus.yml", cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 23 rules found", result.stdout)
+        self.assertIn("SUCCESS: 24 rules found", result.stdout)
 
 
 class DashboardQueryTests(unittest.TestCase):
@@ -206,6 +210,7 @@ class ContractNameTests(unittest.TestCase):
             "llmrouter_circuit_state",
             "llmrouter_current_key_age_seconds",
             "llmrouter_time_to_first_token_seconds_bucket",
+            "llmrouter_state_up",
         ):
             self.assertIn(required, names)
 
@@ -287,7 +292,12 @@ class LiveMetricsTests(unittest.TestCase):
             *("--tls-client-cert", str(certs.client.cert)),
             *("--tls-client-key", str(certs.client.key)),
         ]
-        router = start_router_daemon(self, directory, [f"https://localhost:{port}"], client)
+        from tests.redis_server import start_redis
+
+        redis = start_redis(self)  # the shared-state metrics are exported with STATE_URL only
+        router = start_router_daemon(
+            self, directory, [f"https://localhost:{port}"], client, env={"STATE_URL": redis.url}
+        )
         yield router.start()  # ready only once a health probe over mutual TLS succeeded
         yield router.request(b"GET", "/api/pubkey")
         metrics = f"unix:{directory / 'metrics.sock'}"

@@ -49,12 +49,12 @@ class StaticTests(unittest.TestCase):
         self.home = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.home)
 
-    def adapt(self) -> dict[str, Any]:
+    def adapt(self, **env: str) -> dict[str, Any]:
         result = subprocess.run(
             [self.caddy, "adapt", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
             capture_output=True,
             text=True,
-            env=caddy_env(self.home, LLMROUTER_SITE="llm.example.org"),
+            env=caddy_env(self.home, LLMROUTER_SITE="llm.example.org", **env),
             check=True,
         )
         self.assertNotIn("not formatted", result.stderr)
@@ -113,7 +113,37 @@ class StaticTests(unittest.TestCase):
         text = json.dumps(config)
         self.assertIn('"max_size": 262144', text)
         self.assertIn('"flush_interval": -1', text)
+        (handler,) = [h for h in _handlers(config) if h.get("handler") == "reverse_proxy"]
+        self.assertEqual(handler["load_balancing"]["selection_policy"], {"policy": "least_conn"})
+        self.assertEqual(handler["health_checks"]["active"]["uri"], "/health/live")
         self.assertNotIn('"handler": "encode"', text)  # no compression: buffers, leaks lengths
+
+    def test_several_routers(self) -> None:
+        """The scale-out settings (docs/deployment.md, "Several routers"): every router's
+        socket is an upstream, and the health check asks /health (degraded: skipped)."""
+        sockets = "unix//run/llmrouter-front/1.sock unix//run/llmrouter-front/2.sock"
+        config = self.adapt(LLMROUTER_UPSTREAM=sockets, LLMROUTER_HEALTH_URI="/health")
+        (handler,) = [h for h in _handlers(config) if h.get("handler") == "reverse_proxy"]
+        self.assertEqual(
+            [u["dial"] for u in handler["upstreams"]],
+            ["unix//run/llmrouter-front/1.sock", "unix//run/llmrouter-front/2.sock"],
+        )
+        self.assertEqual(handler["health_checks"]["active"]["uri"], "/health")
+        self.assertEqual(handler["flush_interval"], -1)
+
+
+def _handlers(node: Any) -> list[dict[str, Any]]:
+    """Every handler object anywhere in an adapted Caddy configuration."""
+    found: list[dict[str, Any]] = []
+    if isinstance(node, dict):
+        if "handler" in node:
+            found.append(node)
+        for value in node.values():
+            found += _handlers(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _handlers(value)
+    return found
 
 
 class UpstreamResource(resource.Resource):
@@ -130,7 +160,10 @@ class UpstreamResource(resource.Resource):
     def render(self, request: server.Request) -> Any:
         body = request.content.read() if request.content is not None else b""
         headers = {k.lower(): v for k, v in request.requestHeaders.getAllRawHeaders()}
-        self.seen.append((request.method, request.uri, headers, len(body)))
+        # Caddy's own health checks (proxied requests carry X-Forwarded-For)
+        health_check = b"x-forwarded-for" not in headers and request.path == b"/health/live"
+        if not health_check:
+            self.seen.append((request.method, request.uri, headers, len(body)))
         # so Caddy does not keep an idle upstream connection open past the test
         request.setHeader(b"connection", b"close")
         if request.path != b"/api/chat":

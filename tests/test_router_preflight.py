@@ -124,6 +124,21 @@ class ChecksTests(TestCase):
         self.assertEqual(preflight.problems(both), [])
         self.assertRefused(production(trusted_proxies=("unix",)), "set TRUSTED_PROXIES=127.0.0.1")
 
+    def test_shared_state_only_in_private(self) -> None:
+        """Plain-text Redis only on loopback or the private (WireGuard) network; the URL's
+        password is never in the message."""
+        for url in ("redis://:s3cret@203.0.113.5:6379/0", "redis://:s3cret@redis.example.org"):
+            found = self.assertRefused(production(state_url=url), "STATE_URL")
+            self.assertNotIn("s3cret", " ".join(found))
+        for url in (
+            "redis://:s3cret@10.8.0.1:6379/0",
+            "redis://127.0.0.1",
+            "rediss://:s3cret@redis.example.org:6380/1",
+            "unix:///run/redis/redis-server.sock",
+            "",
+        ):
+            self.assertEqual(preflight.problems(production(state_url=url)), [], url)
+
     def test_plain_http_upstream(self) -> None:
         found = self.assertRefused(
             production(inference_endpoints=("http://127.0.0.1:8081",)), "INFERENCE_ENDPOINTS"

@@ -91,6 +91,29 @@ class ValidationTests(TestCase):
         self.check({"WRITE_STALL_SECONDS": "0"}, "WRITE_STALL_SECONDS must be greater than 0")
         self.check({"NEW_DEVICE_POW_DIFFICULTY": "33"}, "NEW_DEVICE_POW_DIFFICULTY must be")
 
+    def test_shared_state_and_key_role(self) -> None:
+        """STATE_URL forms; a bad one is refused without echoing it (it may hold a password)."""
+        for url in (
+            "redis://localhost",
+            "redis://:pass%40word@10.8.0.1:6379/0",
+            "redis://user:pw@[::1]:6380/15",
+            "rediss://redis.example.org:6380",
+            "unix:///run/redis/redis-server.sock",
+            "unix:///run/redis/redis-server.sock?db=2",
+            "unix://:pw@/run/redis/redis-server.sock",
+        ):
+            self.assertEqual(Settings(state_url=url).state_url, url)
+        for url in ("http://localhost", "redis://", "redis://h:p/x", "redis://:secretpw@h:port"):
+            error = self.assertRaises(SettingsError, Settings, state_url=url)
+            self.assertIn("STATE_URL", str(error))
+            self.assertNotIn("secretpw", str(error))
+        self.assertNotIn("secretpw", repr(Settings(state_url="redis://:secretpw@localhost")))
+        self.assertRaises(SettingsError, Settings, state_tls_ca=Path("/ca"))
+        Settings(state_url="rediss://h", state_tls_ca=Path("/ca"))
+        self.assertRaises(SettingsError, Settings, state_lease_seconds=1)
+        self.assertEqual(Settings(keys_role="follower").keys_role, "follower")
+        self.assertRaises(SettingsError, Settings, keys_role="leeder")
+
     def test_replay_window_covers_the_skew(self) -> None:
         """Below 2 x 60 s a request could be replayed once its enc left the cache (issue 8)."""
         self.check({"REPLAY_WINDOW_SECONDS": "100"}, "REPLAY_WINDOW_SECONDS must be at least 120")

@@ -24,7 +24,7 @@ from tests.test_systemd_sandbox import (
 from tests.tools import require_tool
 
 REPO = UNITS.parent.parent
-DAEMONS = ("llmrouter.service", "inference.service", "inference@.service")
+DAEMONS = ("llmrouter.service", "llmrouter@.service", "inference.service", "inference@.service")
 SERVICES = (*DAEMONS, "llmrouter-pki-renew.service")
 MAX_EXPOSURE = 2.0
 INSTALL_PREFIX = "/opt/llmrouter/venv"
@@ -77,14 +77,17 @@ class AnalyzeTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
         self.assertTrue(Path(prefix, "bin", "twistd").exists())
-        names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer"]
-        names.append("llmrouter-pki-renew.timer")
+        names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer", "llmrouter@.socket"]
         for name in names:
             text = (UNITS / name).read_text()
             (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
-        shutil.copy(tmp / "inference@.service", tmp / "inference@gemma.service")
-        paths = [str(tmp / n) for n in names if n != "inference@.service"]
-        paths.append(str(tmp / "inference@gemma.service"))
+        instances = {"inference@.service": "gemma", "llmrouter@.service": "1"}
+        instances["llmrouter@.socket"] = "1"
+        paths = [str(tmp / n) for n in names if n not in instances]
+        for template, instance in instances.items():
+            named = template.replace("@.", f"@{instance}.")
+            shutil.copy(tmp / template, tmp / named)
+            paths.append(str(tmp / named))
         result = subprocess.run(
             ["systemd-analyze", "verify", *paths], capture_output=True, text=True, check=False
         )
@@ -247,7 +250,8 @@ class UnitContentTests(unittest.TestCase):
             self.assertIn("@system-service", unit["Service.SystemCallFilter"])
             # W^X everywhere except where pyOpenSSL's cffi callbacks need W+X memory (TLS);
             # tests/test_systemd_sandbox.py shows both sides of that
-            mdwe = "no" if name in ("llmrouter.service", "inference@.service") else "yes"
+            tls = ("llmrouter.service", "llmrouter@.service", "inference@.service")
+            mdwe = "no" if name in tls else "yes"
             self.assertEqual(service_setting(unit, "MemoryDenyWriteExecute"), mdwe, name)
             self.assertTrue(service_setting(unit, "RestrictAddressFamilies"))
 

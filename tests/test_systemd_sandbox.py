@@ -394,10 +394,26 @@ def _ids(user: str, group: str) -> tuple[int, int]:
     return uid, gid
 
 
+def _supplementary_groups(unit: dict[str, list[str]]) -> list[int]:
+    """SupplementaryGroups= (those that exist here: redis for llmrouter@.service's Redis)."""
+    import grp
+
+    names = " ".join(unit.get("Service.SupplementaryGroups", [])).split()
+    found = []
+    for name in names:
+        try:
+            found.append(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            pass
+    return found
+
+
 def _socket_activation(path: str, unit_path: Path, unit: dict[str, list[str]]) -> socket.socket:
-    """What systemd does for inference.socket (next to the service's unit file): create the
-    listening UNIX socket with its SocketMode and owners, and pass it as fd 3 (LISTEN_FDS=1)."""
-    socket_unit = read_unit(unit_path.parent / "inference.socket")
+    """What systemd does for the service's socket unit (inference.socket, llmrouter@.socket,
+    next to the service's unit file): create the listening UNIX socket with its SocketMode and
+    owners, and pass it as fd 3 (LISTEN_FDS=1)."""
+    socket_path = unit_path.with_suffix(".socket")
+    socket_unit = read_unit(socket_path)
     mode = int(socket_unit["Socket.SocketMode"][-1], 8)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
@@ -408,7 +424,7 @@ def _socket_activation(path: str, unit_path: Path, unit: dict[str, list[str]]) -
             path, *_ids(socket_unit["Socket.SocketUser"][-1], socket_unit["Socket.SocketGroup"][-1])
         )
     os.environ["LISTEN_FDS"] = "1"
-    os.environ["LISTEN_FDNAMES"] = "inference.socket"
+    os.environ["LISTEN_FDNAMES"] = socket_path.name
     os.environ["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
     return sock
 
@@ -470,7 +486,7 @@ def launch(
         _drop_bounding_set(bounding_set)
     if service_setting(unit, "User") not in ("", "root"):
         uid, gid = _ids(service_setting(unit, "User"), service_setting(unit, "Group"))
-        os.setgroups([])
+        os.setgroups(_supplementary_groups(unit))
         os.setgid(gid)
         os.setuid(uid)
     if service_setting(unit, "PrivateUsers") == "yes":

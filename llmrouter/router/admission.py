@@ -21,8 +21,11 @@ can do before it passes the per-address limit counts toward anyone else's (issue
 13. privacy budget per device (429 ``budget_exhausted``), charged only here, once the stream
     has its slot, so a refused request spends nothing
 
-Every table (steps 1, 4, 5, 8, 10, 12, 13) is reached through an interface of
-:mod:`llmrouter.router.interfaces` and awaited, so a shared store can stand in for memory.
+Everything remembered between requests is in a store (:mod:`llmrouter.router.interfaces`): this
+process's memory, or Redis shared by several routers. Admission asks it twice, each one round
+trip to a shared store: the gate (steps 1, 4, 5 and whether ``enc`` was seen for step 8) before
+decryption, the commit (steps 8, 10, the per-device part of 12, and 13) after it. A store that
+cannot answer fails the request closed: 503 ``overloaded``, never a bypass of a check.
 Every rejection is a :class:`~llmrouter.protocol.ProtocolError` counted by reason; the
 security-relevant ones are also written to the security log with keyed-hash identifiers only.
 """
@@ -48,20 +51,24 @@ from llmrouter.protocol import (
 )
 from llmrouter.router.addresses import bucket
 from llmrouter.router.interfaces import (
-    IKnownDevices,
-    IPrivacyBudget,
-    IRateLimiter,
-    IReplayCache,
-    ISpentSolutions,
+    Commit,
+    Committed,
+    Gate,
+    IAdmissionStore,
     IStreamSlots,
+    Verdict,
 )
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
+from llmrouter.router.slots import StreamSlots
 from llmrouter.router.upstream import Route
 
-__all__ = ["Admission", "Admitted", "KeySource", "RequestRate", "Routes", "Tables"]
+__all__ = ["UNAVAILABLE_RETRY", "Admission", "Admitted", "KeySource", "RequestRate", "Routes"]
 
 T = TypeVar("T")
+# Retry-After of a request refused because the store cannot answer (a shared store is
+# reconnecting): about the first reconnection attempts' backoff.
+UNAVAILABLE_RETRY = 2
 
 
 class KeySource(Protocol):
@@ -84,22 +91,8 @@ class Events(Protocol):
     def event(self, name: str, **fields: str | int | float | bool) -> None: ...
 
 
-@dataclass(frozen=True)
-class Tables:
-    """Everything admission remembers between requests (see :mod:`.interfaces`)."""
-
-    addresses: IRateLimiter
-    devices: IRateLimiter
-    new_devices: IRateLimiter
-    replay: IReplayCache
-    spent: ISpentSolutions
-    known: IKnownDevices
-    slots: IStreamSlots
-    budget: IPrivacyBudget
-
-
 async def _settle(value: T | Deferred[T]) -> T:
-    """A table's answer, whether it came at once (memory) or later (a shared store)."""
+    """A store's answer, whether it came at once (memory) or later (a shared store)."""
     if isinstance(value, Deferred):
         return await value
     return value
@@ -121,14 +114,15 @@ class RequestRate:
             self._stamps[slot], self._buckets[slot] = second, 0
         self._buckets[slot] += 1
 
-    def rate(self) -> float:
+    def rate(self, pending: int = 0) -> float:
+        """Requests per second, counting ``pending`` more that are not recorded yet."""
         now = int(self._clock.seconds())
         total = sum(
             count
             for count, stamp in zip(self._buckets, self._stamps, strict=True)
             if 0 <= now - stamp < self._window
         )
-        return total / self._window
+        return (total + pending) / self._window
 
 
 @dataclass(frozen=True, repr=False)
@@ -165,7 +159,7 @@ class Admission:
         settings: Settings,
         clock: IReactorTime,
         keys: KeySource,
-        tables: Tables,
+        store: IAdmissionStore,
         routes: Routes,
         metrics: RouterMetrics,
         events: Events | None = None,
@@ -173,28 +167,22 @@ class Admission:
         self._settings = settings
         self._clock = clock
         self._keys = keys
-        self.tables = tables
+        self.store = store
+        self.slots: IStreamSlots = StreamSlots(settings.max_streams)
         self._routes = routes
         self._metrics = metrics
         self._events = events
         self.rate = RequestRate(clock)
-        # The replay cache starts empty: a request sealed before now may have been accepted by
-        # the previous process, so only timestamps from this second on are accepted.
+        # The replay cache may start empty: a request sealed before now may have been accepted
+        # by the previous process, so only timestamps from this second on are accepted.
         self.started = int(clock.seconds())
 
-    @property
-    def slots(self) -> IStreamSlots:
-        return self.tables.slots
-
-    @property
-    def budget(self) -> IPrivacyBudget:
-        return self.tables.budget
-
-    def stressed(self) -> bool:
+    def stressed(self, pending: int = 0) -> bool:
+        """Under stress: many open streams, or many requests per second (``pending`` more)."""
         s = self._settings
         if s.pow_threshold_streams and self.slots.open >= s.pow_threshold_streams:
             return True
-        return bool(s.pow_threshold_rps and self.rate.rate() >= s.pow_threshold_rps)
+        return bool(s.pow_threshold_rps and self.rate.rate(pending) >= s.pow_threshold_rps)
 
     def reject(
         self, error: ProtocolError, ip: str | None = None, device: bytes | None = None
@@ -211,42 +199,49 @@ class Admission:
             self._events.event(event, **fields)
         return error
 
+    async def _ask(self, answer: T | Deferred[T]) -> T:
+        """A store's answer; a store that cannot answer fails the request closed."""
+        try:
+            return await _settle(answer)
+        except ProtocolError:
+            raise
+        except Exception:
+            raise self.reject(_unavailable()) from None
+
     async def admit(self, body: bytes, client_ip: str, pow_header: bytes | None) -> Admitted:
         """All checks, in order; raises the first rejection as a ProtocolError."""
-        s, t = self._settings, self.tables
+        s, store = self._settings, self.store
+        if not store.available:
+            raise self.reject(_unavailable())
         ip = bucket(client_ip, s.rate_limit_ipv6_prefix)
-        retry = await _settle(t.addresses.check(ip))
-        if retry is not None:
-            raise self.reject(_limited("rate_limited", retry), ip)
-        self.rate.hit()
-
         try:
             envelope = parse_envelope(body, s.max_body_bytes)
             if s.device_auth == "required" and envelope.mode != "auth":
                 raise ProtocolError("device_auth_required", "this router requires mode auth")
             header = _pow_header(pow_header)
         except ProtocolError as e:
-            raise self.reject(e) from None
+            verdict = await self._ask(store.gate(Gate(ip)))  # junk counts toward the limit
+            if verdict.refusal is None:
+                self.rate.hit()
+            raise self.reject(verdict_error(verdict) or e, ip) from None
 
         device = envelope.device_pubkey
-        new = device is not None and not await _settle(t.known.known(device))
-        difficulty = max(
-            s.pow_difficulty if self.stressed() else 0,
-            s.new_device_pow_difficulty if new else 0,
-        )
-        if difficulty:
-            await self._check_pow(envelope, header, difficulty, ip)
-        if new:
-            retry = await _settle(t.new_devices.check(ip))
-            if retry is not None:
-                raise self.reject(_limited("new_device_rate_limited", retry), ip)
+        gate, difficulties = self._gate(envelope, header, ip)
+        verdict = await self._ask(store.gate(gate))
+        if verdict.refusal != "rate_limited":
+            self.rate.hit()
+        if verdict.refusal in ("pow_required", "pow_invalid"):
+            raise self._pow_refused(verdict, difficulties[verdict.new], ip)
+        error = verdict_error(verdict)
+        if error is not None:
+            raise self.reject(error, ip)
 
         now = self._clock.seconds()
         try:
             check_timestamp(envelope.ts, now)
         except ProtocolError as e:
             raise self.reject(e, ip) from None
-        if envelope.ts < self.started:
+        if envelope.ts < max(self.started, verdict.since):
             raise self.reject(
                 ProtocolError("stale", "the request predates the router's start: seal it again"),
                 ip,
@@ -255,68 +250,120 @@ class Admission:
         secret_key = self._keys.private_key_for(envelope.kid)
         if secret_key is None:
             raise self.reject(ProtocolError("key_unknown", "unknown key id"))
-
-        if await _settle(t.replay.seen(envelope.enc)):
-            raise self.reject(ProtocolError("replay", "this request was already received"), ip)
-
+        if verdict.seen:
+            raise self.reject(_replay(), ip)
         try:
             request, secret = open_request(envelope, secret_key)
         except ProtocolError as e:
             raise self.reject(e, ip) from None
-        if not await _settle(t.replay.record(envelope.enc)):
-            raise self.reject(ProtocolError("overloaded", "the router is at capacity"))
 
-        if device is not None:
-            retry = await _settle(t.devices.check(device))
-            if retry is not None:
-                raise self.reject(_limited("device_rate_limited", retry), device=device)
-            if new:
-                await _settle(t.known.remember(device))
+        # Routing and this router's capacity are local: found now, refused in their turn
+        # (after the per-device limit), and a refused request opens no stream and spends nothing.
+        release_slot: Callable[[], None] | None = None
         try:
             route = self._routes.route(request.model, request.features())
-            release = await _settle(t.slots.acquire(device))
+            release_slot = self.slots.acquire()
+            local_error = None
         except ProtocolError as e:
-            raise self.reject(e) from None
+            local_error = e
         try:
-            charged = device is None or await _settle(t.budget.charge(device))
-        except BaseException:  # a shared store failed: the slot must not leak
-            release()
+            committed = await self._ask(
+                store.commit(Commit(envelope.enc, device, verdict.new, release_slot is not None))
+            )
+        except BaseException:
+            if release_slot is not None:
+                release_slot()
             raise
-        if not charged:
-            assert device is not None
-            release()
-            retry = await _settle(t.budget.replenishes_in(device))
-            raise self.reject(
-                ProtocolError(
-                    "budget_exhausted",
-                    "the privacy budget of this device is exhausted",
-                    retry_after=max(1, math.ceil(retry)),
-                ),
-                device=device,
-            )
-        return Admitted(envelope, request, secret, route, release)
+        error = verdict_error(committed) or local_error
+        if error is not None:
+            if release_slot is not None:
+                release_slot()
+            if error.code == "replay":
+                raise self.reject(error, ip)
+            raise self.reject(error, device=device)
+        assert release_slot is not None
+        return Admitted(envelope, request, secret, route, _both(release_slot, committed.release))
 
-    async def _check_pow(
-        self, envelope: Envelope, header: str | None, difficulty: int, ip: str
-    ) -> None:
+    def _gate(
+        self, envelope: Envelope, header: str | None, ip: str
+    ) -> tuple[Gate, tuple[int, int]]:
+        """The gate question, with the proof of work verified here (one HMAC and one hash per
+        difficulty that may apply) and only its outcome sent to the store; and the
+        difficulties for a known and for a new device."""
+        s = self._settings
+        known_difficulty = s.pow_difficulty if self.stressed(pending=1) else 0
+        new_difficulty = max(known_difficulty, s.new_device_pow_difficulty)
+        if envelope.device_pubkey is None:
+            new_difficulty = 0
+        solution = None if header is None else pow.solution_id(header, envelope.enc)
         now = self._clock.seconds()
-        key = self._keys.pow_key
-        if header is None:
-            code, message, culprit = (
-                "pow_required",
-                "solve the proof of work and retry",
-                None,
+
+        def valid(difficulty: int) -> bool:
+            return bool(
+                difficulty
+                and header is not None
+                and pow.verify(self._keys.pow_key, header, envelope.enc, now, difficulty)
             )
-        elif not pow.verify(key, header, envelope.enc, now, difficulty) or not await _settle(
-            self.tables.spent.spend(pow.solution_id(header, envelope.enc))
-        ):
-            code, message, culprit = "pow_invalid", "the proof of work was not accepted", ip
+
+        gate = Gate(
+            ip,
+            envelope.device_pubkey,
+            envelope.enc,
+            pow_if_known=known_difficulty > 0,
+            pow_if_new=new_difficulty > 0,
+            solution=solution,
+            valid_if_known=valid(known_difficulty),
+            valid_if_new=valid(new_difficulty),
+        )
+        return gate, (known_difficulty, new_difficulty)
+
+    def _pow_refused(self, verdict: Verdict, difficulty: int, ip: str) -> ProtocolError:
+        if verdict.refusal == "pow_required":
+            code, message, culprit = "pow_required", "solve the proof of work and retry", None
         else:
-            return
-        challenge = pow.issue_challenge(key, difficulty, now)
-        raise self.reject(
+            code, message, culprit = "pow_invalid", "the proof of work was not accepted", ip
+        challenge = pow.issue_challenge(self._keys.pow_key, difficulty, self._clock.seconds())
+        return self.reject(
             ProtocolError(code, message, challenge=challenge, difficulty=difficulty), culprit
         )
+
+
+def verdict_error(answer: Verdict | Committed) -> ProtocolError | None:
+    """The error a store's refusal stands for (None: no refusal)."""
+    code = answer.refusal
+    if code is None:
+        return None
+    if code == "replay":
+        return _replay()
+    if code == "overloaded":
+        return _unavailable()
+    if code == "device_streams":
+        return ProtocolError("device_streams", "too many open streams for this device")
+    if code == "budget_exhausted":
+        return ProtocolError(
+            "budget_exhausted",
+            "the privacy budget of this device is exhausted",
+            retry_after=max(1, math.ceil(answer.retry_after)),
+        )
+    return _limited(code, answer.retry_after)
+
+
+def _replay() -> ProtocolError:
+    return ProtocolError("replay", "this request was already received")
+
+
+def _unavailable() -> ProtocolError:
+    return ProtocolError(
+        "overloaded", "the router is at capacity, retry later", retry_after=UNAVAILABLE_RETRY
+    )
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def release() -> None:
+        first()
+        second()
+
+    return release
 
 
 def _pow_header(raw: bytes | None) -> str | None:

@@ -205,6 +205,9 @@ class RouterApp:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: server.Request) -> bytes:
+        if not self.admission.store.available:  # admission fails closed until it reconnects
+            body = b'{"status": "degraded", "reason": "state_unreachable"}'
+            return self._reply(request, 503, b"application/json", body)
         if self._keys_ready() and self._pool.ready():
             return self._reply(request, 200, b"application/json", b'{"status": "ok"}')
         return self._reply(request, 503, b"application/json", b'{"status": "unavailable"}')

@@ -1,84 +1,189 @@
-"""The tables admission keeps, as interfaces: one in-memory implementation each here, others later.
+"""The state admission keeps between requests, as interfaces.
 
-Every table an outsider can grow (rate-limit buckets, the replay cache, spent proof-of-work
-solutions, known devices, privacy budgets, per-device stream counts) is reached only through
-these interfaces, so a shared store (several routers behind one address) can replace the
-in-memory one without a second admission path. Any method may return a
-:class:`~twisted.internet.defer.Deferred` instead of its value; admission awaits each call, and
-the in-memory implementations answer at once.
+Admission asks its store two questions per request, each one round trip to a shared store
+(:class:`IAdmissionStore`): :class:`Gate` before it decrypts (the per-address limit, whether the
+device is known, proof of work, new devices per address, whether ``enc`` was seen) and
+:class:`Commit` after (record ``enc``, the per-device limit, the device's open streams and its
+privacy budget). Two, not one, because decryption sits between them: what guards it (the
+address limit, spent proofs of work) must come before, and only a request that decrypted may
+be recorded (junk must not fill the replay cache).
 
-Each implementation bounds its memory, and none of them turns being full into a refusal of
-everyone: see each class's docstring for what it gives up instead.
+:class:`~llmrouter.router.memory.MemoryStore` answers at once from this process's tables
+(the per-table interfaces below); :class:`~llmrouter.router.redisstore.RedisStore` answers
+with Deferreds from Redis, shared by every router using it (issue 10). Each in-memory table
+bounds its memory, and none of them turns being full into a refusal of everyone: see each
+class's docstring for what it gives up instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 __all__ = [
+    "Commit",
+    "Committed",
+    "Gate",
+    "IAdmissionStore",
+    "IDeviceStreams",
     "IKnownDevices",
     "IPrivacyBudget",
     "IRateLimiter",
     "IReplayCache",
     "ISpentSolutions",
     "IStreamSlots",
+    "Verdict",
+    "pow_refusal",
 ]
+
+
+def _nothing() -> None:
+    """The release of a request that holds no device stream."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What admission asks before it decrypts a request.
+
+    ``enc`` None: the request was already refused (junk); only the address is counted.
+    ``pow_if_known``/``pow_if_new``: whether proof of work is due for a known (or base-mode)
+    device and for a new one; ``valid_if_*``: whether the header sent (its ``solution`` id)
+    passed at that difficulty. Admission verifies locally; the store knows which case holds.
+    """
+
+    address: str
+    device: bytes | None = None
+    enc: bytes | None = None
+    pow_if_known: bool = False
+    pow_if_new: bool = False
+    solution: bytes | None = None
+    valid_if_known: bool = False
+    valid_if_new: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's answer: the first refusal (an error code) or None; ``new``: the device has
+    not been admitted before; ``seen``: ``enc`` was recorded inside the replay window;
+    ``since``: when the store's memory begins (a request sealed before may have been accepted
+    and forgotten, e.g. by a Redis that restarted: it is stale)."""
+
+    refusal: str | None = None
+    retry_after: float = 0.0
+    new: bool = False
+    seen: bool = False
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """After decryption: record ``enc``; for a device, its rate limit, remember it when
+    ``new``, and when ``stream`` (the request has a route and a global slot) open one of its
+    streams and charge its budget."""
+
+    enc: bytes
+    device: bytes | None
+    new: bool
+    stream: bool
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The commit's answer; ``release`` ends the device's stream (idempotent)."""
+
+    refusal: str | None = None
+    retry_after: float = 0.0
+    release: Callable[[], None] = field(default=_nothing, compare=False)
+
+
+def pow_refusal(gate: Gate, new: bool, spend: Callable[[bytes], bool]) -> str | None:
+    """Proof of work for ``gate`` (the rule every store applies): None when none is due or the
+    header passed and its solution was not spent before (``spend`` marks it)."""
+    if not (gate.pow_if_new if new else gate.pow_if_known):
+        return None
+    if gate.solution is None:
+        return "pow_required"
+    if not (gate.valid_if_new if new else gate.valid_if_known) or not spend(gate.solution):
+        return "pow_invalid"
+    return None
+
+
+class IAdmissionStore(Interface):
+    """Admission's state, in this process or shared by several routers."""
+
+    available = Attribute("Whether the store can answer now (False: admission fails closed).")
+
+    def start() -> None:
+        """Connect / start timers."""
+
+    def stop() -> Deferred[None] | None:
+        """Disconnect / stop timers."""
+
+    def gate(query: Gate) -> Verdict | Deferred[Verdict]:
+        """Checks before decryption, in admission's order; the first refusal wins."""
+
+    def commit(query: Commit) -> Committed | Deferred[Committed]:
+        """Checks and records after decryption; the first refusal wins, leaving no stream."""
 
 
 class IRateLimiter(Interface):
     """Requests per key over time (keys: an address bucket, a device key)."""
 
-    def check(key: bytes | str) -> float | Deferred[float | None] | None:
+    def check(key: bytes | str) -> float | None:
         """None if a request is allowed now (and count it); else the seconds until it would be."""
 
 
 class IReplayCache(Interface):
     """Which request ``enc`` values were accepted inside the replay window."""
 
-    def seen(enc: bytes) -> bool | Deferred[bool]:
+    def seen(enc: bytes) -> bool:
         """Whether ``enc`` was recorded inside the window."""
 
-    def record(enc: bytes) -> bool | Deferred[bool]:
+    def record(enc: bytes) -> bool:
         """Remember ``enc`` for the window; False when it cannot (the request is then shed)."""
 
 
 class ISpentSolutions(Interface):
     """Proof-of-work solutions already used: each buys exactly one check."""
 
-    def spend(solution: bytes) -> bool | Deferred[bool]:
+    def spend(solution: bytes) -> bool:
         """Mark ``solution`` spent; False if it already was."""
 
 
 class IKnownDevices(Interface):
     """Device keys that have paid their admission (a proof of work on first sight)."""
 
-    def known(device: bytes) -> bool | Deferred[bool]:
+    def known(device: bytes) -> bool:
         """Whether ``device`` was admitted before (and is still remembered)."""
 
-    def remember(device: bytes) -> Deferred[None] | None:
+    def remember(device: bytes) -> None:
         """Record ``device`` as admitted."""
 
 
 class IPrivacyBudget(Interface):
     """Queries per device and period."""
 
-    def charge(device: bytes) -> bool | Deferred[bool]:
+    def charge(device: bytes) -> bool:
         """Spend one query's epsilon; False (nothing spent) when the budget is exhausted."""
 
-    def replenishes_in(device: bytes) -> float | Deferred[float]:
+    def replenishes_in(device: bytes) -> float:
         """Seconds until the device's budget is full again."""
 
 
+class IDeviceStreams(Interface):
+    """Open streams per device."""
+
+    def acquire(device: bytes) -> Callable[[], None] | None:
+        """A release callable (idempotent), or None when the device has no room."""
+
+
 class IStreamSlots(Interface):
-    """Open streams, globally (this router's capacity) and per device."""
+    """Open streams on this router (its capacity; always local, never shared)."""
 
     open = Attribute("Streams open now on this router (the stress signal reads it).")
 
-    def acquire(
-        device: bytes | None,
-    ) -> Callable[[], None] | Deferred[Callable[[], None]]:
-        """A release callable (idempotent) for a new stream; raises (or fails with) a
-        ProtocolError ``overloaded`` or ``device_streams`` when there is no room."""
+    def acquire() -> Callable[[], None]:
+        """A release callable (idempotent); raises ProtocolError ``overloaded`` when full."""

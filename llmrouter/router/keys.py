@@ -3,8 +3,11 @@
 Layout of the directory (0700, every file 0600, written atomically):
 
 * ``signing.key``: Ed25519 seed that signs the key document; long-lived, the app pins it.
-* ``pow.key``: long-lived HMAC key of PoW challenges. (A ``log-hash.key`` left by an older version,
-  the security log's hash key, is destroyed on open: the log now keys each day in memory.)
+* ``pow.key``: long-lived HMAC key of PoW challenges. (A ``log-hash.key`` left by an older
+  version, the security log's hash key, is destroyed on open: the log now keys each day in
+  memory.)
+* ``state-hash.key``: long-lived secret from which routers sharing state in Redis derive the
+  day's key of the hashes Redis sees instead of identifiers (``llmrouter.router.redisstore``).
 * ``hpke-KID.key``: one X25519 secret key per live HPKE key (``KID`` = RFC 9458 key_id in hex).
 * ``state.json``: which keys exist and their status (current, next, retired, revoked), validity
   times and public keys, the rotation settings and counters. It holds no secret.
@@ -22,6 +25,13 @@ A running router notices changes made by another process by polling ``state.json
 (:meth:`KeyStore.start`) and on SIGHUP (:meth:`KeyStore.reload`). That includes a new signing
 key: :meth:`KeyStore.replace_signing_key` (``llmrouter-keys backup-switch``) is the one way to
 change it, a deliberate operator step when the old one is lost or compromised.
+
+Several routers, one key set (issue 10): one router (or ``llmrouter-keys`` on a timer) is the
+leader and rotates; the others open the directory as followers (``follower=True``,
+``KEYS_ROLE=follower``): they never create, rotate, expire or write anything, refuse a missing
+directory, take no lock (the directory may be a read-only copy) and apply the state file when it
+changes. A state file that names a key file not there yet (a copy in progress) fails that reload
+and the next poll retries; the keys in memory stay meanwhile.
 
 Nothing here puts key bytes into a message, a ``repr`` or a log line.
 """
@@ -79,6 +89,7 @@ LOCK_FILE = ".lock"
 SIGNING_FILE = "signing.key"
 OLD_LOG_HASH_FILE = "log-hash.key"
 POW_FILE = "pow.key"
+STATE_HASH_FILE = "state-hash.key"
 STATE_VERSION = 1
 SECRET_BYTES = 32
 STATUSES = ("current", "next", "retired", "revoked")
@@ -384,8 +395,10 @@ class KeyStore:
         rotation_seconds: float | None,
         overlap_seconds: float | None,
         events: SecurityLog | None,
+        follower: bool = False,
     ) -> None:
         self.directory = Path(directory).absolute()
+        self.follower = follower
         self._clock = clock
         self._rotation_setting = rotation_seconds
         self._overlap_setting = overlap_seconds
@@ -393,6 +406,7 @@ class KeyStore:
         self.rotations = 0
         self.signing_key: nacl.signing.SigningKey
         self.pow_key: bytes
+        self.state_key: bytes
         self._state: _State
         self._state_raw = b""
         self._secrets: dict[str, LockedBuffer] = {}
@@ -417,20 +431,25 @@ class KeyStore:
         overlap_seconds: float | None = 3600,
         events: SecurityLog | None = None,
         create: bool = True,
+        follower: bool = False,
     ) -> KeyStore:
         """Open (and on first start create) the key directory.
 
         ``rotation_seconds``/``overlap_seconds`` of None use what the state file records (the
         operator CLI does this, so it never overrides the router's configuration). With
-        ``create`` False a missing directory is an error.
+        ``create`` False a missing directory is an error. A ``follower`` only reads (see the
+        module docstring): it needs an existing directory and ignores the rotation settings.
         """
         if rotation_seconds is not None and rotation_seconds < 1:
             raise ValueError("rotation_seconds must be at least 1")
         if overlap_seconds is not None and overlap_seconds < 0:
             raise ValueError("overlap_seconds must not be negative")
-        store = cls(directory, clock, rotation_seconds, overlap_seconds, events)
+        store = cls(directory, clock, rotation_seconds, overlap_seconds, events, follower)
         try:
-            store._open(create)
+            if follower:
+                store._follow()
+            else:
+                store._open(create)
         except OSError as e:
             store.close()
             raise KeyStoreError(f"cannot use the key directory {store.directory}: {e}") from None
@@ -469,6 +488,21 @@ class KeyStore:
             self._apply(state, raw, initial=True)
         if not self.memory_locked:
             _log.warn("could not mlock() key memory (RLIMIT_MEMLOCK?); keys may reach swap")
+
+    def _follow(self) -> None:
+        d = self.directory
+        if not d.is_dir():
+            raise KeyStoreError(
+                f"key directory {d} does not exist: a follower (KEYS_ROLE=follower) never creates"
+                " keys; copy the leader's directory here first"
+            )
+        _check_private(d, os.stat(d), "directory")
+        raw = self._read_state_raw()
+        if raw is None:
+            raise KeyStoreError(f"key directory {d} has no {STATE_FILE} (copy the leader's)")
+        state = _State.loads(raw, d / STATE_FILE)
+        self._load_long_lived(state)
+        self._apply(state, raw, initial=True)
 
     def _read_state_raw(self) -> bytes | None:
         try:
@@ -512,6 +546,10 @@ class KeyStore:
         try:
             return _read_private(self.directory / name, SECRET_BYTES)
         except FileNotFoundError:
+            if self.follower:
+                raise KeyStoreError(
+                    f"{self.directory / name} is missing: a follower only reads the leader's keys"
+                ) from None
             if name == SIGNING_FILE and (self.directory / STATE_FILE).exists():
                 raise KeyStoreError(
                     f"{self.directory / SIGNING_FILE} is missing: clients pin the signing key, "
@@ -531,9 +569,10 @@ class KeyStore:
 
     def _load_long_lived(self, state: _State) -> None:
         self.signing_key = self._signing_key_for(state)
-        if (self.directory / OLD_LOG_HASH_FILE).exists():
+        if not self.follower and (self.directory / OLD_LOG_HASH_FILE).exists():
             _destroy_file(self.directory / OLD_LOG_HASH_FILE)
         self.pow_key = self._long_lived_secret(POW_FILE)
+        self.state_key = self._long_lived_secret(STATE_HASH_FILE)
 
     def _create_hpke_key(self, kid: str) -> bytes:
         pair = hpke.generate_key_pair()
@@ -625,6 +664,8 @@ class KeyStore:
     def _transaction(self, change: Callable[[_State, int], _State | None], timeout: float) -> bool:
         if self._closed:
             raise KeyStoreError("the key store is closed")
+        if self.follower:
+            raise KeyStoreError("a follower (KEYS_ROLE=follower) never changes the keys")
         try:
             return self._locked_transaction(change, timeout)
         except OSError as e:
@@ -750,11 +791,14 @@ class KeyStore:
                 return False
             if raw == self._state_raw:
                 return False
-            with _locked(self.directory, exclusive=False, timeout=0):
-                raw = self._read_state_raw()
-                if raw is None or raw == self._state_raw:
-                    return False
+            if self.follower:  # no lock: the directory may be a read-only copy
                 self._apply(_State.loads(raw, self.directory / STATE_FILE), raw)
+            else:
+                with _locked(self.directory, exclusive=False, timeout=0):
+                    raw = self._read_state_raw()
+                    if raw is None or raw == self._state_raw:
+                        return False
+                    self._apply(_State.loads(raw, self.directory / STATE_FILE), raw)
         except KeyStoreBusyError:
             return False  # a writer is at work; the next poll picks its result up
         except (KeyStoreError, OSError) as e:
@@ -882,7 +926,7 @@ class KeyStore:
         return float(min(times))
 
     def _schedule(self) -> None:
-        if self._poller is None:
+        if self._poller is None or self.follower:
             return
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -907,7 +951,7 @@ class KeyStore:
         self._schedule()
 
     def _maintain(self) -> None:
-        if self._closed or self._clock.seconds() < self._due():
+        if self._closed or self.follower or self._clock.seconds() < self._due():
             return
         try:
             self._transaction(self._scheduled, timeout=0)

@@ -20,6 +20,7 @@ __all__ = ["CONTENT_TYPE", "MetricsResource", "RouterMetrics"]
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_STATE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -131,6 +132,30 @@ class RouterMetrics:
             self.registry.unregister(self._key_collector)
         self._key_collector = _KeyCollector(rotations, age)
         self.registry.register(self._key_collector)
+
+    def watch_state(self, up: Callable[[], bool]) -> None:
+        """Export the shared state store's health: only routers with ``STATE_URL`` have one."""
+        gauge = Gauge(
+            "llmrouter_state_up",
+            "Whether the router is connected to its shared state (Redis); admission refuses"
+            " requests while it is not",
+            registry=self.registry,
+        )
+        gauge.set_function(lambda: 1.0 if up() else 0.0)
+        self.state_errors = Counter(
+            "llmrouter_state_errors",
+            "Shared state calls that failed (not connected, timeout, error), by operation:"
+            " gate and commit refuse a request, release and renew leave a lease to expire",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.state_seconds = Histogram(
+            "llmrouter_state_seconds",
+            "Round-trip time of shared state calls, by operation",
+            ["operation"],
+            buckets=_STATE_BUCKETS,
+            registry=self.registry,
+        )
 
     def client_certificate_expiry(self, not_after: float) -> None:
         """Export when the client certificate for https:// backends expires, as loaded at start

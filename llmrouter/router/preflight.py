@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 from llmrouter.listen import split_description
 from llmrouter.router.addresses import TrustedProxies
@@ -135,12 +136,30 @@ def _upstreams(s: Settings) -> Iterator[str]:
             )
 
 
+def _state(s: Settings) -> Iterator[str]:
+    url = urlsplit(s.state_url)
+    if url.scheme != "redis":
+        return  # none, a UNIX socket, or TLS
+    try:
+        address = ipaddress.ip_address(url.hostname or "")
+    except ValueError:
+        address = None  # a host name: its address is not known here
+    if address is None or not (address.is_loopback or _within(address, _PRIVATE)):
+        yield (
+            f"{_origin(s, 'state_url', 'STATE_URL')} is plain-text redis:// to "
+            f"{url.hostname}: Redis would see its password and the routers' state in the clear;"
+            " use unix:///run/redis/redis-server.sock on this host, rediss:// (TLS), or the"
+            " WireGuard address (redis://:PASSWORD@10.8.0.1:6379/0)"
+        )
+
+
 _CHECKS: tuple[Callable[[Settings], Iterator[str]], ...] = (
     _device_auth,
     _keys_dir,
     _cadence,
     _listeners,
     _upstreams,
+    _state,
 )
 
 

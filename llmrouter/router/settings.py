@@ -31,6 +31,13 @@ __all__ = [
 ]
 
 
+# redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... and unix:///PATH[?db=DB]
+STATE_URL = re.compile(
+    r"rediss?://(?:[^@/\s]*@)?(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?(?:/\d{1,2})?"
+    r"|unix://(?:[^@/\s]*@)?/[^?\s]+(?:\?db=\d{1,2})?"
+)
+
+
 class SettingsError(ValueError):
     """A setting is missing, malformed or out of range; the message names it."""
 
@@ -155,6 +162,12 @@ class Settings:
     retry_backoff_max_seconds: float = 2.0
     health_interval_seconds: float = 5.0
     security_log: bool = True
+    # Shared state (several routers): empty keeps the tables in memory. Not in repr: a URL may
+    # carry the Redis password.
+    state_url: str = field(default="", repr=False)
+    state_tls_ca: Path | None = None
+    state_lease_seconds: float = 30.0
+    keys_role: str = "leader"
     _sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +245,10 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "RETRY_BACKOFF_MAX_SECONDS": ("retry_backoff_max_seconds", float),
     "HEALTH_INTERVAL_SECONDS": ("health_interval_seconds", float),
     "SECURITY_LOG": ("security_log", _bool),
+    "STATE_URL": ("state_url", str.strip),
+    "STATE_TLS_CA": ("state_tls_ca", _opt_path),
+    "STATE_LEASE_SECONDS": ("state_lease_seconds", float),
+    "KEYS_ROLE": ("keys_role", str.strip),
 }
 _FIELD_TO_ENV = {field_name: env for env, (field_name, _) in ENV_NAMES.items()}
 
@@ -367,6 +384,18 @@ def _validate(s: Settings) -> None:
         raise SettingsError("PAD_BYTES must be at most 4096")
     if s.key_overlap_seconds > s.key_rotation_hours * 3600:
         raise SettingsError("KEY_OVERLAP_SECONDS must not exceed the rotation period")
+    if s.keys_role not in ("leader", "follower"):
+        raise SettingsError("KEYS_ROLE must be leader or follower")
+    if s.state_url and STATE_URL.fullmatch(s.state_url) is None:
+        # never the value: it may carry a password
+        raise SettingsError(
+            "STATE_URL must be redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS) or"
+            " unix:///PATH[?db=DB] (empty: state in memory)"
+        )
+    if s.state_tls_ca is not None and not s.state_url.startswith("rediss://"):
+        raise SettingsError("STATE_TLS_CA is for a rediss:// STATE_URL")
+    if not 3 <= s.state_lease_seconds <= 3600:
+        raise SettingsError("STATE_LEASE_SECONDS must be from 3 to 3600")
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Open streams, counted globally (this router's capacity) and per device."""
+"""Open streams: on this router (its capacity) and per device (in this process's memory)."""
 
 from __future__ import annotations
 
@@ -7,42 +7,61 @@ from collections.abc import Callable
 from zope.interface import implementer
 
 from llmrouter.protocol import ProtocolError
-from llmrouter.router.interfaces import IStreamSlots
+from llmrouter.router.interfaces import IDeviceStreams, IStreamSlots
 
-__all__ = ["StreamSlots"]
+__all__ = ["DeviceStreams", "StreamSlots"]
+
+
+def _once(release: Callable[[], None]) -> Callable[[], None]:
+    released = False
+
+    def once() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            release()
+
+    return once
 
 
 @implementer(IStreamSlots)
 class StreamSlots:
-    """A slot is released when its stream ends; per-device counts vanish at zero."""
+    """This router's streams; a slot is released when its stream ends."""
 
-    def __init__(self, max_streams: int, max_per_device: int) -> None:
+    def __init__(self, max_streams: int) -> None:
         self.max_streams = max_streams
-        self.max_per_device = max_per_device
         self.open = 0
-        self._per_device: dict[bytes, int] = {}
 
-    def acquire(self, device: bytes | None) -> Callable[[], None]:
+    def acquire(self) -> Callable[[], None]:
         if self.open >= self.max_streams:
             raise ProtocolError("overloaded", "the router is at capacity, retry later")
-        if device is not None and self._per_device.get(device, 0) >= self.max_per_device:
-            raise ProtocolError("device_streams", "too many open streams for this device")
         self.open += 1
-        if device is not None:
-            self._per_device[device] = self._per_device.get(device, 0) + 1
-        released = False
 
         def release() -> None:
-            nonlocal released
-            if released:
-                return
-            released = True
             self.open -= 1
-            if device is not None:
-                left = self._per_device[device] - 1
-                if left:
-                    self._per_device[device] = left
-                else:
-                    del self._per_device[device]
 
-        return release
+        return _once(release)
+
+
+@implementer(IDeviceStreams)
+class DeviceStreams:
+    """Per-device counts; a device's count vanishes at zero, so memory follows open streams."""
+
+    def __init__(self, max_per_device: int) -> None:
+        self.max_per_device = max_per_device
+        self._open: dict[bytes, int] = {}
+
+    def acquire(self, device: bytes) -> Callable[[], None] | None:
+        key = bytes(device)
+        if self._open.get(key, 0) >= self.max_per_device:
+            return None
+        self._open[key] = self._open.get(key, 0) + 1
+
+        def release() -> None:
+            left = self._open[key] - 1
+            if left:
+                self._open[key] = left
+            else:
+                del self._open[key]
+
+        return _once(release)

@@ -12,30 +12,26 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
-from llmrouter import pow
 from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
 from llmrouter.router import preflight, secmem
 from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
-from llmrouter.router.admission import Admission, Tables
+from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
-from llmrouter.router.budget import PrivacyBudget
 from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.daykey import DayKey
-from llmrouter.router.devices import KnownDevices
+from llmrouter.router.interfaces import IAdmissionStore
+from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
-from llmrouter.router.ratelimit import RateLimiter
-from llmrouter.router.replay import ReplayCache, SpentSolutions
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
-from llmrouter.router.slots import StreamSlots
 from llmrouter.router.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
@@ -192,14 +188,7 @@ class Router:
         clock = clock or reactor
         self.clock = clock
         self.metrics = metrics or RouterMetrics()
-        from llmrouter.router.keys import KeyStore  # imported late: keeps `twistd --help` light
-
-        self.keys = keys or KeyStore.open(
-            settings.keys_dir,
-            clock,
-            rotation_seconds=settings.key_rotation_hours * 3600,
-            overlap_seconds=settings.key_overlap_seconds,
-        )
+        self.keys = keys or open_keys(settings, clock)
         self.events = SecurityLog(emit=emit, clock=clock, counter=self.metrics.security_events)
         self.keys.events = self.events
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
@@ -207,11 +196,12 @@ class Router:
         remote = any(url.startswith("https:") for url in settings.inference_endpoints)
         if remote and settings.upstream_tls_cert is not None:
             self.metrics.client_certificate_expiry(certificate_expiry(settings.upstream_tls_cert))
+        self.store = store_for(settings, reactor, clock, self.keys, self.metrics)
         self.admission = Admission(
             settings,
             clock,
             self.keys,
-            memory_tables(settings, clock),
+            self.store,
             self.pool,
             self.metrics,
             self.events if settings.security_log else None,
@@ -249,6 +239,7 @@ class Router:
 
     def start(self) -> None:
         self.keys.start()
+        self.store.start()
         self.pool.start()
 
     def stop(self) -> Deferred[object]:
@@ -257,35 +248,40 @@ class Router:
             stream.shutdown()
         closed = self.pool.stop()
         self.keys.close()  # wipes the secret keys held in locked memory
-        return closed
+        stopped = self.store.stop()
+        if stopped is None:
+            return closed
+        both: list[Deferred[Any]] = [closed, stopped]
+        return gatherResults(both, consumeErrors=True).addCallback(lambda _: None)
 
     def reload_keys(self) -> None:
         if self.keys.reload():
             log.info("key directory re-read")
 
 
-def memory_tables(settings: Settings, clock: IReactorTime) -> Tables:
-    """Admission's tables in this process's memory (one router; see llmrouter.router.interfaces)."""
-    return Tables(
-        addresses=RateLimiter(clock, settings.rate_limit_per_minute, settings.rate_limit_burst),
-        devices=RateLimiter(
-            clock, settings.device_rate_limit_per_minute, settings.device_rate_limit_burst
-        ),
-        new_devices=RateLimiter(
-            clock, settings.new_devices_per_hour / 60.0, settings.new_device_burst
-        ),
-        replay=ReplayCache(clock, settings.replay_window_seconds, settings.replay_max_entries),
-        spent=SpentSolutions(clock, pow.CHALLENGE_TTL),
-        known=KnownDevices(settings.max_known_devices),
-        slots=StreamSlots(settings.max_streams, settings.max_streams_per_device),
-        budget=PrivacyBudget(
-            clock,
-            settings.epsilon_total,
-            settings.epsilon_per_query,
-            settings.budget_period_seconds,
-            settings.budget_max_devices,
-        ),
+def open_keys(settings: Settings, clock: IReactorTime) -> Any:
+    """The key store: the leader's (creates and rotates) or a follower's (only reads)."""
+    from llmrouter.router.keys import KeyStore  # imported late: keeps `twistd --help` light
+
+    follower = settings.keys_role == "follower"
+    return KeyStore.open(
+        settings.keys_dir,
+        clock,
+        rotation_seconds=None if follower else settings.key_rotation_hours * 3600,
+        overlap_seconds=None if follower else settings.key_overlap_seconds,
+        follower=follower,
     )
+
+
+def store_for(
+    settings: Settings, reactor: Any, clock: IReactorTime, keys: Any, metrics: RouterMetrics
+) -> IAdmissionStore:
+    """Admission's state: this process's memory, or Redis shared by several routers."""
+    if not settings.state_url:
+        return MemoryStore(settings, clock)
+    from llmrouter.router.redisstore import RedisStore  # txredisapi only where it is used
+
+    return RedisStore(settings, reactor, clock, lambda: keys.state_key, metrics)
 
 
 class RouterService(service.Service):
@@ -349,16 +345,12 @@ def makeService(options: Options) -> service.IService:
     settings = options.settings
     assert settings is not None
     secmem.harden_process()  # before any key material is read
-    from llmrouter.router.keys import KeyStore, KeyStoreError
+    from llmrouter.router.keys import KeyStoreError
 
-    # Fail fast (before twistd forks) on an unusable key directory; creates it on first start.
+    # Fail fast (before twistd forks) on an unusable key directory; a leader creates it on first
+    # start, a follower refuses to start without it.
     try:
-        KeyStore.open(
-            settings.keys_dir,
-            reactor,
-            rotation_seconds=settings.key_rotation_hours * 3600,
-            overlap_seconds=settings.key_overlap_seconds,
-        ).close()
+        open_keys(settings, reactor).close()
     except KeyStoreError as e:
         raise SystemExit(f"llmrouter: {e}") from None
     _check_readable(settings)
