@@ -196,3 +196,29 @@ class CacheKeyTests(unittest.TestCase):
         clock.advance(10)  # UTC midnight
         self.assertNotEqual(keys.headers(device)[HEADER], today)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_routers_sharing_state_derive_the_same_key(self) -> None:
+        """Behind one balancer a device's next turn may reach another router: with ``STATE_URL``
+        every router derives the day's cache key from the shared ``state-hash.key``."""
+        from types import SimpleNamespace
+
+        from llmrouter.router.settings import load
+        from llmrouter.router.tap import cache_keys
+
+        clock = Clock()
+        clock.advance(86400 - 10)
+        device = b"\x01" * 32
+        shared = load({"STATE_URL": "unix:///run/redis/redis.sock"})
+        directory = SimpleNamespace(state_key=b"s" * 32)
+        a, b = cache_keys(shared, clock, directory), cache_keys(shared, clock, directory)
+        today = a.headers(device)[HEADER]
+        self.assertEqual(b.headers(device)[HEADER], today)
+        other = cache_keys(shared, clock, SimpleNamespace(state_key=b"t" * 32))
+        self.assertNotEqual(other.headers(device)[HEADER], today)
+        # not the Redis names' day key, and not the same as a lone router's random key
+        self.assertNotEqual(cache_keys(load({}), clock, directory).headers(device)[HEADER], today)
+        clock.advance(10)  # UTC midnight: both move to the next day's key together
+        tomorrow = a.headers(device)[HEADER]
+        self.assertNotEqual(tomorrow, today)
+        self.assertEqual(b.headers(device)[HEADER], tomorrow)
+        self.assertEqual(clock.getDelayedCalls(), [])

@@ -7,7 +7,10 @@ own, random, held only in memory and replaced at every UTC midnight like the sec
 (:mod:`llmrouter.router.daykey`): it is neither the device key nor the security log's identifier
 of the device, nobody on the private link can tell which device it belongs to, and an inference
 node can link a device's requests for one day at most. A new key (midnight, a router restart)
-costs each device one cache miss: a cached conversation lives minutes, not days. Base-mode
+costs each device one cache miss: a cached conversation lives minutes, not days. Several routers
+sharing state (``STATE_URL``) derive the day's key from the key directory's shared
+``state-hash.key`` instead (under :data:`CACHE_LABEL`, unrelated to the Redis names), or a
+device would miss its cache whenever the balancer picks another router. Base-mode
 requests carry no device identity and get no key, hence no reuse: a cache shared between users
 would be a timing side channel.
 """
@@ -20,9 +23,10 @@ import hmac
 
 from llmrouter.router.daykey import DayKey
 
-__all__ = ["HEADER", "CacheKeys"]
+__all__ = ["CACHE_LABEL", "HEADER", "CacheKeys"]
 
 HEADER = b"X-LLMRouter-Cache-Key"
+CACHE_LABEL = b"llmrouter/cache/v1/"
 
 
 class CacheKeys:

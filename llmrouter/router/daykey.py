@@ -8,19 +8,40 @@ anywhere, and the previous day's bytes are overwritten when the next day's key i
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import hmac
 import secrets
 import time
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["DAY_SECONDS", "DayKey", "random_key"]
+__all__ = ["DAY_SECONDS", "DayKey", "derived_key", "random_key", "shared_day_keys"]
 
 DAY_SECONDS = 86400
 
 
 def random_key() -> bytes:
     return secrets.token_bytes(32)
+
+
+def derived_key(secret: bytes, label: bytes, date: datetime.date) -> bytes:
+    """The day's key that every router holding ``secret`` derives alike (several routers,
+    issue 10): HMAC-SHA256 of the label and the UTC date, unrelated from one day to the next."""
+    return hmac.new(secret, label + date.isoformat().encode("ascii"), hashlib.sha256).digest()
+
+
+def shared_day_keys(
+    clock: IReactorTime, secret: Callable[[], bytes], label: bytes
+) -> Callable[[], bytes]:
+    """A ``new_key`` for :class:`DayKey`: today's :func:`derived_key` on ``clock``."""
+
+    def today() -> bytes:
+        date = datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC).date()
+        return derived_key(secret(), label, date)
+
+    return today
 
 
 class DayKey:

@@ -57,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmrouter import pow
+from llmrouter.router.daykey import derived_key
 from llmrouter.router.interfaces import Commit, Committed, Gate, IAdmissionStore, Verdict
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
@@ -208,6 +209,9 @@ return #KEYS
 )
 
 
+STATE_LABEL = b"llmrouter/state/v1/"
+
+
 class StateUnavailable(Exception):
     """Redis could not answer (the message never names a key or a URL)."""
 
@@ -230,8 +234,7 @@ class StateNames:
     def _day_key(self, day: int) -> bytes:
         key = self._days.get(day)
         if key is None:
-            date = datetime.date.fromordinal(day).isoformat().encode("ascii")
-            key = hmac.new(self._secret(), b"llmrouter/state/v1/" + date, hashlib.sha256).digest()
+            key = derived_key(self._secret(), STATE_LABEL, datetime.date.fromordinal(day))
             self._days = {d: k for d, k in self._days.items() if d >= day - 1}
             self._days[day] = key
         return key

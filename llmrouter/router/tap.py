@@ -24,9 +24,9 @@ from llmrouter.router import preflight, secmem
 from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
-from llmrouter.router.cachekey import CacheKeys
+from llmrouter.router.cachekey import CACHE_LABEL, CacheKeys
 from llmrouter.router.connections import ConnectionGuard
-from llmrouter.router.daykey import DayKey
+from llmrouter.router.daykey import DayKey, shared_day_keys
 from llmrouter.router.interfaces import IAdmissionStore
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
@@ -214,7 +214,7 @@ class Router:
             self.pool,
             self.admission,
             self.metrics,
-            CacheKeys(DayKey(clock)),
+            cache_keys(settings, clock, self.keys),
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
@@ -271,6 +271,15 @@ def open_keys(settings: Settings, clock: IReactorTime) -> Any:
         overlap_seconds=None if follower else settings.key_overlap_seconds,
         follower=follower,
     )
+
+
+def cache_keys(settings: Settings, clock: IReactorTime, keys: Any) -> CacheKeys:
+    """The prompt-cache keys: this router's own random day key, or with several routers
+    (``STATE_URL``) one derived from the shared ``state-hash.key``, so a device's next turn hits
+    its cache whichever router the balancer picks."""
+    if not settings.state_url:
+        return CacheKeys(DayKey(clock))
+    return CacheKeys(DayKey(clock, shared_day_keys(clock, lambda: keys.state_key, CACHE_LABEL)))
 
 
 def store_for(
