@@ -104,7 +104,6 @@ class EncryptedStream:
         self._opened = False
         self._closed = False
         self._paused = False
-        self._paused_at = 0.0
         self._last_write = 0.0
         self._timer: IDelayedCall | None = None
         self._write_stall = write_stall
@@ -185,16 +184,8 @@ class EncryptedStream:
             self._end_now("timeout", "the request took too long", 504)
 
     def _stalled(self) -> None:
-        """The stall timer is armed lazily (see pauseProducing): it may fire after the client
-        resumed (nothing to do), or during a later, younger pause (wait for the rest of it)."""
         self._stall = None
-        if not self._paused or self._closed:
-            return
-        left = self._paused_at + self._write_stall - self._clock.seconds()
-        if left > 0:
-            self._stall = self._clock.callLater(left, self._stalled)
-        else:
-            self._drop("write_stall")
+        self._drop("write_stall")
 
     def _drop(self, reason: str) -> None:
         """Close the connection under a client that does not read; frees its slot now."""
@@ -209,10 +200,7 @@ class EncryptedStream:
     # IPushProducer (driven by the client's connection)
 
     def pauseProducing(self) -> None:
-        # A fast reader pauses and resumes the stream many times a second: one timer stays
-        # armed across those instead of a callLater and a cancel per pause.
         self._paused = True
-        self._paused_at = self._clock.seconds()
         if self._stall is None and not self._closed:
             self._stall = self._clock.callLater(self._write_stall, self._stalled)
         if self._upstream is not None:
@@ -220,6 +208,7 @@ class EncryptedStream:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._cancel_stall()
         if self._upstream is not None:
             self._upstream.resume()
 
