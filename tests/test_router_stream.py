@@ -283,7 +283,7 @@ class SlowReaderTests(TestCase):
 
 
 class StallTimerTests(TestCase):
-    """The write-stall limit on a clock: one lazily re-armed timer, not one per pause."""
+    """The write-stall limit on a clock: it counts from the current pause only."""
 
     def stream(self) -> tuple[Any, Any, Any, Any]:
         from types import SimpleNamespace
@@ -323,11 +323,10 @@ class StallTimerTests(TestCase):
 
     def test_a_reader_that_keeps_resuming_is_never_dropped(self) -> None:
         stream, clock, metrics, request = self.stream()
-        for _ in range(100):  # many short pauses: still one stall timer in the reactor
+        for _ in range(100):  # 100 s of short pauses, each far below the 30 s limit
             stream.pauseProducing()
             clock.advance(1)
             stream.resumeProducing()
-        self.assertEqual(len([c for c in clock.getDelayedCalls() if c.func == stream._stalled]), 1)
         clock.advance(60)
         self.assertEqual(self.dropped(metrics), 0)
         self.assertFalse(stream.client_gone)
