@@ -340,7 +340,7 @@ class StallTimerTests(TestCase):
         clock.advance(10)
         stream.resumeProducing()
         clock.advance(15)
-        stream.pauseProducing()  # paused since t=25: the t=30 timer re-arms for t=55
+        stream.pauseProducing()  # paused again at t=25: dropped at t=55, not t=30
         clock.advance(29.5)
         self.assertEqual(self.dropped(metrics), 0)
         clock.advance(0.5)
