@@ -327,7 +327,7 @@ export class LLMRouterClient {
 
   private async send(request: ChatRequest, signal: AbortSignal | undefined): Promise<{ response: FetchResponse; state: RequestState }> {
     const maxRetries = this.options.maxRetries ?? 2;
-    let refetched = false;
+    let resealed = false;
     for (let attempt = 0; ; ) {
       if (signal?.aborted) throw new AbortedError();
       let failure: LLMRouterError;
@@ -337,10 +337,12 @@ export class LLMRouterClient {
         if (!(e instanceof LLMRouterError) || e instanceof AbortedError) throw e;
         failure = e;
       }
-      if (failure.code === 'key_unknown' && !refetched) {
-        // The router rotated its keys: refetch the document once and seal again.
-        refetched = true;
-        await this.keys({ signal, refresh: true });
+      if ((failure.code === 'key_unknown' || failure.code === 'stale') && !resealed) {
+        // Seal again, once: after `key_unknown` (the router rotated its keys) with a refetched
+        // document; after `stale` (a router that just restarted refuses earlier timestamps) with
+        // a fresh timestamp. A clock that is really wrong gets `stale` again, and that is final.
+        resealed = true;
+        if (failure.code === 'key_unknown') await this.keys({ signal, refresh: true });
         continue;
       }
       const delay = this.retryDelay(failure, attempt);

@@ -53,7 +53,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   before(async () => {
     inference = await startInference(['--parallel', '2', '--max-tokens', '4000']);
     [router, powRouter, limitedRouter] = await Promise.all([
-      // a device key's first request costs a proof of work (12 bits here: fast tests; 20 by default)
+      // a device key's first request costs a proof of work (12 bits here: fast tests; 16 by default)
       startRouter(inference, { NEW_DEVICE_POW_DIFFICULTY: '12' }),
       startRouter(inference, { POW_THRESHOLD_RPS: '0.001', POW_DIFFICULTY: '8' }),
       startRouter(inference, { RATE_LIMIT_BURST: '1', RATE_LIMIT_PER_MINUTE: '60' }),
@@ -181,6 +181,34 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
       [(await client.keys()).current.kid, 200],
     ]);
     assert.equal(calls.filter((c) => c.path === '/api/pubkey').length, 2);
+  });
+
+  it('seals again once when a router that just started refuses an earlier timestamp', async () => {
+    const fresh = await startRouter(inference);
+    try {
+      // The device clock runs 40 s behind (within the router's 60 s skew) until the first refusal,
+      // so the first request is timed before this router's start: `stale`.
+      let lag = 40000;
+      const { fetch, chats } = recorder(async (url, init) => {
+        const response = await globalThis.fetch(url, init);
+        if (new URL(url).pathname === '/api/chat') lag = 0;
+        return response;
+      });
+      const client = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch, now: () => Date.now() - lag });
+      const { done } = await collect(client.chat(ask('after a restart', 2)));
+      assert.equal(done?.type, 'done');
+      assert.deepEqual(chats().map((c) => c.status), [401, 200]);
+      const [first, second] = chats().map((c) => JSON.parse(c.body!).ts as number);
+      assert.ok(second! >= first! + 39, 'the second request carries a fresh timestamp');
+
+      // a clock that stays behind (the router started less than 40 s ago) gets `stale` twice
+      const { fetch: behindFetch, chats: behindChats } = recorder();
+      const behind = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch: behindFetch, now: () => Date.now() - 40000 });
+      await assert.rejects(collect(behind.chat(ask('late', 2))), (e: unknown) => e instanceof RouterError && e.code === 'stale');
+      assert.deepEqual(behindChats().map((c) => c.status), [401, 401]);
+    } finally {
+      await fresh.stop();
+    }
   });
 
   it('surfaces a replayed request as the router refuses it', async () => {
