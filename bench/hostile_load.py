@@ -41,7 +41,7 @@ from typing import Any
 
 from twisted.internet import defer, task, threads, utils
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -321,7 +321,6 @@ async def zero_window(target: Target, seconds: float) -> dict[str, int]:
             self.lost = True
 
     streams: list[Stalled] = []
-    endpoint = TCP4ClientEndpoint(target.reactor, "127.0.0.1", target.port, bindAddress=(PROXY, 0))
     statuses: Counter[str] = Counter()
     deadline = time.monotonic() + seconds
     devices = [(hpke.generate_key_pair(), _forwarded()) for _ in range(ZERO_WINDOW_DEVICES)]
@@ -350,19 +349,35 @@ async def zero_window(target: Target, seconds: float) -> dict[str, int]:
                 + b"\r\n\r\n"
                 + body
             )
-            peer = await connectProtocol(endpoint, Stalled())
+            peer = _stalled_connection(target, Stalled())
             assert peer.transport is not None
-            # a small receive buffer, so the window closes after kilobytes, not megabytes
-            handle = peer.transport.getHandle()  # type: ignore[attr-defined]
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             peer.transport.write(raw)
             streams.append(peer)
             statuses["opened"] += 1
         await _sleep(target.reactor, 2.0)
+    statuses["dropped_by_router"] = sum(stream.lost for stream in streams)
     for stream in streams:
         if not stream.lost and stream.transport is not None:
             stream.transport.abortConnection()
     return dict(statuses)
+
+
+def _stalled_connection(target: Target, protocol: Protocol) -> Protocol:
+    """A connection from the proxy's address with a receive buffer of a few kilobytes, set before
+    it connects so that its window is small from the SYN on. On loopback that is still not a
+    stall for the router: its side's send buffer autotunes to ~3.9 MB at once (``ss -tm``), which
+    holds a whole 1000-token answer (docs/security-testing.md)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind((PROXY, 0))
+        sock.connect(("127.0.0.1", target.port))  # loopback: the handshake is immediate
+        sock.setblocking(False)
+        factory = Factory.forProtocol(lambda: protocol)
+        target.reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, factory)
+    finally:
+        sock.close()  # the reactor holds its own duplicate of the descriptor
+    return protocol
 
 
 async def junk_one_address(target: Target, seconds: float) -> dict[str, int]:
