@@ -5,8 +5,6 @@
  */
 
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { describe, it } from 'node:test';
 
 import { ed25519 } from '@noble/curves/ed25519.js';
@@ -25,23 +23,12 @@ import {
   verifyKeyDocument,
 } from '@llmrouter/client/protocol';
 
-import { REPO } from './support/stack.js';
+import { DOC, fenced } from './support/docs.js';
 
-const DOC = readFileSync(join(REPO, 'docs', 'protocol.md'), 'utf8');
 const utf8 = (text: string) => new TextEncoder().encode(text);
 const range = (from: number, to: number) => Uint8Array.from({ length: to - from }, (_, i) => from + i);
 const hex = (data: Uint8Array) => Buffer.from(data).toString('hex');
 const b64u = (data: Uint8Array) => Buffer.from(data).toString('base64url');
-
-/** From the first line of section `section` of docs/protocol.md that starts with `first` to the end of its fenced block. */
-function fenced(section: string, first: string): string {
-  const from = DOC.indexOf(`\n### ${section} `);
-  assert.ok(from >= 0, `docs/protocol.md has no section ${section}`);
-  const start = DOC.indexOf('\n' + first, from) + 1;
-  const next = DOC.indexOf('\n### ', from + 1);
-  assert.ok(start > 0 && (next < 0 || start < next), `section ${section} has no block starting with ${first}`);
-  return DOC.slice(start, DOC.indexOf('```', start)) + '\n'; // the blank line ending the last event
-}
 
 const router = hpke.deriveKeyPair(range(0, 32));
 const routerKey: PublishedKey = { kid: '01', pk: router.pk, status: 'current', not_before: 1767225600, not_after: 1767312000 };
