@@ -7,7 +7,8 @@ chat every few seconds through every phase: first without an attack (the baselin
 each attack in turn, bounded in count and time:
 
 * ``slowloris``: connections from one address trickling their headers a byte a second;
-* ``zero_window``: streams opened by devices (from many addresses) that never read a byte;
+* ``zero_window``: the largest answers a request can ask for (1000 tokens with 20 logprobs each),
+  opened through the trusted proxy's UNIX socket by devices that never read a byte;
 * ``junk_one_address``: junk envelopes as fast as one address can send them;
 * ``junk_many_addresses``: well-formed envelopes with junk ciphertext (each costs the router a
   decapsulation) from a new address each, through the trusted proxy's X-Forwarded-For;
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task, threads, utils
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
@@ -68,6 +68,9 @@ from llmrouter.router.settings import read_env_file  # noqa: E402
 
 PROXY = "127.0.0.250"  # the trusted proxy (as Caddy would be): attacks from many addresses
 ATTACKER = "127.0.0.1"  # attacks from one address
+SOCKET = "router.sock"  # the router's UNIX listener, in the run's directory
+SOCKET_ENV = "LLMR_HOSTILE_ROUTER_SOCKET"  # how the attacking process learns where it is
+ZERO_WINDOW_HOLD = 30.0  # seconds the zero_window phase lasts at least (see zero_window)
 ZERO_WINDOW_DEVICES = 2  # each opens a stream every 2 s (at most 4 open per device)
 
 
@@ -87,9 +90,12 @@ class _From:
 class Target:
     """What every client needs to know about the router under test."""
 
-    def __init__(self, reactor: Any, port: int, metrics_port: int, pin: bytes) -> None:
+    def __init__(
+        self, reactor: Any, port: int, metrics_port: int, pin: bytes, socket: str = ""
+    ) -> None:
         self.reactor = reactor
         self.port = port
+        self.socket = socket  # the router's UNIX listener, the trusted proxy's way in
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.url = f"http://127.0.0.1:{port}"
         self.pin = pin
@@ -303,7 +309,8 @@ async def slowloris(target: Target, seconds: float) -> dict[str, int]:
 
 
 async def zero_window(target: Target, seconds: float) -> dict[str, int]:
-    """Devices (each from its own forwarded address) open streams and never read them."""
+    """Devices (each from its own forwarded address, through the proxy's UNIX socket) open long
+    streams and never read them; the router must drop them after ``WRITE_STALL_SECONDS``."""
 
     class Stalled(Protocol):
         def __init__(self) -> None:
@@ -322,12 +329,15 @@ async def zero_window(target: Target, seconds: float) -> dict[str, int]:
 
     streams: list[Stalled] = []
     statuses: Counter[str] = Counter()
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
     devices = [(hpke.generate_key_pair(), _forwarded()) for _ in range(ZERO_WINDOW_DEVICES)]
     while time.monotonic() < deadline:
         for device, forwarded in devices:
             text = "Count from one to ten thousand, one number per line. " * 4
-            request = ChatRequest.from_prompt(text, max_tokens=1000)
+            # the largest answer a request can ask for: 1000 tokens, each with 20 alternatives'
+            # logprobs (~1 MB sealed), far more than the socket and Twisted's buffer hold
+            request = ChatRequest.from_prompt(text, max_tokens=1000, logprobs=True, top_logprobs=20)
             envelope, _ = seal_request(target.key, request, int(time.time()), device)
             body = json.dumps(envelope.to_json()).encode()
             # the device's first sight asks for work: the attacker pays it once per device
@@ -349,35 +359,25 @@ async def zero_window(target: Target, seconds: float) -> dict[str, int]:
                 + b"\r\n\r\n"
                 + body
             )
-            peer = _stalled_connection(target, Stalled())
+            # through the router's UNIX socket, as Caddy reaches it in production: a socket pair
+            # whose buffers (net.core.wmem_default) fill after a few hundred chunks. Loopback TCP
+            # never stalls: it autotunes the router's send buffer to ~3.9 MB at once (ss -tm).
+            endpoint = UNIXClientEndpoint(target.reactor, target.socket)
+            peer = await connectProtocol(endpoint, Stalled())
             assert peer.transport is not None
             peer.transport.write(raw)
             streams.append(peer)
             statuses["opened"] += 1
         await _sleep(target.reactor, 2.0)
-    statuses["dropped_by_router"] = sum(stream.lost for stream in streams)
+    # Hold them long enough for the router to notice: the socket (~33 KiB of small writes) and
+    # Twisted's 64 KiB buffer fill within seconds of a stream's start (cadence mode packs what
+    # the backend made into each 50 ms chunk), then WRITE_STALL_SECONDS (10 here) pass. The
+    # router's own counters (streams_dropped_total) say how many it dropped.
+    await _sleep(target.reactor, max(0.0, started + ZERO_WINDOW_HOLD - time.monotonic()))
     for stream in streams:
         if not stream.lost and stream.transport is not None:
             stream.transport.abortConnection()
     return dict(statuses)
-
-
-def _stalled_connection(target: Target, protocol: Protocol) -> Protocol:
-    """A connection from the proxy's address with a receive buffer of a few kilobytes, set before
-    it connects so that its window is small from the SYN on. On loopback that is still not a
-    stall for the router: its side's send buffer autotunes to ~3.9 MB at once (``ss -tm``), which
-    holds a whole 1000-token answer (docs/security-testing.md)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.bind((PROXY, 0))
-        sock.connect(("127.0.0.1", target.port))  # loopback: the handshake is immediate
-        sock.setblocking(False)
-        factory = Factory.forProtocol(lambda: protocol)
-        target.reactor.adoptStreamConnection(sock.fileno(), socket.AF_INET, factory)
-    finally:
-        sock.close()  # the reactor holds its own duplicate of the descriptor
-    return protocol
 
 
 async def junk_one_address(target: Target, seconds: float) -> dict[str, int]:
@@ -480,9 +480,11 @@ def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> d
             "ENVIRONMENT": "development",
             "KEYS_DIR": str(directory / "keys"),
             "INFERENCE_ENDPOINTS": backend,
-            "LISTEN": f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+            # TCP for the clients that come straight from their own addresses; a UNIX socket for
+            # what comes through the trusted proxy, as production's Caddy does (zero_window)
+            "LISTEN": f"tcp:{port}:interface=127.0.0.1:backlog=1024 unix:{directory / SOCKET}",
             "METRICS_LISTEN": f"tcp:{metrics_port}:interface=127.0.0.1",
-            "TRUSTED_PROXIES": PROXY,
+            "TRUSTED_PROXIES": f"{PROXY} unix",
             # Lower than production so that the flood phases reach them on a 2-core machine,
             # and so that the Python clients here solve proofs of work in milliseconds.
             "POW_THRESHOLD_RPS": "40",
@@ -507,7 +509,8 @@ async def main(reactor: Any, argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.attacker:  # the attacking process: one attack, its outcome as JSON on stdout
         name, port, pin, seconds = args.attacker
-        target = Target(reactor, int(port), 0, b64u_decode(pin, "pin", 32))
+        socket_path = os.environ[SOCKET_ENV]
+        target = Target(reactor, int(port), 0, b64u_decode(pin, "pin", 32), socket_path)
         await target.refresh_key()
         print(json.dumps(await ATTACKS[name](target, float(seconds))))
         return
@@ -556,7 +559,7 @@ async def main(reactor: Any, argv: list[str]) -> None:
                         *(__file__, "--attacker", name, str(port), state["signing_key"]),
                         str(args.phase_seconds),
                     ],
-                    env=os.environ,
+                    env={**os.environ, SOCKET_ENV: str(directory / SOCKET)},
                 )
                 if code != 0:
                     raise SystemExit(f"attack {name} failed:\n{errors.decode()[-3000:]}")
