@@ -55,7 +55,6 @@ from llmrouter.router.interfaces import (
     Committed,
     Gate,
     IAdmissionStore,
-    IStreamSlots,
     Verdict,
 )
 from llmrouter.router.metrics import RouterMetrics
@@ -168,7 +167,7 @@ class Admission:
         self._clock = clock
         self._keys = keys
         self.store = store
-        self.slots: IStreamSlots = StreamSlots(settings.max_streams)
+        self.slots = StreamSlots(settings.max_streams)
         self._routes = routes
         self._metrics = metrics
         self._events = events

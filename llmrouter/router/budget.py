@@ -19,9 +19,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
-
-from llmrouter.router.interfaces import IPrivacyBudget
 
 __all__ = ["PrivacyBudget"]
 
@@ -37,7 +34,6 @@ class _Account:
         self.spent = 0.0
 
 
-@implementer(IPrivacyBudget)
 class PrivacyBudget:
     def __init__(
         self,

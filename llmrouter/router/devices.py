@@ -14,14 +14,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from zope.interface import implementer
-
-from llmrouter.router.interfaces import IKnownDevices
-
 __all__ = ["KnownDevices"]
 
 
-@implementer(IKnownDevices)
 class KnownDevices:
     def __init__(self, max_devices: int = 1_000_000) -> None:
         if max_devices < 1:

@@ -1,4 +1,4 @@
-"""The state admission keeps between requests, as interfaces.
+"""The state admission keeps between requests: the store interface and its questions.
 
 Admission asks its store two questions per request, each one round trip to a shared store
 (:class:`IAdmissionStore`): :class:`Gate` before it decrypts (the per-address limit, whether the
@@ -9,7 +9,8 @@ address limit, spent proofs of work) must come before, and only a request that d
 be recorded (junk must not fill the replay cache).
 
 :class:`~llmrouter.router.memory.MemoryStore` answers at once from this process's tables
-(the per-table interfaces below); :class:`~llmrouter.router.redisstore.RedisStore` answers
+(rate limiters, replay cache, spent solutions, known devices, budgets, device streams);
+:class:`~llmrouter.router.redisstore.RedisStore` answers
 with Deferreds from Redis, shared by every router using it (issue 10). Each in-memory table
 bounds its memory, and none of them turns being full into a refusal of everyone: see each
 class's docstring for what it gives up instead.
@@ -28,13 +29,6 @@ __all__ = [
     "Committed",
     "Gate",
     "IAdmissionStore",
-    "IDeviceStreams",
-    "IKnownDevices",
-    "IPrivacyBudget",
-    "IRateLimiter",
-    "IReplayCache",
-    "ISpentSolutions",
-    "IStreamSlots",
     "Verdict",
     "pow_refusal",
 ]
@@ -127,63 +121,3 @@ class IAdmissionStore(Interface):
 
     def commit(query: Commit) -> Committed | Deferred[Committed]:
         """Checks and records after decryption; the first refusal wins, leaving no stream."""
-
-
-class IRateLimiter(Interface):
-    """Requests per key over time (keys: an address bucket, a device key)."""
-
-    def check(key: bytes | str) -> float | None:
-        """None if a request is allowed now (and count it); else the seconds until it would be."""
-
-
-class IReplayCache(Interface):
-    """Which request ``enc`` values were accepted inside the replay window."""
-
-    def seen(enc: bytes) -> bool:
-        """Whether ``enc`` was recorded inside the window."""
-
-    def record(enc: bytes) -> bool:
-        """Remember ``enc`` for the window; False when it cannot (the request is then shed)."""
-
-
-class ISpentSolutions(Interface):
-    """Proof-of-work solutions already used: each buys exactly one check."""
-
-    def spend(solution: bytes) -> bool:
-        """Mark ``solution`` spent; False if it already was."""
-
-
-class IKnownDevices(Interface):
-    """Device keys that have paid their admission (a proof of work on first sight)."""
-
-    def known(device: bytes) -> bool:
-        """Whether ``device`` was admitted before (and is still remembered)."""
-
-    def remember(device: bytes) -> None:
-        """Record ``device`` as admitted."""
-
-
-class IPrivacyBudget(Interface):
-    """Queries per device and period."""
-
-    def charge(device: bytes) -> bool:
-        """Spend one query's epsilon; False (nothing spent) when the budget is exhausted."""
-
-    def replenishes_in(device: bytes) -> float:
-        """Seconds until the device's budget is full again."""
-
-
-class IDeviceStreams(Interface):
-    """Open streams per device."""
-
-    def acquire(device: bytes) -> Callable[[], None] | None:
-        """A release callable (idempotent), or None when the device has no room."""
-
-
-class IStreamSlots(Interface):
-    """Open streams on this router (its capacity; always local, never shared)."""
-
-    open = Attribute("Streams open now on this router (the stress signal reads it).")
-
-    def acquire() -> Callable[[], None]:
-        """A release callable (idempotent); raises ProtocolError ``overloaded`` when full."""

@@ -17,9 +17,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
-
-from llmrouter.router.interfaces import IRateLimiter
 
 __all__ = ["RateLimiter"]
 
@@ -30,7 +27,6 @@ _EVICTION_SCAN = 16
 _SLACK = 1e-6
 
 
-@implementer(IRateLimiter)
 class RateLimiter:
     def __init__(
         self, clock: IReactorTime, per_minute: float, burst: int, max_keys: int = 100_000

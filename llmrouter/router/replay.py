@@ -20,9 +20,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from twisted.internet.interfaces import IReactorTime
-from zope.interface import implementer
-
-from llmrouter.router.interfaces import IReplayCache, ISpentSolutions
 
 __all__ = ["ExpiringSet", "ReplayCache", "SpentSolutions"]
 
@@ -76,7 +73,6 @@ class ExpiringSet:
         return True
 
 
-@implementer(IReplayCache)
 class ReplayCache:
     """The ``enc`` values accepted inside the window (see the module docstring)."""
 
@@ -111,7 +107,6 @@ class ReplayCache:
         return True
 
 
-@implementer(ISpentSolutions)
 class SpentSolutions:
     """Proof-of-work solutions already checked, for as long as their challenge lives."""
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zope.interface import implementer
-
 from llmrouter.protocol import ProtocolError
-from llmrouter.router.interfaces import IDeviceStreams, IStreamSlots
 
 __all__ = ["DeviceStreams", "StreamSlots"]
 
@@ -24,7 +21,6 @@ def _once(release: Callable[[], None]) -> Callable[[], None]:
     return once
 
 
-@implementer(IStreamSlots)
 class StreamSlots:
     """This router's streams; a slot is released when its stream ends."""
 
@@ -43,7 +39,6 @@ class StreamSlots:
         return _once(release)
 
 
-@implementer(IDeviceStreams)
 class DeviceStreams:
     """Per-device counts; a device's count vanishes at zero, so memory follows open streams."""
 
