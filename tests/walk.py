@@ -66,6 +66,12 @@ mount("/dev", f"{root}/dev", None, MS_BIND | MS_REC)
 mount("sysfs", f"{root}/sys", "sysfs", 0)
 for d in ("tmp", "run"):
     mount("tmpfs", f"{root}/{d}", "tmpfs", 0, "mode=1777" if d == "tmp" else "mode=0755")
+if repo.startswith(("/tmp/", "/run/")):  # a checkout the fresh /tmp or /run hid: throwaway too
+    for d in ("repo-upper", "repo-work"):
+        os.mkdir(f"{base}/{d}")
+    os.makedirs(f"{root}{repo}")
+    options = f"lowerdir={repo},upperdir={base}/repo-upper,workdir={base}/repo-work"
+    mount("overlay", f"{root}{repo}", "overlay", 0, options)
 with open(f"{base}/systemctl", "w") as f:
     f.write(shim)
 os.chmod(f"{base}/systemctl", 0o755)
