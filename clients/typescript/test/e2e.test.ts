@@ -21,6 +21,7 @@ import {
 } from '@llmrouter/client';
 
 import { cuttingProxy, recorder, replaying, unreachable, unstreamed } from './support/faults.js';
+import { PersistentMemory } from './support/stores.js';
 import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
 
 function ask(content: string, max_tokens = 8): ChatRequest {
@@ -81,7 +82,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('chats in auth mode with a device key made on first use and kept in storage', async () => {
-    const storage = new MemoryStorage();
+    const storage = new PersistentMemory();
     const { fetch, chats } = recorder();
     const client = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, fetch });
     const { done } = await collect(client.chat(ask('Hello in auth mode', 4)));
@@ -116,7 +117,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('trusts the first signing key on first use, and refuses another one after', async () => {
-    const storage = new MemoryStorage();
+    const storage = new PersistentMemory();
     const first = new LLMRouterClient({ url: router.url, trustOnFirstUse: true, storage });
     await collect(first.chat(ask('first use', 2)));
     assert.equal(storage.getItem('llmrouter.signing-key'), router.pin);
@@ -125,9 +126,9 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('starts from the stored key document when the key endpoint cannot be reached', async () => {
-    const storage = new MemoryStorage();
-    await new LLMRouterClient({ url: router.url, pin: router.pin, storage }).keys();
-    const offline = new LLMRouterClient({ url: router.url, pin: router.pin, storage, fetch: unreachable('/api/pubkey'), keyRefreshSeconds: 0 });
+    const cache = new MemoryStorage();
+    await new LLMRouterClient({ url: router.url, pin: router.pin, cache }).keys();
+    const offline = new LLMRouterClient({ url: router.url, pin: router.pin, cache, fetch: unreachable('/api/pubkey'), keyRefreshSeconds: 0 });
     const { done } = await collect(offline.chat(ask('offline start', 2)));
     assert.equal(done?.type, 'done');
     const empty = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unreachable('/api/pubkey'), maxRetries: 0 });
@@ -201,11 +202,29 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
       const [first, second] = chats().map((c) => JSON.parse(c.body!).ts as number);
       assert.ok(second! >= first! + 39, 'the second request carries a fresh timestamp');
 
-      // a clock that stays behind (the router started less than 40 s ago) gets `stale` twice
+      // a clock that stays behind is corrected by the router's Date header, within the bound
+      const statuses: string[] = [];
       const { fetch: behindFetch, chats: behindChats } = recorder();
-      const behind = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch: behindFetch, now: () => Date.now() - 40000 });
-      await assert.rejects(collect(behind.chat(ask('late', 2))), (e: unknown) => e instanceof RouterError && e.code === 'stale');
-      assert.deepEqual(behindChats().map((c) => c.status), [401, 401]);
+      const behind = new LLMRouterClient({
+        url: fresh.url,
+        pin: fresh.pin,
+        fetch: behindFetch,
+        now: () => Date.now() - 180000, // beyond the router's 60 s, within the key document's 300 s
+        onStatus: (status) => statuses.push(status.type === 'resealing' ? `resealing:${status.reason}` : status.type),
+      });
+      assert.equal((await collect(behind.chat(ask('late', 2)))).done?.type, 'done');
+      assert.deepEqual(behindChats().map((c) => c.status), [401, 200]);
+      assert.deepEqual(statuses, ['resealing:stale', 'response']);
+      const [late, corrected] = behindChats().map((c) => JSON.parse(c.body!).ts as number);
+      assert.ok(Math.abs(corrected! - Date.now() / 1000) < 10 && late! < corrected! - 170, 'the second request is timed by the router clock');
+      await collect(behind.chat(ask('and later', 2))); // the correction stays: no second refusal
+      assert.deepEqual(behindChats().map((c) => c.status), [401, 200, 200]);
+
+      // ... and a clock off by more than maxClockCorrectionSeconds stays an error
+      const { fetch: offFetch, chats: offChats } = recorder();
+      const off = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch: offFetch, now: () => Date.now() - 180000, maxClockCorrectionSeconds: 120 });
+      await assert.rejects(collect(off.chat(ask('late', 2))), (e: unknown) => e instanceof RouterError && e.code === 'stale' && !e.retryable);
+      assert.deepEqual(offChats().map((c) => c.status), [401, 401]);
     } finally {
       await fresh.stop();
     }
