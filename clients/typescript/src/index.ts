@@ -73,6 +73,7 @@ export type {
   Usage,
 } from './protocol.js';
 export { type Reply, ReplyBuilder } from './reply.js';
+export { type ChatMessage, ChatSession, type ChatSessionOptions, type ChatState } from './session.js';
 export { type KeyStorage, MemoryStorage } from './storage.js';
 export {
   type KeychainModule,

@@ -70,14 +70,21 @@ export function secureStoreStorage(SecureStore: SecureStoreModule, options: Secu
   };
 }
 
-/** What of `react-native-keychain` the adapter uses (its module, `import * as Keychain`). */
+/**
+ * What of `react-native-keychain` the adapter uses (its module, `import * as Keychain`). The
+ * options are loosely typed here because each major types them its own way (enums, a prompt
+ * that is a string in one and an object in another); the adapter passes `KeychainOptions`.
+ */
 export interface KeychainModule {
-  getGenericPassword(options?: KeychainOptions): Promise<false | { password: string }>;
-  setGenericPassword(username: string, password: string, options?: KeychainOptions): Promise<unknown>;
-  resetGenericPassword(options?: KeychainOptions): Promise<boolean>;
+  getGenericPassword(options?: LooseOptions): Promise<false | { password: string }>;
+  setGenericPassword(username: string, password: string, options?: LooseOptions): Promise<unknown>;
+  resetGenericPassword(options?: LooseOptions): Promise<boolean>;
   readonly ACCESSIBLE: { readonly WHEN_UNLOCKED_THIS_DEVICE_ONLY: string };
   readonly ACCESS_CONTROL: { readonly BIOMETRY_CURRENT_SET_OR_DEVICE_PASSCODE: string };
 }
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type LooseOptions = { [key: string]: any };
 
 /** The subset of react-native-keychain's options the adapter sets. */
 export interface KeychainOptions {
