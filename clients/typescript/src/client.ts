@@ -234,6 +234,7 @@ export class LLMRouterClient {
     const refreshAfter = this.options.keyRefreshSeconds ?? 3600;
     if (usable && !options.refresh && now - this.fetchedAt < refreshAfter) return cached;
     const control = new RequestControl(options.signal);
+    control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000); // a dead connection must not hang the app
     try {
       return await this.fetchKeys(control);
     } catch (e) {
@@ -412,6 +413,7 @@ export class LLMRouterClient {
    */
   async models(options: { signal?: AbortSignal | undefined } = {}): Promise<ModelList> {
     const control = new RequestControl(options.signal);
+    control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000);
     let response: FetchResponse, body: string;
     try {
       response = await control.guard(() => this.fetch('/api/models', { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }));

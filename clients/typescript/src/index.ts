@@ -38,6 +38,7 @@ export {
   type RequestOptions,
 } from './client.js';
 export type { BodyStream, Fetch, FetchInit, FetchResponse } from './transport.js';
+export { type XMLHttpRequestLike, xhrFetch } from './xhr.js';
 export type { PowProgress } from './pow.js';
 export {
   AbortedError,

@@ -19,7 +19,7 @@ export const HEADER = 'X-LLMRouter-PoW';
 export const MAX_DIFFICULTY = 32;
 const LABEL = utf8('llmrouter/v1 pow|');
 const CHALLENGE_BYTES = 1 + 8 + 1 + 16 + 16; // version, expiry, difficulty, random, MAC
-const CLOCK_EVERY = 256; // hashes between looks at the clock
+const CLOCK_EVERY = 64; // hashes between looks at the clock (a few ms in Hermes)
 
 /** The difficulty the router wrote into its (MAC-protected) challenge. */
 export function challengeDifficulty(challenge: string): number {

@@ -11,16 +11,20 @@ import { after, before, describe, it } from 'node:test';
 import {
   AbortedError,
   type ChatEvent,
+  type ChatStatus,
+  type PrepareProgress,
   type ChatRequest,
   KeyDocumentError,
   LLMRouterClient,
   MemoryStorage,
+  NetworkError,
   RateLimitedError,
   RouterError,
+  TimeoutError,
   TruncatedStreamError,
 } from '@llmrouter/client';
 
-import { cuttingProxy, recorder, replaying, unreachable, unstreamed } from './support/faults.js';
+import { cuttingProxy, recorder, replaying, stalled, unreachable, unstreamed } from './support/faults.js';
 import { PersistentMemory } from './support/stores.js';
 import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
 
@@ -101,11 +105,50 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
     assert.deepEqual(chats().map((c) => c.headers['X-LLMRouter-PoW'] !== undefined), [false, true, false]);
   });
 
-  it('works with a fetch that has no response streams (the answer is verified all at once)', async () => {
-    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed });
+  it('prepare(): keys, device key and the new-device proof of work ahead, with progress; then chats pay nothing, nor does the next launch', async () => {
+    const storage = new PersistentMemory(); // the secret store
+    const cache = new PersistentMemory(); // public data
+    const { fetch, chats } = recorder();
+    const progress: PrepareProgress[] = [];
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, cache, fetch });
+    await client.prepare({ onProgress: (p) => progress.push(p) });
+    const steps = [...new Set(progress.map((p) => p.step))];
+    assert.deepEqual(steps, ['keys', 'device_key', 'proof_of_work', 'done']);
+    assert.ok(progress.every((p, i) => i === 0 || p.fraction >= progress[i - 1]!.fraction) && progress.at(-1)!.fraction === 1);
+    assert.deepEqual(chats().map((c) => [c.status, c.headers['X-LLMRouter-PoW'] !== undefined]), [[401, false], [200, true]]);
+    await collect(client.chat(ask('prepared', 2)));
+    assert.deepEqual(chats().map((c) => c.status), [401, 200, 200]); // no proof of work for the chat
+    // the next launch: same stores, nothing to do
+    const relaunch = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, cache, fetch });
+    await relaunch.prepare();
+    assert.equal(chats().length, 3);
+    // the secret stays in the secret store, the public data in the cache, and neither holds the other's
+    const device = b64u((await client.devicePublicKey())!);
+    const secret = storage.getItem('llmrouter.device-key')!;
+    const names = ['device-key', 'signing-key', 'key-document', 'registered'];
+    assert.deepEqual(names.map((n) => storage.getItem(`llmrouter.${n}`) !== null), [true, false, false, false]);
+    assert.deepEqual(names.map((n) => cache.getItem(`llmrouter.${n}`) !== null), [false, false, true, true]);
+    for (const n of names) {
+      const value = cache.getItem(`llmrouter.${n}`) ?? '';
+      assert.ok(!value.includes(secret) && !value.includes(device), `the cache's ${n} holds no device key`);
+    }
+    // a router that forgot the device: the next chat pays again, inline, and says so
+    const statuses: string[] = [];
+    const fresh = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'ephemeral', fetch, onStatus: (s) => statuses.push(s.type) });
+    await collect(fresh.chat(ask('new device', 2)));
+    assert.ok(statuses.includes('proof_of_work') && statuses.at(-1) === 'response');
+  });
+
+  it('works with a fetch that has no response streams and no arrayBuffer (read with text(), verified all at once), and says so', async () => {
+    const statuses: ChatStatus[] = [];
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed, onStatus: (status) => statuses.push(status) });
     const { deltas, done } = await collect(client.chat(ask('no streams here', 5)));
     assert.ok(deltas >= 1);
     assert.ok(done?.type === 'done' && done.usage.completion_tokens === 5);
+    assert.deepEqual(statuses, [{ type: 'response', streaming: false }]);
+    const streamed: ChatStatus[] = [];
+    await collect(new LLMRouterClient({ url: router.url, pin: router.pin }).chat(ask('streams', 2), { onStatus: (s) => streamed.push(s) }));
+    assert.deepEqual(streamed, [{ type: 'response', streaming: true }]);
   });
 
   it('refuses a key document not signed by the pinned key, before sending anything', async () => {
@@ -132,7 +175,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
     const { done } = await collect(offline.chat(ask('offline start', 2)));
     assert.equal(done?.type, 'done');
     const empty = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unreachable('/api/pubkey'), maxRetries: 0 });
-    await assert.rejects(empty.keys(), { code: 'network' });
+    await assert.rejects(empty.keys(), (e: unknown) => e instanceof NetworkError && e.retryable && e.cause instanceof TypeError);
   });
 
   it('solves the proof of work when the router asks for it', async () => {
@@ -150,10 +193,15 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
 
   it('honours Retry-After when rate limited, or hands it to the caller', async () => {
     const { fetch, chats } = recorder();
+    const statuses: ChatStatus[] = [];
     const client = new LLMRouterClient({ url: limitedRouter.url, pin: limitedRouter.pin, fetch });
     await collect(client.chat(ask('one', 1)));
-    const { done } = await collect(client.chat(ask('two', 1)));
+    const { done } = await collect(client.chat(ask('two', 1), { onStatus: (s) => statuses.push(s) }));
     assert.equal(done?.type, 'done');
+    // the app heard of the wait, and why
+    const [retrying] = statuses;
+    assert.ok(retrying?.type === 'retrying' && retrying.attempt === 1 && retrying.error instanceof RateLimitedError);
+    assert.ok(retrying.delayMs >= (retrying.error.retryAfter ?? 0) * 1000);
     // One refusal, then one retry after Retry-After (the bucket refills one token a second): a
     // retry on the backoff schedule alone would have come too early and been refused again.
     assert.deepEqual(chats().map((c) => c.status), [200, 429, 200]);
@@ -256,6 +304,30 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
     // the router saw the connection go and cancelled the generation (4000 tokens: the tiny model
     // cannot finish them before the cut is noticed, which 200 sometimes did on a busy machine)
     await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled');
+  });
+
+  it('gives up on a stream that went silent (idle timeout), and on one that never began (first-token timeout)', async () => {
+    const cancelled = await cancelledCount();
+    const silent = await cuttingProxy(router.url, 1, true); // the first chunk, then nothing, the connection left open
+    try {
+      const client = new LLMRouterClient({ url: silent.url, pin: router.pin, idleTimeoutMs: 500 });
+      let deltas = 0;
+      await assert.rejects(
+        (async () => {
+          for await (const event of client.chat(ask('a long answer please', 4000))) if (event.type === 'delta') deltas += 1;
+        })(),
+        (e: unknown) => e instanceof TimeoutError && e.code === 'idle_timeout' && e.retryable,
+      );
+      assert.equal(deltas, 1);
+    } finally {
+      await silent.close();
+    }
+    await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled'); // the client closed it
+
+    const { fetch, chats } = recorder(stalled('/api/chat')); // the request goes out, no answer ever comes
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch, firstTokenTimeoutMs: 500 });
+    await assert.rejects(collect(client.chat(ask('hello', 2))), (e: unknown) => e instanceof TimeoutError && e.code === 'first_token_timeout');
+    assert.equal(chats().length, 1, 'a timeout is not retried by the client: the app decides');
   });
 
   for (const how of ['abort', 'break'] as const) {

@@ -69,6 +69,14 @@ export function unreachable(prefix: string): Fetch {
   };
 }
 
+/** Requests whose path starts with `prefix` go out and never get an answer (until aborted). */
+export function stalled(prefix: string): Fetch {
+  return async (url, init): Promise<FetchResponse> => {
+    if (!new URL(url).pathname.startsWith(prefix)) return fetch(url, init);
+    return new Promise((_, reject) => init.signal?.addEventListener('abort', () => reject(new DOMException('aborted', 'AbortError'))));
+  };
+}
+
 /**
  * A TCP proxy to `target` that forwards a response stream up to the end of its `chunks`-th
  * `event: chunk` and then cuts both connections, as a dropped connection would; or, with
