@@ -388,7 +388,8 @@ export class LLMRouterClient {
     const { signal, onProgress } = options;
     onProgress?.({ step: 'keys', fraction: 0 });
     await this.keys({ signal });
-    const pair = await (onProgress?.({ step: 'device_key', fraction: 0.05 }), this.deviceKeyPair());
+    onProgress?.({ step: 'device_key', fraction: 0.05 });
+    const pair = await this.deviceKeyPair();
     if (pair !== undefined && !(await this.isRegistered(pair))) {
       // the chance that the work is done by now: 1 - e^(-hashes/expected), smooth and below 1
       const onStatus = (status: ChatStatus) => {

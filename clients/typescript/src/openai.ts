@@ -15,7 +15,8 @@
  * the OpenAI clients map to their typed errors (429 with `Retry-After` for rate limits). Errors
  * carry `x-should-retry: false`: the SDK has already retried what was worth retrying.
  *
- * Needs the platform's `Response` and `ReadableStream` (Node 18+, browsers, Expo SDK 52+).
+ * Needs the platform's `Response` and `ReadableStream` (Node 18+, browsers); React Native's own
+ * `Response` takes no stream body.
  */
 
 import { b64uEncode, fromUtf8, randomBytes, utf8 } from './bytes.js';

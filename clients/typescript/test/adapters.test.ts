@@ -3,7 +3,8 @@
  * use, unchanged, against a real router and inference daemon: the `openai` package, the Vercel AI
  * SDK's OpenAI-compatible provider and LangChain's ChatOpenAI each stream, call a tool (forced by
  * the daemon's grammar: a random-weight model calls none by itself) and surface the router's
- * refusals as their own typed errors. And `ChatSession` (what `useChat` runs) against the router.
+ * refusals as their own typed errors. And `useChat` in React (react-test-renderer) and
+ * `ChatSession`, the logic it runs, against the router.
  */
 
 import assert from 'node:assert/strict';
@@ -14,9 +15,12 @@ import { tool as langchainTool } from '@langchain/core/tools';
 import { ChatOpenAI } from '@langchain/openai';
 import { APICallError, generateText, jsonSchema, streamText, tool } from 'ai';
 import OpenAI from 'openai';
+import { createElement } from 'react';
+import { create, type ReactTestRenderer } from 'react-test-renderer';
 
 import { ChatSession, LLMRouterClient, type ChatStatus } from '@llmrouter/client';
 import { createOpenAIFetch } from '@llmrouter/client/openai';
+import { type UseChat, useChat } from '@llmrouter/client/react';
 
 import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
 
@@ -190,6 +194,33 @@ describe('the OpenAI-compatible fetch with openai, the AI SDK and LangChain', { 
       const model = new ChatOpenAI({ model: 'llmrouter', apiKey: 'unused', configuration: { baseURL: BASE_URL, fetch: limitedFetch }, maxRetries: 0, maxTokens: 1 });
       await assert.rejects(model.invoke('hi'), (e: unknown) => e instanceof OpenAI.RateLimitError && e.status === 429);
       await assert.rejects(chat({ model: 'no-such-model' }).invoke('hi'), (e: unknown) => e instanceof OpenAI.NotFoundError && e.status === 404);
+    });
+  });
+
+  describe('useChat (React, with react-test-renderer)', () => {
+    let latest: UseChat | undefined;
+    function Probe({ chatClient }: { chatClient: LLMRouterClient }) {
+      latest = useChat(chatClient, { system: 'Be brief.', request: { max_tokens: 2000, temperature: 0 } });
+      return null;
+    }
+
+    it('renders the conversation as it streams; unmounting the screen stops the answer and the generation', async () => {
+      // React as an app runs it: no act(), updates land when the stream delivers them
+      (globalThis as { IS_REACT_ACT_ENVIRONMENT?: boolean }).IS_REACT_ACT_ENVIRONMENT = false;
+      const renderer: ReactTestRenderer = create(createElement(Probe, { chatClient: client }));
+      await waitFor(async () => latest !== undefined, Boolean, 'the first render');
+      const renders: string[] = [];
+      const watch = setInterval(() => renders.push(latest!.messages.at(-1)?.content ?? ''), 5);
+      const cancelled = await cancelledCount();
+      const sent = latest!.send('Hello there');
+      await waitFor(async () => latest!.messages.at(-1)?.content.length ?? 0, (n) => n > 20, 'an answer streaming in');
+      assert.equal(latest!.streaming, true);
+      assert.deepEqual(latest!.messages.map((m) => m.role), ['user', 'assistant']);
+      renderer.unmount(); // leaving the screen
+      await sent;
+      clearInterval(watch);
+      assert.ok(new Set(renders).size > 2, 'the answer rendered as it grew');
+      await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled');
     });
   });
 
