@@ -292,7 +292,7 @@ class _Cors(Resource):
             return self._inner.render(request)
         request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
         if request.method != b"OPTIONS":
-            # Date: the SDK corrects a skewed clock from it after `stale` (browsers hide it otherwise)
+            # Date: the SDK corrects a skewed clock from it after `stale` (pages cannot see it else)
             request.setHeader(b"Access-Control-Expose-Headers", b"Retry-After, Date")
             return self._inner.render(request)
         request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST")
