@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
 from inference.metrics import Metrics
+from llmrouter import sdnotify
 from llmrouter.listen import certificate_expiry
+from llmrouter.ops import llamabuild
 
 __all__ = ["EngineService", "Options", "makeService", "settings_from"]
 
@@ -151,6 +154,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise SystemExit(MISSING_EXTRA)
+        check_build(os.environ)
         self.settings = settings_from(self, os.environ)
         for description in self.settings.listen:
             try:
@@ -163,6 +167,23 @@ class Options(usage.Options):
                 )
             except ListenError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def check_build(environ: dict[str, str] | Any) -> None:
+    """Refuse, in one line, a llama.cpp build that would crash here: ggml's AMX kernels without
+    the operator's opt-in (``LLMROUTER_LLAMA_AMX=1``), or extensions this CPU lacks (a wheel
+    built with ``-march=native`` on another machine, or taken from pip's cache)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    amx = environ.get(llamabuild.AMX_OPT_IN) == "1"
+    problems = llamabuild.runtime_refusals(info, llamabuild.host_cpu_flags(), amx=amx)
+    if problems:
+        tool = Path(sys.executable).parent / llamabuild.PROG
+        raise SystemExit(
+            f"twistd inference: this llama-cpp-python must not run here: {'; '.join(problems)}."
+            f" Rebuild it for this host with {llamabuild.PROG} ({tool})."
+        )
 
 
 class _NoReactor:
@@ -220,23 +241,34 @@ def _model_path(settings: Settings) -> Callable[[], Path]:
 
 
 class EngineService(service.Service):
-    """Loads the model when the service starts; stopping the service stops the worker."""
+    """Loads the model and runs its self-test when the service starts; only then is the daemon
+    ready (``/health`` 200, and ``READY=1`` to systemd through ``notify``). Stopping the
+    service stops the worker."""
 
-    def __init__(self, scheduler: IScheduler, metrics: Metrics, reactor: Any):
+    def __init__(
+        self,
+        scheduler: IScheduler,
+        metrics: Metrics,
+        reactor: Any,
+        notify: Callable[[str], object] = sdnotify.notify,
+    ):
         self.scheduler = scheduler
         self.metrics = metrics
         self.reactor = reactor
+        self.notify = notify
 
     def startService(self) -> None:
         super().startService()
+        self.notify("STATUS=loading the model and decoding its self-test")
         d: Any = self.scheduler.start()
         d.addCallbacks(self._loaded, self._failed)
         crashed: Any = self.scheduler.crashed
         crashed.addCallback(self._crashed)
 
-    def _loaded(self, _: object) -> None:
+    def _loaded(self, decoded: int) -> None:
         self.metrics.model_loaded.set(1)
-        log.info("model loaded")
+        log.info("model loaded; its self-test decoded {tokens} tokens", tokens=decoded)
+        self.notify("READY=1\nSTATUS=serving")
 
     def _failed(self, failure: Failure) -> None:
         log.critical("model failed to load: {error}", error=str(failure.value))
@@ -253,6 +285,7 @@ class EngineService(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        self.notify("STOPPING=1")
         self.metrics.model_loaded.set(0)
         return self.scheduler.stop()
 
@@ -270,6 +303,9 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
 
     from inference.api import InferenceAPI, QuietSite
     from inference.batched import BatchedScheduler
+
+    # what was compiled in, for whoever reads the log after a crash (check_build vetted it)
+    log.info("llama.cpp: {info}", info=llama_cpp.llama_print_system_info().decode().strip())
 
     if settings.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
         log.warn(

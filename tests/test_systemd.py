@@ -255,6 +255,14 @@ class UnitContentTests(unittest.TestCase):
             self.assertEqual(service_setting(unit, "MemoryDenyWriteExecute"), mdwe, name)
             self.assertTrue(service_setting(unit, "RestrictAddressFamilies"))
 
+    def test_inference_is_started_only_when_ready(self) -> None:
+        """systemd waits for the daemon's READY=1, sent after its self-test decode
+        (tests/test_inference_startup.py), so a crash there is a failed start."""
+        for name in ("inference.service", "inference@.service"):
+            unit = read_unit(UNITS / name)
+            self.assertEqual(service_setting(unit, "Type"), "notify", name)
+            self.assertEqual(service_setting(unit, "NotifyAccess"), "main", name)
+
     def test_syscall_filter_expansion(self) -> None:
         require_tool(self, "systemd-analyze")
         allowed = syscall_allow_list(read_unit(UNITS / "inference.service"))
