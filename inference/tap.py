@@ -7,6 +7,7 @@ off loopback, ``ssl:`` without TLS files) stops start-up with a one-line error, 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import re
@@ -292,6 +293,11 @@ class EngineService(service.Service):
 
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
+
+    # Where llama.cpp crashes the process (a fault in its kernels), the log then shows where:
+    # file, line and function of each thread (never any data).
+    if sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
     settings: Settings = getattr(options, "settings", None) or settings_from(options, os.environ)
     return build(settings, reactor)

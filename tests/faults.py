@@ -18,16 +18,17 @@ find twistd on ``PATH`` (etc/dev/stack). FAULT is one of:
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 
 def _segfault() -> None:
-    os.kill(os.getpid(), signal.SIGSEGV)
+    """SIGSEGV in the calling thread, as a fault in llama.cpp's kernels raises it."""
+    signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
 
 
 def install(fault: str) -> None:
@@ -55,7 +56,7 @@ def install(fault: str) -> None:
                 _segfault()
             return submit(self, *args)
 
-        batched.BatchedScheduler.submit = submit_or_crash  # type: ignore[method-assign]
+        batched.BatchedScheduler.submit = submit_or_crash  # type: ignore[method-assign,assignment]
     elif name == "decode-error":
         llama_cpp.llama_decode = lambda *args: -1
     elif name == "slow-self-test":
@@ -66,7 +67,7 @@ def install(fault: str) -> None:
             time.sleep(float(argument))
             return self_test(self, *args)
 
-        model.LlamaModel.self_test = slow  # type: ignore[method-assign]
+        model.LlamaModel.self_test = slow  # type: ignore[method-assign,assignment]
     elif name == "amx-build":
         report = llama_cpp.llama_print_system_info().decode()
         amx = report.replace("| LLAMAFILE", "| AMX_INT8 = 1 | LLAMAFILE").encode()

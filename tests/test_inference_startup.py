@@ -160,8 +160,9 @@ class FailedStartTests(unittest.TestCase):
         else:
             code = yield daemon.wait_exit(120)
             self.assertEqual(code, 1)
-            self.assertIn("it was built for another CPU (AMX_INT8: not on this one)",
-                          daemon.log_text())  # fmt: skip
+            self.assertIn(
+                "it was built for another CPU (AMX_INT8: not on this one)", daemon.log_text()
+            )
             self.assertNotIn("ggml's AMX kernels are compiled in", daemon.log_text())
 
 

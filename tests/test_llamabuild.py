@@ -141,8 +141,10 @@ class PlanTests(unittest.TestCase):
         plan = plan_build((), machine="aarch64")
         self.assertEqual(plan.cmake_args, ())
         self.assertEqual(plan.forbidden, {"AMX_INT8"})
-        self.assertEqual(plan_build((), machine="aarch64", accelerator="cuda").cmake_args[-1:],
-                         ("-DGGML_CUDA=on",))  # fmt: skip
+        self.assertEqual(
+            plan_build((), machine="aarch64", accelerator="cuda").cmake_args[-1:],
+            ("-DGGML_CUDA=on",),
+        )
 
     def test_key_follows_version_and_arguments(self) -> None:
         a, b = plan_build(HASWELL.split()), plan_build(SKYLAKE_X.split())
@@ -204,10 +206,12 @@ class RuntimeRefusalTests(unittest.TestCase):
         self.assertEqual(len(runtime_refusals(info("AMX_INT8"), frozenset(), amx=False)), 1)
 
     def test_features_this_cpu_lacks(self) -> None:
-        problems = runtime_refusals(info("AVX2", "AVX512", "AVX512_VNNI"), frozenset(
-            HASWELL.split()), amx=False)  # fmt: skip
-        self.assertEqual(problems, ["it was built for another CPU (AVX512, AVX512_VNNI: not on"
-                                    " this one)"])  # fmt: skip
+        problems = runtime_refusals(
+            info("AVX2", "AVX512", "AVX512_VNNI"), frozenset(HASWELL.split()), amx=False
+        )
+        self.assertEqual(
+            problems, ["it was built for another CPU (AVX512, AVX512_VNNI: not on this one)"]
+        )
         # unknown where /proc/cpuinfo is hidden: not refused
         self.assertEqual(runtime_refusals(info("AVX512"), frozenset(), amx=False), [])
 
