@@ -660,7 +660,8 @@ class Walk:
     root's copy to NEW, for the upgrade), ``cd`` into the checkout, ``scp`` (copies between
     the hosts' roots, by the public names in ``addresses``), ``sysctl --system`` (the file must
     be installed; the kernel is the machine's) and ``swapoff``. Commands that download
-    (``pip``, ``make``) use the machine's network; all others run in the host's own.
+    (``pip``, ``make``, ``llmrouter-llama-build``) use the machine's network; all others run in
+    the host's own.
     """
 
     def __init__(
@@ -726,7 +727,7 @@ class Walk:
             if not host.path("/etc/sysctl.d/90-llmrouter.conf").is_file():
                 raise WalkError(f"[{host.name}] sysctl --system: the settings are not installed")
         elif word not in ("cd", "swapoff"):
-            network = re.search(r"\bpip\b|^make\b", command) is None
+            network = re.search(r"\bpip\b|^make\b|llmrouter-llama-build", command) is None
             output = host.shell(command, network=network)
             for call in host.calls():
                 host.services.systemctl(call)
