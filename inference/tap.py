@@ -12,7 +12,7 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,7 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
 
 
-def check_build(environ: dict[str, str] | Any) -> None:
+def check_build(environ: Mapping[str, str]) -> None:
     """Refuse, in one line, a llama.cpp build that would crash here: ggml's AMX kernels without
     the operator's opt-in (``LLMROUTER_LLAMA_AMX=1``), or extensions this CPU lacks (a wheel
     built with ``-march=native`` on another machine, or taken from pip's cache)."""
