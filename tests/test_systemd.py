@@ -172,6 +172,30 @@ class UnitContentTests(unittest.TestCase):
         env = (REPO / "etc" / "llmrouter" / "env.production").read_text()
         self.assertRegex(env, r"(?m)^KEYS_DIR=/var/lib/llmrouter/")
 
+    def test_renewal_reloads_every_daemon_with_a_certificate(self) -> None:
+        """After a renewal, every unit that loaded a certificate is asked to load the new one:
+        the single router, each router of "Several routers" (llmrouter@N, which used to be
+        missed) and each node; and each of them reloads on that request (ExecReload=), so no
+        stream is cut and no model reloaded."""
+        import fnmatch
+        import shlex
+
+        renew = read_unit(UNITS / "llmrouter-pki-renew.service")
+        post = service_setting(renew, "ExecStartPost")
+        script = shlex.split(post.lstrip("+"))[-1]
+        call = shlex.split(script[script.index("systemctl") :].split(";")[0])
+        verb, patterns = call[1], call[2:]
+        self.assertIn(verb, ("reload", "try-reload-or-restart", "reload-or-restart"))
+        for unit, template in (
+            ("llmrouter.service", "llmrouter.service"),
+            ("llmrouter@1.service", "llmrouter@.service"),
+            ("llmrouter@2.service", "llmrouter@.service"),
+            ("inference@inference-1.service", "inference@.service"),
+        ):
+            self.assertTrue(any(fnmatch.fnmatchcase(unit, p) for p in patterns), (unit, call))
+            reload = service_setting(read_unit(UNITS / template), "ExecReload")
+            self.assertEqual(reload, "/bin/kill -HUP $MAINPID", template)
+
     def test_development_drop_ins_keep_the_keys_directory(self) -> None:
         """Development and production settings give the router the same KEYS_DIR, so moving a
         server from one to the other keeps its keys and the signing key apps pin. (It used to

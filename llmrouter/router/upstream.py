@@ -36,7 +36,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llmrouter.chat import ChatRequest
-from llmrouter.httpclient import ClientTLS, agent_for
+from llmrouter.httpclient import ClientTLS, PinnedPolicy, agent_for
 from llmrouter.protocol import ProtocolError, logprob_entries
 from llmrouter.router.dialects import DIALECTS, Dialect, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
@@ -288,6 +288,7 @@ class BackendPool:
         self._timer: IDelayedCall | None = None
         self._probing: list[Deferred[Any]] = []
         self.connection_pools: list[HTTPConnectionPool] = []
+        self.tls: PinnedPolicy | None = None
         for backend in self.backends:
             metrics.backend_healthy.labels(backend.name).set(0)
             metrics.circuit_state.labels(backend.name).set(0)
@@ -298,11 +299,13 @@ class BackendPool:
     ) -> BackendPool:
         tls = None
         if settings.upstream_tls_ca is not None:
-            tls = ClientTLS(
-                ca=settings.upstream_tls_ca,
-                cert=settings.upstream_tls_cert,
-                key=settings.upstream_tls_key,
-                server_name=settings.upstream_tls_server_name,
+            tls = PinnedPolicy(
+                ClientTLS(
+                    ca=settings.upstream_tls_ca,
+                    cert=settings.upstream_tls_cert,
+                    key=settings.upstream_tls_key,
+                    server_name=settings.upstream_tls_server_name,
+                )
             )
         backends = []
         pools = []
@@ -341,7 +344,20 @@ class BackendPool:
             settings.default_model,
         )
         pool.connection_pools = pools
+        pool.tls = tls
         return pool
+
+    def reload_tls(self) -> bool:
+        """Read the client certificate, key and CA of https:// backends again (SIGHUP after a
+        renewal) and drop idle keep-alive connections, so that every new connection presents
+        the renewed certificate. False when there is none; raises (keeping the old ones) when
+        the files cannot be loaded."""
+        if self.tls is None:
+            return False
+        self.tls.reload()
+        for connections in self.connection_pools:
+            connections.closeCachedConnections()
+        return True
 
     def ready(self) -> bool:
         return any(b.healthy for b in self.backends)
