@@ -94,22 +94,31 @@ class AnalyzeTests(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def test_gpu_drop_in_verifies(self) -> None:
-        """The GPU drop-in (etc/systemd/inference-gpu.conf) on top of inference.service."""
+        """The GPU drop-in (etc/systemd/inference-gpu.conf) on top of inference.service and
+        inference@.service, with the unit that loads the NVIDIA driver first (nvidia-modprobe,
+        absent here, stands in as /bin/true: verify checks that binaries exist)."""
         tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
-        for name in ("inference.service", "inference.socket"):
+        for name in ("inference.service", "inference@.service", "inference.socket"):
             text = (UNITS / name).read_text()
             (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
-        (tmp / "inference.service.d").mkdir()
-        shutil.copy(UNITS / "inference-gpu.conf", tmp / "inference.service.d" / "gpu.conf")
-        result = subprocess.run(
-            ["systemd-analyze", "verify", str(tmp / "inference.service")],
-            capture_output=True,
-            text=True,
-            check=False,
+        devices = (UNITS / "llmrouter-nvidia-devices.service").read_text()
+        (tmp / "llmrouter-nvidia-devices.service").write_text(
+            devices.replace("/usr/bin/nvidia-modprobe", "/bin/true")
         )
-        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        shutil.copy(tmp / "inference@.service", tmp / "inference@gpu.service")
+        for unit in ("inference.service", "inference@.service"):
+            (tmp / f"{unit}.d").mkdir()
+            shutil.copy(UNITS / "inference-gpu.conf", tmp / f"{unit}.d" / "gpu.conf")
+        for unit in ("inference.service", "inference@gpu.service"):
+            result = subprocess.run(
+                ["systemd-analyze", "verify", str(tmp / unit)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), unit)
 
     def test_sysusers(self) -> None:
         require_tool(self, "systemd-sysusers")
@@ -171,6 +180,29 @@ class UnitContentTests(unittest.TestCase):
         # the router's production settings put the keys into that state directory
         env = (REPO / "etc" / "llmrouter" / "env.production").read_text()
         self.assertRegex(env, r"(?m)^KEYS_DIR=/var/lib/llmrouter/")
+
+    def test_gpu_drop_in_opens_what_cuda_needs(self) -> None:
+        """What reading CUDA's needs against the sandbox showed (none of it runs here, no GPU):
+        the driver is loaded and its nodes made before the service starts (DeviceAllow=
+        char-nvidia-* is resolved then; nvidia-modprobe cannot run under NoNewPrivileges=), and
+        the CUDA runtime's affinity and NUMA calls are allowed back, nothing else of
+        @resources."""
+        dropin = UNITS / "inference-gpu.conf"
+        for base in ("inference.service", "inference@.service"):
+            unit = read_unit(UNITS / base, [dropin])
+            self.assertIn("llmrouter-nvidia-devices.service", " ".join(unit["Unit.Requires"]))
+            after = " ".join(unit["Unit.After"])
+            self.assertIn("llmrouter-nvidia-devices.service", after)
+            self.assertIn("nvidia-persistenced.service", after)
+            allowed = syscall_allow_list(unit)
+            for call in ("sched_setaffinity", "mbind", "set_mempolicy", "get_mempolicy"):
+                self.assertIn(call, allowed, base)
+            for call in ("setrlimit", "sched_setscheduler", "init_module", "mount"):
+                self.assertNotIn(call, allowed, base)
+            self.assertEqual(service_setting(unit, "NoNewPrivileges"), "yes")
+        devices = read_unit(UNITS / "llmrouter-nvidia-devices.service")
+        self.assertIn("nvidia-modprobe", service_setting(devices, "ExecStart"))
+        self.assertEqual(service_setting(devices, "Type"), "oneshot")
 
     def test_renewal_reloads_every_daemon_with_a_certificate(self) -> None:
         """After a renewal, every unit that loaded a certificate is asked to load the new one:

@@ -563,6 +563,11 @@ def unshare():
         raise OSError(ctypes.get_errno(), "unshare")
 attempt("unshare", unshare)
 attempt("chroot", lambda: os.chroot("/"))
+attempt("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+def set_mempolicy():  # MPOL_DEFAULT: what CUDA's and libnuma's NUMA placement calls
+    if libc.syscall({"x86_64": 238, "aarch64": 237}[os.uname().machine], 0, None, 0) != 0:
+        raise OSError(ctypes.get_errno(), "set_mempolicy")
+attempt("set_mempolicy", set_mempolicy)
 attempt("sethostname", lambda: socket.sethostname("x"))
 def pyopenssl_callback():
     from OpenSSL import SSL
@@ -732,6 +737,35 @@ class ProbeTests(unittest.TestCase):
         self.assert_common(report)
         self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")  # AF_UNIX only
         self.assertEqual(report["completion_tokens"], 4)
+        # ~@resources: what the CUDA runtime calls, hence allowed back by the GPU drop-in
+        self.assertEqual(report["sched_setaffinity"], "EPERM")
+        self.assertEqual(report["set_mempolicy"], "EPERM")
+
+    @defer.inlineCallbacks
+    def test_inference_unit_with_the_gpu_drop_in(self) -> defer.Deferred[None]:
+        """inference.service with etc/systemd/inference-gpu.conf (merged as systemd merges a
+        drop-in): llama.cpp still runs, the CUDA runtime's affinity and NUMA calls are allowed,
+        the rest of the sandbox stays. No GPU here: the devices and CUDA itself are not run."""
+        from tests.tinymodel import tiny_model_path
+
+        merged = service_dir(self) / "inference.service"
+        merged.write_text(
+            (UNITS / "inference.service").read_text()
+            + "\n"
+            + (UNITS / "inference-gpu.conf").read_text()
+        )
+        report = yield self.probe(str(merged), model=stage_model(self, tiny_model_path()))
+        self.assertEqual(report["completion_tokens"], 4)
+        self.assertEqual(report["sched_setaffinity"], "allowed")
+        self.assertEqual(report["set_mempolicy"], "allowed")
+        self.assertEqual((report["no_new_privs"], report["seccomp"]), ("1", "2"))
+        self.assertEqual(report["uid_map"], ["65534", "65534", "1"])  # PrivateUsers stays
+        self.assertEqual(report["cap_bnd"], "0000000000000000")
+        for call in ("chroot", "sethostname", "unshare"):
+            self.assertEqual(report[call], "EPERM", call)
+        self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")
+        self.assertEqual(report["mdwe"], 0)  # CUDA's JIT maps writable code
+        self.assertTrue(report["proc_cpuinfo"])  # ProcSubset=all: /proc/driver/nvidia
 
     @defer.inlineCallbacks
     def test_inference_unit_runs_the_default_model(self) -> defer.Deferred[None]:
