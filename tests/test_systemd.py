@@ -25,7 +25,12 @@ from tests.tools import require_tool
 
 REPO = UNITS.parent.parent
 DAEMONS = ("llmrouter.service", "llmrouter@.service", "inference.service", "inference@.service")
-SERVICES = (*DAEMONS, "llmrouter-pki-renew.service")
+# Third-party backends, hardened the same way (docs/inference.md, "Backends and privacy").
+BACKENDS = ("llama-server.service", "vllm.service")
+SERVICES = (*DAEMONS, "llmrouter-pki-renew.service", *BACKENDS)
+# Binaries the units name that a test machine does not have, and what stands in for them in
+# `systemd-analyze verify` (it checks that ExecStart= binaries exist)
+STAND_INS = {"/opt/llama-server/llama-server": "/bin/true", "/opt/vllm/bin/vllm": "/bin/true"}
 MAX_EXPOSURE = 2.0
 INSTALL_PREFIX = "/opt/llmrouter/venv"
 
@@ -79,8 +84,10 @@ class AnalyzeTests(unittest.TestCase):
         self.assertTrue(Path(prefix, "bin", "twistd").exists())
         names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer", "llmrouter@.socket"]
         for name in names:
-            text = (UNITS / name).read_text()
-            (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
+            text = (UNITS / name).read_text().replace(INSTALL_PREFIX, prefix)
+            for binary, stand_in in STAND_INS.items():
+                text = text.replace(binary, stand_in)
+            (tmp / name).write_text(text)
         instances = {"inference@.service": "gemma", "llmrouter@.service": "1"}
         instances["llmrouter@.socket"] = "1"
         paths = [str(tmp / n) for n in names if n not in instances]
@@ -160,7 +167,14 @@ class UnitContentTests(unittest.TestCase):
             for line in (UNITS / "tmpfiles-llmrouter.conf").read_text().splitlines()
             if line.strip() and not line.startswith("#")
         ]
-        self.assertEqual(lines, [["d", "/run/llmrouter", "0750", "root", "llmrouter", "-"]])
+        self.assertEqual(
+            lines,
+            [
+                ["d", "/run/llmrouter", "0750", "root", "llmrouter", "-"],
+                # llama-server's socket directory: setgid, so its socket gets the router's group
+                ["d", "/run/llama-server", "2750", "inference", "llmrouter", "-"],
+            ],
+        )
         # the inference daemon never touches the socket file systemd made: no write access
         inference = read_unit(UNITS / "inference.service")
         self.assertNotIn("/run/llmrouter", inference.get("Service.ReadWritePaths", []))
@@ -307,6 +321,7 @@ class UnitContentTests(unittest.TestCase):
             # W^X everywhere except where pyOpenSSL's cffi callbacks need W+X memory (TLS);
             # tests/test_systemd_sandbox.py shows both sides of that
             tls = ("llmrouter.service", "llmrouter@.service", "inference@.service")
+            tls += ("vllm.service",)  # and PyTorch, CUDA
             mdwe = "no" if name in tls else "yes"
             self.assertEqual(service_setting(unit, "MemoryDenyWriteExecute"), mdwe, name)
             self.assertTrue(service_setting(unit, "RestrictAddressFamilies"))

@@ -1099,3 +1099,66 @@ class NodeUnderUnitTests(unittest.TestCase):
             code = yield daemon.stop()
             self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
             self.assertNotIn("Traceback", daemon.log_text())
+
+
+class LlamaServerUnderUnitTests(unittest.TestCase):
+    """etc/systemd/llama-server.service's recipe: the real llama-server, with the unit's own
+    ExecStart= arguments (the binary, model and socket paths substituted), under the unit's
+    sandbox (no network namespace, AF_UNIX only, MemoryDenyWriteExecute), serves a streamed chat
+    on its socket in a setgid directory as tmpfiles-llmrouter.conf makes it: the socket gets
+    the router's group, and GET /slots, which returns prompts, is off."""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_llama_server_under_unit(self) -> Any:
+        import shlex
+
+        from tests.daemons import Daemon
+        from tests.llama_server import binary
+        from tests.router_support import http, post_json
+        from tests.tinymodel import tiny_model_path
+
+        server = binary()
+        base = service_dir(self)
+        run = base / "run"  # /run/llama-server: 2750 inference:llmrouter
+        run.mkdir()
+        router_gid = 65533
+        os.chown(run, 65534, router_gid)
+        os.chmod(run, 0o2750)
+        sock = run / "llama.sock"
+        model = stage_model(self, tiny_model_path())
+        unit = read_unit(UNITS / "llama-server.service")
+        argv = shlex.split(service_setting(unit, "ExecStart"))
+        self.assertIn("--no-slots", argv)
+        substitutions = {"/opt/llama-server/llama-server": str(server)}
+        substitutions["/run/llama-server/llama.sock"] = str(sock)
+        argv = [substitutions.get(a, a) for a in argv]
+        argv += ["-m", str(model), "--threads", "1", "--ctx-size", "512", "--no-warmup"]
+        command = sandbox_argv("llama-server.service", [base / "state", run], argv)
+        if server.is_relative_to("/root"):  # ProtectHome hides the test machine's build cache
+            top = Path("/root", server.relative_to("/root").parts[0])
+            command[command.index("--") : command.index("--")] = ["--keep", str(top)]
+        daemon = Daemon(
+            "llama-server",
+            [],
+            command=command,
+            health=f"unix:{sock}",
+            env={"LLAMA_ARG_ENDPOINT_SLOTS": "0"},
+            directory=base / "state",
+        )
+        self.addCleanup(daemon.stop)
+        yield daemon.start()
+        self.assertEqual((sock.stat().st_gid, sock.stat().st_mode & 0o777), (router_gid, 0o770))
+        status, _, body = yield post_json(
+            f"unix:{sock}",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        )
+        self.assertEqual(status, 200, body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body[-200:])
+        status, _, _ = yield http(f"unix:{sock}", path="/slots")
+        self.assertNotEqual(status, 200)

@@ -6,6 +6,7 @@ Settings come from defaults < ``--env-file`` < environment < command line (see
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,6 @@ class Options(usage.Options):
         )
 
     def postOptions(self) -> None:
-        import os
 
         overrides: dict[str, Any] = {
             "listen": self["listen"],
@@ -328,6 +328,21 @@ class RouterService(service.Service):
         super().startService()
         self.router.start()
         self._previous = signal.signal(signal.SIGHUP, self._sighup)
+        self.router.pool.first_round.addCallback(self._refuse_to_start)
+
+    def _refuse_to_start(self, _: object) -> None:
+        """Production does not start against a backend it refuses (a llama-server whose /slots
+        answers): stop with a failure status and say which, rather than serve without it."""
+        refused = sorted(self.router.pool.refused) if self.router is not None else []
+        if not refused:
+            return
+        log.critical(
+            "refusing to start: {names} expose prompts (llama-server GET /slots); restart"
+            ' them with --no-slots (docs/inference.md, "Backends and privacy")',
+            names=", ".join(refused),
+        )
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.stop()
 
     def _sighup(self, signum: int, frame: Any) -> None:
         if self.router is not None:
