@@ -164,3 +164,69 @@ class DistTests(unittest.TestCase):
         self.assertEqual({(m.uid, m.gid) for m in members.values()}, {(0, 0)})
         self.assertEqual({m.mtime for m in members.values()}, {1700000000})
         self.assertTrue(members[f"{top}/bin/install-release"].mode & 0o111)
+
+
+class RunningReleaseTests(unittest.TestCase):
+    """``llmrouter-release check`` on a /proc laid out as a host's (the deployment walk runs it
+    on real daemons): each daemon's release is its interpreter's virtualenv."""
+
+    def fake_proc(self, daemons: dict[int, tuple[str, str, str]]) -> Path:
+        proc = Path(self.mktemp())
+        for pid, (interpreter, plugin, unit) in daemons.items():
+            entry = proc / str(pid)
+            entry.mkdir(parents=True)
+            argv = [
+                interpreter,
+                "/opt/llmrouter/venv/bin/twistd",
+                "--nodaemon",
+                "--pidfile=",
+                plugin,
+            ]
+            (entry / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+            (entry / "cgroup").write_text(f"0::/system.slice/system-x.slice/{unit}\n")
+            (entry / "root").symlink_to("/")
+        (proc / "self").mkdir()
+        other = proc / "77"  # a process in another root (a container): not this host's
+        other.mkdir()
+        (other / "cmdline").write_bytes(b"/x/bin/python3.11\0/x/bin/twistd\0llmrouter\0")
+        (other / "cgroup").write_text("0::/\n")
+        (other / "root").symlink_to(proc)
+        return proc
+
+    def test_stale_instance_is_named(self) -> None:
+        from llmrouter.ops import release
+
+        venvs = Path(self.mktemp())
+        for version in ("0.1.0", "0.1.1"):
+            (venvs / "releases" / version / "bin").mkdir(parents=True)
+        (venvs / "venv").symlink_to("releases/0.1.1")
+        new = str(venvs / "releases" / "0.1.1" / "bin" / "python3.11")
+        old = str(venvs / "releases" / "0.1.0" / "bin" / "python3.11")
+        proc = self.fake_proc(
+            {
+                11: (new, "llmrouter", "llmrouter@1.service"),
+                12: (old, "llmrouter", "llmrouter@2.service"),
+                13: (new, "inference", "inference.service"),
+            }
+        )
+        daemons = release.running_daemons(proc)
+        self.assertEqual(
+            [(d.unit, d.plugin, d.release.name) for d in daemons],
+            [
+                ("inference.service", "inference", "0.1.1"),
+                ("llmrouter@1.service", "llmrouter", "0.1.1"),
+                ("llmrouter@2.service", "llmrouter", "0.1.0"),
+            ],
+        )
+        self.assertEqual(release.check(venvs / "venv", proc), 1)
+        (venvs / "venv").unlink()
+        (venvs / "venv").symlink_to("releases/0.1.0")
+        self.assertEqual(release.check(venvs / "venv", proc), 1)
+        proc12 = proc / "12" / "cmdline"
+        proc12.write_bytes(proc12.read_bytes().replace(b"0.1.0", b"0.1.1"))
+        (venvs / "venv").unlink()
+        (venvs / "venv").symlink_to("releases/0.1.1")
+        self.assertEqual(release.check(venvs / "venv", proc), 0)
+        empty = Path(self.mktemp())
+        empty.mkdir()
+        self.assertEqual(release.check(venvs / "venv", empty), 1)  # none running

@@ -14,13 +14,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.test_systemd_sandbox import (
-    UNITS,
-    read_unit,
-    service_setting,
-    syscall_allow_list,
-    unit_environment,
-)
+from llmrouter.ops.unitfile import read_unit, service_setting, unit_environment
+from tests.test_systemd_sandbox import UNITS, syscall_allow_list
 from tests.tools import require_tool
 
 REPO = UNITS.parent.parent

@@ -46,68 +46,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmrouter.ops.unitfile import read_unit, service_setting
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "etc" / "systemd"
 
 # --- unit files ------------------------------------------------------------------------------
 
 
-def read_unit(path: Path, dropins: Iterable[Path] = ()) -> dict[str, list[str]]:
-    """``[Service]`` (and other sections') assignments as ``{"Section.Key": [values...]}``, the
-    unit file then its drop-ins in order. As in systemd, an empty assignment (``Key=``) clears
-    what came before (and is kept as ``""``, so that ``CapabilityBoundingSet=`` means empty)."""
-    result: dict[str, list[str]] = {}
-    for source in (path, *dropins):
-        section = ""
-        for raw in source.read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("[") and line.endswith("]"):
-                section = line[1:-1]
-                continue
-            key, _, value = line.partition("=")
-            name, value = f"{section}.{key.strip()}", value.strip()
-            if value:
-                result.setdefault(name, []).append(value)
-            else:
-                result[name] = [""]
-    return result
-
-
-def unit_environment(unit: dict[str, list[str]], resolve: Any = Path) -> dict[str, str]:
-    """The environment systemd gives the service: ``Environment=`` assignments, then each
-    ``EnvironmentFile=`` in order, whose lines override them (systemd's precedence).
-    ``resolve`` maps a path the unit names to the file to read (tests read repository files)."""
-    import shlex
-
-    env: dict[str, str] = {}
-    for line in unit.get("Service.Environment", []):
-        for assignment in shlex.split(line):
-            key, _, value = assignment.partition("=")
-            env[key] = value
-    for name in unit.get("Service.EnvironmentFile", []):
-        if not name:
-            continue
-        optional = name.startswith("-")
-        path = resolve(name.lstrip("-"))
-        if optional and not path.exists():
-            continue
-        for raw in path.read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            key, _, value = line.partition("=")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            env[key.strip()] = value
-    return env
-
-
-def service_setting(unit: dict[str, list[str]], key: str, default: str = "") -> str:
-    values = unit.get(f"Service.{key}")
-    return values[-1] if values else default
+# Unit files are read as systemd reads them by llmrouter.ops.unitfile (read_unit,
+# service_setting, unit_environment, imported above), the operator tools' code.
 
 
 def _expand_group(name: str, seen: set[str] | None = None) -> set[str]:

@@ -143,6 +143,7 @@ class Options(usage.Options):
                 raise SystemExit(f"llmrouter: {e}") from None
             raise usage.UsageError(str(e)) from None
         if self["check"]:
+            _check_readable(self.settings)  # as this user: run it as the service's
             print(f"llmrouter: settings OK ({self.settings.environment})")
             raise SystemExit(0)
 
