@@ -148,7 +148,7 @@ class PromtoolTests(unittest.TestCase):
         (tmp / "prometheus.yml").write_text(config)
         result = self.run_promtool("check", "config", "prometheus.yml", cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 25 rules found", result.stdout)
+        self.assertIn("SUCCESS: 26 rules found", result.stdout)
 
 
 class DashboardQueryTests(unittest.TestCase):

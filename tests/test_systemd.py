@@ -22,10 +22,14 @@ REPO = UNITS.parent.parent
 DAEMONS = ("llmrouter.service", "llmrouter@.service", "inference.service", "inference@.service")
 # Third-party backends, hardened the same way (docs/inference.md, "Backends and privacy").
 BACKENDS = ("llama-server.service", "vllm.service")
-SERVICES = (*DAEMONS, "llmrouter-pki-renew.service", *BACKENDS)
+SERVICES = (*DAEMONS, "llmrouter-pki-renew.service", "llmrouter-pki-push.service", *BACKENDS)
 # Binaries the units name that a test machine does not have, and what stands in for them in
 # `systemd-analyze verify` (it checks that ExecStart= binaries exist)
-STAND_INS = {"/opt/llama-server/llama-server": "/bin/true", "/opt/vllm/bin/vllm": "/bin/true"}
+STAND_INS = {
+    "/opt/llama-server/llama-server": "/bin/true",
+    "/opt/vllm/bin/vllm": "/bin/true",
+    "/usr/local/sbin/llmrouter-pki-push": "/bin/true",
+}
 MAX_EXPOSURE = 2.0
 INSTALL_PREFIX = "/opt/llmrouter/venv"
 
@@ -77,7 +81,8 @@ class AnalyzeTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
         self.assertTrue(Path(prefix, "bin", "twistd").exists())
-        names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer", "llmrouter@.socket"]
+        names = [*SERVICES, "inference.socket", "llmrouter@.socket"]
+        names += ["llmrouter-pki-renew.timer", "llmrouter-pki-push.timer"]
         for name in names:
             text = (UNITS / name).read_text().replace(INSTALL_PREFIX, prefix)
             for binary, stand_in in STAND_INS.items():

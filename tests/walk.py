@@ -125,7 +125,7 @@ class Block:
     lines: tuple[str, ...]
     line_number: int
     path: str = ""
-    section: str = ""  # the heading (## or ###) it is under: a new login session starts there
+    section: str = ""  # the section (##) it is in: a new login session starts with each
 
     def commands(self) -> Iterator[str]:
         """Logical lines: continuations joined, comments and blank lines skipped."""
@@ -148,7 +148,7 @@ def blocks(markdown: str) -> list[Block]:
     section = ""
     i = 0
     while i < len(lines):
-        if re.match(r"#{2,3} ", lines[i]):
+        if lines[i].startswith("## "):
             section = lines[i].lstrip("#").strip()
         match = re.fullmatch(r"```(sh|ini) (\w+)", lines[i].strip())
         if match is None:
@@ -611,10 +611,10 @@ class Services:
         unit_path = self.unit_file(name)[0]
         ours = (REPO / "etc" / "systemd" / Path(unit_path).name).exists()
         argv = _words(service_setting(unit, "ExecStart"), env)
+        sock = self.socket_of(name)
         if ours:
             launcher = [sys.executable, str(LAUNCHER), unit_path]
-            if name == "inference.service":
-                sock = self.unit("inference.socket")["Socket.ListenStream"][0]
+            if sock is not None:
                 launcher += ["--listen-unix", sock]
             for path in writable:
                 launcher += ["--rw", path]
@@ -634,10 +634,29 @@ class Services:
             name, process, self.host.logs / f"{self.host.name}-{name}.log", unit, env
         )
         try:
-            self.wait_ready(name, env)
+            self.wait_ready(name, env, sock)
         except WalkError:
             self.stop(name)
             raise
+
+    def socket_of(self, name: str) -> str | None:
+        """The path of the UNIX socket a socket unit makes for ``name`` (inference.socket,
+        llmrouter@N.socket), with its directory made as systemd makes it (DirectoryMode=)."""
+        socket_unit = name.removesuffix(".service") + ".socket"
+        try:
+            unit = self.unit(socket_unit)
+        except WalkError:
+            return None
+        path = unit["Socket.ListenStream"][0]
+        mode = int(unit.get("Socket.DirectoryMode", ["0755"])[-1], 8)
+        parent = self.host.path(str(Path(path).parent))
+        if not parent.exists():
+            parent.mkdir(parents=True)
+            os.chmod(parent, mode)
+        # systemd keeps its socket across a restart of the service; the launcher makes a new
+        # one at the same path instead, so the last one's file goes first
+        self.host.path(path).unlink(missing_ok=True)
+        return path
 
     def as_user(self, unit: dict[str, list[str]], argv: list[str]) -> list[str]:
         user = service_setting(unit, "User")
@@ -681,10 +700,12 @@ class Services:
                 )
         return process
 
-    def wait_ready(self, name: str, env: dict[str, str], limit: float = 120) -> None:
+    def wait_ready(
+        self, name: str, env: dict[str, str], sock: str | None = None, limit: float = 120
+    ) -> None:
         """Until the service answers where it listens (systemd's Type=simple returns at once;
         the walk waits so that the next documented check is not a race)."""
-        probe = _probe(name, env)
+        probe = _probe(name, env, sock)
         deadline = time.monotonic() + limit
         service = self.running[name]
         while True:
@@ -737,8 +758,13 @@ def _words(command: str, env: dict[str, str]) -> list[str]:
     return words
 
 
-def _probe(name: str, env: dict[str, str]) -> str | None:
+def _probe(name: str, env: dict[str, str], sock: str | None = None) -> str | None:
     """A command that succeeds once the service serves (None: ready when started)."""
+    if sock is not None:  # socket-activated: its health over that socket
+        path = "/health/live" if name.startswith("llmrouter") else "/health"
+        return f"curl -fsS -o /dev/null --unix-socket {sock} http://localhost{path}"
+    if name == "redis-server.service":
+        return "test -S /run/redis/redis-server.sock"
     if name == "llmrouter.service":
         listen = re.search(r"tcp:(\d+):interface=([\d.]+)", env.get("LISTEN", ""))
         assert listen is not None, env.get("LISTEN")
@@ -762,6 +788,7 @@ class Link:
     of its own; each host gets a veth named wg0 into it."""
 
     holder: subprocess.Popen[bytes] = field(init=False)
+    attached: list[Host] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.holder = subprocess.Popen(
@@ -780,6 +807,11 @@ class Link:
             raise WalkError("no bridge for the walk's hosts")
 
     def attach(self, host: Host) -> None:
+        """Give ``host`` a wg0 on the link. The others forget the addresses they had learnt (a
+        host that takes over a lost one's address, as the restore does, is reached at once)."""
+        for other in self.attached:
+            other.shell("ip neigh flush dev wg0")
+        self.attached.append(host)
         peer = f"to-{host.name}"
         subprocess.run(
             [
@@ -815,6 +847,11 @@ class Link:
             ],
             check=True,
         )
+
+    def detach(self, host: Host) -> None:
+        """``host`` leaves the link (a lost host)."""
+        host.shell("ip link del wg0")
+        self.attached.remove(host)
 
     def close(self) -> None:
         if self.holder.stdin is not None:
