@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -164,6 +165,41 @@ class DistTests(unittest.TestCase):
         self.assertEqual({(m.uid, m.gid) for m in members.values()}, {(0, 0)})
         self.assertEqual({m.mtime for m in members.values()}, {1700000000})
         self.assertTrue(members[f"{top}/bin/install-release"].mode & 0o111)
+        self.install_under_a_strict_umask(tarball, top)
+
+    def install_under_a_strict_umask(self, tarball: Path, top: str) -> None:
+        """A root shell with umask 077 (hardened hosts; or left over from `umask 077; wg
+        genkey`) used to make a release the services could not read: install-release works
+        under 022 whatever the shell's, so the unprivileged service user can run it."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("needs root (to run the release as another user)")
+        release = Path(tempfile.mkdtemp(prefix="release-"))
+        self.addCleanup(shutil.rmtree, release, True)
+        os.chmod(release, 0o755)
+        with tarfile.open(tarball) as archive:
+            archive.extractall(release, filter="data")
+        venv = release / "venv"
+        # the system's python3.11, as on a server (this machine's own may live under /root)
+        python = shutil.which("python3.11", path="/usr/bin") or "python3.11"
+        result = subprocess.run(
+            ["sh", "-c", f"umask 077 && {release / top / 'bin' / 'install-release'} router {venv}"],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "PYTHON": python},
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:] + result.stderr[-2000:])
+        module = next(venv.glob("lib/python3*/site-packages/llmrouter/__init__.py"))
+        self.assertEqual(module.stat().st_mode & 0o044, 0o044)
+        as_nobody = subprocess.run(
+            ["runuser", "-u", "nobody", "--", str(venv / "bin" / "twistd"), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+        self.assertEqual(as_nobody.returncode, 0, as_nobody.stderr[-2000:])
+        self.assertIn("llmrouter", as_nobody.stdout)
 
 
 class RunningReleaseTests(unittest.TestCase):
