@@ -155,6 +155,7 @@ class LlamaModel:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
         _log_open = False
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self.model))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_ctx_seq = n_ctx_seq

@@ -11,6 +11,7 @@ import faulthandler
 import importlib.util
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,14 +25,15 @@ from twisted.python.failure import Failure
 
 from inference import embedded
 from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
+from inference.gpu import offload_refusal, offloaded_layers, requested_layers
 from inference.interfaces import IScheduler
-from inference.listen import ListenError, server_endpoint
+from inference.listen import ListenError, ReloadableServerTLS, server_endpoint
 from inference.metrics import Metrics
 from llmrouter import sdnotify
 from llmrouter.listen import certificate_expiry
 from llmrouter.ops import llamabuild
 
-__all__ = ["EngineService", "Options", "makeService", "settings_from"]
+__all__ = ["EngineService", "Options", "ReloadService", "makeService", "settings_from"]
 
 log = Logger()
 
@@ -136,12 +138,19 @@ class Options(usage.Options):
     ]
     optFlags = [
         [
+            "allow-cpu-fallback",
+            None,
+            "Start even when --gpu-layers asks for a GPU this llama-cpp-python cannot use, running"
+            " every layer on the CPU (without it the daemon refuses to start)"
+            " [INFERENCE_ALLOW_CPU_FALLBACK=1].",
+        ],
+        [
             "kv-unified",
             None,
             "One KV cache buffer for all sequences instead of one per sequence: cheaper for many"
             " short unrelated requests, but every token then attends over all cached"
             " conversations [INFERENCE_KV_UNIFIED=1].",
-        ]
+        ],
     ]
 
     def __init__(self) -> None:
@@ -157,6 +166,9 @@ class Options(usage.Options):
             raise SystemExit(MISSING_EXTRA)
         check_build(os.environ)
         self.settings = settings_from(self, os.environ)
+        refusal = _offload_refusal(self.settings)
+        if refusal is not None:
+            raise SystemExit(refusal)
         for description in self.settings.listen:
             try:
                 server_endpoint(
@@ -220,9 +232,9 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
         values["embedded"] = model or embedded.DEFAULT
     else:
         values["model"] = Path(model)
-    values["kv_unified"] = bool(options.get("kv-unified")) or environ.get(
-        "INFERENCE_KV_UNIFIED", ""
-    ).lower() in ("1", "true", "yes", "on")
+    for flag, field in (("kv-unified", "kv_unified"), ("allow-cpu-fallback", "allow_cpu_fallback")):
+        env = "INFERENCE_" + field.upper()
+        values[field] = bool(options.get(flag)) or environ.get(env, "").lower() in _TRUE
     listen = list(options.get("listen") or [])
     if not listen and environ.get("INFERENCE_LISTEN"):
         listen = [p for p in re.split(r"[,\s]+", environ["INFERENCE_LISTEN"]) if p]
@@ -232,6 +244,22 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
     if delay:
         values["load_delay"] = float(delay)
     return Settings(**values)
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _offload_refusal(settings: Settings) -> str | None:
+    """Why GPU layers cannot be served here (inference.gpu), checked before anything loads."""
+    if settings.gpu_layers == 0:
+        return None
+    import llama_cpp
+
+    return offload_refusal(
+        settings.gpu_layers,
+        bool(llama_cpp.llama_supports_gpu_offload()),
+        settings.allow_cpu_fallback,
+    )
 
 
 def _model_path(settings: Settings) -> Callable[[], Path]:
@@ -252,11 +280,13 @@ class EngineService(service.Service):
         metrics: Metrics,
         reactor: Any,
         notify: Callable[[str], object] = sdnotify.notify,
+        on_loaded: Callable[[], None] = lambda: None,
     ):
         self.scheduler = scheduler
         self.metrics = metrics
         self.reactor = reactor
         self.notify = notify
+        self._on_loaded = on_loaded
 
     def startService(self) -> None:
         super().startService()
@@ -267,6 +297,7 @@ class EngineService(service.Service):
         crashed.addCallback(self._crashed)
 
     def _loaded(self, decoded: int) -> None:
+        self._on_loaded()
         self.metrics.model_loaded.set(1)
         log.info("model loaded; its self-test decoded {tokens} tokens", tokens=decoded)
         self.notify("READY=1\nSTATUS=serving")
@@ -313,10 +344,14 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
     # what was compiled in, for whoever reads the log after a crash (check_build vetted it)
     log.info("llama.cpp: {info}", info=llama_cpp.llama_print_system_info().decode().strip())
 
-    if settings.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+    refusal = _offload_refusal(settings)
+    if refusal is not None:
+        raise SystemExit(refusal)
+    can_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if settings.gpu_layers and not can_offload:
         log.warn(
-            "--gpu-layers {layers}: this llama-cpp-python was built without a GPU backend"
-            " (CUDA, Vulkan, Metal); every layer runs on the CPU",
+            "--gpu-layers {layers}: this llama-cpp-python cannot offload to a GPU; every layer"
+            " runs on the CPU (INFERENCE_ALLOW_CPU_FALLBACK)",
             layers=settings.gpu_layers,
         )
     metrics = Metrics()
@@ -349,8 +384,23 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         max_body=settings.max_body,
     )
     site = QuietSite(api)
+
+    def offload() -> None:
+        assert scheduler.model is not None  # called once it is loaded
+        n_layer = scheduler.model.n_layer
+        metrics.gpu_layers_requested.set(requested_layers(settings.gpu_layers, n_layer))
+        metrics.gpu_layers_offloaded.set(
+            offloaded_layers(settings.gpu_layers, n_layer, can_offload)
+        )
+
     top = service.MultiService()
-    EngineService(scheduler, metrics, reactor).setServiceParent(top)
+    EngineService(scheduler, metrics, reactor, on_loaded=offload).setServiceParent(top)
+    tls = None
+    if any(d.split(":", 1)[0].lower() == "ssl" for d in settings.listen):
+        assert settings.tls_cert and settings.tls_key and settings.tls_ca  # checked in options
+        tls = ReloadableServerTLS(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        metrics.server_certificate_expiry(certificate_expiry(tls.cert))
+        ReloadService(tls, metrics, reactor).setServiceParent(top)
     for description in settings.listen:
         endpoint = server_endpoint(
             reactor,
@@ -358,10 +408,45 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
             tls_cert=settings.tls_cert,
             tls_key=settings.tls_key,
             tls_ca=settings.tls_ca,
+            tls=tls,
         )
         listener = StreamServerEndpointService(endpoint, site)
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
-        if description.split(":", 1)[0].lower() == "ssl" and settings.tls_cert is not None:
-            metrics.server_certificate_expiry(certificate_expiry(settings.tls_cert))
     return top
+
+
+class ReloadService(service.Service):
+    """SIGHUP reads the mutual-TLS certificate, key and CA again (after a renewal; the unit's
+    ``ExecReload=``), without reloading the model or dropping connections."""
+
+    def __init__(self, tls: ReloadableServerTLS, metrics: Metrics, reactor: Any) -> None:
+        self._tls = tls
+        self._metrics = metrics
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            self._tls.reload()
+        except Exception as e:  # a half-copied file, a permission: keep what is loaded
+            log.error(
+                "TLS files not reloaded ({error}); the ones loaded before stay",
+                error=type(e).__name__,
+            )
+            return
+        self._metrics.server_certificate_expiry(certificate_expiry(self._tls.cert))
+        log.info("TLS certificate re-read")
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()

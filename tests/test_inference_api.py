@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from twisted.internet import defer
@@ -151,15 +152,38 @@ class InfoTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def test_gpu_options_on_a_cpu_build(self) -> Any:
-        """--gpu-layers and --flash-attn reach llama.cpp (tests.test_inference_units checks the
-        parameters); on this CPU-only build the daemon says so and serves from the CPU."""
+    def test_gpu_layers_on_a_cpu_build_refuse_to_start(self) -> Any:
+        """A GPU node upgraded with a CPU-only llama-cpp-python must not serve, healthy, from
+        the CPU: --gpu-layers on a build that cannot offload stops the daemon at start, saying
+        what to do (this machine's build is CPU-only, like that upgrade's)."""
+        daemon = yield start_inference(self, extra_args=["--gpu-layers", "-1"], wait=False)
+        code = yield daemon.wait_exit()
+        self.assertNotEqual(code, 0)
+        log = daemon.log_text()
+        self.assertIn("cannot offload to a GPU", log)
+        self.assertIn("llmrouter-llama-build --cuda", log)
+        self.assertIn("INFERENCE_ALLOW_CPU_FALLBACK=1", log)
+        self.assertNotIn("Traceback", log)
+
+    @defer.inlineCallbacks
+    def test_gpu_options_with_cpu_fallback_allowed(self) -> Any:
+        """With the fallback allowed explicitly, --gpu-layers and --flash-attn reach llama.cpp
+        (tests.test_inference_units checks the parameters), the daemon serves from the CPU and
+        its metrics show the layers asked for and none offloaded (the alert's input)."""
         daemon = yield start_inference(
-            self, extra_args=["--gpu-layers", "-1", "--flash-attn", "on"]
+            self,
+            extra_args=["--gpu-layers", "-1", "--flash-attn", "on"],
+            env={"INFERENCE_ALLOW_CPU_FALLBACK": "1"},
         )
         _, _, data = yield daemon.request(b"POST", "/v1/chat/completions", chat(max_tokens=4))
         self.assertEqual(json.loads(data)["usage"]["completion_tokens"], 4)
-        self.assertIn("was built without a GPU backend", daemon.log_text())
+        self.assertIn("cannot offload to a GPU; every layer runs on the CPU", daemon.log_text())
+        _, _, text = yield daemon.request(b"GET", "/metrics")
+        metrics = text.decode()
+        requested = re.search(r"(?m)^inference_gpu_layers_requested (\S+)$", metrics)
+        assert requested is not None, metrics
+        self.assertGreater(float(requested.group(1)), 1)  # every layer, and the output layer
+        self.assertIn("\ninference_gpu_layers_offloaded 0.0\n", metrics)
 
     @defer.inlineCallbacks
     def test_health_models_metrics(self) -> Any:

@@ -277,6 +277,32 @@ class ModelsTests(TestCase):
         self.assertEqual(llama.log.cache_keys, [None])
 
     @defer.inlineCallbacks
+    def test_shared_prompt_caches_are_isolated(self) -> Any:
+        """vLLM's prefix cache and llama-server's slots are shared between users: vLLM gets a
+        cache_salt, the device's keyed cache key as our daemon gets it (base mode: a fresh one
+        per request), llama-server gets cache_prompt false (tests.test_router_llama_server runs
+        the latter against a real llama-server)."""
+        ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
+        vllm, url1 = yield backend(self, ["v"], owned_by="vllm")
+        llama, url2 = yield backend(self, ["l"], owned_by="llamacpp")
+        running = yield start_router(self, [url0, url1, url2])
+        device = running.client(device_key=hpke.generate_key_pair())
+        other = running.client(device_key=hpke.generate_key_pair())
+        for client, model in ((device, "ours"), (device, "v"), (device, "v"), (other, "v")):
+            yield defer.Deferred.fromCoroutine(client.complete(prompt("hi", model=model)))
+        for _ in range(2):
+            yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="v")))
+        yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model="l")))
+        salts = [body["cache_salt"] for body in vllm.log.bodies]
+        (key,) = ours.log.cache_keys
+        self.assertEqual(salts[:2], [key.decode(), key.decode()])  # one device, its key
+        self.assertEqual(len(set(salts)), 4)  # another device, and each base-mode request
+        self.assertNotIn("cache_prompt", vllm.log.bodies[0])
+        self.assertIs(llama.log.bodies[0]["cache_prompt"], False)
+        self.assertNotIn("cache_salt", llama.log.bodies[0])
+        self.assertNotIn("cache_salt", ours.log.bodies[0])
+
+    @defer.inlineCallbacks
     def test_backend_refusal_names_its_code(self) -> Any:
         error = {"code": 400, "message": "tools + stream: CANARY", "type": "invalid_request_error"}
         error_body = json.dumps({"error": error}).encode()

@@ -179,6 +179,17 @@ class OptionsTests(TestCase):
         )
         self.assertIn("DEVICE_AUTH (command line) is optional", str(exit_.code))
 
+    def test_check_reads_the_tls_files(self) -> None:
+        """--check fails on a client certificate the router could not read (it used to say OK
+        and the router then started without its https backends)."""
+        self.patch_stdout()
+        missing = Path(self.mktemp()) / "router.crt"
+        args = ["--env-file", str(PRODUCTION), "--inference", "https://inference-1.wg:8443"]
+        args += ["--tls-ca", str(PRODUCTION), "--tls-client-key", str(PRODUCTION)]
+        args += ["--tls-client-cert", str(missing), "--check"]
+        exit_ = self.assertRaises(SystemExit, Options().parseOptions, args)
+        self.assertIn(f"cannot read UPSTREAM_TLS_CERT {missing}", str(exit_.code))
+
     def patch_stdout(self) -> Any:
         import io
 

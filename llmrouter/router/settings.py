@@ -161,6 +161,7 @@ class Settings:
     retry_backoff_seconds: float = 0.1
     retry_backoff_max_seconds: float = 2.0
     health_interval_seconds: float = 5.0
+    llama_server_cache_prompt: bool = False
     security_log: bool = True
     # Shared state (several routers): empty keeps the tables in memory. Not in repr: a URL may
     # carry the Redis password.
@@ -244,6 +245,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "RETRY_BACKOFF_SECONDS": ("retry_backoff_seconds", float),
     "RETRY_BACKOFF_MAX_SECONDS": ("retry_backoff_max_seconds", float),
     "HEALTH_INTERVAL_SECONDS": ("health_interval_seconds", float),
+    "LLAMA_SERVER_CACHE_PROMPT": ("llama_server_cache_prompt", _bool),
     "SECURITY_LOG": ("security_log", _bool),
     "STATE_URL": ("state_url", str.strip),
     "STATE_TLS_CA": ("state_tls_ca", _opt_path),
