@@ -75,7 +75,8 @@ def build_venv(directory: Path) -> Path:
     run([*pip, "--require-hashes", "--no-deps", "-r", str(ROOT / "requirements" / "node.lock")])
     run([*pip, "--no-deps", "--no-build-isolation", "-e", str(ROOT)])
     run([str(python), str(ROOT / "llmrouter" / "ops" / "modelwheel.py"), str(directory / "wheels")])
-    run([*pip, "--no-deps", "--no-index", "--find-links", str(directory / "wheels"), "llmrouter-smollm2"])
+    wheels = str(directory / "wheels")
+    run([*pip, "--no-deps", "--no-index", "--find-links", wheels, "llmrouter-smollm2"])
     run([str(directory / "bin" / "llmrouter-llama-build"), "--cuda", "--python", str(python)])
     return python
 

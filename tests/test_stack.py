@@ -259,8 +259,12 @@ class MakefileTests(TestCase):
             ).stdout
 
         full, quick = plan(), plan("BACKEND=http://127.0.0.1:11434 kind=ollama model=m")
-        self.assertIn("llamabuild.py --python", full)
-        self.assertNotIn("llamabuild.py --python", quick)
-        self.assertNotIn("[inference", quick)
+        # the full setup installs the node's dependencies and builds llama.cpp (bin/install-release
+        # dev: dev.lock, llmrouter-llama-build); the quick path only the router's
+        self.assertIn("bin/install-release dev .venv", full)
+        self.assertIn("llamabuild.py --check", full)
+        self.assertIn("bin/install-release dev-router .venv", quick)
+        self.assertNotIn("llamabuild", quick)
+        self.assertNotIn("install-release dev .venv", quick)
         self.assertIn("LLMROUTER_BACKEND='http://127.0.0.1:11434 kind=ollama model=m'", quick)
         self.assertIn("etc/dev/stack", quick)
