@@ -551,6 +551,19 @@ class SSETests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             parser.feed(b"data:\n" * 2000)  # empty lines count too (one newline each)
 
+    def test_a_long_line_in_small_pieces_is_linear_work(self) -> None:
+        """A hostile hop sends a 1 MiB line one byte at a time: each byte must not rescan the
+        line from its start (issue 19). Work is counted in bytes examined, not seconds."""
+        line = b"data: " + b"x" * ((1 << 20) - 6)
+        parser = SSEParser(max_line=1 << 20)
+        bound = 4 * (len(line) + 2)
+        for i in range(len(line)):
+            self.assertEqual(parser.feed(line[i : i + 1]), [])
+            if parser.scanned > bound:  # fail as soon as the work is superlinear
+                self.fail(f"{parser.scanned} bytes examined after {i + 1} bytes fed")
+        self.assertEqual(parser.feed(b"\n\n"), [("message", "x" * ((1 << 20) - 6))])
+        self.assertLessEqual(parser.scanned, bound)
+
 
 class TimestampTests(SynchronousTestCase):
     def test_now(self) -> None:

@@ -37,6 +37,7 @@ export {
   requestPlaintext,
   type Role,
 } from './chat.js';
+export { SSEParser } from './sse.js';
 
 /** UTF-8 JSON followed by ASCII spaces up to a multiple of `size` (JSON ignores them). */
 export function pad(data: Uint8Array, size: number): Uint8Array {

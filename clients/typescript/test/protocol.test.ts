@@ -19,6 +19,7 @@ import {
   requestPlaintext,
   ResponseOpener,
   sealRequest,
+  SSEParser,
   type StreamItem,
   verifyKeyDocument,
 } from '@llmrouter/client/protocol';
@@ -238,6 +239,19 @@ describe('response stream', () => {
     const many = new ResponseOpener(state, undefined, 1024);
     assert.throws(() => many.feed(utf8('data: xxxxxxxxxx\n'.repeat(200))), { code: 'bad_stream' });
     assert.throws(() => new ResponseOpener(state).feed(new Uint8Array([0x64, 0x61, 0xff, 0x0a])), { code: 'bad_stream' });
+  });
+  it('parses a 1 MiB line fed one byte at a time with linear work (bytes examined, not seconds)', () => {
+    // A hostile hop trickles a long line: each byte must not rescan the line from its start.
+    const size = (1 << 20) - 6;
+    const parser = new SSEParser(1 << 20, 1 << 20);
+    const line = utf8('data: ' + 'x'.repeat(size));
+    const bound = 4 * (line.length + 2);
+    for (let i = 0; i < line.length; i++) {
+      assert.deepEqual(parser.feed(line.subarray(i, i + 1)), []);
+      if (parser.scanned > bound) assert.fail(`${parser.scanned} bytes examined after ${i + 1} bytes fed`);
+    }
+    assert.deepEqual(parser.feed(utf8('\n\n')), [{ event: 'message', data: 'x'.repeat(size) }]);
+    assert.ok(parser.scanned <= bound);
   });
   it('delivers v1.1 chunks to a request that asked for them, and only to it', () => {
     const asked = { reasoning: true, toolCalls: true, logprobs: true };
