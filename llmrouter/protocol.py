@@ -65,6 +65,7 @@ __all__ = [
     "build_jwks",
     "build_key_document",
     "build_ohttp_key_configs",
+    "check_key_document_times",
     "check_timestamp",
     "key_document_issued_at",
     "key_id_for_kid",
@@ -812,21 +813,25 @@ def verify_key_document(body: bytes, pin: bytes | None = None, *, now: float) ->
         keys = tuple(_published_key(k) for k in p["keys"])
     except (ValueError, KeyError, TypeError, RecursionError, ProtocolError):
         raise KeyDocumentError("key document payload is not protocol v1") from None
-    issued_at: int = p["issued_at"]
-    if issued_at < now - KEY_DOCUMENT_MAX_AGE:
-        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
-    if issued_at > now + KEY_DOCUMENT_SKEW:
-        raise KeyDocumentError("key document is issued in the future (check the clock)")
     if len({k.kid for k in keys}) != len(keys):
         raise KeyDocumentError("key document has duplicate key ids")
     statuses = sorted(k.status for k in keys)
     if statuses != ["current", "next"]:
         raise KeyDocumentError("key document must have exactly one current and one next key")
-    document = KeyDocument(issued_at, keys, signing_key)
+    document = KeyDocument(p["issued_at"], keys, signing_key)
+    check_key_document_times(document, now)
+    return document
+
+
+def check_key_document_times(document: KeyDocument, now: float) -> None:
+    """The time rules alone, for a document verified earlier and about to be used again."""
+    if document.issued_at < now - KEY_DOCUMENT_MAX_AGE:
+        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
+    if document.issued_at > now + KEY_DOCUMENT_SKEW:
+        raise KeyDocumentError("key document is issued in the future (check the clock)")
     current = document.current()
     if not current.not_before - KEY_DOCUMENT_SKEW <= now <= current.not_after + KEY_DOCUMENT_SKEW:
         raise KeyDocumentError("the current key is outside its validity window")
-    return document
 
 
 def _published_key(doc: Any) -> PublishedKey:

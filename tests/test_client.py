@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor, task, utils
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 from twisted.web.http import Request
@@ -54,11 +55,17 @@ class Handler(resource.Resource):
         self.fail_requests: set[int] = set()  # by number, from 1
         self.issued_at: int | None = None  # None: signed this hour, as a router does
         self.upcoming = hpke.generate_key_pair()
+        self.now = time.time
+        self.not_after = 2**31  # of the current key
+        self.documents_served = 0
+        self.seen_kids: list[str] = []
+        self.pow_difficulty = 8
 
     def document(self) -> bytes:
-        now = time.time()
+        self.documents_served += 1
+        now = self.now()
         issued_at = p.key_document_issued_at(now) if self.issued_at is None else self.issued_at
-        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
+        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, self.not_after)
         upcoming = p.PublishedKey("ff", self.upcoming.pk, "next", int(now), 2**31)
         return p.build_key_document([key, upcoming], self.signing, issued_at)
 
@@ -72,6 +79,7 @@ class Handler(resource.Resource):
         assert request.content is not None
         try:
             env = p.parse_envelope(request.content.read())
+            self.seen_kids.append(env.kid)
             if self.rotations_pending:
                 self.rotations_pending -= 1
                 self.rotate()
@@ -82,10 +90,11 @@ class Handler(resource.Resource):
                 raise p.ProtocolError("key_unknown", "unknown key id")
             if self.pow_key is not None:
                 header = request.getHeader(pow.HEADER)
+                bits = self.pow_difficulty
                 if header is None or not pow.verify(self.pow_key, header, env.enc, 1e10 - 60):
-                    challenge = pow.issue_challenge(self.pow_key, 8, 1e10 - 60)
+                    challenge = pow.issue_challenge(self.pow_key, bits, 1e10 - 60)
                     raise p.ProtocolError(
-                        "pow_required", "solve the challenge", challenge=challenge, difficulty=8
+                        "pow_required", "solve the challenge", challenge=challenge, difficulty=bits
                     )
             chat, secret = p.open_request(env, self.pair.sk)
         except p.ProtocolError as e:
@@ -247,6 +256,45 @@ class ClientTests(Fixture):
         self.assertEqual(self.handler.seen_modes, [])
 
     @defer.inlineCallbacks
+    def test_key_document_is_checked_before_each_seal(self) -> Any:
+        """A long-running client (the proxy) kept its first document for ever: with the clock 10
+        days ahead it still sealed to that key (issue 19). Now: refetched hourly, and at once
+        when the current key's ``not_after`` or the document's 24 hours have passed."""
+        clock = task.Clock()
+        clock.advance(time.time())
+        self.handler.now = clock.seconds
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)
+        clock.advance(1800)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)  # fresh enough
+        clock.advance(1801)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 2)  # an hour: refetched
+
+        # The current key expires: the next request is sealed to the new one, never the old.
+        self.handler.not_after = int(clock.seconds()) + 100
+        yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        old = self.handler.kid
+        self.handler.rotate()
+        self.handler.not_after = 2**31
+        clock.advance(100 + p.KEY_DOCUMENT_SKEW + 1)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertNotIn(old, self.handler.seen_kids[-1:])
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+
+        # Ten days on: sealed to the key the router publishes now, not to a 10-day-old one.
+        seen = len(self.handler.seen_kids)
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        clock.advance(10 * 86400)
+        self.handler.rotate()
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+        self.assertEqual(len(self.handler.seen_kids), seen + 2)  # no key_unknown round trip
+
+    @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:
         other = bytes(nacl.signing.SigningKey.generate().verify_key)
         with self.assertRaises(ChatError) as cm:
@@ -259,6 +307,41 @@ class ClientTests(Fixture):
         self.handler.pow_key = os.urandom(32)
         text, _ = yield defer.Deferred.fromCoroutine(self.chat(self.client(), "solve me"))
         self.assertEqual(text, "me solve ")
+
+    @defer.inlineCallbacks
+    def test_proof_of_work_harder_than_allowed_is_refused_at_once(self) -> Any:
+        """An on-path party asking for 32 bits pinned a CPU for hours per request (issue 19):
+        above 24 bits (as the TypeScript SDK) the client refuses with a typed error."""
+        self.handler.pow_key = os.urandom(32)
+        self.handler.pow_difficulty = 30
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        self.assertEqual((cm.exception.code, cm.exception.status), ("pow_too_hard", 401))
+        self.assertIn("30 bits", cm.exception.message)
+        self.handler.pow_difficulty = 12
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(max_pow_difficulty=10), "x"))
+        self.assertEqual(cm.exception.code, "pow_too_hard")
+
+    @defer.inlineCallbacks
+    def test_proof_of_work_is_cancellable(self) -> Any:
+        """Cancelling a request (the proxy's client left) stops the solver's thread too."""
+        self.handler.pow_key = os.urandom(32)
+        self.handler.pow_difficulty = 24  # allowed, and minutes of work in Python
+        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+        call = defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        for _ in range(100):
+            yield deferLater(reactor, 0.05, lambda: None)
+            if pool.working:
+                break
+        self.assertTrue(pool.working)  # solving
+        call.cancel()
+        yield self.assertFailure(call, defer.CancelledError)
+        for _ in range(100):
+            if not pool.working:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(pool.working, [])
 
     @defer.inlineCallbacks
     def test_truncated_stream(self) -> Any:
