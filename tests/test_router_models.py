@@ -263,18 +263,22 @@ class ModelsTests(TestCase):
     @defer.inlineCallbacks
     def test_cache_key_only_to_our_daemon(self) -> Any:
         """An auth-mode request's prompt-cache key goes to our daemon only (the same key for
-        the same device); any other kind would only get a tag to link a device's requests by."""
+        the same device); any other kind would only get a tag to link a device's requests by.
+        "Ours" means configured so (``kind=llmrouter``): a backend whose model list merely says
+        ``owned_by: "llmrouter"`` gets nothing (issue 19)."""
         ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
         llama, url1 = yield backend(self, ["l"], owned_by="llamacpp")
-        running = yield start_router(self, [url0, url1])
+        claims, url2 = yield backend(self, ["claims"], owned_by="llmrouter")
+        running = yield start_router(self, [f"{url0} kind=llmrouter", url1, url2])
         device = running.client(device_key=hpke.generate_key_pair())
-        for model in ("ours", "l", "ours"):
+        for model in ("ours", "l", "ours", "claims"):
             yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model=model)))
         yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="ours")))
         first, again, base = ours.log.cache_keys
         self.assertRegex(first or b"", rb"^[A-Za-z0-9_-]{43}$")
         self.assertEqual((again, base), (first, None))  # base mode: no device, no key
         self.assertEqual(llama.log.cache_keys, [None])
+        self.assertEqual(claims.log.cache_keys, [None])
 
     @defer.inlineCallbacks
     def test_backend_refusal_names_its_code(self) -> Any:

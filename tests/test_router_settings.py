@@ -26,7 +26,9 @@ class LayeringTests(TestCase):
         self.assertEqual(s.listen, ("tcp:8080:interface=127.0.0.1",))
         self.assertEqual(s.metrics_listen, "tcp:9100:interface=127.0.0.1")
         self.assertEqual(s.keys_dir, Path("./dev-keys"))
-        self.assertEqual(s.inference_endpoints, ("unix:/run/llmrouter/inference.sock",))
+        self.assertEqual(
+            s.inference_endpoints, ("unix:/run/llmrouter/inference.sock kind=llmrouter",)
+        )
         self.assertEqual(s.device_auth, "optional")
         self.assertEqual(s.max_body_bytes, 262144)
         self.assertEqual(s.pad_bytes, 64)

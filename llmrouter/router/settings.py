@@ -112,7 +112,7 @@ class Settings:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
     metrics_listen: str = "tcp:9100:interface=127.0.0.1"
     keys_dir: Path = Path("./dev-keys")
-    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock",)
+    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock kind=llmrouter",)
     default_model: str | None = None
     device_auth: str = "optional"
     upstream_tls_cert: Path | None = None

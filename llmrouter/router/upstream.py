@@ -758,9 +758,11 @@ class ChatCall:
         return body
 
     def _headers(self, backend: Backend) -> dict[bytes, list[bytes]]:
-        """The extra headers (the prompt-cache key) go only to a backend of our own kind: to any
-        other they would be a stable per-device tag that backend could link requests by."""
-        if backend.dialect.cache_key:
+        """The extra headers (the prompt-cache key) go only to a backend configured as ours
+        (``kind=llmrouter``): to any other they would be a stable per-device tag it could link
+        requests by, and a backend that only claims to be ours (``owned_by`` in its model list,
+        ``kind=auto``) is not trusted with it."""
+        if backend.dialect.cache_key and backend.endpoint.kind == "llmrouter":
             return {**_JSON_HEADERS, **self._extra_headers}
         return _JSON_HEADERS
 
