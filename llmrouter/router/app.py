@@ -382,6 +382,17 @@ class _QuietChannel(http.HTTPChannel):
             guard.dispatched(self.transport)
         super().allContentReceived()
 
+    def requestDone(self, request: http.Request) -> None:
+        guard = self._guard()
+        if (
+            guard is not None
+            and self.transport is not None
+            and self.persistent
+            and len(self.requests) == 1  # no pipelined request behind this one
+        ):
+            guard.idle(self.transport)  # buffered bytes of a next request call reading()
+        super().requestDone(request)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         guard = self._guard()
         if guard is not None and self.transport is not None:
