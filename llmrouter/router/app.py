@@ -27,6 +27,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from llmrouter import pow
+from llmrouter.bodies import InMemoryRequest
 from llmrouter.protocol import ProtocolError, ResponseSealer
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
@@ -300,49 +301,6 @@ class _Cors(Resource):
         return self._reply(request, 204, b"application/json", b"")
 
 
-class _BoundedRequest(server.Request):
-    """Keeps request bodies in memory (never a temp file) and refuses oversized ones early."""
-
-    _too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        site = cast(Any, self.channel).site
-        if length is not None and length > site.max_body:
-            self._refuse()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
-        self._received += len(data)
-        if self._received > cast(Any, self.channel).site.max_body:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self) -> None:
-        self._too_large = True
-        self.content = BytesIO()
-        site: RouterSite = cast(Any, self.channel).site
-        error = ProtocolError("body_too_large", "request body exceeds the size limit")
-        site.on_too_large(error)
-        body = error.to_json()
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
-            b"Connection: close\r\n\r\n" + body
-        )
-        transport.loseConnection()
-
-    def process(self) -> None:
-        if not self._too_large:
-            super().process()
-
-
 @implementer(ILogObserver)
 class _Drop:
     def __call__(self, event: Any) -> None:
@@ -407,7 +365,7 @@ class RouterSite(server.Site):
     between requests are closed after a minute (Twisted's default is twelve hours).
     """
 
-    requestFactory = _BoundedRequest
+    requestFactory = InMemoryRequest
     protocol = _QuietChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 via ALPN
 
     def __init__(
@@ -423,6 +381,11 @@ class RouterSite(server.Site):
         self.on_too_large = on_too_large
         self.displayTracebacks = False
         self.guard: ConnectionGuard | None = None
+
+    def too_large_body(self) -> bytes:
+        error = ProtocolError("body_too_large", "request body exceeds the size limit")
+        self.on_too_large(error)
+        return error.to_json()
 
     def log(self, request: Any) -> None:
         pass
