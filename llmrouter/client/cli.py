@@ -208,8 +208,9 @@ def _pin(text: str) -> bytes:
 
 def _listen(args: argparse.Namespace) -> tuple[str, int] | str:
     """``(host, port)``, or the path of a UNIX socket."""
-    if args.listen.startswith("unix:"):
-        path = args.listen[len("unix:") :]
+    listen: str = args.listen
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
         if not path:
             raise ChatError("bad_listen", "--listen unix: needs a path")
         return path
@@ -220,7 +221,7 @@ def _listen(args: argparse.Namespace) -> tuple[str, int] | str:
             " requests to a TCP port on this machine",
         )
     try:
-        return proxy_module.parse_listen(args.listen, args.allow_remote)
+        return proxy_module.parse_listen(listen, args.allow_remote)
     except ValueError as e:
         raise ChatError("bad_listen", str(e)) from None
 
