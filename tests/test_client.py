@@ -49,6 +49,7 @@ class Handler(resource.Resource):
         self.pow_key: bytes | None = None
         self.cut_after: int | None = None
         self.fail_with: str | None = None
+        self.fail_detail: dict[str, Any] = {}
         self.seen_modes: list[str] = []
         self.seen_devices: list[bytes | None] = []
         self.requests: list[p.ChatRequest] = []
@@ -125,7 +126,8 @@ class Handler(resource.Resource):
             request.write(sealer.delta(word + " "))
             request.write(p.KEEPALIVE)
         if self.fail_with or len(self.requests) in self.fail_requests:
-            request.write(sealer.error(self.fail_with or "timeout", "upstream went away"))
+            code = self.fail_with or "timeout"
+            request.write(sealer.error(code, "upstream went away", **self.fail_detail))
         else:
             request.write(sealer.done("stop", 3, len(words)))
         request.finish()
@@ -356,6 +358,37 @@ class ClientTests(Fixture):
         with self.assertRaises(ChatError) as cm:
             yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a b"))
         self.assertEqual(cm.exception.code, "upstream_failed")
+        self.assertIsNone(cm.exception.status)  # a v1 router's chunk says no more
+
+    @defer.inlineCallbacks
+    def test_sealed_refusal_is_the_same_typed_error(self) -> Any:
+        """A refusal after decryption comes as a sealed final chunk (issue 19) with what a
+        plain refusal said: status, Retry-After, the backend's reason."""
+        self.handler.fail_with = "budget_exhausted"
+        self.handler.fail_detail = {"status": 429, "retry_after": 86400}
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a"))
+        e = cm.exception
+        self.assertEqual((e.code, e.status, e.retry_after), ("budget_exhausted", 429, 86400))
+        self.handler.fail_with = "upstream_refused"
+        self.handler.fail_detail = {
+            "status": 400,
+            "upstream_status": 400,
+            "upstream_code": "max_tokens_exceeded",
+            "upstream_param": "max_tokens",
+        }
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a"))
+        e = cm.exception
+        self.assertEqual((e.code, e.status), ("upstream_refused", 400))
+        self.assertEqual(
+            e.upstream,
+            {
+                "upstream_status": 400,
+                "upstream_code": "max_tokens_exceeded",
+                "upstream_param": "max_tokens",
+            },
+        )
 
     @defer.inlineCallbacks
     def test_refusal_is_reported(self) -> Any:

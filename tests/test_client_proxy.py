@@ -153,6 +153,14 @@ class ProxyEndToEnd(TestCase):
         self.assertEqual(error.code, "model_not_found")
         error = yield threads.deferToThread(refused, temperature=5)
         self.assertEqual((error.status_code, error.code), (400, "invalid_value"))
+        # The backend's own refusal keeps its reason: its code and the parameter it named
+        # (issue 19: it was "the inference backend refused the request", param null).
+        error = yield threads.deferToThread(refused, max_tokens=5000)  # over the daemon's cap
+        self.assertIsInstance(error, openai.BadRequestError)
+        self.assertEqual((error.code, error.param), ("max_tokens_exceeded", "max_tokens"))
+        self.assertIn("max_tokens_exceeded", error.message)
+        error = yield threads.deferToThread(refused, n=2)
+        self.assertEqual((error.code, error.param), ("unsupported_parameter", "n"))
 
     @defer.inlineCallbacks
     def test_structured_output_and_tool_call_from_our_daemon(self) -> Any:
@@ -580,7 +588,8 @@ class RequestMappingTests(SynchronousTestCase):
         ]:
             e = self.refused("unsupported_parameter", name, **{name: value})
             self.assertEqual(e.status, 400)
-        self.refused("unsupported_parameter", "n other than 1", n=2)
+        e = self.refused("unsupported_parameter", "n", n=2)  # the field, as OpenAI's param
+        self.assertIn("n other than 1", e.message)
         self.refused(
             "unsupported_parameter",
             "messages[].name",
@@ -593,12 +602,12 @@ class RequestMappingTests(SynchronousTestCase):
         )
         self.refused(
             "unsupported_parameter",
-            "messages[].role (only system, developer, user, assistant, tool)",
+            "messages[].role",
             messages=[{"role": "function", "content": "x"}],
         )
         self.refused(
             "unsupported_parameter",
-            "messages[].role (only system, developer, user, assistant, tool)",
+            "messages[].role",
             messages=[{"role": ["user"], "content": "x"}],  # not even hashable
         )
         # reasoning is not sent back: a history that carries it is refused, not stripped

@@ -32,6 +32,7 @@ from llmrouter.client.library import (
     Client,
     Conversation,
     Reply,
+    error_from_chunk,
     load_device_key,
     write_private,
 )
@@ -390,7 +391,7 @@ def _open(args: argparse.Namespace) -> int:
         raise ChatError("truncated", str(e)) from None
     _write("\n")
     if isinstance(final, ErrorChunk):
-        raise ChatError(final.code, final.message)
+        raise error_from_chunk(final)
     return 0
 
 

@@ -19,7 +19,7 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -73,6 +73,7 @@ __all__ = [
     "Client",
     "Conversation",
     "Reply",
+    "error_from_chunk",
     "load_device_key",
     "read_private",
     "write_private",
@@ -86,16 +87,29 @@ MAX_POW_DIFFICULTY = 24
 
 
 class ChatError(Exception):
-    """The router refused the request, the stream ended in an error, or it was truncated."""
+    """The router refused the request, the stream ended in an error, or it was truncated.
+
+    A refusal is the same error whether it came as plain JSON (before the router decrypted the
+    request) or as the stream's sealed final chunk (after): ``status`` the HTTP status,
+    ``retry_after`` seconds when the router said (rate limits), ``upstream`` what a backend's own
+    refusal said (``upstream_status``, ``upstream_code``, ``upstream_param``) for
+    ``upstream_refused``.
+    """
 
     def __init__(
-        self, code: str, message: str, status: int | None = None, retry_after: int | None = None
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        retry_after: int | None = None,
+        upstream: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
-        self.retry_after = retry_after  # seconds, when the router said (rate limits)
+        self.retry_after = retry_after
+        self.upstream = dict(upstream or {})
 
 
 @dataclass(frozen=True, repr=False)
@@ -197,6 +211,18 @@ class _StreamReader(Protocol):
             self.finished.callback(self._opener.close())
         except StreamError as e:
             self.finished.errback(ChatError("truncated", str(e)))
+
+
+def error_from_chunk(final: ErrorChunk) -> ChatError:
+    """The router's sealed final error chunk as the error a plain refusal would have been."""
+    return ChatError(
+        final.code, final.message, final.status, final.retry_after, _upstream(final.detail())
+    )
+
+
+def _upstream(error: Mapping[str, Any]) -> dict[str, Any]:
+    names = ("upstream_status", "upstream_code", "upstream_param")
+    return {name: error[name] for name in names if isinstance(error.get(name), int | str)}
 
 
 def _json_error(status: int, body: bytes) -> tuple[str, str, dict[str, Any]]:
@@ -369,7 +395,7 @@ class Client:
                 continue
             retry_after = error.get("retry_after")
             retry = retry_after if isinstance(retry_after, int) else None
-            raise ChatError(code, message, response.code, retry)
+            raise ChatError(code, message, response.code, retry, _upstream(error))
         raise ChatError("pow_invalid", "the proof of work was not accepted", 401)
 
     async def _solve(self, challenge: str, enc: bytes) -> str:
@@ -419,7 +445,7 @@ class Client:
         response.deliverBody(reader)
         final = await reader.finished
         if isinstance(final, ErrorChunk):
-            raise ChatError(final.code, final.message)
+            raise error_from_chunk(final)
         return final
 
 

@@ -106,12 +106,13 @@ class OpenAIError(Exception):
         }
 
 
-def _unsupported(name: str) -> OpenAIError:
+def _unsupported(name: str, param: str | None = None) -> OpenAIError:
+    """``name`` (a field, or what of it) is refused; ``param`` the field, if ``name`` says more."""
     return OpenAIError(
         400,
         f"{name} is not supported by this router (protocol v1.1)",
         "unsupported_parameter",
-        name,
+        param or name,
     )
 
 
@@ -257,7 +258,9 @@ def _messages(value: Any, draft: _Draft) -> None:
         role = message.get("role")
         role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
-            raise _unsupported("messages[].role (only system, developer, user, assistant, tool)")
+            raise _unsupported(
+                "messages[].role (only system, developer, user, assistant, tool)", "messages[].role"
+            )
         carried = _MESSAGE_FIELDS.get(role, ())
         for key in message:
             if key not in ("role", "content", *carried) and message[key] is not None:
@@ -298,7 +301,7 @@ def _stream(value: Any, draft: _Draft) -> None:
 
 def _stream_options(value: Any, draft: _Draft) -> None:
     if not isinstance(value, dict) or not set(value) <= {"include_usage"}:
-        raise _unsupported("stream_options (only include_usage)")
+        raise _unsupported("stream_options (only include_usage)", "stream_options")
     draft.include_usage = bool(value.get("include_usage"))
 
 
@@ -318,7 +321,7 @@ def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
 
     def apply(value: Any, draft: _Draft) -> None:
         if value != default or isinstance(value, bool) != isinstance(default, bool):
-            raise _unsupported(f"{name} other than {json.dumps(default)}")
+            raise _unsupported(f"{name} other than {json.dumps(default)}", name)
 
     return apply
 
@@ -376,6 +379,13 @@ def _from_chat_error(error: ChatError) -> OpenAIError:
         return _model_not_found("of that name")
     if error.code == "unsupported_field":
         return OpenAIError(400, error.message, "unsupported_parameter")
+    if error.code == "upstream_refused":
+        # The backend's reason (its error code and parameter, never its message), as it would
+        # have answered an OpenAI client itself: e.g. max_tokens_exceeded, param max_tokens.
+        code = error.upstream.get("upstream_code")
+        param = error.upstream.get("upstream_param")
+        message = error.message + (f" ({code})" if code else "")
+        return OpenAIError(400, message, code or error.code, param)
     status = error.status
     if status is None or status == 401 or status >= 500:
         # Trouble between the proxy and the router (stream cut, key document, proof of work,

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from llmrouter import pow
 from llmrouter.bodies import InMemoryRequest
-from llmrouter.protocol import ProtocolError, ResponseSealer
+from llmrouter.protocol import ProtocolError, ResponseSealer, SealedRefusal
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
 from llmrouter.router.cachekey import CacheKeys
@@ -106,6 +106,14 @@ class RouterApp:
             request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
         return self._reply(request, error.status, b"application/json", error.to_json())
 
+    def _sealed_error(self, request: server.Request, error: SealedRefusal) -> bytes:
+        """A refusal of a decrypted request: a stream whose only chunk is the sealed error."""
+        sealer = ResponseSealer(error.secret, error.enc, pad=self.settings.pad_bytes)
+        body = sealer.init_event() + sealer.error(
+            error.code, error.message, error.status, **error.extra
+        )
+        return self._reply(request, 200, b"text/event-stream", body)
+
     # Routes.
 
     @app.route("/api/chat", methods=["POST"])
@@ -126,6 +134,8 @@ class RouterApp:
             admitted = await self.admission.admit(
                 body, self._proxies.client_address(request), pow_header
             )
+        except SealedRefusal as e:
+            return self._sealed_error(request, e)
         except ProtocolError as e:
             return self._error(request, e)
         if request._disconnected:  # left while a shared table answered

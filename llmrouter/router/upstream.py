@@ -819,9 +819,11 @@ class ChatCall:
         if attempt != self._current or self.over:
             return
         detail: dict[str, Any] = {"upstream_status": status}
-        upstream_code = _error_code(body)
+        upstream_code, upstream_param = _error_code(body)
         if upstream_code is not None:
             detail["upstream_code"] = upstream_code
+        if upstream_param is not None:
+            detail["upstream_param"] = upstream_param
         self._attempt_failed(
             UpstreamError(
                 "upstream_refused",
@@ -997,17 +999,23 @@ class ChatCall:
         self._sink.failed(error.code, error.message, status, error.detail)
 
 
-def _error_code(body: bytes) -> str | None:
-    """An OpenAI-style error's ``code`` (or ``type``) when it is an identifier, else None."""
+def _error_code(body: bytes) -> tuple[str | None, str | None]:
+    """An OpenAI-style error's ``code`` (or ``type``) and ``param``, each only when it is an
+    identifier (never a sentence or a value, which could quote the request)."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return None
+        return None, None
     error = doc.get("error", doc) if isinstance(doc, dict) else None
     if not isinstance(error, dict):
-        return None
-    for name in ("code", "type"):
-        value = error.get(name)
-        if isinstance(value, str) and _ERROR_CODE.fullmatch(value):
-            return value
-    return None
+        return None, None
+    code = next(
+        (
+            value
+            for value in (error.get("code"), error.get("type"))
+            if isinstance(value, str) and _ERROR_CODE.fullmatch(value)
+        ),
+        None,
+    )
+    param = error.get("param")
+    return code, param if isinstance(param, str) and _ERROR_CODE.fullmatch(param) else None

@@ -312,4 +312,15 @@ describe('response stream', () => {
     const { opener } = open(init + chunk(0, 'a') + error);
     assert.deepEqual(opener.close(), { type: 'error', code: 'upstream_failed', message: 'the backend failed' });
   });
+  it('reads a sealed refusal: the status, Retry-After and backend reason a plain one had', () => {
+    const final = (doc: unknown) => `event: final\ndata: ${sealed(0, doc, true)}\n\n`;
+    const budget = { type: 'error', code: 'budget_exhausted', message: 'm', status: 429, retry_after: 86400 };
+    const { opener } = open(init + final(budget));
+    assert.deepEqual(opener.close(), budget);
+    const refused = { type: 'error', code: 'upstream_refused', message: 'm', status: 400, upstream_status: 400, upstream_code: 'max_tokens_exceeded', upstream_param: 'max_tokens' };
+    assert.deepEqual(open(init + final(refused)).opener.close(), refused);
+    for (const bad of [{ status: '429' }, { status: 99 }, { retry_after: -1 }, { upstream_code: 'a sentence' }]) {
+      assert.throws(() => open(init + final({ ...budget, ...bad })), { code: 'bad_stream' });
+    }
+  });
 });
