@@ -26,6 +26,7 @@ from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
 from inference.metrics import Metrics
 from llmrouter.listen import certificate_expiry
+from llmrouter.swap import SWAP_HINT, swap_devices
 
 __all__ = ["EngineService", "Options", "makeService", "settings_from"]
 
@@ -276,6 +277,13 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
             "--gpu-layers {layers}: this llama-cpp-python was built without a GPU backend"
             " (CUDA, Vulkan, Metal); every layer runs on the CPU",
             layers=settings.gpu_layers,
+        )
+    swap = swap_devices()
+    if swap:  # this host holds prompts and their KV cache in plaintext
+        log.error(
+            "swap is on ({devices}): prompts and their KV cache may be written to disk; {hint}",
+            devices=", ".join(swap),
+            hint=SWAP_HINT,
         )
     metrics = Metrics()
     scheduler = BatchedScheduler(

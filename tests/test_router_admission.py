@@ -183,7 +183,8 @@ class AdmissionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_ipv6_clients_share_a_bucket_per_prefix(self) -> Any:
-        """Every address of an IPv6 /64 had its own bucket: unlimited buckets (issue 8)."""
+        """Every address of an IPv6 /64 had its own bucket: unlimited buckets (issue 8). By
+        default a /56 is one bucket (issue 19: with /64 a /48 holder had 65,536)."""
         running = yield self.router(
             rate_limit_per_minute=1, rate_limit_burst=1, trusted_proxies=("127.0.0.1",)
         )
@@ -191,11 +192,11 @@ class AdmissionTests(TestCase):
         def from_(address: str) -> Any:
             return {b"X-Forwarded-For": [address.encode()]}
 
-        for address in ("2001:db8:0:1::1", "2001:db8:0:2::1", "198.51.100.1", "198.51.100.2"):
+        for address in ("2001:db8:0:100::1", "2001:db8:0:200::1", "198.51.100.1", "198.51.100.2"):
             body, _, _ = yield sealed(running)
             status, _, _ = yield post_chat(running.url, body, from_(address))
             self.assertEqual(status, 200, address)
-        for address in ("2001:db8:0:1::2", "2001:db8:0:1:ffff:1:2:3", "::ffff:198.51.100.1"):
+        for address in ("2001:db8:0:1ff::2", "2001:db8:0:101:ffff:1:2:3", "::ffff:198.51.100.1"):
             body, _, _ = yield sealed(running)
             yield self.rejected(running, body, 429, "rate_limited", from_(address))
 

@@ -126,7 +126,7 @@ class ValidationTests(TestCase):
         s = load({"TRUSTED_PROXIES": "unix,10.0.0.0/8", "RATE_LIMIT_IPV6_PREFIX": "56"})
         self.assertEqual(s.trusted_proxies, ("unix", "10.0.0.0/8"))
         self.assertEqual(s.rate_limit_ipv6_prefix, 56)
-        self.assertEqual(load({}).rate_limit_ipv6_prefix, 64)
+        self.assertEqual(load({}).rate_limit_ipv6_prefix, 56)  # a /48 is 256 buckets (issue 19)
 
     def test_endpoints(self) -> None:
         self.check({"INFERENCE_ENDPOINTS": "tcp:1234"}, "INFERENCE_ENDPOINTS entries")

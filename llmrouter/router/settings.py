@@ -121,7 +121,7 @@ class Settings:
     upstream_tls_server_name: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    rate_limit_ipv6_prefix: int = 64
+    rate_limit_ipv6_prefix: int = 56  # a /48 holder gets 256 buckets, not 65,536 (issue 19)
     request_ttl_seconds: float = 300.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 30.0
