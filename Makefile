@@ -51,7 +51,7 @@ $(LLAMA_SERVER): | $(STAMP) system-deps
 
 # Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
 # a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
-FUZZ_TARGETS := envelope plaintext sse keydoc guardrails
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails proxy
 FUZZ_SECONDS ?= 12
 fuzz: $(STAMP)
 	@for target in $(FUZZ_TARGETS); do \
