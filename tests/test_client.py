@@ -400,6 +400,41 @@ class ClientTests(Fixture):
         self.assertEqual((cm.exception.code, cm.exception.status), ("key_unknown", 400))
 
 
+class DocumentedExampleTests(Fixture):
+    @defer.inlineCallbacks
+    def test_the_documented_example_runs(self) -> Any:
+        """docs/clients.md's Python example, as it is, against the handler (issue 19: the
+        library had no example, a printed pin failed late, the types were not exported)."""
+        text = (ROOT / "docs" / "clients.md").read_text()
+        example = text.split("```python\n# example: python library\n", 1)[1].split("```", 1)[0]
+        script = Path(self.mktemp())
+        script.write_text(example)
+        env = {
+            **os.environ,
+            "LLMROUTER_URL": self.urls[1],
+            "LLMROUTER_PIN": p.b64u_encode(self.pin),
+            "PYTHONPATH": str(ROOT),
+        }
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, [str(script)], env=env
+        )
+        self.assertEqual(code, 0, err.decode())
+        lines = out.decode().splitlines()
+        self.assertEqual(lines[0], "blue? sky the is Why ")
+        self.assertEqual(lines[1], "[stop, 5 tokens]")
+        self.assertEqual(lines[2], 'get_weather({"x": 1})')
+        self.assertEqual(lines[3], '3} {"temperature": ')  # the handler reverses words
+        last = self.handler.requests[-1]
+        self.assertEqual(last.tool_choice, "none")
+        self.assertEqual(self.handler.requests[-2].tool_choice, "get_weather")
+
+    def test_a_pin_is_checked_when_the_client_is_made(self) -> None:
+        printed = p.b64u_encode(self.pin)
+        self.assertEqual(self.client(pin=printed)._pin, self.pin)  # type: ignore[attr-defined]
+        for bad in ("not-a-key", b"short", printed + "A"):
+            self.assertRaises(ValueError, self.client, pin=bad)
+
+
 class ConversationTests(Fixture):
     @defer.inlineCallbacks
     def test_tool_round_trip_keeps_history_here(self) -> Any:

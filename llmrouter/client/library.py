@@ -225,6 +225,22 @@ def _upstream(error: Mapping[str, Any]) -> dict[str, Any]:
     return {name: error[name] for name in names if isinstance(error.get(name), int | str)}
 
 
+def _pin(pin: bytes | str | None) -> bytes | None:
+    """The signing key to trust: 32 bytes, or the base64url text ``llmrouter-keys pin`` prints;
+    anything else is refused now, not at the first request."""
+    if isinstance(pin, str):
+        try:
+            return b64u_decode(pin.strip(), "pin", 32)
+        except ProtocolError:
+            raise ValueError(
+                "pin= is the router's Ed25519 signing key: 32 bytes, or the base64url text"
+                " `llmrouter-keys pin` prints"
+            ) from None
+    if pin is not None and (not isinstance(pin, bytes) or len(pin) != 32):
+        raise ValueError("pin= is the router's Ed25519 signing key: 32 bytes (or its base64url)")
+    return pin
+
+
 def _json_error(status: int, body: bytes) -> tuple[str, str, dict[str, Any]]:
     try:
         error = json.loads(body)["error"]
@@ -241,7 +257,7 @@ class Client:
         reactor: Any,
         url: str,
         *,
-        pin: bytes | None = None,
+        pin: bytes | str | None = None,
         tofu: Path | None = None,
         device_key: hpke.KeyPair | None = None,
         pad: int = DEFAULT_PAD,
@@ -255,6 +271,7 @@ class Client:
                 "trusting a router needs pin= (its signing key) or tofu= (a trust-on-first-use"
                 " file that keeps the first signing key seen)"
             )
+        pin = _pin(pin)
         self._agent, self._base = agent_for(reactor, url, tls)
         self._clock: IReactorTime = clock or reactor
         self._pin = pin
