@@ -16,7 +16,10 @@ descriptors and refused everyone. Three bounds, none of which turns into a locko
 A kept-alive connection whose response ended waits for its next request like a new one: it can be
 shed at once, and it is closed after :data:`IDLE_KEEPALIVE_SECONDS` (``idle``). Before, it was
 neither waiting nor streaming, so a few dozen addresses that each sent one request and idled
-filled the router for everyone.
+filled the router for everyone. A trusted proxy's connections (and UNIX-socket peers) are shed
+like any other when the router is full, but not closed after those seconds: a reverse proxy
+reuses its idle connections, and one closed just as it sends a POST would fail that request
+(Twisted's one-minute idle timeout still applies to them).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from llmrouter.router.metrics import RouterMetrics
 __all__ = ["IDLE_KEEPALIVE_SECONDS", "ConnectionGuard"]
 
 IDLE_KEEPALIVE_SECONDS = 5.0
+IDLE_EXEMPT_SECONDS = 60.0  # a trusted proxy's: as Twisted's idle timeout (router.app.IDLE_SECONDS)
 
 
 class ConnectionGuard:
@@ -101,13 +105,15 @@ class ConnectionGuard:
 
     def idle(self, transport: ITransport) -> None:
         """The response ended on a kept-alive connection: it waits for a next request, last in
-        the line to be shed, and is closed if none begins within the idle time."""
+        the line to be shed, and is closed if none begins within the idle time (a trusted
+        proxy's: by Twisted's idle timeout)."""
         if transport not in self._open:
             return
         self.dispatched(transport)
         self._idle.add(transport)
+        exempt = self._open[transport] is None
         self._waiting[transport] = self._clock.callLater(
-            self._idle_seconds, self._drop, transport, "idle"
+            IDLE_EXEMPT_SECONDS if exempt else self._idle_seconds, self._drop, transport, "idle"
         )
 
     def closed(self, transport: ITransport) -> None:
