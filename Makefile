@@ -26,6 +26,7 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' s
 LLAMA_BUILD_KEY := $(shell $(LLAMA_BUILD) --cache-key)
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_BUILD_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
+NODE_CLIENTS := tests/clients/node/node_modules/.package-lock.json
 
 .PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist lock clean
 
@@ -67,8 +68,13 @@ run: $(if $(BACKEND),$(ROUTER_STAMP),$(STAMP))
 # The README's test command: everything CI checks, from a fresh clone.
 test: system-deps trial lint type wheel-check fuzz sdk-test
 
-trial: $(STAMP) $(LLAMA_SERVER)
+trial: $(STAMP) $(LLAMA_SERVER) $(NODE_CLIENTS)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
+
+# Real OpenAI clients for Node (official openai, the Vercel AI SDK) that tests/test_client_matrix.py
+# runs against the proxy, installed from their lockfile (Node and npm come from system-deps).
+$(NODE_CLIENTS): tests/clients/node/package-lock.json
+	cd tests/clients/node && npm ci --no-audit --no-fund
 
 llama-server: $(LLAMA_SERVER)
 
@@ -77,7 +83,7 @@ $(LLAMA_SERVER): | $(STAMP) system-deps
 
 # Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
 # a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
-FUZZ_TARGETS := envelope plaintext sse keydoc guardrails
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails proxy
 FUZZ_SECONDS ?= 12
 fuzz: $(STAMP)
 	@for target in $(FUZZ_TARGETS); do \

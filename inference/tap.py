@@ -32,6 +32,7 @@ from inference.metrics import Metrics
 from llmrouter import sdnotify
 from llmrouter.listen import certificate_expiry
 from llmrouter.ops import llamabuild
+from llmrouter.swap import SWAP_HINT, swap_devices
 
 __all__ = ["EngineService", "Options", "ReloadService", "makeService", "settings_from"]
 
@@ -353,6 +354,13 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
             "--gpu-layers {layers}: this llama-cpp-python cannot offload to a GPU; every layer"
             " runs on the CPU (INFERENCE_ALLOW_CPU_FALLBACK)",
             layers=settings.gpu_layers,
+        )
+    swap = swap_devices()
+    if swap:  # this host holds prompts and their KV cache in plaintext
+        log.error(
+            "swap is on ({devices}): prompts and their KV cache may be written to disk; {hint}",
+            devices=", ".join(swap),
+            hint=SWAP_HINT,
         )
     metrics = Metrics()
     scheduler = BatchedScheduler(

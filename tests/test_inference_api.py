@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.daemons import open_stream, start_inference
+from tests.tools import RawClient, files_open_under
 
 
 def chat(content: str = "hello", **extra: Any) -> bytes:
@@ -213,6 +217,34 @@ class InfoTests(unittest.TestCase):
         status, _, data = yield daemon.request(b"GET", "/v1/chat/completions")
         self.assertEqual(status, 405)
         self.assertEqual(json.loads(data)["error"]["code"], "method_not_allowed")
+
+    @defer.inlineCallbacks
+    def test_a_large_prompt_is_never_spooled_to_disk(self) -> Any:
+        """Twisted's default request wrote a body of 100 KB or more to a temporary file: the
+        router's plaintext prompts (up to ~190 KB) landed on the inference host's disk (issue
+        19). While such a body arrives, the daemon holds no file in its temporary directory."""
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        daemon = yield start_inference(self, env={"TMPDIR": str(tmp.resolve())})
+        body = chat("word " * 30_000, max_tokens=1)  # 150 KB
+        peer = yield connectProtocol(UNIXClientEndpoint(reactor, str(daemon.socket)), RawClient())
+        self.addCleanup(peer.transport.loseConnection)
+        peer.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-1000]
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(files_open_under(daemon.pid, str(tmp.resolve())), [])
+        peer.transport.write(body[-1000:])
+        for _ in range(600):
+            if b"\r\n\r\n" in peer.data:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 "))  # it was read and answered
+        self.assertEqual(files_open_under(daemon.pid, str(tmp.resolve())), [])
+        # Over --max-body: refused as announced, before it is read.
+        status, _, data = yield daemon.request(b"POST", "/v1/chat/completions", b" " * (2 << 20))
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (413, "body_too_large"))
 
     @defer.inlineCallbacks
     def test_no_prompt_or_completion_in_logs(self) -> Any:

@@ -112,7 +112,7 @@ class Settings:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
     metrics_listen: str = "tcp:9100:interface=127.0.0.1"
     keys_dir: Path = Path("./dev-keys")
-    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock",)
+    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock kind=llmrouter",)
     default_model: str | None = None
     device_auth: str = "optional"
     upstream_tls_cert: Path | None = None
@@ -121,7 +121,7 @@ class Settings:
     upstream_tls_server_name: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    rate_limit_ipv6_prefix: int = 64
+    rate_limit_ipv6_prefix: int = 56  # a /48 holder gets 256 buckets, not 65,536 (issue 19)
     request_ttl_seconds: float = 300.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 30.0

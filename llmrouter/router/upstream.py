@@ -823,9 +823,11 @@ class ChatCall:
         return body
 
     def _headers(self, backend: Backend) -> dict[bytes, list[bytes]]:
-        """The extra headers (the prompt-cache key) go only to a backend of our own kind: to any
-        other they would be a stable per-device tag that backend could link requests by."""
-        if backend.dialect.cache_key:
+        """The extra headers (the prompt-cache key) go only to a backend configured as ours
+        (``kind=llmrouter``): to any other they would be a stable per-device tag it could link
+        requests by, and a backend that only claims to be ours (``owned_by`` in its model list,
+        ``kind=auto``) is not trusted with it."""
+        if backend.dialect.cache_key and backend.endpoint.kind == "llmrouter":
             return {**_JSON_HEADERS, **self._extra_headers}
         return _JSON_HEADERS
 
@@ -882,9 +884,11 @@ class ChatCall:
         if attempt != self._current or self.over:
             return
         detail: dict[str, Any] = {"upstream_status": status}
-        upstream_code = _error_code(body)
+        upstream_code, upstream_param = _error_code(body)
         if upstream_code is not None:
             detail["upstream_code"] = upstream_code
+        if upstream_param is not None:
+            detail["upstream_param"] = upstream_param
         self._attempt_failed(
             UpstreamError(
                 "upstream_refused",
@@ -1060,17 +1064,23 @@ class ChatCall:
         self._sink.failed(error.code, error.message, status, error.detail)
 
 
-def _error_code(body: bytes) -> str | None:
-    """An OpenAI-style error's ``code`` (or ``type``) when it is an identifier, else None."""
+def _error_code(body: bytes) -> tuple[str | None, str | None]:
+    """An OpenAI-style error's ``code`` (or ``type``) and ``param``, each only when it is an
+    identifier (never a sentence or a value, which could quote the request)."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return None
+        return None, None
     error = doc.get("error", doc) if isinstance(doc, dict) else None
     if not isinstance(error, dict):
-        return None
-    for name in ("code", "type"):
-        value = error.get(name)
-        if isinstance(value, str) and _ERROR_CODE.fullmatch(value):
-            return value
-    return None
+        return None, None
+    code = next(
+        (
+            value
+            for value in (error.get("code"), error.get("type"))
+            if isinstance(value, str) and _ERROR_CODE.fullmatch(value)
+        ),
+        None,
+    )
+    param = error.get("param")
+    return code, param if isinstance(param, str) and _ERROR_CODE.fullmatch(param) else None

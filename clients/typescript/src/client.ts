@@ -26,6 +26,7 @@ import { type ChatRequest, type ExpectedChunks, expectedChunks, MODEL_NAME, requ
 import {
   checkKeyDocumentTimes,
   DEFAULT_PAD,
+  type ErrorEvent,
   type KeyDocument,
   type RequestState,
   ResponseOpener,
@@ -307,8 +308,25 @@ export class LLMRouterClient {
    */
   async *chat(request: ChatRequest, options: { signal?: AbortSignal } = {}): AsyncGenerator<ChatEvent, void, undefined> {
     const expects = expectedChunks(requestPlaintext(request)); // a bad request never leaves
-    const { response, state } = await this.send(request, options.signal);
-    yield* this.read(response, state, expects, options.signal);
+    const maxRetries = this.options.maxRetries ?? 2;
+    for (let attempt = 0; ; attempt++) {
+      const { response, state } = await this.send(request, options.signal);
+      let started = false;
+      try {
+        for await (const event of this.read(response, state, expects, options.signal)) {
+          started = true;
+          yield event;
+        }
+        return;
+      } catch (e) {
+        // A refusal after the router decrypted the request comes sealed, as the stream's only
+        // chunk: retried (overloaded, a device rate limit, ...) as its plain form would be.
+        if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+        const delay = this.retryDelay(e, attempt);
+        if (delay === undefined || attempt >= maxRetries) throw e;
+        await sleep(delay, options.signal);
+      }
+    }
   }
 
   /**
@@ -422,7 +440,7 @@ export class LLMRouterClient {
       const data = await this.guard(signal, () => response.arrayBuffer());
       yield* deliver(opener.feed(new Uint8Array(data)));
       const final = opener.close();
-      if (final.type === 'error') throw new RouterError(final.code, final.message);
+      if (final.type === 'error') throw chunkError(final);
       return;
     }
     const reader = body.getReader();
@@ -452,12 +470,26 @@ export class LLMRouterClient {
   }
 }
 
-/** Stream items as chat events; the router's sealed error chunk becomes a RouterError. */
+/** Stream items as chat events; the router's sealed error chunk becomes its typed error. */
 function* deliver(items: ReturnType<ResponseOpener['feed']>): Generator<ChatEvent, void, undefined> {
   for (const item of items) {
-    if (item.type === 'error') throw new RouterError(item.code, item.message);
+    if (item.type === 'error') throw chunkError(item);
     yield item;
   }
+}
+
+/**
+ * The sealed final error chunk as the same typed error a plain refusal gives (the router seals
+ * every refusal once it has decrypted the request: rate limits, budget, model, backend refusals).
+ */
+function chunkError(item: ErrorEvent): LLMRouterError {
+  let upstream: UpstreamRefusal | undefined;
+  if (item.upstream_status !== undefined) {
+    upstream = { status: item.upstream_status };
+    if (item.upstream_code !== undefined) upstream.code = item.upstream_code;
+    if (item.upstream_param !== undefined) upstream.param = item.upstream_param;
+  }
+  return routerError(item.code, item.message, item.status, item.retry_after, upstream);
 }
 
 interface Refusal {
@@ -487,6 +519,7 @@ function refusal(status: number, body: string, response: FetchResponse): Refusal
   if (Number.isInteger(error.upstream_status)) {
     upstream = { status: error.upstream_status as number };
     if (typeof error.upstream_code === 'string') upstream.code = error.upstream_code;
+    if (typeof error.upstream_param === 'string') upstream.param = error.upstream_param;
   }
   return { code: error.code, message: error.message, retryAfter, challenge, upstream };
 }
