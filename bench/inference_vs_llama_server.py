@@ -1,7 +1,10 @@
 """Our inference daemon against llama-server, same model, same threads, same slots.
 
-Builds nothing: run ``bench/build-llama-server`` first (llama.cpp from the sdist of the installed
-llama-cpp-python, so both sides run the same ggml code). Both servers listen on loopback TCP and
+Builds nothing: run ``bench/build-llama-server`` first (llama.cpp from the sdist of the pinned
+llama-cpp-python, with the CMake arguments ``llmrouter-llama-build`` gives ours, so both sides run
+the same ggml code built the same way; ``make llama-server`` caches it in
+``~/.cache/llmrouter/``, pass that with ``--llama-server``). Each run prints the CPU features both
+libraries report, and says so if they differ. Both servers listen on loopback TCP and
 get identical raw-prompt ``/v1/completions`` streams with greedy sampling; every request gets a
 distinct prompt and llama-server's prompt cache is off, so neither side reuses a previous prompt.
 Rounds alternate between the two servers and the median of each figure is reported, which keeps
@@ -226,6 +229,40 @@ def start_both(
     return model, logs, servers
 
 
+def ours_features(log: Path) -> str:
+    """The ``CPU : SSE3 = 1 | ...`` report our daemon logged at start."""
+    for line in log.read_text(errors="replace").splitlines():
+        if "llama.cpp: CPU : " in line:
+            return line[line.index("CPU : ") :].strip()
+    return "(not in the log)"
+
+
+def llama_server_features(binary: Path) -> str:
+    """``llama_print_system_info()`` of the libllama next to ``binary`` (llama-server does not
+    print it), in a child process so that this one never loads a second llama.cpp."""
+    library = binary.resolve().parent / "libllama.so"
+    code = (
+        "import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]);"
+        " lib.llama_print_system_info.restype = ctypes.c_char_p;"
+        " print(lib.llama_print_system_info().decode())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(library)], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() or f"(cannot read {library})"
+
+
+def print_builds(args: argparse.Namespace, logs: Path) -> None:
+    """What each side's llama.cpp was compiled with, so a comparison never mixes builds."""
+    ours, theirs = ours_features(logs / "ours.log"), llama_server_features(args.llama_server)
+    print(f"ours:         {ours}\nllama-server: {theirs}")
+    recorded = args.llama_server.parent / "cmake-args"  # bench/build-llama-server writes it
+    if recorded.exists():
+        print(f"llama-server built with: {recorded.read_text().strip()}")
+    if ours != theirs:
+        print("WARNING: the two llama.cpp builds differ; the ratios compare builds, not servers")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     server_arguments(parser, ctx=1024)
@@ -236,6 +273,7 @@ def main() -> None:
     try:
         for s in servers:
             s.wait_ready()
+        print_builds(args, logs)
         for s in servers:  # warm-up: first decode allocations, page cache
             stream_once(s, 0, 16)
         figures: dict[str, dict[str, list[float]]] = {

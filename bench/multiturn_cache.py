@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference_vs_llama_server import Server, server_arguments, start_both
+from inference_vs_llama_server import Server, print_builds, server_arguments, start_both
 
 TURNS = 8
 REPLY_TOKENS = 32
@@ -143,6 +143,7 @@ def main() -> None:
     try:
         for s in servers:
             s.wait_ready()
+        print_builds(args, logs)
         for s in servers:  # warm-up
             turn(s, [{"role": "user", "content": "Hello."}], None)
         for round_ in range(args.rounds):

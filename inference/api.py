@@ -37,6 +37,7 @@ from inference.interfaces import IGeneration, IScheduler, Overloaded
 from inference.metrics import Metrics
 from inference.prepare import Prepared, prepare
 from inference.reply import CHAT, COMPLETION, Reply, error_response, json_response
+from llmrouter.bodies import InMemoryRequest
 
 log = Logger()
 
@@ -211,9 +212,21 @@ class InferenceAPI(Resource):
 
 
 class QuietSite(server.Site):
-    """A Site without the access log (paths, user agents and referrers are not ours to keep)."""
+    """A Site without the access log (paths, user agents and referrers are not ours to keep),
+    whose request bodies (plaintext prompts) stay in memory, bounded by the API's ``max_body``:
+    Twisted's default request spools a body of 100 KB or more to a temporary file."""
 
     displayTracebacks = False
+    requestFactory = InMemoryRequest
+
+    def __init__(self, api: InferenceAPI, **kwargs: Any) -> None:
+        super().__init__(api, **kwargs)
+        self._api = api
+        self.max_body = api.max_body
+
+    def too_large_body(self) -> bytes:
+        self._api.metrics.outcome("rejected")
+        return APIError(413, "body_too_large", f"The body exceeds {self.max_body} bytes.").body()
 
     def log(self, request: Any) -> None:
         pass

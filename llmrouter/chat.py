@@ -257,6 +257,20 @@ class ChatRequest:
     def __repr__(self) -> str:
         return f"ChatRequest(<{len(self.messages)} messages>, max_tokens={self.max_tokens})"
 
+    def __post_init__(self) -> None:
+        """``tool_choice`` may also be given in OpenAI's shape, ``{"type": "function",
+        "function": {"name": NAME}}``: it is kept as the name."""
+        choice: Any = self.tool_choice
+        if isinstance(choice, Mapping):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, Mapping) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise ValueError(
+                    "tool_choice is none, auto, required, a tool's name or"
+                    ' {"type": "function", "function": {"name": NAME}}'
+                )
+            object.__setattr__(self, "tool_choice", name)
+
     @classmethod
     def from_prompt(cls, prompt: str, **params: Any) -> ChatRequest:
         return cls(messages=(Message("user", prompt),), **params)

@@ -17,7 +17,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-__all__ = ["ClientTLS", "agent_for"]
+__all__ = ["ClientTLS", "PinnedPolicy", "agent_for"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +43,28 @@ class _UNIXEndpointFactory:
 
 
 @implementer(IPolicyForHTTPS)
-class _PinnedPolicy:
+class PinnedPolicy:
+    """Trust exactly the CA of ``tls``; present its client certificate. :meth:`reload` reads the
+    files again (a renewal replaced them), for connections made from then on."""
+
     def __init__(self, tls: ClientTLS) -> None:
         self._tls = tls
-        self._trust = ssl.Certificate.loadPEM(tls.ca.read_bytes())
-        self._client: ssl.PrivateCertificate | None = None
-        if tls.cert is not None and tls.key is not None:
-            self._client = ssl.PrivateCertificate.loadPEM(
-                tls.cert.read_bytes() + b"\n" + tls.key.read_bytes()
-            )
+        self._trust, self._client = self._load()
+
+    def _load(self) -> tuple[ssl.Certificate, ssl.PrivateCertificate | None]:
+        tls = self._tls
+        trust = ssl.Certificate.loadPEM(tls.ca.read_bytes())
+        if tls.cert is None or tls.key is None:
+            return trust, None
+        client = ssl.PrivateCertificate.loadPEM(
+            tls.cert.read_bytes() + b"\n" + tls.key.read_bytes()
+        )
+        return trust, client
+
+    def reload(self) -> None:
+        """Read the CA, certificate and key again; on any error (a half-written renewal, a
+        permission) raise and keep what was loaded."""
+        self._trust, self._client = self._load()
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         extra = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3} if self._tls.tls13_only else {}
@@ -67,11 +80,12 @@ class _PinnedPolicy:
 def agent_for(
     reactor: object,
     url: str,
-    tls: ClientTLS | None = None,
+    tls: ClientTLS | PinnedPolicy | None = None,
     pool: HTTPConnectionPool | None = None,
     connect_timeout: float = 10.0,
 ) -> tuple[IAgent, str]:
-    """Return an agent and the base URL to prefix paths with."""
+    """Return an agent and the base URL to prefix paths with (``tls``: the settings, or a
+    policy several agents share, so that one :meth:`PinnedPolicy.reload` serves them all)."""
     if url.startswith("unix:"):
         path = url[len("unix:") :]
         if not path:
@@ -83,7 +97,11 @@ def agent_for(
         raise ValueError("URL must be unix:/path, http://host:port or https://host:port")
     base = f"{parts.scheme}://{parts.netloc}"
     if parts.scheme == "https":
-        policy: IPolicyForHTTPS = _PinnedPolicy(tls) if tls else _system_policy()
+        policy: IPolicyForHTTPS
+        if isinstance(tls, ClientTLS):
+            policy = PinnedPolicy(tls)
+        else:
+            policy = tls or _system_policy()
         return Agent(reactor, policy, connectTimeout=connect_timeout, pool=pool), base
     return Agent(reactor, connectTimeout=connect_timeout, pool=pool), base
 

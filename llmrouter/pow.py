@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 
 from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode
 
@@ -20,6 +21,8 @@ __all__ = [
     "HEADER",
     "MAX_DIFFICULTY",
     "MAX_HEADER",
+    "Stopped",
+    "challenge_difficulty",
     "issue_challenge",
     "solution_id",
     "solve",
@@ -60,18 +63,31 @@ def _work(challenge: str, enc: bytes, nonce: str) -> int:
     return _leading_zero_bits(digest)
 
 
-def _difficulty(challenge: str) -> int:
+def challenge_difficulty(challenge: str) -> int:
+    """The difficulty a challenge asks for (ProtocolError if it is not one)."""
     return int(b64u_decode(challenge, "challenge", _BODY.size + _MAC_BYTES)[9])
 
 
-def solve(challenge: str, enc: bytes, difficulty: int | None = None) -> str:
-    """Find a nonce; returns the header value ``<challenge>:<nonce>``."""
-    needed = _difficulty(challenge) if difficulty is None else difficulty
+class Stopped(Exception):
+    """:func:`solve` was told to stop before it found a nonce."""
+
+
+def solve(
+    challenge: str,
+    enc: bytes,
+    difficulty: int | None = None,
+    stop: threading.Event | None = None,
+) -> str:
+    """Find a nonce; returns the header value ``<challenge>:<nonce>``. Raises :class:`Stopped`
+    soon after ``stop`` is set (the work runs in a thread nobody could otherwise stop)."""
+    needed = challenge_difficulty(challenge) if difficulty is None else difficulty
     if needed > MAX_DIFFICULTY:
         raise ValueError("difficulty out of range")
     nonce = 0
     while _work(challenge, enc, str(nonce)) < needed:
         nonce += 1
+        if stop is not None and not nonce & 0xFFF and stop.is_set():
+            raise Stopped()
     return f"{challenge}:{nonce}"
 
 

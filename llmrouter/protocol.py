@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "RequestState",
     "ResponseOpener",
     "ResponseSealer",
+    "SealedRefusal",
     "StreamError",
     "ToolCallDelta",
     "b64u_decode",
@@ -65,6 +66,7 @@ __all__ = [
     "build_jwks",
     "build_key_document",
     "build_ohttp_key_configs",
+    "check_key_document_times",
     "check_timestamp",
     "key_document_issued_at",
     "key_id_for_kid",
@@ -102,6 +104,7 @@ MIN_LOGPROB = -9999.0
 _MAX_JSON_INT = (1 << 53) - 1
 _B64U = re.compile(r"[A-Za-z0-9_-]*")
 _KID = re.compile(r"[0-9a-f]{2}")
+_ERROR_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.\[\]-]{0,63}")  # a code or a parameter's name
 
 
 class ProtocolError(Exception):
@@ -142,6 +145,21 @@ class ProtocolError(Exception):
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict()).encode("ascii")
+
+
+class SealedRefusal(ProtocolError):
+    """A refusal of a request that was decrypted: it goes back sealed under the request's own
+    response secret (docs/protocol.md, section 3.5), as a stream whose only chunk is the final
+    error, so a hop that terminates TLS learns nothing of what the request contained (a refused
+    field's name, the backend's reason). Only refusals before decryption are plain JSON."""
+
+    def __init__(self, error: ProtocolError, secret: bytes, enc: bytes) -> None:
+        super().__init__(error.code, error.message, error.status, **error.extra)
+        self.secret = secret
+        self.enc = enc
+
+    def __repr__(self) -> str:
+        return f"SealedRefusal({self.code!r}, status={self.status})"
 
 
 # Base64url without padding (RFC 4648 section 5), canonical encodings only.
@@ -371,13 +389,18 @@ def seal_request(
 
 
 def open_request(env: Envelope, sk_r: bytes) -> tuple[ChatRequest, bytes]:
-    """Decrypt and validate; any cryptographic failure is the one generic ``decrypt_failed``."""
+    """Decrypt and validate; any cryptographic failure is the one generic ``decrypt_failed``,
+    an invalid plaintext a :class:`SealedRefusal` (``bad_payload``)."""
     try:
         ctx = hpke.setup_r(env.enc, sk_r, REQUEST_INFO, pk_s=env.device_pubkey)
         plaintext = ctx.open(env.aad(), env.ct)
     except hpke.HPKEError:
         raise ProtocolError("decrypt_failed", "the request could not be decrypted") from None
-    return parse_chat_request(plaintext), ctx.export(RESPONSE_LABEL, 32)
+    secret = ctx.export(RESPONSE_LABEL, 32)
+    try:
+        return parse_chat_request(plaintext), secret
+    except ProtocolError as e:
+        raise SealedRefusal(e, secret, env.enc) from None
 
 
 # The response stream (section 3.3).
@@ -464,8 +487,15 @@ class ResponseSealer:
         self.finished = True
         return final
 
-    def error(self, code: str, message: str) -> bytes:
-        final = self._event("final", FINAL_AAD, {"type": "error", "code": code, "message": message})
+    def error(self, code: str, message: str, status: int | None = None, **detail: Any) -> bytes:
+        """The final error chunk: ``status`` is the HTTP status a plain refusal would have had,
+        ``detail`` its other fields (``retry_after``, ``upstream_status``, ``upstream_code``,
+        ``upstream_param``), so a client raises the same typed error either way."""
+        message_doc: dict[str, Any] = {"type": "error", "code": code, "message": message}
+        if status is not None:
+            message_doc["status"] = status
+        message_doc.update(detail)
+        final = self._event("final", FINAL_AAD, message_doc)
         self.finished = True
         return final
 
@@ -520,8 +550,21 @@ class Done:
 
 @dataclass(frozen=True)
 class ErrorChunk:
+    """The router's final error: ``status`` (v1.1: the HTTP status a plain refusal would have
+    had), ``retry_after`` seconds and what a backend's refusal said, when given."""
+
     code: str
     message: str
+    status: int | None = None
+    retry_after: int | None = None
+    upstream_status: int | None = None
+    upstream_code: str | None = None
+    upstream_param: str | None = None
+
+    def detail(self) -> dict[str, Any]:
+        """The fields given besides code, message and status (as a plain refusal has them)."""
+        fields = ("retry_after", "upstream_status", "upstream_code", "upstream_param")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
 
 StreamItem = Delta | Reasoning | ToolCallDelta | Done | ErrorChunk
@@ -628,8 +671,36 @@ def _parse_chunk(doc: dict[str, Any], final: bool) -> StreamItem:
     if kind == "error" and final:
         code, message = doc.get("code"), doc.get("message")
         if isinstance(code, str) and isinstance(message, str):
-            return ErrorChunk(code, message)
+            return ErrorChunk(
+                code,
+                message,
+                _optional(doc, "status", _is_status),
+                _optional(doc, "retry_after", _is_seconds),
+                _optional(doc, "upstream_status", _is_status),
+                _optional(doc, "upstream_code", _is_name),
+                _optional(doc, "upstream_param", _is_name),
+            )
     raise StreamError("unexpected chunk content")
+
+
+def _is_status(value: Any) -> bool:
+    return _is_int(value) and 100 <= value <= 599
+
+
+def _is_seconds(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= _MAX_JSON_INT
+
+
+def _is_name(value: Any) -> bool:
+    return isinstance(value, str) and _ERROR_NAME.fullmatch(value) is not None
+
+
+def _optional(doc: dict[str, Any], name: str, valid: Callable[[Any], bool]) -> Any:
+    """An optional field of the error chunk: absent, null, or valid (else the chunk is bad)."""
+    value = doc.get(name)
+    if value is not None and not valid(value):
+        raise StreamError("unexpected chunk content")
+    return value
 
 
 def logprob_entries(raw: Any) -> list[dict[str, Any]]:
@@ -812,21 +883,25 @@ def verify_key_document(body: bytes, pin: bytes | None = None, *, now: float) ->
         keys = tuple(_published_key(k) for k in p["keys"])
     except (ValueError, KeyError, TypeError, RecursionError, ProtocolError):
         raise KeyDocumentError("key document payload is not protocol v1") from None
-    issued_at: int = p["issued_at"]
-    if issued_at < now - KEY_DOCUMENT_MAX_AGE:
-        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
-    if issued_at > now + KEY_DOCUMENT_SKEW:
-        raise KeyDocumentError("key document is issued in the future (check the clock)")
     if len({k.kid for k in keys}) != len(keys):
         raise KeyDocumentError("key document has duplicate key ids")
     statuses = sorted(k.status for k in keys)
     if statuses != ["current", "next"]:
         raise KeyDocumentError("key document must have exactly one current and one next key")
-    document = KeyDocument(issued_at, keys, signing_key)
+    document = KeyDocument(p["issued_at"], keys, signing_key)
+    check_key_document_times(document, now)
+    return document
+
+
+def check_key_document_times(document: KeyDocument, now: float) -> None:
+    """The time rules alone, for a document verified earlier and about to be used again."""
+    if document.issued_at < now - KEY_DOCUMENT_MAX_AGE:
+        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
+    if document.issued_at > now + KEY_DOCUMENT_SKEW:
+        raise KeyDocumentError("key document is issued in the future (check the clock)")
     current = document.current()
     if not current.not_before - KEY_DOCUMENT_SKEW <= now <= current.not_after + KEY_DOCUMENT_SKEW:
         raise KeyDocumentError("the current key is outside its validity window")
-    return document
 
 
 def _published_key(doc: Any) -> PublishedKey:

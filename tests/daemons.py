@@ -296,13 +296,15 @@ def start_inference(
     env: Mapping[str, str] | None = None,
     ready_timeout: float = 120.0,
     wait: bool = True,
+    fault: str | None = None,
 ) -> defer.Deferred[Daemon]:
     """Start ``twistd -n inference`` on ``model`` (default: the tiny test model).
 
     The daemon always listens on ``unix:<tmp>/inference.sock`` (its ``health`` address, also
     ``daemon.socket``) in addition to ``listen``. Stopped by the test's cleanup. With
     ``wait=False`` the Deferred fires as soon as the process is spawned (for tests of start-up
-    failures or of /health while loading; use ``daemon.wait_exit()``).
+    failures or of /health while loading; use ``daemon.wait_exit()``). ``fault`` runs it with
+    one fault injected (tests/faults.py).
     """
     directory = Path(tempfile.mkdtemp(prefix="llmr-"))
     socket = directory / "inference.sock"
@@ -320,6 +322,11 @@ def start_inference(
         env=env,
         directory=directory,
         ready_timeout=ready_timeout,
+        command=(
+            [sys.executable, "-m", "tests.faults", fault, "-n", "--pidfile=", "inference"]
+            if fault
+            else ()
+        ),
     )
     daemon.socket = socket
 

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import SkipTest
 
-from llmrouter.ops.llamabuild import host_plan
+from llmrouter.ops.llamabuild import AMX_OPT_IN, host_plan
 from tests.daemons import Daemon
 from tests.tinymodel import tiny_model_path
 
@@ -36,7 +36,8 @@ def binary() -> Path:
         path = Path(configured)
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        path = cache / "llmrouter" / f"llama-server-{host_plan().key}" / "llama-server"
+        key = host_plan(amx=os.environ.get(AMX_OPT_IN) == "1").key  # as the Makefile's
+        path = cache / "llmrouter" / f"llama-server-{key}" / "llama-server"
     if not path.exists():
         raise SkipTest(f"no llama-server at {path}: `make llama-server` builds it")
     return path.resolve()

@@ -329,7 +329,52 @@ def sealed(
         key = document.current()
     now = int(running.router.clock.seconds()) if ts is None else ts
     envelope, state = seal_request(key, request or prompt(), now, device)
-    return json.dumps(envelope.to_json()).encode(), envelope, state
+    body = json.dumps(envelope.to_json()).encode()
+    _STATES[body] = state
+    return body, envelope, state
+
+
+_STATES: dict[bytes, Any] = {}  # what sealed() made, to open a sealed refusal with
+
+
+def remember(body: bytes, state: Any) -> bytes:
+    """A request sealed by hand: its state, for :func:`refusal`."""
+    _STATES[body] = state
+    return body
+
+
+# Refusals after the router decrypted the request: they come back sealed (issue 19).
+AFTER_DECRYPTION = frozenset(
+    {
+        "bad_payload",
+        "device_rate_limited",
+        "budget_exhausted",
+        "device_streams",
+        "model_unknown",
+        "unsupported_field",
+        "no_backend",
+        "upstream_refused",
+        "upstream_failed",
+        "timeout",
+    }
+)
+
+
+def refusal(sent: bytes, status: int, headers: Any, raw: bytes) -> tuple[int, dict[str, Any], bool]:
+    """A refusal's status, error fields and whether it came sealed: plain JSON before the router
+    decrypted the request ``sent`` (made by :func:`sealed`), after it a stream whose only chunk
+    is the sealed final error, opened here with that request's state."""
+    from llmrouter.protocol import ErrorChunk, ResponseOpener
+
+    if status == 200 and headers.getRawHeaders(b"content-type") == [b"text/event-stream"]:
+        opener = ResponseOpener(_STATES[sent])
+        items = opener.feed(raw)
+        final = opener.close()
+        assert items == [final] and isinstance(final, ErrorChunk), items
+        assert final.status is not None
+        error = {"code": final.code, "message": final.message, **final.detail()}
+        return final.status, error, True
+    return status, json.loads(raw)["error"], False
 
 
 def post_chat(
@@ -337,6 +382,21 @@ def post_chat(
 ) -> defer.Deferred[Any]:
     all_headers = {b"Content-Type": [b"application/json"], **(headers or {})}
     return http(url, b"POST", "/api/chat", body, all_headers)
+
+
+def outcome(sent: bytes, status: int, headers: Any, raw: bytes) -> int | tuple[int, str]:
+    """200 for an answer, else (status, code) of the refusal, plain or sealed."""
+    from llmrouter.protocol import Done, ResponseOpener
+
+    if status == 200 and sent in _STATES:
+        opener = ResponseOpener(_STATES[sent])
+        opener.feed(raw)
+        if isinstance(opener.close(), Done):
+            return 200
+    elif status == 200:
+        return 200
+    got_status, error, _ = refusal(sent, status, headers, raw)
+    return got_status, error["code"]
 
 
 def error_of(body: bytes) -> tuple[str, str]:

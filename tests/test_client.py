@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor, task, utils
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 from twisted.web.http import Request
@@ -48,17 +49,24 @@ class Handler(resource.Resource):
         self.pow_key: bytes | None = None
         self.cut_after: int | None = None
         self.fail_with: str | None = None
+        self.fail_detail: dict[str, Any] = {}
         self.seen_modes: list[str] = []
         self.seen_devices: list[bytes | None] = []
         self.requests: list[p.ChatRequest] = []
         self.fail_requests: set[int] = set()  # by number, from 1
         self.issued_at: int | None = None  # None: signed this hour, as a router does
         self.upcoming = hpke.generate_key_pair()
+        self.now = time.time
+        self.not_after = 2**31  # of the current key
+        self.documents_served = 0
+        self.seen_kids: list[str] = []
+        self.pow_difficulty = 8
 
     def document(self) -> bytes:
-        now = time.time()
+        self.documents_served += 1
+        now = self.now()
         issued_at = p.key_document_issued_at(now) if self.issued_at is None else self.issued_at
-        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, 2**31)
+        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, self.not_after)
         upcoming = p.PublishedKey("ff", self.upcoming.pk, "next", int(now), 2**31)
         return p.build_key_document([key, upcoming], self.signing, issued_at)
 
@@ -72,6 +80,7 @@ class Handler(resource.Resource):
         assert request.content is not None
         try:
             env = p.parse_envelope(request.content.read())
+            self.seen_kids.append(env.kid)
             if self.rotations_pending:
                 self.rotations_pending -= 1
                 self.rotate()
@@ -82,10 +91,11 @@ class Handler(resource.Resource):
                 raise p.ProtocolError("key_unknown", "unknown key id")
             if self.pow_key is not None:
                 header = request.getHeader(pow.HEADER)
+                bits = self.pow_difficulty
                 if header is None or not pow.verify(self.pow_key, header, env.enc, 1e10 - 60):
-                    challenge = pow.issue_challenge(self.pow_key, 8, 1e10 - 60)
+                    challenge = pow.issue_challenge(self.pow_key, bits, 1e10 - 60)
                     raise p.ProtocolError(
-                        "pow_required", "solve the challenge", challenge=challenge, difficulty=8
+                        "pow_required", "solve the challenge", challenge=challenge, difficulty=bits
                     )
             chat, secret = p.open_request(env, self.pair.sk)
         except p.ProtocolError as e:
@@ -116,7 +126,8 @@ class Handler(resource.Resource):
             request.write(sealer.delta(word + " "))
             request.write(p.KEEPALIVE)
         if self.fail_with or len(self.requests) in self.fail_requests:
-            request.write(sealer.error(self.fail_with or "timeout", "upstream went away"))
+            code = self.fail_with or "timeout"
+            request.write(sealer.error(code, "upstream went away", **self.fail_detail))
         else:
             request.write(sealer.done("stop", 3, len(words)))
         request.finish()
@@ -247,6 +258,45 @@ class ClientTests(Fixture):
         self.assertEqual(self.handler.seen_modes, [])
 
     @defer.inlineCallbacks
+    def test_key_document_is_checked_before_each_seal(self) -> Any:
+        """A long-running client (the proxy) kept its first document for ever: with the clock 10
+        days ahead it still sealed to that key (issue 19). Now: refetched hourly, and at once
+        when the current key's ``not_after`` or the document's 24 hours have passed."""
+        clock = task.Clock()
+        clock.advance(time.time())
+        self.handler.now = clock.seconds
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)
+        clock.advance(1800)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)  # fresh enough
+        clock.advance(1801)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 2)  # an hour: refetched
+
+        # The current key expires: the next request is sealed to the new one, never the old.
+        self.handler.not_after = int(clock.seconds()) + 100
+        yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        old = self.handler.kid
+        self.handler.rotate()
+        self.handler.not_after = 2**31
+        clock.advance(100 + p.KEY_DOCUMENT_SKEW + 1)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertNotIn(old, self.handler.seen_kids[-1:])
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+
+        # Ten days on: sealed to the key the router publishes now, not to a 10-day-old one.
+        seen = len(self.handler.seen_kids)
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        clock.advance(10 * 86400)
+        self.handler.rotate()
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+        self.assertEqual(len(self.handler.seen_kids), seen + 2)  # no key_unknown round trip
+
+    @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:
         other = bytes(nacl.signing.SigningKey.generate().verify_key)
         with self.assertRaises(ChatError) as cm:
@@ -261,6 +311,41 @@ class ClientTests(Fixture):
         self.assertEqual(text, "me solve ")
 
     @defer.inlineCallbacks
+    def test_proof_of_work_harder_than_allowed_is_refused_at_once(self) -> Any:
+        """An on-path party asking for 32 bits pinned a CPU for hours per request (issue 19):
+        above 24 bits (as the TypeScript SDK) the client refuses with a typed error."""
+        self.handler.pow_key = os.urandom(32)
+        self.handler.pow_difficulty = 30
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        self.assertEqual((cm.exception.code, cm.exception.status), ("pow_too_hard", 401))
+        self.assertIn("30 bits", cm.exception.message)
+        self.handler.pow_difficulty = 12
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(max_pow_difficulty=10), "x"))
+        self.assertEqual(cm.exception.code, "pow_too_hard")
+
+    @defer.inlineCallbacks
+    def test_proof_of_work_is_cancellable(self) -> Any:
+        """Cancelling a request (the proxy's client left) stops the solver's thread too."""
+        self.handler.pow_key = os.urandom(32)
+        self.handler.pow_difficulty = 24  # allowed, and minutes of work in Python
+        pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+        call = defer.Deferred.fromCoroutine(self.chat(self.client(), "x"))
+        for _ in range(100):
+            yield deferLater(reactor, 0.05, lambda: None)
+            if pool.working:
+                break
+        self.assertTrue(pool.working)  # solving
+        call.cancel()
+        yield self.assertFailure(call, defer.CancelledError)
+        for _ in range(100):
+            if not pool.working:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(pool.working, [])
+
+    @defer.inlineCallbacks
     def test_truncated_stream(self) -> Any:
         self.handler.cut_after = 2
         with self.assertRaises(ChatError) as cm:
@@ -273,6 +358,37 @@ class ClientTests(Fixture):
         with self.assertRaises(ChatError) as cm:
             yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a b"))
         self.assertEqual(cm.exception.code, "upstream_failed")
+        self.assertIsNone(cm.exception.status)  # a v1 router's chunk says no more
+
+    @defer.inlineCallbacks
+    def test_sealed_refusal_is_the_same_typed_error(self) -> Any:
+        """A refusal after decryption comes as a sealed final chunk (issue 19) with what a
+        plain refusal said: status, Retry-After, the backend's reason."""
+        self.handler.fail_with = "budget_exhausted"
+        self.handler.fail_detail = {"status": 429, "retry_after": 86400}
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a"))
+        e = cm.exception
+        self.assertEqual((e.code, e.status, e.retry_after), ("budget_exhausted", 429, 86400))
+        self.handler.fail_with = "upstream_refused"
+        self.handler.fail_detail = {
+            "status": 400,
+            "upstream_status": 400,
+            "upstream_code": "max_tokens_exceeded",
+            "upstream_param": "max_tokens",
+        }
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a"))
+        e = cm.exception
+        self.assertEqual((e.code, e.status), ("upstream_refused", 400))
+        self.assertEqual(
+            e.upstream,
+            {
+                "upstream_status": 400,
+                "upstream_code": "max_tokens_exceeded",
+                "upstream_param": "max_tokens",
+            },
+        )
 
     @defer.inlineCallbacks
     def test_refusal_is_reported(self) -> Any:
@@ -282,6 +398,41 @@ class ClientTests(Fixture):
         with self.assertRaises(ChatError) as cm:
             yield defer.Deferred.fromCoroutine(self.chat(client, "x"))
         self.assertEqual((cm.exception.code, cm.exception.status), ("key_unknown", 400))
+
+
+class DocumentedExampleTests(Fixture):
+    @defer.inlineCallbacks
+    def test_the_documented_example_runs(self) -> Any:
+        """docs/clients.md's Python example, as it is, against the handler (issue 19: the
+        library had no example, a printed pin failed late, the types were not exported)."""
+        text = (ROOT / "docs" / "clients.md").read_text()
+        example = text.split("```python\n# example: python library\n", 1)[1].split("```", 1)[0]
+        script = Path(self.mktemp())
+        script.write_text(example)
+        env = {
+            **os.environ,
+            "LLMROUTER_URL": self.urls[1],
+            "LLMROUTER_PIN": p.b64u_encode(self.pin),
+            "PYTHONPATH": str(ROOT),
+        }
+        out, err, code = yield utils.getProcessOutputAndValue(
+            sys.executable, [str(script)], env=env
+        )
+        self.assertEqual(code, 0, err.decode())
+        lines = out.decode().splitlines()
+        self.assertEqual(lines[0], "blue? sky the is Why ")
+        self.assertEqual(lines[1], "[stop, 5 tokens]")
+        self.assertEqual(lines[2], 'get_weather({"x": 1})')
+        self.assertEqual(lines[3], '3} {"temperature": ')  # the handler reverses words
+        last = self.handler.requests[-1]
+        self.assertEqual(last.tool_choice, "none")
+        self.assertEqual(self.handler.requests[-2].tool_choice, "get_weather")
+
+    def test_a_pin_is_checked_when_the_client_is_made(self) -> None:
+        printed = p.b64u_encode(self.pin)
+        self.assertEqual(self.client(pin=printed)._pin, self.pin)  # type: ignore[attr-defined]
+        for bad in ("not-a-key", b"short", printed + "A"):
+            self.assertRaises(ValueError, self.client, pin=bad)
 
 
 class ConversationTests(Fixture):

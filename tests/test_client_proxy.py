@@ -10,6 +10,8 @@ client is synchronous, so it runs in a thread while the reactor keeps serving th
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,16 +19,19 @@ from typing import Any, Literal
 import openai
 import pydantic
 from twisted.internet import defer, reactor, threads
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llmrouter.client.proxy import OpenAIError, parse_listen, to_request
+from llmrouter.client.proxy import MAX_BODY, OpenAIError, parse_listen, to_request
 from llmrouter.protocol import b64u_encode
+from tests.browser import start_chromium
 from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.llama_server import HERMES, QWQ, start_llama_server
 from tests.router_support import http, key_document, metric_value, short_tempdir
 from tests.test_router_e2e import inference_metrics, sleep, wait_metric
+from tests.tools import RawClient, files_open_under
 
 
 class _Proxy(ProcessProtocol):
@@ -34,12 +39,18 @@ class _Proxy(ProcessProtocol):
         self.output = b""
         self.url: defer.Deferred[str] = defer.Deferred()
         self.ended: defer.Deferred[int] = defer.Deferred()
+        self.token = ""
+        self.pid = 0
+        self.args: tuple[str, ...] = ()
 
     def outReceived(self, data: bytes) -> None:
         self.output += data
-        if not self.url.called and b"/v1 -> " in self.output:
-            line = self.output.split(b"/v1 -> ")[0].split(b" ")[-1]
-            self.url.callback(line.decode() + "/v1")
+        started = re.search(
+            rb"proxy: (\S+) -> .*\n(API key \(Authorization: Bearer\): (\S+))?", self.output
+        )
+        if not self.url.called and started and (started[2] or "--no-token" in self.args):
+            self.token = (started[3] or b"").decode()
+            self.url.callback(started[1].decode())
 
     errReceived = outReceived
 
@@ -50,11 +61,17 @@ class _Proxy(ProcessProtocol):
         self.ended.callback(code)
 
 
-def run_proxy(testcase: TestCase, *args: str) -> _Proxy:
-    """``llmrouter-client proxy ARGS``; killed at cleanup."""
+def run_proxy(testcase: TestCase, *args: str, env: dict[str, str] | None = None) -> _Proxy:
+    """``llmrouter-client proxy ARGS`` (with a token file of the test's unless ARGS name one);
+    killed at cleanup. ``url`` fires with its base URL once it listens, ``token`` is its key."""
     protocol = _Proxy()
+    if "--token-file" not in args and "--no-token" not in args:
+        args = (*args, "--token-file", str(Path(testcase.mktemp())))
+    protocol.args = args
     argv = [sys.executable, "-m", "llmrouter.client", "proxy", *args]
-    transport = reactor.spawnProcess(protocol, sys.executable, argv, env=None)  # type: ignore[attr-defined]
+    environment = None if env is None else {**os.environ, **env}
+    transport = reactor.spawnProcess(protocol, sys.executable, argv, env=environment)  # type: ignore[attr-defined]
+    protocol.pid = transport.pid
 
     def stop() -> defer.Deferred[int]:
         if not protocol.ended.called:
@@ -136,6 +153,14 @@ class ProxyEndToEnd(TestCase):
         self.assertEqual(error.code, "model_not_found")
         error = yield threads.deferToThread(refused, temperature=5)
         self.assertEqual((error.status_code, error.code), (400, "invalid_value"))
+        # The backend's own refusal keeps its reason: its code and the parameter it named
+        # (issue 19: it was "the inference backend refused the request", param null).
+        error = yield threads.deferToThread(refused, max_tokens=5000)  # over the daemon's cap
+        self.assertIsInstance(error, openai.BadRequestError)
+        self.assertEqual((error.code, error.param), ("max_tokens_exceeded", "max_tokens"))
+        self.assertIn("max_tokens_exceeded", error.message)
+        error = yield threads.deferToThread(refused, n=2)
+        self.assertEqual((error.code, error.param), ("unsupported_parameter", "n"))
 
     @defer.inlineCallbacks
     def test_structured_output_and_tool_call_from_our_daemon(self) -> Any:
@@ -222,7 +247,7 @@ def proxied_router(testcase: TestCase, backends: list[str], extra: tuple[str, ..
     pin = b64u_encode(document.signing_key)
     proxy = run_proxy(testcase, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
     base_url = yield proxy.url
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=base_url, api_key=proxy.token, max_retries=0, timeout=60)
     return client, directory, proxy
 
 
@@ -563,7 +588,8 @@ class RequestMappingTests(SynchronousTestCase):
         ]:
             e = self.refused("unsupported_parameter", name, **{name: value})
             self.assertEqual(e.status, 400)
-        self.refused("unsupported_parameter", "n other than 1", n=2)
+        e = self.refused("unsupported_parameter", "n", n=2)  # the field, as OpenAI's param
+        self.assertIn("n other than 1", e.message)
         self.refused(
             "unsupported_parameter",
             "messages[].name",
@@ -576,12 +602,12 @@ class RequestMappingTests(SynchronousTestCase):
         )
         self.refused(
             "unsupported_parameter",
-            "messages[].role (only system, developer, user, assistant, tool)",
+            "messages[].role",
             messages=[{"role": "function", "content": "x"}],
         )
         self.refused(
             "unsupported_parameter",
-            "messages[].role (only system, developer, user, assistant, tool)",
+            "messages[].role",
             messages=[{"role": ["user"], "content": "x"}],  # not even hashable
         )
         # reasoning is not sent back: a history that carries it is refused, not stripped
@@ -624,3 +650,271 @@ class RequestMappingTests(SynchronousTestCase):
         self.assertEqual(parse_listen("0.0.0.0:80", True), ("0.0.0.0", 80))
         for bad in ("0.0.0.0:80", "192.168.1.2:80", "example.com:80", "127.0.0.1", "[::1]:x"):
             self.assertRaises(ValueError, parse_listen, bad, False)
+
+
+# A web page as the attacker (issue 19): it sends "simple" requests (no preflight) to the proxy,
+# and, with DNS rebinding, same-origin requests that reach the proxy with the page's Host.
+ATTACK_PAGE = b"""<!doctype html><title>a page the user visits</title><script>
+const body = JSON.stringify({model: 'llmrouter', max_tokens: 2,
+                             messages: [{role: 'user', content: 'a page speaks'}]});
+async function attempt(url, init) {
+  try {
+    const response = await fetch(url, init);
+    return response.type === 'opaque' ? 'opaque' : response.status + ' ' + await response.text();
+  } catch (e) {
+    return 'blocked';
+  }
+}
+async function attack(proxy) {
+  const out = {};
+  // Another origin: a simple text/plain POST goes out without a preflight (its answer is opaque).
+  out.simple = [];
+  for (let i = 0; i < 3; i++) {
+    out.simple.push(await attempt(proxy + '/v1/chat/completions',
+                                  {method: 'POST', mode: 'no-cors', body}));
+  }
+  // Another origin, as an OpenAI client would send it: the preflight is refused.
+  out.cors = await attempt(proxy + '/v1/chat/completions', {method: 'POST', body,
+      headers: {'Content-Type': 'application/json', 'Authorization': 'Bearer guess'}});
+  // DNS rebinding: the page's own origin now reaches the proxy, so the page reads answers.
+  out.rebound = await attempt('/v1/chat/completions',
+      {method: 'POST', body, headers: {'Content-Type': 'application/json'}});
+  out.rebound_plain = await attempt('/v1/chat/completions', {method: 'POST', body});
+  out.rebound_models = await attempt('/v1/models', {});
+  return out;
+}
+</script>"""
+
+
+class _Relay(Protocol):
+    def __init__(self, other: Protocol) -> None:
+        self.other = other
+
+    def dataReceived(self, data: bytes) -> None:
+        self.other.transport.write(data)  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.other.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _Rebinding(Protocol):
+    """The attacker's server: ``/attack.html`` is its page; any other request is relayed to the
+    proxy, as if the page's host name now resolved to 127.0.0.1 (what DNS rebinding does)."""
+
+    def __init__(self, proxy_port: int) -> None:
+        self.proxy_port = proxy_port
+        self.buffer = b""
+        self.peer: _Relay | None = None
+        self.connecting = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.buffer += data
+        if self.connecting or b"\r\n" not in self.buffer:
+            return
+        transport: Any = self.transport
+        if self.buffer.startswith(b"GET /attack.html "):
+            transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(ATTACK_PAGE) + ATTACK_PAGE
+            )
+            transport.loseConnection()
+            return
+        self.connecting = True
+        transport.pauseProducing()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.proxy_port)
+        connectProtocol(endpoint, _Relay(self)).addCallback(self._connected)
+
+    def _connected(self, relay: _Relay) -> None:
+        self.peer = relay
+        relay.transport.write(self.buffer)  # type: ignore[union-attr]
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.peer is not None:
+            self.peer.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class ProxyAccessTests(TestCase):
+    """Who may use the proxy: the proxy itself named as Host, no foreign Origin, JSON bodies and
+    its bearer token; a web page in a real Chromium gets nothing and spends nothing."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.tmp = Path(self.mktemp()).resolve()
+        self.tmp.mkdir()
+        self.inference = yield start_inference(self)
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{self.inference.socket}"])
+        yield router.start()
+        self.router_url = f"unix:{directory / 'router.sock'}"
+        document = yield key_document(self.router_url)
+        self.pin = b64u_encode(document.signing_key)
+        self.proxy = run_proxy(
+            self,
+            "--listen",
+            "127.0.0.1:0",
+            "--url",
+            self.router_url,
+            "--pin",
+            self.pin,
+            env={"TMPDIR": str(self.tmp)},
+        )
+        self.base = yield self.proxy.url
+        self.port = int(self.base.split(":")[2].split("/")[0])
+        self.origin = f"http://127.0.0.1:{self.port}"
+
+    @defer.inlineCallbacks
+    def answered(self) -> Any:
+        """How many chat requests the inference daemon has seen (each spends budget)."""
+        text = yield inference_metrics(self.inference)
+        return sum(
+            value
+            for line in text.splitlines()
+            if line.startswith("inference_requests_total{")
+            for value in [float(line.split()[-1])]
+        )
+
+    def post(self, headers: dict[bytes, list[bytes]], body: bytes | None = None) -> Any:
+        chat = json.dumps({"model": "llmrouter", "max_tokens": 2, "messages": [QUESTION]})
+        return http(self.origin, b"POST", "/v1/chat/completions", body or chat.encode(), headers)
+
+    @defer.inlineCallbacks
+    def test_host_origin_content_type_and_token(self) -> Any:
+        token = self.proxy.token.encode()
+        good = {
+            b"Content-Type": [b"application/json"],
+            b"Authorization": [b"Bearer " + token],
+        }
+        status, _, body = yield self.post(good)
+        self.assertEqual(status, 200, body)  # the control: a local client with the key
+        self.assertEqual(json.loads(body)["object"], "chat.completion")
+        before = yield self.answered()
+        refusals = [
+            ({b"Host": [b"attacker.example"]}, 403, "forbidden_host"),
+            ({b"Host": [b"127.0.0.1:1"]}, 403, "forbidden_host"),
+            ({b"Origin": [b"http://attacker.example"]}, 403, "forbidden_origin"),
+            ({b"Origin": [b"null"]}, 403, "forbidden_origin"),
+            ({b"Authorization": []}, 401, "invalid_api_key"),
+            ({b"Authorization": [b"Bearer " + token[:-1]]}, 401, "invalid_api_key"),
+            ({b"Content-Type": [b"text/plain"]}, 415, "unsupported_media_type"),
+            ({b"Content-Type": []}, 415, "unsupported_media_type"),
+        ]
+        for change, code, name in refusals:
+            headers = {**good, **change}
+            status, _, body = yield self.post({k: v for k, v in headers.items() if v})
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (code, name), change)
+        for host in (b"localhost:%d" % self.port, b"LOCALHOST:%d" % self.port):
+            origin = b"http://" + host
+            status, _, _ = yield http(
+                self.origin,
+                path="/v1/models",
+                headers={**good, b"Host": [host], b"Origin": [origin]},
+            )
+            self.assertEqual(status, 200)
+        status, _, body = yield http(self.origin, path="/v1/models")  # no key: not even this
+        self.assertEqual(status, 401)
+        after = yield self.answered()
+        self.assertEqual(after, before)
+
+    @defer.inlineCallbacks
+    def test_a_web_page_can_neither_get_an_answer_nor_spend_the_budget(self) -> Any:
+        """Real headless Chromium, a page from another origin (``attacker.example``, resolved to
+        127.0.0.1 by the browser) whose server turns into the proxy for every request but the
+        page itself: simple cross-origin POSTs, a CORS request, and same-origin requests with the
+        page's Host after "rebinding". Before issue 19 each simple POST was answered (and spent
+        the device's budget), and the rebound page read the answers."""
+        listening = reactor.listenTCP(  # type: ignore[attr-defined]
+            0, Factory.forProtocol(lambda: _Rebinding(self.port)), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        page_port = listening.getHost().port
+        before = yield self.answered()
+        browser = start_chromium(self, "--host-resolver-rules=MAP attacker.example 127.0.0.1")
+        session = yield defer.Deferred.fromCoroutine(
+            browser.page(f"http://attacker.example:{page_port}/attack.html")
+        )
+        proxy = f"http://127.0.0.1:{self.port}"
+        out = yield defer.Deferred.fromCoroutine(
+            browser.evaluate(session, f"attack({json.dumps(proxy)})")
+        )
+        self.assertEqual(out["simple"], ["opaque"] * 3)  # sent, as browsers do; unreadable
+        self.assertEqual(out["cors"], "blocked")  # its preflight got no CORS answer
+        for name in ("rebound", "rebound_plain", "rebound_models"):
+            self.assertTrue(out[name].startswith("403 "), out[name])
+            self.assertIn("forbidden_host", out[name])
+        after = yield self.answered()
+        self.assertEqual(after, before)  # nothing reached the router, nothing was spent
+        self.assertNotIn(b"a page speaks", self.proxy.output)
+
+    @defer.inlineCallbacks
+    def test_a_large_body_is_never_spooled_to_disk(self) -> Any:
+        """Twisted's default request wrote a body of 100 KB or more to a temporary file: the
+        conversation on disk (issue 19, reproduced with 150 KB). While such a body arrives the
+        proxy holds no file in its temporary directory."""
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port)
+        peer = yield connectProtocol(endpoint, RawClient())
+        self.addCleanup(peer.transport.loseConnection)
+        body = json.dumps({"messages": [{"role": "user", "content": "word " * 30_000}]}).encode()
+        peer.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Length: %d\r\n\r\n"
+            % (self.port, self.proxy.token.encode(), len(body))
+            + body[:-1000]
+        )
+        yield sleep(0.5)
+        self.assertEqual(files_open_under(self.proxy.pid, str(self.tmp)), [])
+        status, _, data = yield self.post(
+            {
+                b"Authorization": [b"Bearer " + self.proxy.token.encode()],
+                b"Content-Type": [b"application/json"],
+            },
+            b" " * (MAX_BODY + 1),
+        )
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (413, "body_too_large"))
+
+
+class ProxyUnixSocketTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_no_token_only_on_a_unix_socket(self) -> Any:
+        pin = b64u_encode(bytes(32))
+        proxy = run_proxy(
+            self, "--listen", "127.0.0.1:0", "--no-token", "--url", "unix:/x.sock", "--pin", pin
+        )
+        code = yield proxy.ended
+        proxy.url.addErrback(lambda _: None)
+        self.assertEqual(code, 1)
+        self.assertIn("--no-token only with a unix:", proxy.output.decode())
+
+        inference = yield start_inference(self)
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{inference.socket}"])
+        yield router.start()
+        url = f"unix:{directory / 'router.sock'}"
+        document = yield key_document(url)
+        socket = directory / "proxy.sock"
+        proxy = run_proxy(
+            self,
+            "--listen",
+            f"unix:{socket}",
+            "--no-token",
+            "--url",
+            url,
+            "--pin",
+            b64u_encode(document.signing_key),
+        )
+        base = yield proxy.url
+        self.assertEqual(base, f"unix:{socket}")
+        self.assertEqual(socket.stat().st_mode & 0o777, 0o600)
+        chat = json.dumps({"max_tokens": 2, "messages": [QUESTION]}).encode()
+        headers = {b"Content-Type": [b"application/json"]}
+        status, _, body = yield http(base, b"POST", "/v1/chat/completions", chat, headers)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 2)

@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from twisted.trial import unittest
@@ -41,7 +42,13 @@ from tests.walk import (
 
 DOC = REPO / "docs" / "deployment.md"
 SITE = "llm.example.org"
-ADDRESSES = {SITE: "server", "inference-1.example.org": "node", "monitoring.example.org": "monitor"}
+ADDRESSES = {
+    SITE: "server",
+    "inference-1.example.org": "node",
+    "monitoring.example.org": "monitor",
+    "spare.example.org": "spare",
+}
+HOSTS = ["server", "node", "monitor", "spare"]
 TOOLS = ("nsenter", "unshare", "setpriv", "ip", "nft", "wg", "caddy", "prometheus", "curl")
 PKI = "/etc/llmrouter/pki"
 
@@ -73,7 +80,7 @@ class PageTests(unittest.TestCase):
 
     def test_blocks(self) -> None:
         found = blocks(DOC.read_text())
-        self.assertEqual({b.host for b in found}, {"server", "node", "monitor"})
+        self.assertEqual({b.host for b in found}, set(HOSTS))
         self.assertGreater(sum(len(list(b.commands())) for b in found), 100)
         for block in found:
             if block.kind == "edit":
@@ -82,7 +89,7 @@ class PageTests(unittest.TestCase):
         fences = re.findall(r"^```(\S+)(?: (\S+))?$", DOC.read_text(), re.M)
         for language, host in fences:
             self.assertIn(language, ("sh", "ini", "text"), language)
-            self.assertIn(host, ("server", "node", "monitor"), (language, host))
+            self.assertIn(host, HOSTS, (language, host))
 
     def test_version_is_the_package_version(self) -> None:
         """The page installs the version setup.cfg builds, which CHANGELOG.md lists."""
@@ -91,6 +98,9 @@ class PageTests(unittest.TestCase):
         first = next(b for b in blocks(DOC.read_text()) if b.kind == "sh")
         self.assertIn(f"VERSION={version.group(1)}", first.lines)
         self.assertIn(f"## {version.group(1)}", (REPO / "CHANGELOG.md").read_text())
+        # every section sets it again (a new login shell each), always to the same version
+        literal = set(re.findall(r"(?m)^VERSION=(\d\S*)$", DOC.read_text()))
+        self.assertEqual(literal, {version.group(1)})
 
     def test_set_lines(self) -> None:
         text = "A=1\n#B=2\nC=3\n"
@@ -109,10 +119,10 @@ class DeploymentWalkTests(unittest.TestCase):
         require_walk(self)
         self.scratch = Path(self.mktemp()).absolute()
         self.scratch.mkdir(parents=True)
-        self.releases: list[str] = []
+        self.releases: list[tuple[str, int]] = []
 
     def test_walk(self) -> None:
-        walk = Walk(self.scratch, self.scratch / "logs", ["server", "node", "monitor"], ADDRESSES)
+        walk = Walk(self.scratch, self.scratch / "logs", HOSTS, ADDRESSES)
         self.addCleanup(walk.close)
         self.walk = walk
         self.world(walk)
@@ -120,8 +130,13 @@ class DeploymentWalkTests(unittest.TestCase):
         for block in blocks(DOC.read_text()):
             walk.perform(block)
         server = walk.hosts["server"]
-        # upgraded to NEW, then rolled back to VERSION, each time running what the link says
-        self.assertEqual(self.releases[-2:], [server.variables["NEW"], server.variables["VERSION"]])
+        # one router: upgraded to NEW, rolled back to VERSION; then two, the same; each time
+        # every router runs what the link says (the restored host: the release in service)
+        old, new = server.variables["VERSION"], server.variables["NEW"]
+        self.assertEqual(
+            self.releases,
+            [(old, 1), (new, 1), (old, 1), (old, 2), (new, 2), (old, 2), (old, 2)],
+        )
         for host in walk.hosts.values():
             for log in sorted(host.logs.glob(f"{host.name}-*.log")):
                 self.assertNotIn("Traceback", log.read_text(errors="replace"), log.name)
@@ -135,10 +150,18 @@ class DeploymentWalkTests(unittest.TestCase):
         public = self.scratch / "public-ca"
         pki.create_ca(public)
         pki.issue(public, "server", SITE, [SITE])
-        with server.path("/etc/hosts").open("a") as hosts:
-            hosts.write(f"127.0.0.1 {SITE}\n")
-        with server.path("/etc/ssl/certs/ca-certificates.crt").open("ab") as bundle:
-            bundle.write((public / "ca.crt").read_bytes())
+        for host in (server, walk.hosts["spare"]):  # the spare takes over the name
+            with host.path("/etc/hosts").open("a") as hosts:
+                hosts.write(f"127.0.0.1 {SITE}\n")
+            with host.path("/etc/ssl/certs/ca-certificates.crt").open("ab") as bundle:
+                bundle.write((public / "ca.crt").read_bytes())
+            host.services.before_start["caddy.service"] = self.acme(host, public)
+        for host in walk.hosts.values():
+            host.services.before_start["wg-quick@wg0.service"] = self.fill_wireguard(host)
+
+    @staticmethod
+    def acme(server: Host, public: Path) -> Any:
+        """A certificate for the site in Caddy's storage, as if Let's Encrypt had issued it."""
 
         def acme() -> None:
             home = server.path("/var/lib/caddy")
@@ -153,9 +176,7 @@ class DeploymentWalkTests(unittest.TestCase):
             for path in owned:
                 os.chown(path if path.is_absolute() else home / path, int(caddy[2]), int(caddy[3]))
 
-        server.services.before_start["caddy.service"] = acme
-        for host in walk.hosts.values():
-            host.services.before_start["wg-quick@wg0.service"] = self.fill_wireguard(host)
+        return acme
 
     @staticmethod
     def fill_wireguard(host: Host) -> object:
@@ -183,12 +204,14 @@ class DeploymentWalkTests(unittest.TestCase):
     # What the page promises, checked along the way.
 
     def expectations(self, walk: Walk) -> None:
+        self.dev_pin = ""
+        self.lost = False
         walk.after += [
             (r"^systemctl enable --now inference.socket llmrouter.service$", self.router_user),
             (r"^PIN=", self.pin),
             (r"grep '\^llmrouter_backend_healthy'$", self.both_backends),
             (r"^llmrouter-client chat .*--device-key", self.same_pin),
-            (r"^systemctl restart llmrouter$", self.runs_linked_release),
+            (r"^llmrouter-release check$", self.runs_linked_release),
             (r"^curl -fsS http://10.8.0.1:9100/metrics", self.prometheus_targets),
             (r"^systemctl start llmrouter-pki-renew.service$", self.renewed),
             (r"^systemctl reload prometheus$", self.renewed_certificates_in_use),
@@ -196,21 +219,36 @@ class DeploymentWalkTests(unittest.TestCase):
         walk.before += [
             (r"grep '\^llmrouter_backend_healthy'$", self.wait_for_backends),
             (r"^systemctl start llmrouter-pki-renew.service$", self.six_days_later),
+            (r".", self.lose_the_router_host),
         ]
 
+    @staticmethod
+    def routers(host: Host) -> list[str]:
+        """The router units running on ``host``: llmrouter.service, or llmrouter@N.service."""
+        return sorted(
+            n for n in host.services.running if re.fullmatch(r"llmrouter(@\d+)?\.service", n)
+        )
+
     def router_user(self, host: Host, command: str, output: str) -> None:
-        """The router runs as llmrouter and keeps its keys where production will look."""
+        """The routers run as llmrouter and keep their keys where production will look."""
         uid = int(host.services.passwd("llmrouter")[2])
-        status = Path(f"/proc/{host.services.pid('llmrouter.service')}/status").read_text()
-        self.assertRegex(status, rf"(?m)^Uid:\s+{uid}\s")
+        for name in self.routers(host):
+            status = Path(f"/proc/{host.services.pid(name)}/status").read_text()
+            self.assertRegex(status, rf"(?m)^Uid:\s+{uid}\s")
         keys = host.path("/var/lib/llmrouter/keys")
         self.assertEqual((keys.stat().st_uid, keys.stat().st_mode & 0o777), (uid, 0o700))
         self.assertFalse(host.path("/var/lib/llmrouter/dev-keys").exists())
 
     def pin(self, host: Host, command: str, output: str) -> None:
-        if command.startswith("PIN="):
-            self.assertRegex(output, r"^[A-Za-z0-9_-]{43}$")
+        """The pin of section 2.9 is the one printed again later (3.3); the restored host
+        prints the one in service when the backup was made (the backup key, after 5.3)."""
+        self.assertRegex(output, r"^[A-Za-z0-9_-]{43}$")
+        if host.name == "spare":
+            self.assertEqual(output, self.walk.hosts["server"].variables["BACKUP_PIN"])
+        elif not self.dev_pin:
             self.dev_pin = output
+        else:
+            self.assertEqual(output, self.dev_pin)
 
     def wait_for_backends(self, host: Host, command: str) -> None:
         """The page says to repeat the check until both backends show 1 (5 s probes)."""
@@ -229,30 +267,40 @@ class DeploymentWalkTests(unittest.TestCase):
 
     def same_pin(self, host: Host, command: str, output: str) -> None:
         """Production serves the key document signed with the pin of section 2.9 (the chat
-        that just ran checked it), from the same key directory."""
+        that just ran checked it), from the same key directory; after the switch of 5.3, and
+        on the restored host, the backup key's."""
         pin = host.shell(
             "runuser -u llmrouter -- llmrouter-keys --keys-dir /var/lib/llmrouter/keys pin"
         ).strip()
-        if "BACKUP_PIN" in command:
-            self.assertEqual(pin, host.variables["BACKUP_PIN"])
+        backup = self.walk.hosts["server"].variables.get("BACKUP_PIN")
+        if "BACKUP_PIN" in command or host.name == "spare":
+            self.assertEqual(pin, backup)
             self.assertNotEqual(pin, self.dev_pin)
         else:
             self.assertEqual(pin, self.dev_pin)
-            env = host.services.running["llmrouter.service"].env
-            self.assertEqual(env["ENVIRONMENT"], "production")
+        for name in self.routers(host):
+            self.assertEqual(host.services.running[name].env["ENVIRONMENT"], "production")
 
     def runs_linked_release(self, host: Host, command: str, output: str) -> None:
-        """After every restart the router runs the release /opt/llmrouter/venv points at."""
+        """After every restart each router runs the release /opt/llmrouter/venv points at, as
+        llmrouter-release check just said (checked here from the services' own processes)."""
+        if host.name == "node":
+            return
         release = host.shell("readlink /opt/llmrouter/venv").strip().removeprefix("releases/")
-        pid = host.services.pid("llmrouter.service")
-        interpreter = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        self.assertTrue(interpreter.startswith(f"/opt/llmrouter/releases/{release}/"), interpreter)
+        routers = self.routers(host)
+        self.assertTrue(routers)
+        for name in routers:
+            pid = host.services.pid(name)
+            interpreter = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            self.assertTrue(interpreter.startswith(f"/opt/llmrouter/releases/{release}/"), name)
         installed = host.shell(
             "cd / && /opt/llmrouter/venv/bin/python -c "
             "'import importlib.metadata as m; print(m.version(\"llmrouter\"))'"
         ).strip()
         self.assertEqual(installed, release)
-        self.releases.append(release)
+        seen = (release, len(routers))
+        if not self.releases or self.releases[-1] != seen or host.name == "spare":
+            self.releases.append(seen)
 
     def prometheus_targets(self, host: Host, command: str, output: str) -> None:
         """Prometheus on the monitoring host scrapes the router and the node (mTLS) over wg0."""
@@ -269,7 +317,8 @@ class DeploymentWalkTests(unittest.TestCase):
 
     def six_days_later(self, host: Host, command: str) -> None:
         """No clock to advance: the certificates are re-issued with 30 h left, so that the
-        renewal has something to do."""
+        renewal has something to do. The routers' and the node's processes are noted: the
+        renewal must reload them, not restart them."""
         for args in (
             "client router --group llmrouter",
             "server inference-1 --dns inference-1.wg --ip 10.8.0.2",
@@ -280,29 +329,49 @@ class DeploymentWalkTests(unittest.TestCase):
             name: _certificate(host, f"{PKI}/{name}.crt").serial_number
             for name in ("router", "inference-1", "prometheus")
         }
+        self.router_pids = {name: host.services.pid(name) for name in self.routers(host)}
+        self.node_pid = self.walk.hosts["node"].services.pid("inference@inference-1.service")
 
     def renewed(self, host: Host, command: str, output: str) -> None:
         """The timer's service renewed under its sandbox, kept router.key readable to the
-        router, and restarted the router, which came back up as llmrouter."""
+        routers, and reloaded every router (llmrouter@N too): the same processes, now
+        exporting the renewed certificate's expiry."""
         for name, serial in self.aged.items():
             self.assertNotEqual(_certificate(host, f"{PKI}/{name}.crt").serial_number, serial)
         key = host.path(f"{PKI}/router.key").stat()
         self.assertEqual(
             (key.st_uid, key.st_gid, key.st_mode & 0o777), (0, group_id(host, "llmrouter"), 0o640)
         )
-        self.assertIn("llmrouter.service", host.services.running)
+        self.assertEqual(
+            {name: host.services.pid(name) for name in self.routers(host)}, self.router_pids
+        )
+        expiry = _certificate(host, f"{PKI}/router.crt").not_valid_after_utc.timestamp()
+        for name in self.router_pids:
+            port = re.search(r"tcp:(\d+):", host.services.running[name].env["METRICS_LISTEN"])
+            assert port is not None
+            url = f"http://10.8.0.1:{port.group(1)}/metrics"
+            deadline = time.monotonic() + 30
+            while (
+                _gauge(host.shell(f"curl -fsS --max-time 10 {url}"), "llmrouter_client") != expiry
+            ):
+                self.assertLess(time.monotonic(), deadline, f"{name} did not reload")
+                time.sleep(0.5)
         self.router_user(host, command, output)
 
     def renewed_certificates_in_use(self, host: Host, command: str, output: str) -> None:
-        """After the page's distribution steps, router and node serve with the renewed
-        certificates (their expiry gauges) and the router reaches the node over them."""
+        """After the page's distribution steps (5.2), router and node serve with the renewed
+        certificates (their expiry gauges), the node reloaded without a restart, and the router
+        reaches the node over them."""
         server, node = self.walk.hosts["server"], self.walk.hosts["node"]
+        if "llmrouter.service" not in server.services.running:
+            return  # the reload of section 6.1, after the move to several routers
         server.shell(f"curl -fsS --retry 10 --retry-all-errors https://{SITE}/health")
         metrics = server.shell("curl -fsS --max-time 10 http://10.8.0.1:9100/metrics")
         self.assertEqual(
             _gauge(metrics, "llmrouter_client"),
             _certificate(server, f"{PKI}/router.crt").not_valid_after_utc.timestamp(),
         )
+        self.assertEqual(node.services.pid("inference@inference-1.service"), self.node_pid)
         tls = "/etc/prometheus/pki"
         node_metrics = host.shell(
             f"curl -fsS --cacert {tls}/ca.crt --cert {tls}/prometheus.crt"
@@ -312,6 +381,16 @@ class DeploymentWalkTests(unittest.TestCase):
             _gauge(node_metrics, "inference_server"),
             _certificate(node, f"{PKI}/inference-1.crt").not_valid_after_utc.timestamp(),
         )
+
+    def lose_the_router_host(self, host: Host, command: str) -> None:
+        """Before the restore: the router host is gone (its services stop, it leaves the
+        network); the spare takes its name and WireGuard address."""
+        if host.name != "spare" or self.lost:
+            return
+        self.lost = True
+        server = self.walk.hosts["server"]
+        server.services.stop_all()
+        self.walk.link.detach(server)
 
 
 def _gauge(metrics: str, prefix: str) -> float:

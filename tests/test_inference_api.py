@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from tests.daemons import open_stream, start_inference
+from tests.tools import RawClient, files_open_under
 
 
 def chat(content: str = "hello", **extra: Any) -> bytes:
@@ -151,15 +156,38 @@ class InfoTests(unittest.TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
-    def test_gpu_options_on_a_cpu_build(self) -> Any:
-        """--gpu-layers and --flash-attn reach llama.cpp (tests.test_inference_units checks the
-        parameters); on this CPU-only build the daemon says so and serves from the CPU."""
+    def test_gpu_layers_on_a_cpu_build_refuse_to_start(self) -> Any:
+        """A GPU node upgraded with a CPU-only llama-cpp-python must not serve, healthy, from
+        the CPU: --gpu-layers on a build that cannot offload stops the daemon at start, saying
+        what to do (this machine's build is CPU-only, like that upgrade's)."""
+        daemon = yield start_inference(self, extra_args=["--gpu-layers", "-1"], wait=False)
+        code = yield daemon.wait_exit()
+        self.assertNotEqual(code, 0)
+        log = daemon.log_text()
+        self.assertIn("cannot offload to a GPU", log)
+        self.assertIn("llmrouter-llama-build --cuda", log)
+        self.assertIn("INFERENCE_ALLOW_CPU_FALLBACK=1", log)
+        self.assertNotIn("Traceback", log)
+
+    @defer.inlineCallbacks
+    def test_gpu_options_with_cpu_fallback_allowed(self) -> Any:
+        """With the fallback allowed explicitly, --gpu-layers and --flash-attn reach llama.cpp
+        (tests.test_inference_units checks the parameters), the daemon serves from the CPU and
+        its metrics show the layers asked for and none offloaded (the alert's input)."""
         daemon = yield start_inference(
-            self, extra_args=["--gpu-layers", "-1", "--flash-attn", "on"]
+            self,
+            extra_args=["--gpu-layers", "-1", "--flash-attn", "on"],
+            env={"INFERENCE_ALLOW_CPU_FALLBACK": "1"},
         )
         _, _, data = yield daemon.request(b"POST", "/v1/chat/completions", chat(max_tokens=4))
         self.assertEqual(json.loads(data)["usage"]["completion_tokens"], 4)
-        self.assertIn("was built without a GPU backend", daemon.log_text())
+        self.assertIn("cannot offload to a GPU; every layer runs on the CPU", daemon.log_text())
+        _, _, text = yield daemon.request(b"GET", "/metrics")
+        metrics = text.decode()
+        requested = re.search(r"(?m)^inference_gpu_layers_requested (\S+)$", metrics)
+        assert requested is not None, metrics
+        self.assertGreater(float(requested.group(1)), 1)  # every layer, and the output layer
+        self.assertIn("\ninference_gpu_layers_offloaded 0.0\n", metrics)
 
     @defer.inlineCallbacks
     def test_health_models_metrics(self) -> Any:
@@ -189,6 +217,34 @@ class InfoTests(unittest.TestCase):
         status, _, data = yield daemon.request(b"GET", "/v1/chat/completions")
         self.assertEqual(status, 405)
         self.assertEqual(json.loads(data)["error"]["code"], "method_not_allowed")
+
+    @defer.inlineCallbacks
+    def test_a_large_prompt_is_never_spooled_to_disk(self) -> Any:
+        """Twisted's default request wrote a body of 100 KB or more to a temporary file: the
+        router's plaintext prompts (up to ~190 KB) landed on the inference host's disk (issue
+        19). While such a body arrives, the daemon holds no file in its temporary directory."""
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        daemon = yield start_inference(self, env={"TMPDIR": str(tmp.resolve())})
+        body = chat("word " * 30_000, max_tokens=1)  # 150 KB
+        peer = yield connectProtocol(UNIXClientEndpoint(reactor, str(daemon.socket)), RawClient())
+        self.addCleanup(peer.transport.loseConnection)
+        peer.transport.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-1000]
+        )
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(files_open_under(daemon.pid, str(tmp.resolve())), [])
+        peer.transport.write(body[-1000:])
+        for _ in range(600):
+            if b"\r\n\r\n" in peer.data:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 "))  # it was read and answered
+        self.assertEqual(files_open_under(daemon.pid, str(tmp.resolve())), [])
+        # Over --max-body: refused as announced, before it is read.
+        status, _, data = yield daemon.request(b"POST", "/v1/chat/completions", b" " * (2 << 20))
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (413, "body_too_large"))
 
     @defer.inlineCallbacks
     def test_no_prompt_or_completion_in_logs(self) -> Any:

@@ -194,3 +194,28 @@ class MissingExtraTests(unittest.TestCase):
             "twistd inference: llama-cpp-python is not installed; install the inference extra:"
             " pip install 'llmrouter[inference]'",
         )
+
+
+class OffloadTests(unittest.TestCase):
+    """inference.gpu: the start-up refusal and the layer counts the metrics export."""
+
+    def test_refusal(self) -> None:
+        from inference.gpu import offload_refusal
+
+        self.assertIsNone(offload_refusal(0, False, False))  # no GPU asked for
+        self.assertIsNone(offload_refusal(-1, True, False))  # a build that can offload
+        self.assertIsNone(offload_refusal(-1, False, True))  # fallback allowed on purpose
+        message = offload_refusal(20, False, False)
+        assert message is not None
+        self.assertIn("--gpu-layers 20", message)
+
+    def test_layers(self) -> None:
+        from inference.gpu import offloaded_layers, requested_layers
+
+        # llama.cpp counts n_layer repeating layers plus the output layer
+        self.assertEqual(requested_layers(-1, 30), 31)
+        self.assertEqual(requested_layers(12, 30), 12)
+        self.assertEqual(requested_layers(99, 30), 31)
+        self.assertEqual(requested_layers(0, 30), 0)
+        self.assertEqual(offloaded_layers(-1, 30, True), 31)
+        self.assertEqual(offloaded_layers(-1, 30, False), 0)

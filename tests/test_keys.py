@@ -655,6 +655,43 @@ class FollowerTests(KeyStoreTestCase):
         self.assertEqual(follower.published(), leader.published())
         self.assertEqual(follower.key_document(), leader.key_document())
 
+    def test_followers_expire_retired_keys(self) -> None:
+        """Every router a follower and a daily ``llmrouter-keys rotate``: a retired private key
+        stayed on disk (and in memory) until the next rotation, a day instead of the overlap
+        window (issue 19). A follower expires it, on disk where it may write."""
+        leader = self.open(rotation_seconds=DAY, overlap_seconds=HOUR)
+        follower = self.open(follower=True)
+        follower.start()
+        retired = follower.current.kid
+        leader.rotate()  # the operator's timer; no router is the leader
+        leader.stop()
+        self.clock.advance(2)
+        self.assertIsNotNone(follower.private_key_for(retired))  # inside its overlap
+        self.assertIn(f"hpke-{retired}.key", self.names())
+        self.clock.advance(HOUR)
+        self.assertIsNone(follower.private_key_for(retired))
+        self.assertNotIn(f"hpke-{retired}.key", self.names())
+        self.assertNotIn(retired, [k.kid for k in follower._state.keys])  # type: ignore[attr-defined]
+        self.assertEqual(follower.rotations, 1)  # and it rotated nothing itself
+        self.assertIsNone(follower.last_error)
+
+    def test_a_follower_that_cannot_write_wipes_expired_keys_from_memory(self) -> None:
+        leader = self.open(rotation_seconds=DAY, overlap_seconds=HOUR)
+        follower = self.open(follower=True)
+        follower.start()
+        retired = follower.current.kid
+        leader.rotate()
+        leader.stop()
+        self.clock.advance(2)
+        buffer = follower._secrets[retired]  # type: ignore[attr-defined]
+        (self.dir / ".lock").unlink()
+        (self.dir / ".lock").mkdir()  # no lock to be had (as in a read-only copy, even as root)
+        self.clock.advance(HOUR)
+        self.assertTrue(buffer.wiped)
+        self.assertIsNone(follower.private_key_for(retired))
+        self.assertIn(f"hpke-{retired}.key", self.names())  # the leader's to destroy
+        self.assertIn("cannot update the key directory", follower.last_error or "")
+
     def test_a_copy_in_progress_keeps_the_old_keys(self) -> None:
         """state.json names a key file that has not arrived yet (rsync in progress): that
         reload fails, the keys in memory stay, and the next poll applies the whole copy."""

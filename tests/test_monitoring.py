@@ -36,6 +36,9 @@ CONTRACT = {
     "inference_requests": "counter",
     "inference_model_loaded": "gauge",
     "inference_server_certificate_expiry_timestamp_seconds": "gauge",
+    # GPU offload: layers asked for and layers on a GPU (inference.gpu)
+    "inference_gpu_layers_requested": "gauge",
+    "inference_gpu_layers_offloaded": "gauge",
     "llmrouter_request_duration_seconds": "histogram",
     "llmrouter_upstream_duration_seconds": "histogram",
     "llmrouter_time_to_first_token_seconds": "histogram",
@@ -145,7 +148,7 @@ class PromtoolTests(unittest.TestCase):
         (tmp / "prometheus.yml").write_text(config)
         result = self.run_promtool("check", "config", "prometheus.yml", cwd=tmp)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("SUCCESS: 24 rules found", result.stdout)
+        self.assertIn("SUCCESS: 26 rules found", result.stdout)
 
 
 class DashboardQueryTests(unittest.TestCase):
@@ -211,6 +214,7 @@ class ContractNameTests(unittest.TestCase):
             "llmrouter_current_key_age_seconds",
             "llmrouter_time_to_first_token_seconds_bucket",
             "llmrouter_state_up",
+            "inference_gpu_layers_offloaded",
         ):
             self.assertIn(required, names)
 

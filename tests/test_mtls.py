@@ -27,6 +27,7 @@ from service_identity import VerificationError
 from twisted.internet import defer, reactor, threads
 from twisted.internet import ssl as tssl
 from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 from twisted.web import resource, server
 from twisted.web._newclient import RequestTransmissionFailed, ResponseNeverReceived
@@ -407,3 +408,141 @@ class RouterTerminatesTLSTests(unittest.TestCase):
                 yield self.handshake(old, old)
             # the server's alert, not this client declining to send the hello
             self.assertIn("ALERT", str(caught.exception).upper())
+
+
+class CertificateReloadTests(unittest.TestCase):
+    """A renewal reloads the daemons (SIGHUP, the units' ``ExecReload=``) instead of restarting
+    them: the node serves its new certificate and trusts the new CA, the router presents its new
+    client certificate on every new connection and exports the new expiry. The files are
+    replaced by ones from another CA, so nothing loaded before the SIGHUP can pass."""
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def test_sighup_reloads_certificates(self) -> Any:
+        from tests.daemons import start_inference, start_router_daemon
+
+        tmp = Path(tempfile.mkdtemp(prefix="mtls-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        fixture = PKIFixture(tmp)
+        node, router_files = tmp / "node", tmp / "router-pki"
+
+        def install(ca_dir: Path) -> None:
+            for directory, names in ((node, ("inference-1",)), (router_files, ("router",))):
+                directory.mkdir(exist_ok=True)
+                shutil.copy(ca_dir / "ca.crt", directory / "ca.crt")
+                for name in names:
+                    for suffix in ("crt", "key"):
+                        shutil.copy(ca_dir / f"{name}.{suffix}", directory / f"{name}.{suffix}")
+
+        install(fixture.good)
+        # the renewed router certificate expires an hour before a fresh one: a distinct gauge
+        pki.issue(fixture.other, "client", "router", now=_utcnow() - datetime.timedelta(hours=1))
+        port = free_port()
+        node_args = ["--tls-cert", str(node / "inference-1.crt"), "--tls-key"]
+        node_args += [str(node / "inference-1.key"), "--tls-ca", str(node / "ca.crt")]
+        listen = [f"ssl:{port}:interface=127.0.0.1"]
+        inference = yield start_inference(self, listen=listen, extra_args=node_args)
+        (tmp / "router").mkdir()
+        router = start_router_daemon(
+            self,
+            tmp / "router",
+            [f"https://localhost:{port}"],
+            [
+                *("--tls-ca", str(router_files / "ca.crt")),
+                *("--tls-client-cert", str(router_files / "router.crt")),
+                *("--tls-client-key", str(router_files / "router.key")),
+            ],
+        )
+        yield router.start()
+        metrics = f"unix:{tmp / 'router' / 'metrics.sock'}"
+        yield self.wait_healthy(router, metrics)
+
+        install(fixture.other)  # what the renewal (or the copy from the CA host) does
+        inference.signal("HUP")
+        router.signal("HUP")
+        client = (router_files / "router.crt", router_files / "router.key")
+        served = yield self.eventually(
+            lambda: threads.deferToThread(_served_serial, port, node / "ca.crt", client)
+        )
+        self.assertEqual(served, _serial(fixture.other / "inference-1.crt"))
+        expected = _not_after(router_files / "router.crt")
+        yield self.eventually(lambda: self.gauge(router, metrics, expected))
+        _, _, body = yield inference.request(b"GET", "/metrics")
+        gauge = "inference_server_certificate_expiry_timestamp_seconds"
+        self.assertEqual(_sample(body, gauge), _not_after(node / "inference-1.crt"))
+        # A new node process (new connections, the new CA only): the router reaches it only
+        # with the client certificate it reloaded.
+        yield inference.stop()
+        yield start_inference(self, listen=listen, extra_args=node_args)
+        yield self.wait_healthy(router, metrics)
+        self.assertIn("client certificate re-read", router.log_text())
+
+    @defer.inlineCallbacks
+    def eventually(self, attempt: Any, seconds: float = 30) -> Any:
+        deadline = reactor.seconds() + seconds
+        while True:
+            try:
+                result = yield attempt()
+                return result
+            except Exception:
+                if reactor.seconds() > deadline:
+                    raise
+            yield deferLater(reactor, 0.3, lambda: None)
+
+    @defer.inlineCallbacks
+    def gauge(self, router: Any, metrics: str, expected: float) -> Any:
+        _, _, body = yield router.request(b"GET", "/metrics", base=metrics)
+        gauge = "llmrouter_client_certificate_expiry_timestamp_seconds"
+        self.assertEqual(_sample(body, gauge), expected)
+
+    def wait_healthy(self, router: Any, metrics: str) -> Any:
+        @defer.inlineCallbacks
+        def healthy() -> Any:
+            _, _, body = yield router.request(b"GET", "/metrics", base=metrics)
+            self.assertIn(b'llmrouter_backend_healthy{backend="backend-0"} 1.0', body)
+
+        return self.eventually(healthy, 60)
+
+
+def _sample(metrics: bytes, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics.decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no {name}")
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _serial(path: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def _not_after(path: Path) -> float:
+    from llmrouter.listen import certificate_expiry
+
+    return certificate_expiry(path)
+
+
+def _served_serial(port: int, ca: Path, cert: tuple[Path, Path]) -> int:
+    """The serial of the certificate the server presents, in a full mutual-TLS handshake."""
+    from cryptography import x509
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(ca))
+    context.load_cert_chain(str(cert[0]), str(cert[1]))
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            if not tls.recv(64).startswith(b"HTTP/1.1 200"):  # TLS 1.3: client auth ends here
+                raise AssertionError("no answer")
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number

@@ -62,6 +62,30 @@ class VerifyNetworkTests(unittest.TestCase):
         self.assertEqual(len(matches), 1, report)
         return matches[0]
 
+    def test_dhcp_client_is_not_counted(self) -> None:
+        """A DHCP host's client socket (0.0.0.0:68/udp) made every run fail: it is the lease's
+        reply port, held by a DHCP client, and counts only when another process holds it."""
+        import importlib.machinery
+        import importlib.util
+
+        loader = importlib.machinery.SourceFileLoader("verify_network", str(VERIFY))
+        spec = importlib.util.spec_from_loader("verify_network", loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["verify_network"] = module  # dataclasses look their module up
+        self.addCleanup(sys.modules.pop, "verify_network", None)
+        loader.exec_module(module)
+        public = module.PUBLIC["production"]
+        for process, port, verdict in (
+            ("dhclient", 68, "ok"),
+            ("systemd-network", 546, "ok"),
+            ("python3", 68, "EXPOSED"),
+            ("dhclient", 69, "EXPOSED"),
+        ):
+            item = module.Listener("udp", "0.0.0.0", port, 1, process=process)
+            module.judge(item, public, [], [])
+            self.assertEqual(item.verdict, verdict, (process, port))
+
     def test_loopback_only_is_clean(self) -> None:
         port = self.listen(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
         code, report, _ = verify_network("--profile", "development")
@@ -210,10 +234,10 @@ class NftablesTests(unittest.TestCase):
 
     def test_inference_only_on_wireguard(self) -> None:
         for line in self.accepted_ports(NFT / "inference-node.nft"):
-            if "INFERENCE_PORTS" in line:
-                self.assertIn("iifname $WG_IF", line)
-            else:
+            if line.startswith("iifname != $WG_IF"):  # public: SSH and WireGuard only
                 self.assertRegex(line, r"dport (22|51820) ")
+            else:  # everything else only on wg0, only from named peers
+                self.assertRegex(line, r"^iifname \$WG_IF ip saddr ")
         router = self.accepted_ports(NFT / "router.nft")
         for line in router:
             if "9100" in line:
@@ -255,6 +279,7 @@ class WireGuardTests(unittest.TestCase):
             ("wg0-router.conf", "10.8.0.1/24"),
             ("wg0-inference.conf", "10.8.0.2/24"),
             ("wg0-monitoring.conf", "10.8.0.10/24"),
+            ("wg0-router-2.conf", "10.8.0.11/24"),
         ):
             directory = Path(tempfile.mkdtemp())
             self.addCleanup(shutil.rmtree, directory)

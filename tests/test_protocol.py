@@ -299,6 +299,36 @@ class ResponseStreamTests(SynchronousTestCase):
         opener.feed(raw)
         self.assertEqual(opener.close(), p.ErrorChunk("timeout", "t"))
 
+    def test_sealed_refusal_carries_what_a_plain_one_did(self) -> None:
+        """A refusal after decryption is a stream whose only chunk is the error (issue 19):
+        with the HTTP status, Retry-After and the backend's reason a plain refusal had."""
+        raw = self.sealer.init_event() + self.sealer.error(
+            "upstream_refused",
+            "refused",
+            400,
+            upstream_status=400,
+            upstream_code="max_tokens_exceeded",
+            upstream_param="max_tokens",
+        )
+        opener = p.ResponseOpener(self.state)
+        (item,) = opener.feed(raw)
+        self.assertEqual(
+            item,
+            p.ErrorChunk(
+                "upstream_refused", "refused", 400, None, 400, "max_tokens_exceeded", "max_tokens"
+            ),
+        )
+        self.assertEqual(item.detail()["upstream_param"], "max_tokens")
+        for bad in (
+            {"status": "429"},
+            {"status": 99},
+            {"retry_after": -1},
+            {"upstream_code": "a b"},
+        ):
+            sealer = p.ResponseSealer(self.state.secret, self.state.enc)
+            raw = sealer.init_event() + sealer.error("x", "y", **bad)
+            self.assertStreamError(raw)
+
     def assertStreamError(self, raw: bytes, state: p.RequestState | None = None) -> None:
         opener = p.ResponseOpener(state or self.state)
         with self.assertRaises(p.StreamError):
@@ -550,6 +580,19 @@ class SSETests(SynchronousTestCase):
         parser = SSEParser(max_line=100, max_event=1000)
         with self.assertRaises(ValueError):
             parser.feed(b"data:\n" * 2000)  # empty lines count too (one newline each)
+
+    def test_a_long_line_in_small_pieces_is_linear_work(self) -> None:
+        """A hostile hop sends a 1 MiB line one byte at a time: each byte must not rescan the
+        line from its start (issue 19). Work is counted in bytes examined, not seconds."""
+        line = b"data: " + b"x" * ((1 << 20) - 6)
+        parser = SSEParser(max_line=1 << 20)
+        bound = 4 * (len(line) + 2)
+        for i in range(len(line)):
+            self.assertEqual(parser.feed(line[i : i + 1]), [])
+            if parser.scanned > bound:  # fail as soon as the work is superlinear
+                self.fail(f"{parser.scanned} bytes examined after {i + 1} bytes fed")
+        self.assertEqual(parser.feed(b"\n\n"), [("message", "x" * ((1 << 20) - 6))])
+        self.assertLessEqual(parser.scanned, bound)
 
 
 class TimestampTests(SynchronousTestCase):

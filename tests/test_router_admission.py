@@ -18,14 +18,17 @@ from twisted.trial.unittest import TestCase
 
 from llmrouter import hpke, pow
 from llmrouter.client import ChatError
-from llmrouter.protocol import REQUEST_INFO, b64u_encode
+from llmrouter.protocol import REQUEST_INFO, RESPONSE_LABEL, RequestState, b64u_encode
 from tests.router_support import (
+    AFTER_DECRYPTION,
     Script,
     error_of,
     http,
     metric_value,
     post_chat,
     prompt,
+    refusal,
+    remember,
     sealed,
     start_fault_backend,
     start_router,
@@ -64,20 +67,29 @@ class AdmissionTests(TestCase):
         code: str,
         headers: dict[bytes, list[bytes]] | None = None,
         content_type: bytes | None = b"application/json",
+        sealed: bool | None = None,
     ) -> Any:
+        """The refusal of ``body``: plain JSON before decryption, sealed after it (or as
+        ``sealed`` says, for codes that can come either way); fires with (headers, error)."""
         all_headers = dict(headers or {})
         if content_type is not None:
             all_headers[b"Content-Type"] = [content_type]
         got_status, got_headers, got_body = yield http(
             running.url, b"POST", "/api/chat", body, all_headers
         )
-        self.assertEqual((got_status, error_of(got_body)[0]), (status, code), got_body)
-        self.assertEqual(got_headers.getRawHeaders(b"content-type"), [b"application/json"])
+        seen_status, error, was_sealed = refusal(body, got_status, got_headers, got_body)
+        self.assertEqual((seen_status, error["code"]), (status, code), got_body)
+        self.assertEqual(was_sealed, code in AFTER_DECRYPTION if sealed is None else sealed)
+        if not was_sealed:
+            self.assertEqual(got_headers.getRawHeaders(b"content-type"), [b"application/json"])
+        else:  # nothing of the refusal shows outside the sealed chunk
+            self.assertIsNone(got_headers.getRawHeaders(b"retry-after"))
+            self.assertNotIn(code.encode(), got_body)
         metrics = running.router.metrics.render().decode()
         self.assertGreaterEqual(
             metric_value(metrics, "llmrouter_admission_rejections_total", f'reason="{code}"'), 1
         )
-        return got_headers, json.loads(got_body)["error"]
+        return got_headers, error
 
     # 1. size, media type, strict envelope, device auth policy
 
@@ -171,7 +183,8 @@ class AdmissionTests(TestCase):
 
     @defer.inlineCallbacks
     def test_ipv6_clients_share_a_bucket_per_prefix(self) -> Any:
-        """Every address of an IPv6 /64 had its own bucket: unlimited buckets (issue 8)."""
+        """Every address of an IPv6 /64 had its own bucket: unlimited buckets (issue 8). By
+        default a /56 is one bucket (issue 19: with /64 a /48 holder had 65,536)."""
         running = yield self.router(
             rate_limit_per_minute=1, rate_limit_burst=1, trusted_proxies=("127.0.0.1",)
         )
@@ -179,11 +192,11 @@ class AdmissionTests(TestCase):
         def from_(address: str) -> Any:
             return {b"X-Forwarded-For": [address.encode()]}
 
-        for address in ("2001:db8:0:1::1", "2001:db8:0:2::1", "198.51.100.1", "198.51.100.2"):
+        for address in ("2001:db8:0:100::1", "2001:db8:0:200::1", "198.51.100.1", "198.51.100.2"):
             body, _, _ = yield sealed(running)
             status, _, _ = yield post_chat(running.url, body, from_(address))
             self.assertEqual(status, 200, address)
-        for address in ("2001:db8:0:1::2", "2001:db8:0:1:ffff:1:2:3", "::ffff:198.51.100.1"):
+        for address in ("2001:db8:0:1ff::2", "2001:db8:0:101:ffff:1:2:3", "::ffff:198.51.100.1"):
             body, _, _ = yield sealed(running)
             yield self.rejected(running, body, 429, "rate_limited", from_(address))
 
@@ -375,7 +388,7 @@ class AdmissionTests(TestCase):
         status, _, _ = yield post_chat(running.url, body)
         self.assertEqual(status, 200)
         body, _, _ = yield sealed(running)
-        yield self.rejected(running, body, 503, "overloaded")
+        yield self.rejected(running, body, 503, "overloaded", sealed=True)  # at the commit
 
     # 7. decryption
 
@@ -418,7 +431,10 @@ class AdmissionTests(TestCase):
             "rid": rid,
             "ct": b64u_encode(ct),
         }
-        yield self.rejected(running, json.dumps(doc).encode(), 400, "bad_payload")
+        state = RequestState(enc, ctx.export(RESPONSE_LABEL, 32))
+        body = remember(json.dumps(doc).encode(), state)
+        _, error = yield self.rejected(running, body, 400, "bad_payload")
+        self.assertIn("messages", error["message"])  # what was wrong: inside the sealed chunk
 
     # New devices (auth mode): a fresh key must cost something
 
@@ -475,8 +491,8 @@ class AdmissionTests(TestCase):
         status, _, _ = yield post_chat(running.url, body)
         self.assertEqual(status, 200)
         body, _, _ = yield sealed(running, device=device)
-        headers, _ = yield self.rejected(running, body, 429, "device_rate_limited")
-        self.assertGreaterEqual(int(headers.getRawHeaders(b"retry-after")[0]), 1)
+        _, error = yield self.rejected(running, body, 429, "device_rate_limited")
+        self.assertGreaterEqual(error["retry_after"], 1)
         line = running.events[-1]
         self.assertIn('"event":"device_rate_limited"', line)
         self.assertNotIn(b64u_encode(device.pk), line)
@@ -499,8 +515,8 @@ class AdmissionTests(TestCase):
             status, _, _ = yield post_chat(running.url, body)
             self.assertEqual(status, 200)
         body, _, _ = yield sealed(running, device=device)
-        headers, _ = yield self.rejected(running, body, 429, "budget_exhausted")
-        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3600"])
+        _, error = yield self.rejected(running, body, 429, "budget_exhausted")
+        self.assertEqual(error["retry_after"], 3600)
         running.router.clock.advance(3600)
         body, _, _ = yield sealed(running, device=device)
         status, _, _ = yield post_chat(running.url, body)
@@ -516,7 +532,7 @@ class AdmissionTests(TestCase):
         while running.router.admission.slots.open < 1:
             yield deferLater(reactor, 0.01, lambda: None)
         body2, _, _ = yield sealed(running)
-        yield self.rejected(running, body2, 503, "overloaded")
+        yield self.rejected(running, body2, 503, "overloaded", sealed=True)
         first.cancel()
         yield self.assertFailure(first, Exception)
         while running.router.admission.slots.open:
@@ -539,7 +555,7 @@ class AdmissionTests(TestCase):
         while running.router.admission.slots.open < 2:
             yield deferLater(reactor, 0.01, lambda: None)
         body, _, _ = yield sealed(running, device=other)
-        yield self.rejected(running, body, 503, "overloaded")
+        yield self.rejected(running, body, 503, "overloaded", sealed=True)
         left = yield self.remaining(running, device.pk)
         self.assertAlmostEqual(left, 10.0 - 0.1)
         left = yield self.remaining(running, other.pk)
@@ -596,8 +612,9 @@ class AdmissionTests(TestCase):
         status, _, _ = yield http(running.url, path="/health")
         self.assertEqual(status, 503)
         body, _, _ = yield sealed(running)
-        status, _, raw = yield post_chat(running.url, body)
-        self.assertEqual((status, error_of(raw)[0]), (503, "no_backend"))
+        status, headers, raw = yield post_chat(running.url, body)
+        got, error, was_sealed = refusal(body, status, headers, raw)
+        self.assertEqual((got, error["code"], was_sealed), (503, "no_backend", True))
 
     @defer.inlineCallbacks
     def test_client_error_surfaces_as_chat_error(self) -> Any:

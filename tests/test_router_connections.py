@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from llmrouter.router.connections import IDLE_KEEPALIVE_SECONDS
 from tests.router_support import Script, http, start_fault_backend, start_router
 
 
@@ -107,3 +108,68 @@ class ConnectionTests(TestCase):
         yield first.lost  # the oldest idle one made room
         self.assertFalse(second.closed)
         self.assertEqual(self.dropped(running, "shed"), 1)
+
+    @defer.inlineCallbacks
+    def ask(self, peer: _Peer, answers: int = 1) -> Any:
+        """``GET /health/live`` on ``peer``; waits for the ``answers``-th answer or the close."""
+        peer.transport.write(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        for _ in range(100):
+            if peer.closed or peer.data.count(b'{"status": "ok"}') == answers:
+                break
+            yield settle()
+
+    @defer.inlineCallbacks
+    def kept_alive(self, running: Any) -> Any:
+        """A connection that sent one ``GET /health/live``, read its answer and stays open."""
+        peer = yield self.connect(running)
+        yield self.ask(peer)
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 200 "))
+        self.assertFalse(peer.closed)
+        return peer
+
+    @defer.inlineCallbacks
+    def test_idle_keep_alive_connections_are_shed(self) -> Any:
+        """Connections that finished a request and idle were neither waiting nor streaming, so
+        nothing could shed them: 16 of them filled a 16-connection router for everyone
+        (issue 19). An idle connection is sheddable once its response ends."""
+        running = yield self.router(max_connections=16, trusted_proxies=("127.0.0.1",))
+        idle = []
+        for _ in range(16):
+            peer = yield self.kept_alive(running)
+            idle.append(peer)
+        newcomer = yield self.connect(running)
+        yield self.ask(newcomer)  # a 17th: served
+        self.assertTrue(newcomer.data.startswith(b"HTTP/1.1 200 "), self.dropped(running, "full"))
+        yield idle[0].lost  # the one idle longest made room
+        self.assertFalse(any(peer.closed for peer in idle[1:]))
+        self.assertEqual(self.dropped(running, "shed"), 1)
+        self.assertEqual(self.dropped(running, "full"), 0)
+
+    @defer.inlineCallbacks
+    def test_idle_keep_alive_connections_time_out(self) -> Any:
+        running = yield self.router()
+        clock = running.router.clock
+        peer = yield self.kept_alive(running)
+        clock.advance(IDLE_KEEPALIVE_SECONDS - 1)
+        yield settle()
+        self.assertFalse(peer.closed)
+        yield self.ask(peer, answers=2)  # a second request on it
+        self.assertEqual(peer.data.count(b"HTTP/1.1 200 "), 2)
+        clock.advance(IDLE_KEEPALIVE_SECONDS - 1)  # counted from the end of the second answer
+        yield settle()
+        self.assertFalse(peer.closed)
+        clock.advance(1)
+        yield peer.lost
+        self.assertEqual(self.dropped(running, "idle"), 1)
+
+    @defer.inlineCallbacks
+    def test_a_trusted_proxy_keeps_its_idle_connections_longer(self) -> Any:
+        """A reverse proxy reuses its idle connections: one closed at 5 s, just as it sent a
+        POST on it, would fail that request. Shed when full, like any other, but not timed out."""
+        running = yield self.router(trusted_proxies=("127.0.0.1",))
+        peer = yield self.kept_alive(running)
+        running.router.clock.advance(IDLE_KEEPALIVE_SECONDS + 1)
+        yield settle()
+        self.assertFalse(peer.closed)
+        yield self.ask(peer, answers=2)
+        self.assertEqual(peer.data.count(b"HTTP/1.1 200 "), 2)

@@ -186,7 +186,7 @@ class FullPathTests(TestCase):
         request with the same prompt reuses nothing."""
         inference = yield start_inference(self, extra_args=["--threads", "1", "--parallel", "4"])
         directory = short_tempdir(self)
-        router = start_router_daemon(self, directory, [f"unix:{inference.socket}"])
+        router = start_router_daemon(self, directory, [f"unix:{inference.socket} kind=llmrouter"])
         yield router.start()
         url = f"unix:{directory / 'router.sock'}"
         request = prompt("A long enough question about the weather in Oslo today?", max_tokens=3)

@@ -41,6 +41,8 @@ from tests.router_support import (
     direct_logprobs,
     key_document,
     post_chat,
+    refusal,
+    remember,
     short_tempdir,
 )
 from tests.test_inference_openai import SCHEMA
@@ -151,12 +153,13 @@ class InferenceTests(TestCase):
             "N?", model="plain", response_format=ResponseFormat("json_schema", bounded, "n")
         )
         document = yield key_document(self.url)
-        envelope, _ = seal_request(document.current(), request, int(reactor.seconds()))
-        status, _, body = yield post_chat(self.url, json.dumps(envelope.to_json()).encode())
-        error = json.loads(body)["error"]
+        envelope, state = seal_request(document.current(), request, int(reactor.seconds()))
+        sent = remember(json.dumps(envelope.to_json()).encode(), state)
+        status, headers, body = yield post_chat(self.url, sent)
+        status, error, was_sealed = refusal(sent, status, headers, body)  # sealed (issue 19)
         self.assertEqual(
-            (status, error["code"], error["upstream_code"]),
-            (400, "upstream_refused", "unsupported_schema"),
+            (status, error["code"], error["upstream_code"], was_sealed),
+            (400, "upstream_refused", "unsupported_schema", True),
         )
 
     @defer.inlineCallbacks

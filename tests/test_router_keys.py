@@ -111,7 +111,7 @@ class RotationTests(TestCase):
         operator = operator_store(running)
         operator.rotate()
         operator.close()
-        running.router.reload_keys()  # SIGHUP; the 2 s poll does the same
+        running.router.reload()  # SIGHUP; the 2 s poll does the same
         after = yield key_document(running.url, running.router.clock.seconds())
         self.assertNotEqual(after.current().kid, before.current().kid)
         self.assertEqual(after.signing_key, before.signing_key)  # the pinned key is long-lived

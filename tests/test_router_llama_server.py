@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from llmrouter.chat import ChatRequest, Message, ResponseFormat, Tool, ToolCall
@@ -221,3 +222,85 @@ class LlamaServerTests(TestCase):
         )
         self.assertEqual((e.code, e.status), ("upstream_failed", 502))
         self.assertNotIn("peg", e.message)  # llama-server's own message stays inside
+
+
+LONG_PROMPT = " ".join(f"Item {n} of the list is a word about the weather." for n in range(40))
+
+
+class PrivacyTests(TestCase):
+    """What the router does so that a stock llama-server keeps its users apart as our daemon
+    does (docs/inference.md, "Backends and privacy"), checked on a real llama-server:
+
+    - its slots reuse an earlier prompt for whoever sends the same prefix (a timing side
+      channel); the router sends ``cache_prompt: false``, so the second of two identical
+      requests decodes its whole prompt again, as llama-server's own prompt-token counter
+      shows; with the operator's opt-in (``LLAMA_SERVER_CACHE_PROMPT=1``) the same pair reuses
+      it, which shows the measurement can tell;
+    - its ``GET /slots`` (on by default) returns the prompts in its slots: a production router
+      refuses to start against it, and starts against the same server run with --no-slots.
+    """
+
+    timeout = 300
+
+    @defer.inlineCallbacks
+    def prompt_tokens_per_request(self, env: dict[str, str]) -> Any:
+        """Prompt tokens llama-server decoded for each of two identical chats via the router."""
+        server = yield start_llama_server(self, "plain", extra=["--metrics"])
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{server.socket}"], env=env)
+        yield router.start()
+        client = Client(reactor, f"unix:{directory / 'router.sock'}", pin=daemon_pin(directory))
+        counts = []
+        for _ in range(2):
+            before = yield self.decoded(server)
+            request = ChatRequest.from_prompt(LONG_PROMPT, max_tokens=2)
+            yield defer.Deferred.fromCoroutine(client.complete(request))
+            after = yield self.decoded(server)
+            counts.append(after - before)
+        return counts
+
+    @defer.inlineCallbacks
+    def decoded(self, server: Any) -> Any:
+        status, _, body = yield http(f"unix:{server.socket}", path="/metrics")
+        self.assertEqual(status, 200)
+        for line in body.decode().splitlines():
+            if line.startswith("llamacpp:prompt_tokens_total "):
+                return float(line.split()[1])
+        raise AssertionError("llama-server exports no llamacpp:prompt_tokens_total")
+
+    @defer.inlineCallbacks
+    def test_no_prompt_reuse_across_requests(self) -> Any:
+        first, second = yield self.prompt_tokens_per_request({})
+        self.assertGreater(first, 300)  # the whole prompt, template included
+        self.assertEqual(second, first)  # decoded again: nothing reused
+
+    @defer.inlineCallbacks
+    def test_operator_opt_in_shares_the_prompt_cache(self) -> Any:
+        first, second = yield self.prompt_tokens_per_request({"LLAMA_SERVER_CACHE_PROMPT": "1"})
+        self.assertGreater(first, 300)
+        self.assertLess(second, first / 4)  # the control: reuse is visible when allowed
+
+    @defer.inlineCallbacks
+    def test_production_refuses_a_llama_server_with_slots(self) -> Any:
+        from tests.test_router_preflight import PRODUCTION
+
+        exposed = yield start_llama_server(self, "plain")
+        status, _, _ = yield http(f"unix:{exposed.socket}", path="/slots")
+        self.assertEqual(status, 200)  # llama-server's default
+        env = {"TRUSTED_PROXIES": "unix", "HEALTH_INTERVAL_SECONDS": "0.5"}
+        extra = ["--env-file", str(PRODUCTION)]
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{exposed.socket}"], extra, env)
+        router.spawn()
+        code = yield router.wait_exit(60)
+        self.assertEqual(code, 1, router.log_text()[-3000:])
+        self.assertIn("refusing to start: backend-0 expose prompts", router.log_text())
+        self.assertNotIn("Traceback", router.log_text())
+
+        hidden = yield start_llama_server(self, "hidden", extra=["--no-slots"])
+        directory = short_tempdir(self)
+        router = start_router_daemon(self, directory, [f"unix:{hidden.socket}"], extra, env)
+        yield router.start()
+        yield deferLater(reactor, 2, lambda: None)  # several probe rounds: still serving
+        self.assertTrue(router.running)
+        self.assertNotIn("refus", router.log_text())

@@ -33,10 +33,10 @@ from llmrouter.router.upstream import Backend, BackendPool, CircuitBreaker
 from llmrouter.sse import SSEParser
 from tests.router_support import (
     Script,
-    error_of,
     http,
     post_chat,
     prompt,
+    refusal,
     sealed,
     start_fault_backend,
     start_router,
@@ -204,7 +204,9 @@ class ModelsTests(TestCase):
         self.assertEqual(listed, ["small", "big", "big-2"])
 
     @defer.inlineCallbacks
-    def test_refusals_are_plain_json_before_any_stream(self) -> Any:
+    def test_refusals_are_sealed_and_spend_nothing(self) -> Any:
+        """What the chosen model cannot do is refused after decryption: sealed (issue 19: a
+        plain ``unsupported_field`` named the feature to every hop), the same ChatError."""
         fake, url = yield backend(self, ["ours"], owned_by="llamacpp")
         fake.props = {
             "chat_template_caps": {
@@ -233,9 +235,11 @@ class ModelsTests(TestCase):
         yield running.router.pool.probe(running.router.pool.backends[0])
         body, _, _ = yield sealed(running, prompt("hi", model="ours"))
         status, headers, answer = yield post_chat(running.url, body)
-        self.assertEqual((status, error_of(answer)[0]), (503, "overloaded"))
+        got, error, was_sealed = refusal(body, status, headers, answer)
+        self.assertEqual((got, error["code"], was_sealed), (503, "overloaded", True))
         # retry once the next health probe may have found it back (the tests probe hourly)
-        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"3600"])
+        self.assertEqual(error["retry_after"], 3600)
+        self.assertIsNone(headers.getRawHeaders(b"retry-after"))
 
     @defer.inlineCallbacks
     def test_dialects(self) -> Any:
@@ -263,34 +267,71 @@ class ModelsTests(TestCase):
     @defer.inlineCallbacks
     def test_cache_key_only_to_our_daemon(self) -> Any:
         """An auth-mode request's prompt-cache key goes to our daemon only (the same key for
-        the same device); any other kind would only get a tag to link a device's requests by."""
+        the same device); any other kind would only get a tag to link a device's requests by.
+        "Ours" means configured so (``kind=llmrouter``): a backend whose model list merely says
+        ``owned_by: "llmrouter"`` gets nothing (issue 19)."""
         ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
         llama, url1 = yield backend(self, ["l"], owned_by="llamacpp")
-        running = yield start_router(self, [url0, url1])
+        claims, url2 = yield backend(self, ["claims"], owned_by="llmrouter")
+        running = yield start_router(self, [f"{url0} kind=llmrouter", url1, url2])
         device = running.client(device_key=hpke.generate_key_pair())
-        for model in ("ours", "l", "ours"):
+        for model in ("ours", "l", "ours", "claims"):
             yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model=model)))
         yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="ours")))
         first, again, base = ours.log.cache_keys
         self.assertRegex(first or b"", rb"^[A-Za-z0-9_-]{43}$")
         self.assertEqual((again, base), (first, None))  # base mode: no device, no key
         self.assertEqual(llama.log.cache_keys, [None])
+        self.assertEqual(claims.log.cache_keys, [None])
+
+    @defer.inlineCallbacks
+    def test_shared_prompt_caches_are_isolated(self) -> Any:
+        """vLLM's prefix cache and llama-server's slots are shared between users: vLLM gets a
+        cache_salt, the device's keyed cache key as our daemon gets it (base mode: a fresh one
+        per request), llama-server gets cache_prompt false (tests.test_router_llama_server runs
+        the latter against a real llama-server)."""
+        ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
+        vllm, url1 = yield backend(self, ["v"], owned_by="vllm")
+        llama, url2 = yield backend(self, ["l"], owned_by="llamacpp")
+        running = yield start_router(self, [f"{url0} kind=llmrouter", url1, url2])
+        device = running.client(device_key=hpke.generate_key_pair())
+        other = running.client(device_key=hpke.generate_key_pair())
+        for client, model in ((device, "ours"), (device, "v"), (device, "v"), (other, "v")):
+            yield defer.Deferred.fromCoroutine(client.complete(prompt("hi", model=model)))
+        for _ in range(2):
+            yield defer.Deferred.fromCoroutine(running.client().complete(prompt("hi", model="v")))
+        yield defer.Deferred.fromCoroutine(device.complete(prompt("hi", model="l")))
+        salts = [body["cache_salt"] for body in vllm.log.bodies]
+        (key,) = ours.log.cache_keys
+        self.assertEqual(salts[:2], [key.decode(), key.decode()])  # one device, its key
+        self.assertEqual(len(set(salts)), 4)  # another device, and each base-mode request
+        self.assertNotIn("cache_prompt", vllm.log.bodies[0])
+        self.assertIs(llama.log.bodies[0]["cache_prompt"], False)
+        self.assertNotIn("cache_salt", llama.log.bodies[0])
+        self.assertNotIn("cache_salt", ours.log.bodies[0])
 
     @defer.inlineCallbacks
     def test_backend_refusal_names_its_code(self) -> Any:
-        error = {"code": 400, "message": "tools + stream: CANARY", "type": "invalid_request_error"}
+        error = {
+            "code": 400,
+            "message": "tools + stream: CANARY",
+            "type": "invalid_request_error",
+            "param": "tools",
+        }
         error_body = json.dumps({"error": error}).encode()
         _, url = yield backend(self, None, status=400, error_body=error_body)
         running = yield start_router(self, [url])
         body, _, _ = yield sealed(running, prompt("hi", tools=TOOLS, logprobs=True))
-        status, _, answer = yield post_chat(running.url, body)
-        self.assertEqual(status, 400)
-        doc = json.loads(answer)["error"]
+        status, headers, answer = yield post_chat(running.url, body)
+        got, doc, was_sealed = refusal(body, status, headers, answer)
+        self.assertEqual((got, was_sealed), (400, True))  # what the backend said: sealed
         self.assertEqual(
             (doc["code"], doc["upstream_status"], doc["upstream_code"]),
             ("upstream_refused", 400, "invalid_request_error"),
         )
+        self.assertEqual(doc["upstream_param"], "tools")
         self.assertNotIn(b"CANARY", answer)  # the backend's message may quote the request
+        self.assertNotIn("CANARY", doc["message"])
 
 
 class RelayTests(TestCase):
@@ -350,7 +391,7 @@ class RelayTests(TestCase):
         opener = ResponseOpener(state)
         items = opener.feed(raw)
         self.assertEqual(
-            items, [ErrorChunk("upstream_failed", "the inference backend stream ended early")]
+            items, [ErrorChunk("upstream_failed", "the inference backend stream ended early", 502)]
         )
         self.assertEqual(fake.log.requests, 1)  # ...so the failure was not retried elsewhere
 
@@ -378,7 +419,9 @@ class RelayTests(TestCase):
         self.assertEqual(status, 200)
         items = ResponseOpener(state).feed(raw)
         # the backend's own message (it may quote the request) stays inside
-        self.assertEqual(items[-1], ErrorChunk("upstream_failed", "the inference backend failed"))
+        self.assertEqual(
+            items[-1], ErrorChunk("upstream_failed", "the inference backend failed", 502)
+        )
 
     @defer.inlineCallbacks
     def test_malformed_upstream_tool_call(self) -> Any:

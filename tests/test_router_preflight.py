@@ -56,6 +56,21 @@ class ChecksTests(TestCase):
         for line in found:
             self.assertIn(line, str(error))  # every problem in one message
 
+    def test_swap_in_use_is_refused(self) -> None:
+        """The router holds decrypted prompts; inference nodes only ran ``swapoff -a``, so swap
+        came back at the next boot (issue 19). Production refuses a host with swap on (zram,
+        compressed RAM, is no disk and passes)."""
+        swaps = Path(self.mktemp())
+        header = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+        swaps.write_text(header + "/dev/zram0  partition\t1048572\t0\t100\n")
+        preflight.check(production(), swaps)
+        self.assertEqual(preflight.host_problems(swaps), [])
+        swaps.write_text(header + "/swapfile  file\t1048572\t0\t-2\n")
+        error = self.assertRaises(SettingsError, preflight.check, production(), swaps)
+        self.assertIn("swap is on (/swapfile)", str(error))
+        self.assertIn("systemctl mask swap.target", str(error))
+        preflight.check(Settings(environment="development", listen=("tcp:8080",)), swaps)
+
     def test_development_is_permissive(self) -> None:
         lax = Settings(environment="development", listen=("tcp:8080",))
         self.assertTrue(preflight.problems(lax))
@@ -178,6 +193,17 @@ class OptionsTests(TestCase):
             ["--env-file", str(PRODUCTION), "--device-auth", "optional", "--check"],
         )
         self.assertIn("DEVICE_AUTH (command line) is optional", str(exit_.code))
+
+    def test_check_reads_the_tls_files(self) -> None:
+        """--check fails on a client certificate the router could not read (it used to say OK
+        and the router then started without its https backends)."""
+        self.patch_stdout()
+        missing = Path(self.mktemp()) / "router.crt"
+        args = ["--env-file", str(PRODUCTION), "--inference", "https://inference-1.wg:8443"]
+        args += ["--tls-ca", str(PRODUCTION), "--tls-client-key", str(PRODUCTION)]
+        args += ["--tls-client-cert", str(missing), "--check"]
+        exit_ = self.assertRaises(SystemExit, Options().parseOptions, args)
+        self.assertIn(f"cannot read UPSTREAM_TLS_CERT {missing}", str(exit_.code))
 
     def patch_stdout(self) -> Any:
         import io

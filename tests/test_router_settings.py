@@ -26,7 +26,9 @@ class LayeringTests(TestCase):
         self.assertEqual(s.listen, ("tcp:8080:interface=127.0.0.1",))
         self.assertEqual(s.metrics_listen, "tcp:9100:interface=127.0.0.1")
         self.assertEqual(s.keys_dir, Path("./dev-keys"))
-        self.assertEqual(s.inference_endpoints, ("unix:/run/llmrouter/inference.sock",))
+        self.assertEqual(
+            s.inference_endpoints, ("unix:/run/llmrouter/inference.sock kind=llmrouter",)
+        )
         self.assertEqual(s.device_auth, "optional")
         self.assertEqual(s.max_body_bytes, 262144)
         self.assertEqual(s.pad_bytes, 64)
@@ -124,7 +126,7 @@ class ValidationTests(TestCase):
         s = load({"TRUSTED_PROXIES": "unix,10.0.0.0/8", "RATE_LIMIT_IPV6_PREFIX": "56"})
         self.assertEqual(s.trusted_proxies, ("unix", "10.0.0.0/8"))
         self.assertEqual(s.rate_limit_ipv6_prefix, 56)
-        self.assertEqual(load({}).rate_limit_ipv6_prefix, 64)
+        self.assertEqual(load({}).rate_limit_ipv6_prefix, 56)  # a /48 is 256 buckets (issue 19)
 
     def test_endpoints(self) -> None:
         self.check({"INFERENCE_ENDPOINTS": "tcp:1234"}, "INFERENCE_ENDPOINTS entries")

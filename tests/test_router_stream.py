@@ -216,7 +216,7 @@ class KeepaliveTests(TestCase):
         running.router.stop()
         yield raw.ended
         self.assertEqual(
-            raw.items[-1], ErrorChunk("overloaded", "the router is shutting down, retry")
+            raw.items[-1], ErrorChunk("overloaded", "the router is shutting down, retry", 503)
         )
 
 

@@ -35,6 +35,7 @@ from tests.router_support import (
     error_of,
     http,
     metric_value,
+    outcome,
     post_chat,
     sealed,
     short_tempdir,
@@ -114,8 +115,8 @@ class TwoRouters(TestCase):
 
     @defer.inlineCallbacks
     def status(self, running: Any, body: bytes, headers: Any = None) -> Any:
-        status, _, raw = yield post_chat(running.url, body, headers)
-        return status if status == 200 else (status, error_of(raw)[0])
+        status, got_headers, raw = yield post_chat(running.url, body, headers)
+        return outcome(body, status, got_headers, raw)
 
 
 class SharedStateTests(TwoRouters):

@@ -14,18 +14,22 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.test_systemd_sandbox import (
-    UNITS,
-    read_unit,
-    service_setting,
-    syscall_allow_list,
-    unit_environment,
-)
+from llmrouter.ops.unitfile import read_unit, service_setting, unit_environment
+from tests.test_systemd_sandbox import UNITS, syscall_allow_list
 from tests.tools import require_tool
 
 REPO = UNITS.parent.parent
 DAEMONS = ("llmrouter.service", "llmrouter@.service", "inference.service", "inference@.service")
-SERVICES = (*DAEMONS, "llmrouter-pki-renew.service")
+# Third-party backends, hardened the same way (docs/inference.md, "Backends and privacy").
+BACKENDS = ("llama-server.service", "vllm.service")
+SERVICES = (*DAEMONS, "llmrouter-pki-renew.service", "llmrouter-pki-push.service", *BACKENDS)
+# Binaries the units name that a test machine does not have, and what stands in for them in
+# `systemd-analyze verify` (it checks that ExecStart= binaries exist)
+STAND_INS = {
+    "/opt/llama-server/llama-server": "/bin/true",
+    "/opt/vllm/bin/vllm": "/bin/true",
+    "/usr/local/sbin/llmrouter-pki-push": "/bin/true",
+}
 MAX_EXPOSURE = 2.0
 INSTALL_PREFIX = "/opt/llmrouter/venv"
 
@@ -77,10 +81,13 @@ class AnalyzeTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
         self.assertTrue(Path(prefix, "bin", "twistd").exists())
-        names = [*SERVICES, "inference.socket", "llmrouter-pki-renew.timer", "llmrouter@.socket"]
+        names = [*SERVICES, "inference.socket", "llmrouter@.socket"]
+        names += ["llmrouter-pki-renew.timer", "llmrouter-pki-push.timer"]
         for name in names:
-            text = (UNITS / name).read_text()
-            (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
+            text = (UNITS / name).read_text().replace(INSTALL_PREFIX, prefix)
+            for binary, stand_in in STAND_INS.items():
+                text = text.replace(binary, stand_in)
+            (tmp / name).write_text(text)
         instances = {"inference@.service": "gemma", "llmrouter@.service": "1"}
         instances["llmrouter@.socket"] = "1"
         paths = [str(tmp / n) for n in names if n not in instances]
@@ -94,22 +101,31 @@ class AnalyzeTests(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
 
     def test_gpu_drop_in_verifies(self) -> None:
-        """The GPU drop-in (etc/systemd/inference-gpu.conf) on top of inference.service."""
+        """The GPU drop-in (etc/systemd/inference-gpu.conf) on top of inference.service and
+        inference@.service, with the unit that loads the NVIDIA driver first (nvidia-modprobe,
+        absent here, stands in as /bin/true: verify checks that binaries exist)."""
         tmp = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, tmp)
         prefix = str(Path(sys.executable).parent.parent)
-        for name in ("inference.service", "inference.socket"):
+        for name in ("inference.service", "inference@.service", "inference.socket"):
             text = (UNITS / name).read_text()
             (tmp / name).write_text(text.replace(INSTALL_PREFIX, prefix))
-        (tmp / "inference.service.d").mkdir()
-        shutil.copy(UNITS / "inference-gpu.conf", tmp / "inference.service.d" / "gpu.conf")
-        result = subprocess.run(
-            ["systemd-analyze", "verify", str(tmp / "inference.service")],
-            capture_output=True,
-            text=True,
-            check=False,
+        devices = (UNITS / "llmrouter-nvidia-devices.service").read_text()
+        (tmp / "llmrouter-nvidia-devices.service").write_text(
+            devices.replace("/usr/bin/nvidia-modprobe", "/bin/true")
         )
-        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""))
+        shutil.copy(tmp / "inference@.service", tmp / "inference@gpu.service")
+        for unit in ("inference.service", "inference@.service"):
+            (tmp / f"{unit}.d").mkdir()
+            shutil.copy(UNITS / "inference-gpu.conf", tmp / f"{unit}.d" / "gpu.conf")
+        for unit in ("inference.service", "inference@gpu.service"):
+            result = subprocess.run(
+                ["systemd-analyze", "verify", str(tmp / unit)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), unit)
 
     def test_sysusers(self) -> None:
         require_tool(self, "systemd-sysusers")
@@ -151,7 +167,14 @@ class UnitContentTests(unittest.TestCase):
             for line in (UNITS / "tmpfiles-llmrouter.conf").read_text().splitlines()
             if line.strip() and not line.startswith("#")
         ]
-        self.assertEqual(lines, [["d", "/run/llmrouter", "0750", "root", "llmrouter", "-"]])
+        self.assertEqual(
+            lines,
+            [
+                ["d", "/run/llmrouter", "0750", "root", "llmrouter", "-"],
+                # llama-server's socket directory: setgid, so its socket gets the router's group
+                ["d", "/run/llama-server", "2750", "inference", "llmrouter", "-"],
+            ],
+        )
         # the inference daemon never touches the socket file systemd made: no write access
         inference = read_unit(UNITS / "inference.service")
         self.assertNotIn("/run/llmrouter", inference.get("Service.ReadWritePaths", []))
@@ -171,6 +194,53 @@ class UnitContentTests(unittest.TestCase):
         # the router's production settings put the keys into that state directory
         env = (REPO / "etc" / "llmrouter" / "env.production").read_text()
         self.assertRegex(env, r"(?m)^KEYS_DIR=/var/lib/llmrouter/")
+
+    def test_gpu_drop_in_opens_what_cuda_needs(self) -> None:
+        """What reading CUDA's needs against the sandbox showed (none of it runs here, no GPU):
+        the driver is loaded and its nodes made before the service starts (DeviceAllow=
+        char-nvidia-* is resolved then; nvidia-modprobe cannot run under NoNewPrivileges=), and
+        the CUDA runtime's affinity and NUMA calls are allowed back, nothing else of
+        @resources."""
+        dropin = UNITS / "inference-gpu.conf"
+        for base in ("inference.service", "inference@.service"):
+            unit = read_unit(UNITS / base, [dropin])
+            self.assertIn("llmrouter-nvidia-devices.service", " ".join(unit["Unit.Requires"]))
+            after = " ".join(unit["Unit.After"])
+            self.assertIn("llmrouter-nvidia-devices.service", after)
+            self.assertIn("nvidia-persistenced.service", after)
+            allowed = syscall_allow_list(unit)
+            for call in ("sched_setaffinity", "mbind", "set_mempolicy", "get_mempolicy"):
+                self.assertIn(call, allowed, base)
+            for call in ("setrlimit", "sched_setscheduler", "init_module", "mount"):
+                self.assertNotIn(call, allowed, base)
+            self.assertEqual(service_setting(unit, "NoNewPrivileges"), "yes")
+        devices = read_unit(UNITS / "llmrouter-nvidia-devices.service")
+        self.assertIn("nvidia-modprobe", service_setting(devices, "ExecStart"))
+        self.assertEqual(service_setting(devices, "Type"), "oneshot")
+
+    def test_renewal_reloads_every_daemon_with_a_certificate(self) -> None:
+        """After a renewal, every unit that loaded a certificate is asked to load the new one:
+        the single router, each router of "Several routers" (llmrouter@N, which used to be
+        missed) and each node; and each of them reloads on that request (ExecReload=), so no
+        stream is cut and no model reloaded."""
+        import fnmatch
+        import shlex
+
+        renew = read_unit(UNITS / "llmrouter-pki-renew.service")
+        post = service_setting(renew, "ExecStartPost")
+        script = shlex.split(post.lstrip("+"))[-1]
+        call = shlex.split(script[script.index("systemctl") :].split(";")[0])
+        verb, patterns = call[1], call[2:]
+        self.assertIn(verb, ("reload", "try-reload-or-restart", "reload-or-restart"))
+        for unit, template in (
+            ("llmrouter.service", "llmrouter.service"),
+            ("llmrouter@1.service", "llmrouter@.service"),
+            ("llmrouter@2.service", "llmrouter@.service"),
+            ("inference@inference-1.service", "inference@.service"),
+        ):
+            self.assertTrue(any(fnmatch.fnmatchcase(unit, p) for p in patterns), (unit, call))
+            reload = service_setting(read_unit(UNITS / template), "ExecReload")
+            self.assertEqual(reload, "/bin/kill -HUP $MAINPID", template)
 
     def test_development_drop_ins_keep_the_keys_directory(self) -> None:
         """Development and production settings give the router the same KEYS_DIR, so moving a
@@ -251,9 +321,18 @@ class UnitContentTests(unittest.TestCase):
             # W^X everywhere except where pyOpenSSL's cffi callbacks need W+X memory (TLS);
             # tests/test_systemd_sandbox.py shows both sides of that
             tls = ("llmrouter.service", "llmrouter@.service", "inference@.service")
+            tls += ("vllm.service",)  # and PyTorch, CUDA
             mdwe = "no" if name in tls else "yes"
             self.assertEqual(service_setting(unit, "MemoryDenyWriteExecute"), mdwe, name)
             self.assertTrue(service_setting(unit, "RestrictAddressFamilies"))
+
+    def test_inference_is_started_only_when_ready(self) -> None:
+        """systemd waits for the daemon's READY=1, sent after its self-test decode
+        (tests/test_inference_startup.py), so a crash there is a failed start."""
+        for name in ("inference.service", "inference@.service"):
+            unit = read_unit(UNITS / name)
+            self.assertEqual(service_setting(unit, "Type"), "notify", name)
+            self.assertEqual(service_setting(unit, "NotifyAccess"), "main", name)
 
     def test_syscall_filter_expansion(self) -> None:
         require_tool(self, "systemd-analyze")

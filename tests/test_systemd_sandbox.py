@@ -46,68 +46,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmrouter.ops.unitfile import read_unit, service_setting
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "etc" / "systemd"
 
 # --- unit files ------------------------------------------------------------------------------
 
 
-def read_unit(path: Path, dropins: Iterable[Path] = ()) -> dict[str, list[str]]:
-    """``[Service]`` (and other sections') assignments as ``{"Section.Key": [values...]}``, the
-    unit file then its drop-ins in order. As in systemd, an empty assignment (``Key=``) clears
-    what came before (and is kept as ``""``, so that ``CapabilityBoundingSet=`` means empty)."""
-    result: dict[str, list[str]] = {}
-    for source in (path, *dropins):
-        section = ""
-        for raw in source.read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("[") and line.endswith("]"):
-                section = line[1:-1]
-                continue
-            key, _, value = line.partition("=")
-            name, value = f"{section}.{key.strip()}", value.strip()
-            if value:
-                result.setdefault(name, []).append(value)
-            else:
-                result[name] = [""]
-    return result
-
-
-def unit_environment(unit: dict[str, list[str]], resolve: Any = Path) -> dict[str, str]:
-    """The environment systemd gives the service: ``Environment=`` assignments, then each
-    ``EnvironmentFile=`` in order, whose lines override them (systemd's precedence).
-    ``resolve`` maps a path the unit names to the file to read (tests read repository files)."""
-    import shlex
-
-    env: dict[str, str] = {}
-    for line in unit.get("Service.Environment", []):
-        for assignment in shlex.split(line):
-            key, _, value = assignment.partition("=")
-            env[key] = value
-    for name in unit.get("Service.EnvironmentFile", []):
-        if not name:
-            continue
-        optional = name.startswith("-")
-        path = resolve(name.lstrip("-"))
-        if optional and not path.exists():
-            continue
-        for raw in path.read_text().splitlines():
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            key, _, value = line.partition("=")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            env[key.strip()] = value
-    return env
-
-
-def service_setting(unit: dict[str, list[str]], key: str, default: str = "") -> str:
-    values = unit.get(f"Service.{key}")
-    return values[-1] if values else default
+# Unit files are read as systemd reads them by llmrouter.ops.unitfile (read_unit,
+# service_setting, unit_environment, imported above), the operator tools' code.
 
 
 def _expand_group(name: str, seen: set[str] | None = None) -> set[str]:
@@ -563,6 +511,11 @@ def unshare():
         raise OSError(ctypes.get_errno(), "unshare")
 attempt("unshare", unshare)
 attempt("chroot", lambda: os.chroot("/"))
+attempt("sched_setaffinity", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+def set_mempolicy():  # MPOL_DEFAULT: what CUDA's and libnuma's NUMA placement calls
+    if libc.syscall({"x86_64": 238, "aarch64": 237}[os.uname().machine], 0, None, 0) != 0:
+        raise OSError(ctypes.get_errno(), "set_mempolicy")
+attempt("set_mempolicy", set_mempolicy)
 attempt("sethostname", lambda: socket.sethostname("x"))
 def pyopenssl_callback():
     from OpenSSL import SSL
@@ -732,6 +685,35 @@ class ProbeTests(unittest.TestCase):
         self.assert_common(report)
         self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")  # AF_UNIX only
         self.assertEqual(report["completion_tokens"], 4)
+        # ~@resources: what the CUDA runtime calls, hence allowed back by the GPU drop-in
+        self.assertEqual(report["sched_setaffinity"], "EPERM")
+        self.assertEqual(report["set_mempolicy"], "EPERM")
+
+    @defer.inlineCallbacks
+    def test_inference_unit_with_the_gpu_drop_in(self) -> defer.Deferred[None]:
+        """inference.service with etc/systemd/inference-gpu.conf (merged as systemd merges a
+        drop-in): llama.cpp still runs, the CUDA runtime's affinity and NUMA calls are allowed,
+        the rest of the sandbox stays. No GPU here: the devices and CUDA itself are not run."""
+        from tests.tinymodel import tiny_model_path
+
+        merged = service_dir(self) / "inference.service"
+        merged.write_text(
+            (UNITS / "inference.service").read_text()
+            + "\n"
+            + (UNITS / "inference-gpu.conf").read_text()
+        )
+        report = yield self.probe(str(merged), model=stage_model(self, tiny_model_path()))
+        self.assertEqual(report["completion_tokens"], 4)
+        self.assertEqual(report["sched_setaffinity"], "allowed")
+        self.assertEqual(report["set_mempolicy"], "allowed")
+        self.assertEqual((report["no_new_privs"], report["seccomp"]), ("1", "2"))
+        self.assertEqual(report["uid_map"], ["65534", "65534", "1"])  # PrivateUsers stays
+        self.assertEqual(report["cap_bnd"], "0000000000000000")
+        for call in ("chroot", "sethostname", "unshare"):
+            self.assertEqual(report[call], "EPERM", call)
+        self.assertEqual(report["inet_socket"], "EAFNOSUPPORT")
+        self.assertEqual(report["mdwe"], 0)  # CUDA's JIT maps writable code
+        self.assertTrue(report["proc_cpuinfo"])  # ProcSubset=all: /proc/driver/nvidia
 
     @defer.inlineCallbacks
     def test_inference_unit_runs_the_default_model(self) -> defer.Deferred[None]:
@@ -1065,3 +1047,66 @@ class NodeUnderUnitTests(unittest.TestCase):
             code = yield daemon.stop()
             self.assertIn(code, (0, -15), daemon.log_text()[-3000:])
             self.assertNotIn("Traceback", daemon.log_text())
+
+
+class LlamaServerUnderUnitTests(unittest.TestCase):
+    """etc/systemd/llama-server.service's recipe: the real llama-server, with the unit's own
+    ExecStart= arguments (the binary, model and socket paths substituted), under the unit's
+    sandbox (no network namespace, AF_UNIX only, MemoryDenyWriteExecute), serves a streamed chat
+    on its socket in a setgid directory as tmpfiles-llmrouter.conf makes it: the socket gets
+    the router's group, and GET /slots, which returns prompts, is off."""
+
+    timeout = 240
+
+    def setUp(self) -> None:
+        require_sandbox(self)
+
+    @defer.inlineCallbacks
+    def test_llama_server_under_unit(self) -> Any:
+        import shlex
+
+        from tests.daemons import Daemon
+        from tests.llama_server import binary
+        from tests.router_support import http, post_json
+        from tests.tinymodel import tiny_model_path
+
+        server = binary()
+        base = service_dir(self)
+        run = base / "run"  # /run/llama-server: 2750 inference:llmrouter
+        run.mkdir()
+        router_gid = 65533
+        os.chown(run, 65534, router_gid)
+        os.chmod(run, 0o2750)
+        sock = run / "llama.sock"
+        model = stage_model(self, tiny_model_path())
+        unit = read_unit(UNITS / "llama-server.service")
+        argv = shlex.split(service_setting(unit, "ExecStart"))
+        self.assertIn("--no-slots", argv)
+        substitutions = {"/opt/llama-server/llama-server": str(server)}
+        substitutions["/run/llama-server/llama.sock"] = str(sock)
+        argv = [substitutions.get(a, a) for a in argv]
+        argv += ["-m", str(model), "--threads", "1", "--ctx-size", "512", "--no-warmup"]
+        command = sandbox_argv("llama-server.service", [base / "state", run], argv)
+        if server.is_relative_to("/root"):  # ProtectHome hides the test machine's build cache
+            top = Path("/root", server.relative_to("/root").parts[0])
+            command[command.index("--") : command.index("--")] = ["--keep", str(top)]
+        daemon = Daemon(
+            "llama-server",
+            [],
+            command=command,
+            health=f"unix:{sock}",
+            env={"LLAMA_ARG_ENDPOINT_SLOTS": "0"},
+            directory=base / "state",
+        )
+        self.addCleanup(daemon.stop)
+        yield daemon.start()
+        self.assertEqual((sock.stat().st_gid, sock.stat().st_mode & 0o777), (router_gid, 0o770))
+        status, _, body = yield post_json(
+            f"unix:{sock}",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+        )
+        self.assertEqual(status, 200, body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"), body[-200:])
+        status, _, _ = yield http(f"unix:{sock}", path="/slots")
+        self.assertNotEqual(status, 200)

@@ -9,13 +9,19 @@ WireGuard "starts", a ``wg0`` (a veth into a bridge shared by the hosts of one w
 address the host's ``wg0.conf`` names), so the firewall rules, listeners and ``verify-network``
 are each host's own.
 
+The page's commands run in a :class:`Session`: one bash per host, kept from command to command as
+an operator's login shell is, so that what a command leaves behind (the umask, the working
+directory, variables) is there for the next one, and starting again at every section of the
+page, as a new SSH session would (home directory, umask 022, no variables).
+
 systemd cannot run as PID 1 here, so :class:`Services` stands in for it where the page says
 ``systemctl``: it reads the installed unit files and their drop-ins (systemd's precedence for
 ``Environment=``/``EnvironmentFile=``, ``User=``, state and runtime directories) and starts
 ``ExecStart=`` with the sandbox launcher of tests/test_systemd_sandbox.py for our units, or as
-the unit's user (with its ambient capabilities) for Debian's (Caddy, Prometheus). ``systemctl``
-itself is replaced inside a host by a script that records its calls, which the walk then
-performs (the renewal unit's ``ExecStartPost=`` calls it).
+the unit's user (with its ambient capabilities) for Debian's (Caddy, Prometheus, Redis).
+``systemctl`` itself is replaced inside a host by a script that hands its call to the walk and
+waits for the result, as the real one waits for its job (the renewal unit's ``ExecStartPost=``
+calls it too), so ``systemctl restart X && curl X`` means what it means on a real host.
 """
 
 from __future__ import annotations
@@ -23,23 +29,26 @@ from __future__ import annotations
 import grp
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.test_systemd_sandbox import read_unit, service_setting, unit_environment
+from llmrouter.ops.unitfile import find_unit, service_setting, unit_environment
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "tests" / "test_systemd_sandbox.py"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system")
 CALLS = "/run/walk-systemctl"
+SESSION = "/run/walk-session"
 
 # Runs as ``python -c HOLDER BASE NAME``: namespaces, the overlay root, then waits for EOF.
 HOLDER = r"""
@@ -72,6 +81,9 @@ if repo.startswith(("/tmp/", "/run/")):  # a checkout the fresh /tmp or /run hid
     os.makedirs(f"{root}{repo}")
     options = f"lowerdir={repo},upperdir={base}/repo-upper,workdir={base}/repo-work"
     mount("overlay", f"{root}{repo}", "overlay", 0, options)
+# the page's `git clone ... llmrouter` in root's home: this checkout (its throwaway copy)
+os.makedirs(f"{root}/root/llmrouter", exist_ok=True)
+mount(f"{root}{repo}", f"{root}/root/llmrouter", None, MS_BIND | MS_REC)
 with open(f"{base}/systemctl", "w") as f:
     f.write(shim)
 os.chmod(f"{base}/systemctl", 0o755)
@@ -87,9 +99,17 @@ os.chdir(repo)
 print("ready", flush=True)
 sys.stdin.read()
 """
-SHIM = (
-    f'#!/bin/sh\n# systemd is not PID 1 here: record the call for the walk\necho "$*" >> {CALLS}\n'
-)
+SHIM = f"""#!/bin/sh
+# systemd is not PID 1 here: hand the call to the walk, wait for its result, as systemctl does
+mkdir -p {CALLS}
+id=$$.$(date +%s%N)
+printf '%s\\n' "$*" > {CALLS}/$id.tmp && mv {CALLS}/$id.tmp {CALLS}/$id.call
+while [ ! -e {CALLS}/$id.done ]; do sleep 0.05; done
+cat {CALLS}/$id.out
+code=$(cat {CALLS}/$id.done)
+rm -f {CALLS}/$id.done {CALLS}/$id.out
+exit "$code"
+"""
 
 
 class WalkError(AssertionError):
@@ -105,6 +125,7 @@ class Block:
     lines: tuple[str, ...]
     line_number: int
     path: str = ""
+    section: str = ""  # the section (##) it is in: a new login session starts with each
 
     def commands(self) -> Iterator[str]:
         """Logical lines: continuations joined, comments and blank lines skipped."""
@@ -124,8 +145,11 @@ def blocks(markdown: str) -> list[Block]:
     line ``# /path`` names the file); untagged fences are illustrations."""
     found: list[Block] = []
     lines = markdown.splitlines()
+    section = ""
     i = 0
     while i < len(lines):
+        if lines[i].startswith("## "):
+            section = lines[i].lstrip("#").strip()
         match = re.fullmatch(r"```(sh|ini) (\w+)", lines[i].strip())
         if match is None:
             i += 1
@@ -134,10 +158,10 @@ def blocks(markdown: str) -> list[Block]:
         end = lines.index("```", start)
         body = tuple(lines[start:end])
         if match.group(1) == "sh":
-            found.append(Block(match.group(2), "sh", body, start))
+            found.append(Block(match.group(2), "sh", body, start, section=section))
         else:
             path = body[0].removeprefix("#").strip()
-            found.append(Block(match.group(2), "edit", body[1:], start, path))
+            found.append(Block(match.group(2), "edit", body[1:], start, path, section))
         i = end + 1
     return found
 
@@ -190,6 +214,8 @@ class Host:
             raise WalkError(f"{name}: no throwaway root: {self._holder.stderr.read().decode()}")
         self.pid = self._holder.pid
         self.services = Services(self)
+        self.session: Session | None = None
+        self._serving: set[str] = set()
 
     def path(self, inside: str) -> Path:
         """A path of this host, seen from the test (through its root)."""
@@ -205,36 +231,187 @@ class Host:
         env.update({k: v for k, v in os.environ.items() if k.startswith("PIP_")})
         return env
 
-    def shell(self, command: str, network: bool = True, timeout: float = 900) -> str:
-        """``command`` in bash (``-euo pipefail``, this host's variables set); its output, or
-        :class:`WalkError` with the output when it fails."""
-        prefix = "".join(f"{k}={shlex.quote(v)}\n" for k, v in self.variables.items())
-        result = subprocess.run(
-            [*self.enter(network), "bash", "-euo", "pipefail", "-c", prefix + command],
-            capture_output=True,
-            env=self.environment(),
-            timeout=timeout,
-            check=False,
-        )
-        output = (result.stdout + result.stderr).decode(errors="replace")
-        if result.returncode != 0:
-            raise WalkError(f"[{self.name}] exit {result.returncode}: {command}\n{output[-6000:]}")
+    def shell(
+        self, command: str, network: bool = True, timeout: float = 900, serve: bool = False
+    ) -> str:
+        """``command`` in a bash of its own (``-euo pipefail``, no session state: the test's
+        own looks at the host); its output, or :class:`WalkError` with the output when it
+        fails. ``serve``: carry out its systemctl calls meanwhile."""
+        with tempfile.TemporaryFile() as out:
+            process = subprocess.Popen(
+                [*self.enter(network), "bash", "-euo", "pipefail", "-c", command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+            )
+            if serve:
+                code = self.wait(process, timeout)
+            else:
+                try:
+                    code = process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                    raise
+            out.seek(0)
+            output = out.read().decode(errors="replace")
+        if code != 0:
+            raise WalkError(f"[{self.name}] exit {code}: {command}\n{output[-6000:]}")
         return output
 
-    def calls(self) -> list[list[str]]:
-        """The systemctl calls recorded since the last look."""
-        path = self.path(CALLS)
-        if not path.exists():
-            return []
-        text = path.read_text()
-        path.unlink()
-        return [shlex.split(line) for line in text.splitlines() if line.strip()]
+    def serve(self) -> None:
+        """Carry out the systemctl calls waiting in this host (the shim waits for each)."""
+        folder = self.path(CALLS)
+        if not folder.is_dir():
+            return
+        for call in sorted(folder.glob("*.call")):
+            name = call.name.removesuffix(".call")
+            if name in self._serving:
+                continue
+            self._serving.add(name)
+            try:
+                argv = shlex.split(call.read_text())
+                call.unlink()
+                code, output = 0, ""
+                try:
+                    output = self.services.systemctl(argv) or ""
+                except WalkError as error:
+                    code, output = 1, f"{error}\n"
+                (folder / f"{name}.out").write_text(output)
+                (folder / f"{name}.done").write_text(f"{code}\n")
+            finally:
+                self._serving.discard(name)
+
+    def wait(self, process: subprocess.Popen[bytes], timeout: float) -> int:
+        """``process``'s exit status, carrying out its systemctl calls meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            code = process.poll()
+            if code is not None:
+                self.serve()
+                return code
+            if time.monotonic() > deadline:
+                process.kill()
+                raise subprocess.TimeoutExpired(process.args, timeout)
+            self.serve()
+            time.sleep(0.05)
+
+    def new_session(self) -> None:
+        """A new login shell, as after a new SSH connection: the old one's state is gone."""
+        if self.session is not None:
+            self.session.close()
+        self.session = Session(self)
+
+    def run(self, command: str, timeout: float = 900) -> str:
+        """``command`` in this host's current session (one is opened if there is none)."""
+        if self.session is None:
+            self.new_session()
+        assert self.session is not None
+        return self.session.run(command, timeout)
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         self.services.stop_all()
         if self._holder.stdin is not None:
             self._holder.stdin.close()
         self._holder.wait(30)
+
+
+class Session:
+    """An operator's shell on a host: one bash, as root, in the host's namespaces, that keeps
+    its working directory, umask and variables from one command to the next. It starts where
+    an SSH login does (``/root``, umask 022). ``set -u`` and an ERR trap make a command that
+    uses an unset variable, or any part of which fails, fail the walk (an operator sees the
+    error; the walk must too).
+
+    Commands that download (``pip``, ``make``, ``bin/install-release``) need the machine's
+    network, which the host's namespace does not have: they run in a bash of their own, in the
+    host's mounts but the machine's network, given this session's directory, umask and
+    variables."""
+
+    SETUP = (
+        "set -uE -o pipefail\n"
+        "trap 'walk_failed=$?' ERR\n"
+        "umask 0022\n"
+        "cd /root\n"
+        "walk_names=$(compgen -v | tr '\\n' ' ')\n"
+    )
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.process = subprocess.Popen(
+            [*host.enter(), "bash", "--noprofile", "--norc"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=host.environment(),
+        )
+        host.path(SESSION).mkdir(parents=True, exist_ok=True)
+        self._send(self.SETUP)
+        self.run("true")
+
+    def _send(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text.encode())
+        self.process.stdin.flush()
+
+    def run(self, command: str, timeout: float = 900) -> str:
+        """The command's output; WalkError (with it) when any part of it failed."""
+        folder = self.host.path(SESSION)
+        (folder / "command").write_text(command + "\n")
+        self._send(
+            f"walk_failed=0; . {SESSION}/command > {SESSION}/output 2>&1 < /dev/null; "
+            'walk_status=$?; [ "$walk_failed" = 0 ] || walk_status=$walk_failed; '
+            'printf "\\n__walk_done__ %s\\n" "$walk_status"\n'
+        )
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        os.set_blocking(fd, False)
+        buffered = b""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.host.serve()
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    output = (folder / "output").read_text(errors="replace")
+                    raise WalkError(
+                        f"[{self.host.name}] the shell exited: {command}\n{output[-6000:]}"
+                    )
+                buffered += chunk
+                match = re.search(rb"__walk_done__ (\d+)\n", buffered)
+                if match is not None:
+                    break
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(command, timeout)
+        output = (folder / "output").read_text(errors="replace")
+        code = int(match.group(1))
+        if code != 0:
+            raise WalkError(f"[{self.host.name}] exit {code}: {command}\n{output[-6000:]}")
+        return output
+
+    def state(self) -> str:
+        """Bash lines that recreate this session's directory, umask and variables."""
+        return self.run(
+            'printf "cd %q\\numask %s\\n" "$PWD" "$(umask)"; '
+            'for name in $(compgen -v); do case " $walk_names walk_names walk_failed '
+            'walk_status " in *" $name "*) ;; *) declare -p "$name" ;; esac; done'
+        )
+
+    def run_networked(self, command: str, timeout: float = 1800) -> str:
+        """``command`` in the machine's network, with this session's state."""
+        return self.host.shell(self.state() + command, network=False, timeout=timeout, serve=True)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
 
 
 class Services:
@@ -269,18 +446,23 @@ class Services:
         return inside, dropins, instance
 
     def unit(self, name: str) -> dict[str, list[str]]:
-        inside, dropins, instance = self.unit_file(name)
-        unit = read_unit(self.host.path(inside), dropins)
-        return {k: [v.replace("%i", instance) for v in vs] for k, vs in unit.items()}
+        self.unit_file(name)  # WalkError when it is not installed
+        return find_unit(name, self.host.path("/"))
 
     # systemctl.
 
-    def systemctl(self, argv: list[str]) -> None:
+    def systemctl(self, argv: list[str]) -> str:
+        """One systemctl call; its output. WalkError where systemctl would fail."""
         args = [a for a in argv if not a.startswith("-")]
         now = "--now" in argv
         verb, names = args[0], [_full(n) for n in args[1:]]
         if verb in ("daemon-reload", "mask"):
-            return  # nothing to load; nothing swaps here
+            return ""  # nothing to load; nothing swaps here
+        if verb == "is-active":
+            states = ["active" if n in self.running else "inactive" for n in names]
+            if "inactive" in states:
+                raise WalkError("\n".join(states))
+            return "\n".join(states) + "\n"
         for name in names:
             if verb in ("enable", "disable"):
                 self.unit_file(name)  # must be installed; boot-time enabling has no meaning here
@@ -297,10 +479,21 @@ class Services:
                 for running in [n for n in self.running if _matches(name, n)]:
                     self.stop(running)
                     self.start(running)
+            elif verb in ("try-reload-or-restart", "reload-or-restart"):
+                matched = [n for n in self.running if _matches(name, n)]
+                if verb == "reload-or-restart" and not matched:
+                    matched = [name]
+                for unit in matched:
+                    if unit in self.running and "Service.ExecReload" in self.running[unit].unit:
+                        self.reload(unit)
+                    else:
+                        self.stop(unit)
+                        self.start(unit)
             elif verb == "reload":
                 self.reload(name)
             else:
                 raise WalkError(f"[{self.host.name}] systemctl {verb}: not modelled by the walk")
+        return ""
 
     def start(self, name: str) -> None:
         if name in self.running:
@@ -418,10 +611,10 @@ class Services:
         unit_path = self.unit_file(name)[0]
         ours = (REPO / "etc" / "systemd" / Path(unit_path).name).exists()
         argv = _words(service_setting(unit, "ExecStart"), env)
+        sock = self.socket_of(name)
         if ours:
             launcher = [sys.executable, str(LAUNCHER), unit_path]
-            if name == "inference.service":
-                sock = self.unit("inference.socket")["Socket.ListenStream"][0]
+            if sock is not None:
                 launcher += ["--listen-unix", sock]
             for path in writable:
                 launcher += ["--rw", path]
@@ -441,10 +634,29 @@ class Services:
             name, process, self.host.logs / f"{self.host.name}-{name}.log", unit, env
         )
         try:
-            self.wait_ready(name, env)
+            self.wait_ready(name, env, sock)
         except WalkError:
             self.stop(name)
             raise
+
+    def socket_of(self, name: str) -> str | None:
+        """The path of the UNIX socket a socket unit makes for ``name`` (inference.socket,
+        llmrouter@N.socket), with its directory made as systemd makes it (DirectoryMode=)."""
+        socket_unit = name.removesuffix(".service") + ".socket"
+        try:
+            unit = self.unit(socket_unit)
+        except WalkError:
+            return None
+        path = unit["Socket.ListenStream"][0]
+        mode = int(unit.get("Socket.DirectoryMode", ["0755"])[-1], 8)
+        parent = self.host.path(str(Path(path).parent))
+        if not parent.exists():
+            parent.mkdir(parents=True)
+            os.chmod(parent, mode)
+        # systemd keeps its socket across a restart of the service; the launcher makes a new
+        # one at the same path instead, so the last one's file goes first
+        self.host.path(path).unlink(missing_ok=True)
+        return path
 
     def as_user(self, unit: dict[str, list[str]], argv: list[str]) -> list[str]:
         user = service_setting(unit, "User")
@@ -480,20 +692,20 @@ class Services:
                 env=env,
             )
         if wait:
-            code = process.wait(300)
+            code = self.host.wait(process, 300)  # an ExecStartPost= may call systemctl
             if code != 0 and not ignore:
                 raise WalkError(
                     f"[{self.host.name}] {' '.join(argv)} exited {code}:\n"
                     + path.read_text(errors="replace")[-4000:]
                 )
-            for call in self.host.calls():
-                self.systemctl(call)
         return process
 
-    def wait_ready(self, name: str, env: dict[str, str], limit: float = 120) -> None:
+    def wait_ready(
+        self, name: str, env: dict[str, str], sock: str | None = None, limit: float = 120
+    ) -> None:
         """Until the service answers where it listens (systemd's Type=simple returns at once;
         the walk waits so that the next documented check is not a race)."""
-        probe = _probe(name, env)
+        probe = _probe(name, env, sock)
         deadline = time.monotonic() + limit
         service = self.running[name]
         while True:
@@ -546,8 +758,13 @@ def _words(command: str, env: dict[str, str]) -> list[str]:
     return words
 
 
-def _probe(name: str, env: dict[str, str]) -> str | None:
+def _probe(name: str, env: dict[str, str], sock: str | None = None) -> str | None:
     """A command that succeeds once the service serves (None: ready when started)."""
+    if sock is not None:  # socket-activated: its health over that socket
+        path = "/health/live" if name.startswith("llmrouter") else "/health"
+        return f"curl -fsS -o /dev/null --unix-socket {sock} http://localhost{path}"
+    if name == "redis-server.service":
+        return "test -S /run/redis/redis-server.sock"
     if name == "llmrouter.service":
         listen = re.search(r"tcp:(\d+):interface=([\d.]+)", env.get("LISTEN", ""))
         assert listen is not None, env.get("LISTEN")
@@ -571,6 +788,7 @@ class Link:
     of its own; each host gets a veth named wg0 into it."""
 
     holder: subprocess.Popen[bytes] = field(init=False)
+    attached: list[Host] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.holder = subprocess.Popen(
@@ -589,6 +807,11 @@ class Link:
             raise WalkError("no bridge for the walk's hosts")
 
     def attach(self, host: Host) -> None:
+        """Give ``host`` a wg0 on the link. The others forget the addresses they had learnt (a
+        host that takes over a lost one's address, as the restore does, is reached at once)."""
+        for other in self.attached:
+            other.shell("ip neigh flush dev wg0")
+        self.attached.append(host)
         peer = f"to-{host.name}"
         subprocess.run(
             [
@@ -625,6 +848,11 @@ class Link:
             check=True,
         )
 
+    def detach(self, host: Host) -> None:
+        """``host`` leaves the link (a lost host)."""
+        host.shell("ip link del wg0")
+        self.attached.remove(host)
+
     def close(self) -> None:
         if self.holder.stdin is not None:
             self.holder.stdin.close()
@@ -654,13 +882,15 @@ def group_id(host: Host, name: str) -> int:
 class Walk:
     """The hosts of one walk, and the page's blocks performed on them in order.
 
-    Commands run as written, with these exceptions, which need what a test machine cannot
-    give: ``apt-get`` (the packages must already be installed here: etc/dev/ci-deps),
-    ``git`` (the walk runs in this checkout; ``git checkout vNEW`` sets the version of the
-    root's copy to NEW, for the upgrade), ``cd`` into the checkout, ``scp`` (copies between
-    the hosts' roots, by the public names in ``addresses``), ``sysctl --system`` (the file must
-    be installed; the kernel is the machine's) and ``swapoff``. Commands that download
-    (``pip``, ``make``) use the machine's network; all others run in the host's own.
+    Commands run as written, in each host's :class:`Session` (a new one at every section of the
+    page), with these exceptions, which need what a test machine cannot give: ``apt-get`` (the
+    packages must already be installed here: etc/dev/ci-deps), ``git`` (``git clone`` finds
+    this checkout in ``/root/llmrouter``; ``git checkout vNEW`` sets the version of that copy to
+    NEW, for the upgrade), ``scp`` (copies between the hosts' roots, by the public names in
+    ``addresses``), ``sysctl --system`` (the file must be installed; the kernel is the
+    machine's) and ``swapoff``. Commands that download (``pip``, ``make``,
+    ``bin/install-release``, ``llmrouter-llama-build``) use the machine's network; all others
+    run in the host's own.
     """
 
     def __init__(
@@ -672,6 +902,7 @@ class Walk:
         self.transcript: list[str] = []
         self.before: list[tuple[str, Callable[[Host, str], None]]] = []
         self.after: list[tuple[str, Callable[[Host, str, str], None]]] = []
+        self.section = ""
         try:
             for name in names:
                 self.hosts[name] = Host(name, scratch, logs)
@@ -686,6 +917,12 @@ class Walk:
         self.link.close()
 
     def perform(self, block: Block) -> None:
+        if block.section != self.section:  # another day, another SSH login on every host
+            self.section = block.section
+            for each in self.hosts.values():
+                if each.session is not None:
+                    each.session.close()
+                    each.session = None
         host = self.hosts[block.host]
         if block.kind == "edit":
             path = host.path(block.path)
@@ -701,8 +938,8 @@ class Walk:
                 output = self.run(host, command)
             except (WalkError, subprocess.TimeoutExpired) as error:
                 raise WalkError(
-                    f"docs/deployment.md, block at line {block.line_number}:\n{error}\n"
-                    "walk so far:\n" + "\n".join(self.transcript[-15:])
+                    f"docs/deployment.md, block at line {block.line_number} ({block.section}):\n"
+                    f"{error}\nwalk so far:\n" + "\n".join(self.transcript[-15:])
                 ) from None
             self.transcript.append(f"[{host.name}] {command}")
             for pattern, after in self.after:
@@ -711,11 +948,6 @@ class Walk:
 
     def run(self, host: Host, command: str) -> str:
         word = command.split()[0]
-        assignment = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(\S.*)", command)
-        if assignment is not None:
-            name = assignment.group(1)
-            host.variables[name] = host.shell(f'{command}\nprintf %s "${name}"')
-            return host.variables[name]
         if word == "apt-get":
             self.packages(host, command)
         elif word == "git":
@@ -725,11 +957,19 @@ class Walk:
         elif command == "sysctl --system":
             if not host.path("/etc/sysctl.d/90-llmrouter.conf").is_file():
                 raise WalkError(f"[{host.name}] sysctl --system: the settings are not installed")
-        elif word not in ("cd", "swapoff"):
-            network = re.search(r"\bpip\b|^make\b", command) is None
-            output = host.shell(command, network=network)
-            for call in host.calls():
-                host.services.systemctl(call)
+        elif word != "swapoff":
+            if host.session is None:
+                host.new_session()
+            assert host.session is not None
+            if re.search(r"\bpip\b|^make\b|install-release|llmrouter-llama-build", command):
+                output = host.session.run_networked(command)
+            else:
+                output = host.session.run(command)
+            assignment = re.match(r"([A-Z_][A-Z0-9_]*)=", command)
+            if assignment is not None:
+                name = assignment.group(1)
+                host.variables[name] = host.session.run(f'printf %s "${name}"')
+                return host.variables[name]
             return output
         return ""
 
@@ -741,24 +981,26 @@ class Walk:
     def checkout(self, host: Host, command: str) -> None:
         match = re.search(r"checkout v(\S+)", command)
         if match is None:
-            return  # git clone: the walk runs in this checkout
-        version = host.shell(f'printf %s "{match.group(1)}"')
-        setup = host.path(str(REPO / "setup.cfg"))
+            if not host.path("/root/llmrouter/setup.cfg").exists():
+                raise WalkError(f"[{host.name}] {command}: no checkout in /root/llmrouter")
+            return  # git clone: the walk runs in this checkout, laid out at /root/llmrouter
+        version = host.run(f'printf %s "{match.group(1)}"')
+        tree = host.path(host.run("pwd").strip())
+        setup = tree / "setup.cfg"
         setup.write_text(re.sub(r"(?m)^version = .*$", f"version = {version}", setup.read_text()))
-        init = host.path(str(REPO / "llmrouter" / "__init__.py"))
+        init = tree / "llmrouter" / "__init__.py"
         init.write_text(
             re.sub(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text())
         )
 
     def copy(self, host: Host, command: str) -> None:
-        words = shlex.split(
-            host.shell(f"printf '%s\\n' {command.split(' ', 1)[1]}").replace("\n", " ")
-        )
+        words = shlex.split(host.run(f"printf '%s\\n' {command.split(' ', 1)[1]}"))
+        cwd = host.run("pwd").strip()
         *sources, target = words
         user_host, _, directory = target.partition(":")
         other = self.hosts[self.addresses[user_host.split("@")[-1]]]
         for source in sources:
-            original = host.path(str(REPO / source))  # relative: to the checkout, the cwd
+            original = host.path(str(Path(cwd) / source))  # relative: to the session's cwd
             copied = other.path(directory) / Path(source).name
             shutil.copyfile(original, copied)
             os.chmod(copied, original.stat().st_mode & 0o777)

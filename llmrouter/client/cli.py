@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectError
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
@@ -32,6 +32,7 @@ from llmrouter.client.library import (
     Client,
     Conversation,
     Reply,
+    error_from_chunk,
     load_device_key,
     write_private,
 )
@@ -126,7 +127,23 @@ def _parser() -> argparse.ArgumentParser:
         help="serve an OpenAI-compatible API on loopback, sealing every request to the router",
     )
     proxy.add_argument(
-        "--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000; port 0: any)"
+        "--listen",
+        default="127.0.0.1:8000",
+        help="HOST:PORT (default 127.0.0.1:8000; port 0: any), or unix:/path.sock (created 0600)",
+    )
+    proxy.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=Path,
+        default=_config_dir() / "proxy-token",
+        help="the bearer token clients must send as their API key, created (random, 0600) on"
+        " first start and printed with the start message (default %(default)s)",
+    )
+    proxy.add_argument(
+        "--no-token",
+        action="store_true",
+        help="ask no token: only with a unix: --listen (no web page can reach a UNIX socket;"
+        " its 0600 mode keeps other users out)",
     )
     proxy.add_argument(
         "--allow-remote", action="store_true", help="allow a --listen address that is not loopback"
@@ -138,6 +155,11 @@ def _parser() -> argparse.ArgumentParser:
         f" {proxy_module.DEFAULT_MODEL}); /v1/models lists it and the router's models",
     )
     return parser
+
+
+def _config_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "llmrouter"
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,26 +207,60 @@ def _pin(text: str) -> bytes:
         raise ChatError("bad_pin", "--pin must be an Ed25519 public key in base64url") from None
 
 
-def _listen(args: argparse.Namespace) -> tuple[str, int]:
+def _listen(args: argparse.Namespace) -> tuple[str, int] | str:
+    """``(host, port)``, or the path of a UNIX socket."""
+    listen: str = args.listen
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        if not path:
+            raise ChatError("bad_listen", "--listen unix: needs a path")
+        return path
+    if args.no_token:
+        raise ChatError(
+            "bad_listen",
+            "--no-token only with a unix: --listen: any web page the user visits can send"
+            " requests to a TCP port on this machine",
+        )
     try:
-        return proxy_module.parse_listen(args.listen, args.allow_remote)
+        return proxy_module.parse_listen(listen, args.allow_remote)
     except ValueError as e:
         raise ChatError("bad_listen", str(e)) from None
 
 
+def _token(args: argparse.Namespace) -> bytes | None:
+    if args.no_token:
+        return None
+    try:
+        args.token_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return proxy_module.load_token(args.token_file)
+    except OSError as e:
+        raise ChatError("bad_token", f"cannot use {args.token_file}: {e.strerror}") from None
+
+
 async def _proxy(
-    reactor: Any, client: Client, listen: tuple[str, int], args: argparse.Namespace
+    reactor: Any, client: Client, listen: tuple[str, int] | str, args: argparse.Namespace
 ) -> int:
     """Check everything before listening: a bad address, pin or key document never serves a
     request (the key document is verified, and with --tofu its key kept, first)."""
-    host, port = listen
+    token = _token(args)
     await client.fetch_keys()
-    site = proxy_module.ProxySite(proxy_module.ProxyResource(client, args.model_name))
-    endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
-    listening = await endpoint_type(reactor, port, interface=host).listen(site)
-    address = listening.getHost()
-    shown = f"[{address.host}]" if ":" in address.host else address.host
-    _write(f"llmrouter-client proxy: http://{shown}:{address.port}/v1 -> {args.url}\n")
+    resource = proxy_module.ProxyResource(client, args.model_name)
+    site = proxy_module.ProxySite(resource)
+    if isinstance(listen, str):
+        await UNIXServerEndpoint(reactor, listen, mode=0o600).listen(site)
+        resource.access = proxy_module.Access.for_unix(token)
+        where = f"unix:{listen}"
+    else:
+        host, port = listen
+        endpoint_type = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        listening = await endpoint_type(reactor, port, interface=host).listen(site)
+        address = listening.getHost()
+        resource.access = proxy_module.Access.for_tcp(address.host, address.port, token or b"")
+        shown = f"[{address.host}]" if ":" in address.host else address.host
+        where = f"http://{shown}:{address.port}/v1"
+    _write(f"llmrouter-client proxy: {where} -> {args.url}\n")
+    if token is not None:
+        _write(f"API key (Authorization: Bearer): {token.decode()} (in {args.token_file})\n")
     await Deferred()  # until SIGINT or SIGTERM stops the reactor
     return 0
 
@@ -335,7 +391,7 @@ def _open(args: argparse.Namespace) -> int:
         raise ChatError("truncated", str(e)) from None
     _write("\n")
     if isinstance(final, ErrorChunk):
-        raise ChatError(final.code, final.message)
+        raise error_from_chunk(final)
     return 0
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -26,10 +27,17 @@ from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, readBody
+from twisted.web.client import (
+    FileBodyProducer,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    readBody,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -54,6 +62,7 @@ from llmrouter.protocol import (
     ToolCallDelta,
     b64u_decode,
     b64u_encode,
+    check_key_document_times,
     seal_request,
     verify_key_document,
 )
@@ -64,25 +73,43 @@ __all__ = [
     "Client",
     "Conversation",
     "Reply",
+    "error_from_chunk",
     "load_device_key",
     "read_private",
     "write_private",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+# As the TypeScript SDK: the key document is fetched again after an hour (the router re-signs
+# hourly), and a proof of work harder than 24 bits (about 16 million hashes) is refused.
+KEY_REFRESH_SECONDS = 3600
+MAX_POW_DIFFICULTY = 24
 
 
 class ChatError(Exception):
-    """The router refused the request, the stream ended in an error, or it was truncated."""
+    """The router refused the request, the stream ended in an error, or it was truncated.
+
+    A refusal is the same error whether it came as plain JSON (before the router decrypted the
+    request) or as the stream's sealed final chunk (after): ``status`` the HTTP status,
+    ``retry_after`` seconds when the router said (rate limits), ``upstream`` what a backend's own
+    refusal said (``upstream_status``, ``upstream_code``, ``upstream_param``) for
+    ``upstream_refused``.
+    """
 
     def __init__(
-        self, code: str, message: str, status: int | None = None, retry_after: int | None = None
+        self,
+        code: str,
+        message: str,
+        status: int | None = None,
+        retry_after: int | None = None,
+        upstream: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
-        self.retry_after = retry_after  # seconds, when the router said (rate limits)
+        self.retry_after = retry_after
+        self.upstream = dict(upstream or {})
 
 
 @dataclass(frozen=True, repr=False)
@@ -186,6 +213,34 @@ class _StreamReader(Protocol):
             self.finished.errback(ChatError("truncated", str(e)))
 
 
+def error_from_chunk(final: ErrorChunk) -> ChatError:
+    """The router's sealed final error chunk as the error a plain refusal would have been."""
+    return ChatError(
+        final.code, final.message, final.status, final.retry_after, _upstream(final.detail())
+    )
+
+
+def _upstream(error: Mapping[str, Any]) -> dict[str, Any]:
+    names = ("upstream_status", "upstream_code", "upstream_param")
+    return {name: error[name] for name in names if isinstance(error.get(name), int | str)}
+
+
+def _pin(pin: bytes | str | None) -> bytes | None:
+    """The signing key to trust: 32 bytes, or the base64url text ``llmrouter-keys pin`` prints;
+    anything else is refused now, not at the first request."""
+    if isinstance(pin, str):
+        try:
+            return b64u_decode(pin.strip(), "pin", 32)
+        except ProtocolError:
+            raise ValueError(
+                "pin= is the router's Ed25519 signing key: 32 bytes, or the base64url text"
+                " `llmrouter-keys pin` prints"
+            ) from None
+    if pin is not None and (not isinstance(pin, bytes) or len(pin) != 32):
+        raise ValueError("pin= is the router's Ed25519 signing key: 32 bytes (or its base64url)")
+    return pin
+
+
 def _json_error(status: int, body: bytes) -> tuple[str, str, dict[str, Any]]:
     try:
         error = json.loads(body)["error"]
@@ -202,25 +257,31 @@ class Client:
         reactor: Any,
         url: str,
         *,
-        pin: bytes | None = None,
+        pin: bytes | str | None = None,
         tofu: Path | None = None,
         device_key: hpke.KeyPair | None = None,
         pad: int = DEFAULT_PAD,
         tls: ClientTLS | None = None,
         clock: IReactorTime | None = None,
+        max_pow_difficulty: int = MAX_POW_DIFFICULTY,
+        key_refresh_seconds: float = KEY_REFRESH_SECONDS,
     ) -> None:
         if pin is None and tofu is None:
             raise ValueError(
                 "trusting a router needs pin= (its signing key) or tofu= (a trust-on-first-use"
                 " file that keeps the first signing key seen)"
             )
+        pin = _pin(pin)
         self._agent, self._base = agent_for(reactor, url, tls)
         self._clock: IReactorTime = clock or reactor
         self._pin = pin
         self._tofu = tofu
         self._device_key = device_key
         self._pad = pad
+        self._max_pow = max_pow_difficulty
+        self._refresh = key_refresh_seconds
         self._keys: KeyDocument | None = None
+        self._fetched_at = 0.0
 
     async def _get(self, path: str) -> tuple[IResponse, bytes]:
         response = await self._agent.request(b"GET", (self._base + path).encode("ascii"))
@@ -242,11 +303,30 @@ class Client:
             raise ChatError("bad_key_document", str(e)) from None
         if pin is None and self._tofu is not None:
             _trust(self._tofu, keys.signing_key)
-        self._keys = keys
+        self._keys, self._fetched_at = keys, self._clock.seconds()
         return keys
 
+    async def current_keys(self) -> KeyDocument:
+        """The verified key document to seal to: the one in memory while it is less than an hour
+        old and still valid (24 hours since signing, the current key's ``not_after``), else a
+        fresh one. If the router cannot be reached, a document that is still valid is used."""
+        keys, now = self._keys, self._clock.seconds()
+        try:
+            if keys is not None:
+                check_key_document_times(keys, now)
+        except KeyDocumentError:
+            keys = None
+        if keys is not None and now - self._fetched_at < self._refresh:
+            return keys
+        try:
+            return await self.fetch_keys()
+        except (ConnectError, ResponseFailed, ResponseNeverReceived):
+            if keys is None:
+                raise
+            return keys
+
     async def seal(self, request: ChatRequest) -> tuple[dict[str, Any], RequestState]:
-        keys = self._keys or await self.fetch_keys()
+        keys = await self.current_keys()
         now = int(self._clock.seconds())
         env, state = seal_request(keys.current(), request, now, self._device_key, self._pad)
         return env.to_json(), state
@@ -328,12 +408,41 @@ class Client:
             code, message, error = _json_error(response.code, body)
             if code == "pow_required" and pow_header is None and "challenge" in error:
                 enc = b64u_decode(envelope["enc"], "enc")
-                pow_header = await threads.deferToThread(pow.solve, str(error["challenge"]), enc)
+                pow_header = await self._solve(str(error["challenge"]), enc)
                 continue
             retry_after = error.get("retry_after")
             retry = retry_after if isinstance(retry_after, int) else None
-            raise ChatError(code, message, response.code, retry)
+            raise ChatError(code, message, response.code, retry, _upstream(error))
         raise ChatError("pow_invalid", "the proof of work was not accepted", 401)
+
+    async def _solve(self, challenge: str, enc: bytes) -> str:
+        """Solve a proof of work in a thread, if it is no harder than allowed; cancelling the
+        request stops the thread (an on-path party could otherwise pin a CPU for hours)."""
+        try:
+            difficulty = pow.challenge_difficulty(challenge)
+        except ProtocolError:
+            raise ChatError("pow_invalid", "the challenge is malformed", 401) from None
+        if difficulty > self._max_pow:
+            raise ChatError(
+                "pow_too_hard",
+                f"the proof of work asked for ({difficulty} bits) is harder than this client"
+                f" allows ({self._max_pow} bits)",
+                401,
+            )
+        stop = threading.Event()
+        work = threads.deferToThread(pow.solve, challenge, enc, difficulty, stop)
+        solved: Deferred[str] = Deferred(lambda _: stop.set())
+
+        def relay(result: str | Failure) -> None:
+            if solved.called:  # cancelled: the thread stopped (pow.Stopped) or just finished
+                return
+            if isinstance(result, Failure):
+                solved.errback(result)
+            else:
+                solved.callback(result)
+
+        work.addBoth(relay)
+        return await solved
 
     async def _post(self, envelope: dict[str, Any], pow_header: str | None) -> IResponse:
         headers = Headers(
@@ -353,7 +462,7 @@ class Client:
         response.deliverBody(reader)
         final = await reader.finished
         if isinstance(final, ErrorChunk):
-            raise ChatError(final.code, final.message)
+            raise error_from_chunk(final)
         return final
 
 

@@ -9,6 +9,13 @@ Served: ``POST /v1/chat/completions`` (streaming and not, OpenAI's chunk format,
 and the proxy's own name for the router's default model). Errors are OpenAI-style
 ``{"error": {"message", "type", "param", "code"}}`` bodies.
 
+Who may use it (:class:`Access`): a web page the user visits is an attacker of anything on
+localhost (a "simple" ``text/plain`` POST needs no preflight, and DNS rebinding makes a page
+same-origin with the proxy). So every request must name the proxy itself as ``Host`` (its
+listening address or ``localhost``, with its port), carry no ``Origin`` but the proxy's own, send
+``POST`` bodies as ``application/json`` and, unless the proxy listens only on a UNIX socket and
+was told ``--no-token``, present the proxy's bearer token (OpenAI clients send their API key so).
+
 An OpenAI request field is either carried by protocol v1.1 (``_FIELDS``) or refused by name with
 400 ``unsupported_parameter``; nothing is dropped silently. Answers come back in OpenAI's shapes:
 ``tool_calls`` (fragments while streaming), ``logprobs``, finish reason ``tool_calls``, and the
@@ -17,12 +24,14 @@ model's reasoning apart as ``reasoning_content``, as llama-server, vLLM and Deep
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -32,8 +41,9 @@ from twisted.web import server
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.resource import Resource
 
+from llmrouter.bodies import InMemoryRequest
 from llmrouter.chat import FIELDS, MODEL_NAME
-from llmrouter.client.library import ChatError, Client, Reply
+from llmrouter.client.library import ChatError, Client, Reply, read_private, write_private
 from llmrouter.protocol import (
     ChatRequest,
     Delta,
@@ -48,9 +58,11 @@ from llmrouter.protocol import (
 __all__ = [
     "DEFAULT_MODEL",
     "MAX_BODY",
+    "Access",
     "OpenAIError",
     "ProxyResource",
     "ProxySite",
+    "load_token",
     "parse_listen",
     "to_request",
 ]
@@ -94,17 +106,22 @@ class OpenAIError(Exception):
         }
 
 
-def _unsupported(name: str) -> OpenAIError:
+def _unsupported(name: str, param: str | None = None) -> OpenAIError:
+    """``name`` (a field, or what of it) is refused; ``param`` the field, if ``name`` says more."""
     return OpenAIError(
         400,
         f"{name} is not supported by this router (protocol v1.1)",
         "unsupported_parameter",
-        name,
+        param or name,
     )
 
 
 def _invalid(name: str, message: str) -> OpenAIError:
     return OpenAIError(400, message, "invalid_value", name)
+
+
+def _too_large() -> OpenAIError:
+    return OpenAIError(413, "the request body is too large", "body_too_large")
 
 
 def _model_not_found(name: str) -> OpenAIError:
@@ -116,6 +133,83 @@ def _model_not_found(name: str) -> OpenAIError:
 def _field_name(key: Any, fallback: str) -> str:
     """A request's field name, for a message: only when it is a plain identifier."""
     return key if isinstance(key, str) and key.isidentifier() else fallback
+
+
+# Who may use the proxy.
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a request must show: ``hosts`` the ``Host`` values that name the proxy (None: any,
+    for a UNIX socket, which no browser reaches), ``origins`` the only ``Origin`` values allowed
+    (the proxy's own), ``token`` the bearer token (None: none asked, UNIX socket only)."""
+
+    hosts: frozenset[bytes] | None
+    origins: frozenset[bytes]
+    token: bytes | None
+
+    @classmethod
+    def for_tcp(cls, host: str, port: int, token: bytes) -> Access:
+        """The proxy listening on ``host:port``: that address and ``localhost`` name it."""
+        names = (f"[{host}]" if ":" in host else host, "localhost")
+        hosts = {f"{name}:{port}" for name in names}
+        if port == 80:  # the default port goes unsaid
+            hosts |= set(names)
+        return cls(
+            frozenset(h.encode() for h in hosts),
+            frozenset(f"http://{h}".encode() for h in hosts),
+            token,
+        )
+
+    @classmethod
+    def for_unix(cls, token: bytes | None) -> Access:
+        return cls(None, frozenset(), token)
+
+    def check(self, request: server.Request) -> None:
+        """Raise the :class:`OpenAIError` for a request that may not use the proxy."""
+        host = (request.getHeader(b"host") or b"").strip().lower()
+        if self.hosts is not None and host not in self.hosts:
+            raise OpenAIError(
+                403,
+                "the Host header does not name this proxy (a web page may be trying to use it)",
+                "forbidden_host",
+            )
+        origin = request.getHeader(b"origin")
+        if origin is not None and origin.strip().lower() not in self.origins:
+            raise OpenAIError(
+                403, "requests from web pages are refused (Origin)", "forbidden_origin"
+            )
+        if self.token is not None:
+            given = request.getHeader(b"authorization") or b""
+            scheme, _, value = given.strip().partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+                raise OpenAIError(
+                    401,
+                    "a bearer token is required: the API key the proxy printed when it started"
+                    " (kept in its --token-file)",
+                    "invalid_api_key",
+                )
+        if request.method == b"POST":
+            content_type = request.getHeader(b"content-type") or b""
+            if content_type.split(b";")[0].strip().lower() != b"application/json":
+                raise OpenAIError(
+                    415, "Content-Type must be application/json", "unsupported_media_type"
+                )
+
+
+def load_token(path: Path) -> bytes:
+    """The proxy's bearer token in ``path`` (0600), made (random, 256 bits) on first use."""
+    try:
+        text = read_private(path).strip()
+    except FileNotFoundError:
+        text = secrets.token_urlsafe(32)
+        try:
+            write_private(path, text + "\n", exclusive=True)
+        except FileExistsError:  # another proxy made it meanwhile
+            text = read_private(path).strip()
+    if len(text) < 32 or not text.isascii() or not text.isprintable() or " " in text:
+        raise ChatError("bad_token", f"{path} does not hold a token (32 or more characters)")
+    return text.encode("ascii")
 
 
 # The request: OpenAI fields -> protocol v1.1 plaintext.
@@ -164,7 +258,9 @@ def _messages(value: Any, draft: _Draft) -> None:
         role = message.get("role")
         role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
-            raise _unsupported("messages[].role (only system, developer, user, assistant, tool)")
+            raise _unsupported(
+                "messages[].role (only system, developer, user, assistant, tool)", "messages[].role"
+            )
         carried = _MESSAGE_FIELDS.get(role, ())
         for key in message:
             if key not in ("role", "content", *carried) and message[key] is not None:
@@ -205,7 +301,7 @@ def _stream(value: Any, draft: _Draft) -> None:
 
 def _stream_options(value: Any, draft: _Draft) -> None:
     if not isinstance(value, dict) or not set(value) <= {"include_usage"}:
-        raise _unsupported("stream_options (only include_usage)")
+        raise _unsupported("stream_options (only include_usage)", "stream_options")
     draft.include_usage = bool(value.get("include_usage"))
 
 
@@ -225,7 +321,7 @@ def _only(name: str, default: Any) -> Callable[[Any, _Draft], None]:
 
     def apply(value: Any, draft: _Draft) -> None:
         if value != default or isinstance(value, bool) != isinstance(default, bool):
-            raise _unsupported(f"{name} other than {json.dumps(default)}")
+            raise _unsupported(f"{name} other than {json.dumps(default)}", name)
 
     return apply
 
@@ -283,6 +379,13 @@ def _from_chat_error(error: ChatError) -> OpenAIError:
         return _model_not_found("of that name")
     if error.code == "unsupported_field":
         return OpenAIError(400, error.message, "unsupported_parameter")
+    if error.code == "upstream_refused":
+        # The backend's reason (its error code and parameter, never its message), as it would
+        # have answered an OpenAI client itself: e.g. max_tokens_exceeded, param max_tokens.
+        code = error.upstream.get("upstream_code")
+        param = error.upstream.get("upstream_param")
+        message = error.message + (f" ({code})" if code else "")
+        return OpenAIError(400, message, code or error.code, param)
     status = error.status
     if status is None or status == 401 or status >= 500:
         # Trouble between the proxy and the router (stream cut, key document, proof of work,
@@ -507,10 +610,12 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, client: Client, model: str = DEFAULT_MODEL) -> None:
+    def __init__(self, client: Client, model: str = DEFAULT_MODEL, access: Access | None = None):
         super().__init__()
         self._client = client
         self._model = model
+        # Until the listening address is known, nothing is allowed.
+        self.access = access or Access(frozenset(), frozenset(), b"")
 
     @staticmethod
     def _entry(name: str) -> dict[str, Any]:
@@ -534,6 +639,7 @@ class ProxyResource(Resource):
     def render(self, request: server.Request) -> Any:
         path = request.path.rstrip(b"/")
         try:
+            self.access.check(request)
             if path == b"/v1/chat/completions":
                 self._allow(request, b"POST")
                 return self._chat(request)
@@ -557,18 +663,26 @@ class ProxyResource(Resource):
         assert request.content is not None
         body = request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            raise OpenAIError(413, "the request body is too large", "body_too_large")
+            raise _too_large()
         chat, draft = to_request(body, self._model)
         _Completion(request, self._client, chat, draft)
         return server.NOT_DONE_YET
 
 
 class ProxySite(server.Site):
-    """No access log: it would record the local client's requests."""
+    """No access log: it would record the local client's requests. Bodies (the conversation in
+    plaintext) stay in memory, at most :data:`MAX_BODY`: Twisted's default request spools a
+    body of 100 KB or more to a temporary file."""
+
+    requestFactory = InMemoryRequest
+    max_body = MAX_BODY
 
     def __init__(self, resource: ProxyResource) -> None:
         super().__init__(resource)
         self.displayTracebacks = False
+
+    def too_large_body(self) -> bytes:
+        return json.dumps(_too_large().body()).encode()
 
     def log(self, request: Any) -> None:
         pass

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -37,11 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "AMX_OPT_IN",
     "LLAMA_CPP_VERSION",
+    "PROG",
     "BuildPlan",
     "cpu_flags",
+    "host_cpu_flags",
     "main",
     "plan_build",
+    "runtime_refusals",
     "system_info_features",
     "unexpected_features",
 ]
@@ -49,9 +54,14 @@ __all__ = [
 PROG = "llmrouter-llama-build"
 # The pinned version (setup.cfg's inference extra says the same; a test checks they agree).
 LLAMA_CPP_VERSION = "0.3.36"
+# The operator's opt-in to ggml's AMX kernels, for the build and for the daemon that loads it.
+AMX_OPT_IN = "LLMROUTER_LLAMA_AMX"
+X86_64 = frozenset({"x86_64", "amd64", "x86-64"})
 
 # ggml's x86 options, each with the /proc/cpuinfo flags it needs (GGML_AVX512 compiles with
-# -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw, so it needs all five).
+# -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw, so it needs all five, and the
+# AVX512 extensions build on it).
+AVX512 = frozenset({"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"})
 X86_OPTIONS: tuple[tuple[str, frozenset[str]], ...] = (
     ("GGML_SSE42", frozenset({"sse4_2"})),
     ("GGML_AVX", frozenset({"avx"})),
@@ -60,10 +70,10 @@ X86_OPTIONS: tuple[tuple[str, frozenset[str]], ...] = (
     ("GGML_BMI2", frozenset({"bmi2"})),
     ("GGML_AVX2", frozenset({"avx2"})),
     ("GGML_AVX_VNNI", frozenset({"avx_vnni"})),
-    ("GGML_AVX512", frozenset({"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"})),
-    ("GGML_AVX512_VBMI", frozenset({"avx512f", "avx512vbmi"})),
-    ("GGML_AVX512_VNNI", frozenset({"avx512f", "avx512_vnni"})),
-    ("GGML_AVX512_BF16", frozenset({"avx512f", "avx512_bf16"})),
+    ("GGML_AVX512", AVX512),
+    ("GGML_AVX512_VBMI", AVX512 | {"avx512vbmi"}),
+    ("GGML_AVX512_VNNI", AVX512 | {"avx512_vnni"}),
+    ("GGML_AVX512_BF16", AVX512 | {"avx512_bf16"}),
 )
 AMX_OPTIONS: tuple[tuple[str, frozenset[str]], ...] = (
     ("GGML_AMX_TILE", frozenset({"amx_tile"})),
@@ -84,6 +94,23 @@ SYSTEM_INFO_NAMES: Mapping[str, str] = {
     "GGML_AVX512_VNNI": "AVX512_VNNI",
     "GGML_AVX512_BF16": "AVX512_BF16",
     "GGML_AMX_INT8": "AMX_INT8",
+}
+# What a CPU must advertise for a library reporting each feature to run at all (a library built
+# with -march=native elsewhere reports what that host had; here it would die of SIGILL).
+RUNS_ON: Mapping[str, frozenset[str]] = {
+    "SSE3": frozenset({"pni"}),  # /proc/cpuinfo calls SSE3 "pni"
+    "SSSE3": frozenset({"ssse3"}),
+    "AVX": frozenset({"avx"}),
+    "F16C": frozenset({"f16c"}),
+    "FMA": frozenset({"fma"}),
+    "BMI2": frozenset({"bmi2"}),
+    "AVX2": frozenset({"avx2"}),
+    "AVX_VNNI": frozenset({"avx_vnni"}),
+    "AVX512": AVX512,
+    "AVX512_VBMI": frozenset({"avx512vbmi"}),
+    "AVX512_VNNI": frozenset({"avx512_vnni"}),
+    "AVX512_BF16": frozenset({"avx512_bf16"}),
+    "AMX_INT8": frozenset({"amx_tile", "amx_int8"}),
 }
 ACCELERATORS: Mapping[str, str] = {"cuda": "-DGGML_CUDA=on", "vulkan": "-DGGML_VULKAN=on"}
 
@@ -113,10 +140,21 @@ def cpu_flags(cpuinfo: str) -> frozenset[str]:
 
 
 def plan_build(
-    flags: Iterable[str], *, amx: bool = False, accelerator: str | None = None
+    flags: Iterable[str],
+    *,
+    amx: bool = False,
+    accelerator: str | None = None,
+    machine: str = "x86_64",
 ) -> BuildPlan:
-    """CMake arguments for a CPU with ``flags``: each extension it has, AMX only if asked."""
+    """CMake arguments for a CPU with ``flags``: each extension it has, AMX only if asked.
+
+    Other architectures than x86-64 keep llama.cpp's own (native) build: AMX is x86 only, and
+    ``GGML_NATIVE=OFF`` there would drop the ARM extensions that make it fast.
+    """
     have = frozenset(flags)
+    extra = [ACCELERATORS[accelerator]] if accelerator is not None else []
+    if machine.lower() not in X86_64:
+        return BuildPlan(tuple(extra), frozenset(), frozenset({"AMX_INT8"}))
     args = ["-DGGML_NATIVE=OFF"]
     expected: set[str] = set()
     forbidden: set[str] = set()
@@ -130,9 +168,7 @@ def plan_build(
         args.append(f"-D{option}={'ON' if on else 'OFF'}")
         if option in SYSTEM_INFO_NAMES:
             (expected if on else forbidden).add(SYSTEM_INFO_NAMES[option])
-    if accelerator is not None:
-        args.append(ACCELERATORS[accelerator])
-    return BuildPlan(tuple(args), frozenset(expected), frozenset(forbidden))
+    return BuildPlan(tuple(args + extra), frozenset(expected), frozenset(forbidden))
 
 
 def system_info_features(info: str) -> frozenset[str]:
@@ -148,13 +184,37 @@ def unexpected_features(plan: BuildPlan, info: str) -> list[str]:
     return problems
 
 
+def runtime_refusals(info: str, flags: frozenset[str], *, amx: bool) -> list[str]:
+    """Why the library reporting ``info`` must not run on a CPU with ``flags``: ggml's AMX
+    kernels without the operator's opt-in, or extensions the CPU lacks. ``flags`` may be empty
+    (``/proc/cpuinfo`` hidden, as under ``ProcSubset=pid``): then only AMX is checked."""
+    have = system_info_features(info)
+    problems = []
+    if "AMX_INT8" in have and not amx:
+        problems.append(
+            f"ggml's AMX kernels are compiled in (they fault on many cloud VMs; {AMX_OPT_IN}=1"
+            " opts in where they run)"
+        )
+    if flags:
+        lacking = sorted(n for n in have & RUNS_ON.keys() if not RUNS_ON[n] <= flags)
+        if lacking:
+            problems.append(f"it was built for another CPU ({', '.join(lacking)}: not on this one)")
+    return problems
+
+
+def host_cpu_flags() -> frozenset[str]:
+    """This CPU's flags, empty where /proc/cpuinfo cannot be read."""
+    try:
+        return cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
+
 def host_plan(*, amx: bool = False, accelerator: str | None = None) -> BuildPlan:
     """The plan for the CPU this runs on."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    return plan_build(cpu_flags(cpuinfo), amx=amx, accelerator=accelerator)
+    return plan_build(
+        host_cpu_flags(), amx=amx, accelerator=accelerator, machine=platform.machine()
+    )
 
 
 def cache_root() -> Path:
@@ -241,7 +301,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     accelerator = "cuda" if options.cuda else "vulkan" if options.vulkan else None
-    amx = options.amx or os.environ.get("LLMROUTER_LLAMA_AMX") == "1"
+    amx = options.amx or os.environ.get(AMX_OPT_IN) == "1"
     plan = host_plan(amx=amx, accelerator=accelerator)
     if options.cmake_args or options.cache_key:
         print(" ".join(plan.cmake_args) if options.cmake_args else plan.key)

@@ -14,6 +14,9 @@ can do before it passes the per-address limit counts toward anyone else's (issue
  7. key id (400 ``key_unknown``)
  8. replay: ``enc`` seen inside the window (409 ``replay``) - recorded only after step 9
  9. decryption (400 ``decrypt_failed``, one code whatever failed; ``bad_payload`` for bad JSON)
+    - from here on a refusal goes back sealed (:class:`~llmrouter.protocol.SealedRefusal`): the
+      status and code inside a sealed final error chunk, so what the request contained does not
+      show on the wire
 10. per-device rate limit (429 ``device_rate_limited``); the device is known from now on
 11. route: backends that serve the request's model and implement its fields (404
     ``model_unknown``, 400 ``unsupported_field``, 503 ``overloaded``/``no_backend``)
@@ -45,6 +48,7 @@ from llmrouter.protocol import (
     ChatRequest,
     Envelope,
     ProtocolError,
+    SealedRefusal,
     check_timestamp,
     open_request,
     parse_envelope,
@@ -253,8 +257,12 @@ class Admission:
             raise self.reject(_replay(), ip)
         try:
             request, secret = open_request(envelope, secret_key)
-        except ProtocolError as e:
+        except ProtocolError as e:  # bad_payload comes sealed (SealedRefusal)
             raise self.reject(e, ip) from None
+
+        def sealed(error: ProtocolError) -> SealedRefusal:
+            """From here on every refusal goes back sealed: the request was decrypted."""
+            return SealedRefusal(error, secret, envelope.enc)
 
         # Routing and this router's capacity are local: found now, refused in their turn
         # (after the per-device limit), and a refused request opens no stream and spends nothing.
@@ -269,17 +277,19 @@ class Admission:
             committed = await self._ask(
                 store.commit(Commit(envelope.enc, device, verdict.new, release_slot is not None))
             )
-        except BaseException:
+        except BaseException as e:
             if release_slot is not None:
                 release_slot()
+            if isinstance(e, ProtocolError):
+                raise sealed(e) from None
             raise
         error = verdict_error(committed) or local_error
         if error is not None:
             if release_slot is not None:
                 release_slot()
             if error.code == "replay":
-                raise self.reject(error, ip)
-            raise self.reject(error, device=device)
+                raise sealed(self.reject(error, ip))
+            raise sealed(self.reject(error, device=device))
         assert release_slot is not None
         return Admitted(envelope, request, secret, route, _both(release_slot, committed.release))
 

@@ -27,7 +27,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from llmrouter import pow
-from llmrouter.protocol import ProtocolError, ResponseSealer
+from llmrouter.bodies import InMemoryRequest
+from llmrouter.protocol import ProtocolError, ResponseSealer, SealedRefusal
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
 from llmrouter.router.cachekey import CacheKeys
@@ -105,6 +106,14 @@ class RouterApp:
             request.setHeader(b"Retry-After", str(retry_after).encode("ascii"))
         return self._reply(request, error.status, b"application/json", error.to_json())
 
+    def _sealed_error(self, request: server.Request, error: SealedRefusal) -> bytes:
+        """A refusal of a decrypted request: a stream whose only chunk is the sealed error."""
+        sealer = ResponseSealer(error.secret, error.enc, pad=self.settings.pad_bytes)
+        body = sealer.init_event() + sealer.error(
+            error.code, error.message, error.status, **error.extra
+        )
+        return self._reply(request, 200, b"text/event-stream", body)
+
     # Routes.
 
     @app.route("/api/chat", methods=["POST"])
@@ -125,6 +134,8 @@ class RouterApp:
             admitted = await self.admission.admit(
                 body, self._proxies.client_address(request), pow_header
             )
+        except SealedRefusal as e:
+            return self._sealed_error(request, e)
         except ProtocolError as e:
             return self._error(request, e)
         if request._disconnected:  # left while a shared table answered
@@ -301,49 +312,6 @@ class _Cors(Resource):
         return self._reply(request, 204, b"application/json", b"")
 
 
-class _BoundedRequest(server.Request):
-    """Keeps request bodies in memory (never a temp file) and refuses oversized ones early."""
-
-    _too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-        site = cast(Any, self.channel).site
-        if length is not None and length > site.max_body:
-            self._refuse()
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._too_large:
-            return
-        self._received += len(data)
-        if self._received > cast(Any, self.channel).site.max_body:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self) -> None:
-        self._too_large = True
-        self.content = BytesIO()
-        site: RouterSite = cast(Any, self.channel).site
-        error = ProtocolError("body_too_large", "request body exceeds the size limit")
-        site.on_too_large(error)
-        body = error.to_json()
-        transport = self.channel.transport
-        assert transport is not None
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n"
-            b"Connection: close\r\n\r\n" + body
-        )
-        transport.loseConnection()
-
-    def process(self) -> None:
-        if not self._too_large:
-            super().process()
-
-
 @implementer(ILogObserver)
 class _Drop:
     def __call__(self, event: Any) -> None:
@@ -383,6 +351,17 @@ class _QuietChannel(http.HTTPChannel):
             guard.dispatched(self.transport)
         super().allContentReceived()
 
+    def requestDone(self, request: http.Request) -> None:
+        guard = self._guard()
+        if (
+            guard is not None
+            and self.transport is not None
+            and self.persistent
+            and len(self.requests) == 1  # no pipelined request behind this one
+        ):
+            guard.idle(self.transport)  # buffered bytes of a next request call reading()
+        super().requestDone(request)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         guard = self._guard()
         if guard is not None and self.transport is not None:
@@ -397,7 +376,7 @@ class RouterSite(server.Site):
     between requests are closed after a minute (Twisted's default is twelve hours).
     """
 
-    requestFactory = _BoundedRequest
+    requestFactory = InMemoryRequest
     protocol = _QuietChannel  # type: ignore[assignment]  # HTTP/1.1 only: no h2 via ALPN
 
     def __init__(
@@ -413,6 +392,11 @@ class RouterSite(server.Site):
         self.on_too_large = on_too_large
         self.displayTracebacks = False
         self.guard: ConnectionGuard | None = None
+
+    def too_large_body(self) -> bytes:
+        error = ProtocolError("body_too_large", "request body exceeds the size limit")
+        self.on_too_large(error)
+        return error.to_json()
 
     def log(self, request: Any) -> None:
         pass

@@ -12,6 +12,14 @@ descriptors and refused everyone. Three bounds, none of which turns into a locko
 * when ``max_connections`` are open, the connection that has waited longest for its request is
   closed to make room (``shed``): a connection that is streaming a response is never shed, and
   only when every connection is streaming is a new one refused (``full``).
+
+A kept-alive connection whose response ended waits for its next request like a new one: it can be
+shed at once, and it is closed after :data:`IDLE_KEEPALIVE_SECONDS` (``idle``). Before, it was
+neither waiting nor streaming, so a few dozen addresses that each sent one request and idled
+filled the router for everyone. A trusted proxy's connections (and UNIX-socket peers) are shed
+like any other when the router is full, but not closed after those seconds: a reverse proxy
+reuses its idle connections, and one closed just as it sends a POST would fail that request
+(Twisted's one-minute idle timeout still applies to them).
 """
 
 from __future__ import annotations
@@ -23,11 +31,15 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 
 from llmrouter.router.metrics import RouterMetrics
 
-__all__ = ["ConnectionGuard"]
+__all__ = ["IDLE_KEEPALIVE_SECONDS", "ConnectionGuard"]
+
+IDLE_KEEPALIVE_SECONDS = 5.0
+IDLE_EXEMPT_SECONDS = 60.0  # a trusted proxy's: as Twisted's idle timeout (router.app.IDLE_SECONDS)
 
 
 class ConnectionGuard:
-    """Driven by the HTTP channel: ``opened``, ``reading``, ``dispatched``, ``closed``."""
+    """Driven by the HTTP channel: ``opened``, ``reading``, ``dispatched``, ``idle``,
+    ``closed``."""
 
     def __init__(
         self,
@@ -37,18 +49,22 @@ class ConnectionGuard:
         max_connections: int,
         max_per_address: int,
         bucket: Callable[[str], str | None],
+        idle_seconds: float = IDLE_KEEPALIVE_SECONDS,
     ) -> None:
         """``bucket`` maps a peer address to its per-address key, or None when exempt."""
         self._clock = clock
         self._metrics = metrics
         self._read_seconds = read_seconds
+        self._idle_seconds = idle_seconds
         self._max = max_connections
         self._max_per_address = max_per_address
         self._bucket = bucket
         self._open: dict[ITransport, str | None] = {}
         self._per_address: dict[str, int] = {}
-        # Connections waiting for (the rest of) a request, oldest first, with their deadline.
+        # Connections waiting for (the rest of) a request, oldest first, with their deadline;
+        # those among them that are idle between requests (no byte of the next one yet).
         self._waiting: OrderedDict[ITransport, IDelayedCall] = OrderedDict()
+        self._idle: set[ITransport] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -72,6 +88,8 @@ class ConnectionGuard:
 
     def reading(self, transport: ITransport) -> None:
         """Bytes of a request arrived: it must be complete within the read time."""
+        if transport in self._idle:
+            self.dispatched(transport)
         if transport in self._waiting or transport not in self._open:
             return
         self._waiting[transport] = self._clock.callLater(
@@ -80,9 +98,23 @@ class ConnectionGuard:
 
     def dispatched(self, transport: ITransport) -> None:
         """The whole request arrived; its response may take as long as it needs."""
+        self._idle.discard(transport)
         timer = self._waiting.pop(transport, None)
         if timer is not None and timer.active():
             timer.cancel()
+
+    def idle(self, transport: ITransport) -> None:
+        """The response ended on a kept-alive connection: it waits for a next request, last in
+        the line to be shed, and is closed if none begins within the idle time (a trusted
+        proxy's: by Twisted's idle timeout)."""
+        if transport not in self._open:
+            return
+        self.dispatched(transport)
+        self._idle.add(transport)
+        exempt = self._open[transport] is None
+        self._waiting[transport] = self._clock.callLater(
+            IDLE_EXEMPT_SECONDS if exempt else self._idle_seconds, self._drop, transport, "idle"
+        )
 
     def closed(self, transport: ITransport) -> None:
         self.dispatched(transport)
@@ -104,5 +136,6 @@ class ConnectionGuard:
 
     def _drop(self, transport: ITransport, reason: str) -> None:
         self._waiting.pop(transport, None)
+        self._idle.discard(transport)
         self.closed(transport)
         self._refuse(transport, reason)

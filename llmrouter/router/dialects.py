@@ -41,16 +41,35 @@ class Dialect:
     """One kind of backend: the features it implements and how its body is spelled.
 
     ``cache_key``: the backend keeps a prompt cache per ``X-LLMRouter-Cache-Key`` (our daemon);
-    no other kind is sent that header.
+    no other kind is sent that header. The others share one prompt cache between every user,
+    a timing side channel (a prompt another user sent answers faster), which the router closes
+    where the backend lets it: ``cache_salt`` (vLLM) isolates its prefix cache per salt, so it
+    gets the same per-device keyed value our daemon gets, or a fresh one per request without a
+    device; ``prompt_cache_off`` (llama-server) turns its slots' prompt reuse off
+    (``cache_prompt: false``) unless the operator shares it on purpose
+    (``LLAMA_SERVER_CACHE_PROMPT``). docs/inference.md, "Backends and privacy".
     """
 
     kind: str
     features: frozenset[str]
     max_tokens_field: str = "max_tokens"
     cache_key: bool = False
+    cache_salt: bool = False
+    prompt_cache_off: bool = False
 
-    def body(self, request: ChatRequest, model: str | None) -> bytes:
-        return json.dumps(request.to_openai(model, self.max_tokens_field)).encode("utf-8")
+    def body(
+        self,
+        request: ChatRequest,
+        model: str | None,
+        salt: str = "",
+        share_prompt_cache: bool = False,
+    ) -> bytes:
+        doc = request.to_openai(model, self.max_tokens_field)
+        if self.cache_salt:
+            doc["cache_salt"] = salt
+        if self.prompt_cache_off and not share_prompt_cache:
+            doc["cache_prompt"] = False
+        return json.dumps(doc).encode("utf-8")
 
 
 DIALECTS = {
@@ -59,10 +78,12 @@ DIALECTS = {
     # it does not know it refuses by name (docs/inference.md). It keeps a prompt cache per key.
     "llmrouter": Dialect("llmrouter", EVERYTHING, cache_key=True),
     # llama-server --jinja: everything; tools only when its template handles them (see /props).
-    "llama-server": Dialect("llama-server", EVERYTHING),
+    # Its slots reuse any earlier user's prompt unless cache_prompt is false.
+    "llama-server": Dialect("llama-server", EVERYTHING, prompt_cache_off=True),
     # vLLM: everything (tools need --enable-auto-tool-choice, reasoning a --reasoning-parser);
     # max_tokens is deprecated there in favour of max_completion_tokens.
-    "vllm": Dialect("vllm", EVERYTHING, "max_completion_tokens"),
+    # Automatic prefix caching is shared between requests unless they carry a cache_salt.
+    "vllm": Dialect("vllm", EVERYTHING, "max_completion_tokens", cache_salt=True),
     # Ollama's OpenAI API: no parallel_tool_calls.
     "ollama": Dialect("ollama", EVERYTHING - {"parallel_tool_calls"}),
     # Anything else that speaks the OpenAI API: everything is forwarded as OpenAI spells it.

@@ -28,10 +28,13 @@ change it, a deliberate operator step when the old one is lost or compromised.
 
 Several routers, one key set (issue 10): one router (or ``llmrouter-keys`` on a timer) is the
 leader and rotates; the others open the directory as followers (``follower=True``,
-``KEYS_ROLE=follower``): they never create, rotate, expire or write anything, refuse a missing
-directory, take no lock (the directory may be a read-only copy) and apply the state file when it
-changes. A state file that names a key file not there yet (a copy in progress) fails that reload
-and the next poll retries; the keys in memory stay meanwhile.
+``KEYS_ROLE=follower``): they never create or rotate keys, refuse a missing directory, read
+without a lock (the directory may be a read-only copy) and apply the state file when it changes.
+The one change a follower makes is expiry: a retired key past its overlap window is wiped from
+its memory and, where the directory is writable, destroyed on disk under the lock, so with every
+router a follower (rotation by ``llmrouter-keys rotate`` on a timer) a retired private key does
+not wait for the next rotation (a day) to go. A state file that names a key file not there yet (a
+copy in progress) fails that reload and the next poll retries; the keys in memory stay meanwhile.
 
 Nothing here puts key bytes into a message, a ``repr`` or a log line.
 """
@@ -399,6 +402,7 @@ class KeyStore:
     ) -> None:
         self.directory = Path(directory).absolute()
         self.follower = follower
+        self._expiry_refused = False
         self._clock = clock
         self._rotation_setting = rotation_seconds
         self._overlap_setting = overlap_seconds
@@ -661,10 +665,15 @@ class KeyStore:
 
     # Changing the state on disk: always under the exclusive lock, from the state on disk.
 
-    def _transaction(self, change: Callable[[_State, int], _State | None], timeout: float) -> bool:
+    def _transaction(
+        self,
+        change: Callable[[_State, int], _State | None],
+        timeout: float,
+        expiry: bool = False,
+    ) -> bool:
         if self._closed:
             raise KeyStoreError("the key store is closed")
-        if self.follower:
+        if self.follower and not expiry:
             raise KeyStoreError("a follower (KEYS_ROLE=follower) never changes the keys")
         try:
             return self._locked_transaction(change, timeout)
@@ -951,7 +960,10 @@ class KeyStore:
         self._schedule()
 
     def _maintain(self) -> None:
-        if self._closed or self.follower or self._clock.seconds() < self._due():
+        if self._closed or self._clock.seconds() < self._due():
+            return
+        if self.follower:
+            self._follower_expiry()
             return
         try:
             self._transaction(self._scheduled, timeout=0)
@@ -959,6 +971,31 @@ class KeyStore:
             pass  # retried by the next poll
         except (KeyStoreError, OSError) as e:
             self._failed("maintenance", e)
+
+    def _follower_expiry(self) -> None:
+        """Expiry, the one change a follower makes: wipe expired keys from memory now, and
+        destroy them on disk if the directory lets it (a read-only copy is left to the leader)."""
+        now = self._clock.seconds()
+        expired = [
+            k.kid
+            for k in self._state.keys
+            if k.status in ("retired", "revoked") and now >= k.not_after
+        ]
+        if not expired:
+            return  # only rotation is due, and that is the leader's
+        for kid in expired:
+            buf = self._secrets.get(kid)
+            if buf is not None:
+                buf.wipe()
+        if self._expiry_refused:
+            return
+        try:
+            self._transaction(_expired, timeout=0, expiry=True)
+        except KeyStoreBusyError:
+            pass  # the leader or another follower is at it; the next poll looks again
+        except (KeyStoreError, OSError) as e:
+            self._expiry_refused = True  # a read-only copy: say it once
+            self._failed("expiry (the leader destroys the files)", e)
 
 
 def _rotation_due(state: _State) -> int:

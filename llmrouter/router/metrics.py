@@ -99,7 +99,8 @@ class RouterMetrics:
             "Client connections closed by the router before a response: read_timeout (the"
             " request did not arrive in REQUEST_READ_SECONDS), per_address"
             " (MAX_CONNECTIONS_PER_ADDRESS), shed (the longest-waiting one, to make room under"
-            " MAX_CONNECTIONS), full (every connection busy streaming)",
+            " MAX_CONNECTIONS), full (every connection busy streaming), idle (a kept-alive"
+            " connection with no new request for 5 s)",
             ["reason"],
             registry=r,
         )

@@ -3,19 +3,22 @@
 ``ENVIRONMENT=production`` turns this on; development stays permissive. Every check names the
 setting, where it came from and what to set instead, and all problems are reported at once, so
 an operator fixes a settings file in one pass. The checks read :class:`Settings` only (no files,
-no network), so ``twistd llmrouter --check`` can run them against a new release's settings
-before it is switched on (docs/deployment.md, "Upgrade and rollback").
+no network; the one host check is whether swap is on, from ``/proc/swaps``), so ``twistd
+llmrouter --check`` can run them against a new release's settings before it is switched on
+(docs/deployment.md, "Upgrade and rollback").
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from llmrouter.listen import split_description
 from llmrouter.router.addresses import TrustedProxies
 from llmrouter.router.settings import Settings, SettingsError
+from llmrouter.swap import SWAP_HINT, swap_devices
 
 __all__ = ["check", "problems"]
 
@@ -168,11 +171,23 @@ def problems(settings: Settings) -> list[str]:
     return [problem for check in _CHECKS for problem in check(settings)]
 
 
-def check(settings: Settings) -> None:
-    """Raise :class:`SettingsError` naming every problem, if ``settings`` are production's."""
+def host_problems(swaps: Path = Path("/proc/swaps")) -> list[str]:
+    """What production mode refuses on this host: swap in use (the router holds plaintext)."""
+    devices = swap_devices(swaps)
+    if not devices:
+        return []
+    return [
+        f"swap is on ({', '.join(devices)}): decrypted prompts in memory may be written to disk;"
+        f" {SWAP_HINT}"
+    ]
+
+
+def check(settings: Settings, swaps: Path = Path("/proc/swaps")) -> None:
+    """Raise :class:`SettingsError` naming every problem, if ``settings`` are production's
+    (and, then, if this host has swap on)."""
     if not settings.production:
         return
-    found = problems(settings)
+    found = problems(settings) + host_problems(swaps)
     if found:
         raise SettingsError(
             "ENVIRONMENT=production refuses to start with these settings:\n"

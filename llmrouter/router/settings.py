@@ -112,7 +112,7 @@ class Settings:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
     metrics_listen: str = "tcp:9100:interface=127.0.0.1"
     keys_dir: Path = Path("./dev-keys")
-    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock",)
+    inference_endpoints: tuple[str, ...] = ("unix:/run/llmrouter/inference.sock kind=llmrouter",)
     default_model: str | None = None
     device_auth: str = "optional"
     upstream_tls_cert: Path | None = None
@@ -121,7 +121,7 @@ class Settings:
     upstream_tls_server_name: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    rate_limit_ipv6_prefix: int = 64
+    rate_limit_ipv6_prefix: int = 56  # a /48 holder gets 256 buckets, not 65,536 (issue 19)
     request_ttl_seconds: float = 300.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 30.0
@@ -161,6 +161,7 @@ class Settings:
     retry_backoff_seconds: float = 0.1
     retry_backoff_max_seconds: float = 2.0
     health_interval_seconds: float = 5.0
+    llama_server_cache_prompt: bool = False
     security_log: bool = True
     # Shared state (several routers): empty keeps the tables in memory. Not in repr: a URL may
     # carry the Redis password.
@@ -244,6 +245,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "RETRY_BACKOFF_SECONDS": ("retry_backoff_seconds", float),
     "RETRY_BACKOFF_MAX_SECONDS": ("retry_backoff_max_seconds", float),
     "HEALTH_INTERVAL_SECONDS": ("health_interval_seconds", float),
+    "LLAMA_SERVER_CACHE_PROMPT": ("llama_server_cache_prompt", _bool),
     "SECURITY_LOG": ("security_log", _bool),
     "STATE_URL": ("state_url", str.strip),
     "STATE_TLS_CA": ("state_tls_ca", _opt_path),

@@ -7,7 +7,9 @@ tokens wait in the backend's socket rather than in our memory; when the client l
 call, which closes the upstream connection so the backend stops generating.
 
 Nothing is sent to the client before the first output (or an early end): until then upstream
-failures can still be retried or answered with a plain JSON error.
+failures can still be retried. A failure is always a sealed final error chunk, even before any
+output (the request was decrypted: a plain error would tell every hop on the way what the backend
+made of it); it carries the HTTP status a plain refusal would have had.
 
 With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
 exactly one chunk: the oldest run, else the final chunk, else an empty delta.
@@ -31,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ProtocolError, ResponseSealer
+from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ResponseSealer
 from llmrouter.router.metrics import RouterMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
@@ -157,9 +159,8 @@ class EncryptedStream:
         if self._closed:
             return
         if not self._opened:
-            self._reject(ProtocolError(code, message, status, **(detail or {})))
-            return
-        self._end_with("error", (code, message))
+            self._open()
+        self._end_with("error", (code, message, status, dict(detail or {})))
 
     def shutdown(self) -> None:
         """The router is stopping: cancel upstream, tell the client (sealed if streaming)."""
@@ -318,18 +319,10 @@ class EncryptedStream:
             assert isinstance(completion, int)
             self._write(self._sealer.done(reason, prompt, completion))
         else:
-            code, message = args
+            code, message, status, detail = args
             assert isinstance(code, str) and isinstance(message, str)
-            self._write(self._sealer.error(code, message))
-        self._close()
-
-    def _reject(self, error: ProtocolError) -> None:
-        request = self._request
-        request.setResponseCode(error.status)
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        self._metrics.http_responses.labels(str(error.status)).inc()
-        request.write(error.to_json())
+            assert isinstance(status, int) and isinstance(detail, dict)
+            self._write(self._sealer.error(code, message, status, **detail))
         self._close()
 
     def _lost(self, failure: Failure) -> None:

@@ -6,6 +6,7 @@ Settings come from defaults < ``--env-file`` < environment < command line (see
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ class Options(usage.Options):
         "Encrypted (HPKE) chat router: admits protocol v1.1 requests, forwards them to OpenAI-style"
         " inference backends and streams the tokens back sealed as SSE. Every option falls back"
         " to the environment variable in brackets; --env-file loads KEY=VALUE lines first (the"
-        " environment and the command line override it). SIGHUP re-reads the key directory;"
+        " environment and the command line override it). SIGHUP re-reads the key directory and"
+        " the client certificate for https:// backends;"
         " `llmrouter-keys --keys-dir DIR rotate|revoke KID` changes the keys of a running router"
         " within seconds. With ENVIRONMENT=production, settings that are unsafe in production"
         " stop the router, each named (--check runs only these checks). Reference:"
@@ -120,7 +122,6 @@ class Options(usage.Options):
         )
 
     def postOptions(self) -> None:
-        import os
 
         overrides: dict[str, Any] = {
             "listen": self["listen"],
@@ -142,6 +143,7 @@ class Options(usage.Options):
                 raise SystemExit(f"llmrouter: {e}") from None
             raise usage.UsageError(str(e)) from None
         if self["check"]:
+            _check_readable(self.settings)  # as this user: run it as the service's
             print(f"llmrouter: settings OK ({self.settings.environment})")
             raise SystemExit(0)
 
@@ -194,8 +196,9 @@ class Router:
         self.metrics.watch_keys(lambda: self.keys.rotations, self.keys.current_key_age)
         self.pool = BackendPool.from_settings(reactor, clock, settings, self.metrics)
         remote = any(url.startswith("https:") for url in settings.inference_endpoints)
-        if remote and settings.upstream_tls_cert is not None:
-            self.metrics.client_certificate_expiry(certificate_expiry(settings.upstream_tls_cert))
+        self._client_cert = settings.upstream_tls_cert if remote else None
+        if self._client_cert is not None:
+            self.metrics.client_certificate_expiry(certificate_expiry(self._client_cert))
         self.store = store_for(settings, reactor, clock, self.keys, self.metrics)
         self.admission = Admission(
             settings,
@@ -254,9 +257,22 @@ class Router:
         both: list[Deferred[Any]] = [closed, stopped]
         return gatherResults(both, consumeErrors=True).addCallback(lambda _: None)
 
-    def reload_keys(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: the key directory, and the client certificate for https:// backends (the
+        renewal reloads every router instead of restarting it; llmrouter-pki-renew.service)."""
         if self.keys.reload():
             log.info("key directory re-read")
+        try:
+            reloaded = self.pool.reload_tls()
+        except Exception as e:  # a half-written or unreadable file: keep the loaded one
+            log.error(
+                "client certificate not reloaded ({error}); the one loaded before stays",
+                error=type(e).__name__,
+            )
+            return
+        if reloaded and self._client_cert is not None:
+            self.metrics.client_certificate_expiry(certificate_expiry(self._client_cert))
+            log.info("client certificate re-read")
 
 
 def open_keys(settings: Settings, clock: IReactorTime) -> Any:
@@ -313,10 +329,25 @@ class RouterService(service.Service):
         super().startService()
         self.router.start()
         self._previous = signal.signal(signal.SIGHUP, self._sighup)
+        self.router.pool.first_round.addCallback(self._refuse_to_start)
+
+    def _refuse_to_start(self, _: object) -> None:
+        """Production does not start against a backend it refuses (a llama-server whose /slots
+        answers): stop with a failure status and say which, rather than serve without it."""
+        refused = sorted(self.router.pool.refused) if self.router is not None else []
+        if not refused:
+            return
+        log.critical(
+            "refusing to start: {names} expose prompts (llama-server GET /slots); restart"
+            ' them with --no-slots (docs/inference.md, "Backends and privacy")',
+            names=", ".join(refused),
+        )
+        self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        self._reactor.stop()
 
     def _sighup(self, signum: int, frame: Any) -> None:
         if self.router is not None:
-            self._reactor.callFromThread(self.router.reload_keys)
+            self._reactor.callFromThread(self.router.reload)
 
     def stopService(self) -> Any:
         if self._previous is not None:

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +37,9 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llmrouter.chat import ChatRequest
-from llmrouter.httpclient import ClientTLS, agent_for
+from llmrouter.httpclient import ClientTLS, PinnedPolicy, agent_for
 from llmrouter.protocol import ProtocolError, logprob_entries
+from llmrouter.router.cachekey import HEADER as CACHE_HEADER
 from llmrouter.router.dialects import DIALECTS, Dialect, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint, Settings
@@ -171,6 +173,7 @@ class Backend:
         self.endpoint = endpoint or Endpoint(url)
         self.healthy = False
         self.probed = False
+        self.slots_exposed = False  # llama-server whose GET /slots answers (it shows prompts)
         self.models: tuple[str, ...] = self.endpoint.models
         self.models_known = bool(self.models)
         self.dialect: Dialect = DIALECTS["openai"]
@@ -288,6 +291,12 @@ class BackendPool:
         self._timer: IDelayedCall | None = None
         self._probing: list[Deferred[Any]] = []
         self.connection_pools: list[HTTPConnectionPool] = []
+        self.tls: PinnedPolicy | None = None
+        # Production: a llama-server whose /slots answers is never used (it hands anyone on the
+        # link the prompts in its slots), and the router refuses to start against one.
+        self.refuse_slots = False
+        self.refused: set[str] = set()
+        self.first_round: Deferred[None] = Deferred()  # the first probe of every backend is done
         for backend in self.backends:
             metrics.backend_healthy.labels(backend.name).set(0)
             metrics.circuit_state.labels(backend.name).set(0)
@@ -298,11 +307,13 @@ class BackendPool:
     ) -> BackendPool:
         tls = None
         if settings.upstream_tls_ca is not None:
-            tls = ClientTLS(
-                ca=settings.upstream_tls_ca,
-                cert=settings.upstream_tls_cert,
-                key=settings.upstream_tls_key,
-                server_name=settings.upstream_tls_server_name,
+            tls = PinnedPolicy(
+                ClientTLS(
+                    ca=settings.upstream_tls_ca,
+                    cert=settings.upstream_tls_cert,
+                    key=settings.upstream_tls_key,
+                    server_name=settings.upstream_tls_server_name,
+                )
             )
         backends = []
         pools = []
@@ -341,7 +352,21 @@ class BackendPool:
             settings.default_model,
         )
         pool.connection_pools = pools
+        pool.tls = tls
+        pool.refuse_slots = settings.production
         return pool
+
+    def reload_tls(self) -> bool:
+        """Read the client certificate, key and CA of https:// backends again (SIGHUP after a
+        renewal) and drop idle keep-alive connections, so that every new connection presents
+        the renewed certificate. False when there is none; raises (keeping the old ones) when
+        the files cannot be loaded."""
+        if self.tls is None:
+            return False
+        self.tls.reload()
+        for connections in self.connection_pools:
+            connections.closeCachedConnections()
+        return True
 
     def ready(self) -> bool:
         return any(b.healthy for b in self.backends)
@@ -428,9 +453,16 @@ class BackendPool:
 
     def _tick(self) -> None:
         self._timer = None
-        for backend in self.backends:
-            self._track(self.probe(backend))
+        probes = [self.probe(backend) for backend in self.backends]
+        for probe in probes:
+            self._track(probe)
+        if not self.first_round.called:
+            gatherResults(probes, consumeErrors=True).addBoth(self._first_round_done)
         self._timer = self._clock.callLater(self._interval, self._tick)
+
+    def _first_round_done(self, result: object) -> None:
+        if not self.first_round.called:
+            self.first_round.callback(None)
 
     def _track(self, d: Deferred[Any]) -> None:
         self._probing.append(d)
@@ -453,6 +485,9 @@ class BackendPool:
                 await self._discover(backend, body)
             elif code == 404:
                 backend.discovered((), None)  # it lists none: only the default route reaches it
+            if backend.slots_exposed and self.refuse_slots:
+                return self._refuse(backend)
+            self.refused.discard(backend.name)
             return health == 200 or code == 200
 
         d: Deferred[bool] = Deferred.fromCoroutine(run())
@@ -478,11 +513,35 @@ class BackendPool:
         if not backend.endpoint.models and names != backend.models:
             log.info("backend {name} serves {models}", name=backend.name, models=list(names))
         unsupported: frozenset[str] = frozenset()
-        if (kind if backend.endpoint.kind == "auto" else backend.endpoint.kind) == "llama-server":
+        llama_server = (
+            kind if backend.endpoint.kind == "auto" else backend.endpoint.kind
+        ) == "llama-server"
+        if llama_server:
             code, props = await self._get(backend, "/props", _MAX_PROPS_BODY)
             if code == 200:
                 unsupported = template_limits(props)
+            # only the status: the body has the prompts in its slots, which we never read
+            code, _ = await self._get(backend, "/slots", 0)
+            exposed = code == 200
+            if exposed and not backend.slots_exposed:
+                log.warn(
+                    "backend {name} is a llama-server whose GET /slots answers: anyone who"
+                    " reaches it can read the prompts in its slots; start it with --no-slots",
+                    name=backend.name,
+                )
+            backend.slots_exposed = exposed
         backend.discovered(names, kind, unsupported)
+
+    def _refuse(self, backend: Backend) -> bool:
+        """Production never sends a prompt to a llama-server that shows prompts in /slots."""
+        if backend.name not in self.refused:
+            self.refused.add(backend.name)
+            log.error(
+                "backend {name} refused: llama-server with GET /slots answering (it returns"
+                " the prompts in its slots); restart it with --no-slots",
+                name=backend.name,
+            )
+        return False
 
     async def _get(
         self, backend: Backend, path: str, limit: int = _MAX_PROBE_BODY
@@ -700,6 +759,10 @@ class ChatCall:
         self._chat = request
         self._route = route  # None: any backend, as in protocol v1
         self._bodies: dict[tuple[str, str | None], bytes] = {}
+        # vLLM's cache_salt: the device's keyed cache key, as our daemon gets it; a request
+        # without a device gets a salt of its own, so it shares no cache with anyone.
+        key = self._extra_headers.get(CACHE_HEADER)
+        self._salt = key[0].decode("ascii") if key else secrets.token_urlsafe(32)
         self.relay_reasoning = request.wants_reasoning
         self.relay_tool_calls = request.wants_tool_calls
         self.relay_logprobs = request.wants_logprobs
@@ -754,13 +817,17 @@ class ChatCall:
         key = (backend.dialect.kind, model)
         body = self._bodies.get(key)
         if body is None:
-            body = self._bodies[key] = backend.dialect.body(self._chat, model)
+            body = self._bodies[key] = backend.dialect.body(
+                self._chat, model, self._salt, self._settings.llama_server_cache_prompt
+            )
         return body
 
     def _headers(self, backend: Backend) -> dict[bytes, list[bytes]]:
-        """The extra headers (the prompt-cache key) go only to a backend of our own kind: to any
-        other they would be a stable per-device tag that backend could link requests by."""
-        if backend.dialect.cache_key:
+        """The extra headers (the prompt-cache key) go only to a backend configured as ours
+        (``kind=llmrouter``): to any other they would be a stable per-device tag it could link
+        requests by, and a backend that only claims to be ours (``owned_by`` in its model list,
+        ``kind=auto``) is not trusted with it."""
+        if backend.dialect.cache_key and backend.endpoint.kind == "llmrouter":
             return {**_JSON_HEADERS, **self._extra_headers}
         return _JSON_HEADERS
 
@@ -817,9 +884,11 @@ class ChatCall:
         if attempt != self._current or self.over:
             return
         detail: dict[str, Any] = {"upstream_status": status}
-        upstream_code = _error_code(body)
+        upstream_code, upstream_param = _error_code(body)
         if upstream_code is not None:
             detail["upstream_code"] = upstream_code
+        if upstream_param is not None:
+            detail["upstream_param"] = upstream_param
         self._attempt_failed(
             UpstreamError(
                 "upstream_refused",
@@ -995,17 +1064,23 @@ class ChatCall:
         self._sink.failed(error.code, error.message, status, error.detail)
 
 
-def _error_code(body: bytes) -> str | None:
-    """An OpenAI-style error's ``code`` (or ``type``) when it is an identifier, else None."""
+def _error_code(body: bytes) -> tuple[str | None, str | None]:
+    """An OpenAI-style error's ``code`` (or ``type``) and ``param``, each only when it is an
+    identifier (never a sentence or a value, which could quote the request)."""
     try:
         doc = json.loads(body)
     except ValueError:
-        return None
+        return None, None
     error = doc.get("error", doc) if isinstance(doc, dict) else None
     if not isinstance(error, dict):
-        return None
-    for name in ("code", "type"):
-        value = error.get(name)
-        if isinstance(value, str) and _ERROR_CODE.fullmatch(value):
-            return value
-    return None
+        return None, None
+    code = next(
+        (
+            value
+            for value in (error.get("code"), error.get("type"))
+            if isinstance(value, str) and _ERROR_CODE.fullmatch(value)
+        ),
+        None,
+    )
+    param = error.get("param")
+    return code, param if isinstance(param, str) and _ERROR_CODE.fullmatch(param) else None

@@ -152,5 +152,41 @@ def main() -> None:
     )
 
 
+def proxy_seeds() -> None:
+    """OpenAI chat bodies as the clients send them (issue 19)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    _write(
+        "proxy",
+        b'{"model":"llmrouter","messages":[{"role":"user","content":"hi"}],"max_tokens":8,'
+        b'"stream":true,"stream_options":{"include_usage":true}}',
+        json.dumps(
+            {
+                "model": "small",
+                "messages": [
+                    {"role": "developer", "content": [{"type": "text", "text": "rules"}]},
+                    {"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                ],
+                "tools": [tool],
+                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "o", "schema": {"type": "object"}, "strict": True},
+                },
+                "logprobs": True,
+                "top_logprobs": 2,
+                "n": 1,
+                "stop": "\n",
+                "max_completion_tokens": 5,
+                "seed": None,
+            }
+        ).encode(),
+        b'{"messages":[{"role":"user","content":"x","name":"bob"}],"n":2,"logit_bias":{}}',
+    )
+
+
 if __name__ == "__main__":
     main()
+    proxy_seeds()

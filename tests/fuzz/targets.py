@@ -6,7 +6,8 @@ Targets: ``envelope`` (the router's request envelope), ``plaintext`` (a decrypte
 ``sse`` (the event-stream parser and the client's response opener), ``keydoc`` (the client's
 key-document verifier, with and without a valid signature over the fuzzed payload), and
 ``guardrails`` (the inference daemon's request validation and the grammars it makes of JSON
-schemas and forced tool calls). Each may refuse its input only with
+schemas and forced tool calls), and ``proxy`` (the local OpenAI proxy's request mapping, from an
+OpenAI body to a protocol v1.1 request). Each may refuse its input only with
 the error type it documents; any other exception (a crash, a ``TypeError`` that would be a 500)
 ends the run with a non-zero status and the input saved. ``make fuzz`` runs each for a few
 seconds from the seed corpus in ``tests/fuzz/corpus/``; docs/security-testing.md has the longer
@@ -25,6 +26,7 @@ with atheris.instrument_imports():
 
     from inference import grammars, guardrails
     from llmrouter import protocol
+    from llmrouter.client import proxy as openai_proxy
     from llmrouter.sse import SSEError, SSEParser
 
 NOW = 1_767_225_600
@@ -110,12 +112,25 @@ def guardrail(data: bytes) -> None:
         pass
 
 
+def proxy(data: bytes) -> None:
+    """What any local OpenAI client may send the proxy: refused only as an OpenAI 4xx error,
+    and what it accepts is a request the router's own checks accept."""
+    try:
+        request, _ = openai_proxy.to_request(data, "llmrouter")
+    except openai_proxy.OpenAIError as e:
+        assert 400 <= e.status < 500, e.status
+        assert isinstance(e.body()["error"]["message"], str)
+        return
+    protocol.parse_chat_request(protocol.json.dumps(request.to_plaintext()).encode())
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "envelope": envelope,
     "plaintext": plaintext,
     "sse": sse,
     "keydoc": keydoc,
     "guardrails": guardrail,
+    "proxy": proxy,
 }
 
 

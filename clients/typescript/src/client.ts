@@ -27,10 +27,11 @@ import {
   TimeoutError,
   TruncatedStreamError,
   routerError,
+  type UpstreamRefusal,
 } from './errors.js';
 import { generateKeyPair, type KeyPair, N_SK, publicKey } from './hpke.js';
 import { challengeDifficulty, HEADER as POW_HEADER, type PowProgress, solve } from './pow.js';
-import { DEFAULT_PAD, type KeyDocument, type StreamItem } from './protocol.js';
+import { DEFAULT_PAD, type ErrorEvent, type KeyDocument, type StreamItem } from './protocol.js';
 import { type ChatEvent, type Reply, ReplyBuilder } from './reply.js';
 import { type KeyStorage, MemoryStorage } from './storage.js';
 import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, sleep, wholeBody } from './transport.js';
@@ -452,9 +453,31 @@ export class LLMRouterClient {
     requestPlaintext(request); // a bad request is refused before anything is fetched or sent
     const onStatus = this.statusHook(options.onStatus);
     const control = new RequestControl(options.signal);
+    const maxRetries = this.options.maxRetries ?? 2;
     try {
-      const { response, opener } = await this.send(request, control, onStatus);
-      yield* this.read(response, opener, control, onStatus);
+      for (let attempt = 0; ; attempt++) {
+        const { response, opener } = await this.send(request, control, onStatus);
+        let started = false;
+        try {
+          for await (const event of this.read(response, opener, control, onStatus)) {
+            started = true;
+            yield event;
+          }
+          return;
+        } catch (e) {
+          // A refusal after the router decrypted the request comes sealed, as the stream's only
+          // chunk: retried (overloaded, a device rate limit, ...) as its plain form would be.
+          if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+          const delay = this.retryDelay(e, attempt);
+          if (delay === undefined || attempt >= maxRetries) throw e;
+          onStatus({ type: 'retrying', attempt: attempt + 1, delayMs: Math.round(delay), error: e });
+          try {
+            await sleep(delay, control.signal);
+          } catch {
+            throw control.failure();
+          }
+        }
+      }
     } finally {
       control.dispose();
     }
@@ -591,7 +614,7 @@ export class LLMRouterClient {
       const data = await control.guard(() => wholeBody(response));
       yield* deliver(opener.feed(data));
       const final = opener.close();
-      if (final.type === 'error') throw new RouterError(final.code, final.message);
+      if (final.type === 'error') throw chunkError(final);
       return;
     }
     const idle = this.options.idleTimeoutMs ?? 45_000;
@@ -626,12 +649,26 @@ export class LLMRouterClient {
   }
 }
 
-/** Stream items as chat events; the router's sealed error chunk becomes a RouterError. */
+/** Stream items as chat events; the router's sealed error chunk becomes its typed error. */
 function* deliver(items: StreamItem[]): Generator<ChatEvent, void, undefined> {
   for (const item of items) {
-    if (item.type === 'error') throw new RouterError(item.code, item.message);
+    if (item.type === 'error') throw chunkError(item);
     yield item;
   }
+}
+
+/**
+ * The sealed final error chunk as the same typed error a plain refusal gives (the router seals
+ * every refusal once it has decrypted the request: rate limits, budget, model, backend refusals).
+ */
+function chunkError(item: ErrorEvent): LLMRouterError {
+  let upstream: UpstreamRefusal | undefined;
+  if (item.upstream_status !== undefined) {
+    upstream = { status: item.upstream_status };
+    if (item.upstream_code !== undefined) upstream.code = item.upstream_code;
+    if (item.upstream_param !== undefined) upstream.param = item.upstream_param;
+  }
+  return routerError(item.code, item.message, item.status, item.retry_after, upstream);
 }
 
 function refusalError(status: number, body: string, response: FetchResponse): LLMRouterError {

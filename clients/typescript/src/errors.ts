@@ -217,6 +217,8 @@ export interface UpstreamRefusal {
   status: number;
   /** The backend's error code, when it gave one. */
   code?: string;
+  /** The request parameter the backend named, when it gave one. */
+  param?: string;
 }
 
 /**

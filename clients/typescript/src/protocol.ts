@@ -37,6 +37,7 @@ export {
   requestPlaintext,
   type Role,
 } from './chat.js';
+export { SSEParser } from './sse.js';
 
 /** UTF-8 JSON followed by ASCII spaces up to a multiple of `size` (JSON ignores them). */
 export function pad(data: Uint8Array, size: number): Uint8Array {
@@ -317,11 +318,20 @@ export interface DoneEvent {
   usage: Usage;
 }
 
-/** The router's sealed final error chunk (the stream failed after it began). */
+/**
+ * The router's sealed final error chunk: the stream failed, or the router refused the request
+ * after decrypting it (a refusal then goes back sealed, with the HTTP status a plain refusal
+ * would have had, `Retry-After` seconds and what a backend's own refusal said).
+ */
 export interface ErrorEvent {
   type: 'error';
   code: string;
   message: string;
+  status?: number;
+  retry_after?: number;
+  upstream_status?: number;
+  upstream_code?: string;
+  upstream_param?: string;
 }
 
 export type StreamItem = DeltaEvent | ReasoningEvent | ToolCallEvent | DoneEvent | ErrorEvent;
@@ -490,10 +500,30 @@ function finalItem(doc: Record<string, unknown>): FinalItem | undefined {
     };
   }
   if (doc.type === 'error' && typeof doc.code === 'string' && typeof doc.message === 'string') {
-    return { type: 'error', code: doc.code, message: doc.message };
+    const error: ErrorEvent = { type: 'error', code: doc.code, message: doc.message };
+    const isStatus = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 100 && (v as number) <= 599;
+    const isSeconds = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 0;
+    const isName = (v: unknown) => typeof v === 'string' && ERROR_NAME.test(v);
+    const optional = [
+      ['status', isStatus],
+      ['retry_after', isSeconds],
+      ['upstream_status', isStatus],
+      ['upstream_code', isName],
+      ['upstream_param', isName],
+    ] as const;
+    for (const [name, valid] of optional) {
+      const value = doc[name];
+      if (value === undefined || value === null) continue;
+      if (!valid(value)) return undefined;
+      (error as unknown as Record<string, unknown>)[name] = value;
+    }
+    return error;
   }
   return undefined;
 }
+
+/** A code or a parameter's name in an error chunk (never a sentence or a value). */
+const ERROR_NAME = /^[A-Za-z][A-Za-z0-9_.[\]-]{0,63}$/;
 
 /** The `logprobs` of a chunk, bounded and checked as the router checked them; undefined if bad. */
 function logprobEntries(raw: unknown): Logprob[] | undefined {

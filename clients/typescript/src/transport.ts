@@ -66,6 +66,7 @@ export function parseRefusal(status: number, body: string, response: FetchRespon
   if (Number.isInteger(error.upstream_status)) {
     upstream = { status: error.upstream_status as number };
     if (typeof error.upstream_code === 'string') upstream.code = error.upstream_code;
+    if (typeof error.upstream_param === 'string') upstream.param = error.upstream_param;
   }
   return { code: error.code, message: error.message, retryAfter, challenge, upstream, date };
 }

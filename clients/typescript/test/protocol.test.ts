@@ -19,6 +19,7 @@ import {
   requestPlaintext,
   ResponseOpener,
   sealRequest,
+  SSEParser,
   type StreamItem,
   verifyKeyDocument,
 } from '@llmrouter/client/protocol';
@@ -239,6 +240,19 @@ describe('response stream', () => {
     assert.throws(() => many.feed(utf8('data: xxxxxxxxxx\n'.repeat(200))), { code: 'bad_stream' });
     assert.throws(() => new ResponseOpener(state).feed(new Uint8Array([0x64, 0x61, 0xff, 0x0a])), { code: 'bad_stream' });
   });
+  it('parses a 1 MiB line fed one byte at a time with linear work (bytes examined, not seconds)', () => {
+    // A hostile hop trickles a long line: each byte must not rescan the line from its start.
+    const size = (1 << 20) - 6;
+    const parser = new SSEParser(1 << 20, 1 << 20);
+    const line = utf8('data: ' + 'x'.repeat(size));
+    const bound = 4 * (line.length + 2);
+    for (let i = 0; i < line.length; i++) {
+      assert.deepEqual(parser.feed(line.subarray(i, i + 1)), []);
+      if (parser.scanned > bound) assert.fail(`${parser.scanned} bytes examined after ${i + 1} bytes fed`);
+    }
+    assert.deepEqual(parser.feed(utf8('\n\n')), [{ event: 'message', data: 'x'.repeat(size) }]);
+    assert.ok(parser.scanned <= bound);
+  });
   it('delivers v1.1 chunks to a request that asked for them, and only to it', () => {
     const asked = { reasoning: true, toolCalls: true, logprobs: true };
     const logprobs = [{ token: 'a', logprob: -0.5, bytes: [97], top_logprobs: [{ token: 'b', logprob: null }] }];
@@ -297,5 +311,16 @@ describe('response stream', () => {
     const error = `event: final\ndata: ${sealed(1, { type: 'error', code: 'upstream_failed', message: 'the backend failed' }, true)}\n\n`;
     const { opener } = open(init + chunk(0, 'a') + error);
     assert.deepEqual(opener.close(), { type: 'error', code: 'upstream_failed', message: 'the backend failed' });
+  });
+  it('reads a sealed refusal: the status, Retry-After and backend reason a plain one had', () => {
+    const final = (doc: unknown) => `event: final\ndata: ${sealed(0, doc, true)}\n\n`;
+    const budget = { type: 'error', code: 'budget_exhausted', message: 'm', status: 429, retry_after: 86400 };
+    const { opener } = open(init + final(budget));
+    assert.deepEqual(opener.close(), budget);
+    const refused = { type: 'error', code: 'upstream_refused', message: 'm', status: 400, upstream_status: 400, upstream_code: 'max_tokens_exceeded', upstream_param: 'max_tokens' };
+    assert.deepEqual(open(init + final(refused)).opener.close(), refused);
+    for (const bad of [{ status: '429' }, { status: 99 }, { retry_after: -1 }, { upstream_code: 'a sentence' }]) {
+      assert.throws(() => open(init + final({ ...budget, ...bad })), { code: 'bad_stream' });
+    }
   });
 });
