@@ -3,8 +3,8 @@
 #   make run BACKEND="http://127.0.0.1:PORT [kind=KIND] [model=NAME]"
 #              - the router only, in front of an OpenAI-compatible server you already run
 #                (llama-server, Ollama, LM Studio, vLLM): no llama.cpp build, no model
-#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run and
-#                the SDK tests
+#   make test  - set up, then run the trial suite, ruff, mypy, the wheel check, the fuzz run,
+#                the SDK tests and the SDK in Expo and React Native apps
 #   make dist  - build the release into dist/: the wheel, the tarball docs/deployment.md installs
 #                from (wheel, etc/, docs/, the locks) and SHA256SUMS
 #   make lock  - compile requirements/*.lock again (uv; see requirements/README.md)
@@ -28,7 +28,7 @@ LLAMA_SERVER_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llmrouter/llama-serve
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 NODE_CLIENTS := tests/clients/node/node_modules/.package-lock.json
 
-.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test llama-server dist lock clean
+.PHONY: run test trial lint type wheel-check fuzz system-deps sdk-test sdk-apps llama-server dist lock clean
 
 LOCKS := $(wildcard requirements/*.lock)
 
@@ -66,7 +66,7 @@ run: $(if $(BACKEND),$(ROUTER_STAMP),$(STAMP))
 	PATH="$(CURDIR)/$(BIN):$$PATH" LLMROUTER_BACKEND='$(BACKEND)' etc/dev/stack
 
 # The README's test command: everything CI checks, from a fresh clone.
-test: system-deps trial lint type wheel-check fuzz sdk-test
+test: system-deps trial lint type wheel-check fuzz sdk-test sdk-apps
 
 trial: $(STAMP) $(LLAMA_SERVER) $(NODE_CLIENTS)
 	LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" $(BIN)/trial $(TRIAL_ARGS) tests
@@ -118,6 +118,15 @@ sdk-test: $(STAMP) system-deps $(LLAMA_SERVER)
 	cd clients/typescript && npm ci --no-audit --no-fund && \
 	  LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python LLMR_LLAMA_SERVER="$(LLAMA_SERVER)" npm test
 
+# The SDK where apps are made (clients/typescript/test/apps/run): default Expo SDK 52 and current
+# Expo apps install the packed SDK, type-check against their own tsconfigs and bundle with real
+# Metro (expo export, and Metro as a bare React Native app configures it); the example app
+# (clients/typescript/examples/expo-chat) type-checks, runs its chat logic under Jest with React
+# Native's preset against a real router and exports Hermes bytecode for iOS and Android. Their
+# own lockfiles, installed here only (large: kept out of the SDK's); Node 22 from npm if needed.
+sdk-apps: sdk-test
+	cd clients/typescript && LLMROUTER_PYTHON=$(CURDIR)/$(BIN)/python test/apps/run
+
 # The plugin modules must ship in the wheel and be found from site-packages of a
 # virtualenv that has never seen this checkout.
 wheel-check: $(STAMP)
@@ -143,3 +152,4 @@ dist:
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp
 	rm -rf clients/typescript/node_modules clients/typescript/dist clients/typescript/build
+	rm -rf clients/typescript/test/apps/*/node_modules clients/typescript/examples/expo-chat/node_modules

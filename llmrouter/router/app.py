@@ -303,7 +303,8 @@ class _Cors(Resource):
             return self._inner.render(request)
         request.setHeader(b"Access-Control-Allow-Origin", origin.encode("latin-1"))
         if request.method != b"OPTIONS":
-            request.setHeader(b"Access-Control-Expose-Headers", b"Retry-After")
+            # Date: the SDK corrects a skewed clock from it after `stale` (pages cannot see it else)
+            request.setHeader(b"Access-Control-Expose-Headers", b"Retry-After, Date")
             return self._inner.render(request)
         request.setHeader(b"Access-Control-Allow-Methods", b"GET, POST")
         request.setHeader(b"Access-Control-Allow-Headers", b"Content-Type, " + pow.HEADER.encode())

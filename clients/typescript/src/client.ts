@@ -2,12 +2,19 @@
  * `LLMRouterClient`: one router, end to end encrypted.
  *
  * It fetches the signed key document and checks it against the pinned signing key (or the one it
- * trusted on first use), seals each request with HPKE to the current key, solves a proof of work
- * when the router asks for one, and yields verified deltas as the sealed stream arrives. Retries
- * are bounded, jittered, honour `Retry-After`, and happen only before the response begins.
+ * trusted on first use), seals each request to the current key, solves a proof of work when the
+ * router asks for one, and yields verified deltas as the sealed stream arrives. Retries are
+ * bounded, jittered, honour `Retry-After`, and happen only before the response begins.
+ *
+ * What is sealed, and how, is `wire.ts`'s; the network (transport.ts) and the app's storage
+ * (storage.ts) are this file's.
  */
 
-import { b64uDecode, b64uEncode, EncodingError } from './bytes.js';
+import { sha256 } from '@noble/hashes/sha2.js';
+
+import { b64uDecode, b64uEncode, EncodingError, utf8 } from './bytes.js';
+import type { ChatRequest } from './chat.js';
+import { MODEL_NAME, requestPlaintext } from './chat.js';
 import {
   AbortedError,
   ConfigurationError,
@@ -16,27 +23,22 @@ import {
   NetworkError,
   RateLimitedError,
   RouterError,
+  StorageError,
+  TimeoutError,
   TruncatedStreamError,
   routerError,
   type UpstreamRefusal,
 } from './errors.js';
 import { generateKeyPair, type KeyPair, N_SK, publicKey } from './hpke.js';
-import { challengeDifficulty, HEADER as POW_HEADER, solve } from './pow.js';
-import { type ChatRequest, type ExpectedChunks, expectedChunks, MODEL_NAME, requestPlaintext } from './chat.js';
-import {
-  checkKeyDocumentTimes,
-  DEFAULT_PAD,
-  type ErrorEvent,
-  type KeyDocument,
-  type RequestState,
-  ResponseOpener,
-  sealRequest,
-  verifyKeyDocument,
-} from './protocol.js';
+import { challengeDifficulty, HEADER as POW_HEADER, type PowProgress, solve } from './pow.js';
+import { DEFAULT_PAD, type ErrorEvent, type KeyDocument, type StreamItem } from './protocol.js';
 import { type ChatEvent, type Reply, ReplyBuilder } from './reply.js';
 import { type KeyStorage, MemoryStorage } from './storage.js';
+import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, sleep, wholeBody } from './transport.js';
+import { type StreamOpener, V1, type WireProtocol } from './wire.js';
 
 export type { ChatEvent } from './reply.js';
+export type { Fetch, FetchInit, FetchResponse } from './transport.js';
 
 /** `GET /api/models`: what a request's `model` may be (names only, not signed). */
 export interface ModelList {
@@ -47,20 +49,34 @@ export interface ModelList {
   models: string[];
 }
 
-/** The part of a `fetch` Response the client reads (global `fetch`, `expo/fetch`, ...). */
-export interface FetchResponse {
-  readonly status: number;
-  readonly headers: { get(name: string): string | null };
-  /** A stream of the body; where a platform has none the whole body is read at once. */
-  readonly body?: ReadableStream<Uint8Array> | null;
-  text(): Promise<string>;
-  arrayBuffer(): Promise<ArrayBuffer>;
+/**
+ * What a request is doing while the app waits, for a status line: a proof of work (with its
+ * progress), a wait before a retry (a `Retry-After` can be a minute), sealing again after
+ * `key_unknown` or `stale`, and whether the answer streams (`streaming: false`: this platform's
+ * `fetch` has no response streams, the whole answer arrives at the end).
+ */
+export type ChatStatus =
+  | ({ type: 'proof_of_work' } & PowProgress)
+  | { type: 'retrying'; attempt: number; delayMs: number; error: LLMRouterError }
+  | { type: 'resealing'; reason: 'key_unknown' | 'stale' }
+  | { type: 'response'; streaming: boolean };
+
+export interface RequestOptions {
+  signal?: AbortSignal | undefined;
+  /** Called as the request goes along (in addition to the client's `onStatus`). */
+  onStatus?: ((status: ChatStatus) => void) | undefined;
 }
 
-export type Fetch = (
-  url: string,
-  init: { method: string; headers: Record<string, string>; body?: string; signal?: AbortSignal },
-) => Promise<FetchResponse>;
+/** What `prepare()` is doing: `fraction` goes from 0 to 1 (the proof of work is most of it). */
+export interface PrepareProgress {
+  step: 'keys' | 'device_key' | 'proof_of_work' | 'done';
+  fraction: number;
+}
+
+export interface PrepareOptions {
+  signal?: AbortSignal | undefined;
+  onProgress?: ((progress: PrepareProgress) => void) | undefined;
+}
 
 export interface ClientOptions {
   /** The router, `https://host` (or `http://127.0.0.1:8080` in development). */
@@ -69,10 +85,16 @@ export interface ClientOptions {
   pin?: string;
   /** Instead of `pin`: trust the first signing key seen, keep it in `storage`, refuse any other. */
   trustOnFirstUse?: boolean;
-  /** Auth mode: `'auto'` makes a device key on first use and keeps it in `storage`; or the secret key. */
-  deviceKey?: Uint8Array | 'auto';
-  /** Where the device key, a first-use signing key and the last key document live. */
+  /**
+   * Auth mode. `'auto'`: a device key made on first use and kept in `storage` (which must
+   * persist); `'ephemeral'`: a new device key for each client, never stored (each one pays the
+   * router's new-device proof of work); or the 32-byte secret key itself.
+   */
+  deviceKey?: Uint8Array | 'auto' | 'ephemeral';
+  /** The secret store: the device key and a signing key trusted on first use (storage.ts). */
   storage?: KeyStorage;
+  /** Public data: the last verified key document, for an offline start (default in memory). */
+  cache?: KeyStorage;
   /** Prefix of the storage keys (default `llmrouter`), e.g. one per router. */
   storagePrefix?: string;
   /** The `fetch` to use (default the global one; on React Native `fetch` from `expo/fetch` streams). */
@@ -90,6 +112,17 @@ export interface ClientOptions {
   maxProofOfWorkDifficulty?: number;
   /** Refetch the key document after this long (default 3600 s); a cached one serves offline. */
   keyRefreshSeconds?: number;
+  /** No verified event this long after sending: `TimeoutError` `first_token_timeout` (default 120 s; 0: none). */
+  firstTokenTimeoutMs?: number;
+  /** No bytes at all, not even keep-alives (every 15 s), this long: `idle_timeout` (default 45 s; 0: none). */
+  idleTimeoutMs?: number;
+  /**
+   * After `stale`, the router's `Date` header corrects this device's clock for later requests,
+   * by at most this much (default 3600 s); a clock further off stays an error the app shows.
+   */
+  maxClockCorrectionSeconds?: number;
+  /** Every request's status (see `ChatStatus`). */
+  onStatus?: (status: ChatStatus) => void;
   /** Milliseconds since the epoch (default `Date.now`); for tests. */
   now?: () => number;
 }
@@ -100,19 +133,24 @@ interface CachedDocument {
   fetched_at: number;
 }
 
-const RETRYABLE = new Set(['rate_limited', 'device_rate_limited', 'overloaded', 'no_backend', 'upstream_failed', 'timeout']);
-const RETRYABLE_STATUS = new Set([502, 503, 504]);
+/** The request `prepare()` sends to register a new device: one token, cancelled as soon as it is accepted. */
+const REGISTRATION: ChatRequest = { messages: [{ role: 'user', content: 'hi' }], max_tokens: 1 };
 
 export class LLMRouterClient {
   readonly url: string;
   private readonly options: ClientOptions;
+  private readonly wire: WireProtocol<KeyDocument> = V1;
   private readonly storage: KeyStorage;
+  private readonly cache: KeyStorage;
   private readonly prefix: string;
   private readonly pin: Uint8Array | undefined;
   private readonly now: () => number;
   private document: KeyDocument | undefined;
   private fetchedAt = 0;
+  private trusted: Uint8Array | null | undefined;
   private device: Promise<KeyPair> | undefined;
+  private registered: boolean | undefined;
+  private clockOffsetMs = 0;
 
   constructor(options: ClientOptions) {
     if (typeof options?.url !== 'string' || !/^https?:\/\/[^/]+/.test(options.url)) {
@@ -121,8 +159,9 @@ export class LLMRouterClient {
     if ((options.pin === undefined) === !options.trustOnFirstUse) {
       throw new ConfigurationError('give either pin (the router signing key) or trustOnFirstUse: true');
     }
-    if (options.trustOnFirstUse && options.storage === undefined) {
-      throw new ConfigurationError('trustOnFirstUse needs a storage to remember the first signing key');
+    const persistent = options.storage !== undefined && options.storage.persistent !== false;
+    if (options.trustOnFirstUse && !persistent) {
+      throw new ConfigurationError('trustOnFirstUse needs a persistent storage to remember the first signing key');
     }
     if (options.pin !== undefined) {
       try {
@@ -132,107 +171,144 @@ export class LLMRouterClient {
       }
     }
     const device = options.deviceKey;
-    if (device !== undefined && device !== 'auto' && !(device instanceof Uint8Array && device.length === N_SK)) {
-      throw new ConfigurationError("deviceKey must be 'auto' or a 32-byte X25519 secret key");
+    if (device !== undefined && device !== 'auto' && device !== 'ephemeral' && !(device instanceof Uint8Array && device.length === N_SK)) {
+      throw new ConfigurationError("deviceKey must be 'auto', 'ephemeral' or a 32-byte X25519 secret key");
+    }
+    if (device === 'auto' && !persistent) {
+      // Each launch would be a new device: a new identity to the router and a new proof of work.
+      throw new ConfigurationError(
+        "deviceKey 'auto' needs a persistent secret storage (secureStoreStorage, keychainStorage); say deviceKey: 'ephemeral' for a new key per client",
+      );
     }
     this.url = options.url.replace(/\/+$/, '');
     this.options = options;
     this.storage = options.storage ?? new MemoryStorage();
+    this.cache = options.cache ?? new MemoryStorage();
     this.prefix = options.storagePrefix ?? 'llmrouter';
     this.now = options.now ?? Date.now;
   }
 
+  /** Unix seconds by this device's clock, corrected after a `stale` (bounded). */
   private seconds(): number {
-    return Math.floor(this.now() / 1000);
+    return Math.floor((this.now() + this.clockOffsetMs) / 1000);
   }
 
-  private fetch(path: string, init: Parameters<Fetch>[1]): Promise<FetchResponse> {
+  private fetch(path: string, init: FetchInit): Promise<FetchResponse> {
     const impl = this.options.fetch ?? (globalThis.fetch as unknown as Fetch | undefined);
     if (impl === undefined) throw new ConfigurationError('no fetch: pass one in the options');
     return impl(this.url + path, init);
-  }
-
-  // Keys.
-
-  /**
-   * The verified key document: the one in memory or storage while it is fresh, else fetched.
-   * When the router cannot be reached a stored document that still passes every check is used.
-   */
-  async keys(options: { signal?: AbortSignal; refresh?: boolean } = {}): Promise<KeyDocument> {
-    const now = this.seconds();
-    const cached = this.document ?? (await this.loadDocument(now));
-    const usable = cached !== undefined && this.stillValid(cached, now);
-    const refreshAfter = this.options.keyRefreshSeconds ?? 3600;
-    if (usable && !options.refresh && now - this.fetchedAt < refreshAfter) return cached;
-    try {
-      return await this.fetchKeys(options.signal);
-    } catch (e) {
-      if (e instanceof NetworkError && usable && !options.refresh) return cached;
-      throw e;
-    }
-  }
-
-  private stillValid(document: KeyDocument, now: number): boolean {
-    try {
-      checkKeyDocumentTimes(document, now);
-      return true;
-    } catch {
-      return false;
-    }
   }
 
   private key(name: string): string {
     return `${this.prefix}.${name}`;
   }
 
-  private async trustedKey(): Promise<Uint8Array | null> {
-    if (this.pin !== undefined) return this.pin;
-    const stored = await this.storage.getItem(this.key('signing-key'));
-    if (!stored) return null;
+  private async stored(store: KeyStorage, name: string): Promise<string | null> {
     try {
-      return b64uDecode(stored, 'stored signing key', 32);
-    } catch {
-      throw new ConfigurationError('the stored signing key is not a signing key');
+      return (await store.getItem(this.key(name))) ?? null;
+    } catch (e) {
+      if (e instanceof StorageError) throw e;
+      throw new StorageError('the storage could not read an item', { cause: e });
     }
   }
 
+  private async store(store: KeyStorage, name: string, value: string | null): Promise<void> {
+    try {
+      if (value === null) await store.removeItem(this.key(name));
+      else await store.setItem(this.key(name), value);
+    } catch (e) {
+      if (e instanceof StorageError) throw e;
+      throw new StorageError('the storage could not write an item', { cause: e });
+    }
+  }
+
+  // Keys.
+
+  /**
+   * The verified key document: the one in memory or the cache while it is fresh, else fetched.
+   * When the router cannot be reached a cached document that still passes every check is used.
+   */
+  async keys(options: { signal?: AbortSignal | undefined; refresh?: boolean } = {}): Promise<KeyDocument> {
+    const now = this.seconds();
+    const cached = this.document ?? (await this.loadDocument(now));
+    const usable = cached !== undefined && this.stillValid(cached, now);
+    const refreshAfter = this.options.keyRefreshSeconds ?? 3600;
+    if (usable && !options.refresh && now - this.fetchedAt < refreshAfter) return cached;
+    const control = new RequestControl(options.signal);
+    control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000); // a dead connection must not hang the app
+    try {
+      return await this.fetchKeys(control);
+    } catch (e) {
+      if (e instanceof NetworkError && usable && !options.refresh) return cached;
+      throw e;
+    } finally {
+      control.dispose();
+    }
+  }
+
+  private stillValid(document: KeyDocument, now: number): boolean {
+    try {
+      this.wire.checkKeys(document, now);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  private async trustedKey(): Promise<Uint8Array | null> {
+    if (this.pin !== undefined) return this.pin;
+    if (this.trusted !== undefined) return this.trusted;
+    const stored = await this.stored(this.storage, 'signing-key');
+    if (!stored) return null;
+    try {
+      this.trusted = b64uDecode(stored, 'stored signing key', 32);
+    } catch {
+      throw new ConfigurationError('the stored signing key is not a signing key');
+    }
+    return this.trusted;
+  }
+
   private async loadDocument(now: number): Promise<KeyDocument | undefined> {
-    const stored = await this.storage.getItem(this.key('key-document'));
+    const stored = await this.stored(this.cache, 'key-document');
     if (!stored) return undefined;
     try {
       const cached = JSON.parse(stored) as CachedDocument;
       const pin = await this.trustedKey();
       if (pin === null || cached.url !== this.url) return undefined;
-      this.document = verifyKeyDocument(cached.body, pin, now);
+      this.document = this.wire.verifyKeys(cached.body, pin, now);
       this.fetchedAt = cached.fetched_at;
       return this.document;
     } catch (e) {
-      if (e instanceof ConfigurationError) throw e;
+      if (e instanceof ConfigurationError || e instanceof StorageError) throw e;
       return undefined; // a stale or damaged cache is simply not used
     }
   }
 
-  private async fetchKeys(signal: AbortSignal | undefined): Promise<KeyDocument> {
-    const response = await this.guard(signal, () =>
-      this.fetch('/api/pubkey', { method: 'GET', headers: { Accept: 'application/json' }, signal }),
+  private async fetchKeys(control: RequestControl): Promise<KeyDocument> {
+    const response = await control.guard(() =>
+      this.fetch(this.wire.keysPath, { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }),
     );
-    const body = await this.guard(signal, () => response.text());
+    const body = await control.guard(() => response.text());
     if (response.status !== 200) throw refusalError(response.status, body, response);
     const pin = await this.trustedKey();
     let document: KeyDocument;
     try {
-      document = verifyKeyDocument(body, pin, this.seconds());
+      document = this.wire.verifyKeys(body, pin, this.seconds());
     } catch (e) {
       if (e instanceof KeyDocumentError && e.code === 'pin_mismatch' && this.pin === undefined) {
         throw new KeyDocumentError('pin_mismatch', 'key document is not signed by the key trusted on first use');
       }
       throw e;
     }
-    if (pin === null) await this.storage.setItem(this.key('signing-key'), b64uEncode(document.signing_key));
+    if (pin === null) {
+      const signingKey = this.wire.signingKey(document);
+      await this.store(this.storage, 'signing-key', b64uEncode(signingKey));
+      this.trusted = signingKey;
+    }
     this.document = document;
     this.fetchedAt = this.seconds();
     const cached: CachedDocument = { url: this.url, body, fetched_at: this.fetchedAt };
-    await this.storage.setItem(this.key('key-document'), JSON.stringify(cached));
+    await this.store(this.cache, 'key-document', JSON.stringify(cached));
     return document;
   }
 
@@ -244,16 +320,32 @@ export class LLMRouterClient {
     return pair === undefined ? null : pair.pk;
   }
 
+  /**
+   * Forget the stored device key (and that the router knew it): the next request makes a new one,
+   * which pays the new-device proof of work. For a key the platform invalidated (`StorageError`
+   * after the user changed their biometrics) or a user who wants a fresh identity.
+   */
+  async resetDevice(): Promise<void> {
+    this.device = undefined;
+    this.registered = false;
+    await this.store(this.cache, 'registered', null);
+    if (this.options.deviceKey === 'auto') await this.store(this.storage, 'device-key', null);
+  }
+
   private deviceKeyPair(): Promise<KeyPair | undefined> {
     const option = this.options.deviceKey;
     if (option === undefined) return Promise.resolve(undefined);
-    this.device ??= this.loadDeviceKey(option);
+    this.device ??= this.loadDeviceKey(option).catch((e: unknown) => {
+      this.device = undefined; // a cancelled biometric prompt can be tried again
+      throw e;
+    });
     return this.device;
   }
 
-  private async loadDeviceKey(option: Uint8Array | 'auto'): Promise<KeyPair> {
+  private async loadDeviceKey(option: Uint8Array | 'auto' | 'ephemeral'): Promise<KeyPair> {
     if (option instanceof Uint8Array) return { sk: option, pk: publicKey(option) };
-    const stored = await this.storage.getItem(this.key('device-key'));
+    if (option === 'ephemeral') return generateKeyPair();
+    const stored = await this.stored(this.storage, 'device-key');
     if (stored) {
       try {
         const sk = b64uDecode(stored, 'device key', N_SK);
@@ -264,8 +356,55 @@ export class LLMRouterClient {
       }
     }
     const pair = generateKeyPair();
-    await this.storage.setItem(this.key('device-key'), b64uEncode(pair.sk));
+    await this.store(this.storage, 'device-key', b64uEncode(pair.sk));
     return pair;
+  }
+
+  /** A name for "this router knows this device key" that is no identifier (the key stays in the secret store). */
+  private registrationMark(pair: KeyPair): string {
+    return b64uEncode(sha256(utf8(`llmrouter registered|${this.url}|${b64uEncode(pair.pk)}`)).subarray(0, 16));
+  }
+
+  private async isRegistered(pair: KeyPair): Promise<boolean> {
+    this.registered ??= (await this.stored(this.cache, 'registered')) === this.registrationMark(pair);
+    return this.registered;
+  }
+
+  private async markRegistered(): Promise<void> {
+    const pair = await this.deviceKeyPair();
+    if (pair === undefined || this.registered === true) return;
+    this.registered = true;
+    if (this.options.deviceKey !== 'ephemeral') await this.store(this.cache, 'registered', this.registrationMark(pair));
+  }
+
+  /**
+   * Everything a first request needs, done ahead, for app start or an onboarding screen: verify
+   * the key document (and cache it), load or make and store the device key (the biometric prompt,
+   * if the storage asks for one), and have the router accept the device key (its new-device proof
+   * of work, time-sliced so the UI stays responsive; the one request this sends asks for one token
+   * and is cancelled as soon as it is accepted). Later calls, and later launches, return at once
+   * while the router knows the device. Chats started meanwhile are fine: they do the same work.
+   */
+  async prepare(options: PrepareOptions = {}): Promise<void> {
+    const { signal, onProgress } = options;
+    onProgress?.({ step: 'keys', fraction: 0 });
+    await this.keys({ signal });
+    onProgress?.({ step: 'device_key', fraction: 0.05 });
+    const pair = await this.deviceKeyPair();
+    if (pair !== undefined && !(await this.isRegistered(pair))) {
+      // the chance that the work is done by now: 1 - e^(-hashes/expected), smooth and below 1
+      const onStatus = (status: ChatStatus) => {
+        if (status.type === 'proof_of_work') onProgress?.({ step: 'proof_of_work', fraction: 0.1 + 0.85 * (1 - Math.exp(-status.hashes / status.expected)) });
+      };
+      const control = new RequestControl(signal);
+      try {
+        const { response } = await this.send(REGISTRATION, control, onStatus);
+        await response.body?.getReader().cancel().catch(() => undefined); // accepted: the router stops there
+      } finally {
+        control.dispose();
+      }
+    }
+    onProgress?.({ step: 'done', fraction: 1 });
   }
 
   // Chat.
@@ -274,12 +413,16 @@ export class LLMRouterClient {
    * The models the router serves (`GET /api/models`), and whether it speaks protocol v1.1: a v1
    * router has no such list (`protocol: '1'`), and refuses every v1.1 field with `bad_payload`.
    */
-  async models(options: { signal?: AbortSignal } = {}): Promise<ModelList> {
-    const { signal } = options;
-    const response = await this.guard(signal, () =>
-      this.fetch('/api/models', { method: 'GET', headers: { Accept: 'application/json' }, signal }),
-    );
-    const body = await this.guard(signal, () => response.text());
+  async models(options: { signal?: AbortSignal | undefined } = {}): Promise<ModelList> {
+    const control = new RequestControl(options.signal);
+    control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000);
+    let response: FetchResponse, body: string;
+    try {
+      response = await control.guard(() => this.fetch('/api/models', { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }));
+      body = await control.guard(() => response.text());
+    } finally {
+      control.dispose();
+    }
     if (response.status !== 200) {
       const error = refusalError(response.status, body, response);
       if (response.status === 404 && error.code === 'not_found') return { protocol: '1', default: null, models: [] };
@@ -306,26 +449,37 @@ export class LLMRouterClient {
    * `done` event with the finish reason and usage. Aborting `signal` (or leaving the loop early)
    * closes the connection, and the router stops generating.
    */
-  async *chat(request: ChatRequest, options: { signal?: AbortSignal } = {}): AsyncGenerator<ChatEvent, void, undefined> {
-    const expects = expectedChunks(requestPlaintext(request)); // a bad request never leaves
+  async *chat(request: ChatRequest, options: RequestOptions = {}): AsyncGenerator<ChatEvent, void, undefined> {
+    requestPlaintext(request); // a bad request is refused before anything is fetched or sent
+    const onStatus = this.statusHook(options.onStatus);
+    const control = new RequestControl(options.signal);
     const maxRetries = this.options.maxRetries ?? 2;
-    for (let attempt = 0; ; attempt++) {
-      const { response, state } = await this.send(request, options.signal);
-      let started = false;
-      try {
-        for await (const event of this.read(response, state, expects, options.signal)) {
-          started = true;
-          yield event;
+    try {
+      for (let attempt = 0; ; attempt++) {
+        const { response, opener } = await this.send(request, control, onStatus);
+        let started = false;
+        try {
+          for await (const event of this.read(response, opener, control, onStatus)) {
+            started = true;
+            yield event;
+          }
+          return;
+        } catch (e) {
+          // A refusal after the router decrypted the request comes sealed, as the stream's only
+          // chunk: retried (overloaded, a device rate limit, ...) as its plain form would be.
+          if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+          const delay = this.retryDelay(e, attempt);
+          if (delay === undefined || attempt >= maxRetries) throw e;
+          onStatus({ type: 'retrying', attempt: attempt + 1, delayMs: Math.round(delay), error: e });
+          try {
+            await sleep(delay, control.signal);
+          } catch {
+            throw control.failure();
+          }
         }
-        return;
-      } catch (e) {
-        // A refusal after the router decrypted the request comes sealed, as the stream's only
-        // chunk: retried (overloaded, a device rate limit, ...) as its plain form would be.
-        if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
-        const delay = this.retryDelay(e, attempt);
-        if (delay === undefined || attempt >= maxRetries) throw e;
-        await sleep(delay, options.signal);
       }
+    } finally {
+      control.dispose();
     }
   }
 
@@ -334,49 +488,60 @@ export class LLMRouterClient {
    * their fragments, logprobs, usage, and the assistant message for the history. `onEvent` sees
    * every event as it arrives (to show the text streaming).
    */
-  async complete(request: ChatRequest, options: { signal?: AbortSignal; onEvent?: (event: ChatEvent) => void } = {}): Promise<Reply> {
+  async complete(request: ChatRequest, options: RequestOptions & { onEvent?: (event: ChatEvent) => void } = {}): Promise<Reply> {
     const builder = new ReplyBuilder();
-    for await (const event of this.chat(request, { signal: options.signal })) {
+    for await (const event of this.chat(request, options)) {
       builder.add(event);
       options.onEvent?.(event);
     }
     return builder.reply();
   }
 
-  private async send(request: ChatRequest, signal: AbortSignal | undefined): Promise<{ response: FetchResponse; state: RequestState }> {
+  private statusHook(local: ((status: ChatStatus) => void) | undefined): (status: ChatStatus) => void {
+    const global = this.options.onStatus;
+    return (status) => {
+      global?.(status);
+      local?.(status);
+    };
+  }
+
+  private async send(request: ChatRequest, control: RequestControl, onStatus: (status: ChatStatus) => void): Promise<{ response: FetchResponse; opener: StreamOpener }> {
     const maxRetries = this.options.maxRetries ?? 2;
     let resealed = false;
     for (let attempt = 0; ; ) {
-      if (signal?.aborted) throw new AbortedError();
+      if (control.aborted) throw control.failure();
       let failure: LLMRouterError;
       try {
-        return await this.post(request, signal);
+        return await this.post(request, control, onStatus);
       } catch (e) {
-        if (!(e instanceof LLMRouterError) || e instanceof AbortedError) throw e;
+        if (!(e instanceof LLMRouterError) || e instanceof AbortedError || e instanceof TimeoutError) throw e;
         failure = e;
       }
       if ((failure.code === 'key_unknown' || failure.code === 'stale') && !resealed) {
         // Seal again, once: after `key_unknown` (the router rotated its keys) with a refetched
-        // document; after `stale` (a router that just restarted refuses earlier timestamps) with
-        // a fresh timestamp. A clock that is really wrong gets `stale` again, and that is final.
+        // document; after `stale` (a router that just restarted refuses earlier timestamps, or
+        // this clock is off and was corrected by the router's Date) with a fresh timestamp. A
+        // clock off by more than the correction allows gets `stale` again, and that is final.
         resealed = true;
-        if (failure.code === 'key_unknown') await this.keys({ signal, refresh: true });
+        onStatus({ type: 'resealing', reason: failure.code === 'stale' ? 'stale' : 'key_unknown' });
+        if (failure.code === 'key_unknown') await this.keys({ signal: control.signal, refresh: true });
         continue;
       }
       const delay = this.retryDelay(failure, attempt);
       if (delay === undefined || attempt >= maxRetries) throw failure;
       attempt += 1;
-      await sleep(delay, signal);
+      onStatus({ type: 'retrying', attempt, delayMs: Math.round(delay), error: failure });
+      try {
+        await sleep(delay, control.signal);
+      } catch {
+        throw control.failure();
+      }
     }
   }
 
   /** How long to wait before retrying after `failure`, or undefined when it is not retried. */
   private retryDelay(failure: LLMRouterError, attempt: number): number | undefined {
-    const retryable =
-      failure instanceof NetworkError ||
-      RETRYABLE.has(failure.code) ||
-      (failure.code === 'http_error' && RETRYABLE_STATUS.has(failure.status ?? 0));
-    if (!retryable) return undefined;
+    if (!failure.retryable) return undefined;
     const retryAfter = failure instanceof RateLimitedError ? failure.retryAfter : undefined;
     if (retryAfter !== undefined) {
       if (retryAfter > (this.options.maxRetryAfterSeconds ?? 60)) return undefined;
@@ -386,22 +551,35 @@ export class LLMRouterClient {
     return cap / 2 + (Math.random() * cap) / 2;
   }
 
+  /** Learn the clock offset from a `stale` refusal's Date header, within the allowed correction. */
+  private correctClock(serverMs: number | undefined): void {
+    if (serverMs === undefined) return;
+    const offset = serverMs - this.now();
+    if (Math.abs(offset) <= (this.options.maxClockCorrectionSeconds ?? 3600) * 1000) this.clockOffsetMs = offset;
+  }
+
   /** One sealed request (and, if the router asks, once more with a proof of work). */
-  private async post(request: ChatRequest, signal: AbortSignal | undefined): Promise<{ response: FetchResponse; state: RequestState }> {
-    const document = await this.keys({ signal });
+  private async post(
+    request: ChatRequest,
+    control: RequestControl,
+    onStatus: (status: ChatStatus) => void,
+  ): Promise<{ response: FetchResponse; opener: StreamOpener }> {
+    const document = await this.keys({ signal: control.signal });
     const deviceKey = await this.deviceKeyPair();
-    const { envelope, state } = sealRequest(document.current, request, this.seconds(), {
-      deviceKey,
-      pad: this.options.pad ?? DEFAULT_PAD,
-    });
-    const body = JSON.stringify(envelope);
+    const sealed = this.wire.seal(document, request, this.seconds(), { deviceKey, pad: this.options.pad ?? DEFAULT_PAD });
     const headers: Record<string, string> = { 'Content-Type': 'application/json', Accept: 'text/event-stream' };
     for (;;) {
-      const response = await this.guard(signal, () => this.fetch('/api/chat', { method: 'POST', headers, body, signal }));
-      if (response.status === 200) return { response, state };
-      const text = await this.guard(signal, () => response.text());
-      const { code, message, retryAfter, challenge, upstream } = refusal(response.status, text, response);
+      control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000);
+      const response = await control.guard(() => this.fetch(this.wire.chatPath, { method: 'POST', headers, body: sealed.body, signal: control.signal }));
+      if (response.status === 200) {
+        if (deviceKey !== undefined) await this.markRegistered();
+        return { response, opener: sealed.opener() };
+      }
+      control.disarm('first_token_timeout');
+      const text = await control.guard(() => response.text());
+      const { code, message, retryAfter, challenge, upstream, date } = parseRefusal(response.status, text, response);
       const error = routerError(code, message, response.status, retryAfter, upstream);
+      if (code === 'stale') this.correctClock(date);
       if (code !== 'pow_required' || POW_HEADER in headers || challenge === undefined) throw error;
       let difficulty: number;
       try {
@@ -412,51 +590,51 @@ export class LLMRouterClient {
       if (difficulty > (this.options.maxProofOfWorkDifficulty ?? 24)) {
         throw new RouterError('pow_too_hard', 'the proof of work asked for is harder than this client allows', 401);
       }
-      headers[POW_HEADER] = await solve(challenge, state.enc, difficulty, signal);
-    }
-  }
-
-  /** Runs a network step; turns `fetch`'s failures into AbortedError or NetworkError. */
-  private async guard<T>(signal: AbortSignal | undefined, step: () => Promise<T>): Promise<T> {
-    try {
-      return await step();
-    } catch (e) {
-      if (signal?.aborted) throw new AbortedError();
-      if (e instanceof LLMRouterError) throw e;
-      throw new NetworkError();
+      headers[POW_HEADER] = await solve(challenge, sealed.enc, difficulty, {
+        signal: control.signal,
+        onProgress: (progress) => onStatus({ type: 'proof_of_work', ...progress }),
+      }).catch((e: unknown) => {
+        throw e instanceof AbortedError ? control.failure() : e;
+      });
     }
   }
 
   private async *read(
     response: FetchResponse,
-    state: RequestState,
-    expects: ExpectedChunks,
-    signal: AbortSignal | undefined,
+    opener: StreamOpener,
+    control: RequestControl,
+    onStatus: (status: ChatStatus) => void,
   ): AsyncGenerator<ChatEvent, void, undefined> {
-    const opener = new ResponseOpener(state, expects);
     const body = response.body;
+    onStatus({ type: 'response', streaming: body !== undefined && body !== null });
     if (body === undefined || body === null) {
-      // No streaming body on this platform: the same checks, all at once.
-      const data = await this.guard(signal, () => response.arrayBuffer());
-      yield* deliver(opener.feed(new Uint8Array(data)));
+      // No streaming body on this platform: the same checks, all at once. Timeouts end here:
+      // nothing shows progress until the whole answer is in.
+      control.disarm('first_token_timeout');
+      const data = await control.guard(() => wholeBody(response));
+      yield* deliver(opener.feed(data));
       const final = opener.close();
       if (final.type === 'error') throw chunkError(final);
       return;
     }
+    const idle = this.options.idleTimeoutMs ?? 45_000;
     const reader = body.getReader();
     let finished = false;
     try {
+      control.arm('idle_timeout', idle);
       for (;;) {
-        let chunk: ReadableStreamReadResult<Uint8Array>;
+        let chunk: { done: boolean; value?: Uint8Array | undefined };
         try {
           chunk = await reader.read();
-        } catch {
-          if (signal?.aborted) throw new AbortedError();
-          throw new TruncatedStreamError(); // the connection broke before the final chunk
+        } catch (e) {
+          if (control.aborted) throw control.failure();
+          throw new TruncatedStreamError({ cause: e }); // the connection broke before the final chunk
         }
         if (chunk.done) break;
-        for (const event of deliver(opener.feed(chunk.value))) {
-          if (signal?.aborted) throw new AbortedError(); // nothing more after an abort
+        control.arm('idle_timeout', idle);
+        for (const event of deliver(opener.feed(chunk.value ?? new Uint8Array(0)))) {
+          if (control.aborted) throw control.failure(); // nothing more after an abort
+          control.disarm('first_token_timeout');
           if (event.type === 'done') finished = true;
           yield event;
           if (finished) return;
@@ -464,6 +642,7 @@ export class LLMRouterClient {
       }
       opener.close(); // throws: the stream ended without its final chunk
     } finally {
+      control.disarm('idle_timeout');
       // Closing the body closes the connection; the router then cancels generation.
       if (!finished) await reader.cancel().catch(() => undefined);
     }
@@ -471,7 +650,7 @@ export class LLMRouterClient {
 }
 
 /** Stream items as chat events; the router's sealed error chunk becomes its typed error. */
-function* deliver(items: ReturnType<ResponseOpener['feed']>): Generator<ChatEvent, void, undefined> {
+function* deliver(items: StreamItem[]): Generator<ChatEvent, void, undefined> {
   for (const item of items) {
     if (item.type === 'error') throw chunkError(item);
     yield item;
@@ -492,54 +671,7 @@ function chunkError(item: ErrorEvent): LLMRouterError {
   return routerError(item.code, item.message, item.status, item.retry_after, upstream);
 }
 
-interface Refusal {
-  code: string;
-  message: string;
-  retryAfter: number | undefined;
-  challenge: string | undefined;
-  upstream: UpstreamRefusal | undefined;
-}
-
-/** The router's JSON refusal `{"error": {"code", "message", ...}}` (or just the status). */
-function refusal(status: number, body: string, response: FetchResponse): Refusal {
-  const header = response.headers.get('Retry-After')?.trim();
-  const retryAfter = header !== undefined && /^\d{1,9}$/.test(header) ? Number(header) : undefined;
-  let error: Record<string, unknown> | undefined;
-  try {
-    const doc = JSON.parse(body) as { error?: unknown };
-    if (typeof doc.error === 'object' && doc.error !== null) error = doc.error as Record<string, unknown>;
-  } catch {
-    error = undefined;
-  }
-  if (error === undefined || typeof error.code !== 'string' || typeof error.message !== 'string') {
-    return { code: 'http_error', message: `the router answered HTTP ${status}`, retryAfter, challenge: undefined, upstream: undefined };
-  }
-  const challenge = typeof error.challenge === 'string' ? error.challenge : undefined;
-  let upstream: UpstreamRefusal | undefined;
-  if (Number.isInteger(error.upstream_status)) {
-    upstream = { status: error.upstream_status as number };
-    if (typeof error.upstream_code === 'string') upstream.code = error.upstream_code;
-    if (typeof error.upstream_param === 'string') upstream.param = error.upstream_param;
-  }
-  return { code: error.code, message: error.message, retryAfter, challenge, upstream };
-}
-
 function refusalError(status: number, body: string, response: FetchResponse): LLMRouterError {
-  const { code, message, retryAfter, upstream } = refusal(status, body, response);
+  const { code, message, retryAfter, upstream } = parseRefusal(status, body, response);
   return routerError(code, message, status, retryAfter, upstream);
-}
-
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(new AbortedError());
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(new AbortedError());
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
 }

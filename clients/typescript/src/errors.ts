@@ -57,21 +57,59 @@ export type ClientErrorCode =
   | 'pin_mismatch'
   | 'stale_key_document'
   | 'pow_too_hard'
-  | 'bad_models';
+  | 'bad_models'
+  | 'first_token_timeout'
+  | 'idle_timeout'
+  | 'storage';
 
 export type ErrorCode = RouterErrorCode | ClientErrorCode;
+
+/**
+ * Codes worth sending the same request again for, later and unchanged: the network, a busy or
+ * restarting router, a backend that failed before answering, a stream cut or stalled.
+ */
+const RETRYABLE = new Set<string>([
+  'network',
+  'truncated',
+  'first_token_timeout',
+  'idle_timeout',
+  'rate_limited',
+  'device_rate_limited',
+  'device_streams',
+  'overloaded',
+  'no_backend',
+  'upstream_failed',
+  'timeout',
+]);
+const RETRYABLE_STATUS = new Set([502, 503, 504]);
+
+export interface ErrorOptions {
+  /** What went wrong underneath (a `fetch` failure, a storage exception): for logs, never shown to users. */
+  cause?: unknown;
+}
 
 export class LLMRouterError extends Error {
   /** Stable and machine-readable; a router code may be one this SDK version does not list. */
   readonly code: ErrorCode | (string & {});
   /** The HTTP status, when the router answered with one. */
   readonly status: number | undefined;
+  /**
+   * True when the same request may succeed if sent again later, unchanged (offline, a busy
+   * router, a cut stream); false when something must change first (the request, the
+   * configuration, the clock, the user's patience). The client itself retries only before a
+   * response begins; after that it is the app's call.
+   */
+  readonly retryable: boolean;
+  declare readonly cause?: unknown;
 
-  constructor(code: ErrorCode | (string & {}), message: string, status?: number) {
+  constructor(code: ErrorCode | (string & {}), message: string, status?: number, options: ErrorOptions = {}) {
     super(message);
     this.name = new.target.name;
     this.code = code;
     this.status = status;
+    this.retryable = RETRYABLE.has(code) || (code === 'http_error' && RETRYABLE_STATUS.has(status ?? 0));
+    // Set by hand: ES2022's Error(message, { cause }) is not in every engine an app runs on.
+    if (options.cause !== undefined) Object.defineProperty(this, 'cause', { value: options.cause, writable: true, configurable: true });
   }
 }
 
@@ -95,8 +133,26 @@ export class InvalidRequestError extends LLMRouterError {
 
 /** The router could not be reached, or the connection broke before the response began. */
 export class NetworkError extends LLMRouterError {
-  constructor(message = 'cannot reach the router') {
-    super('network', message);
+  constructor(message = 'cannot reach the router', options: ErrorOptions = {}) {
+    super('network', message, undefined, options);
+  }
+}
+
+/**
+ * The stream stalled: no verified event within `firstTokenTimeoutMs` of sending
+ * (`first_token_timeout`), or no bytes at all, not even keep-alives, for `idleTimeoutMs`
+ * (`idle_timeout`, typically a connection lost when the phone changed networks).
+ */
+export class TimeoutError extends LLMRouterError {
+  constructor(code: 'first_token_timeout' | 'idle_timeout') {
+    super(code, code === 'idle_timeout' ? 'the stream went silent (idle timeout)' : 'no answer began in time (first-token timeout)');
+  }
+}
+
+/** The app's storage failed (a Keychain item that biometrics no longer open, a full disk): see `cause`. */
+export class StorageError extends LLMRouterError {
+  constructor(message: string, options: ErrorOptions = {}) {
+    super('storage', message, undefined, options);
   }
 }
 
@@ -117,15 +173,15 @@ export class EncryptionError extends LLMRouterError {
 
 /** A response chunk failed authentication, or the stream is malformed: nothing of it is trusted. */
 export class DecryptionError extends LLMRouterError {
-  constructor(code: 'decryption_failed' | 'bad_stream' | 'truncated', message: string) {
-    super(code, message);
+  constructor(code: 'decryption_failed' | 'bad_stream' | 'truncated', message: string, options: ErrorOptions = {}) {
+    super(code, message, undefined, options);
   }
 }
 
 /** The stream ended without its verified final chunk: the answer is incomplete, never silently. */
 export class TruncatedStreamError extends DecryptionError {
-  constructor() {
-    super('truncated', 'the stream ended without a verified final chunk (truncated)');
+  constructor(options: ErrorOptions = {}) {
+    super('truncated', 'the stream ended without a verified final chunk (truncated)', options);
   }
 }
 

@@ -27,7 +27,19 @@ export type {
   ToolMessage,
   UserMessage,
 } from './chat.js';
-export { type ChatEvent, type ClientOptions, type Fetch, type FetchResponse, LLMRouterClient, type ModelList } from './client.js';
+export {
+  type ChatEvent,
+  type ChatStatus,
+  type ClientOptions,
+  LLMRouterClient,
+  type ModelList,
+  type PrepareOptions,
+  type PrepareProgress,
+  type RequestOptions,
+} from './client.js';
+export type { BodyStream, Fetch, FetchInit, FetchResponse } from './transport.js';
+export { type XMLHttpRequestLike, xhrFetch } from './xhr.js';
+export type { PowProgress } from './pow.js';
 export {
   AbortedError,
   type ClientErrorCode,
@@ -35,6 +47,7 @@ export {
   DecryptionError,
   EncryptionError,
   type ErrorCode,
+  type ErrorOptions,
   InvalidRequestError,
   KeyDocumentError,
   KeyRotationError,
@@ -43,6 +56,8 @@ export {
   RateLimitedError,
   RouterError,
   type RouterErrorCode,
+  StorageError,
+  TimeoutError,
   TruncatedStreamError,
   type UpstreamRefusal,
 } from './errors.js';
@@ -59,4 +74,16 @@ export type {
   Usage,
 } from './protocol.js';
 export { type Reply, ReplyBuilder } from './reply.js';
+export { type ChatMessage, ChatSession, type ChatSessionOptions, type ChatState } from './session.js';
 export { type KeyStorage, MemoryStorage } from './storage.js';
+export {
+  type KeychainModule,
+  type KeychainOptions,
+  keychainStorage,
+  type KeychainStorageOptions,
+  type SecureStoreModule,
+  type SecureStoreOptions,
+  secureStoreStorage,
+  type SecureStoreStorageOptions,
+} from './stores.js';
+export type { SealedRequest, SealOptions, StreamOpener, WireProtocol } from './wire.js';

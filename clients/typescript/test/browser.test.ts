@@ -36,10 +36,13 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
     await site?.close();
   });
 
-  async function chatFromPage(router: Router): Promise<{ state: string; answer: string; status: string; subtle: boolean }> {
+  async function chatFromPage(
+    router: Router,
+    transport = 'fetch',
+  ): Promise<{ state: string; answer: string; status: string; subtle: boolean; deltas: number; streaming: string }> {
     browser.problems.length = 0;
     const page = await browser.page(NO_SUBTLE ? REMOVE_SUBTLE : undefined);
-    const query = new URLSearchParams({ url: router.url, pin: router.pin, prompt: 'Hello from a browser' });
+    const query = new URLSearchParams({ url: router.url, pin: router.pin, prompt: 'Hello from a browser', transport });
     await page.goto(`${site.origin}/examples/browser/?${query}`);
     const state = await waitFor(
       () => page.evaluate<string>("document.body?.dataset.state ?? 'loading'"),
@@ -52,6 +55,8 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
       answer: await page.evaluate<string>("document.getElementById('answer').textContent"),
       status: await page.evaluate<string>("document.getElementById('status').textContent"),
       subtle: await page.evaluate<boolean>('globalThis.crypto.subtle !== undefined'),
+      deltas: Number(await page.evaluate<string>('document.body.dataset.deltas')),
+      streaming: await page.evaluate<string>('document.body.dataset.streaming'),
     };
   }
 
@@ -63,9 +68,19 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
     assert.equal(result.subtle, !NO_SUBTLE);
   });
 
+  it('streams over XMLHttpRequest with xhrFetch (the transport TLS-pinning libraries cover on React Native)', async () => {
+    const result = await chatFromPage(open, 'xhr');
+    assert.equal(result.state, 'done', result.status);
+    assert.match(result.status, /^length, 64 tokens$/);
+    assert.equal(result.streaming, 'true');
+    assert.ok(result.deltas > 1, `${result.deltas} deltas`);
+  });
+
   it('cannot reach a router without CORS_ORIGINS', async () => {
     const result = await chatFromPage(closed);
     assert.equal(result.state, 'error:network', result.status);
     assert.equal(result.answer, '');
+    const overXhr = await chatFromPage(closed, 'xhr');
+    assert.equal(overXhr.state, 'error:network', overXhr.status);
   });
 });

@@ -11,16 +11,21 @@ import { after, before, describe, it } from 'node:test';
 import {
   AbortedError,
   type ChatEvent,
+  type ChatStatus,
+  type PrepareProgress,
   type ChatRequest,
   KeyDocumentError,
   LLMRouterClient,
   MemoryStorage,
+  NetworkError,
   RateLimitedError,
   RouterError,
+  TimeoutError,
   TruncatedStreamError,
 } from '@llmrouter/client';
 
-import { cuttingProxy, recorder, replaying, unreachable, unstreamed } from './support/faults.js';
+import { cuttingProxy, recorder, replaying, stalled, unreachable, unstreamed } from './support/faults.js';
+import { PersistentMemory } from './support/stores.js';
 import { type Inference, metric, type Router, startInference, startRouter, waitFor } from './support/stack.js';
 
 function ask(content: string, max_tokens = 8): ChatRequest {
@@ -81,7 +86,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('chats in auth mode with a device key made on first use and kept in storage', async () => {
-    const storage = new MemoryStorage();
+    const storage = new PersistentMemory();
     const { fetch, chats } = recorder();
     const client = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, fetch });
     const { done } = await collect(client.chat(ask('Hello in auth mode', 4)));
@@ -100,11 +105,50 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
     assert.deepEqual(chats().map((c) => c.headers['X-LLMRouter-PoW'] !== undefined), [false, true, false]);
   });
 
-  it('works with a fetch that has no response streams (the answer is verified all at once)', async () => {
-    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed });
+  it('prepare(): keys, device key and the new-device proof of work ahead, with progress; then chats pay nothing, nor does the next launch', async () => {
+    const storage = new PersistentMemory(); // the secret store
+    const cache = new PersistentMemory(); // public data
+    const { fetch, chats } = recorder();
+    const progress: PrepareProgress[] = [];
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, cache, fetch });
+    await client.prepare({ onProgress: (p) => progress.push(p) });
+    const steps = [...new Set(progress.map((p) => p.step))];
+    assert.deepEqual(steps, ['keys', 'device_key', 'proof_of_work', 'done']);
+    assert.ok(progress.every((p, i) => i === 0 || p.fraction >= progress[i - 1]!.fraction) && progress.at(-1)!.fraction === 1);
+    assert.deepEqual(chats().map((c) => [c.status, c.headers['X-LLMRouter-PoW'] !== undefined]), [[401, false], [200, true]]);
+    await collect(client.chat(ask('prepared', 2)));
+    assert.deepEqual(chats().map((c) => c.status), [401, 200, 200]); // no proof of work for the chat
+    // the next launch: same stores, nothing to do
+    const relaunch = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'auto', storage, cache, fetch });
+    await relaunch.prepare();
+    assert.equal(chats().length, 3);
+    // the secret stays in the secret store, the public data in the cache, and neither holds the other's
+    const device = b64u((await client.devicePublicKey())!);
+    const secret = storage.getItem('llmrouter.device-key')!;
+    const names = ['device-key', 'signing-key', 'key-document', 'registered'];
+    assert.deepEqual(names.map((n) => storage.getItem(`llmrouter.${n}`) !== null), [true, false, false, false]);
+    assert.deepEqual(names.map((n) => cache.getItem(`llmrouter.${n}`) !== null), [false, false, true, true]);
+    for (const n of names) {
+      const value = cache.getItem(`llmrouter.${n}`) ?? '';
+      assert.ok(!value.includes(secret) && !value.includes(device), `the cache's ${n} holds no device key`);
+    }
+    // a router that forgot the device: the next chat pays again, inline, and says so
+    const statuses: string[] = [];
+    const fresh = new LLMRouterClient({ url: router.url, pin: router.pin, deviceKey: 'ephemeral', fetch, onStatus: (s) => statuses.push(s.type) });
+    await collect(fresh.chat(ask('new device', 2)));
+    assert.ok(statuses.includes('proof_of_work') && statuses.at(-1) === 'response');
+  });
+
+  it('works with a fetch that has no response streams and no arrayBuffer (read with text(), verified all at once), and says so', async () => {
+    const statuses: ChatStatus[] = [];
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unstreamed, onStatus: (status) => statuses.push(status) });
     const { deltas, done } = await collect(client.chat(ask('no streams here', 5)));
     assert.ok(deltas >= 1);
     assert.ok(done?.type === 'done' && done.usage.completion_tokens === 5);
+    assert.deepEqual(statuses, [{ type: 'response', streaming: false }]);
+    const streamed: ChatStatus[] = [];
+    await collect(new LLMRouterClient({ url: router.url, pin: router.pin }).chat(ask('streams', 2), { onStatus: (s) => streamed.push(s) }));
+    assert.deepEqual(streamed, [{ type: 'response', streaming: true }]);
   });
 
   it('refuses a key document not signed by the pinned key, before sending anything', async () => {
@@ -116,7 +160,7 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('trusts the first signing key on first use, and refuses another one after', async () => {
-    const storage = new MemoryStorage();
+    const storage = new PersistentMemory();
     const first = new LLMRouterClient({ url: router.url, trustOnFirstUse: true, storage });
     await collect(first.chat(ask('first use', 2)));
     assert.equal(storage.getItem('llmrouter.signing-key'), router.pin);
@@ -125,13 +169,13 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
   });
 
   it('starts from the stored key document when the key endpoint cannot be reached', async () => {
-    const storage = new MemoryStorage();
-    await new LLMRouterClient({ url: router.url, pin: router.pin, storage }).keys();
-    const offline = new LLMRouterClient({ url: router.url, pin: router.pin, storage, fetch: unreachable('/api/pubkey'), keyRefreshSeconds: 0 });
+    const cache = new MemoryStorage();
+    await new LLMRouterClient({ url: router.url, pin: router.pin, cache }).keys();
+    const offline = new LLMRouterClient({ url: router.url, pin: router.pin, cache, fetch: unreachable('/api/pubkey'), keyRefreshSeconds: 0 });
     const { done } = await collect(offline.chat(ask('offline start', 2)));
     assert.equal(done?.type, 'done');
     const empty = new LLMRouterClient({ url: router.url, pin: router.pin, fetch: unreachable('/api/pubkey'), maxRetries: 0 });
-    await assert.rejects(empty.keys(), { code: 'network' });
+    await assert.rejects(empty.keys(), (e: unknown) => e instanceof NetworkError && e.retryable && e.cause instanceof TypeError);
   });
 
   it('solves the proof of work when the router asks for it', async () => {
@@ -149,10 +193,15 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
 
   it('honours Retry-After when rate limited, or hands it to the caller', async () => {
     const { fetch, chats } = recorder();
+    const statuses: ChatStatus[] = [];
     const client = new LLMRouterClient({ url: limitedRouter.url, pin: limitedRouter.pin, fetch });
     await collect(client.chat(ask('one', 1)));
-    const { done } = await collect(client.chat(ask('two', 1)));
+    const { done } = await collect(client.chat(ask('two', 1), { onStatus: (s) => statuses.push(s) }));
     assert.equal(done?.type, 'done');
+    // the app heard of the wait, and why
+    const [retrying] = statuses;
+    assert.ok(retrying?.type === 'retrying' && retrying.attempt === 1 && retrying.error instanceof RateLimitedError);
+    assert.ok(retrying.delayMs >= (retrying.error.retryAfter ?? 0) * 1000);
     // One refusal, then one retry after Retry-After (the bucket refills one token a second): a
     // retry on the backoff schedule alone would have come too early and been refused again.
     assert.deepEqual(chats().map((c) => c.status), [200, 429, 200]);
@@ -201,11 +250,29 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
       const [first, second] = chats().map((c) => JSON.parse(c.body!).ts as number);
       assert.ok(second! >= first! + 39, 'the second request carries a fresh timestamp');
 
-      // a clock that stays behind (the router started less than 40 s ago) gets `stale` twice
+      // a clock that stays behind is corrected by the router's Date header, within the bound
+      const statuses: string[] = [];
       const { fetch: behindFetch, chats: behindChats } = recorder();
-      const behind = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch: behindFetch, now: () => Date.now() - 40000 });
-      await assert.rejects(collect(behind.chat(ask('late', 2))), (e: unknown) => e instanceof RouterError && e.code === 'stale');
-      assert.deepEqual(behindChats().map((c) => c.status), [401, 401]);
+      const behind = new LLMRouterClient({
+        url: fresh.url,
+        pin: fresh.pin,
+        fetch: behindFetch,
+        now: () => Date.now() - 180000, // beyond the router's 60 s, within the key document's 300 s
+        onStatus: (status) => statuses.push(status.type === 'resealing' ? `resealing:${status.reason}` : status.type),
+      });
+      assert.equal((await collect(behind.chat(ask('late', 2)))).done?.type, 'done');
+      assert.deepEqual(behindChats().map((c) => c.status), [401, 200]);
+      assert.deepEqual(statuses, ['resealing:stale', 'response']);
+      const [late, corrected] = behindChats().map((c) => JSON.parse(c.body!).ts as number);
+      assert.ok(Math.abs(corrected! - Date.now() / 1000) < 10 && late! < corrected! - 170, 'the second request is timed by the router clock');
+      await collect(behind.chat(ask('and later', 2))); // the correction stays: no second refusal
+      assert.deepEqual(behindChats().map((c) => c.status), [401, 200, 200]);
+
+      // ... and a clock off by more than maxClockCorrectionSeconds stays an error
+      const { fetch: offFetch, chats: offChats } = recorder();
+      const off = new LLMRouterClient({ url: fresh.url, pin: fresh.pin, fetch: offFetch, now: () => Date.now() - 180000, maxClockCorrectionSeconds: 120 });
+      await assert.rejects(collect(off.chat(ask('late', 2))), (e: unknown) => e instanceof RouterError && e.code === 'stale' && !e.retryable);
+      assert.deepEqual(offChats().map((c) => c.status), [401, 401]);
     } finally {
       await fresh.stop();
     }
@@ -237,6 +304,30 @@ describe('against a real router and inference daemon', { timeout: 240000 }, () =
     // the router saw the connection go and cancelled the generation (4000 tokens: the tiny model
     // cannot finish them before the cut is noticed, which 200 sometimes did on a busy machine)
     await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled');
+  });
+
+  it('gives up on a stream that went silent (idle timeout), and on one that never began (first-token timeout)', async () => {
+    const cancelled = await cancelledCount();
+    const silent = await cuttingProxy(router.url, 1, true); // the first chunk, then nothing, the connection left open
+    try {
+      const client = new LLMRouterClient({ url: silent.url, pin: router.pin, idleTimeoutMs: 500 });
+      let deltas = 0;
+      await assert.rejects(
+        (async () => {
+          for await (const event of client.chat(ask('a long answer please', 4000))) if (event.type === 'delta') deltas += 1;
+        })(),
+        (e: unknown) => e instanceof TimeoutError && e.code === 'idle_timeout' && e.retryable,
+      );
+      assert.equal(deltas, 1);
+    } finally {
+      await silent.close();
+    }
+    await waitFor(cancelledCount, (v) => v === cancelled + 1, 'inference cancelled'); // the client closed it
+
+    const { fetch, chats } = recorder(stalled('/api/chat')); // the request goes out, no answer ever comes
+    const client = new LLMRouterClient({ url: router.url, pin: router.pin, fetch, firstTokenTimeoutMs: 500 });
+    await assert.rejects(collect(client.chat(ask('hello', 2))), (e: unknown) => e instanceof TimeoutError && e.code === 'first_token_timeout');
+    assert.equal(chats().length, 1, 'a timeout is not retried by the client: the app decides');
   });
 
   for (const how of ['abort', 'break'] as const) {

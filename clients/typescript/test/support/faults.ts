@@ -51,10 +51,14 @@ export function capturing(): { fetch: Fetch; bodies: string[] } {
   return { fetch: captured, bodies };
 }
 
-/** A fetch without response streams, as React Native's own: the body arrives all at once. */
+/**
+ * A fetch without response streams, as React Native's own: the body arrives all at once, and
+ * `arrayBuffer()` throws as it does in React Native before 0.73.1.
+ */
 export const unstreamed: Fetch = async (url, init) => {
   const response = await fetch(url, init);
-  return { status: response.status, headers: response.headers, body: null, text: () => response.text(), arrayBuffer: () => response.arrayBuffer() };
+  const arrayBuffer = () => Promise.reject(new Error('FileReader.readAsArrayBuffer is not implemented'));
+  return { status: response.status, headers: response.headers, body: null, text: () => response.text(), arrayBuffer };
 };
 
 /** The network is down for requests whose path starts with `prefix`. */
@@ -65,11 +69,21 @@ export function unreachable(prefix: string): Fetch {
   };
 }
 
+/** Requests whose path starts with `prefix` go out and never get an answer (until aborted). */
+export function stalled(prefix: string): Fetch {
+  return async (url, init): Promise<FetchResponse> => {
+    if (!new URL(url).pathname.startsWith(prefix)) return fetch(url, init);
+    return new Promise((_, reject) => init.signal?.addEventListener('abort', () => reject(new DOMException('aborted', 'AbortError'))));
+  };
+}
+
 /**
  * A TCP proxy to `target` that forwards a response stream up to the end of its `chunks`-th
- * `event: chunk` and then cuts both connections, as a dropped connection would.
+ * `event: chunk` and then cuts both connections, as a dropped connection would; or, with
+ * `stall`, forwards nothing more but keeps both open, as a connection lost without a reset
+ * (a phone that changed networks) looks. `chunks` 0 with `stall`: not even the response headers.
  */
-export async function cuttingProxy(target: string, chunks: number): Promise<{ url: string; close: () => Promise<void> }> {
+export async function cuttingProxy(target: string, chunks: number, stall = false): Promise<{ url: string; close: () => Promise<void> }> {
   const { hostname, port } = new URL(target);
   const sockets = new Set<Socket>();
   const server: Server = createServer((downstream) => {
@@ -77,7 +91,9 @@ export async function cuttingProxy(target: string, chunks: number): Promise<{ ur
     sockets.add(downstream).add(upstream);
     downstream.pipe(upstream);
     let seen = '';
+    let stalled = stall && chunks === 0;
     upstream.on('data', (data: Buffer) => {
+      if (stalled) return;
       const start = seen.length;
       seen += data.toString('latin1');
       let end = -1;
@@ -93,7 +109,9 @@ export async function cuttingProxy(target: string, chunks: number): Promise<{ ur
         downstream.write(data);
         return;
       }
+      stalled = stall;
       downstream.write(data.subarray(0, Math.max(0, end + 2 - start)), () => {
+        if (stall) return;
         downstream.destroy();
         upstream.destroy();
       });

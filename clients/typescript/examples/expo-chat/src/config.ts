@@ -1,0 +1,22 @@
+/**
+ * Where the router is and which keys the app trusts. Build-time values (Expo inlines
+ * EXPO_PUBLIC_* variables into the bundle): set them in `.env` or the shell, see README.md.
+ */
+
+export interface Config {
+  /** The router, https://... (http:// only for a router on this machine during development). */
+  routerUrl: string;
+  /** The router's Ed25519 signing key (`llmrouter-keys pin` prints it): what the app trusts. */
+  routerPin: string;
+  /**
+   * SHA-256 hashes (base64) of the TLS certificate's public key: the current one and a backup
+   * (both platforms want two, so that a key can be replaced without shipping a new app first).
+   */
+  tlsPins: string[];
+}
+
+export const config: Config = {
+  routerUrl: process.env.EXPO_PUBLIC_ROUTER_URL ?? 'https://router.example',
+  routerPin: process.env.EXPO_PUBLIC_ROUTER_PIN ?? 'QjPsZB1yzgvk5NxcRVplETaGiBOS5fZO7TnLRB-GZyc',
+  tlsPins: (process.env.EXPO_PUBLIC_TLS_PINS ?? '').split(',').filter(Boolean),
+};

@@ -1,0 +1,25 @@
+/** The Expo app: expo/fetch (streams), the device key in expo-secure-store behind biometrics. */
+import { fetch } from 'expo/fetch';
+import * as SecureStore from 'expo-secure-store';
+import { StatusBar } from 'expo-status-bar';
+
+import { LLMRouterClient, secureStoreStorage } from '@llmrouter/client';
+
+import { Chat, PIN } from './Chat';
+
+const client = new LLMRouterClient({
+  url: 'https://router.example',
+  pin: PIN,
+  deviceKey: 'auto',
+  storage: secureStoreStorage(SecureStore, { requireAuthentication: true }),
+  fetch,
+});
+
+export default function App() {
+  return (
+    <>
+      <Chat client={client} />
+      <StatusBar style="auto" />
+    </>
+  );
+}
