@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmrouter import hpke, protocol
-from llmrouter.router.keys import (
+from llmrouter.keystore import (
     KeyStore,
     KeyStoreBusyError,
     KeyStoreError,

@@ -33,9 +33,9 @@ from typing import TextIO
 import nacl.signing
 from twisted.internet.task import Clock
 
+from llmrouter.keystore import SECRET_BYTES, KeyStore, KeyStoreError
 from llmrouter.protocol import b64u_encode, key_id_for_kid
-from llmrouter.router.keys import SECRET_BYTES, KeyStore, KeyStoreError
-from llmrouter.router.secmem import harden_process
+from llmrouter.secmem import harden_process
 
 __all__ = ["main"]
 

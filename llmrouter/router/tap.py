@@ -18,15 +18,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from llmrouter import secmem
+from llmrouter.daykey import DayKey, shared_day_keys
 from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
-from llmrouter.router import preflight, secmem
+from llmrouter.router import preflight
 from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.cachekey import CACHE_LABEL, CacheKeys
 from llmrouter.router.connections import ConnectionGuard
-from llmrouter.router.daykey import DayKey, shared_day_keys
 from llmrouter.router.interfaces import IAdmissionStore
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
@@ -261,7 +262,7 @@ class Router:
 
 def open_keys(settings: Settings, clock: IReactorTime) -> Any:
     """The key store: the leader's (creates and rotates) or a follower's (only reads)."""
-    from llmrouter.router.keys import KeyStore  # imported late: keeps `twistd --help` light
+    from llmrouter.keystore import KeyStore  # imported late: keeps `twistd --help` light
 
     follower = settings.keys_role == "follower"
     return KeyStore.open(
@@ -354,7 +355,7 @@ def makeService(options: Options) -> service.IService:
     settings = options.settings
     assert settings is not None
     secmem.harden_process()  # before any key material is read
-    from llmrouter.router.keys import KeyStoreError
+    from llmrouter.keystore import KeyStoreError
 
     # Fail fast (before twistd forks) on an unusable key directory; a leader creates it on first
     # start, a follower refuses to start without it.

@@ -70,7 +70,7 @@ from llmrouter.protocol import (
     kid_for_key_id,
 )
 from llmrouter.router.seclog import SecurityLog
-from llmrouter.router.secmem import LockedBuffer
+from llmrouter.secmem import LockedBuffer
 
 __all__ = [
     "POLL_SECONDS",
@@ -96,7 +96,7 @@ STATUSES = ("current", "next", "retired", "revoked")
 
 _HPKE_FILE = re.compile(r"hpke-([0-9a-f]{2})\.key")
 _TMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]+")
-_log = Logger(namespace="llmrouter.router.keys")
+_log = Logger(namespace="llmrouter.keystore")
 
 
 class _SigningKey(nacl.signing.SigningKey):
