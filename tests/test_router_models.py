@@ -26,11 +26,11 @@ from llmrouter.protocol import (
     ResponseSealer,
     b64u_decode,
 )
-from llmrouter.router.dialects import EVERYTHING, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint
-from llmrouter.router.upstream import Backend, BackendPool, CircuitBreaker
 from llmrouter.sse import SSEParser
+from llmrouter.terminate.dialects import EVERYTHING, models_from, template_limits
+from llmrouter.terminate.upstream import Backend, BackendPool, CircuitBreaker
 from tests.router_support import (
     Script,
     error_of,

@@ -294,7 +294,7 @@ class StallTimerTests(TestCase):
 
         from llmrouter.protocol import ResponseSealer
         from llmrouter.router.metrics import RouterMetrics
-        from llmrouter.router.stream import EncryptedStream
+        from llmrouter.terminate.stream import EncryptedStream
 
         class Request(DummyRequest):
             def registerProducer(self, producer: Any, streaming: bool) -> None:

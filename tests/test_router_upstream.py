@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from llmrouter.chat import ChatRequest
 from llmrouter.router.metrics import RouterMetrics
-from llmrouter.router.upstream import BackendPool, ChatCall, CircuitBreaker
+from llmrouter.terminate.upstream import BackendPool, ChatCall, CircuitBreaker
 from tests.router_support import Script, short_tempdir, start_fault_backend, test_settings
 
 

@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from llmrouter.daykey import DayKey
 from llmrouter.router import seclog
-from llmrouter.router.cachekey import HEADER, CacheKeys
 from llmrouter.router.seclog import Ident, SecurityLog
+from llmrouter.terminate.cachekey import HEADER, CacheKeys
 
 HASH_KEY = bytes(range(32))
 

@@ -30,12 +30,12 @@ from llmrouter import pow
 from llmrouter.protocol import ProtocolError, ResponseSealer
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
-from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
-from llmrouter.router.stream import EncryptedStream
-from llmrouter.router.upstream import BackendPool, ChatCall
+from llmrouter.terminate.cachekey import CacheKeys
+from llmrouter.terminate.stream import EncryptedStream
+from llmrouter.terminate.upstream import BackendPool, ChatCall
 
 __all__ = ["RouterApp", "RouterSite"]
 

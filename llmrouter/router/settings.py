@@ -18,7 +18,7 @@ from typing import Any
 from llmrouter.chat import MODEL_NAME
 from llmrouter.protocol import SKEW_SECONDS
 from llmrouter.router.addresses import TrustedProxies
-from llmrouter.router.dialects import KINDS
+from llmrouter.terminate.dialects import KINDS
 
 __all__ = [
     "ENV_NAMES",

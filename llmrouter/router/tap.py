@@ -26,14 +26,14 @@ from llmrouter.router import preflight
 from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
-from llmrouter.router.cachekey import CACHE_LABEL, CacheKeys
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.interfaces import IAdmissionStore
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
-from llmrouter.router.upstream import BackendPool
+from llmrouter.terminate.cachekey import CACHE_LABEL, CacheKeys
+from llmrouter.terminate.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
 

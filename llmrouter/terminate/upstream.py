@@ -2,9 +2,9 @@
 
 Backends speak the OpenAI streaming chat API (``POST /v1/chat/completions`` with ``stream: true``):
 our inference daemon, ``llama-server``, vLLM and Ollama, each spelled in its own dialect
-(:mod:`llmrouter.router.dialects`). Each backend serves one or more models, pinned in the settings
-or discovered from its ``GET /v1/models`` on every health probe; a request's ``model`` selects the
-pool of backends serving it (:meth:`BackendPool.route`).
+(:mod:`llmrouter.terminate.dialects`). Each backend serves one or more models, pinned in the
+settings or discovered from its ``GET /v1/models`` on every health probe; a request's ``model``
+selects the pool of backends serving it (:meth:`BackendPool.route`).
 
 A :class:`ChatCall` owns the upstream side of one client request: it picks a backend of its route,
 retries elsewhere with capped exponential backoff and jitter while nothing has reached the client
@@ -38,10 +38,10 @@ from zope.interface import implementer
 from llmrouter.chat import ChatRequest
 from llmrouter.httpclient import ClientTLS, agent_for
 from llmrouter.protocol import ProtocolError, logprob_entries
-from llmrouter.router.dialects import DIALECTS, Dialect, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint, Settings
 from llmrouter.sse import SSEError, SSEParser
+from llmrouter.terminate.dialects import DIALECTS, Dialect, models_from, template_limits
 
 __all__ = [
     "Backend",

@@ -1,8 +1,8 @@
 """The client-facing response: sealed SSE chunks, flow-controlled end to end.
 
-:class:`EncryptedStream` is the :class:`~llmrouter.router.upstream.TokenSink` of a
-:class:`~llmrouter.router.upstream.ChatCall` and the push producer registered on the client's HTTP
-request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
+:class:`EncryptedStream` is the :class:`~llmrouter.terminate.upstream.TokenSink` of a
+:class:`~llmrouter.terminate.upstream.ChatCall` and the push producer registered on the client's
+HTTP request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
 
