@@ -96,7 +96,7 @@ def redis_calls(sock: str) -> dict[str, int]:
 
 class _Routes:
     def route(self, model: str | None, features: frozenset[str] = frozenset()) -> Any:
-        from llmrouter.terminate.upstream import Route
+        from llmrouter.terminate.backends import Route
 
         return Route(model, ())
 

@@ -29,8 +29,9 @@ from llmrouter.protocol import (
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint
 from llmrouter.sse import SSEParser
+from llmrouter.terminate.backends import Backend, BackendPool
+from llmrouter.terminate.breaker import CircuitBreaker
 from llmrouter.terminate.dialects import EVERYTHING, models_from, template_limits
-from llmrouter.terminate.upstream import Backend, BackendPool, CircuitBreaker
 from tests.router_support import (
     Script,
     error_of,

@@ -60,7 +60,7 @@ from llmrouter.router.interfaces import (
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.slots import StreamSlots
-from llmrouter.terminate.upstream import Route
+from llmrouter.terminate.backends import Route
 
 __all__ = ["UNAVAILABLE_RETRY", "Admission", "Admitted", "KeySource", "RequestRate", "Routes"]
 

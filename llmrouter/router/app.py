@@ -33,9 +33,10 @@ from llmrouter.router.admission import Admission
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
+from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
 from llmrouter.terminate.stream import EncryptedStream
-from llmrouter.terminate.upstream import BackendPool, ChatCall
+from llmrouter.terminate.upstream import ChatCall
 
 __all__ = ["RouterApp", "RouterSite"]
 

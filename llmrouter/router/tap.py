@@ -32,8 +32,8 @@ from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
+from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CACHE_LABEL, CacheKeys
-from llmrouter.terminate.upstream import BackendPool
 
 __all__ = ["Options", "Router", "makeService"]
 
