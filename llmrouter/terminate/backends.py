@@ -23,10 +23,9 @@ from twisted.web.iweb import IAgent, IResponse
 
 from llmrouter.httpclient import ClientTLS, agent_for
 from llmrouter.protocol import ProtocolError
-from llmrouter.router.metrics import RouterMetrics
-from llmrouter.router.settings import Endpoint, Settings
 from llmrouter.terminate.bodies import MAX_PROBE_BODY, BodyReader, QuietClientFactory
 from llmrouter.terminate.breaker import CircuitBreaker
+from llmrouter.terminate.config import Endpoint, PoolSettings, TerminateMetrics
 from llmrouter.terminate.dialects import DIALECTS, Dialect, models_from, template_limits
 
 __all__ = ["Backend", "BackendPool", "Route"]
@@ -110,7 +109,7 @@ class BackendPool:
         self,
         clock: IReactorTime,
         backends: Sequence[Backend],
-        metrics: RouterMetrics,
+        metrics: TerminateMetrics,
         interval: float,
         probe_timeout: float,
         default_model: str | None = None,
@@ -131,7 +130,7 @@ class BackendPool:
 
     @classmethod
     def from_settings(
-        cls, reactor: Any, clock: IReactorTime, settings: Settings, metrics: RouterMetrics
+        cls, reactor: Any, clock: IReactorTime, settings: PoolSettings, metrics: TerminateMetrics
     ) -> BackendPool:
         tls = None
         if settings.upstream_tls_ca is not None:

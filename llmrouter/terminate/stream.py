@@ -32,7 +32,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ProtocolError, ResponseSealer
-from llmrouter.router.metrics import RouterMetrics
+from llmrouter.terminate.config import TerminateMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 
@@ -83,7 +83,7 @@ class EncryptedStream:
         request: Request,
         sealer: ResponseSealer,
         clock: IReactorTime,
-        metrics: RouterMetrics,
+        metrics: TerminateMetrics,
         started: float,
         keepalive_seconds: float,
         cadence_seconds: float = 0.0,

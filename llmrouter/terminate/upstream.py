@@ -26,11 +26,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from llmrouter.chat import ChatRequest
-from llmrouter.router.metrics import RouterMetrics
-from llmrouter.router.settings import Settings
 from llmrouter.terminate.backends import Backend, BackendPool, Route
 from llmrouter.terminate.bodies import BodyReader, BytesProducer
 from llmrouter.terminate.completions import CompletionStream, finish_reason
+from llmrouter.terminate.config import CallSettings, TerminateMetrics
 from llmrouter.terminate.errors import UpstreamError
 
 __all__ = ["ChatCall", "TokenSink"]
@@ -73,8 +72,8 @@ class ChatCall:
         self,
         clock: IReactorTime,
         pool: BackendPool,
-        settings: Settings,
-        metrics: RouterMetrics,
+        settings: CallSettings,
+        metrics: TerminateMetrics,
         request: ChatRequest,
         sink: TokenSink,
         deadline: float,
