@@ -120,6 +120,7 @@ class RouterApp:
         assert request.content is not None
         body = request.content.read()
         request.content = BytesIO()  # the ciphertext is not needed past admission
+        gone = _departure(request)
         # Raw bytes: a str lookup decodes as UTF-8 and raised on anything else (issue 8).
         pow_header = request.requestHeaders.getRawHeaders(pow.HEADER.encode("ascii"), [None])[-1]
         try:
@@ -128,11 +129,16 @@ class RouterApp:
             )
         except ProtocolError as e:
             return self._error(request, e)
-        if request._disconnected:  # left while a shared table answered
+        if gone():  # left while a shared table answered
             admitted.release()
             return b""
         settings = self.settings
         sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
+
+        def closed() -> None:
+            admitted.release()
+            self.streams.discard(stream)
+
         stream = EncryptedStream(
             request,
             sealer,
@@ -141,16 +147,11 @@ class RouterApp:
             started,
             settings.keepalive_seconds,
             settings.stream_cadence_ms / 1000.0,
+            closed,
             deadline=started + settings.request_ttl_seconds,
             write_stall=settings.write_stall_seconds,
         )
         self.streams.add(stream)
-
-        def closed() -> None:
-            admitted.release()
-            self.streams.discard(stream)
-
-        stream._on_close = closed
         call = ChatCall(
             self._clock,
             self._pool,
@@ -242,6 +243,13 @@ class RouterApp:
             "unhandled {kind} at {where}", kind=getattr(failure.type, "__name__", "?"), where=where
         )
         return self._error(request, ProtocolError("internal", "internal error"))
+
+
+def _departure(request: server.Request) -> Callable[[], bool]:
+    """Whether the client has gone since now (a request learns it only through notifyFinish)."""
+    left: list[Failure] = []
+    request.notifyFinish().addErrback(left.append)
+    return lambda: bool(left)
 
 
 class _Utf8Guard(Resource):

@@ -357,7 +357,7 @@ class EncryptedStream:
         self._metrics.request_duration.observe(self._clock.seconds() - self._started)
         if self._opened:
             self._request.unregisterProducer()
-        if finish and not self._request.finished and not self._request._disconnected:
+        if finish and not self._request.finished and not self.client_gone:
             self._request.finish()
         self._on_close()
         if not self.done.called:
