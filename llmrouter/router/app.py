@@ -1,6 +1,7 @@
 """The public HTTP surface of the router (Klein), and the Site that serves it.
 
-Routes: ``POST /api/chat``, ``GET /api/pubkey``, ``GET /api/models``,
+Routes: ``POST /api/chat``, ``GET /api/pubkey`` (protocol v1/v1.1), ``POST /api/v2/chat``,
+``GET /api/v2/keys`` (protocol v2, :mod:`llmrouter.router.relay`), ``GET /api/models``,
 ``GET /.well-known/jwks.json``, ``GET /.well-known/ohttp-keys``, ``GET /health`` (readiness) and
 ``GET /health/live`` (liveness).
 Every error, including 404, 405 and bugs, is ``{"error": {"code", "message"}}`` JSON; nothing a
@@ -32,6 +33,7 @@ from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.relay import Relay
 from llmrouter.router.settings import Settings
 from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
@@ -70,8 +72,10 @@ class RouterApp:
         admission: Admission,
         metrics: RouterMetrics,
         cache_keys: CacheKeys | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.settings = settings
+        self.relay = relay
         self._cache_keys = cache_keys
         self._clock = clock
         self._keys = keys
@@ -173,6 +177,28 @@ class RouterApp:
         await stream.done  # cancelled by Klein when the client goes: the stream cleans up
         return None
 
+    @app.route("/api/v2/chat", methods=["POST"])
+    async def chat_v2(self, request: server.Request) -> Any:
+        if self.relay is None or not self.relay.available():
+            return self._error(request, _v2_unavailable())
+        gone = _departure(request)
+        client = self._proxies.client_address(request)
+        error = await self.relay.chat(request, client, gone)
+        if error is not None:
+            return self._error(request, error)
+        return None
+
+    @app.route("/api/v2/keys", methods=["GET"])
+    def keys_v2(self, request: server.Request) -> bytes:
+        body = None
+        if self.relay is not None and self._keys_ready():
+            body = self.relay.key_document()
+        if body is None:
+            return self._error(request, _v2_unavailable())
+        reply = self._reply(request, 200, b"application/json", body)
+        request.setHeader(b"Cache-Control", b"public, max-age=60")
+        return reply
+
     @app.route("/api/pubkey", methods=["GET"])
     def pubkey(self, request: server.Request) -> bytes:
         return self._keys_reply(request, b"application/json", self._keys.key_document)
@@ -181,7 +207,15 @@ class RouterApp:
     def models(self, request: server.Request) -> bytes:
         """The public model list: names only (what the backends serve, not where)."""
         data = [{"id": name, "object": "model"} for name in self._pool.models()]
-        doc = {"object": "list", "protocol": "1.1", "default": self._pool.default_model}
+        protocols = ["1", "1.1"]
+        if self.relay is not None and self.relay.available():
+            protocols.append("2")
+        doc = {
+            "object": "list",
+            "protocol": "1.1",
+            "protocols": protocols,
+            "default": self._pool.default_model,
+        }
         body = self._reply(
             request, 200, b"application/json", json.dumps({**doc, "data": data}).encode()
         )
@@ -243,6 +277,10 @@ class RouterApp:
             "unhandled {kind} at {where}", kind=getattr(failure.type, "__name__", "?"), where=where
         )
         return self._error(request, ProtocolError("internal", "internal error"))
+
+
+def _v2_unavailable() -> ProtocolError:
+    return ProtocolError("v2_unavailable", "protocol v2 is not configured on this router", 503)
 
 
 def _departure(request: server.Request) -> Callable[[], bool]:

@@ -28,8 +28,11 @@ from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.interfaces import IAdmissionStore
+from llmrouter.router.keydoc import KeyDocumentV2Source, refuse_operator_key
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
+from llmrouter.router.nodes import NodePool
+from llmrouter.router.relay import Relay
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
 from llmrouter.terminate.backends import BackendPool
@@ -207,6 +210,16 @@ class Router:
             self.metrics,
             self.events if settings.security_log else None,
         )
+        self.nodes = NodePool(
+            clock,
+            self.pool.backends,
+            settings.health_interval_seconds,
+            settings.connect_timeout_seconds,
+        )
+        document = KeyDocumentV2Source(
+            self.keys, settings.keys_dir, self.nodes, clock, settings.default_model
+        )
+        self.relay = Relay(settings, clock, self.admission, self.nodes, document, self.metrics)
         self.app = RouterApp(
             settings,
             clock,
@@ -216,6 +229,7 @@ class Router:
             self.admission,
             self.metrics,
             cache_keys(settings, clock, self.keys),
+            self.relay,
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
@@ -242,11 +256,15 @@ class Router:
         self.keys.start()
         self.store.start()
         self.pool.start()
+        self.nodes.start()
 
     def stop(self) -> Deferred[object]:
         """End open streams (sealed error), stop timers, wipe keys; fires when connections close."""
         for stream in list(self.app.streams):
             stream.shutdown()
+        for relayed in list(self.relay.streams):
+            relayed.shutdown()
+        self.nodes.stop()
         closed = self.pool.stop()
         self.keys.close()  # wipes the secret keys held in locked memory
         stopped = self.store.stop()
@@ -359,6 +377,9 @@ def makeService(options: Options) -> service.IService:
 
     # Fail fast (before twistd forks) on an unusable key directory; a leader creates it on first
     # start, a follower refuses to start without it.
+    refusal = refuse_operator_key(settings.keys_dir)
+    if refusal is not None:
+        raise SystemExit(f"llmrouter: {refusal}")
     try:
         open_keys(settings, reactor).close()
     except KeyStoreError as e:

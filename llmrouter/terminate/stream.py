@@ -7,7 +7,9 @@ tokens wait in the backend's socket rather than in our memory; when the client l
 call, which closes the upstream connection so the backend stops generating.
 
 Nothing is sent to the client before the first output (or an early end): until then upstream
-failures can still be retried or answered with a plain JSON error.
+failures can still be retried or answered with a plain JSON error. With ``sealed_refusals`` (an
+inference node's gate, protocol v2: the request was opened, so nothing may go back in plain)
+such an error is a stream of ``init`` and a sealed ``final`` error instead.
 
 With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
 exactly one chunk: the oldest run, else the final chunk, else an empty delta.
@@ -91,8 +93,10 @@ class EncryptedStream:
         *,
         deadline: float,
         write_stall: float,
+        sealed_refusals: bool = False,
     ) -> None:
         self._request = request
+        self._sealed_refusals = sealed_refusals
         self._sealer = sealer
         self._clock = clock
         self._metrics = metrics
@@ -157,8 +161,10 @@ class EncryptedStream:
         if self._closed:
             return
         if not self._opened:
-            self._reject(ProtocolError(code, message, status, **(detail or {})))
-            return
+            if not self._sealed_refusals:
+                self._reject(ProtocolError(code, message, status, **(detail or {})))
+                return
+            self._open()
         self._end_with("error", (code, message))
 
     def shutdown(self) -> None:
