@@ -43,6 +43,7 @@ from llmrouter.v2.request import ClientState, Random
 __all__ = [
     "REFUSAL_STATUS",
     "ROUTER_EVENT",
+    "ROUTER_EVENT_PAD",
     "ResponseOpener",
     "RouterRefusal",
     "node_sealer",
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 ROUTER_EVENT = "router"
+# Router events are padded to a larger block than chunks, so that its refusals (code, message,
+# challenge) all have one size: a TLS-terminating hop cannot tell one from another.
+ROUTER_EVENT_PAD = 256
 MAX_CODE = 64
 MAX_MESSAGE = 1024
 _CODE = re.compile(r"[a-z0-9_]{1,64}")
@@ -106,7 +110,7 @@ def seal_router_event(
     outer_enc: bytes,
     error: ProtocolError,
     *,
-    pad: int = DEFAULT_PAD,
+    pad: int = ROUTER_EVENT_PAD,
     rng: Random = secrets,
 ) -> bytes:
     """The router's ``event: router``: ``error`` (its code, message and ``retry_after``,
