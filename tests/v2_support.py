@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 
-from llmrouter import hpke
+from llmrouter import hpke, pow
 from llmrouter.chat import ChatRequest
 from llmrouter.httpclient import agent_for
 from llmrouter.keystore import KeyStore
@@ -295,8 +295,13 @@ class V2Client:
 
     @defer.inlineCallbacks
     def chat(self, request: ChatRequest, model: str = TINY, **kwargs: Any) -> Any:
+        """Seal, send, and on ``pow_required`` solve and send once more, as clients do."""
         body, state = yield self.seal(request, model, **kwargs)
         answer = yield self.send(body, state)
+        refusal = answer.refusal
+        if refusal is not None and refusal.code == "pow_required" and refusal.challenge:
+            solution = pow.solve(refusal.challenge, state.outer_enc)
+            answer = yield self.send(body, state, {pow.HEADER.encode(): [solution.encode()]})
         return answer
 
     @defer.inlineCallbacks
