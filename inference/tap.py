@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from twisted.python.failure import Failure
 
 from inference import embedded
 from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
+from inference.gate.config import FRONT_DIALECTS
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, server_endpoint
 from inference.metrics import Metrics
@@ -30,6 +32,8 @@ from llmrouter.listen import certificate_expiry
 __all__ = ["EngineService", "Options", "makeService", "settings_from"]
 
 log = Logger()
+
+_FRONT = re.compile(r"unix:/\S+|http://(127\.0\.0\.1|localhost|\[::1\])(:\d{1,5})?/?")
 
 LOAD_DELAY_ENV = "INFERENCE_TEST_LOAD_DELAY"
 MISSING_EXTRA = (
@@ -88,6 +92,34 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         str,
         "Flash attention: on, off or auto (llama.cpp decides) (default auto).",
     ),
+    "keys-dir": (
+        "INFERENCE_KEYS_DIR",
+        Path,
+        "Protocol v2: the node's key directory (signing key, rotating HPKE keys, node.cert);"
+        " serves GET /v2/keys and POST /v2/chat (default: none, v2 off).",
+    ),
+    "front": (
+        "INFERENCE_FRONT",
+        str,
+        "Protocol v2 without a model: open requests for this model server (unix:/path.sock or"
+        " http://127.0.0.1:PORT) and seal its stream; needs --keys-dir and --dialect.",
+    ),
+    "dialect": (
+        "INFERENCE_DIALECT",
+        str,
+        "The fronted server's kind: " + "|".join(FRONT_DIALECTS) + ".",
+    ),
+    "stream-cadence-ms": (
+        "INFERENCE_STREAM_CADENCE_MS",
+        int,
+        "Protocol v2: send one padded chunk every this many ms (hides token timing; 0: as"
+        " tokens come) (default 0).",
+    ),
+    "pad-bytes": (
+        "INFERENCE_PAD_BYTES",
+        int,
+        "Protocol v2: pad every sealed chunk to a multiple of this many bytes (default 64).",
+    ),
     "tls-cert": ("INFERENCE_TLS_CERT", Path, "Server certificate (PEM, chain) for ssl: listeners."),
     "tls-key": ("INFERENCE_TLS_KEY", Path, "Server private key (PEM) for ssl: listeners."),
     "tls-ca": (
@@ -108,6 +140,11 @@ _FIELDS = {
     "cache-ttl": "cache_ttl",
     "gpu-layers": "gpu_layers",
     "flash-attn": "flash_attn",
+    "keys-dir": "keys_dir",
+    "front": "front",
+    "dialect": "dialect",
+    "stream-cadence-ms": "stream_cadence_ms",
+    "pad-bytes": "pad_bytes",
     "tls-cert": "tls_cert",
     "tls-key": "tls_key",
     "tls-ca": "tls_ca",
@@ -149,7 +186,8 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
-        if importlib.util.find_spec("llama_cpp") is None:
+        front = self["front"] or os.environ.get("INFERENCE_FRONT")
+        if not front and importlib.util.find_spec("llama_cpp") is None:
             raise SystemExit(MISSING_EXTRA)
         self.settings = settings_from(self, os.environ)
         for description in self.settings.listen:
@@ -190,9 +228,29 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
         elif name == "flash-attn":
             if value not in FLASH_ATTN:
                 raise usage.UsageError(f"--{name} [{env}]: on, off or auto")
+        elif name == "dialect":
+            if value not in FRONT_DIALECTS:
+                raise usage.UsageError(f"--{name} [{env}]: " + "|".join(FRONT_DIALECTS))
+        elif name == "front":
+            if not _FRONT.fullmatch(value):
+                raise usage.UsageError(
+                    f"--{name} [{env}]: unix:/path.sock or http://127.0.0.1:PORT (loopback)"
+                )
+        elif name == "stream-cadence-ms":
+            if not 0 <= value <= 1000:
+                raise usage.UsageError(f"--{name} [{env}]: 0 to 1000")
         elif isinstance(value, int | float) and value <= 0:
             raise usage.UsageError(f"--{name} [{env}]: must be positive")
         values[_FIELDS[name]] = value
+    if "front" in values:
+        if "keys_dir" not in values:
+            raise usage.UsageError("--front needs --keys-dir (the node's key directory)")
+        if "dialect" not in values:
+            raise usage.UsageError("--front needs --dialect " + "|".join(FRONT_DIALECTS))
+        if "model" in values:
+            raise usage.UsageError("--front loads no model: leave --model out")
+    elif "dialect" in values:
+        raise usage.UsageError("--dialect is the kind of the --front server")
     model = values.pop("model", None)
     if model is None or model in embedded.MODELS:
         values["embedded"] = model or embedded.DEFAULT
@@ -265,6 +323,8 @@ def makeService(options: Options) -> service.MultiService:
 
 
 def build(settings: Settings, reactor: Any) -> service.MultiService:
+    if settings.front is not None:
+        return build_front(settings, reactor)
     # llama.cpp only once the options are checked (postOptions names the missing extra)
     import llama_cpp
 
@@ -309,6 +369,71 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
     site = QuietSite(api)
     top = service.MultiService()
     EngineService(scheduler, metrics, reactor).setServiceParent(top)
+    if settings.keys_dir is not None:
+        site = _with_gate(settings, reactor, metrics, api, scheduler, top)
+    _listen(settings, reactor, metrics, site, top)
+    return top
+
+
+def _with_gate(
+    settings: Settings,
+    reactor: Any,
+    metrics: Metrics,
+    api: Any,
+    scheduler: IScheduler,
+    top: service.MultiService,
+) -> Any:
+    """Protocol v2 in front of our engine: the engine's API on a private socket for the gate,
+    the public listeners serving ``/v2/*`` and the API."""
+    from inference.api import QuietSite
+    from inference.gate.resource import GateResource
+    from inference.gate.service import build_gate, private_socket_dir
+
+    directory = private_socket_dir()
+    engine = directory / "engine.sock"
+    limit = scheduler.parallel + settings.queue
+
+    def busy() -> bool:
+        return bool(scheduler.active + scheduler.waiting >= limit)
+
+    try:
+        gate, gate_service = build_gate(
+            settings, reactor, reactor, metrics.registry, f"unix:{engine}", "llmrouter", busy
+        )
+    except Exception:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    gate_service.cleanup.append(directory)
+    gate_service.setServiceParent(top)
+    private = StreamServerEndpointService(
+        server_endpoint(reactor, f"unix:{engine}:mode=600"), QuietSite(api)
+    )
+    private._raiseSynchronously = True
+    private.setServiceParent(top)
+    return QuietSite(GateResource(gate, api))
+
+
+def build_front(settings: Settings, reactor: Any) -> service.MultiService:
+    """``--front``: no model; the gate opens v2 requests for that model server."""
+    from inference.api import QuietSite
+    from inference.gate.resource import FrontAPI, GateResource
+    from inference.gate.service import build_gate
+
+    assert settings.front is not None
+    metrics = Metrics()
+    gate, gate_service = build_gate(
+        settings, reactor, reactor, metrics.registry, settings.front, settings.dialect
+    )
+    top = service.MultiService()
+    gate_service.setServiceParent(top)
+    site = QuietSite(GateResource(gate, FrontAPI(gate.ready, metrics.render)))
+    _listen(settings, reactor, metrics, site, top)
+    return top
+
+
+def _listen(
+    settings: Settings, reactor: Any, metrics: Metrics, site: Any, top: service.MultiService
+) -> None:
     for description in settings.listen:
         endpoint = server_endpoint(
             reactor,
@@ -322,4 +447,3 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         listener.setServiceParent(top)
         if description.split(":", 1)[0].lower() == "ssl" and settings.tls_cert is not None:
             metrics.server_certificate_expiry(certificate_expiry(settings.tls_cert))
-    return top

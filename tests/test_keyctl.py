@@ -18,8 +18,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from llmrouter import protocol
+from llmrouter.keystore import KeyStore
 from llmrouter.ops import keyctl
-from llmrouter.router.keys import KeyStore
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.v2 import certs as v2certs
 

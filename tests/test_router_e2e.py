@@ -23,8 +23,8 @@ from twisted.web.client import ResponseDone
 from llmrouter import hpke
 from llmrouter.chat import Tool
 from llmrouter.client import ChatError, Client
+from llmrouter.keystore import KeyStore
 from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
-from llmrouter.router.keys import KeyStore
 from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.router_support import (
     daemon_pin,

@@ -42,9 +42,9 @@ from typing import TextIO
 import nacl.signing
 from twisted.internet.task import Clock
 
+from llmrouter.keystore import SECRET_BYTES, KeyStore, KeyStoreError
 from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode, key_id_for_kid
-from llmrouter.router.keys import SECRET_BYTES, KeyStore, KeyStoreError
-from llmrouter.router.secmem import harden_process
+from llmrouter.secmem import harden_process
 from llmrouter.v2 import certs as v2certs
 
 __all__ = ["main"]

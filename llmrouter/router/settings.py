@@ -18,7 +18,7 @@ from typing import Any
 from llmrouter.chat import MODEL_NAME
 from llmrouter.protocol import SKEW_SECONDS
 from llmrouter.router.addresses import TrustedProxies
-from llmrouter.router.dialects import KINDS
+from llmrouter.terminate.config import Endpoint
 
 __all__ = [
     "ENV_NAMES",
@@ -61,34 +61,6 @@ def endpoint_entries(value: str) -> tuple[str, ...]:
         else:
             entries.append(token)
     return tuple(entries)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One ``INFERENCE_ENDPOINTS`` entry: where, which models it serves (pinned names, else found
-    in its ``GET /v1/models``), and what kind of backend it is (``auto``: recognised there too)."""
-
-    url: str
-    models: tuple[str, ...] = ()
-    kind: str = "auto"
-
-    @classmethod
-    def parse(cls, entry: str) -> Endpoint:
-        url, *options = entry.split()
-        models: list[str] = []
-        kind = "auto"
-        for option in options:
-            name, _, value = option.partition("=")
-            if name == "model" and MODEL_NAME.fullmatch(value) and value not in models:
-                models.append(value)
-            elif name == "kind" and value in KINDS:
-                kind = value
-            else:
-                raise SettingsError(
-                    "INFERENCE_ENDPOINTS options are model=NAME (letters, digits, ._:/@+-) and"
-                    " kind=" + "|".join(KINDS)
-                )
-        return cls(url, tuple(models), kind)
 
 
 def _bool(value: str) -> bool:
@@ -185,7 +157,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     def endpoints(self) -> tuple[Endpoint, ...]:
-        return tuple(Endpoint.parse(entry) for entry in self.inference_endpoints)
+        try:
+            return tuple(Endpoint.parse(entry) for entry in self.inference_endpoints)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
 
 # Environment variable name -> (field, parser). Names are contracts (systemd units, docs).

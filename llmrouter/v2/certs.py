@@ -61,6 +61,7 @@ __all__ = [
     "build_key_document_v2",
     "build_node_keys",
     "issue_certificate",
+    "read_certificate",
     "signed_message",
     "verify_certificate",
     "verify_key_document_v2",
@@ -217,6 +218,33 @@ def verify_certificate(doc: Any, operator_pk: bytes, *, now: float, type: str) -
     the type asked for, the claims, and validity at ``now`` with 300 s of skew."""
     _fields(doc, _CERTIFICATE, "certificate", CertificateError)
     claims = _signed_payload(doc, operator_pk, CERTIFICATE_CONTEXT, "certificate", CertificateError)
+    certificate = _certificate(doc, claims, type)
+    if now < certificate.not_before - KEY_DOCUMENT_SKEW:
+        raise CertificateError(f"the {type} certificate is not valid yet (check the clock)")
+    if now > certificate.not_after + KEY_DOCUMENT_SKEW:
+        raise CertificateError(f"the {type} certificate has expired")
+    return certificate
+
+
+def read_certificate(doc: Any, *, type: str, key: bytes) -> Certificate:
+    """The claims of a certificate as its holder reads its own (a node its ``node.cert``, a
+    router its ``router.cert``): the holder has no operator key to check the signature with
+    (apps pin it and check), so only the form is checked, and that it certifies ``key``, the
+    holder's own signing key. Validity times are reported, not enforced."""
+    _fields(doc, _CERTIFICATE, "certificate", CertificateError)
+    try:
+        b64u_decode(doc["signature"], "signature", _SIGNATURE_BYTES)
+        claims = parse_json(b64u_decode(doc["payload"], "payload"), "bad_json", "certificate")
+    except ProtocolError:
+        raise CertificateError("the certificate is not base64url-encoded JSON") from None
+    certificate = _certificate(doc, claims, type)
+    if not hmac.compare_digest(certificate.key, key):
+        raise CertificateError(f"the {type} certificate certifies another signing key")
+    return certificate
+
+
+def _certificate(doc: dict[str, Any], claims: Any, type: str) -> Certificate:
+    """The claims of a certificate of ``type``, checked (but not its validity now)."""
     if not isinstance(claims, dict) or claims.get("v") != VERSION or "type" not in claims:
         raise CertificateError("the certificate is not a protocol v2 certificate")
     if claims["type"] != type:
@@ -229,10 +257,6 @@ def verify_certificate(doc: Any, operator_pk: bytes, *, now: float, type: str) -
         key = b64u_decode(claims["key"], "key", 32)
     except ProtocolError:
         raise CertificateError("the certified key is not a 32-byte key in base64url") from None
-    if now < claims["not_before"] - KEY_DOCUMENT_SKEW:
-        raise CertificateError(f"the {type} certificate is not valid yet (check the clock)")
-    if now > claims["not_after"] + KEY_DOCUMENT_SKEW:
-        raise CertificateError(f"the {type} certificate has expired")
     return Certificate(
         type, claims["name"], key, models, claims["not_before"], claims["not_after"], doc
     )

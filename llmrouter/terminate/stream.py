@@ -1,13 +1,15 @@
 """The client-facing response: sealed SSE chunks, flow-controlled end to end.
 
-:class:`EncryptedStream` is the :class:`~llmrouter.router.upstream.TokenSink` of a
-:class:`~llmrouter.router.upstream.ChatCall` and the push producer registered on the client's HTTP
-request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
+:class:`EncryptedStream` is the :class:`~llmrouter.terminate.upstream.TokenSink` of a
+:class:`~llmrouter.terminate.upstream.ChatCall` and the push producer registered on the client's
+HTTP request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
 
 Nothing is sent to the client before the first output (or an early end): until then upstream
-failures can still be retried or answered with a plain JSON error.
+failures can still be retried or answered with a plain JSON error. With ``sealed_refusals`` (an
+inference node's gate, protocol v2: the request was opened, so nothing may go back in plain)
+such an error is a stream of ``init`` and a sealed ``final`` error instead.
 
 With a cadence, output waits in runs (consecutive output of one kind, merged) and each slot sends
 exactly one chunk: the oldest run, else the final chunk, else an empty delta.
@@ -32,7 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ProtocolError, ResponseSealer
-from llmrouter.router.metrics import RouterMetrics
+from llmrouter.terminate.config import TerminateMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 
@@ -83,7 +85,7 @@ class EncryptedStream:
         request: Request,
         sealer: ResponseSealer,
         clock: IReactorTime,
-        metrics: RouterMetrics,
+        metrics: TerminateMetrics,
         started: float,
         keepalive_seconds: float,
         cadence_seconds: float = 0.0,
@@ -91,8 +93,10 @@ class EncryptedStream:
         *,
         deadline: float,
         write_stall: float,
+        sealed_refusals: bool = False,
     ) -> None:
         self._request = request
+        self._sealed_refusals = sealed_refusals
         self._sealer = sealer
         self._clock = clock
         self._metrics = metrics
@@ -157,8 +161,10 @@ class EncryptedStream:
         if self._closed:
             return
         if not self._opened:
-            self._reject(ProtocolError(code, message, status, **(detail or {})))
-            return
+            if not self._sealed_refusals:
+                self._reject(ProtocolError(code, message, status, **(detail or {})))
+                return
+            self._open()
         self._end_with("error", (code, message))
 
     def shutdown(self) -> None:
@@ -357,7 +363,7 @@ class EncryptedStream:
         self._metrics.request_duration.observe(self._clock.seconds() - self._started)
         if self._opened:
             self._request.unregisterProducer()
-        if finish and not self._request.finished and not self._request._disconnected:
+        if finish and not self._request.finished and not self.client_gone:
             self._request.finish()
         self._on_close()
         if not self.done.called:
