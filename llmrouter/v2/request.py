@@ -139,6 +139,8 @@ def _key_pair(rng: Random) -> hpke.KeyPair:
 
 def _choose(nodes: Sequence[NodeEntry], k: int, rng: Random) -> tuple[NodeEntry, ...]:
     """``k`` of ``nodes`` uniformly at random (all if fewer), in document order."""
+    if k >= len(nodes):
+        return tuple(nodes)
     indices = list(range(len(nodes)))
     chosen = []
     for _ in range(min(k, len(nodes))):  # a partial Fisher-Yates shuffle
