@@ -42,7 +42,7 @@ class GateSettings:
     connect_timeout_seconds: float = 5.0
     circuit_breaker_threshold: int = 5
     circuit_reset_seconds: float = 5.0
-    health_interval_seconds: float = 5.0
+    health_interval_seconds: float = 1.0  # a local server: cheap, and v2 is up soon after it
     default_model: str | None = None
     upstream_tls_ca: Path | None = field(default=None, init=False)
     upstream_tls_cert: Path | None = field(default=None, init=False)

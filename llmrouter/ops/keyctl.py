@@ -147,6 +147,12 @@ def _list(store: KeyStore, out: TextIO) -> None:
         )
 
 
+def _is_node_directory(directory: Path) -> bool:
+    """An inference node's key directory (``twistd inference --keys-dir``): one that exists
+    without the router's proof-of-work key, which a router creates on its first start."""
+    return (directory / "state.json").exists() and not (directory / "pow.key").exists()
+
+
 def _pin(seed: bytes) -> str:
     return b64u_encode(bytes(nacl.signing.SigningKey(seed).verify_key))
 
@@ -267,6 +273,7 @@ def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
             rotation_seconds=None,
             overlap_seconds=None,
             create=command == "init",
+            node=_is_node_directory(args.keys_dir),
         )
         try:
             if command == "rotate":

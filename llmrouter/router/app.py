@@ -115,6 +115,11 @@ class RouterApp:
     @app.route("/api/chat", methods=["POST"])
     async def chat(self, request: server.Request) -> Any:
         started = self._clock.seconds()
+        if self.settings.router_terminated == "off":
+            error = ProtocolError(
+                "v1_unavailable", "this router serves protocol v2 only: use /api/v2/chat", 404
+            )
+            return self._error(request, self.admission.reject(error))
         content_type = request.getHeader(b"content-type") or b""
         if content_type.split(b";")[0].strip().lower() != b"application/json":
             error = self.admission.reject(
@@ -207,7 +212,7 @@ class RouterApp:
     def models(self, request: server.Request) -> bytes:
         """The public model list: names only (what the backends serve, not where)."""
         data = [{"id": name, "object": "model"} for name in self._pool.models()]
-        protocols = ["1", "1.1"]
+        protocols = [] if self.settings.router_terminated == "off" else ["1", "1.1"]
         if self.relay is not None and self.relay.available():
             protocols.append("2")
         doc = {

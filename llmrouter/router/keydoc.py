@@ -22,7 +22,7 @@ import nacl.signing
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from llmrouter.protocol import PublishedKey, key_document_issued_at
+from llmrouter.protocol import ProtocolError, PublishedKey, b64u_decode, key_document_issued_at
 from llmrouter.router.nodes import NodePool
 from llmrouter.v2.certs import (
     Certificate,
@@ -31,7 +31,14 @@ from llmrouter.v2.certs import (
     read_certificate,
 )
 
-__all__ = ["CERT_FILE", "OPERATOR_FILE", "KeyDocumentV2Source", "refuse_operator_key"]
+__all__ = [
+    "CERT_FILE",
+    "OPERATOR_FILE",
+    "KeyDocumentV2Source",
+    "read_router_cert",
+    "refuse_operator_key",
+    "router_cert_problem",
+]
 
 log = Logger()
 
@@ -57,6 +64,34 @@ def refuse_operator_key(directory: Path) -> str | None:
             " anyone else could read it, make a new one and certify everything again)"
         )
     return None
+
+
+def read_router_cert(path: Path, own: bytes) -> tuple[Certificate | None, str | None]:
+    """``router.cert`` at ``path``, for the signing key ``own``; or why it cannot be used."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_CERT_BYTES + 1)
+    except FileNotFoundError:
+        return None, f"no {CERT_FILE} in the key directory"
+    except OSError as e:
+        return None, f"cannot read {path}: {e.strerror}"
+    try:
+        return read_certificate(json.loads(raw), type="router", key=own), None
+    except ValueError:
+        return None, f"{path} is not JSON"
+    except CertificateError as e:
+        return None, f"{path}: {e}"
+
+
+def router_cert_problem(directory: Path) -> str | None:
+    """Why the key directory's ``router.cert`` does not turn protocol v2 on (None: it does),
+    read without opening the key store (for ``--check``)."""
+    try:
+        state = json.loads((directory / "state.json").read_bytes())
+        own = b64u_decode(state["signing_key"], "signing_key", 32)
+    except (OSError, ValueError, KeyError, TypeError, ProtocolError):
+        return "the key directory has no signing key yet"
+    return read_router_cert(directory / CERT_FILE, own)[1]
 
 
 class KeyDocumentV2Source:
@@ -119,18 +154,7 @@ class KeyDocumentV2Source:
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        certificate, problem = None, None
-        if stamp[0] is None:
-            problem = f"no {CERT_FILE} in the key directory: protocol v2 is off"
-        else:
-            try:
-                with open(self._path, "rb") as f:
-                    raw = f.read(_MAX_CERT_BYTES + 1)
-                certificate = read_certificate(json.loads(raw), type="router", key=own)
-            except (OSError, ValueError) as e:
-                problem = f"{self._path} cannot be used: {type(e).__name__}"
-            except CertificateError as e:
-                problem = f"{self._path}: {e}"
+        certificate, problem = read_router_cert(self._path, own)
         if problem is not None:
             log.warn("{problem}", problem=problem)
         else:

@@ -222,14 +222,21 @@ class NodeCall:
     # Control from the client side.
 
     def pause(self) -> None:
+        """The client is not reading: hold the node's bytes in its socket. The node is not
+        idle meanwhile (it is held), so its idle timer waits too; the client's own write-stall
+        limit bounds this."""
         self._paused = True
-        if self._body is not None and self._body.transport is not None:
-            self._body.transport.pauseProducing()  # type: ignore[attr-defined]
+        if self._body is not None:
+            self._disarm()
+            if self._body.transport is not None:
+                self._body.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume(self) -> None:
         self._paused = False
-        if self._body is not None and self._body.transport is not None:
-            self._body.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._body is not None:
+            self._arm(self._relay.settings.idle_timeout_seconds)
+            if self._body.transport is not None:
+                self._body.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def cancel(self) -> None:
         """The client left (or the stream ended): drop the node's connection."""
@@ -277,7 +284,9 @@ class NodeCall:
         if code == 200:
             body = _RelayBody(self)
             self._body = body
-            self._arm(self._relay.settings.idle_timeout_seconds)
+            self._disarm()
+            if not self._paused:
+                self._arm(self._relay.settings.idle_timeout_seconds)
             self._stream.open()
             response.deliverBody(body)
             return
@@ -331,7 +340,8 @@ class NodeCall:
             body.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def relayed(self, data: bytes) -> None:
-        self._arm(self._relay.settings.idle_timeout_seconds)
+        if not self._paused:
+            self._arm(self._relay.settings.idle_timeout_seconds)
         self._stream.write(data)
 
     def body_ended(self, body: _RelayBody, clean: bool) -> None:

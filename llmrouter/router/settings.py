@@ -140,6 +140,9 @@ class Settings:
     state_tls_ca: Path | None = None
     state_lease_seconds: float = 30.0
     keys_role: str = "leader"
+    # Protocol v1/v1.1 (the router opens requests): "" as configured (production refuses it
+    # toward remote backends), "allow" also toward remote ones, "off": protocol v2 only.
+    router_terminated: str = ""
     _sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -155,6 +158,11 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def remote_endpoints(self) -> tuple[str, ...]:
+        """Backends not on this host's UNIX sockets: a v1/v1.1 prompt to them leaves the host."""
+        return tuple(e.url for e in self.endpoints() if not e.url.startswith("unix:"))
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         try:
@@ -224,6 +232,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "STATE_TLS_CA": ("state_tls_ca", _opt_path),
     "STATE_LEASE_SECONDS": ("state_lease_seconds", float),
     "KEYS_ROLE": ("keys_role", str.strip),
+    "ROUTER_TERMINATED": ("router_terminated", lambda v: v.strip().lower()),
 }
 _FIELD_TO_ENV = {field_name: env for env, (field_name, _) in ENV_NAMES.items()}
 
@@ -361,6 +370,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("KEY_OVERLAP_SECONDS must not exceed the rotation period")
     if s.keys_role not in ("leader", "follower"):
         raise SettingsError("KEYS_ROLE must be leader or follower")
+    if s.router_terminated not in ("", "allow", "off"):
+        raise SettingsError("ROUTER_TERMINATED must be allow or off (or unset)")
     if s.state_url and STATE_URL.fullmatch(s.state_url) is None:
         # never the value: it may carry a password
         raise SettingsError(

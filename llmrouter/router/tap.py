@@ -28,7 +28,7 @@ from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.interfaces import IAdmissionStore
-from llmrouter.router.keydoc import KeyDocumentV2Source, refuse_operator_key
+from llmrouter.router.keydoc import KeyDocumentV2Source, refuse_operator_key, router_cert_problem
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
 from llmrouter.router.nodes import NodePool
@@ -147,6 +147,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["check"]:
             print(f"llmrouter: settings OK ({self.settings.environment})")
+            for line in preflight.modes(self.settings, v2_problem(self.settings)):
+                print(f"llmrouter: {line}")
             raise SystemExit(0)
 
 
@@ -276,6 +278,14 @@ class Router:
     def reload_keys(self) -> None:
         if self.keys.reload():
             log.info("key directory re-read")
+
+
+def v2_problem(settings: Settings) -> str | None:
+    """Why protocol v2 is off for these settings' key directory (None: it is on)."""
+    refusal = refuse_operator_key(settings.keys_dir)
+    if refusal is not None:
+        return refusal
+    return router_cert_problem(settings.keys_dir)
 
 
 def open_keys(settings: Settings, clock: IReactorTime) -> Any:
