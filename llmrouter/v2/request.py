@@ -132,13 +132,15 @@ def content_keys(content_key: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def _key_pair(rng: Random) -> hpke.KeyPair:
-    """An ephemeral X25519 key pair: 32 random bytes are the secret key (RFC 7748)."""
-    sk = rng.token_bytes(hpke.N_SK)
-    return hpke.KeyPair(sk=sk, pk=hpke.public_key(sk))
+    """An ephemeral key pair: RFC 9180 DeriveKeyPair of 32 random bytes (how hpke-js and others
+    generate them, so the worked examples can be reproduced there too)."""
+    return hpke.derive_key_pair(rng.token_bytes(hpke.N_SK))
 
 
 def _choose(nodes: Sequence[NodeEntry], k: int, rng: Random) -> tuple[NodeEntry, ...]:
     """``k`` of ``nodes`` uniformly at random (all if fewer), in document order."""
+    if k >= len(nodes):
+        return tuple(nodes)
     indices = list(range(len(nodes)))
     chosen = []
     for _ in range(min(k, len(nodes))):  # a partial Fisher-Yates shuffle
