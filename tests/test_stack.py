@@ -3,8 +3,9 @@
 ``make run`` is ``etc/dev/stack``: inference on the embedded default model (SmolLM2-135M-Instruct)
 over a UNIX socket, the router in front of it, and one ``llmrouter-client chat`` with the
 README's question. Here it runs with ``--demo`` (stop after the chat) on free ports and a private
-run directory, and the answer must come back through the whole chain (client -> HPKE -> router
--> UNIX socket -> llama.cpp -> router -> sealed SSE -> client) and be on topic.
+run directory, and the answer must come back through the whole chain on protocol v2 (client ->
+HPKE -> router -> UNIX socket -> the node's gate -> llama.cpp -> sealed SSE -> router -> client)
+and be on topic.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class StackTests(TestCase):
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "LLMROUTER_RUN_DIR": str(run / "run"),
             "LLMROUTER_KEYS_DIR": str(run / "keys"),
+            "LLMROUTER_NODE_KEYS_DIR": str(run / "node-keys"),
+            "LLMROUTER_OPERATOR_KEY": str(run / "operator.key"),
             "LLMROUTER_PORT": str(free_port()),
             "LLMROUTER_METRICS_PORT": str(free_port()),
             "INFERENCE_MAX_TOKENS": "64",
@@ -52,6 +55,7 @@ class StackTests(TestCase):
         logs = "".join(p.read_text(errors="replace") for p in (run / "run").glob("*.log"))
         self.assertEqual(code, 0, f"stdout={out!r}\nstderr={err!r}\nlogs:\n{logs[-4000:]}")
         self.assertIn(QUESTION.encode(), out)
+        self.assertIn(b"(protocol v2, operator pin ", out)  # the node opened it, not the router
         text = out.split(b"llmrouter-client chat", 1)[1].split(b"\n", 1)[1].decode()
         # a sensible answer: on topic (the greedy answer of this model is a sentence about
         # encryption), not the prompt echoed nor a repeated token
@@ -62,6 +66,6 @@ class StackTests(TestCase):
         # Nothing of the prompt or the answer in either daemon's log, nor in the key directory.
         self.assertNotIn(QUESTION, logs)
         self.assertNotIn(text.strip()[:40], logs)
-        for path in (run / "keys").rglob("*"):
+        for path in [*(run / "keys").rglob("*"), *(run / "node-keys").rglob("*")]:
             if path.is_file():
                 self.assertNotIn(QUESTION.encode(), path.read_bytes())

@@ -132,12 +132,15 @@ class KeyDocumentV2Source:
         published = tuple(self._keys.published())
         version = (issued_at, published, self._stamp, self._nodes.state())
         if self._cache is None or self._cache[0] != version:
+            # As in v1, a request that names no model gets the configured default, else the
+            # first model of the first node (v1: of the first backend).
+            default = self._default_model or next(iter(self._nodes.models()), None)
             body = build_key_document_v2(
                 self._keys.signing_key,
                 certificate.raw,
                 published,
                 self._nodes.entries(),
-                self._default_model,
+                default,
                 issued_at,
             )
             self._cache = (version, body)
