@@ -25,6 +25,7 @@ from inference.gate.chat import Gate
 from inference.gate.config import GateSettings
 from inference.gate.keys import NodeKeys
 from inference.gate.metrics import GateMetrics
+from llmrouter import secmem
 from llmrouter.daykey import DayKey
 from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
@@ -58,6 +59,7 @@ def build_gate(
         max_body_bytes=min(settings.max_body, 1 << 20),
     )
     metrics = GateMetrics(registry)
+    secmem.harden_process()  # no core dumps, not ptrace-able: the node holds secret keys now
     keys = NodeKeys.open(settings.keys_dir, clock)
     pool = BackendPool.from_settings(reactor, clock, gate_settings, metrics)
     gate = Gate(keys, pool, gate_settings, clock, metrics, CacheKeys(DayKey(clock)), busy)
