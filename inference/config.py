@@ -42,3 +42,4 @@ class Settings:
     dialect: str = "llmrouter"
     stream_cadence_ms: int = 0
     pad_bytes: int = 64
+    max_streams: int = 256

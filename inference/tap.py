@@ -120,6 +120,12 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         int,
         "Protocol v2: pad every sealed chunk to a multiple of this many bytes (default 64).",
     ),
+    "max-streams": (
+        "INFERENCE_MAX_STREAMS",
+        int,
+        "Protocol v2: sealed streams the gate holds at once; beyond, 503"
+        f" (default {_D.max_streams}).",
+    ),
     "tls-cert": ("INFERENCE_TLS_CERT", Path, "Server certificate (PEM, chain) for ssl: listeners."),
     "tls-key": ("INFERENCE_TLS_KEY", Path, "Server private key (PEM) for ssl: listeners."),
     "tls-ca": (
@@ -145,6 +151,7 @@ _FIELDS = {
     "dialect": "dialect",
     "stream-cadence-ms": "stream_cadence_ms",
     "pad-bytes": "pad_bytes",
+    "max-streams": "max_streams",
     "tls-cert": "tls_cert",
     "tls-key": "tls_key",
     "tls-ca": "tls_ca",

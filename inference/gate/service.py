@@ -55,6 +55,7 @@ def build_gate(
         dialect,
         pad_bytes=settings.pad_bytes,
         stream_cadence_ms=settings.stream_cadence_ms,
+        max_streams=settings.max_streams,
         request_ttl_seconds=max(settings.time_budget + 30.0, 60.0),
         max_body_bytes=min(settings.max_body, 1 << 20),
     )
