@@ -262,6 +262,36 @@ class ChatTests(TestCase):
             self.assertEqual(count, 2.0)
 
 
+class PromptCacheTests(TestCase):
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def test_prompt_cache_key_is_the_nodes_per_proven_device(self) -> Any:
+        """The node derives the cache key from the device key the wrap proved (the router
+        cannot put another device on it): the same device's next request reuses its prompt;
+        another device's, or a request without a device key, reuses nothing."""
+        operator = Operator()
+        node = yield start_node(self, operator, extra_args=["--parallel", "4"])
+        stack = yield v2_stack(self, [node], operator)
+        request = prompt("A long enough question about the weather in Oslo today?", max_tokens=3)
+        reused = "inference_prompt_tokens_reused_total"
+
+        @defer.inlineCallbacks
+        def reused_now() -> Any:
+            _, _, text = yield node.daemon.request(b"GET", "/metrics")
+            return metric_value(text.decode(), reused)
+
+        alice = stack.client()
+        first = yield alice.chat(request)
+        assert isinstance(first.final, Done)
+        for other in (stack.client(), stack.client(device_sk=None)):
+            answer = yield other.chat(request)
+            self.assertIsInstance(answer.final, Done)
+            self.assertEqual((yield reused_now()), 0)
+        yield alice.chat(request)
+        self.assertEqual((yield reused_now()), first.final.prompt_tokens - 1)
+
+
 class KeyTests(TestCase):
     """Rotation and revocation of the nodes' keys and the router's (outer) keys."""
 
@@ -535,6 +565,32 @@ class FaultTests(TestCase):
             metric_value(metrics, "llmrouter_streams_dropped_total", 'reason="write_stall"'), 1
         )
         for _ in range(100):  # the node's connection went with it: the backend stops
+            if backend.log.cancelled:
+                break
+            yield sleep(0.05)
+        self.assertEqual(backend.log.cancelled, 1)
+
+
+class DeadlineTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_the_deadline_ends_a_relayed_stream_sealed(self) -> Any:
+        operator = Operator()
+        backend, node = yield fault_node(self, operator, Script(tokens=1000, token_delay=0.05))
+        clock = Clock()
+        clock.advance(time.time())
+        stack = yield v2_stack(self, [node], operator, clock=clock, request_ttl_seconds=60)
+        client = stack.client()
+        body, state = yield client.seal(prompt("x"), model="fault")
+        _, reader = yield client.post(body, state)
+        yield reader.first
+        clock.advance(60)
+        yield reader.ended
+        final = reader.opener.close()
+        self.assertEqual((final.code, type(final).__name__), ("timeout", "RouterRefusal"))
+        self.assertEqual(stack.running.router.admission.slots.open, 0)
+        for _ in range(100):  # the node's connection went: the backend stops generating
             if backend.log.cancelled:
                 break
             yield sleep(0.05)
