@@ -571,6 +571,31 @@ class FaultTests(TestCase):
         self.assertEqual(backend.log.cancelled, 1)
 
 
+class FrontTests(TestCase):
+    """``twistd inference --front``: the gate without a model, in front of a real llama-server
+    (on the tiny model), in its dialect."""
+
+    timeout = 240
+
+    @defer.inlineCallbacks
+    def test_a_node_fronting_llama_server(self) -> Any:
+        from tests.llama_server import start_llama_server
+
+        server = yield start_llama_server(self, "tiny-ls")
+        operator = Operator()
+        node = yield start_front_node(
+            self, operator, f"unix:{server.socket}", models=("tiny-ls",), dialect="llama-server"
+        )
+        stack = yield v2_stack(self, [node], operator)
+        request = prompt("Hello", max_tokens=6, temperature=0.0, seed=1)
+        answer = yield stack.client().chat(request, model="tiny-ls")
+        assert isinstance(answer.final, Done)
+        self.assertEqual(answer.final.completion_tokens, 6)
+        self.assertTrue(answer.text)
+        status, _, _ = yield node.daemon.request(b"GET", "/v1/models")  # no engine API here
+        self.assertEqual(status, 404)
+
+
 class DeadlineTests(TestCase):
     timeout = 120
 
