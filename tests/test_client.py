@@ -134,6 +134,19 @@ class ClientTests(Fixture):
         self.assertEqual(self.handler.seen_modes, [])
 
     @defer.inlineCallbacks
+    def test_an_older_document_never_replaces_a_newer_one(self) -> Any:
+        """An older (still fresh) document is what a replay looks like: the newer one stays."""
+        client = self.client()
+        first = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.handler.issued_at = first.issued_at - 3600
+        second = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.assertIs(second, first)
+        self.handler.issued_at = None  # this hour's again: it replaces the one held
+        third = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.assertIsNot(third, first)
+        self.assertEqual(third.issued_at, first.issued_at)
+
+    @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:
         other = bytes(nacl.signing.SigningKey.generate().verify_key)
         with self.assertRaises(ChatError) as cm:

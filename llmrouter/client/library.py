@@ -279,8 +279,7 @@ class Client:
     async def fetch_keys(self) -> KeyDocument | KeyDocumentV2:
         """Fetch and verify the key document (``/api/v2/keys`` or, protocol 1, ``/api/pubkey``)."""
         if self.protocol == 2:
-            self._keys = await self._fetch_v2()
-            return self._keys
+            return self._hold(await self._fetch_v2())
         response, body = await self._get("/api/pubkey")
         if response.code != 200:
             code, message, _ = _json_error(response.code, body)
@@ -296,6 +295,13 @@ class Client:
             raise ChatError("bad_key_document", str(e)) from None
         if pin is None and self._tofu is not None:
             _trust(self._tofu, keys.signing_key)
+        return self._hold(keys)
+
+    def _hold(self, keys: KeyDocument | KeyDocumentV2) -> KeyDocument | KeyDocumentV2:
+        """Keep ``keys`` unless the document held is newer: an older one is what a replayed
+        document looks like (or a router behind the hour), never an update."""
+        if self._keys is not None and keys.issued_at < self._keys.issued_at:
+            return self._keys
         self._keys = keys
         return keys
 
@@ -330,10 +336,12 @@ class Client:
         """Whether the pin is the router's v1 signing key (for a helpful message only)."""
         try:
             response, body = await self._get("/api/pubkey")
-            keys = verify_key_document(body, self._pin, now=self._clock.seconds())
+            if response.code != 200:
+                return False
+            verify_key_document(body, self._pin, now=self._clock.seconds())
         except (KeyDocumentError, ConnectError, ResponseFailed, ResponseNeverReceived):
             return False
-        return response.code == 200 and keys is not None
+        return True
 
     async def seal(self, request: ChatRequest) -> tuple[Envelope, State]:
         """The sealed request and what opens its answer: protocol 1's envelope (a JSON object)

@@ -195,11 +195,11 @@ def seal_request(
 ) -> tuple[bytes, ClientState]:
     """The body of ``POST /api/v2/chat`` (``message/ohttp-req``) and what opens its answer.
 
-    ``ts`` defaults to the wall clock; ``rng`` exists to reproduce the worked examples.
-
     ``model`` is the request's model (the document's ``default_model`` when the app names none);
     the sealed chat request carries it too. ``device_sk`` (an X25519 secret key) proves the
-    device to the router and to the node; without it the request is anonymous (base mode).
+    device to the router and to the node; without it the request is anonymous (base mode). The
+    content key goes to ``k`` nodes of the model (docs/protocol.md section 10). ``ts`` defaults
+    to the wall clock; ``rng`` exists to reproduce the worked examples.
     """
     if not MODEL_NAME.fullmatch(model):
         raise ValueError("model is not a model name")
