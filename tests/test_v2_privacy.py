@@ -348,7 +348,7 @@ class CanaryTests(TestCase):
         self.assertEqual(node_found, {"canary", "answer canary"})
         # and the same scans find what this router does open: a v1.1 request's prompt
         v1_canary = f"V1CANARY{uuid.uuid4().hex}"
-        v1 = Client(reactor, stack.url, pin=daemon_pin(stack.directory))
+        v1 = Client(reactor, stack.url, pin=daemon_pin(stack.directory), protocol=1)
         yield defer.Deferred.fromCoroutine(v1.complete(prompt(v1_canary, max_tokens=4)))
         self.assertEqual(found_in(router_pid, {"v1": v1_canary.encode()}), {"v1"})
         self.assertIn(v1_canary.encode(), stack.link.everything())
@@ -491,7 +491,7 @@ class LinkabilityTests(TestCase):
         pin = daemon_pin(stack.directory)
         device_a, device_b = hpke.generate_key_pair(), hpke.generate_key_pair()
         for device in (device_a, device_b, device_a):
-            v1 = Client(reactor, stack.url, pin=pin, device_key=device)
+            v1 = Client(reactor, stack.url, pin=pin, device_key=device, protocol=1)
             yield defer.Deferred.fromCoroutine(v1.complete(prompt("the same words", max_tokens=4)))
         a1, b1, a2 = answered(stack.front, b"POST /api/chat")
         shared = linking(a1, a2, b1)

@@ -491,9 +491,12 @@ class RelayStream:
         self._upstream = upstream
 
     def open(self) -> None:
-        """The response starts (the node's first byte, or the router's event)."""
-        if self._opened or self._closed:
-            return
+        """The node's first byte: the response starts."""
+        if not self._opened and not self._closed:
+            self._start()
+            self._metrics.ttft.observe(self._clock.seconds() - self._started)
+
+    def _start(self) -> None:
         self._opened = True
         request = self._request
         request.setResponseCode(200)
@@ -502,7 +505,6 @@ class RelayStream:
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.registerProducer(self, True)
         self._metrics.http_responses.labels("200").inc()
-        self._metrics.ttft.observe(self._clock.seconds() - self._started)
 
     def write(self, data: bytes) -> None:
         if not self._closed:
@@ -521,7 +523,8 @@ class RelayStream:
         """The router's last word, sealed: a refusal, or why the node's stream ended."""
         if self._closed:
             return
-        self.open()
+        if not self._opened:
+            self._start()
         self._request.write(seal_router_event(self._secret, self._enc, error, pad=self._pad))
         self._close()
 
