@@ -86,7 +86,7 @@ class LlamaServerTests(TestCase):
         yield router.start()
         self.router = router
         self.url = f"unix:{directory / 'router.sock'}"
-        self.client = Client(reactor, self.url, pin=daemon_pin(directory))
+        self.client = Client(reactor, self.url, pin=daemon_pin(directory), protocol=1)
 
     def complete(self, request: ChatRequest, **kw: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self.client.complete(request, **kw))
