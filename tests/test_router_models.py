@@ -294,7 +294,7 @@ class ModelsTests(TestCase):
         ours, url0 = yield backend(self, ["ours"], owned_by="llmrouter")
         vllm, url1 = yield backend(self, ["v"], owned_by="vllm")
         llama, url2 = yield backend(self, ["l"], owned_by="llamacpp")
-        running = yield start_router(self, [url0, url1, url2])
+        running = yield start_router(self, [f"{url0} kind=llmrouter", url1, url2])
         device = running.client(device_key=hpke.generate_key_pair())
         other = running.client(device_key=hpke.generate_key_pair())
         for client, model in ((device, "ours"), (device, "v"), (device, "v"), (other, "v")):
