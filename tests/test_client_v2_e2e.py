@@ -136,7 +136,7 @@ class ClientOnV2(TestCase):
             self, "--listen", "127.0.0.1:0", "--url", self.url, "--pin", b64u_encode(self.pin)
         )
         base_url = yield proxy.url
-        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=base_url, api_key=proxy.token, max_retries=0, timeout=60)
         models = yield threads.deferToThread(client.models.list)
         self.assertEqual([m.id for m in models.data], ["llmrouter", TINY])
         completion = yield threads.deferToThread(
