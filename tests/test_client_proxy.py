@@ -465,7 +465,9 @@ class ProxyProtocolTwo(TestCase):
         url = f"unix:{directory / 'router.sock'}"
         self.proxy = run_proxy(self, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
         base_url = yield self.proxy.url
-        self.client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=self.proxy.token, max_retries=0, timeout=30
+        )
 
     def call(self, f: Any, *args: Any, **kw: Any) -> defer.Deferred[Any]:
         return threads.deferToThread(f, *args, **kw)
@@ -843,6 +845,8 @@ class ProxyAccessTests(TestCase):
             self.router_url,
             "--pin",
             self.pin,
+            "--protocol",
+            "1",  # the router's own key: this router is not certified for v2
             env={"TMPDIR": str(self.tmp)},
         )
         self.base = yield self.proxy.url
@@ -990,6 +994,8 @@ class ProxyUnixSocketTests(TestCase):
             url,
             "--pin",
             b64u_encode(document.signing_key),
+            "--protocol",
+            "1",
         )
         base = yield proxy.url
         self.assertEqual(base, f"unix:{socket}")
