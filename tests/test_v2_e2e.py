@@ -14,10 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -39,6 +41,7 @@ from tests.router_support import (
     start_router,
 )
 from tests.test_inference_openai import SCHEMA
+from tests.tools import RawClient, files_open_under
 from tests.v2_support import (
     TINY,
     Operator,
@@ -708,3 +711,38 @@ class NodeTests(TestCase):
         self.assertEqual((status, json.loads(raw)["error"]["code"]), (503, "v2_unavailable"))
         status, _, _ = yield node.daemon.request(b"GET", "/health")  # v1 is unaffected
         self.assertEqual(status, 200)
+
+
+class GateBodyTests(TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_large_request_is_never_spooled_to_disk(self) -> Any:
+        """The gate opens prompts, so its listener keeps request bodies in memory and bounded
+        as every other server a prompt reaches does (issue 19, llmrouter/bodies.py): while a
+        150 KB body arrives, the node holds no file in its temporary directory, and a body over
+        its --max-body is refused as announced."""
+        tmp = Path(self.mktemp()).resolve()
+        tmp.mkdir(parents=True)
+        operator = Operator()
+        _, url = yield start_fault_backend(self)
+        node = yield start_front_node(self, operator, url, env={"TMPDIR": str(tmp)})
+        body = b'{"v": 2, "ct": "' + b"A" * 150_000 + b'"}'
+        endpoint = UNIXClientEndpoint(reactor, str(node.daemon.socket))
+        peer = yield connectProtocol(endpoint, RawClient())
+        self.addCleanup(peer.transport.loseConnection)
+        peer.transport.write(
+            b"POST /v2/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-1000]
+        )
+        yield sleep(0.5)
+        self.assertEqual(files_open_under(node.daemon.pid, str(tmp)), [])
+        peer.transport.write(body[-1000:])
+        for _ in range(600):
+            if b"\r\n\r\n" in peer.data:
+                break
+            yield sleep(0.1)
+        self.assertTrue(peer.data.startswith(b"HTTP/1.1 400 "), peer.data[:80])  # read, refused
+        self.assertEqual(files_open_under(node.daemon.pid, str(tmp)), [])
+        status, _, data = yield node.daemon.request(b"POST", "/v2/chat", b" " * (2 << 20))
+        self.assertEqual((status, json.loads(data)["error"]["code"]), (413, "body_too_large"))

@@ -154,6 +154,7 @@ def start_front_node(
     models: Sequence[str] = ("fault",),
     dialect: str = "openai",
     extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Any:
     """``twistd inference --front``: no model, the gate in front of ``front``."""
     directory = short_tempdir(testcase)
@@ -162,7 +163,7 @@ def start_front_node(
     sock = directory / "node.sock"
     args = ["--listen", f"unix:{sock}:mode=600", "--keys-dir", str(keys)]
     args += ["--front", front, "--dialect", dialect, *extra_args]
-    daemon = Daemon("inference", args, health=f"unix:{sock}", directory=directory)
+    daemon = Daemon("inference", args, health=f"unix:{sock}", directory=directory, env=env)
     daemon.socket = sock
     testcase.addCleanup(daemon.stop)
     yield daemon.start()
