@@ -32,6 +32,7 @@ from inference.interfaces import IScheduler
 from inference.listen import ListenError, ReloadableServerTLS, server_endpoint
 from inference.metrics import Metrics
 from llmrouter import sdnotify
+from llmrouter.chat import MODEL_NAME
 from llmrouter.listen import certificate_expiry
 from llmrouter.ops import llamabuild
 from llmrouter.swap import SWAP_HINT, swap_devices
@@ -59,7 +60,12 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         + ", ".join(embedded.MODELS)
         + f" (default: {embedded.DEFAULT}).",
     ),
-    "model-name": ("INFERENCE_MODEL_NAME", str, "Model id in /v1/models (default: file stem)."),
+    "model-name": (
+        "INFERENCE_MODEL_NAME",
+        str,
+        "Model id in /v1/models (default: file stem); with --front, the one name the node serves"
+        " the fronted server's model as (sent to it as the model; default: the names it lists).",
+    ),
     "threads": ("INFERENCE_THREADS", int, "CPU threads for llama.cpp (default: all cores)."),
     "ctx": ("INFERENCE_CTX", int, f"Context size per sequence, in tokens (default {_D.ctx})."),
     "parallel": (
@@ -292,6 +298,8 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
             raise usage.UsageError("--front needs --dialect " + "|".join(FRONT_DIALECTS))
         if "model" in values:
             raise usage.UsageError("--front loads no model: leave --model out")
+        if "model_name" in values and not MODEL_NAME.fullmatch(values["model_name"]):
+            raise usage.UsageError("--model-name [INFERENCE_MODEL_NAME]: not a model name")
     elif "dialect" in values:
         raise usage.UsageError("--dialect is the kind of the --front server")
     model = values.pop("model", None)

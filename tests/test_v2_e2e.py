@@ -604,6 +604,24 @@ class FrontTests(TestCase):
         status, _, _ = yield node.daemon.request(b"GET", "/v1/models")  # no engine API here
         self.assertEqual(status, 404)
 
+    @defer.inlineCallbacks
+    def test_model_name_pins_the_name_a_node_serves(self) -> Any:
+        """llama-server run without --alias lists its file path, which is no model name: a
+        fronting node serves it under --model-name (as make run BACKEND=... does)."""
+        from tests.llama_server import start_llama_server
+
+        server = yield start_llama_server(self, "/a/path/tiny.gguf")
+        operator = Operator()
+        args = ["--model-name", "tiny.gguf"]
+        node = yield start_front_node(
+            self, operator, f"unix:{server.socket}", models=("tiny.gguf",),
+            dialect="llama-server", extra_args=args,
+        )  # fmt: skip
+        stack = yield v2_stack(self, [node], operator)
+        answer = yield stack.client().chat(prompt("Hello", max_tokens=3), model="tiny.gguf")
+        assert isinstance(answer.final, Done)
+        self.assertEqual(answer.final.completion_tokens, 3)
+
 
 class DeadlineTests(TestCase):
     timeout = 120

@@ -17,13 +17,16 @@ FRONT_DIALECTS = tuple(kind for kind in DIALECTS if kind != "llmrouter")
 @dataclass(frozen=True)
 class GateSettings:
     """``upstream``: the model server the gate opens conversations with (our daemon's private
-    socket, or ``--front URL``) and ``dialect`` its kind. The rest shape the sealed stream as the
-    router's settings of the same names shape v1.1's (padding, cadence, keepalives, the write
-    stall and the whole-stream deadline) and bound the gate (open streams, the replay cache, the
-    clock skew of ``ts``). ``CallSettings`` and ``PoolSettings`` of :mod:`llmrouter.terminate`."""
+    socket, or ``--front URL``), ``dialect`` its kind and ``models`` the names it serves when
+    pinned (a fronted server's own id may be no model name: llama-server lists its file path).
+    The rest shape the sealed stream as the router's settings of the same names shape v1.1's
+    (padding, cadence, keepalives, the write stall and the whole-stream deadline) and bound the
+    gate (open streams, the replay cache, the clock skew of ``ts``). ``CallSettings`` and
+    ``PoolSettings`` of :mod:`llmrouter.terminate`."""
 
     upstream: str
     dialect: str = "llmrouter"
+    models: tuple[str, ...] = ()  # pinned (front mode's --model-name), else its /v1/models
     pad_bytes: int = 64
     stream_cadence_ms: int = 0
     keepalive_seconds: float = 15.0
@@ -61,4 +64,4 @@ class GateSettings:
             raise ValueError("the replay window must cover the timestamp skew on both sides")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
-        return (Endpoint(self.upstream, (), self.dialect),)
+        return (Endpoint(self.upstream, self.models, self.dialect),)

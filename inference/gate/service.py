@@ -50,9 +50,11 @@ def build_gate(
 ) -> tuple[Gate, GateService]:
     """The gate for ``settings.keys_dir``, talking plaintext to ``upstream`` (of ``dialect``)."""
     assert settings.keys_dir is not None
+    pinned = (settings.model_name,) if settings.front and settings.model_name else ()
     gate_settings = GateSettings(
         upstream,
         dialect,
+        pinned,
         pad_bytes=settings.pad_bytes,
         stream_cadence_ms=settings.stream_cadence_ms,
         max_streams=settings.max_streams,
