@@ -83,8 +83,8 @@ $(LLAMA_SERVER): | $(STAMP) system-deps
 
 # Coverage-guided fuzzing (atheris) of every parser of peer input, from the seed corpus, about
 # a minute in all; any uncaught exception fails (docs/security-testing.md has the long run).
-FUZZ_TARGETS := envelope plaintext sse keydoc guardrails proxy
-FUZZ_SECONDS ?= 12
+FUZZ_TARGETS := envelope plaintext sse keydoc guardrails proxy v2keydoc v2request v2stream
+FUZZ_SECONDS ?= 8
 fuzz: $(STAMP)
 	@for target in $(FUZZ_TARGETS); do \
 	  out=$$(mktemp -d); \

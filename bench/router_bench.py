@@ -10,7 +10,16 @@ concurrent open streams it holds, with p50/p95/p99 per-chunk delay (backend send
 verified, the backend stamps CLOCK_MONOTONIC into each token). The load generator is this
 script, on Twisted; everything is on loopback and bounded in count and time.
 
-    .venv/bin/python bench/router_bench.py [--model PATH] [--streams 1000]
+Each part runs for each protocol of ``--protocols`` (default ``1.1,2``), alternating them
+round by round so both see the same machine load. Protocol 1.1: the router opens the request and
+seals every chunk. Protocol 2: an operator key made here certifies the router and a node
+(``twistd inference --keys-dir``: our daemon's gate in part 1, ``--front`` in front of the
+synthetic backend in part 2); the router relays the node's sealed bytes, so part 2 counts the
+node's sealed chunks the router relayed per router CPU-second. The concurrent streams come from
+``--addresses`` loopback addresses (127.0.0.1 and up), as many clients would, so the router's
+per-address connection cap (64) limits none of them.
+
+    .venv/bin/python bench/router_bench.py [--model PATH] [--streams 1000] [--protocols 1.1,2]
 """
 
 from __future__ import annotations
@@ -48,6 +57,9 @@ from llmrouter.protocol import (  # noqa: E402
     verify_key_document,
 )
 from llmrouter.sse import SSEParser  # noqa: E402
+from llmrouter.v2 import certs as v2certs  # noqa: E402
+from llmrouter.v2 import request as v2request  # noqa: E402
+from llmrouter.v2 import response as v2response  # noqa: E402
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -144,13 +156,38 @@ def _producer(body: bytes) -> FileBodyProducer:
     return FileBodyProducer(BytesIO(body))
 
 
-class Router:
-    """Client side of the router for the load generator."""
+def loopback_agents(reactor: Any, url: str, pool: HTTPConnectionPool, count: int) -> list[Any]:
+    """Agents for ``url`` whose connections come from 127.0.0.1, .2, ... (``count`` of them)."""
+    from twisted.web.client import Agent
 
-    def __init__(self, reactor: Any, url: str, pool: HTTPConnectionPool | None = None) -> None:
+    if not url.startswith("http://127.0.0.1:") or count <= 1:
+        return [agent_for(reactor, url, pool=pool)[0]]
+    return [
+        Agent(reactor, pool=pool, bindAddress=(f"127.0.{n // 250}.{n % 250 + 1}", 0))
+        for n in range(count)
+    ]
+
+
+class Router:
+    """Client side of the router for the load generator (protocol 1.1)."""
+
+    protocol = "1.1"
+
+    def __init__(
+        self, reactor: Any, url: str, pool: HTTPConnectionPool | None = None, addresses: int = 1
+    ) -> None:
         self.reactor = reactor
         self.agent, self.base = agent_for(reactor, url, pool=pool)
+        self._agents = (
+            loopback_agents(reactor, url, pool, addresses) if pool is not None else [self.agent]
+        )
+        self._next = 0
         self.key: Any = None
+
+    def next_agent(self) -> Any:
+        agent = self._agents[self._next % len(self._agents)]
+        self._next += 1
+        return agent
 
     async def fetch_key(self) -> None:
         response = await self.agent.request(b"GET", (self.base + "/api/pubkey").encode())
@@ -160,7 +197,7 @@ class Router:
         """Returns (ttft seconds, deltas); ``on_delta(text, t)`` for each verified delta."""
         env, state = seal_request(self.key, request, int(time.time()))
         started = time.monotonic()
-        response = await self.agent.request(
+        response = await self.next_agent().request(
             b"POST",
             (self.base + "/api/chat").encode(),
             Headers({b"Content-Type": [b"application/json"]}),
@@ -187,6 +224,111 @@ class Router:
         await body.done
         opener.close()
         return first[0] - started, count[0]
+
+
+class RouterV2(Router):
+    """Client side of the router for the load generator (protocol 2): the key document is
+    verified under the operator's pin, requests are sealed to the nodes, as an app does."""
+
+    protocol = "2"
+
+    def __init__(self, *args: Any, pin: bytes, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pin = pin
+
+    async def fetch_key(self) -> None:
+        for _ in range(200):  # until the router's probe has listed the node
+            response = await self.agent.request(b"GET", (self.base + "/api/v2/keys").encode())
+            body = await readBody(response)
+            if response.code == 200:
+                self.key = v2certs.verify_key_document_v2(body, self.pin, now=time.time())
+                if self.key.nodes:
+                    return
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        raise SystemExit("the router never listed the node")
+
+    async def stream(self, request: ChatRequest, on_delta: Any) -> tuple[float, int]:
+        model = self.key.default_model or self.key.models()[0]
+        body, state = v2request.seal_request(self.key, request, model=model, device_sk=None)
+        started = time.monotonic()
+        response = await self.next_agent().request(
+            b"POST",
+            (self.base + "/api/v2/chat").encode(),
+            Headers({b"Content-Type": [v2request.CONTENT_TYPE.encode()]}),
+            _producer(body),
+        )
+        if response.code != 200:
+            text = await readBody(response)
+            raise RuntimeError(f"router answered {response.code}: {text[:200]!r}")
+        opener = v2response.ResponseOpener(state)
+        first = [0.0]
+        count = [0]
+
+        def on_data(data: bytes) -> None:
+            now = time.monotonic()
+            for item in opener.feed(data):
+                if isinstance(item, Delta) and item.text:
+                    if not count[0]:
+                        first[0] = now
+                    count[0] += 1
+                    on_delta(item.text, now)
+
+        collector = _Body(on_data)
+        response.deliverBody(collector)
+        await collector.done
+        final = opener.close()
+        if not isinstance(final, v2response.Done):
+            raise RuntimeError(f"the stream ended with {final.code}")  # type: ignore[union-attr]
+        return first[0] - started, count[0]
+
+
+class Operator:
+    """The operator key of protocol 2 (made for the run) and its certificates."""
+
+    def __init__(self) -> None:
+        import nacl.signing
+
+        self.key = nacl.signing.SigningKey.generate()
+        self.pin = bytes(self.key.verify_key)
+
+    def certify(self, keys_dir: Path, kind: str, models: Sequence[str] = ()) -> None:
+        from llmrouter.protocol import b64u_decode
+
+        state = json.loads((keys_dir / "state.json").read_text())
+        now = int(time.time())
+        certificate = v2certs.issue_certificate(
+            bytes(self.key),
+            type=kind,
+            name=f"bench-{kind}",
+            key=b64u_decode(state["signing_key"], "signing_key", 32),
+            models=models,
+            not_before=now - 3600,
+            not_after=now + 86400,
+        )
+        (keys_dir / f"{kind}.cert").write_text(json.dumps(certificate))
+
+
+def node_keys(directory: Path) -> Path:
+    """A node's key directory, as ``twistd inference --keys-dir`` makes it."""
+    from twisted.internet.task import Clock
+
+    from llmrouter.keystore import KeyStore
+
+    clock = Clock()
+    clock.advance(time.time())
+    keys = directory / "node-keys"
+    KeyStore.open(keys, clock, node=True).close()
+    return keys
+
+
+async def certified_router(
+    reactor: Any, operator: Operator, directory: Path, backend: str, cpu: str | None
+) -> tuple[Proc, str]:
+    """A router whose key directory has the operator's router.cert."""
+    router, url = start_router(directory, backend, cpu)
+    await wait_healthy(reactor, url, router)
+    operator.certify(directory / "keys", "router")
+    return router, url
 
 
 async def direct_stream(
@@ -283,6 +425,8 @@ async def concurrent(reactor: Any, args: argparse.Namespace, start: Any) -> dict
 
 
 def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> dict[str, str]:
+    # MAX_CONNECTIONS_PER_ADDRESS stays at its default (64): the concurrent streams come from
+    # many loopback addresses (--addresses), as they would from many clients.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_", "LLMROUTER_"))}
     env.update(
         {
@@ -294,6 +438,7 @@ def router_env(directory: Path, backend: str, port: int, metrics_port: int) -> d
             "RATE_LIMIT_PER_MINUTE": "10000000",
             "RATE_LIMIT_BURST": "1000000",
             "MAX_STREAMS": "4096",
+            "NEW_DEVICE_POW_DIFFICULTY": "0",
             "POW_THRESHOLD_STREAMS": "0",
             "POW_THRESHOLD_RPS": "0",
             "HEALTH_INTERVAL_SECONDS": "1",
@@ -321,6 +466,23 @@ def start_router(directory: Path, backend: str, cpu: str | None) -> tuple[Proc, 
     return proc, f"http://127.0.0.1:{port}"
 
 
+async def _routed(client: Router, request: ChatRequest) -> tuple[float, float, int]:
+    """(ttft, seconds from first to last token, tokens) through the router."""
+    times: list[float] = []
+    ttft, _ = await client.stream(request, lambda text, t: times.append(t))
+    return ttft, times[-1] - times[0], len(times)
+
+
+def _rate(samples: list[tuple[float, float, int]]) -> float:
+    return sum(n - 1 for _, _, n in samples) / sum(span for _, span, _ in samples)
+
+
+async def _served_model(reactor: Any, url: str) -> str:
+    agent, base = agent_for(reactor, url)
+    response = await agent.request(b"GET", (base + "/v1/models").encode())
+    return str(json.loads(await readBody(response))["data"][0]["id"])
+
+
 async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     model = args.model
     if model is None:
@@ -330,142 +492,218 @@ async def part1(reactor: Any, args: argparse.Namespace, directory: Path) -> dict
     socket_path = directory / "inference.sock"
     argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
     argv += ["--listen", f"unix:{socket_path}", "--model", model, "--threads", "1"]
+    operator = Operator() if "2" in args.protocols else None
+    if operator is not None:  # the node's gate (protocol 2) in front of the same engine
+        keys = node_keys(directory)
+        argv += ["--keys-dir", str(keys)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
     inference = Proc(argv, directory / "inference.log", env)
     router, url = start_router(directory, f"unix:{socket_path}", None)
     try:
         await wait_healthy(reactor, f"unix:{socket_path}", inference)
         await wait_healthy(reactor, url, router)
-        # Keep-alive on both paths, as in production (the TLS proxy keeps its connections to the
-        # router open): neither side pays a connect, so the difference is the router's own work.
-        client = Router(reactor, url, HTTPConnectionPool(reactor, persistent=True))
-        await client.fetch_key()
+        # Keep-alive on every path, as in production (the TLS proxy keeps its connections to the
+        # router open): nobody pays a connect, so the difference is the router's (and gate's)
+        # own work.
+        clients: dict[str, Router] = {}
+        if "1.1" in args.protocols:
+            clients["1.1"] = Router(reactor, url, HTTPConnectionPool(reactor, persistent=True))
+        if operator is not None:
+            operator.certify(keys, "node", [await _served_model(reactor, f"unix:{socket_path}")])
+            operator.certify(directory / "keys", "router")
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            clients["2"] = RouterV2(reactor, url, pool, pin=operator.pin)
+        for client in clients.values():
+            await client.fetch_key()
         agent, base = agent_for(
             reactor, f"unix:{socket_path}", pool=HTTPConnectionPool(reactor, persistent=True)
         )
-        direct: list[tuple[float, float, int]] = []
-        routed: list[tuple[float, float, int]] = []
+        paths = ["direct", *clients]
+        samples: dict[str, list[tuple[float, float, int]]] = {path: [] for path in paths}
+        counter = 0
         for i in range(args.rounds):
-            # Same prompt both ways, apart from a fixed-width counter that defeats prompt caching;
-            # the order alternates so neither path always runs on a warmer machine.
-            def request(n: int, i: int = i) -> ChatRequest:
-                text = f"{PROMPTS[i % len(PROMPTS)]} (run {n:04d})"
-                return ChatRequest.from_prompt(text, max_tokens=args.max_tokens, temperature=0.0)
-
-            async def via_router(n: int) -> tuple[float, float, int]:
-                times: list[float] = []
-                ttft, _ = await client.stream(request(n), lambda text, t: times.append(t))
-                return ttft, times[-1] - times[0], len(times)
-
-            if i % 2 == 0:
-                direct.append(await direct_stream(agent, base, request(2 * i)))
-                routed.append(await via_router(2 * i + 1))
-            else:
-                routed.append(await via_router(2 * i))
-                direct.append(await direct_stream(agent, base, request(2 * i + 1)))
+            # Same prompt every way, apart from a fixed-width counter that defeats prompt
+            # caching; the order rotates so no path always runs on a warmer machine.
+            for path in paths[i % len(paths) :] + paths[: i % len(paths)]:
+                counter += 1
+                text = f"{PROMPTS[i % len(PROMPTS)]} (run {counter:04d})"
+                request = ChatRequest.from_prompt(text, max_tokens=args.max_tokens, temperature=0.0)
+                if path == "direct":
+                    samples[path].append(await direct_stream(agent, base, request))
+                    continue
+                samples[path].append(await _routed(clients[path], request))
     finally:
         router.stop()
         inference.stop()
 
-    def rate(samples: list[tuple[float, float, int]]) -> float:
-        return sum(n - 1 for _, _, n in samples) / sum(span for _, span, _ in samples)
-
+    direct = samples["direct"]
     d_ttft = [t for t, _, _ in direct]
-    r_ttft = [t for t, _, _ in routed]
-    return {
+    result: dict[str, Any] = {
         "rounds": args.rounds,
-        "tokens_per_request": statistics.median(n for _, _, n in routed),
-        "direct_tokens_per_s": rate(direct),
-        "routed_tokens_per_s": rate(routed),
-        "throughput_ratio": rate(routed) / rate(direct),
+        "direct_tokens_per_s": _rate(direct),
         "direct_ttft_p50_ms": statistics.median(d_ttft) * 1000,
-        "routed_ttft_p50_ms": statistics.median(r_ttft) * 1000,
-        "added_ttft_p50_ms": (statistics.median(r_ttft) - statistics.median(d_ttft)) * 1000,
-        "added_ttft_paired_median_ms": statistics.median(
-            (r - d) * 1000 for r, d in zip(r_ttft, d_ttft, strict=True)
-        ),
-        "ttft_ratio": statistics.median(r_ttft) / statistics.median(d_ttft),
+    }
+    for path in clients:
+        routed = samples[path]
+        r_ttft = [t for t, _, _ in routed]
+        result[f"protocol_{path}"] = {
+            "tokens_per_request": statistics.median(n for _, _, n in routed),
+            "routed_tokens_per_s": _rate(routed),
+            "throughput_ratio": _rate(routed) / _rate(direct),
+            "routed_ttft_p50_ms": statistics.median(r_ttft) * 1000,
+            "added_ttft_p50_ms": (statistics.median(r_ttft) - statistics.median(d_ttft)) * 1000,
+            "added_ttft_paired_median_ms": statistics.median(
+                (r - d) * 1000 for r, d in zip(r_ttft, d_ttft, strict=True)
+            ),
+        }
+    return result
+
+
+def _synthetic(directory: Path, name: str, *options: str) -> tuple[Proc, Path]:
+    sock = directory / f"{name}.sock"
+    argv = [sys.executable, str(ROOT / "bench" / "router_synthetic_backend.py")]
+    argv += ["--listen", f"unix:{sock}:backlog=4096", *options]
+    return Proc(argv, directory / f"{name}.log", dict(os.environ)), sock
+
+
+async def _front_node(
+    reactor: Any, operator: Operator, directory: Path, name: str, backend: Path, streams: int
+) -> tuple[Proc, Path]:
+    """A node (``twistd inference --front``) in front of a synthetic backend."""
+    home = directory / name
+    home.mkdir()
+    keys = node_keys(home)
+    operator.certify(keys, "node", ["synthetic"])
+    sock = home / "node.sock"
+    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "inference"]
+    argv += ["--listen", f"unix:{sock}:backlog=4096", "--keys-dir", str(keys)]
+    argv += ["--front", f"unix:{backend}", "--dialect", "openai", "--max-streams", str(streams)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
+    node = Proc(argv, home / "node.log", env)
+    await wait_healthy(reactor, f"unix:{sock}", node)
+    return node, sock
+
+
+async def _burst(reactor: Any, args: argparse.Namespace, client: Router, router: Proc) -> Any:
+    cpu0 = router.cpu_seconds()
+    started = time.monotonic()
+    outcomes = await defer.gatherResults(
+        [
+            defer.Deferred.fromCoroutine(
+                client.stream(
+                    ChatRequest.from_prompt("x", max_tokens=args.burst_tokens),
+                    lambda text, t: None,
+                )
+            )
+            for _ in range(args.burst_streams)
+        ]
+    )
+    elapsed = time.monotonic() - started
+    cpu = router.cpu_seconds() - cpu0
+    chunks = sum(n for _, n in outcomes)
+    return {
+        "streams": args.burst_streams,
+        "chunks": chunks,
+        "seconds": elapsed,
+        "chunks_per_s": chunks / elapsed,
+        "router_cpu_seconds": cpu,
+        "chunks_per_router_cpu_s": chunks / cpu if cpu else float("nan"),
     }
 
 
 async def part2(reactor: Any, args: argparse.Namespace, directory: Path) -> dict[str, Any]:
-    synth_sock = directory / "synth.sock"
-    synth_argv = [sys.executable, str(ROOT / "bench" / "router_synthetic_backend.py")]
-    synth_argv += [
-        "--listen",
-        f"unix:{synth_sock}:backlog=4096",
-        "--tokens",
-        str(args.burst_tokens),
-    ]
-    synth = Proc(synth_argv, directory / "synth.log", dict(os.environ))
-    slow_sock = directory / "slow.sock"
-    slow_argv = [sys.executable, str(ROOT / "bench" / "router_synthetic_backend.py")]
-    slow_argv += ["--listen", f"unix:{slow_sock}:backlog=4096", "--interval", str(args.interval)]
-    slow = Proc(slow_argv, directory / "slow.log", dict(os.environ))
+    synth, synth_sock = _synthetic(directory, "synth", "--tokens", str(args.burst_tokens))
+    slow, slow_sock = _synthetic(directory, "slow", "--interval", str(args.interval))
+    operator = Operator()
+    procs = [synth, slow]
     results: dict[str, Any] = {}
     try:
-        # 2a: throughput, router pinned to one core
-        router, url = start_router(directory / "a", f"unix:{synth_sock}", args.pin_router)
-        try:
-            await wait_healthy(reactor, url, router)
-            client = Router(reactor, url)
-            await client.fetch_key()
-            cpu0 = router.cpu_seconds()
-            started = time.monotonic()
-            outcomes = await defer.gatherResults(
-                [
-                    defer.Deferred.fromCoroutine(
-                        client.stream(
-                            ChatRequest.from_prompt("x", max_tokens=args.burst_tokens),
-                            lambda text, t: None,
-                        )
-                    )
-                    for _ in range(args.burst_streams)
-                ]
+        await wait_healthy(reactor, f"unix:{synth_sock}", synth)
+        await wait_healthy(reactor, f"unix:{slow_sock}", slow)
+        backends = {"1.1": (synth_sock, slow_sock)}
+        if "2" in args.protocols:
+            streams = max(args.streams, args.burst_streams) + 64
+            node, node_sock = await _front_node(
+                reactor, operator, directory, "node", synth_sock, streams
             )
-            elapsed = time.monotonic() - started
-            cpu = router.cpu_seconds() - cpu0
-            chunks = sum(n for _, n in outcomes)
-            results["burst"] = {
-                "streams": args.burst_streams,
-                "chunks": chunks,
-                "seconds": elapsed,
-                "chunks_per_s": chunks / elapsed,
-                "router_cpu_seconds": cpu,
-                "chunks_per_router_cpu_s": chunks / cpu if cpu else float("nan"),
-            }
-        finally:
-            router.stop()
+            slow_node, slow_node_sock = await _front_node(
+                reactor, operator, directory, "slow-node", slow_sock, streams
+            )
+            procs += [node, slow_node]
+            backends["2"] = (node_sock, slow_node_sock)
 
-        # 2b: concurrent open streams with per-chunk delay
-        router, url = start_router(directory / "b", f"unix:{slow_sock}", args.pin_router)
-        try:
-            await wait_healthy(reactor, url, router)
-            pool = HTTPConnectionPool(reactor, persistent=False)
-            client = Router(reactor, url, pool)
-            await client.fetch_key()
-            cpu0 = router.cpu_seconds()
-            routed = await concurrent(reactor, args, client.stream)
-            cpu = router.cpu_seconds() - cpu0
-            agent, base = agent_for(reactor, f"unix:{slow_sock}", pool=pool)
-            direct = await concurrent(
-                reactor,
-                args,
-                lambda request, on_delta: direct_stream(agent, base, request, on_delta),
-            )
-            results["concurrency"] = {
-                "streams": args.streams,
-                "tokens_per_stream": args.slow_tokens,
-                "token_interval_s": args.interval,
-                "router_cpu_seconds": cpu,
-                "through_router": routed,
-                "direct_baseline": direct,
+        def client_for(protocol: str, url: str, pool: Any = None, addresses: int = 1) -> Router:
+            if protocol == "2":
+                return RouterV2(reactor, url, pool, addresses, pin=operator.pin)
+            return Router(reactor, url, pool, addresses)
+
+        # 2a: throughput, router pinned to one core; protocols alternate, round by round
+        bursts: dict[str, list[Any]] = {p: [] for p in args.protocols}
+        run = 0
+        for i in range(args.burst_rounds):
+            for protocol in args.protocols[i % 2 :] + args.protocols[: i % 2]:
+                run += 1
+                home = directory / f"a{run}"
+                home.mkdir()
+                router, url = await certified_router(
+                    reactor, operator, home, f"unix:{backends[protocol][0]}", args.pin_router
+                )
+                try:
+                    client = client_for(protocol, url)
+                    await client.fetch_key()
+                    bursts[protocol].append(await _burst(reactor, args, client, router))
+                finally:
+                    router.stop()
+        results["burst"] = {
+            protocol: {
+                "rounds": runs,
+                "median_chunks_per_router_cpu_s": statistics.median(
+                    r["chunks_per_router_cpu_s"] for r in runs
+                ),
             }
-        finally:
-            router.stop()
+            for protocol, runs in bursts.items()
+        }
+        if {"1.1", "2"} <= set(bursts):
+            ratio = (
+                results["burst"]["2"]["median_chunks_per_router_cpu_s"]
+                / results["burst"]["1.1"]["median_chunks_per_router_cpu_s"]
+            )
+            results["burst"]["v2_over_v11"] = ratio
+
+        # 2b: concurrent open streams with per-chunk delay, from many loopback addresses
+        results["concurrency"] = {
+            "streams": args.streams,
+            "tokens_per_stream": args.slow_tokens,
+            "token_interval_s": args.interval,
+            "addresses": args.addresses,
+        }
+        for protocol in args.protocols:
+            run += 1
+            home = directory / f"b{run}"
+            home.mkdir()
+            router, url = await certified_router(
+                reactor, operator, home, f"unix:{backends[protocol][1]}", args.pin_router
+            )
+            try:
+                pool = HTTPConnectionPool(reactor, persistent=False)
+                client = client_for(protocol, url, pool, args.addresses)
+                await client.fetch_key()
+                cpu0 = router.cpu_seconds()
+                routed = await concurrent(reactor, args, client.stream)
+                routed["router_cpu_seconds"] = router.cpu_seconds() - cpu0
+                results["concurrency"][f"protocol_{protocol}"] = routed
+            finally:
+                router.stop()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        agent, base = agent_for(reactor, f"unix:{slow_sock}", pool=pool)
+        results["concurrency"]["direct_baseline"] = await concurrent(
+            reactor,
+            args,
+            lambda request, on_delta: direct_stream(agent, base, request, on_delta),
+        )
     finally:
-        synth.stop()
-        slow.stop()
+        for proc in procs:
+            proc.stop()
     return results
 
 
@@ -482,10 +720,16 @@ async def main(reactor: Any, argv: list[str]) -> None:
     parser.add_argument("--skip-part1", action="store_true")
     parser.add_argument("--skip-part2", action="store_true")
     parser.add_argument("--pin-router", help="taskset CPU list for the router in part 2")
+    parser.add_argument("--protocols", default="1.1,2", help="comma list of 1.1 and 2")
+    parser.add_argument("--burst-rounds", type=int, default=3, help="part 2a runs per protocol")
+    parser.add_argument(
+        "--addresses", type=int, default=250, help="loopback addresses the streams come from"
+    )
     args = parser.parse_args(argv)
+    args.protocols = [p for p in args.protocols.split(",") if p]
+    if not set(args.protocols) <= {"1.1", "2"}:
+        parser.error("--protocols: 1.1 and/or 2")
     directory = Path(tempfile.mkdtemp(prefix="llmr-bench-"))
-    (directory / "a").mkdir()
-    (directory / "b").mkdir()
     try:
         report: dict[str, Any] = {}
         if not args.skip_part1:

@@ -103,6 +103,8 @@ class Backend(resource.Resource):
         request.setHeader(b"Content-Type", b"application/json")
         if request.path == b"/health":
             return b'{"status":"ok"}'
+        if request.path == b"/v1/models":  # what a fronting node (protocol v2) discovers
+            return b'{"object":"list","data":[{"id":"synthetic","object":"model"}]}'
         request.setResponseCode(404)
         return b"{}"
 

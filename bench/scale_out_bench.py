@@ -96,7 +96,7 @@ def redis_calls(sock: str) -> dict[str, int]:
 
 class _Routes:
     def route(self, model: str | None, features: frozenset[str] = frozenset()) -> Any:
-        from llmrouter.router.upstream import Route
+        from llmrouter.terminate.backends import Route
 
         return Route(model, ())
 
@@ -105,8 +105,8 @@ async def admissions(
     reactor: Any, directory: Path, state_url: str, redis_sock: str | None, count: int
 ) -> dict[str, Any]:
     from llmrouter import hpke
+    from llmrouter.keystore import KeyStore
     from llmrouter.router.admission import Admission
-    from llmrouter.router.keys import KeyStore
     from llmrouter.router.metrics import RouterMetrics
     from llmrouter.router.settings import Settings
     from llmrouter.router.tap import store_for

@@ -213,19 +213,21 @@ class InferenceAPI(Resource):
 
 class QuietSite(server.Site):
     """A Site without the access log (paths, user agents and referrers are not ours to keep),
-    whose request bodies (plaintext prompts) stay in memory, bounded by the API's ``max_body``:
-    Twisted's default request spools a body of 100 KB or more to a temporary file."""
+    whose request bodies (plaintext prompts, v2's sealed ones) stay in memory, bounded by
+    ``max_body``: Twisted's default request spools a body of 100 KB or more to a temporary
+    file. Every listener of the daemon serves through one (the API, the v2 gate in front of
+    it, the gate of a fronting node, the engine's private socket)."""
 
     displayTracebacks = False
     requestFactory = InMemoryRequest
 
-    def __init__(self, api: InferenceAPI, **kwargs: Any) -> None:
-        super().__init__(api, **kwargs)
-        self._api = api
-        self.max_body = api.max_body
+    def __init__(self, resource: Resource, max_body: int, metrics: Metrics, **kwargs: Any):
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
+        self._metrics = metrics
 
     def too_large_body(self) -> bytes:
-        self._api.metrics.outcome("rejected")
+        self._metrics.outcome("rejected")
         return APIError(413, "body_too_large", f"The body exceeds {self.max_body} bytes.").body()
 
     def log(self, request: Any) -> None:

@@ -36,3 +36,11 @@ class Settings:
     batch: int = 512
     load_delay: float = 0.0  # fault injection for tests (INFERENCE_TEST_LOAD_DELAY)
     max_body: int = 1024 * 1024
+    # Protocol v2 (inference.gate): the node's key directory; with front, no model is loaded
+    # and the gate opens requests for that model server (its kind: dialect) instead.
+    keys_dir: Path | None = None
+    front: str | None = None
+    dialect: str = "llmrouter"
+    stream_cadence_ms: int = 0
+    pad_bytes: int = 64
+    max_streams: int = 256

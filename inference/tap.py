@@ -11,6 +11,7 @@ import faulthandler
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -25,11 +26,13 @@ from twisted.python.failure import Failure
 
 from inference import embedded
 from inference.config import DEFAULT_LISTEN, FLASH_ATTN, Settings
+from inference.gate.config import FRONT_DIALECTS
 from inference.gpu import offload_refusal, offloaded_layers, requested_layers
 from inference.interfaces import IScheduler
 from inference.listen import ListenError, ReloadableServerTLS, server_endpoint
 from inference.metrics import Metrics
 from llmrouter import sdnotify
+from llmrouter.chat import MODEL_NAME
 from llmrouter.listen import certificate_expiry
 from llmrouter.ops import llamabuild
 from llmrouter.swap import SWAP_HINT, swap_devices
@@ -37,6 +40,8 @@ from llmrouter.swap import SWAP_HINT, swap_devices
 __all__ = ["EngineService", "Options", "ReloadService", "makeService", "settings_from"]
 
 log = Logger()
+
+_FRONT = re.compile(r"unix:/\S+|http://(127\.0\.0\.1|localhost|\[::1\])(:\d{1,5})?/?")
 
 LOAD_DELAY_ENV = "INFERENCE_TEST_LOAD_DELAY"
 MISSING_EXTRA = (
@@ -55,7 +60,12 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         + ", ".join(embedded.MODELS)
         + f" (default: {embedded.DEFAULT}).",
     ),
-    "model-name": ("INFERENCE_MODEL_NAME", str, "Model id in /v1/models (default: file stem)."),
+    "model-name": (
+        "INFERENCE_MODEL_NAME",
+        str,
+        "Model id in /v1/models (default: file stem); with --front, the one name the node serves"
+        " the fronted server's model as (sent to it as the model; default: the names it lists).",
+    ),
     "threads": ("INFERENCE_THREADS", int, "CPU threads for llama.cpp (default: all cores)."),
     "ctx": ("INFERENCE_CTX", int, f"Context size per sequence, in tokens (default {_D.ctx})."),
     "parallel": (
@@ -95,6 +105,40 @@ _PARAMETERS: dict[str, tuple[str, Callable[[str], Any], str]] = {
         str,
         "Flash attention: on, off or auto (llama.cpp decides) (default auto).",
     ),
+    "keys-dir": (
+        "INFERENCE_KEYS_DIR",
+        Path,
+        "Protocol v2: the node's key directory (signing key, rotating HPKE keys, node.cert);"
+        " serves GET /v2/keys and POST /v2/chat (default: none, v2 off).",
+    ),
+    "front": (
+        "INFERENCE_FRONT",
+        str,
+        "Protocol v2 without a model: open requests for this model server (unix:/path.sock or"
+        " http://127.0.0.1:PORT) and seal its stream; needs --keys-dir and --dialect.",
+    ),
+    "dialect": (
+        "INFERENCE_DIALECT",
+        str,
+        "The fronted server's kind: " + "|".join(FRONT_DIALECTS) + ".",
+    ),
+    "stream-cadence-ms": (
+        "INFERENCE_STREAM_CADENCE_MS",
+        int,
+        "Protocol v2: send one padded chunk every this many ms (hides token timing; 0: as"
+        " tokens come) (default 0).",
+    ),
+    "pad-bytes": (
+        "INFERENCE_PAD_BYTES",
+        int,
+        "Protocol v2: pad every sealed chunk to a multiple of this many bytes (default 64).",
+    ),
+    "max-streams": (
+        "INFERENCE_MAX_STREAMS",
+        int,
+        "Protocol v2: sealed streams the gate holds at once; beyond, 503"
+        f" (default {_D.max_streams}).",
+    ),
     "tls-cert": ("INFERENCE_TLS_CERT", Path, "Server certificate (PEM, chain) for ssl: listeners."),
     "tls-key": ("INFERENCE_TLS_KEY", Path, "Server private key (PEM) for ssl: listeners."),
     "tls-ca": (
@@ -115,6 +159,12 @@ _FIELDS = {
     "cache-ttl": "cache_ttl",
     "gpu-layers": "gpu_layers",
     "flash-attn": "flash_attn",
+    "keys-dir": "keys_dir",
+    "front": "front",
+    "dialect": "dialect",
+    "stream-cadence-ms": "stream_cadence_ms",
+    "pad-bytes": "pad_bytes",
+    "max-streams": "max_streams",
     "tls-cert": "tls_cert",
     "tls-key": "tls_key",
     "tls-ca": "tls_ca",
@@ -163,9 +213,11 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise SystemExit(MISSING_EXTRA)
-        check_build(os.environ)
+        front = self["front"] or os.environ.get("INFERENCE_FRONT")
+        if not front:  # a fronting node loads no llama.cpp
+            if importlib.util.find_spec("llama_cpp") is None:
+                raise SystemExit(MISSING_EXTRA)
+            check_build(os.environ)
         self.settings = settings_from(self, os.environ)
         refusal = _offload_refusal(self.settings)
         if refusal is not None:
@@ -225,9 +277,31 @@ def settings_from(options: dict[str, Any], environ: dict[str, str] | Any) -> Set
         elif name == "flash-attn":
             if value not in FLASH_ATTN:
                 raise usage.UsageError(f"--{name} [{env}]: on, off or auto")
+        elif name == "dialect":
+            if value not in FRONT_DIALECTS:
+                raise usage.UsageError(f"--{name} [{env}]: " + "|".join(FRONT_DIALECTS))
+        elif name == "front":
+            if not _FRONT.fullmatch(value):
+                raise usage.UsageError(
+                    f"--{name} [{env}]: unix:/path.sock or http://127.0.0.1:PORT (loopback)"
+                )
+        elif name == "stream-cadence-ms":
+            if not 0 <= value <= 1000:
+                raise usage.UsageError(f"--{name} [{env}]: 0 to 1000")
         elif isinstance(value, int | float) and value <= 0:
             raise usage.UsageError(f"--{name} [{env}]: must be positive")
         values[_FIELDS[name]] = value
+    if "front" in values:
+        if "keys_dir" not in values:
+            raise usage.UsageError("--front needs --keys-dir (the node's key directory)")
+        if "dialect" not in values:
+            raise usage.UsageError("--front needs --dialect " + "|".join(FRONT_DIALECTS))
+        if "model" in values:
+            raise usage.UsageError("--front loads no model: leave --model out")
+        if "model_name" in values and not MODEL_NAME.fullmatch(values["model_name"]):
+            raise usage.UsageError("--model-name [INFERENCE_MODEL_NAME]: not a model name")
+    elif "dialect" in values:
+        raise usage.UsageError("--dialect is the kind of the --front server")
     model = values.pop("model", None)
     if model is None or model in embedded.MODELS:
         values["embedded"] = model or embedded.DEFAULT
@@ -252,7 +326,7 @@ _TRUE = ("1", "true", "yes", "on")
 
 def _offload_refusal(settings: Settings) -> str | None:
     """Why GPU layers cannot be served here (inference.gpu), checked before anything loads."""
-    if settings.gpu_layers == 0:
+    if settings.gpu_layers == 0 or settings.front is not None:
         return None
     import llama_cpp
 
@@ -336,6 +410,8 @@ def makeService(options: Options) -> service.MultiService:
 
 
 def build(settings: Settings, reactor: Any) -> service.MultiService:
+    if settings.front is not None:
+        return build_front(settings, reactor)
     # llama.cpp only once the options are checked (postOptions names the missing extra)
     import llama_cpp
 
@@ -355,13 +431,7 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
             " runs on the CPU (INFERENCE_ALLOW_CPU_FALLBACK)",
             layers=settings.gpu_layers,
         )
-    swap = swap_devices()
-    if swap:  # this host holds prompts and their KV cache in plaintext
-        log.error(
-            "swap is on ({devices}): prompts and their KV cache may be written to disk; {hint}",
-            devices=", ".join(swap),
-            hint=SWAP_HINT,
-        )
+    _warn_swap()
     metrics = Metrics()
     scheduler = BatchedScheduler(
         reactor,
@@ -391,7 +461,7 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         time_budget=settings.time_budget,
         max_body=settings.max_body,
     )
-    site = QuietSite(api)
+    site = QuietSite(api, settings.max_body, metrics)
 
     def offload() -> None:
         assert scheduler.model is not None  # called once it is loaded
@@ -403,6 +473,91 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
 
     top = service.MultiService()
     EngineService(scheduler, metrics, reactor, on_loaded=offload).setServiceParent(top)
+    if settings.keys_dir is not None:
+        site = _with_gate(settings, reactor, metrics, api, scheduler, top)
+    _listen(settings, reactor, metrics, site, top)
+    return top
+
+
+def _with_gate(
+    settings: Settings,
+    reactor: Any,
+    metrics: Metrics,
+    api: Any,
+    scheduler: IScheduler,
+    top: service.MultiService,
+) -> Any:
+    """Protocol v2 in front of our engine: the engine's API on a private socket for the gate,
+    the public listeners serving ``/v2/*`` and the API."""
+    from inference.api import QuietSite
+    from inference.gate.resource import GateResource
+    from inference.gate.service import build_gate, private_socket_dir
+
+    directory = private_socket_dir()
+    engine = directory / "engine.sock"
+    limit = scheduler.parallel + settings.queue
+
+    def busy() -> bool:
+        return bool(scheduler.active + scheduler.waiting >= limit)
+
+    try:
+        gate, gate_service = build_gate(
+            settings, reactor, reactor, metrics.registry, f"unix:{engine}", "llmrouter", busy
+        )
+    except Exception:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    gate_service.cleanup.append(directory)
+    gate_service.setServiceParent(top)
+    private = StreamServerEndpointService(
+        server_endpoint(reactor, f"unix:{engine}:mode=600"),
+        QuietSite(api, settings.max_body, metrics),
+    )
+    private._raiseSynchronously = True
+    private.setServiceParent(top)
+    return QuietSite(GateResource(gate, api), settings.max_body, metrics)
+
+
+def build_front(settings: Settings, reactor: Any) -> service.MultiService:
+    """``--front``: no model; the gate opens v2 requests for that model server."""
+    from inference.api import QuietSite
+    from inference.gate.resource import FrontAPI, GateResource
+    from inference.gate.service import build_gate
+
+    assert settings.front is not None
+    _warn_swap()  # the gate holds prompts and answers in plaintext too
+    metrics = Metrics()
+    gate, gate_service = build_gate(
+        settings, reactor, reactor, metrics.registry, settings.front, settings.dialect
+    )
+    top = service.MultiService()
+    gate_service.setServiceParent(top)
+    resource = GateResource(gate, FrontAPI(gate.ready, metrics.render))
+    _listen(settings, reactor, metrics, QuietSite(resource, settings.max_body, metrics), top)
+    FrontReadyService().setServiceParent(top)  # after the listeners: they listen by now
+    return top
+
+
+class FrontReadyService(service.Service):
+    """A fronting node has no model to load: it is ready (``READY=1`` to systemd, whose units
+    are ``Type=notify``) once its listeners are up; ``/health`` says when v2 can be served."""
+
+    def __init__(self, notify: Callable[[str], object] = sdnotify.notify) -> None:
+        self.notify = notify
+
+    def startService(self) -> None:
+        super().startService()
+        self.notify("READY=1\nSTATUS=fronting a model server")
+
+    def stopService(self) -> Any:
+        self.notify("STOPPING=1")
+        return super().stopService()
+
+
+def _listen(
+    settings: Settings, reactor: Any, metrics: Metrics, site: Any, top: service.MultiService
+) -> None:
+    """The public listeners; with mutual TLS, its files reloaded on SIGHUP (ReloadService)."""
     tls = None
     if any(d.split(":", 1)[0].lower() == "ssl" for d in settings.listen):
         assert settings.tls_cert and settings.tls_key and settings.tls_ca  # checked in options
@@ -421,7 +576,16 @@ def build(settings: Settings, reactor: Any) -> service.MultiService:
         listener = StreamServerEndpointService(endpoint, site)
         listener._raiseSynchronously = True
         listener.setServiceParent(top)
-    return top
+
+
+def _warn_swap() -> None:
+    swap = swap_devices()
+    if swap:  # this host holds prompts and their KV cache in plaintext
+        log.error(
+            "swap is on ({devices}): prompts and their KV cache may be written to disk; {hint}",
+            devices=", ".join(swap),
+            hint=SWAP_HINT,
+        )
 
 
 class ReloadService(service.Service):

@@ -56,6 +56,7 @@ __all__ = [
     "PublishedKey",
     "Reasoning",
     "RequestState",
+    "ResponseKeys",
     "ResponseOpener",
     "ResponseSealer",
     "SealedRefusal",
@@ -67,7 +68,10 @@ __all__ = [
     "build_key_document",
     "build_ohttp_key_configs",
     "check_key_document_times",
+    "check_key_set",
+    "check_key_times",
     "check_timestamp",
+    "compact_json",
     "key_document_issued_at",
     "key_id_for_kid",
     "kid_for_key_id",
@@ -76,6 +80,8 @@ __all__ = [
     "pad",
     "parse_chat_request",
     "parse_envelope",
+    "parse_json",
+    "parse_published_key",
     "seal_request",
     "verify_key_document",
 ]
@@ -193,7 +199,8 @@ def pad(data: bytes, size: int) -> bytes:
     return data + b" " * (-len(data) % size)
 
 
-def _dumps(obj: Any) -> bytes:
+def compact_json(obj: Any) -> bytes:
+    """UTF-8 JSON without spaces (what is sealed or signed)."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -210,7 +217,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _loads(data: bytes, code: str, what: str) -> Any:
+def parse_json(data: bytes, code: str, what: str) -> Any:
+    """Strict UTF-8 JSON: no duplicate keys, no NaN/Infinity; a failure is ``code``."""
     try:
         return json.loads(
             data.decode("utf-8"),
@@ -273,7 +281,7 @@ def parse_envelope(body: bytes, max_body: int = DEFAULT_MAX_BODY) -> Envelope:
     """Strict validation, cheapest checks first; every failure has its own code."""
     if len(body) > max_body:
         raise ProtocolError("body_too_large", "request body exceeds the size limit")
-    doc = _loads(body, "bad_json", "request body")
+    doc = parse_json(body, "bad_json", "request body")
     if not isinstance(doc, dict):
         raise ProtocolError("bad_json", "request body must be a JSON object")
     if not _ENVELOPE_FIELDS.issuperset(doc):
@@ -319,7 +327,7 @@ def check_timestamp(ts: int, now: float, skew: int = SKEW_SECONDS) -> None:
 
 def parse_chat_request(plaintext: bytes) -> ChatRequest:
     """Validate a decrypted request. Codes are all ``bad_payload``; messages never echo content."""
-    doc = _loads(plaintext.rstrip(b" "), "bad_payload", "request plaintext")
+    doc = parse_json(plaintext.rstrip(b" "), "bad_payload", "request plaintext")
     try:
         return parse_request(doc)
     except RequestError as e:
@@ -383,7 +391,7 @@ def seal_request(
         device_b64,
         b"",
     )
-    ct = ctx.seal(env.aad(), pad(_dumps(request.to_plaintext()), pad_to))
+    ct = ctx.seal(env.aad(), pad(compact_json(request.to_plaintext()), pad_to))
     state = RequestState(enc, ctx.export(RESPONSE_LABEL, 32))
     return dataclasses.replace(env, ct=ct), state
 
@@ -406,8 +414,9 @@ def open_request(env: Envelope, sk_r: bytes) -> tuple[ChatRequest, bytes]:
 # The response stream (section 3.3).
 
 
-class _ResponseKeys:
-    """RFC 9458 section 4.4 style key schedule, with our own export label."""
+class ResponseKeys:
+    """RFC 9458 section 4.4 style key schedule, with our own export label (section 3.1); v2
+    uses it too, with its own secrets and salts."""
 
     def __init__(self, secret: bytes, enc: bytes, response_nonce: bytes) -> None:
         prk = hpke.hkdf_extract(enc + response_nonce, secret)
@@ -441,7 +450,7 @@ class ResponseSealer:
         response_nonce: bytes | None = None,
     ) -> None:
         self.response_nonce = response_nonce or os.urandom(RESPONSE_NONCE_BYTES)
-        self._keys = _ResponseKeys(secret, enc, self.response_nonce)
+        self._keys = ResponseKeys(secret, enc, self.response_nonce)
         self._pad = pad
         self.finished = False
 
@@ -452,7 +461,7 @@ class ResponseSealer:
     def _event(self, name: str, aad: bytes, message: dict[str, Any]) -> bytes:
         if self.finished:
             raise StreamError("the stream has already ended")
-        sealed = self._keys.seal(aad, pad(_dumps(message), self._pad))
+        sealed = self._keys.seal(aad, pad(compact_json(message), self._pad))
         return format_event(name, b64u_encode(sealed))
 
     def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
@@ -580,7 +589,7 @@ class ResponseOpener:
     def __init__(self, state: RequestState, max_line: int = 1 << 20) -> None:
         self._state = state
         self._parser = SSEParser(max_line)
-        self._keys: _ResponseKeys | None = None
+        self._keys: ResponseKeys | None = None
         self.finished = False
         self.final: Done | ErrorChunk | None = None
 
@@ -589,21 +598,22 @@ class ResponseOpener:
             events = self._parser.feed(data)
         except SSEError:
             raise StreamError("malformed event stream") from None
-        return [item for name, payload in events for item in self._event(name, payload)]
+        return [item for name, payload in events for item in self.event(name, payload)]
 
     def close(self) -> Done | ErrorChunk:
         if not self.finished or self.final is None:
             raise StreamError("the stream ended without a verified final chunk (truncated)")
         return self.final
 
-    def _event(self, name: str, payload: str) -> Iterable[StreamItem]:
+    def event(self, name: str, payload: str) -> Iterable[StreamItem]:
+        """One parsed SSE event (for an opener that parses the stream itself, as v2's does)."""
         if self.finished:
             raise StreamError("data after the final chunk")
         if name == "init":
             if self._keys is not None:
                 raise StreamError("duplicate init event")
             nonce = self._decode(_loads_stream(payload).get("response_nonce"), RESPONSE_NONCE_BYTES)
-            self._keys = _ResponseKeys(self._state.secret, self._state.enc, nonce)
+            self._keys = ResponseKeys(self._state.secret, self._state.enc, nonce)
             return ()
         if name not in ("chunk", "final"):
             return ()  # unknown event types are ignored, as SSE consumers do
@@ -789,7 +799,7 @@ def key_id_for_kid(kid: str) -> int:
 def build_key_document(
     keys: Sequence[PublishedKey], signing_key: nacl.signing.SigningKey, issued_at: int
 ) -> bytes:
-    payload = _dumps(
+    payload = compact_json(
         {
             "v": VERSION,
             "suite": SUITE,
@@ -880,31 +890,47 @@ def verify_key_document(body: bytes, pin: bytes | None = None, *, now: float) ->
         p = json.loads(payload)
         if p["v"] != VERSION or p["suite"] != SUITE or not _is_int(p["issued_at"]):
             raise ValueError
-        keys = tuple(_published_key(k) for k in p["keys"])
+        keys = tuple(parse_published_key(k) for k in p["keys"])
     except (ValueError, KeyError, TypeError, RecursionError, ProtocolError):
         raise KeyDocumentError("key document payload is not protocol v1") from None
+    issued_at: int = p["issued_at"]
+    check_key_set(issued_at, keys, now=now, what="key document")
+    return KeyDocument(issued_at, keys, signing_key)
+
+
+def check_key_set(
+    issued_at: int, keys: Sequence[PublishedKey], *, now: float, what: str
+) -> PublishedKey:
+    """Checks 4 to 6 of section 1 (freshness, unique kids, one current and one next, the current
+    key valid with skew), for any signed key set (``what`` names it in the message); returns the
+    current key."""
     if len({k.kid for k in keys}) != len(keys):
-        raise KeyDocumentError("key document has duplicate key ids")
+        raise KeyDocumentError(f"{what} has duplicate key ids")
     statuses = sorted(k.status for k in keys)
     if statuses != ["current", "next"]:
-        raise KeyDocumentError("key document must have exactly one current and one next key")
-    document = KeyDocument(p["issued_at"], keys, signing_key)
-    check_key_document_times(document, now)
-    return document
+        raise KeyDocumentError(f"{what} must have exactly one current and one next key")
+    current = next(k for k in keys if k.status == "current")
+    check_key_times(issued_at, current, now=now, what=what)
+    return current
 
 
 def check_key_document_times(document: KeyDocument, now: float) -> None:
     """The time rules alone, for a document verified earlier and about to be used again."""
-    if document.issued_at < now - KEY_DOCUMENT_MAX_AGE:
-        raise KeyDocumentError("key document is older than 24 hours (stale or replayed)")
-    if document.issued_at > now + KEY_DOCUMENT_SKEW:
-        raise KeyDocumentError("key document is issued in the future (check the clock)")
-    current = document.current()
+    check_key_times(document.issued_at, document.current(), now=now, what="key document")
+
+
+def check_key_times(issued_at: int, current: PublishedKey, *, now: float, what: str) -> None:
+    """The time rules of a signed key set (freshness, the current key valid with skew)."""
+    if issued_at < now - KEY_DOCUMENT_MAX_AGE:
+        raise KeyDocumentError(f"{what} is older than 24 hours (stale or replayed)")
+    if issued_at > now + KEY_DOCUMENT_SKEW:
+        raise KeyDocumentError(f"{what} is issued in the future (check the clock)")
     if not current.not_before - KEY_DOCUMENT_SKEW <= now <= current.not_after + KEY_DOCUMENT_SKEW:
-        raise KeyDocumentError("the current key is outside its validity window")
+        raise KeyDocumentError(f"the current key of the {what} is outside its validity window")
 
 
-def _published_key(doc: Any) -> PublishedKey:
+def parse_published_key(doc: Any) -> PublishedKey:
+    """One entry of a signed key set (ValueError or ProtocolError when malformed)."""
     if not isinstance(doc, dict) or doc.get("status") not in ("current", "next"):
         raise ValueError
     if not isinstance(doc["kid"], str) or not _KID.fullmatch(doc["kid"]):

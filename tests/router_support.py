@@ -208,6 +208,7 @@ class RunningRouter:
 
     def client(self, clock: Any = None, **kwargs: Any) -> Client:
         kwargs.setdefault("pin", bytes(self.router.keys.signing_key.verify_key))
+        kwargs.setdefault("protocol", 1)  # the router of these tests speaks v1.1
         return Client(reactor, self.url, clock=clock or self.router.clock, **kwargs)
 
 

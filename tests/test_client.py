@@ -1,10 +1,13 @@
-"""The Python client and ``llmrouter-client`` against a protocol v1 handler on real sockets.
+"""The Python client and ``llmrouter-client`` against protocol v1 and v2 handlers on real sockets.
 
-The handler here is the router side of the protocol in its smallest form (protocol.py's
-parse_envelope/open_request/ResponseSealer behind a twisted.web resource), so these tests exercise
-the client and both halves of the library together. It can be told to misbehave (stale key,
-proof of work, a stream cut short) to drive the client's error paths; the real router is covered
-by the router's own end-to-end tests.
+The handlers here are the router side of each protocol in its smallest form: for v1,
+protocol.py's parse_envelope/open_request/ResponseSealer behind a twisted.web resource; for v2,
+llmrouter.v2's router functions (open the outer layer, seal refusals) and node functions (open
+the wrap, seal the stream) in one resource. So these tests exercise the client and both halves
+of the library together. The handlers can be told to misbehave (stale key, proof of work, a
+stream cut short) to drive the client's error paths; the real router and node are covered by
+their own end-to-end tests. Every behaviour both protocols share is tested in both
+(:class:`ClientTests` and its ``V2`` subclass, and so on).
 """
 
 from __future__ import annotations
@@ -23,124 +26,22 @@ import nacl.signing
 from twisted.internet import defer, reactor, task, utils
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web import resource, server
-from twisted.web.http import Request
+from twisted.web import server
 
-from llmrouter import hpke, pow
+from llmrouter import hpke
 from llmrouter import protocol as p
 from llmrouter.chat import Tool
 from llmrouter.client import ChatError, Client, Conversation, load_device_key
+from tests.client_handlers import Handler, V2Handler
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Handler(resource.Resource):
-    """Answers with the words of the prompt reversed, one padded chunk per word."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signing = nacl.signing.SigningKey.generate()
-        self.pair = hpke.generate_key_pair()
-        self.kid = "07"
-        self.rotations_pending = 0
-        self.stale_pending = 0
-        self.pow_key: bytes | None = None
-        self.cut_after: int | None = None
-        self.fail_with: str | None = None
-        self.fail_detail: dict[str, Any] = {}
-        self.seen_modes: list[str] = []
-        self.seen_devices: list[bytes | None] = []
-        self.requests: list[p.ChatRequest] = []
-        self.fail_requests: set[int] = set()  # by number, from 1
-        self.issued_at: int | None = None  # None: signed this hour, as a router does
-        self.upcoming = hpke.generate_key_pair()
-        self.now = time.time
-        self.not_after = 2**31  # of the current key
-        self.documents_served = 0
-        self.seen_kids: list[str] = []
-        self.pow_difficulty = 8
-
-    def document(self) -> bytes:
-        self.documents_served += 1
-        now = self.now()
-        issued_at = p.key_document_issued_at(now) if self.issued_at is None else self.issued_at
-        key = p.PublishedKey(self.kid, self.pair.pk, "current", 0, self.not_after)
-        upcoming = p.PublishedKey("ff", self.upcoming.pk, "next", int(now), 2**31)
-        return p.build_key_document([key, upcoming], self.signing, issued_at)
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        if request.path == b"/api/models":
-            return b'{"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]}'
-        return self.document()
-
-    def render_POST(self, request: Request) -> bytes | int:
-        assert request.content is not None
-        try:
-            env = p.parse_envelope(request.content.read())
-            self.seen_kids.append(env.kid)
-            if self.rotations_pending:
-                self.rotations_pending -= 1
-                self.rotate()
-            if self.stale_pending:
-                self.stale_pending -= 1
-                raise p.ProtocolError("stale", "the request predates the router's start")
-            if env.kid != self.kid:
-                raise p.ProtocolError("key_unknown", "unknown key id")
-            if self.pow_key is not None:
-                header = request.getHeader(pow.HEADER)
-                bits = self.pow_difficulty
-                if header is None or not pow.verify(self.pow_key, header, env.enc, 1e10 - 60):
-                    challenge = pow.issue_challenge(self.pow_key, bits, 1e10 - 60)
-                    raise p.ProtocolError(
-                        "pow_required", "solve the challenge", challenge=challenge, difficulty=bits
-                    )
-            chat, secret = p.open_request(env, self.pair.sk)
-        except p.ProtocolError as e:
-            request.setResponseCode(e.status)
-            request.setHeader(b"content-type", b"application/json")
-            return e.to_json()
-        self.seen_modes.append(env.mode)
-        self.seen_devices.append(env.device_pubkey)
-        self.requests.append(chat)
-        request.setHeader(b"content-type", b"text/event-stream")
-        sealer = p.ResponseSealer(secret, env.enc)
-        request.write(sealer.init_event())
-        if chat.include_reasoning:
-            request.write(sealer.reasoning("thinking it over"))
-        last = chat.messages[-1]
-        if chat.tools and last.role == "user":  # call the first tool, in two fragments
-            request.write(sealer.tool_call(0, "call_7", chat.tools[0].name, '{"x":'))
-            request.write(sealer.tool_call(0, None, None, " 1}"))
-            request.write(sealer.done("tool_calls", 3, 2))
-            request.finish()
-            return server.NOT_DONE_YET
-        assert isinstance(last.content, str)
-        words = last.content.split()[::-1]
-        for i, word in enumerate(words):
-            if self.cut_after is not None and i == self.cut_after:
-                request.finish()  # the stream ends without a final chunk
-                return server.NOT_DONE_YET
-            request.write(sealer.delta(word + " "))
-            request.write(p.KEEPALIVE)
-        if self.fail_with or len(self.requests) in self.fail_requests:
-            code = self.fail_with or "timeout"
-            request.write(sealer.error(code, "upstream went away", **self.fail_detail))
-        else:
-            request.write(sealer.done("stop", 3, len(words)))
-        request.finish()
-        return server.NOT_DONE_YET
-
-    def rotate(self) -> None:
-        self.pair = hpke.generate_key_pair()
-        self.kid = f"{int(self.kid, 16) + 1:02x}"
-
-
 class Fixture(TestCase):
+    protocol = 1
+
     def setUp(self) -> None:
-        self.handler = Handler()
+        self.handler: Any = Handler() if self.protocol == 1 else V2Handler()
         site = server.Site(self.handler)
         site.log = lambda request: None  # type: ignore[method-assign]
         # Absolute and short: subprocesses run elsewhere, and sun_path holds 108 bytes.
@@ -152,10 +53,14 @@ class Fixture(TestCase):
         self.addCleanup(unix_port.stopListening)
         self.addCleanup(tcp_port.stopListening)
         self.urls = [f"unix:{self.sock}", f"http://127.0.0.1:{tcp_port.getHost().port}"]
-        self.pin = bytes(self.handler.signing.verify_key)
+        if self.protocol == 1:
+            self.pin = bytes(self.handler.signing.verify_key)
+        else:
+            self.pin = self.handler.pin  # the operator's key
 
     def client(self, url: str | None = None, **kw: Any) -> Client:
         kw.setdefault("pin", self.pin)
+        kw.setdefault("protocol", self.protocol)
         return Client(reactor, url or self.urls[0], **kw)
 
     async def chat(self, client: Client, prompt: str) -> tuple[str, p.Done]:
@@ -200,7 +105,7 @@ class ClientTests(Fixture):
         self.handler.rotations_pending = 1
         text, _ = yield defer.Deferred.fromCoroutine(self.chat(client, "x y"))
         self.assertEqual(text, "y x ")
-        self.assertEqual(self.handler.kid, "08")
+        self.assertEqual(self.handler.rotations_pending, 0)
 
     @defer.inlineCallbacks
     def test_stale_is_sealed_again_once(self) -> Any:
@@ -220,34 +125,6 @@ class ClientTests(Fixture):
         self.assertIn("tofu", str(caught.exception))
 
     @defer.inlineCallbacks
-    def test_trust_on_first_use_keeps_the_first_key(self) -> Any:
-        path = Path(self.mktemp())
-        text, _ = yield defer.Deferred.fromCoroutine(
-            self.chat(self.client(pin=None, tofu=path), "a b")
-        )
-        self.assertEqual(text, "b a ")
-        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
-        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
-        yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "c"))
-        self.handler.signing = nacl.signing.SigningKey.generate()  # another router, or a MITM
-        with self.assertRaises(ChatError) as cm:
-            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "x"))
-        self.assertEqual(cm.exception.code, "bad_key_document")
-        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
-        self.assertEqual(self.handler.seen_modes, ["base", "base"])
-
-    @defer.inlineCallbacks
-    def test_trust_on_first_use_file_is_not_followed(self) -> Any:
-        target = Path(self.mktemp())
-        target.write_text("precious\n")
-        link = Path(self.mktemp())
-        link.symlink_to(target)
-        with self.assertRaises(ChatError) as cm:
-            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=link), "x"))
-        self.assertEqual(cm.exception.code, "tofu")
-        self.assertEqual(target.read_text(), "precious\n")
-
-    @defer.inlineCallbacks
     def test_stale_key_document_is_refused(self) -> Any:
         """An old signed document may carry a key revoked since: refuse it (issue 8)."""
         self.handler.issued_at = p.key_document_issued_at(time.time()) - 2 * 86400
@@ -258,43 +135,17 @@ class ClientTests(Fixture):
         self.assertEqual(self.handler.seen_modes, [])
 
     @defer.inlineCallbacks
-    def test_key_document_is_checked_before_each_seal(self) -> Any:
-        """A long-running client (the proxy) kept its first document for ever: with the clock 10
-        days ahead it still sealed to that key (issue 19). Now: refetched hourly, and at once
-        when the current key's ``not_after`` or the document's 24 hours have passed."""
-        clock = task.Clock()
-        clock.advance(time.time())
-        self.handler.now = clock.seconds
-        client = self.client(clock=clock)
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        self.assertEqual(self.handler.documents_served, 1)
-        clock.advance(1800)
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        self.assertEqual(self.handler.documents_served, 1)  # fresh enough
-        clock.advance(1801)
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        self.assertEqual(self.handler.documents_served, 2)  # an hour: refetched
-
-        # The current key expires: the next request is sealed to the new one, never the old.
-        self.handler.not_after = int(clock.seconds()) + 100
-        yield defer.Deferred.fromCoroutine(client.fetch_keys())
-        old = self.handler.kid
-        self.handler.rotate()
-        self.handler.not_after = 2**31
-        clock.advance(100 + p.KEY_DOCUMENT_SKEW + 1)
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        self.assertNotIn(old, self.handler.seen_kids[-1:])
-        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
-
-        # Ten days on: sealed to the key the router publishes now, not to a 10-day-old one.
-        seen = len(self.handler.seen_kids)
-        client = self.client(clock=clock)
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        clock.advance(10 * 86400)
-        self.handler.rotate()
-        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
-        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
-        self.assertEqual(len(self.handler.seen_kids), seen + 2)  # no key_unknown round trip
+    def test_an_older_document_never_replaces_a_newer_one(self) -> Any:
+        """An older (still fresh) document is what a replay looks like: the newer one stays."""
+        client = self.client()
+        first = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.handler.issued_at = first.issued_at - 3600
+        second = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.assertIs(second, first)
+        self.handler.issued_at = None  # this hour's again: it replaces the one held
+        third = yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        self.assertIsNot(third, first)
+        self.assertEqual(third.issued_at, first.issued_at)
 
     @defer.inlineCallbacks
     def test_pin_mismatch(self) -> Any:
@@ -358,7 +209,8 @@ class ClientTests(Fixture):
         with self.assertRaises(ChatError) as cm:
             yield defer.Deferred.fromCoroutine(self.chat(self.client(), "a b"))
         self.assertEqual(cm.exception.code, "upstream_failed")
-        self.assertIsNone(cm.exception.status)  # a v1 router's chunk says no more
+        # a v1 router's chunk without a status says no more; in v2 the code's status stands
+        self.assertEqual(cm.exception.status, None if self.protocol == 1 else 502)
 
     @defer.inlineCallbacks
     def test_sealed_refusal_is_the_same_typed_error(self) -> Any:
@@ -401,6 +253,8 @@ class ClientTests(Fixture):
 
 
 class DocumentedExampleTests(Fixture):
+    protocol = 2  # the library's default, as the example uses it
+
     @defer.inlineCallbacks
     def test_the_documented_example_runs(self) -> Any:
         """docs/clients.md's Python example, as it is, against the handler (issue 19: the
@@ -465,7 +319,7 @@ class ConversationTests(Fixture):
         self.assertEqual([m.role for m in conversation.messages], ["user", "assistant"])
 
 
-class CommandLineTests(Fixture):
+class CommandLine(Fixture):
     """``llmrouter-client`` as operators run it: a separate process."""
 
     def run_client(
@@ -478,6 +332,7 @@ class CommandLineTests(Fixture):
         env = {
             **{k: v for k, v in os.environ.items() if k != "LLMROUTER_PIN"},
             "LLMROUTER_URL": self.urls[0],
+            "LLMROUTER_PROTOCOL": str(self.protocol),
             **(env or {}),
         }
         if pin and args[0] != "open" and "--pin" not in args and "--tofu" not in args:
@@ -492,6 +347,8 @@ class CommandLineTests(Fixture):
             "/bin/sh", ["-c", f'exec "$0" "$@" < {path}', sys.executable, *argv], env=env
         )
 
+
+class CommandLineTests(CommandLine):
     @defer.inlineCallbacks
     def test_chat(self) -> Any:
         pin = p.b64u_encode(self.pin)
@@ -567,22 +424,6 @@ class CommandLineTests(Fixture):
         self.assertEqual((out, code), (b"m1\nm2\n", 0), err)
 
     @defer.inlineCallbacks
-    def test_refuses_to_run_without_pin_or_tofu(self) -> Any:
-        _out, err, code = yield self.run_client("chat", "x", pin=False)
-        self.assertEqual(code, 2)
-        self.assertIn(b"--pin", err)
-        self.assertIn(b"--tofu", err)
-        self.assertNotIn(b"Traceback", err)
-        self.assertEqual(self.handler.seen_modes, [])
-        tofu = Path(self.mktemp()).absolute()
-        out, err, code = yield self.run_client("chat", "a b", "--tofu", str(tofu), pin=False)
-        self.assertEqual((out, code), (b"b a \n", 0), err)
-        self.assertEqual(tofu.read_text().strip(), p.b64u_encode(self.pin))
-        env_pin = {"LLMROUTER_PIN": p.b64u_encode(self.pin)}
-        out, err, code = yield self.run_client("keys", pin=False, env=env_pin)
-        self.assertEqual(code, 0, err)
-
-    @defer.inlineCallbacks
     def test_state_file_is_not_written_through_a_symlink(self) -> Any:
         target = Path(self.mktemp()).absolute()
         target.write_text("precious\n")
@@ -593,19 +434,6 @@ class CommandLineTests(Fixture):
         self.assertIn(b"state", err)
         self.assertNotIn(b"Traceback", err)
         self.assertEqual(target.read_text(), "precious\n")
-
-    @defer.inlineCallbacks
-    def test_a_pin_that_begins_with_a_dash(self) -> Any:
-        """One pin in 64 begins with "-": argparse took it for an option (exit 2)."""
-        signing = nacl.signing.SigningKey.generate()
-        while not p.b64u_encode(bytes(signing.verify_key)).startswith("-"):
-            signing = nacl.signing.SigningKey.generate()
-        self.handler.signing = signing
-        pin = p.b64u_encode(bytes(signing.verify_key))
-        out, err, code = yield self.run_client("chat", "a b", "--pin", pin)
-        self.assertEqual((out, code), (b"b a \n", 0), err)
-        out, err, code = yield self.run_client("keys", "--pin", pin)
-        self.assertEqual(code, 0, err)
 
     @defer.inlineCallbacks
     def test_chat_auth_creates_device_key(self) -> Any:
@@ -626,6 +454,110 @@ class CommandLineTests(Fixture):
         self.assertEqual(code, 1)
         self.assertIn(b"unreachable", err)
         self.assertNotIn(b"Traceback", err)
+
+
+class ProtocolOneTests(Fixture):
+    """What only protocol 1 has: trust on first use, the JSON envelope for curl."""
+
+    @defer.inlineCallbacks
+    def test_trust_on_first_use_keeps_the_first_key(self) -> Any:
+        path = Path(self.mktemp())
+        text, _ = yield defer.Deferred.fromCoroutine(
+            self.chat(self.client(pin=None, tofu=path), "a b")
+        )
+        self.assertEqual(text, "b a ")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
+        yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "c"))
+        self.handler.signing = nacl.signing.SigningKey.generate()  # another router, or a MITM
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=path), "x"))
+        self.assertEqual(cm.exception.code, "bad_key_document")
+        self.assertEqual(path.read_text().strip(), p.b64u_encode(self.pin))
+        self.assertEqual(self.handler.seen_modes, ["base", "base"])
+
+    @defer.inlineCallbacks
+    def test_trust_on_first_use_file_is_not_followed(self) -> Any:
+        target = Path(self.mktemp())
+        target.write_text("precious\n")
+        link = Path(self.mktemp())
+        link.symlink_to(target)
+        with self.assertRaises(ChatError) as cm:
+            yield defer.Deferred.fromCoroutine(self.chat(self.client(pin=None, tofu=link), "x"))
+        self.assertEqual(cm.exception.code, "tofu")
+        self.assertEqual(target.read_text(), "precious\n")
+
+    @defer.inlineCallbacks
+    def test_key_document_is_checked_before_each_seal(self) -> Any:
+        """A long-running client (the proxy) kept its first document for ever: with the clock 10
+        days ahead it still sealed to that key (issue 19). Now: refetched hourly, and at once
+        when the current key's ``not_after`` or the document's 24 hours have passed."""
+        clock = task.Clock()
+        clock.advance(time.time())
+        self.handler.now = clock.seconds
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)
+        clock.advance(1800)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)  # fresh enough
+        clock.advance(1801)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 2)  # an hour: refetched
+
+        # The current key expires: the next request is sealed to the new one, never the old.
+        self.handler.not_after = int(clock.seconds()) + 100
+        yield defer.Deferred.fromCoroutine(client.fetch_keys())
+        old = self.handler.kid
+        self.handler.rotate()
+        self.handler.not_after = 2**31
+        clock.advance(100 + p.KEY_DOCUMENT_SKEW + 1)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertNotIn(old, self.handler.seen_kids[-1:])
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+
+        # Ten days on: sealed to the key the router publishes now, not to a 10-day-old one.
+        seen = len(self.handler.seen_kids)
+        client = self.client(clock=clock)
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        clock.advance(10 * 86400)
+        self.handler.rotate()
+        yield defer.Deferred.fromCoroutine(self.chat(client, "a"))
+        self.assertEqual(self.handler.seen_kids[-1], self.handler.kid)
+        self.assertEqual(len(self.handler.seen_kids), seen + 2)  # no key_unknown round trip
+
+
+class ProtocolOneCommandLineTests(CommandLine):
+    """The command line's protocol 1 only parts."""
+
+    @defer.inlineCallbacks
+    def test_refuses_to_run_without_pin_or_tofu(self) -> Any:
+        _out, err, code = yield self.run_client("chat", "x", pin=False)
+        self.assertEqual(code, 2)
+        self.assertIn(b"--pin", err)
+        self.assertIn(b"--tofu", err)
+        self.assertNotIn(b"Traceback", err)
+        self.assertEqual(self.handler.seen_modes, [])
+        tofu = Path(self.mktemp()).absolute()
+        out, err, code = yield self.run_client("chat", "a b", "--tofu", str(tofu), pin=False)
+        self.assertEqual((out, code), (b"b a \n", 0), err)
+        self.assertEqual(tofu.read_text().strip(), p.b64u_encode(self.pin))
+        env_pin = {"LLMROUTER_PIN": p.b64u_encode(self.pin)}
+        out, err, code = yield self.run_client("keys", pin=False, env=env_pin)
+        self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
+    def test_a_pin_that_begins_with_a_dash(self) -> Any:
+        """One pin in 64 begins with "-": argparse took it for an option (exit 2)."""
+        signing = nacl.signing.SigningKey.generate()
+        while not p.b64u_encode(bytes(signing.verify_key)).startswith("-"):
+            signing = nacl.signing.SigningKey.generate()
+        self.handler.signing = signing
+        pin = p.b64u_encode(bytes(signing.verify_key))
+        out, err, code = yield self.run_client("chat", "a b", "--pin", pin)
+        self.assertEqual((out, code), (b"b a \n", 0), err)
+        out, err, code = yield self.run_client("keys", "--pin", pin)
+        self.assertEqual(code, 0, err)
 
     @defer.inlineCallbacks
     def test_seal_then_open(self) -> Any:
@@ -672,3 +604,260 @@ class CommandLineTests(Fixture):
         doc = json.loads(out)
         self.assertEqual(doc["signing_key"], p.b64u_encode(self.pin))
         self.assertEqual([k["kid"] for k in doc["keys"]], ["07", "ff"])
+
+
+class ClientTestsV2(ClientTests):
+    protocol = 2
+
+
+class ConversationTestsV2(ConversationTests):
+    protocol = 2
+
+
+class CommandLineTestsV2(CommandLineTests):
+    protocol = 2
+
+
+class ProtocolTwoTests(Fixture):
+    """What only protocol 2 has: nodes, candidates, sealed refusals, the operator's pin."""
+
+    protocol = 2
+
+    def wait(self, coroutine: Any) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(coroutine)
+
+    @defer.inlineCallbacks
+    def test_the_router_side_sees_no_prompt(self) -> Any:
+        text, _ = yield self.wait(self.chat(self.client(), "canary-93d1 alpha"))
+        self.assertEqual(text, "alpha canary-93d1 ")
+        (body,) = self.handler.posted
+        self.assertNotIn(b"canary", body)
+        self.assertEqual(body[:1], bytes([int(self.handler.world.outer_kids[0], 16)]))
+
+    @defer.inlineCallbacks
+    def test_k_candidate_nodes(self) -> Any:
+        yield self.wait(self.chat(self.client(), "a"))  # m1: node-a and node-b, k = 3
+        yield self.wait(self.chat(self.client(k=1), "a"))
+        request = p.ChatRequest.from_prompt("b", model="m2")
+        yield self.wait(self.client().chat(request))
+        self.assertEqual(
+            self.handler.seen_nodes[0] + self.handler.seen_nodes[2],
+            ("node-a", "node-b", "node-b", "node-c"),
+        )
+        self.assertEqual(len(self.handler.seen_nodes[1]), 1)
+        with self.assertRaises(ValueError):
+            self.client(k=0)
+
+    @defer.inlineCallbacks
+    def test_a_node_that_does_not_verify_is_never_used(self) -> Any:
+        node = self.handler.world.nodes[0]
+        other = nacl.signing.SigningKey.generate()
+        node.certificate = self.handler.world.certify(
+            "node", node.name, node.signing, node.models, operator=other
+        )
+        for _ in range(5):
+            yield self.wait(self.chat(self.client(), "a"))
+        self.assertEqual(set(self.handler.seen_nodes), {("node-b",)})
+
+    @defer.inlineCallbacks
+    def test_default_model_and_models(self) -> Any:
+        client = self.client()
+        models = yield self.wait(client.models())
+        self.assertEqual(models, ["m1", "m2"])  # the signed document's, not /api/models
+        yield self.wait(self.chat(client, "a"))
+        self.assertEqual(self.handler.requests[-1].model, "m1")
+        self.handler.world.default_model = None
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.chat(self.client(), "a"))
+        self.assertEqual(caught.exception.code, "model_required")
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.client().chat(p.ChatRequest.from_prompt("a", model="m9")))
+        self.assertEqual((caught.exception.code, caught.exception.status), ("model_unknown", 404))
+        self.assertEqual(len(self.handler.posted), 1)  # nothing was sent for those two
+
+    @defer.inlineCallbacks
+    def test_node_key_rotation_is_a_sealed_key_unknown(self) -> Any:
+        client = self.client()
+        yield self.wait(client.fetch_keys())
+        self.handler.node_rotations_pending = 1
+        text, _ = yield self.wait(self.chat(client, "x y"))
+        self.assertEqual(text, "y x ")
+        self.handler.node_rotations_pending = 2
+        yield self.wait(client.fetch_keys())
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.chat(client, "x"))
+        self.assertEqual((caught.exception.code, caught.exception.status), ("key_unknown", 400))
+
+    @defer.inlineCallbacks
+    def test_a_new_device_pays_a_sealed_proof_of_work(self) -> Any:
+        """The router learns the device only inside the outer layer, so its challenge comes
+        sealed; the client seals the request again and solves for the new body."""
+        self.handler.new_device_pow = os.urandom(32)
+        device = hpke.generate_key_pair()
+        text, _ = yield self.wait(self.chat(self.client(device_key=device), "solve me"))
+        self.assertEqual(text, "me solve ")
+        first, second = self.handler.posted
+        self.assertNotEqual(first[7:39], second[7:39])
+        yield self.wait(self.chat(self.client(device_key=device), "again"))  # known now
+        self.assertEqual(len(self.handler.posted), 3)
+
+    @defer.inlineCallbacks
+    def test_router_event_where_the_stream_breaks(self) -> Any:
+        self.handler.cut_after = 1
+        self.handler.router_breaks = True
+        seen: list[str] = []
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.client().chat(p.ChatRequest.from_prompt("a b c"), seen.append))
+        self.assertEqual((caught.exception.code, caught.exception.status), ("upstream_failed", 502))
+        self.assertEqual(seen, ["c "])
+
+    @defer.inlineCallbacks
+    def test_sealed_refusals_keep_status_and_retry_after(self) -> Any:
+        self.handler.refuse_with = p.ProtocolError(
+            "device_rate_limited", "slow down", retry_after=9
+        )
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.chat(self.client(), "a"))
+        e = caught.exception
+        self.assertEqual((e.code, e.message, e.status, e.retry_after),
+                         ("device_rate_limited", "slow down", 429, 9))  # fmt: skip
+
+    @defer.inlineCallbacks
+    def test_pins(self) -> Any:
+        """The router's own key is no operator pin; the message says what to do."""
+        router_key = bytes(self.handler.world.router_signing.verify_key)
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.chat(self.client(pin=router_key), "a"))
+        self.assertEqual(caught.exception.code, "bad_key_document")
+        self.assertIn("protocol 1", caught.exception.message)
+        self.assertEqual(self.handler.posted, [])
+        with self.assertRaises(ValueError):
+            self.client(tofu=Path(self.mktemp()))
+        with self.assertRaises(ValueError):
+            self.client(pin=None)
+        with self.assertRaises(ValueError):
+            self.client(protocol=3)
+
+    @defer.inlineCallbacks
+    def test_a_router_without_protocol_2(self) -> Any:
+        self.handler.v2_available = False
+        with self.assertRaises(ChatError) as caught:
+            yield self.wait(self.chat(self.client(), "a"))
+        self.assertEqual(caught.exception.code, "v2_unavailable")
+
+    @defer.inlineCallbacks
+    def test_key_document_is_checked_before_each_seal(self) -> Any:
+        """As in protocol 1 (issue 19): refetched hourly and at once when it is 24 hours old;
+        ten days on, sealed to the nodes' keys of now without a key_unknown round trip."""
+        clock = task.Clock()
+        clock.advance(time.time())
+        self.handler.now = clock.seconds
+        world = self.handler.world
+        client = self.client(clock=clock)
+        yield self.wait(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)
+        clock.advance(1800)
+        yield self.wait(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 1)  # fresh enough
+        clock.advance(1801)
+        world.now = clock.seconds()
+        yield self.wait(self.chat(client, "a"))
+        self.assertEqual(self.handler.documents_served, 2)  # an hour: refetched
+
+        clock.advance(10 * 86400)  # every node's keys have changed since
+        world.now = clock.seconds()
+        for node in world.nodes:
+            node.current, node.upcoming = node.upcoming, hpke.generate_key_pair()
+            node.kids = (node.kids[1], f"{int(node.kids[1], 16) + 1:02x}")
+        posted = len(self.handler.posted)
+        text, _ = yield self.wait(self.chat(client, "b a"))
+        self.assertEqual(text, "a b ")
+        self.assertEqual(len(self.handler.posted), posted + 1)  # no key_unknown round trip
+        self.assertEqual(self.handler.documents_served, 3)  # the held one was 10 days old
+
+
+class ProtocolTwoCommandLineTests(CommandLine):
+    protocol = 2
+
+    @defer.inlineCallbacks
+    def post(self, body: bytes, pow_header: str | None = None) -> Any:
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer, readBody
+        from twisted.web.http_headers import Headers
+
+        from llmrouter.httpclient import agent_for
+
+        agent, base = agent_for(reactor, self.urls[0])
+        headers = Headers({b"Content-Type": [b"message/ohttp-req"]})
+        response = yield agent.request(
+            b"POST", (base + "/api/v2/chat").encode(), headers, FileBodyProducer(BytesIO(body))
+        )
+        answer = yield readBody(response)
+        return response.code, answer
+
+    @defer.inlineCallbacks
+    def test_seal_then_open(self) -> Any:
+        """The curl workflow in protocol 2: a binary body, then the sealed stream opened."""
+        state = Path(self.mktemp()).absolute()
+        body, err, code = yield self.run_client("seal", "alpha beta gamma", "--state", str(state))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(stat.S_IMODE(state.stat().st_mode), 0o600)
+        self.assertEqual(json.loads(state.read_text())["v"], "2")
+        self.assertEqual(body[1:7], bytes([0, 0x20, 0, 1, 0, 3]))
+        self.assertNotIn(b"alpha", body)
+        status, stream = yield self.post(body)
+        self.assertEqual(status, 200)
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
+        self.assertEqual((out, code), (b"gamma beta alpha \n", 0), err)
+        # cut before the final chunk: truncated
+        cut = stream[: stream.rindex(b"event: final")]
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=cut)
+        self.assertEqual(code, 1)
+        self.assertIn(b"truncated", err)
+        # a sealed refusal: its code, exit status 1
+        body, _, _ = yield self.run_client("seal", "x", "--state", str(state))
+        self.handler.refuse_with = p.ProtocolError("budget_exhausted", "no budget left")
+        _, stream = yield self.post(body)
+        self.assertIn(b"event: router", stream)
+        self.assertNotIn(b"budget", stream)
+        _, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
+        self.assertEqual(code, 1)
+        self.assertIn(b"budget_exhausted: no budget left", err)
+        # a plain refusal (before the router opened anything): its code too
+        self.handler.rotations_pending = 1
+        status, answer = yield self.post(body)
+        self.assertEqual(status, 400)
+        _, err, code = yield self.run_client("open", "--state", str(state), stdin=answer)
+        self.assertEqual(code, 1)
+        self.assertIn(b"key_unknown", err)
+        self.assertNotIn(b"Traceback", err)
+
+    @defer.inlineCallbacks
+    def test_keys(self) -> Any:
+        out, err, code = yield self.run_client("keys")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertEqual((doc["protocol"], doc["router"], doc["default_model"]),
+                         (2, "router-1", "m1"))  # fmt: skip
+        self.assertEqual([n["name"] for n in doc["nodes"]], ["node-a", "node-b", "node-c"])
+        self.assertEqual(doc["nodes"][1]["models"], ["m1", "m2"])
+        self.assertEqual([k["kid"] for k in doc["keys"]], ["01", "02"])
+
+    @defer.inlineCallbacks
+    def test_trust(self) -> Any:
+        _, err, code = yield self.run_client("chat", "x", pin=False)
+        self.assertEqual(code, 2)
+        self.assertIn(b"operator", err)
+        tofu = Path(self.mktemp()).absolute()
+        _, err, code = yield self.run_client("chat", "x", "--tofu", str(tofu), pin=False)
+        self.assertEqual(code, 2)
+        self.assertIn(b"protocol 1 only", err)
+        self.assertFalse(tofu.exists())
+        router_key = p.b64u_encode(bytes(self.handler.world.router_signing.verify_key))
+        _, err, code = yield self.run_client("chat", "x", "--pin", router_key)
+        self.assertEqual(code, 1)
+        self.assertIn(b"protocol 1", err)
+        _, err, code = yield self.run_client("chat", "x", env={"LLMROUTER_PROTOCOL": "3"})
+        self.assertEqual(code, 2)
+        self.assertEqual(self.handler.posted, [])

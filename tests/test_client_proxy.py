@@ -24,9 +24,11 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connec
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from llmrouter import protocol as p
 from llmrouter.client.proxy import MAX_BODY, OpenAIError, parse_listen, to_request
 from llmrouter.protocol import b64u_encode
 from tests.browser import start_chromium
+from tests.client_handlers import V2Handler
 from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.llama_server import HERMES, QWQ, start_llama_server
 from tests.router_support import http, key_document, metric_value, short_tempdir
@@ -245,7 +247,9 @@ def proxied_router(testcase: TestCase, backends: list[str], extra: tuple[str, ..
     url = f"unix:{directory / 'router.sock'}"
     document = yield key_document(url)
     pin = b64u_encode(document.signing_key)
-    proxy = run_proxy(testcase, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
+    proxy = run_proxy(
+        testcase, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin, "--protocol", "1"
+    )
     base_url = yield proxy.url
     client = openai.OpenAI(base_url=base_url, api_key=proxy.token, max_retries=0, timeout=60)
     return client, directory, proxy
@@ -441,12 +445,89 @@ class ProxyProtocolV11(TestCase):
         self.assertTrue(0 < len(streamed) <= 8)
 
 
+class ProxyProtocolTwo(TestCase):
+    """The proxy on protocol 2 (its default): the ``openai`` client through it to a handler made
+    of llmrouter.v2's router and node functions (tests/client_handlers.py). The real router and
+    node are in the v2 end-to-end tests."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        from twisted.web import server
+
+        self.handler = V2Handler()
+        site = server.Site(self.handler)
+        directory = short_tempdir(self)
+        port = reactor.listenUNIX(str(directory / "router.sock"), site)  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        pin = b64u_encode(self.handler.pin)
+        url = f"unix:{directory / 'router.sock'}"
+        self.proxy = run_proxy(self, "--listen", "127.0.0.1:0", "--url", url, "--pin", pin)
+        base_url = yield self.proxy.url
+        self.client = openai.OpenAI(
+            base_url=base_url, api_key=self.proxy.token, max_retries=0, timeout=30
+        )
+
+    def call(self, f: Any, *args: Any, **kw: Any) -> defer.Deferred[Any]:
+        return threads.deferToThread(f, *args, **kw)
+
+    @defer.inlineCallbacks
+    def test_chat_streaming_and_not(self) -> Any:
+        models = yield self.call(self.client.models.list)
+        # the models of the verified key document (not the router's unsigned /api/models)
+        self.assertEqual([m.id for m in models.data], ["llmrouter", "m1", "m2"])
+        messages: Any = [{"role": "user", "content": "canary-5be2 one two"}]
+        completion = yield self.call(
+            self.client.chat.completions.create, model="m2", messages=messages
+        )
+        self.assertEqual(completion.choices[0].message.content, "two one canary-5be2 ")
+        self.assertEqual(self.handler.requests[-1].model, "m2")
+        self.assertEqual(self.handler.seen_nodes[-1], ("node-b", "node-c"))
+
+        def stream() -> str:
+            chunks = self.client.chat.completions.create(
+                model="llmrouter", messages=messages, stream=True
+            )
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        text = yield self.call(stream)
+        self.assertEqual(text, "two one canary-5be2 ")
+        self.assertEqual(self.handler.requests[-1].model, "m1")  # the document's default
+        self.assertNotIn(b"canary", b"".join(self.handler.posted))
+        self.assertNotIn(b"canary", self.proxy.output)
+
+    @defer.inlineCallbacks
+    def test_sealed_refusals_become_openai_errors(self) -> Any:
+        messages: Any = [{"role": "user", "content": "x"}]
+        self.handler.refuse_with = p.ProtocolError("device_rate_limited", "slow", retry_after=4)
+        error = yield self.assertFailure(
+            self.call(self.client.chat.completions.create, model="m1", messages=messages),
+            openai.RateLimitError,
+        )
+        self.assertEqual(error.code, "device_rate_limited")
+        self.assertEqual(error.response.headers["retry-after"], "4")
+        self.handler.refuse_with = None
+        error = yield self.assertFailure(
+            self.call(self.client.chat.completions.create, model="m9", messages=messages),
+            openai.NotFoundError,
+        )
+        self.assertEqual(error.code, "model_not_found")
+        self.handler.cut_after = 0
+        self.handler.router_breaks = True
+        error = yield self.assertFailure(
+            self.call(self.client.chat.completions.create, model="m1", messages=messages),
+            openai.APIStatusError,
+        )
+        self.assertEqual((error.status_code, error.code), (502, "upstream_failed"))
+
+
 class ProxyStartup(TestCase):
     timeout = 120
 
     @defer.inlineCallbacks
     def refused(self, *args: str, status: int = 1) -> Any:
-        proxy = run_proxy(self, "--listen", "127.0.0.1:0", *args)
+        proxy = run_proxy(self, "--listen", "127.0.0.1:0", "--protocol", "1", *args)
         code = yield proxy.ended
         proxy.url.addErrback(lambda _: None)  # it never served
         self.assertEqual(code, status)
@@ -482,7 +563,9 @@ class ProxyStartup(TestCase):
 
         # Trust on first use: the key is kept, and a different one is refused later.
         tofu = Path(self.mktemp())
-        proxy = run_proxy(self, "--listen", "127.0.0.1:0", "--url", url, "--tofu", str(tofu))
+        proxy = run_proxy(
+            self, "--listen", "127.0.0.1:0", "--url", url, "--tofu", str(tofu), "--protocol", "1"
+        )
         yield proxy.url
         self.assertEqual(tofu.read_text().strip(), pin)
         self.assertEqual(tofu.stat().st_mode & 0o777, 0o600)
@@ -762,6 +845,8 @@ class ProxyAccessTests(TestCase):
             self.router_url,
             "--pin",
             self.pin,
+            "--protocol",
+            "1",  # the router's own key: this router is not certified for v2
             env={"TMPDIR": str(self.tmp)},
         )
         self.base = yield self.proxy.url
@@ -909,6 +994,8 @@ class ProxyUnixSocketTests(TestCase):
             url,
             "--pin",
             b64u_encode(document.signing_key),
+            "--protocol",
+            "1",
         )
         base = yield proxy.url
         self.assertEqual(base, f"unix:{socket}")

@@ -18,9 +18,10 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from llmrouter import protocol
+from llmrouter.keystore import KeyStore
 from llmrouter.ops import keyctl
-from llmrouter.router.keys import KeyStore
 from llmrouter.router.seclog import SecurityLog
+from llmrouter.v2 import certs as v2certs
 
 
 def _secret_spellings(directory: Path) -> list[str]:
@@ -315,3 +316,135 @@ class KeyctlProcessTests(unittest.TestCase):
         )
         currents = sorted(out.split(b" is current")[0].split(b" ")[-1] for out, _, _ in results)
         self.assertEqual(currents, [b"01", b"02", b"03", b"04"])
+
+
+class OperatorKeyTests(unittest.TestCase):
+    """Protocol v2's operator key: created offline, pinned by apps, certifying signing keys."""
+
+    def run_main(self, *args: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", out)
+        self.patch(sys, "stderr", err)
+        code = keyctl.main(list(args), harden=False)
+        return code, out.getvalue(), err.getvalue()
+
+    def operator(self) -> tuple[Path, bytes]:
+        path = Path(self.mktemp())
+        code, _out, err = self.run_main("operator-init", str(path))
+        self.assertEqual((code, err), (0, ""))
+        pin = nacl.signing.SigningKey(path.read_bytes()).verify_key.encode()
+        return path, pin
+
+    def test_init_and_pin(self) -> None:
+        path = Path(self.mktemp())
+        code, out, err = self.run_main("operator-init", str(path))
+        self.assertEqual((code, err), (0, ""))
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        seed = path.read_bytes()
+        pin = b64(nacl.signing.SigningKey(seed).verify_key.encode())
+        self.assertIn(f"operator pin (v2 apps pin it): {pin}", out)
+        self.assertIn("never on a router host", out)
+        for spelling in (seed.hex(), b64(seed), base64.b64encode(seed).decode()):
+            self.assertNotIn(spelling, out)
+        self.assertEqual(self.run_main("operator-pin", str(path))[:2], (0, pin + "\n"))
+        # never overwritten, never through a symbolic link
+        code, _, err = self.run_main("operator-init", str(path))
+        self.assertEqual(code, 1)
+        self.assertIn("refusing to overwrite", err)
+        self.assertEqual(path.read_bytes(), seed)
+        target = Path(self.mktemp())
+        link = Path(self.mktemp())
+        link.symlink_to(target)
+        code, _, err = self.run_main("operator-init", str(link))
+        self.assertEqual(code, 1)
+        self.assertFalse(target.exists())
+
+    def test_certify_a_router_and_a_node(self) -> None:
+        path, pin = self.operator()
+        router = nacl.signing.SigningKey.generate()
+        code, out, err = self.run_main(
+            "operator-certify", str(path), "--type", "router", "--name", "router-1",
+            "--key", b64(bytes(router.verify_key)),
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        self.assertIn("certified router router-1 until", err)
+        self.assertIn("router.cert", err)
+        now = time.time()
+        cert = v2certs.verify_certificate(json.loads(out), pin, now=now, type="router")
+        self.assertEqual(
+            (cert.name, cert.key, cert.models), ("router-1", bytes(router.verify_key), ())
+        )
+        self.assertEqual(cert.not_after - cert.not_before, 30 * 86400)
+        self.assertLessEqual(abs(cert.not_before - now), 5)
+
+        node = nacl.signing.SigningKey.generate()
+        code, out, err = self.run_main(
+            "operator-certify", str(path), "--type", "node", "--name", "gpu-1.eu",
+            "--key", b64(bytes(node.verify_key)), "--model", "qwen3:8b", "--model", "m/2",
+            "--days", "366",
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        cert = v2certs.verify_certificate(json.loads(out), pin, now=now, type="node")
+        self.assertEqual((cert.name, cert.models), ("gpu-1.eu", ("qwen3:8b", "m/2")))
+        self.assertEqual(cert.not_after - cert.not_before, 366 * 86400)
+        self.assertNotIn(path.read_bytes().hex(), out + err)
+        self.assertNotIn(b64(path.read_bytes()), out + err)
+
+    def test_certify_refusals(self) -> None:
+        path, _ = self.operator()
+        key = b64(bytes(nacl.signing.SigningKey.generate().verify_key))
+        cases = [
+            (("--type", "node", "--name", "n", "--key", key), "1 to 64 models"),
+            (("--type", "router", "--name", "r", "--key", key, "--model", "m"), "no models"),
+            (("--type", "node", "--name", "Big", "--key", key, "--model", "m"), "name"),
+            (("--type", "node", "--name", "n", "--key", key, "--model", "a b"), "model names"),
+            (
+                ("--type", "node", "--name", "n", "--key", key, "--model", "m", "--model", "m"),
+                "distinct",
+            ),
+            (("--type", "router", "--name", "r", "--key", key, "--days", "367"), "1 to 366"),
+            (("--type", "router", "--name", "r", "--key", key, "--days", "0"), "1 to 366"),
+            (("--type", "router", "--name", "r", "--key", "short"), "--key must be"),
+        ]
+        for args, text in cases:
+            code, out, err = self.run_main("operator-certify", str(path), *args)
+            self.assertEqual((code, out), (1, ""), args)
+            self.assertIn(text, err, args)
+            self.assertNotIn("Traceback", err)
+        code, _, err = self.run_main(
+            "operator-certify", str(path) + ".missing", "--type", "router", "--name", "r",
+            "--key", key,
+        )  # fmt: skip
+        self.assertEqual(code, 1)
+        self.assertIn("cannot read", err)
+        code, _, err = self.run_main("operator-certify", str(path), "--type", "operator",
+                                     "--name", "r", "--key", key)  # fmt: skip
+        self.assertEqual(code, 2)
+
+    def test_certify_a_key_directorys_pin(self) -> Deferred[None]:
+        """The walk an operator does: the node's pin, certified offline, written to a file as
+        the shell redirects it (stdout is the certificate alone)."""
+        return Deferred.fromCoroutine(self._certify_a_key_directorys_pin())
+
+    async def _certify_a_key_directorys_pin(self) -> None:
+        path, pin = self.operator()
+        directory = Path(self.mktemp()) / "keys"
+        KeyStore.open(directory, reactor).close()  # type: ignore[arg-type]
+
+        async def cli(*args: str) -> tuple[bytes, bytes, int]:
+            result: tuple[bytes, bytes, int] = await getProcessOutputAndValue(
+                sys.executable, ["-m", "llmrouter.ops.keyctl", *args], env=os.environ
+            )
+            return result
+
+        node_pin, err, code = await cli("--keys-dir", str(directory), "pin")
+        self.assertEqual(code, 0, err)
+        out, err, code = await cli(
+            "operator-certify", str(path), "--type", "node", "--name", "node-a",
+            "--key", node_pin.decode().strip(), "--model", "tiny",
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        cert = v2certs.verify_certificate(json.loads(out), pin, now=time.time(), type="node")
+        store = KeyStore.open(directory, reactor, rotation_seconds=None, overlap_seconds=None)  # type: ignore[arg-type]
+        self.addCleanup(store.close)
+        self.assertEqual(cert.key, bytes(store.signing_key.verify_key))

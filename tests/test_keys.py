@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmrouter import hpke, protocol
-from llmrouter.router.keys import (
+from llmrouter.keystore import (
     KeyStore,
     KeyStoreBusyError,
     KeyStoreError,
@@ -83,6 +83,20 @@ class CreationTests(KeyStoreTestCase):
         assert sk is not None
         self.assertEqual(hpke.public_key(sk), current.pk)
         self.assertEqual((self.dir / "hpke-00.key").read_bytes(), sk)
+
+    def test_a_node_directory_holds_no_router_secrets(self) -> None:
+        """An inference node's key directory (protocol v2) rotates HPKE keys as a router's does,
+        with no proof-of-work or shared-state key: a node needs neither."""
+        store = self.open(node=True)
+        self.assertEqual(
+            self.names(), {".lock", "state.json", "signing.key", "hpke-00.key", "hpke-01.key"}
+        )
+        self.assertEqual((store.pow_key, store.state_key), (b"", b""))
+        self.clock.advance(DAY)
+        store.start()
+        self.addCleanup(store.stop)
+        self.assertEqual(store.current.kid, "01")
+        self.assertNotIn("pow.key", self.names())
 
     def test_an_old_log_hash_key_is_destroyed(self) -> None:
         """Security-log hashes used a long-lived key kept here; whoever holds it can reverse

@@ -453,9 +453,11 @@ class FullStackThroughCaddyTests(unittest.TestCase):
         log_path = home / "caddy.log"
 
         # pin the signing key as the app would, learned directly from the router (first use)
-        direct = Client(reactor, f"http://127.0.0.1:{router_port}", tofu=Path(self.mktemp()))
+        direct = Client(
+            reactor, f"http://127.0.0.1:{router_port}", tofu=Path(self.mktemp()), protocol=1
+        )
         keys = yield defer.Deferred.fromCoroutine(direct.fetch_keys())
-        client = Client(reactor, f"http://127.0.0.1:{caddy_port}", pin=keys.signing_key)
+        client = Client(reactor, f"http://127.0.0.1:{caddy_port}", pin=keys.signing_key, protocol=1)
         deltas: list[str] = []
         canary = "prompt-canary-5e1b"
         request = ChatRequest(messages=(Message("user", f"Say hi {canary}"),), max_tokens=4)

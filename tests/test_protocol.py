@@ -396,7 +396,7 @@ class ResponseStreamTests(SynchronousTestCase):
         sealer = stream_for(self.state, self.pair, self.doc)
         events = self.events(sealer.init_event() + sealer.delta("Hi"))
         nonce = p.b64u_decode(json.loads(events[0][1])["response_nonce"], "n", 32)
-        keys = p._ResponseKeys(self.state.secret, self.state.enc, nonce)
+        keys = p.ResponseKeys(self.state.secret, self.state.enc, nonce)
         plaintext = keys.open(b"", p.b64u_decode(events[1][1], "c"))
         self.assertEqual(plaintext, b'{"type":"delta","text":"Hi"}'.ljust(64))
 

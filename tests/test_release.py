@@ -13,6 +13,7 @@ import subprocess
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -186,7 +187,9 @@ class DistTests(unittest.TestCase):
             capture_output=True,
             text=True,
             check=False,
-            env={**os.environ, "PYTHON": python},
+            # as a server's shell has it: not `trial -j`'s PYTHONPATH (this interpreter's
+            # sys.path, whose lib-dynload the system python's ssl would load)
+            env={**_without(os.environ, "PYTHONPATH", "PYTHONHOME"), "PYTHON": python},
         )
         self.assertEqual(result.returncode, 0, result.stdout[-2000:] + result.stderr[-2000:])
         module = next(venv.glob("lib/python3*/site-packages/llmrouter/__init__.py"))
@@ -266,3 +269,7 @@ class RunningReleaseTests(unittest.TestCase):
         empty = Path(self.mktemp())
         empty.mkdir()
         self.assertEqual(release.check(venvs / "venv", empty), 1)  # none running
+
+
+def _without(environ: Mapping[str, str], *names: str) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in names}

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from llmrouter.router.replay import ReplayCache
+from llmrouter.replay import ReplayCache
 
 
 class ReplayCacheTests(unittest.TestCase):

@@ -113,7 +113,7 @@ class CanaryTests(TestCase):
         # a full chat in auth mode with the canary prompt
         tokens: list[str] = []
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url, pin=daemon_pin(directory), device_key=device).chat(
+            Client(reactor, url, pin=daemon_pin(directory), device_key=device, protocol=1).chat(
                 prompt(f"Repeat after me: {prompt_canary}", model="tiny", max_tokens=16),
                 tokens.append,
             )
@@ -121,9 +121,11 @@ class CanaryTests(TestCase):
         self.assertEqual(done.completion_tokens, 16)
 
         # v1.1: tool arguments and reasoning come back (sealed), tools and schemas go out
-        client = Client(reactor, url, pin=daemon_pin(directory), device_key=device)
+        client = Client(reactor, url, pin=daemon_pin(directory), device_key=device, protocol=1)
         yield self._v11(client, tool_canary, reasoning_canary, prompt_canary)
-        base = Client(reactor, url, pin=daemon_pin(directory))  # past this device's burst
+        base = Client(
+            reactor, url, pin=daemon_pin(directory), protocol=1
+        )  # past this device's burst
         thought = yield self._ours(base, tool_canary, prompt_canary)
 
         # the same envelope twice (replay), with canary headers

@@ -23,8 +23,8 @@ from twisted.web.client import ResponseDone
 from llmrouter import hpke
 from llmrouter.chat import Tool
 from llmrouter.client import ChatError, Client
+from llmrouter.keystore import KeyStore
 from llmrouter.protocol import Delta, Done, ErrorChunk, ResponseOpener
-from llmrouter.router.keys import KeyStore
 from tests.daemons import Daemon, start_inference, start_router_daemon
 from tests.router_support import (
     daemon_pin,
@@ -128,7 +128,7 @@ class FullPathTests(TestCase):
         url = f"unix:{directory / 'router.sock'}"
 
         tokens: list[str] = []
-        client = Client(reactor, url, pin=daemon_pin(directory))
+        client = Client(reactor, url, pin=daemon_pin(directory), protocol=1)
         done = yield defer.Deferred.fromCoroutine(
             client.chat(prompt("Hello there", max_tokens=8, temperature=0.0), tokens.append)
         )
@@ -137,7 +137,7 @@ class FullPathTests(TestCase):
         self.assertGreater(done.prompt_tokens, 0)
 
         device = hpke.generate_key_pair()
-        auth = Client(reactor, url, pin=daemon_pin(directory), device_key=device)
+        auth = Client(reactor, url, pin=daemon_pin(directory), device_key=device, protocol=1)
         done = yield defer.Deferred.fromCoroutine(
             auth.chat(prompt("Hello in auth mode", max_tokens=4))
         )
@@ -173,7 +173,7 @@ class FullPathTests(TestCase):
                 break
             yield sleep(0.05)
         done = yield defer.Deferred.fromCoroutine(
-            Client(reactor, url, pin=daemon_pin(directory)).chat(
+            Client(reactor, url, pin=daemon_pin(directory), protocol=1).chat(
                 prompt("after rotation", max_tokens=2)
             )
         )
@@ -196,11 +196,11 @@ class FullPathTests(TestCase):
             return defer.Deferred.fromCoroutine(client.chat(request))
 
         pin = daemon_pin(directory)
-        alice = Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair())
+        alice = Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair(), protocol=1)
         first = yield chat(alice)
         for other in (
-            Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair()),
-            Client(reactor, url, pin=pin),
+            Client(reactor, url, pin=pin, device_key=hpke.generate_key_pair(), protocol=1),
+            Client(reactor, url, pin=pin, protocol=1),
         ):
             yield chat(other)
             text = yield inference_metrics(inference)
@@ -351,14 +351,18 @@ class DeviceAuthRequiredTests(TestCase):
         url = f"unix:{directory / 'router.sock'}"
         e = yield self.assertFailure(
             defer.Deferred.fromCoroutine(
-                Client(reactor, url, pin=daemon_pin(directory)).chat(prompt("hi"))
+                Client(reactor, url, pin=daemon_pin(directory), protocol=1).chat(prompt("hi"))
             ),
             ChatError,
         )
         self.assertEqual((e.code, e.status), ("device_auth_required", 400))
         done = yield defer.Deferred.fromCoroutine(
             Client(
-                reactor, url, pin=daemon_pin(directory), device_key=hpke.generate_key_pair()
+                reactor,
+                url,
+                pin=daemon_pin(directory),
+                device_key=hpke.generate_key_pair(),
+                protocol=1,
             ).chat(prompt("hi", max_tokens=2))
         )
         self.assertEqual(done.completion_tokens, 2)
@@ -381,7 +385,7 @@ class ModelsTests(TestCase):
         )
         yield router.start()
         url = f"unix:{directory / 'router.sock'}"
-        client = Client(reactor, url, pin=daemon_pin(directory))
+        client = Client(reactor, url, pin=daemon_pin(directory), protocol=1)
         names = yield defer.Deferred.fromCoroutine(client.models())
         self.assertEqual(names, ["small", "big"])  # found on each daemon's GET /v1/models
 

@@ -78,7 +78,7 @@ class InferenceTests(TestCase):
         router = start_router_daemon(self, directory, backends, ["--default-model", "plain"])
         yield router.start()
         self.url = f"unix:{directory / 'router.sock'}"
-        self.client = Client(reactor, self.url, pin=daemon_pin(directory))
+        self.client = Client(reactor, self.url, pin=daemon_pin(directory), protocol=1)
 
     def complete(self, request: ChatRequest, **kw: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self.client.complete(request, **kw))

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
-from llmrouter.router.keys import KeyStore
+from llmrouter.keystore import KeyStore
 from tests.router_support import (
     Script,
     error_of,

@@ -86,7 +86,7 @@ class LlamaServerTests(TestCase):
         yield router.start()
         self.router = router
         self.url = f"unix:{directory / 'router.sock'}"
-        self.client = Client(reactor, self.url, pin=daemon_pin(directory))
+        self.client = Client(reactor, self.url, pin=daemon_pin(directory), protocol=1)
 
     def complete(self, request: ChatRequest, **kw: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self.client.complete(request, **kw))
@@ -249,7 +249,8 @@ class PrivacyTests(TestCase):
         directory = short_tempdir(self)
         router = start_router_daemon(self, directory, [f"unix:{server.socket}"], env=env)
         yield router.start()
-        client = Client(reactor, f"unix:{directory / 'router.sock'}", pin=daemon_pin(directory))
+        url = f"unix:{directory / 'router.sock'}"
+        client = Client(reactor, url, pin=daemon_pin(directory), protocol=1)
         counts = []
         for _ in range(2):
             before = yield self.decoded(server)

@@ -26,11 +26,12 @@ from llmrouter.protocol import (
     ResponseSealer,
     b64u_decode,
 )
-from llmrouter.router.dialects import EVERYTHING, models_from, template_limits
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Endpoint
-from llmrouter.router.upstream import Backend, BackendPool, CircuitBreaker
 from llmrouter.sse import SSEParser
+from llmrouter.terminate.backends import Backend, BackendPool
+from llmrouter.terminate.breaker import CircuitBreaker
+from llmrouter.terminate.dialects import EVERYTHING, models_from, template_limits
 from tests.router_support import (
     Script,
     http,

@@ -164,8 +164,44 @@ class ChecksTests(TestCase):
             upstream_tls_ca=Path("/ca"),
             upstream_tls_cert=Path("/c"),
             upstream_tls_key=Path("/k"),
+            router_terminated="off",
         )
         self.assertEqual(preflight.problems(remote), [])
+
+    def test_router_terminated_mode_toward_remote_backends(self) -> None:
+        """v1/v1.1 makes the router open prompts; toward a remote node that sends them on to
+        another host, so production asks the operator to choose by name (issue 22)."""
+        remote = production(
+            inference_endpoints=("https://inference-1.wg:8443", "unix:/run/x.sock"),
+            upstream_tls_ca=Path("/ca"),
+            upstream_tls_cert=Path("/c"),
+            upstream_tls_key=Path("/k"),
+        )
+        (line,) = self.assertRefused(remote, "ROUTER_TERMINATED=off", "https://inference-1.wg")
+        self.assertNotIn("unix:/run/x.sock", line)
+        for choice in ("allow", "off"):
+            self.assertEqual(preflight.problems(remote.replace(router_terminated=choice)), [])
+        self.assertEqual(preflight.problems(production()), [])  # local backends only
+        self.assertRaises(SettingsError, production, router_terminated="yes")
+
+    def test_modes(self) -> None:
+        both = production(
+            inference_endpoints=("https://n.wg:8443", "unix:/run/x.sock"),
+            upstream_tls_ca=Path("/ca"),
+            upstream_tls_cert=Path("/c"),
+            upstream_tls_key=Path("/k"),
+        )
+        self.assertEqual(
+            preflight.modes(both.replace(router_terminated="allow"), None),
+            [
+                "protocol v2 (the nodes open requests; the router relays ciphertext): on",
+                "protocol v1/v1.1 (the router opens requests): on, toward 1 local and 1 remote"
+                " backend(s) (ROUTER_TERMINATED=allow)",
+            ],
+        )
+        off = preflight.modes(production(router_terminated="off"), "no router.cert")
+        self.assertIn("off (no router.cert)", off[0])
+        self.assertIn("off (ROUTER_TERMINATED=off)", off[1])
 
 
 class OptionsTests(TestCase):
@@ -187,6 +223,9 @@ class OptionsTests(TestCase):
         )
         self.assertEqual(exit_.code, 0)
         self.assertIn("settings OK (production)", out())
+        self.assertIn("llmrouter: protocol v2 (the nodes open requests", out())
+        self.assertIn("off (the key directory has no signing key yet)", out())
+        self.assertIn("protocol v1/v1.1 (the router opens requests): on, toward 1 local", out())
         exit_ = self.assertRaises(
             SystemExit,
             Options().parseOptions,
@@ -198,6 +237,7 @@ class OptionsTests(TestCase):
         """--check fails on a client certificate the router could not read (it used to say OK
         and the router then started without its https backends)."""
         self.patch_stdout()
+        os.environ["ROUTER_TERMINATED"] = "allow"  # else the remote backend alone is refused
         missing = Path(self.mktemp()) / "router.crt"
         args = ["--env-file", str(PRODUCTION), "--inference", "https://inference-1.wg:8443"]
         args += ["--tls-ca", str(PRODUCTION), "--tls-client-key", str(PRODUCTION)]

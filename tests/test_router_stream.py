@@ -282,6 +282,66 @@ class SlowReaderTests(TestCase):
         yield self.check_dropped(running, raw, 20 - elapsed, "deadline")
 
 
+class _HeldCommits:
+    """The router's own store, with each commit's answer held until ``answer()`` (a shared store
+    that is slow to answer)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.held: list[tuple[defer.Deferred[Any], Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def commit(self, query: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((d, self._store.commit(query)))
+        return d
+
+    def answer(self) -> None:
+        for d, committed in self.held:
+            d.callback(committed)
+
+
+class DepartureTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_client_that_leaves_during_admission_frees_its_slot(self) -> Any:
+        """A client that leaves while a shared store answers opens no stream, calls no backend
+        and holds no slot (the cancelled admission gives it back)."""
+        from io import BytesIO
+
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        from llmrouter.httpclient import agent_for
+
+        backend, url = yield start_fault_backend(self, Script(tokens=3))
+        running = yield start_router(self, [url])
+        store = _HeldCommits(running.router.admission.store)
+        running.router.admission.store = store
+        body, _, _ = yield sealed(running, prompt("hi"))
+        agent, base = agent_for(reactor, running.url)
+        response = agent.request(
+            b"POST",
+            (base + "/api/chat").encode(),
+            Headers({b"Content-Type": [b"application/json"]}),
+            FileBodyProducer(BytesIO(body)),
+        )
+        response.addErrback(lambda failure: None)
+        for _ in range(100):
+            if store.held:
+                break
+            yield settle()
+        self.assertEqual(len(store.held), 1)
+        response.cancel()  # the client goes while the store has not answered
+        yield settle()
+        store.answer()
+        yield settle()
+        self.assertEqual(running.router.admission.slots.open, 0)
+        self.assertEqual(running.router.app.streams, set())
+        self.assertEqual(backend.log.requests, 0)
+
+
 class StallTimerTests(TestCase):
     """The write-stall limit on a clock: it counts from the current pause only."""
 
@@ -294,7 +354,7 @@ class StallTimerTests(TestCase):
 
         from llmrouter.protocol import ResponseSealer
         from llmrouter.router.metrics import RouterMetrics
-        from llmrouter.router.stream import EncryptedStream
+        from llmrouter.terminate.stream import EncryptedStream
 
         class Request(DummyRequest):
             def registerProducer(self, producer: Any, streaming: bool) -> None:

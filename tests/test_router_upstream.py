@@ -16,7 +16,9 @@ from twisted.trial.unittest import TestCase
 
 from llmrouter.chat import ChatRequest
 from llmrouter.router.metrics import RouterMetrics
-from llmrouter.router.upstream import BackendPool, ChatCall, CircuitBreaker
+from llmrouter.terminate.backends import BackendPool
+from llmrouter.terminate.breaker import CircuitBreaker
+from llmrouter.terminate.upstream import ChatCall
 from tests.router_support import Script, short_tempdir, start_fault_backend, test_settings
 
 

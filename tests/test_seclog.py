@@ -13,10 +13,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from llmrouter.daykey import DayKey
 from llmrouter.router import seclog
-from llmrouter.router.cachekey import HEADER, CacheKeys
-from llmrouter.router.daykey import DayKey
 from llmrouter.router.seclog import Ident, SecurityLog
+from llmrouter.terminate.cachekey import HEADER, CacheKeys
 
 HASH_KEY = bytes(range(32))
 

@@ -11,7 +11,7 @@ import textwrap
 
 from twisted.trial import unittest
 
-from llmrouter.router import secmem
+from llmrouter import secmem
 
 
 def _run(code: str) -> dict[str, object]:
@@ -43,7 +43,7 @@ class HardenProcessTests(unittest.TestCase):
         result = _run(
             """
             import json, resource
-            from llmrouter.router import secmem
+            from llmrouter import secmem
             before = (secmem.core_dumps_disabled(), secmem.is_dumpable())
             secmem.harden_process()
             secmem.harden_process()  # idempotent
@@ -65,7 +65,7 @@ class HardenProcessTests(unittest.TestCase):
         result = _run(
             """
             import ctypes, json
-            from llmrouter.router import secmem
+            from llmrouter import secmem
             libc = ctypes.CDLL(None)
             before = libc.prctl(3, 0, 0, 0, 0)
             secmem.harden_process()
@@ -166,7 +166,7 @@ class ForkTests(unittest.TestCase):
         result = _run(
             """
             import json, os
-            from llmrouter.router import secmem
+            from llmrouter import secmem
 
             def locked_kb():
                 for line in open("/proc/self/status"):

@@ -3,15 +3,16 @@
 ``make run`` is ``etc/dev/stack``: inference on the embedded default model (SmolLM2-135M-Instruct)
 over a UNIX socket, the router in front of it, and one ``llmrouter-client chat`` with the
 README's question. Here it runs with ``--demo`` (stop after the chat) on free ports and a private
-run directory, and the answer must come back through the whole chain (client -> HPKE -> router
--> UNIX socket -> llama.cpp -> router -> sealed SSE -> client) and be on topic.
+run directory, and the answer must come back through the whole chain on protocol v2 (client ->
+HPKE -> router -> UNIX socket -> the node's gate -> llama.cpp -> sealed SSE -> router -> client)
+and be on topic.
 
 The stack watches both daemons for the whole session: an inference daemon that dies of SIGSEGV
 at start (in its self-test decode, as on the AMX hosts of issue 18) or after its first answer
 (tests/faults.py puts the fault in, nothing else changes) must be named with its signal and
-its last log lines, the router stopped and the stack's exit non-zero. The quick path runs the
-router alone in front of an OpenAI-compatible server the developer already runs: here our
-cached llama-server serving the same default model.
+its last log lines, the router stopped and the stack's exit non-zero. The quick path loads no
+model: a v2 gate (``twistd inference --front``) fronts an OpenAI-compatible server the developer
+already runs (here our cached llama-server serving the same default model), still on v2.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def stack_environment(run: Path, fault: str | None = None, **extra: str) -> dict
         "PATH": path,
         "LLMROUTER_RUN_DIR": str(run / "run"),
         "LLMROUTER_KEYS_DIR": str(run / "keys"),
+        "LLMROUTER_NODE_KEYS_DIR": str(run / "node-keys"),
+        "LLMROUTER_OPERATOR_KEY": str(run / "operator.key"),
         "LLMROUTER_PORT": str(free_port()),
         "LLMROUTER_METRICS_PORT": str(free_port()),
         "INFERENCE_MAX_TOKENS": "64",
@@ -113,21 +116,14 @@ class StackTests(TestCase):
     def test_make_run_demo_on_default_model(self) -> Any:
         run = Path(tempfile.mkdtemp(prefix="llmr-stack-"))
         self.addCleanup(shutil.rmtree, run, True)
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "LLMROUTER_RUN_DIR": str(run / "run"),
-            "LLMROUTER_KEYS_DIR": str(run / "keys"),
-            "LLMROUTER_PORT": str(free_port()),
-            "LLMROUTER_METRICS_PORT": str(free_port()),
-            "INFERENCE_MAX_TOKENS": "64",
-        }
+        env = stack_environment(run)
         out, err, code = yield utils.getProcessOutputAndValue(
-            str(ROOT / "etc" / "dev" / "stack"), ["--demo"], env=env, path=str(ROOT)
+            str(STACK), ["--demo"], env=env, path=str(ROOT)
         )
         logs = "".join(p.read_text(errors="replace") for p in (run / "run").glob("*.log"))
         self.assertEqual(code, 0, f"stdout={out!r}\nstderr={err!r}\nlogs:\n{logs[-4000:]}")
         self.assertIn(QUESTION.encode(), out)
+        self.assertIn(b"(protocol v2, operator pin ", out)  # the node opened it, not the router
         text = out.split(b"llmrouter-client chat", 1)[1].split(b"\n", 1)[1].decode()
         # a sensible answer: on topic (the greedy answer of this model is a sentence about
         # encryption), not the prompt echoed nor a repeated token
@@ -138,7 +134,7 @@ class StackTests(TestCase):
         # Nothing of the prompt or the answer in either daemon's log, nor in the key directory.
         self.assertNotIn(QUESTION, logs)
         self.assertNotIn(text.strip()[:40], logs)
-        for path in (run / "keys").rglob("*"):
+        for path in [*(run / "keys").rglob("*"), *(run / "node-keys").rglob("*")]:
             if path.is_file():
                 self.assertNotIn(QUESTION.encode(), path.read_bytes())
 
@@ -200,9 +196,10 @@ class StackTests(TestCase):
 
     @defer.inlineCallbacks
     def test_quick_path_against_a_server_already_running(self) -> Any:
-        """``make run BACKEND=...``: the router alone, in front of llama-server (a real
-        OpenAI-compatible server on loopback TCP) serving the default model; the demo chat
-        answers through it and no inference daemon starts."""
+        """``make run BACKEND=...``: no model loaded here; a v2 gate (``twistd inference
+        --front``) in front of llama-server (a real OpenAI-compatible server on loopback TCP)
+        serving the default model, the router in front of the gate; the demo chat answers
+        through them on protocol v2, and no llama.cpp is loaded by our daemons."""
         server = llama_server_binary()
         model = embedded.MODELS[embedded.DEFAULT]()
         port = free_port()
@@ -239,12 +236,18 @@ class StackTests(TestCase):
         )
         self.assertEqual(code, 0, f"stdout={out!r}\nstderr={err!r}")
         self.assertIn(
-            f"stack: no inference daemon; the router talks to the server at {backend}", out.decode()
+            f"stack: no model here; a v2 gate on unix:{run / 'run' / 'inference.sock'} opens"
+            f" requests for the server at {backend}",
+            out.decode(),
         )
+        self.assertIn(b"(protocol v2, operator pin ", out)
         text = out.split(b"llmrouter-client chat", 1)[1].split(b"\n", 1)[1].decode()
         self.assertIn("encrypt", text.lower())
-        # the crashing twistd first on PATH would have killed an inference daemon: none ran
-        self.assertEqual(sorted(p.name for p in (run / "run").glob("*.log")), ["router.log"])
+        # the crashing twistd first on PATH would have killed a daemon that decodes: the gate
+        # loads no model, so it ran on
+        logs = sorted(p.name for p in (run / "run").glob("*.log"))
+        self.assertEqual(logs, ["gate.log", "router.log"])
+        self.assertNotIn("llama.cpp", (run / "run" / "gate.log").read_text())
 
 
 class MakefileTests(TestCase):

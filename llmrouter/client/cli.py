@@ -1,6 +1,9 @@
 """``llmrouter-client``: chat (one prompt, or an interactive conversation), the curl-friendly
 ``seal``/``open`` pair, ``keys``, ``models`` and ``proxy``.
 
+Protocol 2 (the blind router) unless ``--protocol 1`` (or ``LLMROUTER_PROTOCOL=1``) asks for
+v1.1; the pin is the operator's key in protocol 2 and the router's signing key in protocol 1.
+
 A thin layer over :class:`llmrouter.client.library.Client` (and, for ``proxy``,
 :mod:`llmrouter.client.proxy`). The answer goes to stdout; reasoning (``--show-reasoning``)
 goes to stderr, dimmed on a terminal, so a piped answer stays clean.
@@ -28,6 +31,7 @@ from llmrouter.chat import RequestError, parse_request
 from llmrouter.client import proxy as proxy_module
 from llmrouter.client.library import (
     DEFAULT_URL,
+    PROTOCOLS,
     ChatError,
     Client,
     Conversation,
@@ -40,6 +44,7 @@ from llmrouter.protocol import (
     ChatRequest,
     Delta,
     ErrorChunk,
+    KeyDocument,
     Message,
     ProtocolError,
     Reasoning,
@@ -49,6 +54,9 @@ from llmrouter.protocol import (
     b64u_decode,
     b64u_encode,
 )
+from llmrouter.v2 import response as v2response
+from llmrouter.v2.certs import KeyDocumentV2
+from llmrouter.v2.request import ClientState
 
 __all__ = ["main"]
 
@@ -64,18 +72,27 @@ def _parser() -> argparse.ArgumentParser:
         help="router URL: http(s)://host:port or unix:/path.sock (env LLMROUTER_URL)",
     )
     common.add_argument(
+        "--protocol",
+        type=int,
+        choices=PROTOCOLS,
+        default=_env_protocol(),
+        help="2 (default): sealed to the inference nodes, the router cannot read the chat; 1:"
+        " protocol v1.1, which the router decrypts (env LLMROUTER_PROTOCOL)",
+    )
+    common.add_argument(
         "--pin",
-        metavar="SIGNING_KEY",
+        metavar="KEY",
         default=os.environ.get("LLMROUTER_PIN") or None,
-        help="trust only key documents signed by this Ed25519 key, base64url (env LLMROUTER_PIN;"
-        " `llmrouter-keys pin` prints it)",
+        help="the Ed25519 key to trust, base64url (env LLMROUTER_PIN): in protocol 2 the"
+        " operator's key (`llmrouter-keys operator-pin FILE`), in protocol 1 the router's"
+        " signing key (`llmrouter-keys pin`)",
     )
     common.add_argument(
         "--tofu",
         metavar="FILE",
         type=Path,
-        help="trust on first use: keep the first signing key seen in FILE (created 0600) and"
-        " refuse any other later",
+        help="protocol 1 only: trust on first use, keep the first signing key seen in FILE"
+        " (created 0600) and refuse any other later",
     )
     common.add_argument(
         "--device-key",
@@ -112,7 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("prompt", nargs="?", help="the user message")
     seal = sub.add_parser(
-        "seal", parents=[common, request], help="print a sealed request envelope (for curl)"
+        "seal",
+        parents=[common, request],
+        help="write a sealed request to stdout, for curl (protocol 2: binary, redirect it to a"
+        " file; protocol 1: a JSON envelope)",
     )
     seal.add_argument("prompt", help="the user message")
     seal.add_argument("--state", type=Path, required=True, help="file to keep the response secret")
@@ -198,6 +218,11 @@ def _request(args: argparse.Namespace, prompt: str) -> ChatRequest:
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _env_protocol() -> int:
+    text = os.environ.get("LLMROUTER_PROTOCOL") or "2"
+    return int(text) if text in ("1", "2") else 0  # 0: refused in main()
 
 
 def _pin(text: str) -> bytes:
@@ -326,34 +351,68 @@ async def _converse(client: Client, args: argparse.Namespace) -> int:
         _finish(reply)
 
 
+def _key_summary(doc: KeyDocument | KeyDocumentV2) -> dict[str, Any]:
+    """What ``keys`` prints: the verified document, public keys only."""
+    if isinstance(doc, KeyDocument):
+        keys = [k.to_json() for k in doc.keys]
+        return {"signing_key": b64u_encode(doc.signing_key), "issued_at": doc.issued_at,
+                "keys": keys}  # fmt: skip
+    nodes = [
+        {
+            "name": node.name,
+            "models": list(node.models),
+            "keys": [k.to_json() for k in node.keys],
+            "attestations": [a["format"] for a in node.attestations],
+        }
+        for node in doc.nodes
+    ]
+    return {
+        "protocol": 2,
+        "router": doc.router.name,
+        "signing_key": b64u_encode(doc.signing_key),
+        "issued_at": doc.issued_at,
+        "default_model": doc.default_model,
+        "keys": [k.to_json() for k in doc.router_keys],
+        "nodes": nodes,
+    }
+
+
+async def _seal(client: Client, args: argparse.Namespace) -> int:
+    if client.protocol == 2 and sys.stdout.isatty():
+        raise ChatError(
+            "binary_output", "a protocol 2 request is binary: redirect it to a file (> req.bin)"
+        )
+    envelope, state = await client.seal(_request(args, args.prompt))
+    try:
+        write_private(args.state, json.dumps(state.to_json()))
+    except OSError as e:
+        raise ChatError("bad_state", f"cannot write the state file: {e.strerror}") from None
+    if isinstance(envelope, bytes):
+        sys.stdout.buffer.write(envelope)
+        sys.stdout.buffer.flush()
+    else:
+        _write(json.dumps(envelope) + "\n")
+    return 0
+
+
 async def _run(reactor: Any, args: argparse.Namespace) -> int:
     listen = _listen(args) if args.command == "proxy" else None  # before any file is made
     pin = _pin(args.pin) if args.pin else None
     device_key = load_device_key(args.device_key) if args.device_key else None
-    client = Client(reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key)
+    client = Client(
+        reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key, protocol=args.protocol
+    )
     if listen is not None:
         return await _proxy(reactor, client, listen, args)
-    device_key = load_device_key(args.device_key) if args.device_key else None
-    client = Client(reactor, args.url, pin=pin, tofu=args.tofu, device_key=device_key)
     if args.command == "keys":
-        doc = await client.fetch_keys()
-        keys = [k.to_json() for k in doc.keys]
-        signing_key = b64u_encode(doc.signing_key)
-        _write(json.dumps({"signing_key": signing_key, "issued_at": doc.issued_at, "keys": keys}))
-        _write("\n")
+        _write(json.dumps(_key_summary(await client.fetch_keys())) + "\n")
         return 0
     if args.command == "models":
         for name in await client.models():
             _write(name + "\n")
         return 0
     if args.command == "seal":
-        envelope, state = await client.seal(_request(args, args.prompt))
-        try:
-            write_private(args.state, json.dumps(state.to_json()))
-        except OSError as e:
-            raise ChatError("bad_state", f"cannot write the state file: {e.strerror}") from None
-        _write(json.dumps(envelope) + "\n")
-        return 0
+        return await _seal(client, args)
     if args.prompt is None:
         return await _converse(client, args)
     printer = _Printer(args.show_reasoning)
@@ -366,16 +425,16 @@ async def _run(reactor: Any, args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace) -> int:
     """Decrypt a response stream without a reactor: it is a pure function of bytes."""
-    try:
-        state = RequestState.from_json(json.loads(args.state.read_text()))
-    except (OSError, ValueError, ProtocolError):
-        raise ChatError("bad_state", "cannot read the state file written by seal") from None
-    opener = ResponseOpener(state)
+    opener = _opener(args.state)
     stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     source = cast(io.BufferedReader, stream)
     with source:
         # read1 returns what is available, so a piped `curl -N` stream prints as it arrives.
+        first = True
         while chunk := source.read1(65536):
+            if first and chunk.lstrip().startswith(b"{"):
+                _plain_refusal(chunk + source.read(65536))  # the router refused it in plain
+            first = False
             try:
                 items = opener.feed(chunk)
             except StreamError as e:
@@ -393,6 +452,27 @@ def _open(args: argparse.Namespace) -> int:
     if isinstance(final, ErrorChunk):
         raise error_from_chunk(final)
     return 0
+
+
+def _opener(path: Path) -> ResponseOpener | v2response.ResponseOpener:
+    """The opener for the state file ``seal`` wrote (its ``v`` says the protocol)."""
+    try:
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and doc.get("v") == "2":
+            return v2response.ResponseOpener(ClientState.from_json(doc))
+        return ResponseOpener(RequestState.from_json(doc))
+    except (OSError, ValueError, ProtocolError):
+        raise ChatError("bad_state", "cannot read the state file written by seal") from None
+
+
+def _plain_refusal(body: bytes) -> None:
+    """A JSON error instead of a stream: the router refused the request before opening it."""
+    try:
+        error = json.loads(body)["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        raise ChatError("bad_stream", "the answer is neither a stream nor an error") from None
+    raise ChatError(code, message)
 
 
 def _fail(e: ChatError) -> int:
@@ -430,6 +510,16 @@ def _pins_attached(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(_pins_attached(sys.argv[1:] if argv is None else argv))
+    if args.protocol not in PROTOCOLS:
+        parser.error("LLMROUTER_PROTOCOL must be 1 or 2")
+    if args.command != "open" and args.protocol == 2 and args.tofu is not None:
+        parser.error("--tofu is protocol 1 only (--protocol 1): protocol 2 needs --pin")
+    if args.command != "open" and args.protocol == 2 and not args.pin:
+        parser.error(
+            "protocol 2 trusts the operator's key: --pin KEY (or LLMROUTER_PIN;"
+            " `llmrouter-keys operator-pin FILE` prints it). With --protocol 1 the router's own"
+            " signing key (--pin SIGNING_KEY) or --tofu FILE is trusted instead"
+        )
     if args.command != "open" and not args.pin and args.tofu is None:
         parser.error(
             "the router's signing key must be trusted explicitly: --pin SIGNING_KEY (or"

@@ -10,6 +10,14 @@
     llmrouter-keys --keys-dir DIR backup-switch FILE
                                                 make the backup the signing key (HPKE keys stay)
 
+Protocol v2's operator key (kept offline, never on a router host; apps pin it):
+
+    llmrouter-keys operator-init FILE           create the operator key (0600); print its pin
+    llmrouter-keys operator-pin FILE            the operator pin (what v2 apps pin)
+    llmrouter-keys operator-certify FILE --type router|node --name NAME --key PIN
+                   [--model M]... [--days D]    print the certificate of a router's or node's
+                                                signing key (its ``llmrouter-keys pin``)
+
 Every change is made under the key directory's lock, starting from the state on disk, so it is
 safe next to a running router; the router picks it up within 2 s (it polls ``state.json``) or at
 once on SIGHUP. The rotation and overlap settings are the router's, as recorded in the state file.
@@ -23,6 +31,7 @@ key files it does not own, so as root this tool refuses to create a key director
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -33,9 +42,10 @@ from typing import TextIO
 import nacl.signing
 from twisted.internet.task import Clock
 
-from llmrouter.protocol import b64u_encode, key_id_for_kid
-from llmrouter.router.keys import SECRET_BYTES, KeyStore, KeyStoreError
-from llmrouter.router.secmem import harden_process
+from llmrouter.keystore import SECRET_BYTES, KeyStore, KeyStoreError
+from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode, key_id_for_kid
+from llmrouter.secmem import harden_process
+from llmrouter.v2 import certs as v2certs
 
 __all__ = ["main"]
 
@@ -74,6 +84,36 @@ def _parser() -> argparse.ArgumentParser:
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("file", metavar="FILE", type=Path)
+    for name, text in (
+        ("operator-init", "write a new operator key to FILE (keep it offline); print its pin"),
+        ("operator-pin", "print the operator pin (what v2 apps pin) of the key in FILE"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("file", metavar="FILE", type=Path)
+    certify = commands.add_parser(
+        "operator-certify",
+        help="print the operator's certificate (JSON) of a router's or node's signing key",
+        description="Sign, with the operator key in FILE, a certificate of the signing key PIN"
+        " (`llmrouter-keys --keys-dir DIR pin` on that host prints it); install the JSON it"
+        " prints as router.cert or node.cert in that host's key directory.",
+    )
+    certify.add_argument("file", metavar="OPERATOR_FILE", type=Path)
+    certify.add_argument("--type", required=True, choices=("router", "node"))
+    certify.add_argument("--name", required=True, help="[a-z0-9][a-z0-9.-]{0,62}, unique")
+    certify.add_argument("--key", required=True, metavar="PIN", help="the signing key, base64url")
+    certify.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="M",
+        help="a model the node serves (repeat; 1 to 64 for a node, none for a router)",
+    )
+    certify.add_argument(
+        "--days",
+        type=int,
+        default=v2certs.DEFAULT_VALIDITY_DAYS,
+        help=f"validity in days from now (default {v2certs.DEFAULT_VALIDITY_DAYS}, at most 366)",
+    )
     return parser
 
 
@@ -107,6 +147,12 @@ def _list(store: KeyStore, out: TextIO) -> None:
         )
 
 
+def _is_node_directory(directory: Path) -> bool:
+    """An inference node's key directory (``twistd inference --keys-dir``): one that exists
+    without the router's proof-of-work key, which a router creates on its first start."""
+    return (directory / "state.json").exists() and not (directory / "pow.key").exists()
+
+
 def _pin(seed: bytes) -> str:
     return b64u_encode(bytes(nacl.signing.SigningKey(seed).verify_key))
 
@@ -124,7 +170,8 @@ def _read_seed(path: Path) -> bytes:
     return seed
 
 
-def _backup_create(path: Path, out: TextIO) -> None:
+def _create_key_file(path: Path) -> bytes:
+    """A new Ed25519 seed in a new 0600 file (never an existing file, never through a link)."""
     seed = os.urandom(SECRET_BYTES)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -137,10 +184,55 @@ def _backup_create(path: Path, out: TextIO) -> None:
         handle.write(seed)
         handle.flush()
         os.fsync(handle.fileno())
+    return seed
+
+
+def _backup_create(path: Path, out: TextIO) -> None:
+    seed = _create_key_file(path)
     print(
         f"backup signing key written to {path} (0600): keep it offline, never on a server", file=out
     )
     print(f"backup pin (apps pin it next to the current one): {_pin(seed)}", file=out)
+
+
+def _operator_init(path: Path, out: TextIO) -> None:
+    seed = _create_key_file(path)
+    print(
+        f"operator key written to {path} (0600): keep it offline, never on a router host",
+        file=out,
+    )
+    print(f"operator pin (v2 apps pin it): {_pin(seed)}", file=out)
+
+
+def _operator_certify(args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+    """The certificate JSON to stdout (install it as router.cert or node.cert), a summary to
+    stderr."""
+    try:
+        key = b64u_decode(args.key, "key", 32)
+    except ProtocolError:
+        raise KeyStoreError("--key must be a signing key's pin (43 base64url characters)") from None
+    if not 1 <= args.days <= v2certs.MAX_VALIDITY // 86400:
+        raise KeyStoreError("--days must be 1 to 366")
+    now = int(time.time())
+    try:
+        certificate = v2certs.issue_certificate(
+            _read_seed(args.file),
+            type=args.type,
+            name=args.name,
+            key=key,
+            models=args.model,
+            not_before=now,
+            not_after=now + args.days * 86400,
+        )
+    except v2certs.CertificateError as e:
+        raise KeyStoreError(str(e)) from None
+    print(json.dumps(certificate), file=out)
+    models = f" for {', '.join(args.model)}" if args.model else ""
+    print(
+        f"{PROG}: certified {args.type} {args.name}{models} until {_when(now + args.days * 86400)}"
+        f" (install it as {args.type}.cert in its key directory)",
+        file=err,
+    )
 
 
 def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
@@ -160,8 +252,14 @@ def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
         if command == "backup-create":
             _backup_create(args.file, out)
             return 0
-        if command == "backup-pin":
+        if command in ("backup-pin", "operator-pin"):
             print(_pin(_read_seed(args.file)), file=out)
+            return 0
+        if command == "operator-init":
+            _operator_init(args.file, out)
+            return 0
+        if command == "operator-certify":
+            _operator_certify(args, out, err)
             return 0
         if command == "init" and os.geteuid() == 0 and not args.keys_dir.exists():
             raise KeyStoreError(
@@ -175,6 +273,7 @@ def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
             rotation_seconds=None,
             overlap_seconds=None,
             create=command == "init",
+            node=_is_node_directory(args.keys_dir),
         )
         try:
             if command == "rotate":

@@ -24,6 +24,17 @@ can do before it passes the per-address limit counts toward anyone else's (issue
 13. privacy budget per device (429 ``budget_exhausted``), charged only here, once the stream
     has its slot, so a refused request spends nothing
 
+Protocol v2 (:meth:`Admission.admit_outer`) runs the same checks on what the router can open, the
+outer layer: the model, the device key (proven to the router by the request's device proof) and
+the outer ``enc``. The device is inside that layer, so the layer is opened first (one X25519 and
+an AEAD pass, plus one for the proof) and the store's gate asked after, still once per request:
+a request that fails before (body shape, ``bad_pow_header``, ``key_unknown``, ``decrypt_failed``
+and, once opened, ``bad_payload`` and ``device_proof_failed``) is counted against its address
+as junk is. Refusals made before the layer is open are plain JSON, as are ``rate_limited``
+(it depends on the address alone); every other one is a :class:`SealedRefusal` the relay seals
+under the request's router secret, so a TLS-terminating hop learns nothing about the device
+from it (not even whether it is new: proof-of-work refusals are sealed too).
+
 Everything remembered between requests is in a store (:mod:`llmrouter.router.interfaces`): this
 process's memory, or Redis shared by several routers. Admission asks it twice, each one round
 trip to a shared store: the gate (steps 1, 4, 5 and whether ``enc`` was seen for step 8) before
@@ -38,7 +49,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -64,11 +75,21 @@ from llmrouter.router.interfaces import (
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings
 from llmrouter.router.slots import StreamSlots
-from llmrouter.router.upstream import Route
+from llmrouter.terminate.backends import Route
+from llmrouter.v2.request import OuterRequest, open_outer, parse_outer_header
 
-__all__ = ["UNAVAILABLE_RETRY", "Admission", "Admitted", "KeySource", "RequestRate", "Routes"]
+__all__ = [
+    "UNAVAILABLE_RETRY",
+    "Admission",
+    "Admitted",
+    "AdmittedOuter",
+    "KeySource",
+    "RequestRate",
+    "Routes",
+]
 
 T = TypeVar("T")
+R = TypeVar("R")
 # Retry-After of a request refused because the store cannot answer (a shared store is
 # reconnecting): about the first reconnection attempts' backoff.
 UNAVAILABLE_RETRY = 2
@@ -142,6 +163,20 @@ class Admitted:
         return "Admitted(<redacted>)"
 
 
+@dataclass(frozen=True, repr=False)
+class AdmittedOuter(Generic[R]):
+    """A v2 request that passed every check: its outer layer, its candidate nodes, its client's
+    address bucket (to charge it for what the node refuses); ``release`` frees its slots."""
+
+    outer: OuterRequest
+    candidates: R
+    address: str
+    release: Callable[[], None] = field(compare=False)
+
+    def __repr__(self) -> str:
+        return "AdmittedOuter(<redacted>)"
+
+
 _SECURITY_EVENTS = {
     "rate_limited": "rate_limited",
     "device_rate_limited": "device_rate_limited",
@@ -149,6 +184,7 @@ _SECURITY_EVENTS = {
     "stale": "stale",
     "replay": "replay",
     "decrypt_failed": "auth_failed",
+    "device_proof_failed": "auth_failed",
     "budget_exhausted": "budget_exhausted",
     "new_device_rate_limited": "new_device_rate_limited",
 }
@@ -229,7 +265,7 @@ class Admission:
             raise self.reject(verdict_error(verdict) or e, ip) from None
 
         device = envelope.device_pubkey
-        gate, difficulties = self._gate(envelope, header, ip)
+        gate, difficulties = self._gate(device, envelope.enc, header, ip)
         verdict = await self._ask(store.gate(gate))
         if verdict.refusal != "rate_limited":
             self.rate.hit()
@@ -264,18 +300,119 @@ class Admission:
             """From here on every refusal goes back sealed: the request was decrypted."""
             return SealedRefusal(error, secret, envelope.enc)
 
+        route, release = await self._commit(
+            lambda: self._routes.route(request.model, request.features()),
+            envelope.enc,
+            device,
+            verdict.new,
+            ip,
+            sealed,
+        )
+        return Admitted(envelope, request, secret, route, release)
+
+    async def admit_outer(
+        self,
+        body: bytes,
+        client_ip: str,
+        pow_header: bytes | None,
+        route: Callable[[OuterRequest], R],
+    ) -> AdmittedOuter[R]:
+        """Protocol v2's checks (see the module docstring); raises the first rejection: a
+        plain :class:`ProtocolError` before the outer layer is open (and ``rate_limited``, which
+        only depends on the address), a :class:`SealedRefusal` after. ``route`` finds the
+        request's candidate nodes (``model_unknown``, ``no_backend``)."""
+        s, store = self._settings, self.store
+        if not store.available:
+            raise self.reject(_unavailable())
+        ip = bucket(client_ip, s.rate_limit_ipv6_prefix)
+        try:
+            kid, _ = parse_outer_header(body, s.max_body_bytes)
+            header = _pow_header(pow_header)
+            secret_key = self._keys.private_key_for(kid)
+            if secret_key is None:
+                raise ProtocolError("key_unknown", "unknown key id")
+            outer = open_outer(body, secret_key)
+        except ProtocolError as e:  # SealedRefusal too: bad_payload, device_proof_failed
+            verdict = await self._ask(store.gate(Gate(ip)))  # it counts toward the limit
+            if verdict.refusal is None:
+                self.rate.hit()
+            culprit = ip if e.code != "key_unknown" else None
+            raise self.reject(verdict_error(verdict) or e, culprit) from None
+
+        def sealed(error: ProtocolError) -> SealedRefusal:
+            """From here on every refusal goes back sealed: the outer layer was opened."""
+            return SealedRefusal(error, outer.router_secret, outer.enc)
+
+        device = outer.device_pk
+        if s.device_auth == "required" and device is None:
+            raise self.reject(
+                sealed(ProtocolError("device_auth_required", "this router requires a device key"))
+            )
+        gate, difficulties = self._gate(device, outer.enc, header, ip)
+        verdict = await self._ask(store.gate(gate))
+        if verdict.refusal == "rate_limited":
+            error = verdict_error(verdict)
+            assert error is not None
+            raise self.reject(error, ip)
+        self.rate.hit()
+        if verdict.refusal in ("pow_required", "pow_invalid"):
+            raise sealed(self._pow_refused(verdict, difficulties[verdict.new], ip))
+        error = verdict_error(verdict)
+        if error is not None:
+            raise self.reject(sealed(error), ip)
+        try:
+            check_timestamp(outer.ts, self._clock.seconds())
+            if outer.ts < max(self.started, verdict.since):
+                raise ProtocolError(
+                    "stale", "the request predates the router's start: seal it again"
+                )
+            if verdict.seen:
+                raise _replay()
+        except ProtocolError as e:
+            raise self.reject(sealed(e), ip) from None
+        found, release = await self._commit(
+            lambda: route(outer), outer.enc, device, verdict.new, ip, sealed
+        )
+        return AdmittedOuter(outer, found, ip, release)
+
+    def charge(self, client_bucket: str, error: ProtocolError) -> Deferred[None]:
+        """Count one more request against an address (a node could not open what it sent:
+        issue 22, "a request whose proof fails at the node costs its address")."""
+        self.reject(error, client_bucket)
+        return Deferred.fromCoroutine(self._charge(client_bucket))
+
+    async def _charge(self, client_bucket: str) -> None:
+        try:
+            await _settle(self.store.gate(Gate(client_bucket)))
+        except Exception:  # the store is down: nothing to count against
+            return
+
+    async def _commit(
+        self,
+        route: Callable[[], R],
+        enc: bytes,
+        device: bytes | None,
+        new: bool,
+        ip: str,
+        sealed: Callable[[ProtocolError], SealedRefusal],
+    ) -> tuple[R, Callable[[], None]]:
+        """Steps 11 to 13: the route, a stream slot, then the store's commit (replay, the
+        per-device limit, the device's streams and budget); returns the route and the release
+        of everything the request holds. Every refusal is raised ``sealed``: the request (v1.1)
+        or its outer layer (v2) was opened before."""
         # Routing and this router's capacity are local: found now, refused in their turn
         # (after the per-device limit), and a refused request opens no stream and spends nothing.
         release_slot: Callable[[], None] | None = None
+        found: R | None = None
         try:
-            route = self._routes.route(request.model, request.features())
+            found = route()
             release_slot = self.slots.acquire()
             local_error = None
         except ProtocolError as e:
             local_error = e
         try:
             committed = await self._ask(
-                store.commit(Commit(envelope.enc, device, verdict.new, release_slot is not None))
+                self.store.commit(Commit(enc, device, new, release_slot is not None))
             )
         except BaseException as e:
             if release_slot is not None:
@@ -290,11 +427,11 @@ class Admission:
             if error.code == "replay":
                 raise sealed(self.reject(error, ip))
             raise sealed(self.reject(error, device=device))
-        assert release_slot is not None
-        return Admitted(envelope, request, secret, route, _both(release_slot, committed.release))
+        assert release_slot is not None and found is not None
+        return found, _both(release_slot, committed.release)
 
     def _gate(
-        self, envelope: Envelope, header: str | None, ip: str
+        self, device: bytes | None, enc: bytes, header: str | None, ip: str
     ) -> tuple[Gate, tuple[int, int]]:
         """The gate question, with the proof of work verified here (one HMAC and one hash per
         difficulty that may apply) and only its outcome sent to the store; and the
@@ -302,22 +439,22 @@ class Admission:
         s = self._settings
         known_difficulty = s.pow_difficulty if self.stressed(pending=1) else 0
         new_difficulty = max(known_difficulty, s.new_device_pow_difficulty)
-        if envelope.device_pubkey is None:
+        if device is None:
             new_difficulty = 0
-        solution = None if header is None else pow.solution_id(header, envelope.enc)
+        solution = None if header is None else pow.solution_id(header, enc)
         now = self._clock.seconds()
 
         def valid(difficulty: int) -> bool:
             return bool(
                 difficulty
                 and header is not None
-                and pow.verify(self._keys.pow_key, header, envelope.enc, now, difficulty)
+                and pow.verify(self._keys.pow_key, header, enc, now, difficulty)
             )
 
         gate = Gate(
             ip,
-            envelope.device_pubkey,
-            envelope.enc,
+            device,
+            enc,
             pow_if_known=known_difficulty > 0,
             pow_if_new=new_difficulty > 0,
             solution=solution,

@@ -1,6 +1,7 @@
 """The public HTTP surface of the router (Klein), and the Site that serves it.
 
-Routes: ``POST /api/chat``, ``GET /api/pubkey``, ``GET /api/models``,
+Routes: ``POST /api/chat``, ``GET /api/pubkey`` (protocol v1/v1.1), ``POST /api/v2/chat``,
+``GET /api/v2/keys`` (protocol v2, :mod:`llmrouter.router.relay`), ``GET /api/models``,
 ``GET /.well-known/jwks.json``, ``GET /.well-known/ohttp-keys``, ``GET /health`` (readiness) and
 ``GET /health/live`` (liveness).
 Every error, including 404, 405 and bugs, is ``{"error": {"code", "message"}}`` JSON; nothing a
@@ -31,12 +32,14 @@ from llmrouter.bodies import InMemoryRequest
 from llmrouter.protocol import ProtocolError, ResponseSealer, SealedRefusal
 from llmrouter.router.addresses import LOCAL, TrustedProxies
 from llmrouter.router.admission import Admission
-from llmrouter.router.cachekey import CacheKeys
 from llmrouter.router.connections import ConnectionGuard
 from llmrouter.router.metrics import RouterMetrics
+from llmrouter.router.relay import Relay
 from llmrouter.router.settings import Settings
-from llmrouter.router.stream import EncryptedStream
-from llmrouter.router.upstream import BackendPool, ChatCall
+from llmrouter.terminate.backends import BackendPool
+from llmrouter.terminate.cachekey import CacheKeys
+from llmrouter.terminate.stream import EncryptedStream
+from llmrouter.terminate.upstream import ChatCall
 
 __all__ = ["RouterApp", "RouterSite"]
 
@@ -70,8 +73,10 @@ class RouterApp:
         admission: Admission,
         metrics: RouterMetrics,
         cache_keys: CacheKeys | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.settings = settings
+        self.relay = relay
         self._cache_keys = cache_keys
         self._clock = clock
         self._keys = keys
@@ -119,6 +124,11 @@ class RouterApp:
     @app.route("/api/chat", methods=["POST"])
     async def chat(self, request: server.Request) -> Any:
         started = self._clock.seconds()
+        if self.settings.router_terminated == "off":
+            error = ProtocolError(
+                "v1_unavailable", "this router serves protocol v2 only: use /api/v2/chat", 404
+            )
+            return self._error(request, self.admission.reject(error))
         content_type = request.getHeader(b"content-type") or b""
         if content_type.split(b";")[0].strip().lower() != b"application/json":
             error = self.admission.reject(
@@ -128,6 +138,7 @@ class RouterApp:
         assert request.content is not None
         body = request.content.read()
         request.content = BytesIO()  # the ciphertext is not needed past admission
+        gone = _departure(request)
         # Raw bytes: a str lookup decodes as UTF-8 and raised on anything else (issue 8).
         pow_header = request.requestHeaders.getRawHeaders(pow.HEADER.encode("ascii"), [None])[-1]
         try:
@@ -138,11 +149,16 @@ class RouterApp:
             return self._sealed_error(request, e)
         except ProtocolError as e:
             return self._error(request, e)
-        if request._disconnected:  # left while a shared table answered
+        if gone():  # left while a shared table answered
             admitted.release()
             return b""
         settings = self.settings
         sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
+
+        def closed() -> None:
+            admitted.release()
+            self.streams.discard(stream)
+
         stream = EncryptedStream(
             request,
             sealer,
@@ -151,16 +167,11 @@ class RouterApp:
             started,
             settings.keepalive_seconds,
             settings.stream_cadence_ms / 1000.0,
+            closed,
             deadline=started + settings.request_ttl_seconds,
             write_stall=settings.write_stall_seconds,
         )
         self.streams.add(stream)
-
-        def closed() -> None:
-            admitted.release()
-            self.streams.discard(stream)
-
-        stream._on_close = closed
         call = ChatCall(
             self._clock,
             self._pool,
@@ -182,6 +193,28 @@ class RouterApp:
         await stream.done  # cancelled by Klein when the client goes: the stream cleans up
         return None
 
+    @app.route("/api/v2/chat", methods=["POST"])
+    async def chat_v2(self, request: server.Request) -> Any:
+        if self.relay is None or not self.relay.available():
+            return self._error(request, _v2_unavailable())
+        gone = _departure(request)
+        client = self._proxies.client_address(request)
+        error = await self.relay.chat(request, client, gone)
+        if error is not None:
+            return self._error(request, error)
+        return None
+
+    @app.route("/api/v2/keys", methods=["GET"])
+    def keys_v2(self, request: server.Request) -> bytes:
+        body = None
+        if self.relay is not None and self._keys_ready():
+            body = self.relay.key_document()
+        if body is None:
+            return self._error(request, _v2_unavailable())
+        reply = self._reply(request, 200, b"application/json", body)
+        request.setHeader(b"Cache-Control", b"public, max-age=60")
+        return reply
+
     @app.route("/api/pubkey", methods=["GET"])
     def pubkey(self, request: server.Request) -> bytes:
         return self._keys_reply(request, b"application/json", self._keys.key_document)
@@ -190,7 +223,15 @@ class RouterApp:
     def models(self, request: server.Request) -> bytes:
         """The public model list: names only (what the backends serve, not where)."""
         data = [{"id": name, "object": "model"} for name in self._pool.models()]
-        doc = {"object": "list", "protocol": "1.1", "default": self._pool.default_model}
+        protocols = [] if self.settings.router_terminated == "off" else ["1", "1.1"]
+        if self.relay is not None and self.relay.available():
+            protocols.append("2")
+        doc = {
+            "object": "list",
+            "protocol": "1.1",
+            "protocols": protocols,
+            "default": self._pool.default_model,
+        }
         body = self._reply(
             request, 200, b"application/json", json.dumps({**doc, "data": data}).encode()
         )
@@ -252,6 +293,17 @@ class RouterApp:
             "unhandled {kind} at {where}", kind=getattr(failure.type, "__name__", "?"), where=where
         )
         return self._error(request, ProtocolError("internal", "internal error"))
+
+
+def _v2_unavailable() -> ProtocolError:
+    return ProtocolError("v2_unavailable", "protocol v2 is not configured on this router", 503)
+
+
+def _departure(request: server.Request) -> Callable[[], bool]:
+    """Whether the client has gone since now (a request learns it only through notifyFinish)."""
+    left: list[Failure] = []
+    request.notifyFinish().addErrback(left.append)
+    return lambda: bool(left)
 
 
 class _Utf8Guard(Resource):

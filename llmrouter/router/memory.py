@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from llmrouter import pow
+from llmrouter.replay import ReplayCache, SpentSolutions
 from llmrouter.router.budget import PrivacyBudget
 from llmrouter.router.devices import KnownDevices
 from llmrouter.router.interfaces import (
@@ -25,7 +26,6 @@ from llmrouter.router.interfaces import (
     pow_refusal,
 )
 from llmrouter.router.ratelimit import RateLimiter
-from llmrouter.router.replay import ReplayCache, SpentSolutions
 from llmrouter.router.settings import Settings
 from llmrouter.router.slots import DeviceStreams
 

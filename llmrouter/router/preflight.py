@@ -20,7 +20,7 @@ from llmrouter.router.addresses import TrustedProxies
 from llmrouter.router.settings import Settings, SettingsError
 from llmrouter.swap import SWAP_HINT, swap_devices
 
-__all__ = ["check", "problems"]
+__all__ = ["check", "modes", "problems"]
 
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 # Where a plain-HTTP metrics listener may be: networks that are never routed on the internet,
@@ -156,6 +156,38 @@ def _state(s: Settings) -> Iterator[str]:
         )
 
 
+def _router_terminated(s: Settings) -> Iterator[str]:
+    remote = s.remote_endpoints
+    if remote and s.router_terminated == "":
+        yield (
+            f"INFERENCE_ENDPOINTS has remote backends ({', '.join(remote)}) and protocol v1/v1.1"
+            " is on: this router would open prompts and send them on to another host; set"
+            " ROUTER_TERMINATED=off (protocol v2 only: the nodes open them) or, knowingly,"
+            " ROUTER_TERMINATED=allow"
+        )
+
+
+def modes(settings: Settings, v2: str | None) -> list[str]:
+    """The protocol modes in force, one line each, for ``--check`` and the start-up log.
+    ``v2`` is None when protocol v2 is on, else why it is off."""
+    s = settings
+    lines = [
+        "protocol v2 (the nodes open requests; the router relays ciphertext): "
+        + ("on" if v2 is None else f"off ({v2})")
+    ]
+    if s.router_terminated == "off":
+        lines.append("protocol v1/v1.1 (the router opens requests): off (ROUTER_TERMINATED=off)")
+    else:
+        remote = len(s.remote_endpoints)
+        local = len(s.inference_endpoints) - remote
+        lines.append(
+            f"protocol v1/v1.1 (the router opens requests): on, toward {local} local and"
+            f" {remote} remote backend(s)"
+            + (" (ROUTER_TERMINATED=allow)" if s.router_terminated == "allow" else "")
+        )
+    return lines
+
+
 _CHECKS: tuple[Callable[[Settings], Iterator[str]], ...] = (
     _device_auth,
     _keys_dir,
@@ -163,6 +195,7 @@ _CHECKS: tuple[Callable[[Settings], Iterator[str]], ...] = (
     _listeners,
     _upstreams,
     _state,
+    _router_terminated,
 )
 
 

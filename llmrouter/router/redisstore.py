@@ -57,7 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmrouter import pow
-from llmrouter.router.daykey import derived_key
+from llmrouter.daykey import derived_key
 from llmrouter.router.interfaces import Commit, Committed, Gate, IAdmissionStore, Verdict
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.settings import Settings

@@ -35,7 +35,7 @@ from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from llmrouter.router.daykey import DayKey, random_key
+from llmrouter.daykey import DayKey, random_key
 
 __all__ = ["EVENTS", "SECURITY_EVENTS", "Ident", "SecurityLog"]
 

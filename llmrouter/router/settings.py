@@ -18,7 +18,7 @@ from typing import Any
 from llmrouter.chat import MODEL_NAME
 from llmrouter.protocol import SKEW_SECONDS
 from llmrouter.router.addresses import TrustedProxies
-from llmrouter.router.dialects import KINDS
+from llmrouter.terminate.config import Endpoint
 
 __all__ = [
     "ENV_NAMES",
@@ -61,34 +61,6 @@ def endpoint_entries(value: str) -> tuple[str, ...]:
         else:
             entries.append(token)
     return tuple(entries)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One ``INFERENCE_ENDPOINTS`` entry: where, which models it serves (pinned names, else found
-    in its ``GET /v1/models``), and what kind of backend it is (``auto``: recognised there too)."""
-
-    url: str
-    models: tuple[str, ...] = ()
-    kind: str = "auto"
-
-    @classmethod
-    def parse(cls, entry: str) -> Endpoint:
-        url, *options = entry.split()
-        models: list[str] = []
-        kind = "auto"
-        for option in options:
-            name, _, value = option.partition("=")
-            if name == "model" and MODEL_NAME.fullmatch(value) and value not in models:
-                models.append(value)
-            elif name == "kind" and value in KINDS:
-                kind = value
-            else:
-                raise SettingsError(
-                    "INFERENCE_ENDPOINTS options are model=NAME (letters, digits, ._:/@+-) and"
-                    " kind=" + "|".join(KINDS)
-                )
-        return cls(url, tuple(models), kind)
 
 
 def _bool(value: str) -> bool:
@@ -169,6 +141,9 @@ class Settings:
     state_tls_ca: Path | None = None
     state_lease_seconds: float = 30.0
     keys_role: str = "leader"
+    # Protocol v1/v1.1 (the router opens requests): "" as configured (production refuses it
+    # toward remote backends), "allow" also toward remote ones, "off": protocol v2 only.
+    router_terminated: str = ""
     _sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -185,8 +160,16 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def remote_endpoints(self) -> tuple[str, ...]:
+        """Backends not on this host's UNIX sockets: a v1/v1.1 prompt to them leaves the host."""
+        return tuple(e.url for e in self.endpoints() if not e.url.startswith("unix:"))
+
     def endpoints(self) -> tuple[Endpoint, ...]:
-        return tuple(Endpoint.parse(entry) for entry in self.inference_endpoints)
+        try:
+            return tuple(Endpoint.parse(entry) for entry in self.inference_endpoints)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
 
 
 # Environment variable name -> (field, parser). Names are contracts (systemd units, docs).
@@ -251,6 +234,7 @@ ENV_NAMES: dict[str, tuple[str, _Parser]] = {
     "STATE_TLS_CA": ("state_tls_ca", _opt_path),
     "STATE_LEASE_SECONDS": ("state_lease_seconds", float),
     "KEYS_ROLE": ("keys_role", str.strip),
+    "ROUTER_TERMINATED": ("router_terminated", lambda v: v.strip().lower()),
 }
 _FIELD_TO_ENV = {field_name: env for env, (field_name, _) in ENV_NAMES.items()}
 
@@ -388,6 +372,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("KEY_OVERLAP_SECONDS must not exceed the rotation period")
     if s.keys_role not in ("leader", "follower"):
         raise SettingsError("KEYS_ROLE must be leader or follower")
+    if s.router_terminated not in ("", "allow", "off"):
+        raise SettingsError("ROUTER_TERMINATED must be allow or off (or unset)")
     if s.state_url and STATE_URL.fullmatch(s.state_url) is None:
         # never the value: it may carry a password
         raise SettingsError(

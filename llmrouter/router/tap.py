@@ -19,21 +19,25 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.resource import Resource
 
+from llmrouter import secmem
+from llmrouter.daykey import DayKey, shared_day_keys
 from llmrouter.listen import ListenError, certificate_expiry, server_endpoint
 from llmrouter.protocol import ProtocolError
-from llmrouter.router import preflight, secmem
+from llmrouter.router import preflight
 from llmrouter.router.addresses import LOCAL, TrustedProxies, bucket
 from llmrouter.router.admission import Admission
 from llmrouter.router.app import RouterApp, RouterSite
-from llmrouter.router.cachekey import CACHE_LABEL, CacheKeys
 from llmrouter.router.connections import ConnectionGuard
-from llmrouter.router.daykey import DayKey, shared_day_keys
 from llmrouter.router.interfaces import IAdmissionStore
+from llmrouter.router.keydoc import KeyDocumentV2Source, refuse_operator_key, router_cert_problem
 from llmrouter.router.memory import MemoryStore
 from llmrouter.router.metrics import MetricsResource, RouterMetrics
+from llmrouter.router.nodes import NodePool
+from llmrouter.router.relay import Relay
 from llmrouter.router.seclog import SecurityLog
 from llmrouter.router.settings import ENV_NAMES, Settings, SettingsError, endpoint_entries, load
-from llmrouter.router.upstream import BackendPool
+from llmrouter.terminate.backends import BackendPool
+from llmrouter.terminate.cachekey import CACHE_LABEL, CacheKeys
 
 __all__ = ["Options", "Router", "makeService"]
 
@@ -145,6 +149,8 @@ class Options(usage.Options):
         if self["check"]:
             _check_readable(self.settings)  # as this user: run it as the service's
             print(f"llmrouter: settings OK ({self.settings.environment})")
+            for line in preflight.modes(self.settings, v2_problem(self.settings)):
+                print(f"llmrouter: {line}")
             raise SystemExit(0)
 
 
@@ -209,6 +215,16 @@ class Router:
             self.metrics,
             self.events if settings.security_log else None,
         )
+        self.nodes = NodePool(
+            clock,
+            self.pool.backends,
+            settings.health_interval_seconds,
+            settings.connect_timeout_seconds,
+        )
+        document = KeyDocumentV2Source(
+            self.keys, settings.keys_dir, self.nodes, clock, settings.default_model
+        )
+        self.relay = Relay(settings, clock, self.admission, self.nodes, document, self.metrics)
         self.app = RouterApp(
             settings,
             clock,
@@ -218,6 +234,7 @@ class Router:
             self.admission,
             self.metrics,
             cache_keys(settings, clock, self.keys),
+            self.relay,
         )
         self.site = site or RouterSite(Resource(), settings.max_body_bytes)
         self.site.resource = self.app.resource()
@@ -244,11 +261,15 @@ class Router:
         self.keys.start()
         self.store.start()
         self.pool.start()
+        self.nodes.start()
 
     def stop(self) -> Deferred[object]:
         """End open streams (sealed error), stop timers, wipe keys; fires when connections close."""
         for stream in list(self.app.streams):
             stream.shutdown()
+        for relayed in list(self.relay.streams):
+            relayed.shutdown()
+        self.nodes.stop()
         closed = self.pool.stop()
         self.keys.close()  # wipes the secret keys held in locked memory
         stopped = self.store.stop()
@@ -275,9 +296,17 @@ class Router:
             log.info("client certificate re-read")
 
 
+def v2_problem(settings: Settings) -> str | None:
+    """Why protocol v2 is off for these settings' key directory (None: it is on)."""
+    refusal = refuse_operator_key(settings.keys_dir)
+    if refusal is not None:
+        return refusal
+    return router_cert_problem(settings.keys_dir)
+
+
 def open_keys(settings: Settings, clock: IReactorTime) -> Any:
     """The key store: the leader's (creates and rotates) or a follower's (only reads)."""
-    from llmrouter.router.keys import KeyStore  # imported late: keeps `twistd --help` light
+    from llmrouter.keystore import KeyStore  # imported late: keeps `twistd --help` light
 
     follower = settings.keys_role == "follower"
     return KeyStore.open(
@@ -385,10 +414,13 @@ def makeService(options: Options) -> service.IService:
     settings = options.settings
     assert settings is not None
     secmem.harden_process()  # before any key material is read
-    from llmrouter.router.keys import KeyStoreError
+    from llmrouter.keystore import KeyStoreError
 
     # Fail fast (before twistd forks) on an unusable key directory; a leader creates it on first
     # start, a follower refuses to start without it.
+    refusal = refuse_operator_key(settings.keys_dir)
+    if refusal is not None:
+        raise SystemExit(f"llmrouter: {refusal}")
     try:
         open_keys(settings, reactor).close()
     except KeyStoreError as e:

@@ -13,6 +13,10 @@ import nacl.signing
 
 from llmrouter import hpke
 from llmrouter import protocol as p
+from llmrouter.v2 import certs as v2certs
+from llmrouter.v2 import request as v2request
+from llmrouter.v2 import response as v2response
+from tests.fuzz import targets as t
 from tests.fuzz.targets import _STATE, NOW
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -149,6 +153,63 @@ def main() -> None:
         b'"properties":{"a":{"type":"array","prefixItems":[{"const":1},{"type":"boolean"}]}}}}}],'
         b'"tool_choice":{"type":"function","function":{"name":"t"}},"reasoning_effort":"low",'
         b'"reasoning_format":"deepseek","chat_template_kwargs":{"enable_thinking":false}}',
+    )
+
+    _v2()
+
+
+class _Counter:
+    """Fixed randomness, so the seeds are the same on every run."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def token_bytes(self, n: int, /) -> bytes:
+        self.n += 1
+        return bytes([self.n]) * n
+
+    def randbelow(self, n: int, /) -> int:
+        return 0
+
+
+def _v2() -> None:
+    node_keys = v2certs.build_node_keys(t._NODE_SIGNING, t._NODE_KEYS, NOW)
+    entry = {"certificate": t._NODE_CERT, "keys": node_keys, "attestations": [{"format": "x"}]}
+    document = v2certs.build_key_document_v2(
+        t._ROUTER_SIGNING, t._ROUTER_CERT, t._V2_KEYS, [entry], "m1", NOW
+    )
+    payload = p.b64u_decode(json.loads(document)["payload"], "payload")
+    _write("v2keydoc", document, payload, p.b64u_decode(node_keys["payload"], "payload"))
+
+    doc = v2certs.verify_key_document_v2(document, bytes(t._OPERATOR.verify_key), now=NOW)
+    request = p.ChatRequest.from_prompt("Hello!", max_tokens=16)
+    body, _ = v2request.seal_request(
+        doc, request, model="m1", device_sk=t._DEVICE.sk, ts=NOW, rng=_Counter()
+    )
+    outer = v2request.open_outer(body, t._OUTER.sk)
+    hdr = body[: v2request.HEADER_BYTES]
+    ctx = hpke.setup_r(outer.enc, t._OUTER.sk, v2request.OUTER_INFO + b"\x00" + hdr)
+    outer_plaintext = ctx.open(b"", body[v2request.HEADER_BYTES + hpke.N_ENC :])
+    _write(
+        "v2request",
+        body,
+        outer_plaintext,
+        v2request.node_request_body(outer, outer.wraps[0]),
+        json.dumps(request.to_plaintext()).encode(),
+    )
+
+    sealer = v2response.node_sealer(t._V2_STATE.response_secret)
+    stream = sealer.init_event() + sealer.delta("Hi") + p.KEEPALIVE + sealer.done("stop", 3, 1)
+    error = p.ProtocolError("pow_required", "solve it", challenge="C" * 51, difficulty=16)
+    event = v2response.seal_router_event(
+        t._V2_STATE.router_secret, t._V2_STATE.outer_enc, error, rng=_Counter()
+    )
+    _write(
+        "v2stream",
+        b"\x10" + stream,
+        b"\x00" + event,
+        bytes([len(stream) // 2]) + stream[:-20] + event,
+        b'{"type":"error","code":"overloaded","message":"busy","retry_after":3}',
     )
 
 

@@ -4,10 +4,14 @@
 
 Targets: ``envelope`` (the router's request envelope), ``plaintext`` (a decrypted request),
 ``sse`` (the event-stream parser and the client's response opener), ``keydoc`` (the client's
-key-document verifier, with and without a valid signature over the fuzzed payload), and
+key-document verifier, with and without a valid signature over the fuzzed payload),
 ``guardrails`` (the inference daemon's request validation and the grammars it makes of JSON
-schemas and forced tool calls), and ``proxy`` (the local OpenAI proxy's request mapping, from an
-OpenAI body to a protocol v1.1 request). Each may refuse its input only with
+schemas and forced tool calls), ``proxy`` (the local OpenAI proxy's request mapping, from an
+OpenAI body to a protocol v1.1 request), and for protocol v2: ``v2keydoc`` (the v2 key document,
+its certificates and node key sets, each also validly signed around the fuzzed payload),
+``v2request`` (the router's outer header and outer plaintext, the node's forwarded request and
+inner plaintext, each also validly sealed around the input) and ``v2stream`` (the client's v2
+opener, and the input as a validly sealed router event). Each may refuse its input only with
 the error type it documents; any other exception (a crash, a ``TypeError`` that would be a 500)
 ends the run with a non-zero status and the input saved. ``make fuzz`` runs each for a few
 seconds from the seed corpus in ``tests/fuzz/corpus/``; docs/security-testing.md has the longer
@@ -16,6 +20,7 @@ command.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
@@ -25,13 +30,53 @@ with atheris.instrument_imports():
     import nacl.signing
 
     from inference import grammars, guardrails
-    from llmrouter import protocol
+    from llmrouter import hpke, protocol
     from llmrouter.client import proxy as openai_proxy
     from llmrouter.sse import SSEError, SSEParser
+    from llmrouter.v2 import certs as v2certs
+    from llmrouter.v2 import request as v2request_module
+    from llmrouter.v2 import response as v2response
 
 NOW = 1_767_225_600
 _SIGNING = nacl.signing.SigningKey(bytes(range(32)))
 _STATE = protocol.RequestState(bytes(32), bytes(range(32)))
+
+# Protocol v2: an operator, a certified router and node, all with fixed keys.
+_OPERATOR = nacl.signing.SigningKey(bytes(range(1, 33)))
+_ROUTER_SIGNING = nacl.signing.SigningKey(bytes(range(2, 34)))
+_NODE_SIGNING = nacl.signing.SigningKey(bytes(range(3, 35)))
+_OUTER = hpke.derive_key_pair(bytes(range(4, 36)))
+_NODE_KEY = hpke.derive_key_pair(bytes(range(5, 37)))
+_DEVICE = hpke.derive_key_pair(bytes(range(6, 38)))
+
+
+def _v2_certificate(
+    type: str, name: str, key: nacl.signing.SigningKey, models: tuple[str, ...] = ()
+) -> dict[str, str]:
+    return v2certs.issue_certificate(
+        bytes(_OPERATOR),
+        type=type,
+        name=name,
+        key=bytes(key.verify_key),
+        models=models,
+        not_before=NOW - 3600,
+        not_after=NOW + 30 * 86400,
+    )
+
+
+_ROUTER_CERT = _v2_certificate("router", "router-1", _ROUTER_SIGNING)
+_NODE_CERT = _v2_certificate("node", "node-a", _NODE_SIGNING, ("m1",))
+_V2_KEYS = [
+    protocol.PublishedKey("01", _OUTER.pk, "current", NOW - 60, NOW + 86400),
+    protocol.PublishedKey("02", _DEVICE.pk, "next", NOW + 86400, NOW + 2 * 86400),
+]
+_NODE_KEYS = [
+    protocol.PublishedKey("0a", _NODE_KEY.pk, "current", NOW - 60, NOW + 86400),
+    protocol.PublishedKey("0b", _DEVICE.pk, "next", NOW + 86400, NOW + 2 * 86400),
+]
+_V2_STATE = v2request_module.ClientState(
+    bytes(range(32)), bytes(range(32, 64)), bytes(range(64, 96))
+)
 
 
 def envelope(data: bytes) -> None:
@@ -85,6 +130,101 @@ def _signed(payload: bytes) -> bytes:
     ).encode()
 
 
+def v2keydoc(data: bytes) -> None:
+    """The input as a key document; as the router-signed payload of one; as the node-signed
+    payload of a certified node's key set in a genuine document."""
+    entry = {
+        "certificate": _NODE_CERT,
+        "keys": _v2_signed(data, _NODE_SIGNING, v2certs.NODE_KEYS_CONTEXT),
+        "attestations": [],
+    }
+    for body in (
+        data,
+        json.dumps(
+            {
+                **_v2_signed(data, _ROUTER_SIGNING, v2certs.KEY_DOCUMENT_CONTEXT),
+                "certificate": _ROUTER_CERT,
+            }
+        ).encode(),
+        v2certs.build_key_document_v2(_ROUTER_SIGNING, _ROUTER_CERT, _V2_KEYS, [entry], "m1", NOW),
+    ):
+        try:
+            v2certs.verify_key_document_v2(body, bytes(_OPERATOR.verify_key), now=NOW)
+        except protocol.KeyDocumentError:
+            pass
+
+
+def _v2_signed(payload: bytes, key: nacl.signing.SigningKey, context: bytes) -> dict[str, str]:
+    signature = key.sign(v2certs.signed_message(context, payload)).signature
+    return {
+        "payload": protocol.b64u_encode(payload),
+        "signature": protocol.b64u_encode(signature),
+        "signing_key": protocol.b64u_encode(bytes(key.verify_key)),
+    }
+
+
+def v2request(data: bytes) -> None:
+    """The router's view (the input as a body, and sealed as an outer plaintext), then the
+    node's (the input as a forwarded request, and as the inner plaintext of a genuine wrap)."""
+    hdr = v2request_module.outer_header("01")
+    enc, ctx = hpke.setup_s(
+        _OUTER.pk, v2request_module.OUTER_INFO + b"\x00" + hdr, ephemeral=_DEVICE
+    )
+    for body in (data, hdr + enc + ctx.seal(b"", data)):
+        try:
+            v2request_module.parse_outer_header(body)
+            v2request_module.open_outer(body, _OUTER.sk)
+        except protocol.ProtocolError:
+            pass
+    try:
+        v2request_module.open_node_request(v2request_module.parse_node_request(data), _NODE_KEY.sk)
+    except protocol.ProtocolError:
+        pass
+    bound = v2request_module.binding(NOW, "m1", _DEVICE.pk)
+    key, nonce, _ = v2request_module.content_keys(bytes(32))
+    wrap_enc, wrap_ctx = hpke.setup_s(
+        _NODE_KEY.pk, v2request_module.WRAP_INFO, sk_s=_DEVICE.sk, ephemeral=_OUTER
+    )
+    inner = v2request_module.NodeRequest(
+        NOW,
+        "m1",
+        _DEVICE.pk,
+        "0a",
+        wrap_enc,
+        wrap_ctx.seal(bound, bytes(32)),
+        hpke.aead_seal(key, nonce, bound, data),
+        "node-a",
+    )
+    try:
+        v2request_module.open_node_request(inner, _NODE_KEY.sk)
+    except protocol.ProtocolError:
+        pass
+
+
+def v2stream(data: bytes) -> None:
+    """The client's v2 opener on the input (split where it says), and on the input sealed as
+    the plaintext of a genuine router event."""
+    split = data[0] if data else 0
+    opener = v2response.ResponseOpener(_V2_STATE, max_line=4096)
+    try:
+        opener.feed(data[1 : 1 + split])
+        opener.feed(data[1 + split :])
+        opener.close()
+    except protocol.StreamError:
+        pass
+    keys = protocol.ResponseKeys(_V2_STATE.router_secret, _V2_STATE.outer_enc, bytes(32))
+    event = json.dumps(
+        {
+            "response_nonce": protocol.b64u_encode(bytes(32)),
+            "sealed": protocol.b64u_encode(keys.seal(b"final", data)),
+        }
+    )
+    try:
+        v2response.open_router_event(_V2_STATE.router_secret, _V2_STATE.outer_enc, event)
+    except protocol.StreamError:
+        pass
+
+
 def guardrail(data: bytes) -> None:
     """Both request parsers, then the grammars a chat request's JSON schema and forced tool call
     become (the daemon answers ``unsupported_schema`` for a SchemaError)."""
@@ -131,6 +271,9 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "keydoc": keydoc,
     "guardrails": guardrail,
     "proxy": proxy,
+    "v2keydoc": v2keydoc,
+    "v2request": v2request,
+    "v2stream": v2stream,
 }
 
 

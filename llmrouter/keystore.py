@@ -1,4 +1,5 @@
-"""The router's key directory: HPKE keys with rotation and revocation, and long-lived secrets.
+"""A key directory (the router's; for protocol v2 also each inference node's): HPKE keys with
+rotation and revocation, and long-lived secrets.
 
 Layout of the directory (0700, every file 0600, written atomically):
 
@@ -8,6 +9,7 @@ Layout of the directory (0700, every file 0600, written atomically):
   memory.)
 * ``state-hash.key``: long-lived secret from which routers sharing state in Redis derive the
   day's key of the hashes Redis sees instead of identifiers (``llmrouter.router.redisstore``).
+  A node's directory (``node=True``: ``twistd inference --keys-dir``) has neither of these two.
 * ``hpke-KID.key``: one X25519 secret key per live HPKE key (``KID`` = RFC 9458 key_id in hex).
 * ``state.json``: which keys exist and their status (current, next, retired, revoked), validity
   times and public keys, the rotation settings and counters. It holds no secret.
@@ -55,7 +57,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import nacl.signing
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -72,8 +74,7 @@ from llmrouter.protocol import (
     key_document_issued_at,
     kid_for_key_id,
 )
-from llmrouter.router.seclog import SecurityLog
-from llmrouter.router.secmem import LockedBuffer
+from llmrouter.secmem import LockedBuffer
 
 __all__ = [
     "POLL_SECONDS",
@@ -99,7 +100,13 @@ STATUSES = ("current", "next", "retired", "revoked")
 
 _HPKE_FILE = re.compile(r"hpke-([0-9a-f]{2})\.key")
 _TMP_FILE = re.compile(r"\..+\.tmp-[0-9a-f]+")
-_log = Logger(namespace="llmrouter.router.keys")
+_log = Logger(namespace="llmrouter.keystore")
+
+
+class Events(Protocol):
+    """Where key lifecycle events go (the router's security log); nothing here depends on it."""
+
+    def event(self, name: str, **fields: str | int) -> None: ...
 
 
 class _SigningKey(nacl.signing.SigningKey):
@@ -385,8 +392,8 @@ def _locked(directory: Path, exclusive: bool, timeout: float) -> Iterator[None]:
 class KeyStore:
     """The router's keys. Create with :meth:`open`; ``start()`` runs rotation and polling.
 
-    ``events`` (a :class:`SecurityLog`) may be set after opening, since the log's hash key comes
-    from this store.
+    ``events`` (the router's security log) may be set after opening, since the log's hash key
+    comes from this store.
     """
 
     lock_timeout = 5.0
@@ -397,12 +404,14 @@ class KeyStore:
         clock: IReactorTime,
         rotation_seconds: float | None,
         overlap_seconds: float | None,
-        events: SecurityLog | None,
+        events: Events | None,
         follower: bool = False,
+        node: bool = False,
     ) -> None:
         self.directory = Path(directory).absolute()
         self.follower = follower
         self._expiry_refused = False
+        self.node = node
         self._clock = clock
         self._rotation_setting = rotation_seconds
         self._overlap_setting = overlap_seconds
@@ -433,9 +442,10 @@ class KeyStore:
         clock: IReactorTime,
         rotation_seconds: float | None = 86400,
         overlap_seconds: float | None = 3600,
-        events: SecurityLog | None = None,
+        events: Events | None = None,
         create: bool = True,
         follower: bool = False,
+        node: bool = False,
     ) -> KeyStore:
         """Open (and on first start create) the key directory.
 
@@ -443,12 +453,13 @@ class KeyStore:
         operator CLI does this, so it never overrides the router's configuration). With
         ``create`` False a missing directory is an error. A ``follower`` only reads (see the
         module docstring): it needs an existing directory and ignores the rotation settings.
+        A ``node`` directory holds no router secrets (``pow_key`` and ``state_key`` are empty).
         """
         if rotation_seconds is not None and rotation_seconds < 1:
             raise ValueError("rotation_seconds must be at least 1")
         if overlap_seconds is not None and overlap_seconds < 0:
             raise ValueError("overlap_seconds must not be negative")
-        store = cls(directory, clock, rotation_seconds, overlap_seconds, events, follower)
+        store = cls(directory, clock, rotation_seconds, overlap_seconds, events, follower, node)
         try:
             if follower:
                 store._follow()
@@ -575,6 +586,9 @@ class KeyStore:
         self.signing_key = self._signing_key_for(state)
         if not self.follower and (self.directory / OLD_LOG_HASH_FILE).exists():
             _destroy_file(self.directory / OLD_LOG_HASH_FILE)
+        if self.node:
+            self.pow_key = self.state_key = b""
+            return
         self.pow_key = self._long_lived_secret(POW_FILE)
         self.state_key = self._long_lived_secret(STATE_HASH_FILE)
 

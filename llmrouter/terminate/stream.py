@@ -1,8 +1,8 @@
 """The client-facing response: sealed SSE chunks, flow-controlled end to end.
 
-:class:`EncryptedStream` is the :class:`~llmrouter.router.upstream.TokenSink` of a
-:class:`~llmrouter.router.upstream.ChatCall` and the push producer registered on the client's HTTP
-request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
+:class:`EncryptedStream` is the :class:`~llmrouter.terminate.upstream.TokenSink` of a
+:class:`~llmrouter.terminate.upstream.ChatCall` and the push producer registered on the client's
+HTTP request. When the client reads slowly Twisted pauses us and we pause the upstream transport, so
 tokens wait in the backend's socket rather than in our memory; when the client leaves we cancel the
 call, which closes the upstream connection so the backend stops generating.
 
@@ -34,7 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ResponseSealer
-from llmrouter.router.metrics import RouterMetrics
+from llmrouter.terminate.config import TerminateMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 
@@ -85,7 +85,7 @@ class EncryptedStream:
         request: Request,
         sealer: ResponseSealer,
         clock: IReactorTime,
-        metrics: RouterMetrics,
+        metrics: TerminateMetrics,
         started: float,
         keepalive_seconds: float,
         cadence_seconds: float = 0.0,
@@ -350,7 +350,7 @@ class EncryptedStream:
         self._metrics.request_duration.observe(self._clock.seconds() - self._started)
         if self._opened:
             self._request.unregisterProducer()
-        if finish and not self._request.finished and not self._request._disconnected:
+        if finish and not self._request.finished and not self.client_gone:
             self._request.finish()
         self._on_close()
         if not self.done.called:

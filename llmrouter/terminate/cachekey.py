@@ -4,7 +4,7 @@ An inference daemon keeps a finished conversation's KV cache for the next reques
 the same ``X-LLMRouter-Cache-Key`` (docs/inference.md), so a device's next turn skips
 re-processing the history. The key is HMAC-SHA256 of the device's public key under a key of its
 own, random, held only in memory and replaced at every UTC midnight like the security log's
-(:mod:`llmrouter.router.daykey`): it is neither the device key nor the security log's identifier
+(:mod:`llmrouter.daykey`): it is neither the device key nor the security log's identifier
 of the device, nobody on the private link can tell which device it belongs to, and an inference
 node can link a device's requests for one day at most. A new key (midnight, a router restart)
 costs each device one cache miss: a cached conversation lives minutes, not days. Several routers
@@ -21,7 +21,7 @@ import base64
 import hashlib
 import hmac
 
-from llmrouter.router.daykey import DayKey
+from llmrouter.daykey import DayKey
 
 __all__ = ["CACHE_LABEL", "HEADER", "CacheKeys"]
 
