@@ -40,6 +40,7 @@ from llmrouter.client.library import (
     load_device_key,
     write_private,
 )
+from llmrouter.pinarg import pins_attached
 from llmrouter.protocol import (
     ChatRequest,
     Delta,
@@ -491,25 +492,9 @@ async def _guarded(reactor: Any, args: argparse.Namespace) -> int:
         return _fail(ChatError("cannot_listen", "cannot listen on the --listen address"))
 
 
-# A pin is 43 base64url characters, and one in 64 begins with "-", which argparse would take
-# for an option ("--pin: expected one argument") unless it is written --pin=KEY.
-_DASH_PIN = re.compile(r"-[A-Za-z0-9_-]{42}")
-
-
-def _pins_attached(argv: Sequence[str]) -> list[str]:
-    """``--pin -KEY`` as ``--pin=-KEY``, so every pin works as the docs write it."""
-    out: list[str] = []
-    for arg in argv:
-        if out and out[-1] == "--pin" and _DASH_PIN.fullmatch(arg):
-            out[-1] = f"--pin={arg}"
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(_pins_attached(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(pins_attached(sys.argv[1:] if argv is None else argv, ["--pin"]))
     if args.protocol not in PROTOCOLS:
         parser.error("LLMROUTER_PROTOCOL must be 1 or 2")
     if args.command != "open" and args.protocol == 2 and args.tofu is not None:

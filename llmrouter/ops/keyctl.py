@@ -43,6 +43,7 @@ import nacl.signing
 from twisted.internet.task import Clock
 
 from llmrouter.keystore import SECRET_BYTES, KeyStore, KeyStoreError
+from llmrouter.pinarg import pins_attached
 from llmrouter.protocol import ProtocolError, b64u_decode, b64u_encode, key_id_for_kid
 from llmrouter.secmem import harden_process
 from llmrouter.v2 import certs as v2certs
@@ -238,7 +239,7 @@ def _operator_certify(args: argparse.Namespace, out: TextIO, err: TextIO) -> Non
 def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     """The command without process hardening (for tests that call it in-process)."""
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(pins_attached(sys.argv[1:] if argv is None else argv, ["--key"]))
     except SystemExit as e:  # usage errors and --help: argparse has printed what to say
         return e.code if isinstance(e.code, int) else 2
     command: str = args.command
