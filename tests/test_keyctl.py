@@ -390,6 +390,21 @@ class OperatorKeyTests(unittest.TestCase):
         self.assertNotIn(path.read_bytes().hex(), out + err)
         self.assertNotIn(b64(path.read_bytes()), out + err)
 
+    def test_certify_a_key_whose_pin_begins_with_a_dash(self) -> None:
+        """One pin in 64 begins with "-"; ``--key -KEY`` as the docs write it must still work
+        (argparse took it for an option, and make run's fresh keys failed one start in 64)."""
+        path, pin = self.operator()
+        router = nacl.signing.SigningKey.generate()
+        while not b64(bytes(router.verify_key)).startswith("-"):
+            router = nacl.signing.SigningKey.generate()
+        code, out, err = self.run_main(
+            "operator-certify", str(path), "--type", "router", "--name", "router-1",
+            "--key", b64(bytes(router.verify_key)),
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        cert = v2certs.verify_certificate(json.loads(out), pin, now=time.time(), type="router")
+        self.assertEqual(cert.key, bytes(router.verify_key))
+
     def test_certify_refusals(self) -> None:
         path, _ = self.operator()
         key = b64(bytes(nacl.signing.SigningKey.generate().verify_key))
