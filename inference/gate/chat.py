@@ -152,7 +152,7 @@ class Gate:
             route=route,
             headers=self._cache_keys.headers(node_request.device_pk),
         )
-        stream.attach(call)
+        stream.response.attach(call)
         call.start()
         return server.NOT_DONE_YET
 

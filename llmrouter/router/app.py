@@ -188,9 +188,9 @@ class RouterApp:
                 else None
             ),
         )
-        stream.attach(call)
+        stream.response.attach(call)
         call.start()
-        await stream.done  # cancelled by Klein when the client goes: the stream cleans up
+        await stream.response.done  # cancelled by Klein when the client goes: the stream cleans up
         return None
 
     @app.route("/api/v2/chat", methods=["POST"])
