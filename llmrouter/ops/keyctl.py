@@ -239,7 +239,9 @@ def _operator_certify(args: argparse.Namespace, out: TextIO, err: TextIO) -> Non
 def run(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     """The command without process hardening (for tests that call it in-process)."""
     try:
-        args = _parser().parse_args(pins_attached(sys.argv[1:] if argv is None else argv, ["--key"]))
+        args = _parser().parse_args(
+            pins_attached(sys.argv[1:] if argv is None else argv, ["--key"])
+        )
     except SystemExit as e:  # usage errors and --help: argparse has printed what to say
         return e.code if isinstance(e.code, int) else 2
     command: str = args.command
