@@ -34,6 +34,7 @@ from llmrouter.protocol import (
     b64u_encode,
     compact_json,
 )
+from llmrouter.protocol import Done as Done  # a v2 stream ends as v1.1's does (bench reads it here)
 from llmrouter.protocol import ResponseOpener as NodeStreamOpener
 from llmrouter.protocol import pad as _pad
 from llmrouter.sse import format_event
