@@ -93,6 +93,11 @@ class StreamingResponse:
         self._upstream = upstream
 
     @property
+    def upstream(self) -> UpstreamControl | None:
+        """The call attached to feed the response."""
+        return self._upstream
+
+    @property
     def opened(self) -> bool:
         """The ``200`` and its headers went out."""
         return self._opened

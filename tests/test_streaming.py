@@ -72,6 +72,7 @@ class StreamingResponseTests(SynchronousTestCase):
             on_close=self.closed,
         )
         self.response.attach(self.upstream)
+        self.assertIs(self.response.upstream, self.upstream)
 
     def timed_out(self) -> None:
         self.timeouts += 1
