@@ -606,7 +606,7 @@ class ResponseOpener:
         return self.final
 
     def event(self, name: str, payload: str) -> Iterable[StreamItem]:
-        """One parsed SSE event (for an opener that parses the stream itself, as v2's does)."""
+        """One parsed SSE event (v2's opener extends it with the router's event)."""
         if self.finished:
             raise StreamError("data after the final chunk")
         if name == "init":

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, utils
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock, deferLater
@@ -383,6 +384,30 @@ def post_chat(
 ) -> defer.Deferred[Any]:
     all_headers = {b"Content-Type": [b"application/json"], **(headers or {})}
     return http(url, b"POST", "/api/chat", body, all_headers)
+
+
+def post_v2_chat(url: str, body: bytes) -> defer.Deferred[Any]:
+    """POST a sealed v2 body (``message/ohttp-req``); fires with (status, Headers, body)."""
+    return http(url, b"POST", "/api/v2/chat", body, {b"Content-Type": [b"message/ohttp-req"]})
+
+
+def run_client_cli(
+    args: Sequence[str], env: dict[str, str], stdin: bytes | None, scratch: Path
+) -> defer.Deferred[tuple[bytes, bytes, int]]:
+    """``python -m llmrouter.client ARGS`` from the checkout, as a separate process; fires with
+    (stdout, stderr, exit code). ``stdin`` goes through the file ``scratch``, as
+    getProcessOutputAndValue has no stdin."""
+    root = Path(__file__).resolve().parents[1]
+    argv = ["-m", "llmrouter.client", *args]
+    if stdin is None:
+        return utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=str(root))
+    scratch.write_bytes(stdin)
+    return utils.getProcessOutputAndValue(
+        "/bin/sh",
+        ["-c", f'exec "$0" "$@" < {scratch}', sys.executable, *argv],
+        env=env,
+        path=str(root),
+    )
 
 
 def outcome(sent: bytes, status: int, headers: Any, raw: bytes) -> int | tuple[int, str]:

@@ -33,6 +33,7 @@ from llmrouter import protocol as p
 from llmrouter.chat import Tool
 from llmrouter.client import ChatError, Client, Conversation, load_device_key
 from tests.client_handlers import Handler, V2Handler
+from tests.router_support import post_v2_chat, run_client_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,15 +338,18 @@ class CommandLine(Fixture):
         }
         if pin and args[0] != "open" and "--pin" not in args and "--tofu" not in args:
             args = (*args, "--pin", p.b64u_encode(self.pin))
-        argv = ["-m", "llmrouter.client", *args]
-        if stdin is None:
-            return utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=str(ROOT))
-        # getProcessOutputAndValue has no stdin; go through a file instead.
-        path = Path(self.mktemp()).absolute()
-        path.write_bytes(stdin)
-        return utils.getProcessOutputAndValue(
-            "/bin/sh", ["-c", f'exec "$0" "$@" < {path}', sys.executable, *argv], env=env
-        )
+        return run_client_cli(args, env, stdin, Path(self.mktemp()).absolute())
+
+    @defer.inlineCallbacks
+    def check_open(self, state: Path, stream: bytes, text: bytes) -> Any:
+        """``open`` prints the stream's ``text``; the stream cut before its final chunk is
+        reported as truncated, with exit code 1."""
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
+        self.assertEqual((out, code), (text, 0), err)
+        cut = stream[: stream.rindex(b"event: final")]
+        out, err, code = yield self.run_client("open", "--state", str(state), stdin=cut)
+        self.assertEqual(code, 1)
+        self.assertIn(b"truncated", err)
 
 
 class CommandLineTests(CommandLine):
@@ -584,13 +588,7 @@ class ProtocolOneCommandLineTests(CommandLine):
         stream = yield readBody(response)
         self.assertEqual(response.code, 200)
 
-        out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
-        self.assertEqual((out, code), (b"gamma beta alpha \n", 0), err)
-        # A stream cut before its final chunk is reported as truncated, with exit code 1.
-        cut = stream[: stream.rindex(b"event: final")]
-        out, err, code = yield self.run_client("open", "--state", str(state), stdin=cut)
-        self.assertEqual(code, 1)
-        self.assertIn(b"truncated", err)
+        yield self.check_open(state, stream, b"gamma beta alpha \n")
         # The same stream opened with another request's state fails authentication.
         _, _, _ = yield self.run_client("seal", "x", "--state", str(state))
         _, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
@@ -780,21 +778,9 @@ class ProtocolTwoCommandLineTests(CommandLine):
     protocol = 2
 
     @defer.inlineCallbacks
-    def post(self, body: bytes, pow_header: str | None = None) -> Any:
-        from io import BytesIO
-
-        from twisted.web.client import FileBodyProducer, readBody
-        from twisted.web.http_headers import Headers
-
-        from llmrouter.httpclient import agent_for
-
-        agent, base = agent_for(reactor, self.urls[0])
-        headers = Headers({b"Content-Type": [b"message/ohttp-req"]})
-        response = yield agent.request(
-            b"POST", (base + "/api/v2/chat").encode(), headers, FileBodyProducer(BytesIO(body))
-        )
-        answer = yield readBody(response)
-        return response.code, answer
+    def post(self, body: bytes) -> Any:
+        status, _, answer = yield post_v2_chat(self.urls[0], body)
+        return status, answer
 
     @defer.inlineCallbacks
     def test_seal_then_open(self) -> Any:
@@ -808,13 +794,7 @@ class ProtocolTwoCommandLineTests(CommandLine):
         self.assertNotIn(b"alpha", body)
         status, stream = yield self.post(body)
         self.assertEqual(status, 200)
-        out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
-        self.assertEqual((out, code), (b"gamma beta alpha \n", 0), err)
-        # cut before the final chunk: truncated
-        cut = stream[: stream.rindex(b"event: final")]
-        out, err, code = yield self.run_client("open", "--state", str(state), stdin=cut)
-        self.assertEqual(code, 1)
-        self.assertIn(b"truncated", err)
+        yield self.check_open(state, stream, b"gamma beta alpha \n")
         # a sealed refusal: its code, exit status 1
         body, _, _ = yield self.run_client("seal", "x", "--state", str(state))
         self.handler.refuse_with = p.ProtocolError("budget_exhausted", "no budget left")

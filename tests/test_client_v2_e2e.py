@@ -5,26 +5,21 @@ tests/test_v2_e2e.py), trusting only the operator's pin, as an app would."""
 from __future__ import annotations
 
 import json
-import sys
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import openai
-from twisted.internet import defer, reactor, threads, utils
+from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
-from twisted.web.client import FileBodyProducer, readBody
-from twisted.web.http_headers import Headers
 
 from llmrouter.chat import ChatRequest
 from llmrouter.client import ChatError, Client, Conversation, load_device_key
-from llmrouter.httpclient import agent_for
 from llmrouter.protocol import b64u_encode
+from tests.router_support import post_v2_chat, run_client_cli
 from tests.test_client_proxy import run_proxy
 from tests.test_v2_e2e import v2_stack
 from tests.v2_support import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
 CANARY = "canary-c1e7 tell me a story"
 
 
@@ -77,15 +72,7 @@ class ClientOnV2(TestCase):
             "LLMROUTER_URL": self.url,
             "LLMROUTER_PIN": b64u_encode(self.pin),
         }
-        argv = ["-m", "llmrouter.client", *args]
-        if stdin is None:
-            return utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=str(ROOT))
-        path = Path(self.mktemp()).absolute()
-        path.write_bytes(stdin)
-        return utils.getProcessOutputAndValue(
-            "/bin/sh", ["-c", f'exec "$0" "$@" < {path}', sys.executable, *argv], env=env,
-            path=str(ROOT),
-        )  # fmt: skip
+        return run_client_cli(args, env, stdin, Path(self.mktemp()).absolute())
 
     @defer.inlineCallbacks
     def test_command_line(self) -> Any:
@@ -105,26 +92,13 @@ class ClientOnV2(TestCase):
         )
         self.assertEqual(code, 0, err)
         self.assertNotIn(b"canary", body)
-        agent, base = agent_for(reactor, self.url)
-        response = yield agent.request(
-            b"POST",
-            (base + "/api/v2/chat").encode(),
-            Headers({b"Content-Type": [b"message/ohttp-req"]}),
-            FileBodyProducer(BytesIO(body)),
-        )
-        stream = yield readBody(response)
-        self.assertEqual(response.code, 200)
+        status, _, stream = yield post_v2_chat(self.url, body)
+        self.assertEqual(status, 200)
         out, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
         self.assertEqual(code, 0, err)
         self.assertTrue(out.strip())
         # the same body again: the router refuses it, sealed
-        response = yield agent.request(
-            b"POST",
-            (base + "/api/v2/chat").encode(),
-            Headers({b"Content-Type": [b"message/ohttp-req"]}),
-            FileBodyProducer(BytesIO(body)),
-        )
-        stream = yield readBody(response)
+        _, _, stream = yield post_v2_chat(self.url, body)
         self.assertIn(b"event: router", stream)
         _, err, code = yield self.run_client("open", "--state", str(state), stdin=stream)
         self.assertEqual(code, 1)

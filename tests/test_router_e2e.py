@@ -271,7 +271,7 @@ class FlowControlTests(TestCase):
         yield reader.first
         reader.transport.pauseProducing()  # the client stops reading
         stream = next(iter(running.router.app.streams))
-        call = stream._upstream
+        call = stream.response.upstream
         for _ in range(600):  # the router pauses the upstream transport...
             if call._paused or call.over:
                 break

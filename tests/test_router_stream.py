@@ -243,11 +243,11 @@ class SlowReaderTests(TestCase):
         raw.transport.pauseProducing()  # type: ignore[attr-defined]  # zero window from now on
         (open_stream,) = running.router.app.streams
         for _ in range(400):
-            if open_stream._paused:
+            if open_stream.response.paused:
                 break
             clock.advance(0.05)
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(open_stream._paused, "the client's window never closed")
+        self.assertTrue(open_stream.response.paused, "the client's window never closed")
         return running, raw
 
     @defer.inlineCallbacks
@@ -372,7 +372,7 @@ class StallTimerTests(TestCase):
             deadline=1000.0,
             write_stall=30.0,
         )
-        stream.token("first")
+        stream.token("first")  # opens the response: its producer is registered
         return stream, clock, metrics, request
 
     def dropped(self, metrics: Any) -> float:
@@ -384,27 +384,27 @@ class StallTimerTests(TestCase):
     def test_a_reader_that_keeps_resuming_is_never_dropped(self) -> None:
         stream, clock, metrics, request = self.stream()
         for _ in range(100):  # 100 s of short pauses, each far below the 30 s limit
-            stream.pauseProducing()
+            request.producer.pauseProducing()
             clock.advance(1)
-            stream.resumeProducing()
+            request.producer.resumeProducing()
         clock.advance(60)
         self.assertEqual(self.dropped(metrics), 0)
-        self.assertFalse(stream.client_gone)
+        self.assertFalse(stream.response.left)
         self.assertFalse(request.channel.transport.disconnecting)
-        stream.stopProducing()
+        request.producer.stopProducing()
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_the_limit_counts_from_the_current_pause(self) -> None:
         stream, clock, metrics, request = self.stream()
-        stream.pauseProducing()  # the timer is armed for t=30
+        request.producer.pauseProducing()  # the timer is armed for t=30
         clock.advance(10)
-        stream.resumeProducing()
+        request.producer.resumeProducing()
         clock.advance(15)
-        stream.pauseProducing()  # paused again at t=25: dropped at t=55, not t=30
+        request.producer.pauseProducing()  # paused again at t=25: dropped at t=55, not t=30
         clock.advance(29.5)
         self.assertEqual(self.dropped(metrics), 0)
         clock.advance(0.5)
         self.assertEqual(self.dropped(metrics), 1)
-        self.assertTrue(stream.client_gone)
+        self.assertTrue(stream.response.left)
         self.assertTrue(request.channel.transport.disconnecting)
         self.assertEqual(clock.getDelayedCalls(), [])

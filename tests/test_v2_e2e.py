@@ -561,10 +561,10 @@ class FaultTests(TestCase):
         reader.transport.pauseProducing()  # type: ignore[attr-defined]  # a zero window
         (relayed,) = stack.running.router.relay.streams
         for _ in range(400):
-            if relayed._paused:
+            if relayed.response.paused:
                 break
             yield sleep(0.01)
-        self.assertTrue(relayed._paused, "the client's window never closed")
+        self.assertTrue(relayed.response.paused, "the client's window never closed")
         clock.advance(29)
         self.assertEqual(stack.running.router.admission.slots.open, 1)
         clock.advance(1)

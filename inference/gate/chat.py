@@ -44,8 +44,8 @@ from llmrouter.protocol import ProtocolError, SealedRefusal, check_timestamp
 from llmrouter.replay import ReplayCache
 from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
+from llmrouter.terminate.chats import Chats
 from llmrouter.terminate.stream import EncryptedStream
-from llmrouter.terminate.upstream import ChatCall
 from llmrouter.v2.request import NodeRequest, open_node_request, parse_node_request
 from llmrouter.v2.response import node_sealer, seal_node_refusal
 
@@ -79,7 +79,12 @@ class Gate:
             clock, settings.replay_window_seconds, settings.replay_max_entries
         )
         self.started = int(clock.seconds())
-        self.streams: set[EncryptedStream] = set()
+        self._chats = Chats(clock, pool, settings, metrics)
+
+    @property
+    def streams(self) -> set[EncryptedStream]:
+        """The open v2 streams."""
+        return self._chats.streams
 
     def ready(self) -> bool:
         """v2 can be served: a usable certificate and a healthy model server."""
@@ -88,8 +93,7 @@ class Gate:
 
     def stop(self) -> None:
         """End open streams with a sealed error (the node is stopping)."""
-        for stream in list(self.streams):
-            stream.shutdown()
+        self._chats.shutdown()
 
     # GET /v2/keys
 
@@ -123,37 +127,14 @@ class Gate:
             route = self._pool.route(node_request.model, chat.features())
         except ProtocolError as e:
             return self._sealed(request, secret, e)
-        settings = self._settings
-
-        def closed() -> None:
-            self.streams.discard(stream)
-
-        stream = EncryptedStream(
+        self._chats.answer(
             request,
-            node_sealer(secret, settings.pad_bytes),
-            self._clock,
-            self._metrics,
-            started,
-            settings.keepalive_seconds,
-            settings.stream_cadence_ms / 1000.0,
-            closed,
-            deadline=started + settings.request_ttl_seconds,
-            write_stall=settings.write_stall_seconds,
-        )
-        self.streams.add(stream)
-        call = ChatCall(
-            self._clock,
-            self._pool,
-            settings,
-            self._metrics,
+            node_sealer(secret, self._settings.pad_bytes),
             chat,
-            stream,
-            deadline=started + settings.request_ttl_seconds,
+            started,
             route=route,
             headers=self._cache_keys.headers(node_request.device_pk),
         )
-        stream.attach(call)
-        call.start()
         return server.NOT_DONE_YET
 
     def _parse(self, request: server.Request) -> NodeRequest:

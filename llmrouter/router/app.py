@@ -38,8 +38,8 @@ from llmrouter.router.relay import Relay
 from llmrouter.router.settings import Settings
 from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
+from llmrouter.terminate.chats import Chats
 from llmrouter.terminate.stream import EncryptedStream
-from llmrouter.terminate.upstream import ChatCall
 
 __all__ = ["RouterApp", "RouterSite"]
 
@@ -85,7 +85,16 @@ class RouterApp:
         self.admission = admission
         self._metrics = metrics
         self._proxies = TrustedProxies.parse(settings.trusted_proxies)
-        self.streams: set[EncryptedStream] = set()
+        self._chats = Chats(clock, pool, settings, metrics)
+
+    @property
+    def streams(self) -> set[EncryptedStream]:
+        """The open protocol 1.1 streams."""
+        return self._chats.streams
+
+    def shutdown(self) -> None:
+        """End every open protocol 1.1 stream with a sealed error (the router is stopping)."""
+        self._chats.shutdown()
 
     def resource(self) -> IResource:
         inner: IResource = _Utf8Guard(self.app.resource(), self._reply)
@@ -152,34 +161,12 @@ class RouterApp:
         if gone():  # left while a shared table answered
             admitted.release()
             return b""
-        settings = self.settings
-        sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=settings.pad_bytes)
-
-        def closed() -> None:
-            admitted.release()
-            self.streams.discard(stream)
-
-        stream = EncryptedStream(
+        sealer = ResponseSealer(admitted.secret, admitted.envelope.enc, pad=self.settings.pad_bytes)
+        stream = self._chats.answer(
             request,
             sealer,
-            self._clock,
-            self._metrics,
-            started,
-            settings.keepalive_seconds,
-            settings.stream_cadence_ms / 1000.0,
-            closed,
-            deadline=started + settings.request_ttl_seconds,
-            write_stall=settings.write_stall_seconds,
-        )
-        self.streams.add(stream)
-        call = ChatCall(
-            self._clock,
-            self._pool,
-            settings,
-            self._metrics,
             admitted.request,
-            stream,
-            deadline=started + settings.request_ttl_seconds,
+            started,
             route=admitted.route,
             # auth mode: our daemon may reuse this device's earlier conversation
             headers=(
@@ -187,10 +174,9 @@ class RouterApp:
                 if self._cache_keys is not None
                 else None
             ),
+            release=admitted.release,
         )
-        stream.attach(call)
-        call.start()
-        await stream.done  # cancelled by Klein when the client goes: the stream cleans up
+        await stream.response.done  # cancelled by Klein when the client goes: the stream cleans up
         return None
 
     @app.route("/api/v2/chat", methods=["POST"])

@@ -15,13 +15,30 @@ from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from llmrouter.terminate.metrics import TerminateHelp, TerminateMetricSet
+
 __all__ = ["CONTENT_TYPE", "MetricsResource", "RouterMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _STATE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1)
-_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+_HELP = TerminateHelp(
+    request_duration="End-to-end duration of chat requests, admission to final chunk",
+    upstream_duration="Duration of upstream (router to inference) requests",
+    ttft="Time from request arrival to the first token sent to the client",
+    active_streams="Open client response streams",
+    tokens_streamed="Tokens relayed to clients",
+    http_responses="HTTP responses by status",
+    streams_dropped=(
+        "Client connections dropped by the router: write_stall (the client took no bytes"
+        " for WRITE_STALL_SECONDS) or deadline (REQUEST_TTL_SECONDS ran out while the"
+        " client was not reading)"
+    ),
+    circuit_state="Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+    backend_healthy="Whether the last health probe of a backend succeeded",
+    upstream_retries="Upstream attempts retried on another (or the same) backend",
+)
 
 
 class _KeyCollector(Collector):
@@ -43,51 +60,16 @@ class _KeyCollector(Collector):
         return [rotations, age]
 
 
-class RouterMetrics:
+class RouterMetrics(TerminateMetricSet):
     """Every router metric; one instance per router (tests build their own)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.request_duration = Histogram(
-            "llmrouter_request_duration_seconds",
-            "End-to-end duration of chat requests, admission to final chunk",
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "llmrouter_upstream_duration_seconds",
-            "Duration of upstream (router to inference) requests",
-            ["backend"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "llmrouter_time_to_first_token_seconds",
-            "Time from request arrival to the first token sent to the client",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.active_streams = Gauge(
-            "llmrouter_active_streams", "Open client response streams", registry=r
-        )
-        self.tokens_streamed = Counter(
-            "llmrouter_tokens_streamed", "Tokens relayed to clients", registry=r
-        )
-        self.http_responses = Counter(
-            "llmrouter_http_responses", "HTTP responses by status", ["status"], registry=r
-        )
+        super().__init__(r, "llmrouter", _HELP)
         self.admission_rejections = Counter(
             "llmrouter_admission_rejections",
             "Requests rejected by admission, by error code",
-            ["reason"],
-            registry=r,
-        )
-        self.streams_dropped = Counter(
-            "llmrouter_streams_dropped",
-            "Client connections dropped by the router: write_stall (the client took no bytes"
-            " for WRITE_STALL_SECONDS) or deadline (REQUEST_TTL_SECONDS ran out while the"
-            " client was not reading)",
             ["reason"],
             registry=r,
         )
@@ -102,24 +84,6 @@ class RouterMetrics:
             " MAX_CONNECTIONS), full (every connection busy streaming), idle (a kept-alive"
             " connection with no new request for 5 s)",
             ["reason"],
-            registry=r,
-        )
-        self.circuit_state = Gauge(
-            "llmrouter_circuit_state",
-            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
-            ["backend"],
-            registry=r,
-        )
-        self.backend_healthy = Gauge(
-            "llmrouter_backend_healthy",
-            "Whether the last health probe of a backend succeeded",
-            ["backend"],
-            registry=r,
-        )
-        self.upstream_retries = Counter(
-            "llmrouter_upstream_retries",
-            "Upstream attempts retried on another (or the same) backend",
-            ["backend"],
             registry=r,
         )
         self.security_events = Counter(

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
+from llmrouter.probing import Probing
 from llmrouter.protocol import KeyDocumentError, ProtocolError, b64u_decode
 from llmrouter.terminate.backends import Backend
 from llmrouter.terminate.bodies import BodyReader
@@ -72,11 +73,10 @@ class NodePool:
     ) -> None:
         self._clock = clock
         self.nodes = [Node(backend) for backend in backends]
-        self._interval = interval
-        self._probe_timeout = probe_timeout
+        self._probing = Probing(
+            clock, interval, probe_timeout, lambda: [self.probe(node) for node in self.nodes]
+        )
         self._rng = rng or random.SystemRandom()
-        self._timer: IDelayedCall | None = None
-        self._probing: list[Deferred[Any]] = []
         self.version = 0  # changes whenever a node's entry changes
 
     # What the key document lists.
@@ -131,26 +131,10 @@ class NodePool:
     # Probing.
 
     def start(self) -> None:
-        self._tick()
+        self._probing.start()
 
-    def stop(self) -> Deferred[object]:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for d in list(self._probing):
-            d.cancel()
-        return gatherResults(list(self._probing), consumeErrors=True).addBoth(lambda _: None)
-
-    def _tick(self) -> None:
-        self._timer = None
-        for node in self.nodes:
-            d = self.probe(node)
-            self._probing.append(d)
-            d.addBoth(self._untrack, d)
-        self._timer = self._clock.callLater(self._interval, self._tick)
-
-    def _untrack(self, result: object, d: Deferred[Any]) -> None:
-        self._probing.remove(d)
+    def stop(self) -> Deferred[None]:
+        return self._probing.stop()
 
     def probe(self, node: Node) -> Deferred[None]:
         """``GET /v2/keys`` of one node; its entry is replaced, or dropped on any failure."""
@@ -161,12 +145,9 @@ class NodePool:
             response.deliverBody(reader)
             return int(response.code), await reader.done
 
-        d: Deferred[tuple[int, bytes]] = Deferred.fromCoroutine(run())
-        timer = self._clock.callLater(self._probe_timeout, d.cancel)
+        d: Deferred[tuple[int, bytes]] = self._probing.timed(Deferred.fromCoroutine(run()))
 
         def done(result: tuple[int, bytes] | Failure) -> None:
-            if timer.active():
-                timer.cancel()
             if isinstance(result, Failure):
                 if not result.check(CancelledError):
                     log.debug("v2 probe of {name} failed", name=node.backend.name)

@@ -32,7 +32,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,7 +40,6 @@ from twisted.web import server
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from zope.interface import implementer
 
 from llmrouter import pow
 from llmrouter.protocol import ProtocolError, SealedRefusal
@@ -49,6 +48,7 @@ from llmrouter.router.keydoc import KeyDocumentV2Source
 from llmrouter.router.metrics import RouterMetrics
 from llmrouter.router.nodes import Node, NodePool
 from llmrouter.router.settings import Settings
+from llmrouter.streaming import StreamingResponse
 from llmrouter.terminate.bodies import BodyReader, BytesProducer
 from llmrouter.v2.request import CONTENT_TYPE, OuterRequest, node_request_body
 from llmrouter.v2.response import seal_router_event
@@ -127,9 +127,9 @@ class Relay:
         outer = admitted.outer
         stream = self._stream(request, started, outer.enc, outer.router_secret, admitted.release)
         call = NodeCall(self, admitted, stream)
-        stream.attach(call)
+        stream.response.attach(call)
         call.start()
-        await stream.done  # cancelled by Klein when the client goes: the stream cleans up
+        await stream.response.done  # cancelled by Klein when the client goes: the stream cleans up
         return None
 
     def _route(self, outer: OuterRequest) -> list[Node]:
@@ -461,12 +461,12 @@ class _RelayBody(Protocol):
         self._call.body_ended(self, clean)
 
 
-@implementer(IPushProducer)
 class RelayStream:
     """The client's side of one v2 response: the node's bytes, or the router's sealed event.
 
-    A push producer on the client's connection; ``on_close`` runs once when it ends (releasing
-    the request's slots)."""
+    Its ``response`` (:class:`~llmrouter.streaming.StreamingResponse`, which the node's call is
+    attached to) is the push producer on the client's connection; ``on_close`` runs once when it
+    ends (releasing the request's slots)."""
 
     def __init__(
         self,
@@ -482,141 +482,47 @@ class RelayStream:
         deadline: float,
         write_stall: float,
     ) -> None:
-        self._request = request
-        self._clock = clock
-        self._metrics = metrics
-        self._started = started
         self._enc = enc
         self._secret = secret
         self._pad = pad
-        self._on_close = on_close
-        self._write_stall = write_stall
-        self._upstream: NodeCall | None = None
-        self._opened = False
-        self._closed = False
-        self._paused = False
-        self._stall: IDelayedCall | None = None
-        self._deadline: IDelayedCall | None = clock.callLater(
-            max(0.0, deadline - clock.seconds()), self._out_of_time
+        self.response = StreamingResponse(
+            request,
+            clock,
+            metrics,
+            started,
+            deadline=deadline,
+            write_stall=write_stall,
+            on_timeout=self._out_of_time,
+            on_close=on_close,
         )
-        self.done: Deferred[None] = Deferred(lambda d: self._client_left())
-        metrics.active_streams.inc()
-        request.notifyFinish().addErrback(lambda failure: self._client_left())
-
-    def attach(self, upstream: NodeCall) -> None:
-        self._upstream = upstream
 
     def open(self) -> None:
         """The node's first byte: the response starts."""
-        if not self._opened and not self._closed:
-            self._start()
-            self._metrics.ttft.observe(self._clock.seconds() - self._started)
-
-    def _start(self) -> None:
-        self._opened = True
-        request = self._request
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(self, True)
-        self._metrics.http_responses.labels("200").inc()
+        self.response.open(first_output=True)
 
     def write(self, data: bytes) -> None:
-        if not self._closed:
-            self._request.write(data)
+        self.response.write(data)
 
     def finish(self) -> None:
-        self._close()
+        self.response.close()
 
     def shutdown(self) -> None:
         """The router is stopping: drop the node, tell the client (sealed)."""
-        if self._upstream is not None:
-            self._upstream.cancel()
+        self.response.cancel_upstream()
         self.end(ProtocolError("overloaded", "the router is shutting down, retry", 503))
 
     def end(self, error: ProtocolError) -> None:
         """The router's last word, sealed: a refusal, or why the node's stream ended."""
-        if self._closed:
+        if self.response.closed:
             return
-        if not self._opened:
-            self._start()
-        self._request.write(seal_router_event(self._secret, self._enc, error, pad=self._pad))
-        self._close()
-
-    # Limits.
+        self.response.open()
+        self.response.write(seal_router_event(self._secret, self._enc, error, pad=self._pad))
+        self.response.close()
 
     def _out_of_time(self) -> None:
-        self._deadline = None
-        if self._paused:
-            self._drop("deadline")
-            return
-        if self._upstream is not None:
-            self._upstream.cancel()
+        """The deadline passed while the client still reads."""
+        self.response.cancel_upstream()
         self.end(ProtocolError("timeout", "the request took too long", 504))
-
-    def _stalled(self) -> None:
-        self._stall = None
-        self._drop("write_stall")
-
-    def _drop(self, reason: str) -> None:
-        if self._closed:
-            return
-        self._metrics.streams_dropped.labels(reason).inc()
-        channel = self._request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()  # type: ignore[attr-defined]
-        self._client_left()
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self._stall is None and not self._closed:
-            self._stall = self._clock.callLater(self._write_stall, self._stalled)
-        if self._upstream is not None:
-            self._upstream.pause()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._cancel_stall()
-        if self._upstream is not None:
-            self._upstream.resume()
-
-    def stopProducing(self) -> None:
-        self._client_left()
-
-    def _cancel_stall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
-
-    # Endings.
-
-    def _client_left(self) -> None:
-        if self._closed:
-            return
-        if self._upstream is not None:
-            self._upstream.cancel()
-        self._close(finish=False)
-
-    def _close(self, finish: bool = True) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-        self._cancel_stall()
-        self._metrics.active_streams.dec()
-        self._metrics.request_duration.observe(self._clock.seconds() - self._started)
-        if self._opened:
-            self._request.unregisterProducer()
-        if finish and not self._request.finished:
-            self._request.finish()
-        self._on_close()
-        if not self.done.called:
-            self.done.callback(None)
 
 
 def _error_code(body: bytes) -> str | None:

@@ -265,8 +265,7 @@ class Router:
 
     def stop(self) -> Deferred[object]:
         """End open streams (sealed error), stop timers, wipe keys; fires when connections close."""
-        for stream in list(self.app.streams):
-            stream.shutdown()
+        self.app.shutdown()
         for relayed in list(self.relay.streams):
             relayed.shutdown()
         self.nodes.stop()

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent, IResponse
 
 from llmrouter.httpclient import ClientTLS, PinnedPolicy, agent_for
+from llmrouter.probing import Probing
 from llmrouter.protocol import ProtocolError
 from llmrouter.terminate.bodies import MAX_PROBE_BODY, BodyReader, QuietClientFactory
 from llmrouter.terminate.breaker import CircuitBreaker
@@ -119,18 +120,18 @@ class BackendPool:
         self.backends = list(backends)
         self._metrics = metrics
         self._interval = interval
-        self._probe_timeout = probe_timeout
+        self._probing = Probing(
+            clock, interval, probe_timeout, lambda: [self.probe(b) for b in self.backends]
+        )
         self.default_model = default_model
         self._next: dict[str | None, int] = {}  # round-robin cursor per model (served names only)
-        self._timer: IDelayedCall | None = None
-        self._probing: list[Deferred[Any]] = []
         self.connection_pools: list[HTTPConnectionPool] = []
         self.tls: PinnedPolicy | None = None
         # Production: a llama-server whose /slots answers is never used (it hands anyone on the
         # link the prompts in its slots), and the router refuses to start against one.
         self.refuse_slots = False
         self.refused: set[str] = set()
-        self.first_round: Deferred[None] = Deferred()  # the first probe of every backend is done
+        self.first_round = self._probing.first_round  # the first probe of every backend is done
         for backend in self.backends:
             metrics.backend_healthy.labels(backend.name).set(0)
             metrics.circuit_state.labels(backend.name).set(0)
@@ -273,38 +274,13 @@ class BackendPool:
         self._metrics.backend_healthy.labels(backend.name).set(1 if healthy else 0)
 
     def start(self) -> None:
-        self._tick()
+        self._probing.start()
 
     def stop(self) -> Deferred[object]:
         """Stop probing and close idle keep-alive connections (fires when they are closed)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for d in list(self._probing):
-            d.cancel()
+        self._probing.stop()  # the probes' answers are not waited for: only the connections
         closing = [p.closeCachedConnections() for p in self.connection_pools]
         return gatherResults(closing).addCallback(lambda _: None)
-
-    def _tick(self) -> None:
-        self._timer = None
-        probes = [self.probe(backend) for backend in self.backends]
-        for probe in probes:
-            self._track(probe)
-        if not self.first_round.called:
-            gatherResults(probes, consumeErrors=True).addBoth(self._first_round_done)
-        self._timer = self._clock.callLater(self._interval, self._tick)
-
-    def _first_round_done(self, result: object) -> None:
-        if not self.first_round.called:
-            self.first_round.callback(None)
-
-    def _track(self, d: Deferred[Any]) -> None:
-        self._probing.append(d)
-
-        def untrack(result: object) -> None:
-            self._probing.remove(d)
-
-        d.addBoth(untrack)
 
     def probe(self, backend: Backend) -> Deferred[bool]:
         """GET /health (backends without it: /v1/models decides), then discover its models and
@@ -324,12 +300,9 @@ class BackendPool:
             self.refused.discard(backend.name)
             return health == 200 or code == 200
 
-        d: Deferred[bool] = Deferred.fromCoroutine(run())
-        timer = self._clock.callLater(self._probe_timeout, d.cancel)
+        d: Deferred[bool] = self._probing.timed(Deferred.fromCoroutine(run()))
 
         def done(result: bool | Failure) -> bool:
-            if timer.active():
-                timer.cancel()
             healthy = result is True
             if isinstance(result, Failure) and not result.check(CancelledError):
                 log.debug(

@@ -18,37 +18,27 @@ A client that stops reading must not hold its stream slot (and the router's memo
 two limits hold in both modes: a client whose connection stays paused (its buffers full, taking
 nothing) for ``write_stall`` seconds is dropped, and every stream ends at its ``deadline``
 (admission + ``REQUEST_TTL_SECONDS``): with a sealed ``timeout`` error if the client still reads,
-by closing the connection if it does not. Either frees the slot at once.
+by closing the connection if it does not. Either frees the slot at once. The response's headers,
+flow control and these limits are :class:`~llmrouter.streaming.StreamingResponse`'s, as for the
+v2 relay's stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.python.failure import Failure
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.server import Request
-from zope.interface import implementer
 
 from llmrouter.protocol import KEEPALIVE, MAX_LOGPROB_ENTRIES, ResponseSealer
+from llmrouter.streaming import StreamingResponse, UpstreamControl
 from llmrouter.terminate.config import TerminateMetrics
 
 __all__ = ["EncryptedStream", "UpstreamControl"]
 
 Logprobs = list[dict[str, Any]] | None
-
-
-class UpstreamControl(Protocol):
-    """What the stream needs from its upstream call (a ChatCall provides these)."""
-
-    def pause(self) -> None: ...
-
-    def resume(self) -> None: ...
-
-    def cancel(self) -> None: ...
 
 
 @dataclass
@@ -76,9 +66,9 @@ class _Run:
             self.logprobs.extend(logprobs)
 
 
-@implementer(IPushProducer)
 class EncryptedStream:
-    """One response stream (see the module docstring)."""
+    """One response stream (see the module docstring); its ``response`` is the push producer on
+    the client's connection, and the upstream call is attached to it."""
 
     def __init__(
         self,
@@ -94,34 +84,26 @@ class EncryptedStream:
         deadline: float,
         write_stall: float,
     ) -> None:
-        self._request = request
         self._sealer = sealer
         self._clock = clock
         self._metrics = metrics
-        self._started = started
         self._keepalive = keepalive_seconds
         self._cadence = cadence_seconds
         self._on_close = on_close
-        self._upstream: UpstreamControl | None = None
-        self._opened = False
-        self._closed = False
-        self._paused = False
         self._last_write = 0.0
         self._timer: IDelayedCall | None = None
-        self._write_stall = write_stall
-        self._stall: IDelayedCall | None = None
-        self._deadline: IDelayedCall | None = clock.callLater(
-            max(0.0, deadline - clock.seconds()), self._out_of_time
-        )
         self._pending: list[_Run] = []
         self._final: tuple[str, tuple[object, ...]] | None = None
-        self.client_gone = False
-        self.done: Deferred[None] = Deferred(lambda d: self._client_left())
-        metrics.active_streams.inc()
-        request.notifyFinish().addErrback(self._lost)
-
-    def attach(self, upstream: UpstreamControl) -> None:
-        self._upstream = upstream
+        self.response = StreamingResponse(
+            request,
+            clock,
+            metrics,
+            started,
+            deadline=deadline,
+            write_stall=write_stall,
+            on_timeout=lambda: self._end_now("timeout", "the request took too long", 504),
+            on_close=self._ended,
+        )
 
     # TokenSink
 
@@ -132,9 +114,9 @@ class EncryptedStream:
         self._text("reasoning", self._sealer.reasoning, text, logprobs)
 
     def tool_call(self, index: int, id: str | None, name: str | None, arguments: str) -> None:
-        if self._closed:
+        if self.response.closed:
             return
-        if not self._opened:
+        if not self.response.opened:
             self._first_output()
         if self._cadence:
             self._queue("tool_call", arguments, None, index, id, name)
@@ -143,22 +125,22 @@ class EncryptedStream:
 
     def progress(self) -> None:
         """Output the client did not ask to see: open the stream (keepalives, cadence slots)."""
-        if not self._closed and not self._opened:
+        if not self.response.closed and not self.response.opened:
             self._first_output()
 
     def finished(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> None:
-        if self._closed:
+        if self.response.closed:
             return
-        if not self._opened:
+        if not self.response.opened:
             self._open()
         self._end_with("done", (finish_reason, prompt_tokens, completion_tokens))
 
     def failed(
         self, code: str, message: str, status: int, detail: Mapping[str, Any] | None = None
     ) -> None:
-        if self._closed:
+        if self.response.closed:
             return
-        if not self._opened:
+        if not self.response.opened:
             self._open()
         self._end_with("error", (code, message, status, dict(detail or {})))
 
@@ -168,68 +150,23 @@ class EncryptedStream:
 
     def _end_now(self, code: str, message: str, status: int) -> None:
         """Cancel upstream and end the response at once with an error (sealed if streaming)."""
-        if self._closed:
+        if self.response.closed:
             return
-        if self._upstream is not None:
-            self._upstream.cancel()
+        self.response.cancel_upstream()
         self._pending = []
         self.failed(code, message, status)
-        if self._final is not None and not self._closed:
+        if self._final is not None and not self.response.closed:
             self._emit_final()
-
-    def _out_of_time(self) -> None:
-        self._deadline = None
-        if self._paused:
-            self._drop("deadline")
-        else:
-            self._end_now("timeout", "the request took too long", 504)
-
-    def _stalled(self) -> None:
-        self._stall = None
-        self._drop("write_stall")
-
-    def _drop(self, reason: str) -> None:
-        """Close the connection under a client that does not read; frees its slot now."""
-        if self._closed:
-            return
-        self._metrics.streams_dropped.labels(reason).inc()
-        channel = self._request.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.abortConnection()  # type: ignore[attr-defined]
-        self._client_left()
-
-    # IPushProducer (driven by the client's connection)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self._stall is None and not self._closed:
-            self._stall = self._clock.callLater(self._write_stall, self._stalled)
-        if self._upstream is not None:
-            self._upstream.pause()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._cancel_stall()
-        if self._upstream is not None:
-            self._upstream.resume()
-
-    def _cancel_stall(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
-
-    def stopProducing(self) -> None:
-        self._client_left()
 
     # Internals
 
     def _text(
         self, kind: str, seal: Callable[[str, Logprobs], bytes], text: str, logprobs: Logprobs
     ) -> None:
-        if self._closed:
+        if self.response.closed:
             return
         self._metrics.tokens_streamed.inc()
-        if not self._opened:
+        if not self.response.opened:
             self._first_output()
         if self._cadence:
             self._queue(kind, text, logprobs)
@@ -237,8 +174,7 @@ class EncryptedStream:
             self._write(seal(text, logprobs))
 
     def _first_output(self) -> None:
-        self._open()
-        self._metrics.ttft.observe(self._clock.seconds() - self._started)
+        self._open(first_output=True)
 
     def _queue(
         self,
@@ -256,21 +192,14 @@ class EncryptedStream:
             own = None if logprobs is None else list(logprobs)
             self._pending.append(_Run(kind, [text], own, index, id, name))
 
-    def _open(self) -> None:
-        self._opened = True
-        request = self._request
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(self, True)
-        self._metrics.http_responses.labels("200").inc()
+    def _open(self, first_output: bool = False) -> None:
+        self.response.open(first_output)
         self._write(self._sealer.init_event())
         self._schedule()
 
     def _write(self, data: bytes) -> None:
         self._last_write = self._clock.seconds()
-        self._request.write(data)
+        self.response.write(data)
 
     def _schedule(self) -> None:
         delay = self._cadence or self._keepalive
@@ -278,18 +207,20 @@ class EncryptedStream:
 
     def _tick(self) -> None:
         self._timer = None
-        if self._closed:
+        if self.response.closed:
             return
         if self._cadence:
             self._slot()
-        elif not self._paused and self._clock.seconds() - self._last_write >= self._keepalive:
+        elif not self.response.paused and (
+            self._clock.seconds() - self._last_write >= self._keepalive
+        ):
             self._write(KEEPALIVE)
-        if not self._closed:
+        if not self.response.closed:
             self._schedule()
 
     def _slot(self) -> None:
         """Exactly one padded chunk per slot: pending text, else the final, else an empty delta."""
-        if self._paused:
+        if self.response.paused:
             return
         if self._pending:
             run = self._pending.pop(0)
@@ -323,35 +254,12 @@ class EncryptedStream:
             assert isinstance(code, str) and isinstance(message, str)
             assert isinstance(status, int) and isinstance(detail, dict)
             self._write(self._sealer.error(code, message, status, **detail))
-        self._close()
+        self.response.close()
 
-    def _lost(self, failure: Failure) -> None:
-        self._client_left()
-
-    def _client_left(self) -> None:
-        if self._closed:
-            return
-        self.client_gone = True
-        if self._upstream is not None:
-            self._upstream.cancel()
-        self._close(finish=False)
-
-    def _close(self, finish: bool = True) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for timer in (self._timer, self._deadline):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._timer = self._deadline = None
-        self._cancel_stall()
+    def _ended(self) -> None:
+        """The response ended (its own way, or the client's): no more slots or keepalives."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         self._pending = []
-        self._metrics.active_streams.dec()
-        self._metrics.request_duration.observe(self._clock.seconds() - self._started)
-        if self._opened:
-            self._request.unregisterProducer()
-        if finish and not self._request.finished and not self.client_gone:
-            self._request.finish()
         self._on_close()
-        if not self.done.called:
-            self.done.callback(None)

@@ -23,7 +23,6 @@ from llmrouter.protocol import (
     DEFAULT_PAD,
     FINAL_AAD,
     RESPONSE_NONCE_BYTES,
-    Done,
     ErrorChunk,
     ProtocolError,
     RequestState,
@@ -35,9 +34,10 @@ from llmrouter.protocol import (
     b64u_encode,
     compact_json,
 )
+from llmrouter.protocol import Done as Done  # a v2 stream ends as v1.1's does (bench reads it here)
 from llmrouter.protocol import ResponseOpener as NodeStreamOpener
 from llmrouter.protocol import pad as _pad
-from llmrouter.sse import SSEError, SSEParser, format_event
+from llmrouter.sse import format_event
 from llmrouter.v2.request import ClientState, Random
 
 __all__ = [
@@ -189,43 +189,26 @@ def open_router_event(router_secret: bytes, outer_enc: bytes, payload: str) -> R
     )
 
 
-class ResponseOpener:
+class ResponseOpener(NodeStreamOpener):
     """Client side of a v2 stream: feed raw SSE bytes, get verified items back, in order.
 
-    Node events (``init``, ``chunk``, ``final``) are opened with the response secret; an
-    ``event: router`` with the router secret, and it ends the stream. ``close()`` returns the
-    terminal item (:class:`~llmrouter.protocol.Done`, a node's
-    :class:`~llmrouter.protocol.ErrorChunk` or a :class:`RouterRefusal`) or raises
-    :class:`~llmrouter.protocol.StreamError` for a truncated stream, as v1's opener does.
+    The node's stream is v1.1's (``init``, ``chunk``, ``final``), opened with the response
+    secret by v1's opener, which this extends with the router's event: an ``event: router`` is
+    opened with the router secret, and it ends the stream. ``close()`` returns the terminal item
+    (:class:`~llmrouter.protocol.Done`, a node's :class:`~llmrouter.protocol.ErrorChunk` or a
+    :class:`RouterRefusal`) or raises :class:`~llmrouter.protocol.StreamError` for a truncated
+    stream, as v1's opener does.
     """
 
     def __init__(self, state: ClientState, max_line: int = 1 << 20) -> None:
-        self._state = state
-        self._parser = SSEParser(max_line)
-        self._node = NodeStreamOpener(RequestState(b"", state.response_secret), max_line)
-        self.finished = False
-        self.final: Done | ErrorChunk | None = None
-
-    def feed(self, data: bytes) -> list[StreamItem]:
-        try:
-            events = self._parser.feed(data)
-        except SSEError:
-            raise StreamError("malformed event stream") from None
-        return [item for name, payload in events for item in self.event(name, payload)]
+        super().__init__(RequestState(b"", state.response_secret), max_line)
+        self._client = state
 
     def event(self, name: str, payload: str) -> Iterable[StreamItem]:
+        if name != ROUTER_EVENT:
+            return super().event(name, payload)
         if self.finished:
             raise StreamError("data after the final chunk")
-        if name == ROUTER_EVENT:
-            refusal = open_router_event(self._state.router_secret, self._state.outer_enc, payload)
-            self.finished, self.final = True, refusal
-            return (refusal,)
-        items = tuple(self._node.event(name, payload))
-        if self._node.finished:
-            self.finished, self.final = True, self._node.final
-        return items
-
-    def close(self) -> Done | ErrorChunk:
-        if not self.finished or self.final is None:
-            raise StreamError("the stream ended without a verified final chunk (truncated)")
-        return self.final
+        refusal = open_router_event(self._client.router_secret, self._client.outer_enc, payload)
+        self.finished, self.final = True, refusal
+        return (refusal,)
