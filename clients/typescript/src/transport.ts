@@ -27,7 +27,11 @@ export interface FetchResponse {
 export interface FetchInit {
   method: string;
   headers: Record<string, string>;
-  body?: string;
+  /**
+   * Protocol v1.1's JSON envelope, or protocol v2's binary `message/ohttp-req` body (an
+   * `ArrayBuffer`: what every `fetch` and `XMLHttpRequest` sends as it is, in every TypeScript).
+   */
+  body?: string | ArrayBuffer;
   signal?: AbortSignal;
 }
 
