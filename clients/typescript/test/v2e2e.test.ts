@@ -173,6 +173,39 @@ describe('protocol v2 against a real certified router and node', { timeout: 2400
     await assert.rejects(collect(client.chat(ask('replayed', 1))), (e: unknown) => e instanceof RouterError && e.code === 'replay' && e.status === 409);
   });
 
+  it('the v1.1 request fields travel sealed to the node: a forced tool call, JSON schema output, logprobs', async () => {
+    const client = new LLMRouterClient({ url: router.url, operatorPin: operator.pin });
+    const cities = ['Paris', 'Oslo'];
+    const parameters = { type: 'object', properties: { city: { type: 'string', enum: cities } }, required: ['city'], additionalProperties: false };
+    const streamed: ChatEvent[] = [];
+    const tool = await client.complete(
+      {
+        messages: [{ role: 'user', content: 'Weather in Oslo?' }],
+        tools: [{ type: 'function', function: { name: 'get_weather', parameters } }],
+        tool_choice: 'required',
+        parallel_tool_calls: false,
+        temperature: 0,
+        max_tokens: 300,
+      },
+      { onEvent: (e) => streamed.push(e) },
+    );
+    assert.equal(tool.finish_reason, 'tool_calls');
+    assert.equal(tool.tool_calls.length, 1);
+    assert.ok(streamed.filter((e) => e.type === 'tool_call').length >= 1);
+    assert.ok(cities.includes((JSON.parse(tool.tool_calls[0]!.function.arguments) as { city: string }).city));
+    const json = await client.complete({
+      messages: [{ role: 'user', content: 'Where?' }],
+      response_format: { type: 'json_schema', json_schema: { name: 'place', schema: parameters } },
+      logprobs: true,
+      top_logprobs: 2,
+      temperature: 0,
+      max_tokens: 300,
+    });
+    assert.equal(json.finish_reason, 'stop');
+    assert.ok(cities.includes((JSON.parse(json.text) as { city: string }).city));
+    assert.ok(json.logprobs.length > 0 && json.logprobs.every((l) => l.top_logprobs.length <= 2));
+  });
+
   it('the OpenAI adapter and ChatSession (what useChat runs) on v2', async () => {
     const client = new LLMRouterClient({ url: router.url, operatorPin: operator.pin });
     const openai = createOpenAIFetch(client);
