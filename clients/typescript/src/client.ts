@@ -360,6 +360,9 @@ export class LLMRouterClient {
       if (e instanceof KeyDocumentError && e.code === 'pin_mismatch' && this.pin === undefined) {
         throw new KeyDocumentError('pin_mismatch', 'key document is not signed by the key trusted on first use');
       }
+      if (e instanceof KeyDocumentError && e.code === 'pin_mismatch' && this.protocol === '2' && (await this.isRouterPin(control))) {
+        throw new KeyDocumentError('pin_mismatch', "the pin is this router's own signing key (protocol v1.1), not the operator's: pin the operator key, or pass it as pin for v1.1");
+      }
       throw e;
     }
     if (pin === null) {
@@ -375,6 +378,17 @@ export class LLMRouterClient {
     const cached: CachedDocument = { url: this.url, body, fetched_at: this.fetchedAt };
     await this.store(this.cache, this.documentName, JSON.stringify(cached));
     return document;
+  }
+
+  /** Whether the operator pin given is in fact the router's v1.1 signing key (for a helpful message only). */
+  private async isRouterPin(control: RequestControl): Promise<boolean> {
+    try {
+      const response = await control.guard(() => this.fetch(V1.keysPath, { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }));
+      const body = await control.guard(() => response.text());
+      return response.status === 200 && this.pin !== undefined && V1.verifyKeys(body, this.pin, this.seconds()) !== undefined;
+    } catch {
+      return false;
+    }
   }
 
   // Device key (auth mode).
@@ -464,7 +478,9 @@ export class LLMRouterClient {
       if (this.wire.sealedAdmission) {
         // v2: the router admits a new device once it opened the request (its proof of work comes
         // sealed), so the first verified event is the admission; leaving the loop cancels the rest.
-        for await (const _ of this.chat(REGISTRATION, { signal, onStatus })) break;
+        const document = (await this.keys({ signal })) as KeyDocumentV2;
+        const model = document.default_model ?? documentModels(document)[0];
+        for await (const _ of this.chat(model === undefined ? REGISTRATION : { ...REGISTRATION, model }, { signal, onStatus })) break;
         onProgress?.({ step: 'done', fraction: 1 });
         return;
       }
@@ -550,6 +566,7 @@ export class LLMRouterClient {
           // device's proof of work), or retried (overloaded, a device rate limit, ...) as its
           // plain form would be.
           if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+          if (e.code === 'model_unknown') this.fetchedAt = -Infinity; // the document is behind: the next request refetches it
           if (await this.reseal(e, resealed, control, onStatus)) {
             challenge = e instanceof RouterError ? e.challenge : undefined;
             continue;

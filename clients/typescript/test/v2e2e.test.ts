@@ -134,6 +134,9 @@ describe('protocol v2 against a real certified router and node', { timeout: 2400
     } finally {
       other.stop();
     }
+    // the router's own (v1.1) key given as the operator pin: said so
+    const confused = new LLMRouterClient({ url: router.url, operatorPin: router.pin });
+    await assert.rejects(confused.keys(), (e: unknown) => e instanceof KeyDocumentError && e.code === 'pin_mismatch' && /router's own signing key/.test(e.message));
     const uncertified = await startRouter(inference);
     try {
       const client = new LLMRouterClient({ url: uncertified.url, operatorPin: operator.pin });
