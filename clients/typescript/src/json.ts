@@ -78,3 +78,10 @@ export function hasExactly(value: unknown, names: readonly string[]): value is J
   const keys = Object.keys(value);
   return keys.length === names.length && names.every((name) => Object.prototype.hasOwnProperty.call(value, name));
 }
+
+/** Length in Unicode code points, as the protocol's limits count (and Python's `len`). */
+export function codePoints(text: string): number {
+  let n = 0;
+  for (const _ of text) n += 1;
+  return n;
+}

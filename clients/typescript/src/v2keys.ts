@@ -15,7 +15,7 @@ import { equalBytes } from '@noble/ciphers/utils.js';
 import { b64uDecode, concat, fromUtf8, utf8 } from './bytes.js';
 import { MODEL_NAME } from './chat.js';
 import { KeyDocumentError } from './errors.js';
-import { hasExactly, isObject, type JsonObject, parseStrict } from './json.js';
+import { codePoints, hasExactly, isObject, type JsonObject, parseStrict } from './json.js';
 import { checkKeySet, checkKeyTimes, CLOCK_SKEW, parsePublishedKey, type PublishedKey, SUITE, verifySignature } from './protocol.js';
 
 export const VERSION_2 = 2;
@@ -192,7 +192,7 @@ function attestations(raw: unknown): JsonObject[] {
   if (!Array.isArray(raw) || raw.length > MAX_ATTESTATIONS) throw bad(`a node's attestations are a list of at most ${MAX_ATTESTATIONS}`);
   for (const item of raw) {
     const format = isObject(item) ? item.format : undefined;
-    if (typeof format !== 'string' || format.length < 1 || format.length > MAX_ATTESTATION_FORMAT) {
+    if (typeof format !== 'string' || format.length < 1 || codePoints(format) > MAX_ATTESTATION_FORMAT) {
       throw bad('an attestation is an object with a string format');
     }
   }

@@ -8,7 +8,7 @@
 
 import { b64uDecode, fromUtf8 } from './bytes.js';
 import { DecryptionError } from './errors.js';
-import { hasExactly, isObject, parseStrict } from './json.js';
+import { codePoints, hasExactly, isObject, parseStrict } from './json.js';
 import { type ExpectedChunks } from './chat.js';
 import { type ErrorEvent, EventStreamOpener, FINAL_AAD, RESPONSE_NONCE_BYTES, ResponseKeys, ResponseOpener, type StreamItem } from './protocol.js';
 import type { ClientStateV2 } from './v2request.js';
@@ -90,8 +90,8 @@ export function openRouterEvent(state: ClientStateV2, payload: string): ErrorEve
     throw broken('malformed router event');
   }
   const { code, message: text, challenge } = message;
-  if (typeof code !== 'string' || !CODE.test(code) || typeof text !== 'string' || text.length > MAX_MESSAGE) throw broken('malformed router event');
-  if (challenge !== undefined && challenge !== null && (typeof challenge !== 'string' || challenge.length > MAX_CHALLENGE)) throw broken('malformed router event');
+  if (typeof code !== 'string' || !CODE.test(code) || typeof text !== 'string' || codePoints(text) > MAX_MESSAGE) throw broken('malformed router event');
+  if (challenge !== undefined && challenge !== null && (typeof challenge !== 'string' || codePoints(challenge) > MAX_CHALLENGE)) throw broken('malformed router event');
   const status = optionalInt(message, 'status');
   if (status !== undefined && (status < 100 || status > 599)) throw broken('malformed router event');
   const event: ErrorEvent = { type: 'error', code, message: text, status: status ?? refusalStatus(code) };
