@@ -22,6 +22,7 @@ import {
   AbortedError,
   ConfigurationError,
   KeyDocumentError,
+  KeyRotationError,
   LLMRouterError,
   NetworkError,
   RateLimitedError,
@@ -565,7 +566,7 @@ export class LLMRouterClient {
           // chunk (v2: the router's event, or the node's): sealed again (key_unknown, stale, a new
           // device's proof of work), or retried (overloaded, a device rate limit, ...) as its
           // plain form would be.
-          if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+          if (started || !(e instanceof RouterError || e instanceof RateLimitedError || e instanceof KeyRotationError)) throw e;
           if (e.code === 'model_unknown') this.fetchedAt = -Infinity; // the document is behind: the next request refetches it
           if (await this.reseal(e, resealed, control, onStatus)) {
             challenge = e instanceof RouterError ? e.challenge : undefined;

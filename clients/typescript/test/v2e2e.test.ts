@@ -14,6 +14,7 @@ import {
   type ChatStatus,
   ChatSession,
   KeyDocumentError,
+  type KeyDocumentV2,
   KeyRotationError,
   LLMRouterClient,
   type PrepareProgress,
@@ -24,7 +25,7 @@ import { createOpenAIFetch } from '@llmrouter/client/openai';
 
 import { recorder, replaying } from './support/faults.js';
 import { PersistentMemory } from './support/stores.js';
-import { type Inference, makeOperator, type Operator, type Router, startInference, startRouter, startRouterV2, TINY, waitFor } from './support/stack.js';
+import { type Inference, makeOperator, type Operator, python, type Router, startInference, startRouter, startRouterV2, TINY, waitFor } from './support/stack.js';
 
 function ask(content: string, max_tokens = 4): ChatRequest {
   return { messages: [{ role: 'user', content }], max_tokens, temperature: 0 };
@@ -223,5 +224,25 @@ describe('protocol v2 against a real certified router and node', { timeout: 2400
     const { messages, error } = session.getState();
     assert.equal(error, undefined);
     assert.deepEqual(messages.map((m) => [m.role, m.state]), [['user', 'complete'], ['assistant', 'complete']]);
+  });
+
+  // last: it changes the node's keys under the other tests
+  it("a node's revoked key: the router's sealed key_unknown, the document fetched again, the request sealed again once", async () => {
+    const statuses: ChatStatus[] = [];
+    const { fetch, calls, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, operatorPin: operator.pin, fetch, onStatus: (s) => statuses.push(s) });
+    const before = ((await client.keys()) as KeyDocumentV2).nodes[0]!.current.kid;
+    await python('-m', 'llmrouter.ops.keyctl', '--keys-dir', inference.nodeKeysDir!, 'revoke', before);
+    await waitFor(
+      async () => ((await new LLMRouterClient({ url: router.url, operatorPin: operator.pin }).keys()) as KeyDocumentV2).nodes[0]?.current.kid,
+      (kid) => kid !== undefined && kid !== before,
+      "the node's new key in the router's document",
+    );
+    const { done } = await collect(client.chat(ask('after the node rotated', 2)));
+    assert.equal(done?.type, 'done');
+    assert.deepEqual(statuses.filter((s) => s.type === 'resealing'), [{ type: 'resealing', reason: 'key_unknown' }]);
+    assert.deepEqual(chats().map((c) => c.status), [200, 200]); // the first carried the sealed refusal
+    assert.equal(calls.filter((c) => c.path === '/api/v2/keys').length, 2);
+    assert.notEqual(((await client.keys()) as KeyDocumentV2).nodes[0]!.current.kid, before);
   });
 });

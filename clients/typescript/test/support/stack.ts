@@ -190,6 +190,8 @@ export interface Backend {
 
 export interface Inference extends Backend {
   daemon: Daemon;
+  /** With the v2 gate: its key directory (`llmrouter-keys --keys-dir` it to rotate or revoke). */
+  nodeKeysDir?: string;
   metrics(): Promise<string>;
   stop(): Promise<void>;
 }
@@ -246,6 +248,7 @@ export async function startInference(args: string[] = [], node?: { operator: Ope
   return {
     daemon,
     socket,
+    ...(node === undefined ? {} : { nodeKeysDir: join(directory, 'node-keys') }),
     metrics: async () => (await unixGet(socket, '/metrics')).body,
     stop: async () => {
       await daemon.stop();
