@@ -38,7 +38,7 @@ import { challengeDifficulty, HEADER as POW_HEADER, type PowProgress, solve } fr
 import { DEFAULT_PAD, type ErrorEvent, type KeyDocument, type StreamItem } from './protocol.js';
 import { type ChatEvent, type Reply, ReplyBuilder } from './reply.js';
 import { type KeyStorage, MemoryStorage } from './storage.js';
-import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, sleep, wholeBody } from './transport.js';
+import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, responseDate, sleep, wholeBody } from './transport.js';
 import { DEFAULT_K, MAX_WRAPS } from './v2request.js';
 import { documentModels, type KeyDocumentV2 } from './v2keys.js';
 import { type StreamOpener, V1, V2, type WireProtocol } from './wire.js';
@@ -568,6 +568,7 @@ export class LLMRouterClient {
           // plain form would be.
           if (started || !(e instanceof RouterError || e instanceof RateLimitedError || e instanceof KeyRotationError)) throw e;
           if (e.code === 'model_unknown') this.fetchedAt = -Infinity; // the document is behind: the next request refetches it
+          if (e.code === 'stale') this.correctClock(responseDate(response)); // v2's sealed stale: the 200's Date, as a plain one's
           if (await this.reseal(e, resealed, control, onStatus)) {
             challenge = e instanceof RouterError ? e.challenge : undefined;
             continue;

@@ -172,6 +172,19 @@ describe('protocol v2 against a real certified router and node', { timeout: 2400
     await assert.rejects(collect(stuck.chat(ask('never', 1))), KeyRotationError);
   });
 
+  it("a clock 90 s behind: the router's sealed stale, the clock corrected from the answer's Date, sealed again once", async () => {
+    const statuses: ChatStatus[] = [];
+    const { fetch, chats } = recorder();
+    const client = new LLMRouterClient({ url: router.url, operatorPin: operator.pin, fetch, now: () => Date.now() - 90_000, onStatus: (s) => statuses.push(s) });
+    const { done } = await collect(client.chat(ask('late clock', 1)));
+    assert.equal(done?.type, 'done');
+    assert.deepEqual(statuses.filter((s) => s.type === 'resealing'), [{ type: 'resealing', reason: 'stale' }]);
+    assert.deepEqual(chats().map((c) => c.status), [200, 200]);
+    // without the correction allowed, the second stale is final
+    const strict = new LLMRouterClient({ url: router.url, operatorPin: operator.pin, now: () => Date.now() - 90_000, maxClockCorrectionSeconds: 10 });
+    await assert.rejects(collect(strict.chat(ask('still late', 1))), (e: unknown) => e instanceof RouterError && e.code === 'stale' && e.status === 401);
+  });
+
   it('surfaces a replayed request as the router refuses it (sealed)', async () => {
     const client = new LLMRouterClient({ url: router.url, operatorPin: operator.pin, fetch: replaying, maxRetries: 0 });
     await assert.rejects(collect(client.chat(ask('replayed', 1))), (e: unknown) => e instanceof RouterError && e.code === 'replay' && e.status === 409);
