@@ -10,6 +10,7 @@
 
 import { InvalidRequestError } from './errors.js';
 import { utf8 } from './bytes.js';
+import { codePoints as chars } from './json.js';
 
 export const MAX_MESSAGES = 1024;
 export const MAX_PARTS = 64;
@@ -189,12 +190,6 @@ function shaped(doc: Doc, required: string[], optional: string[] = []): boolean 
   return required.every((k) => present.includes(k)) && present.every((k) => required.includes(k) || optional.includes(k));
 }
 
-/** Length in Unicode code points, as the router counts. */
-function chars(text: string): number {
-  let n = 0;
-  for (const _ of text) n += 1;
-  return n;
-}
 
 function shortString(value: unknown, max: number): value is string {
   return typeof value === 'string' && value.length > 0 && (value.length <= max || chars(value) <= max);

@@ -1,9 +1,12 @@
 /**
  * `LLMRouterClient`: one router, end to end encrypted.
  *
- * It fetches the signed key document and checks it against the pinned signing key (or the one it
- * trusted on first use), seals each request to the current key, solves a proof of work when the
- * router asks for one, and yields verified deltas as the sealed stream arrives. Retries are
+ * Protocol v2 (the blind router) with an operator pin: it fetches the key document, checks the
+ * chain from the pinned operator key down to each node key, and seals each request to k
+ * certified inference nodes, around which the router opens only an outer layer. Protocol v1.1
+ * with the router's own pin (or the key it trusted on first use): it seals to the router's
+ * current key. Either way it solves a proof of work when the router asks for one, and yields
+ * verified deltas as the sealed stream arrives. Retries are
  * bounded, jittered, honour `Retry-After`, and happen only before the response begins.
  *
  * What is sealed, and how, is `wire.ts`'s; the network (transport.ts) and the app's storage
@@ -19,6 +22,7 @@ import {
   AbortedError,
   ConfigurationError,
   KeyDocumentError,
+  KeyRotationError,
   LLMRouterError,
   NetworkError,
   RateLimitedError,
@@ -34,15 +38,20 @@ import { challengeDifficulty, HEADER as POW_HEADER, type PowProgress, solve } fr
 import { DEFAULT_PAD, type ErrorEvent, type KeyDocument, type StreamItem } from './protocol.js';
 import { type ChatEvent, type Reply, ReplyBuilder } from './reply.js';
 import { type KeyStorage, MemoryStorage } from './storage.js';
-import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, sleep, wholeBody } from './transport.js';
-import { type StreamOpener, V1, type WireProtocol } from './wire.js';
+import { type Fetch, type FetchInit, type FetchResponse, parseRefusal, RequestControl, responseDate, sleep, wholeBody } from './transport.js';
+import { DEFAULT_K, MAX_WRAPS } from './v2request.js';
+import { documentModels, type KeyDocumentV2 } from './v2keys.js';
+import { type StreamOpener, V1, V2, type WireProtocol } from './wire.js';
 
 export type { ChatEvent } from './reply.js';
 export type { Fetch, FetchInit, FetchResponse } from './transport.js';
 
-/** `GET /api/models`: what a request's `model` may be (names only, not signed). */
+/**
+ * What a request's `model` may be: protocol v2, the models the verified nodes of the key document
+ * are certified for (`protocol: '2'`); v1.1, the router's `GET /api/models` (names only, not signed).
+ */
 export interface ModelList {
-  /** `'1.1'` (or later); `'1'` for a router that predates the list: send it v1 fields only. */
+  /** `'2'`, `'1.1'` (or later); `'1'` for a router that predates the list: send it v1 fields only. */
   protocol: string;
   /** What a request without `model` gets; null when any backend may answer. */
   default: string | null;
@@ -58,7 +67,7 @@ export interface ModelList {
 export type ChatStatus =
   | ({ type: 'proof_of_work' } & PowProgress)
   | { type: 'retrying'; attempt: number; delayMs: number; error: LLMRouterError }
-  | { type: 'resealing'; reason: 'key_unknown' | 'stale' }
+  | { type: 'resealing'; reason: 'key_unknown' | 'stale' | 'pow_required' }
   | { type: 'response'; streaming: boolean };
 
 export interface RequestOptions {
@@ -78,13 +87,29 @@ export interface PrepareOptions {
   onProgress?: ((progress: PrepareProgress) => void) | undefined;
 }
 
+/** The wire protocol: `'2'` (the blind router) or `'1.1'` (the router opens the request). */
+export type ProtocolVersion = '2' | '1.1';
+
 export interface ClientOptions {
   /** The router, `https://host` (or `http://127.0.0.1:8080` in development). */
   url: string;
-  /** The router's Ed25519 signing key, base64url (`llmrouter-keys init` prints it). */
+  /**
+   * Protocol v2 (the default with it): the operator's Ed25519 public key, base64url, 43
+   * characters (`llmrouter-keys operator-pin FILE` prints it). Every node key the client seals
+   * to must be certified by it; the router cannot read the conversation.
+   */
+  operatorPin?: string;
+  /** Protocol v1.1: the router's own Ed25519 signing key, base64url (`llmrouter-keys pin` prints it). */
   pin?: string;
-  /** Instead of `pin`: trust the first signing key seen, keep it in `storage`, refuse any other. */
+  /** Protocol v1.1, instead of `pin`: trust the first signing key seen, keep it in `storage`, refuse any other. */
   trustOnFirstUse?: boolean;
+  /**
+   * Optional, to say it explicitly: `'2'` needs `operatorPin`, `'1.1'` needs `pin` or
+   * `trustOnFirstUse` (the protocol otherwise follows from which one is given).
+   */
+  protocol?: ProtocolVersion;
+  /** Protocol v2: how many candidate nodes each request's content key is wrapped to (default 3, 1 to 16). */
+  k?: number;
   /**
    * Auth mode. `'auto'`: a device key made on first use and kept in `storage` (which must
    * persist); `'ephemeral'`: a new device key for each client, never stored (each one pays the
@@ -136,16 +161,24 @@ interface CachedDocument {
 /** The request `prepare()` sends to register a new device: one token, cancelled as soon as it is accepted. */
 const REGISTRATION: ChatRequest = { messages: [{ role: 'user', content: 'hi' }], max_tokens: 1 };
 
+/** A verified key document of either protocol. */
+export type AnyKeyDocument = KeyDocument | KeyDocumentV2;
+
+/** The codes after which a request is sealed again, once each (with a refetched document after `key_unknown`). */
+const RESEAL = new Set(['key_unknown', 'stale', 'pow_required']);
+
 export class LLMRouterClient {
   readonly url: string;
+  /** The wire protocol this client speaks: `'2'` with an operator pin, else `'1.1'`. */
+  readonly protocol: ProtocolVersion;
   private readonly options: ClientOptions;
-  private readonly wire: WireProtocol<KeyDocument> = V1;
+  private readonly wire: WireProtocol<AnyKeyDocument>;
   private readonly storage: KeyStorage;
   private readonly cache: KeyStorage;
   private readonly prefix: string;
   private readonly pin: Uint8Array | undefined;
   private readonly now: () => number;
-  private document: KeyDocument | undefined;
+  private document: AnyKeyDocument | undefined;
   private fetchedAt = 0;
   private trusted: Uint8Array | null | undefined;
   private device: Promise<KeyPair> | undefined;
@@ -156,18 +189,34 @@ export class LLMRouterClient {
     if (typeof options?.url !== 'string' || !/^https?:\/\/[^/]+/.test(options.url)) {
       throw new ConfigurationError('url must be an http(s) URL');
     }
-    if ((options.pin === undefined) === !options.trustOnFirstUse) {
-      throw new ConfigurationError('give either pin (the router signing key) or trustOnFirstUse: true');
+    const trusts = [options.operatorPin !== undefined, options.pin !== undefined, options.trustOnFirstUse === true].filter(Boolean).length;
+    if (trusts !== 1) {
+      throw new ConfigurationError('give one of operatorPin (protocol v2: the operator key), pin (protocol v1.1: the router signing key) or trustOnFirstUse: true');
     }
+    const protocol: ProtocolVersion = options.operatorPin !== undefined ? '2' : '1.1';
+    if (options.protocol !== undefined && options.protocol !== protocol) {
+      throw new ConfigurationError(
+        options.protocol === '2'
+          ? 'protocol 2 trusts the operator key only: give operatorPin (llmrouter-keys operator-pin prints it)'
+          : "protocol '1.1' trusts the router's own key: give pin or trustOnFirstUse, not operatorPin",
+      );
+    }
+    if (options.protocol !== undefined && options.protocol !== '2' && options.protocol !== '1.1') {
+      throw new ConfigurationError("protocol is '2' or '1.1'");
+    }
+    const k = options.k ?? DEFAULT_K;
+    if (!Number.isInteger(k) || k < 1 || k > MAX_WRAPS) throw new ConfigurationError(`k is an integer from 1 to ${MAX_WRAPS}`);
     const persistent = options.storage !== undefined && options.storage.persistent !== false;
     if (options.trustOnFirstUse && !persistent) {
       throw new ConfigurationError('trustOnFirstUse needs a persistent storage to remember the first signing key');
     }
-    if (options.pin !== undefined) {
+    const pinned = options.operatorPin ?? options.pin;
+    if (pinned !== undefined) {
       try {
-        this.pin = b64uDecode(options.pin, 'pin', 32);
+        this.pin = b64uDecode(pinned, 'pin', 32);
       } catch {
-        throw new ConfigurationError('pin must be a 32-byte Ed25519 public key in base64url');
+        const name = options.operatorPin !== undefined ? 'operatorPin' : 'pin';
+        throw new ConfigurationError(`${name} must be a 32-byte Ed25519 public key in base64url`);
       }
     }
     const device = options.deviceKey;
@@ -181,6 +230,8 @@ export class LLMRouterClient {
       );
     }
     this.url = options.url.replace(/\/+$/, '');
+    this.protocol = protocol;
+    this.wire = protocol === '2' ? V2 : V1;
     this.options = options;
     this.storage = options.storage ?? new MemoryStorage();
     this.cache = options.cache ?? new MemoryStorage();
@@ -228,30 +279,33 @@ export class LLMRouterClient {
    * The verified key document: the one in memory or the cache while it is fresh, else fetched.
    * When the router cannot be reached a cached document that still passes every check is used.
    */
-  async keys(options: { signal?: AbortSignal | undefined; refresh?: boolean } = {}): Promise<KeyDocument> {
+  async keys(options: { signal?: AbortSignal | undefined; refresh?: boolean } = {}): Promise<AnyKeyDocument> {
     const now = this.seconds();
-    const cached = this.document ?? (await this.loadDocument(now));
-    const usable = cached !== undefined && this.stillValid(cached, now);
+    const usable = this.stillValid(this.document ?? (await this.loadDocument(now)), now);
     const refreshAfter = this.options.keyRefreshSeconds ?? 3600;
-    if (usable && !options.refresh && now - this.fetchedAt < refreshAfter) return cached;
+    if (usable !== undefined && !options.refresh && now - this.fetchedAt < refreshAfter) return usable;
     const control = new RequestControl(options.signal);
     control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000); // a dead connection must not hang the app
     try {
       return await this.fetchKeys(control);
     } catch (e) {
-      if (e instanceof NetworkError && usable && !options.refresh) return cached;
+      if (e instanceof NetworkError && usable !== undefined && !options.refresh) return usable;
       throw e;
     } finally {
       control.dispose();
     }
   }
 
-  private stillValid(document: KeyDocument, now: number): boolean {
+  /**
+   * `document` checked again at `now` (the time rules: v2 also drops the node entries expired
+   * since), or undefined when it no longer holds and must be fetched again.
+   */
+  private stillValid(document: AnyKeyDocument | undefined, now: number): AnyKeyDocument | undefined {
+    if (document === undefined) return undefined;
     try {
-      this.wire.checkKeys(document, now);
-      return true;
+      return this.wire.checkKeys(document, now);
     } catch {
-      return false;
+      return undefined;
     }
   }
 
@@ -268,8 +322,13 @@ export class LLMRouterClient {
     return this.trusted;
   }
 
-  private async loadDocument(now: number): Promise<KeyDocument | undefined> {
-    const stored = await this.stored(this.cache, 'key-document');
+  /** The cache's name for the document: one per protocol (a v1.1 document is no v2 one). */
+  private get documentName(): string {
+    return this.protocol === '2' ? 'key-document-v2' : 'key-document';
+  }
+
+  private async loadDocument(now: number): Promise<AnyKeyDocument | undefined> {
+    const stored = await this.stored(this.cache, this.documentName);
     if (!stored) return undefined;
     try {
       const cached = JSON.parse(stored) as CachedDocument;
@@ -284,19 +343,26 @@ export class LLMRouterClient {
     }
   }
 
-  private async fetchKeys(control: RequestControl): Promise<KeyDocument> {
+  private async fetchKeys(control: RequestControl): Promise<AnyKeyDocument> {
     const response = await control.guard(() =>
       this.fetch(this.wire.keysPath, { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }),
     );
     const body = await control.guard(() => response.text());
+    if (response.status === 404 && this.protocol === '2') {
+      // A router from before v2 (a v2 router without its certificate answers 503 v2_unavailable itself).
+      throw new RouterError('v2_unavailable', 'the router does not speak protocol v2 (no /api/v2/keys): it needs an operator certificate', 404);
+    }
     if (response.status !== 200) throw refusalError(response.status, body, response);
     const pin = await this.trustedKey();
-    let document: KeyDocument;
+    let document: AnyKeyDocument;
     try {
       document = this.wire.verifyKeys(body, pin, this.seconds());
     } catch (e) {
       if (e instanceof KeyDocumentError && e.code === 'pin_mismatch' && this.pin === undefined) {
         throw new KeyDocumentError('pin_mismatch', 'key document is not signed by the key trusted on first use');
+      }
+      if (e instanceof KeyDocumentError && e.code === 'pin_mismatch' && this.protocol === '2' && (await this.isRouterPin(control))) {
+        throw new KeyDocumentError('pin_mismatch', "the pin is this router's own signing key (protocol v1.1), not the operator's: pin the operator key, or pass it as pin for v1.1");
       }
       throw e;
     }
@@ -305,11 +371,25 @@ export class LLMRouterClient {
       await this.store(this.storage, 'signing-key', b64uEncode(signingKey));
       this.trusted = signingKey;
     }
-    this.document = document;
     this.fetchedAt = this.seconds();
+    // An older document than the one held (and still valid) is what a replay looks like: kept out.
+    const held = this.stillValid(this.document, this.fetchedAt);
+    if (held !== undefined && this.wire.issuedAt(document) < this.wire.issuedAt(held)) return held;
+    this.document = document;
     const cached: CachedDocument = { url: this.url, body, fetched_at: this.fetchedAt };
-    await this.store(this.cache, 'key-document', JSON.stringify(cached));
+    await this.store(this.cache, this.documentName, JSON.stringify(cached));
     return document;
+  }
+
+  /** Whether the operator pin given is in fact the router's v1.1 signing key (for a helpful message only). */
+  private async isRouterPin(control: RequestControl): Promise<boolean> {
+    try {
+      const response = await control.guard(() => this.fetch(V1.keysPath, { method: 'GET', headers: { Accept: 'application/json' }, signal: control.signal }));
+      const body = await control.guard(() => response.text());
+      return response.status === 200 && this.pin !== undefined && V1.verifyKeys(body, this.pin, this.seconds()) !== undefined;
+    } catch {
+      return false;
+    }
   }
 
   // Device key (auth mode).
@@ -396,9 +476,18 @@ export class LLMRouterClient {
       const onStatus = (status: ChatStatus) => {
         if (status.type === 'proof_of_work') onProgress?.({ step: 'proof_of_work', fraction: 0.1 + 0.85 * (1 - Math.exp(-status.hashes / status.expected)) });
       };
+      if (this.wire.sealedAdmission) {
+        // v2: the router admits a new device once it opened the request (its proof of work comes
+        // sealed), so the first verified event is the admission; leaving the loop cancels the rest.
+        const document = (await this.keys({ signal })) as KeyDocumentV2;
+        const model = document.default_model ?? documentModels(document)[0];
+        for await (const _ of this.chat(model === undefined ? REGISTRATION : { ...REGISTRATION, model }, { signal, onStatus })) break;
+        onProgress?.({ step: 'done', fraction: 1 });
+        return;
+      }
       const control = new RequestControl(signal);
       try {
-        const { response } = await this.send(REGISTRATION, control, onStatus);
+        const { response } = await this.send(REGISTRATION, control, onStatus, new Set());
         await response.body?.getReader().cancel().catch(() => undefined); // accepted: the router stops there
       } finally {
         control.dispose();
@@ -414,6 +503,10 @@ export class LLMRouterClient {
    * router has no such list (`protocol: '1'`), and refuses every v1.1 field with `bad_payload`.
    */
   async models(options: { signal?: AbortSignal | undefined } = {}): Promise<ModelList> {
+    if (this.protocol === '2') {
+      const document = (await this.keys(options)) as KeyDocumentV2;
+      return { protocol: '2', default: document.default_model, models: documentModels(document) };
+    }
     const control = new RequestControl(options.signal);
     control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000);
     let response: FetchResponse, body: string;
@@ -454,23 +547,36 @@ export class LLMRouterClient {
     const onStatus = this.statusHook(options.onStatus);
     const control = new RequestControl(options.signal);
     const maxRetries = this.options.maxRetries ?? 2;
+    const resealed = new Set<string>();
+    let challenge: string | undefined;
     try {
-      for (let attempt = 0; ; attempt++) {
-        const { response, opener } = await this.send(request, control, onStatus);
+      for (let attempt = 0; ; ) {
+        const { response, opener } = await this.send(request, control, onStatus, resealed, challenge);
+        challenge = undefined;
         let started = false;
         try {
           for await (const event of this.read(response, opener, control, onStatus)) {
+            if (!started && this.wire.sealedAdmission) await this.markRegistered();
             started = true;
             yield event;
           }
           return;
         } catch (e) {
           // A refusal after the router decrypted the request comes sealed, as the stream's only
-          // chunk: retried (overloaded, a device rate limit, ...) as its plain form would be.
-          if (started || !(e instanceof RouterError || e instanceof RateLimitedError)) throw e;
+          // chunk (v2: the router's event, or the node's): sealed again (key_unknown, stale, a new
+          // device's proof of work), or retried (overloaded, a device rate limit, ...) as its
+          // plain form would be.
+          if (started || !(e instanceof RouterError || e instanceof RateLimitedError || e instanceof KeyRotationError)) throw e;
+          if (e.code === 'model_unknown') this.fetchedAt = -Infinity; // the document is behind: the next request refetches it
+          if (e.code === 'stale') this.correctClock(responseDate(response)); // v2's sealed stale: the 200's Date, as a plain one's
+          if (await this.reseal(e, resealed, control, onStatus)) {
+            challenge = e instanceof RouterError ? e.challenge : undefined;
+            continue;
+          }
           const delay = this.retryDelay(e, attempt);
           if (delay === undefined || attempt >= maxRetries) throw e;
-          onStatus({ type: 'retrying', attempt: attempt + 1, delayMs: Math.round(delay), error: e });
+          attempt += 1;
+          onStatus({ type: 'retrying', attempt, delayMs: Math.round(delay), error: e });
           try {
             await sleep(delay, control.signal);
           } catch {
@@ -505,28 +611,41 @@ export class LLMRouterClient {
     };
   }
 
-  private async send(request: ChatRequest, control: RequestControl, onStatus: (status: ChatStatus) => void): Promise<{ response: FetchResponse; opener: StreamOpener }> {
+  /**
+   * Seal again, once per code: after `key_unknown` (the router, or in v2 every candidate node,
+   * rotated its keys) with a refetched document; after `stale` (a router that just restarted
+   * refuses earlier timestamps, or this clock is off and was corrected by the router's Date) with
+   * a fresh timestamp; after v2's sealed `pow_required` (a new device), solving the challenge for
+   * the new request. A second time the same refusal is final.
+   */
+  private async reseal(failure: LLMRouterError, resealed: Set<string>, control: RequestControl, onStatus: (status: ChatStatus) => void): Promise<boolean> {
+    const code = failure.code;
+    if (!RESEAL.has(code) || resealed.has(code)) return false;
+    if (code === 'pow_required' && !(failure instanceof RouterError && failure.challenge !== undefined)) return false;
+    resealed.add(code);
+    onStatus({ type: 'resealing', reason: code as 'key_unknown' | 'stale' | 'pow_required' });
+    if (code === 'key_unknown') await this.keys({ signal: control.signal, refresh: true });
+    return true;
+  }
+
+  private async send(
+    request: ChatRequest,
+    control: RequestControl,
+    onStatus: (status: ChatStatus) => void,
+    resealed: Set<string>,
+    challenge?: string,
+  ): Promise<{ response: FetchResponse; opener: StreamOpener }> {
     const maxRetries = this.options.maxRetries ?? 2;
-    let resealed = false;
     for (let attempt = 0; ; ) {
       if (control.aborted) throw control.failure();
       let failure: LLMRouterError;
       try {
-        return await this.post(request, control, onStatus);
+        return await this.post(request, control, onStatus, challenge);
       } catch (e) {
         if (!(e instanceof LLMRouterError) || e instanceof AbortedError || e instanceof TimeoutError) throw e;
         failure = e;
       }
-      if ((failure.code === 'key_unknown' || failure.code === 'stale') && !resealed) {
-        // Seal again, once: after `key_unknown` (the router rotated its keys) with a refetched
-        // document; after `stale` (a router that just restarted refuses earlier timestamps, or
-        // this clock is off and was corrected by the router's Date) with a fresh timestamp. A
-        // clock off by more than the correction allows gets `stale` again, and that is final.
-        resealed = true;
-        onStatus({ type: 'resealing', reason: failure.code === 'stale' ? 'stale' : 'key_unknown' });
-        if (failure.code === 'key_unknown') await this.keys({ signal: control.signal, refresh: true });
-        continue;
-      }
+      if (await this.reseal(failure, resealed, control, onStatus)) continue;
       const delay = this.retryDelay(failure, attempt);
       if (delay === undefined || attempt >= maxRetries) throw failure;
       attempt += 1;
@@ -558,21 +677,30 @@ export class LLMRouterClient {
     if (Math.abs(offset) <= (this.options.maxClockCorrectionSeconds ?? 3600) * 1000) this.clockOffsetMs = offset;
   }
 
-  /** One sealed request (and, if the router asks, once more with a proof of work). */
+  /**
+   * One sealed request (and, if the router asks before opening it, once more with a proof of
+   * work); `challenge`: a sealed one from the answer before (v2), solved for this request first.
+   */
   private async post(
     request: ChatRequest,
     control: RequestControl,
     onStatus: (status: ChatStatus) => void,
+    challenge?: string,
   ): Promise<{ response: FetchResponse; opener: StreamOpener }> {
     const document = await this.keys({ signal: control.signal });
     const deviceKey = await this.deviceKeyPair();
-    const sealed = this.wire.seal(document, request, this.seconds(), { deviceKey, pad: this.options.pad ?? DEFAULT_PAD });
-    const headers: Record<string, string> = { 'Content-Type': 'application/json', Accept: 'text/event-stream' };
+    const seal = { deviceKey, pad: this.options.pad ?? DEFAULT_PAD, k: this.options.k ?? DEFAULT_K };
+    const sealed = this.wire.seal(document, request, this.seconds(), seal);
+    const headers: Record<string, string> = { 'Content-Type': this.wire.contentType, Accept: 'text/event-stream' };
+    const solveFor = async (given: string, error: LLMRouterError) => {
+      headers[POW_HEADER] = await this.solve(given, sealed.enc, error, control, onStatus);
+    };
+    if (challenge !== undefined) await solveFor(challenge, new RouterError('pow_invalid', 'the challenge is malformed', 401));
     for (;;) {
       control.arm('first_token_timeout', this.options.firstTokenTimeoutMs ?? 120_000);
       const response = await control.guard(() => this.fetch(this.wire.chatPath, { method: 'POST', headers, body: sealed.body, signal: control.signal }));
       if (response.status === 200) {
-        if (deviceKey !== undefined) await this.markRegistered();
+        if (!this.wire.sealedAdmission) await this.markRegistered();
         return { response, opener: sealed.opener() };
       }
       control.disarm('first_token_timeout');
@@ -581,22 +709,27 @@ export class LLMRouterClient {
       const error = routerError(code, message, response.status, retryAfter, upstream);
       if (code === 'stale') this.correctClock(date);
       if (code !== 'pow_required' || POW_HEADER in headers || challenge === undefined) throw error;
-      let difficulty: number;
-      try {
-        difficulty = challengeDifficulty(challenge);
-      } catch {
-        throw error;
-      }
-      if (difficulty > (this.options.maxProofOfWorkDifficulty ?? 24)) {
-        throw new RouterError('pow_too_hard', 'the proof of work asked for is harder than this client allows', 401);
-      }
-      headers[POW_HEADER] = await solve(challenge, sealed.enc, difficulty, {
-        signal: control.signal,
-        onProgress: (progress) => onStatus({ type: 'proof_of_work', ...progress }),
-      }).catch((e: unknown) => {
-        throw e instanceof AbortedError ? control.failure() : e;
-      });
+      await solveFor(challenge, error);
     }
+  }
+
+  /** The `X-LLMRouter-PoW` value for `challenge` bound to `enc`; `error` when the challenge is malformed. */
+  private async solve(challenge: string, enc: Uint8Array, error: LLMRouterError, control: RequestControl, onStatus: (status: ChatStatus) => void): Promise<string> {
+    let difficulty: number;
+    try {
+      difficulty = challengeDifficulty(challenge);
+    } catch {
+      throw error;
+    }
+    if (difficulty > (this.options.maxProofOfWorkDifficulty ?? 24)) {
+      throw new RouterError('pow_too_hard', 'the proof of work asked for is harder than this client allows', 401);
+    }
+    return solve(challenge, enc, difficulty, {
+      signal: control.signal,
+      onProgress: (progress) => onStatus({ type: 'proof_of_work', ...progress }),
+    }).catch((e: unknown) => {
+      throw e instanceof AbortedError ? control.failure() : e;
+    });
   }
 
   private async *read(
@@ -668,7 +801,7 @@ function chunkError(item: ErrorEvent): LLMRouterError {
     if (item.upstream_code !== undefined) upstream.code = item.upstream_code;
     if (item.upstream_param !== undefined) upstream.param = item.upstream_param;
   }
-  return routerError(item.code, item.message, item.status, item.retry_after, upstream);
+  return routerError(item.code, item.message, item.status, item.retry_after, upstream, item.challenge);
 }
 
 function refusalError(status: number, body: string, response: FetchResponse): LLMRouterError {

@@ -39,12 +39,19 @@ export type RouterErrorCode =
   | 'timeout'
   | 'not_found'
   | 'method_not_allowed'
-  | 'internal';
+  | 'internal'
+  // protocol v2 (docs/protocol.md sections 11 and 13)
+  | 'v2_unavailable'
+  | 'bad_request'
+  | 'bad_pow_header'
+  | 'device_proof_failed'
+  | 'new_device_rate_limited';
 
 /** The SDK's own codes. */
 export type ClientErrorCode =
   | 'configuration'
   | 'invalid_request'
+  | 'model_required'
   | 'unsupported_field'
   | 'network'
   | 'http_error'
@@ -75,6 +82,7 @@ const RETRYABLE = new Set<string>([
   'idle_timeout',
   'rate_limited',
   'device_rate_limited',
+  'new_device_rate_limited',
   'device_streams',
   'overloaded',
   'no_backend',
@@ -120,10 +128,13 @@ export class ConfigurationError extends LLMRouterError {
   }
 }
 
-/** The request cannot be sent as protocol v1.1: `field` names the offending field. */
+/**
+ * The request cannot be sent: `field` names the offending field (`model_required`: protocol v2,
+ * the request names no model and the router's key document names no default).
+ */
 export class InvalidRequestError extends LLMRouterError {
   constructor(
-    code: 'invalid_request' | 'unsupported_field',
+    code: 'invalid_request' | 'unsupported_field' | 'model_required',
     message: string,
     readonly field: string,
   ) {
@@ -233,16 +244,18 @@ export class RouterError extends LLMRouterError {
     status?: number,
     /** For `upstream_refused`: what the backend answered. */
     readonly upstream?: UpstreamRefusal,
+    /** For a `pow_required` (protocol v2, sealed): the challenge the next request solves. */
+    readonly challenge?: string,
   ) {
     super(code, message, status);
   }
 }
 
-const RATE_LIMIT_CODES = new Set(['rate_limited', 'device_rate_limited', 'budget_exhausted', 'device_streams']);
+const RATE_LIMIT_CODES = new Set(['rate_limited', 'device_rate_limited', 'new_device_rate_limited', 'budget_exhausted', 'device_streams']);
 
 /** The typed error for a router refusal with `code` (HTTP `status`, `Retry-After` seconds). */
-export function routerError(code: string, message: string, status?: number, retryAfter?: number, upstream?: UpstreamRefusal): LLMRouterError {
+export function routerError(code: string, message: string, status?: number, retryAfter?: number, upstream?: UpstreamRefusal, challenge?: string): LLMRouterError {
   if (RATE_LIMIT_CODES.has(code)) return new RateLimitedError(code, message, status, retryAfter);
   if (code === 'key_unknown') return new KeyRotationError(message, status);
-  return new RouterError(code, message, status, upstream);
+  return new RouterError(code, message, status, upstream, challenge);
 }

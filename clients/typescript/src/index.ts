@@ -1,7 +1,9 @@
 /**
- * @llmrouter/client: end-to-end encrypted chat with an llmrouter router (protocol v1.1).
+ * @llmrouter/client: end-to-end encrypted chat with an llmrouter router: protocol v2, the blind
+ * router (with the operator's pin; the router cannot read the conversation), or v1.1 (with the
+ * router's own pin).
  *
- *     const client = new LLMRouterClient({ url, pin });
+ *     const client = new LLMRouterClient({ url, operatorPin });
  *     for await (const event of client.chat({ messages: [{ role: 'user', content: 'Hi' }] })) {
  *       if (event.type === 'delta') show(event.text);
  *     }
@@ -28,11 +30,13 @@ export type {
   UserMessage,
 } from './chat.js';
 export {
+  type AnyKeyDocument,
   type ChatEvent,
   type ChatStatus,
   type ClientOptions,
   LLMRouterClient,
   type ModelList,
+  type ProtocolVersion,
   type PrepareOptions,
   type PrepareProgress,
   type RequestOptions,
@@ -73,6 +77,7 @@ export type {
   TopLogprob,
   Usage,
 } from './protocol.js';
+export type { Certificate, KeyDocumentV2, NodeEntry } from './v2keys.js';
 export { type Reply, ReplyBuilder } from './reply.js';
 export { type ChatMessage, ChatSession, type ChatSessionOptions, type ChatState } from './session.js';
 export { type KeyStorage, MemoryStorage } from './storage.js';

@@ -22,7 +22,7 @@ export const DEFAULT_PAD = 64;
 export const RID_BYTES = 16;
 export const RESPONSE_NONCE_BYTES = 32;
 export const SUITE = { kem: hpke.KEM_ID, kdf: hpke.KDF_ID, aead: hpke.AEAD_ID } as const;
-const FINAL_AAD = utf8('final');
+export const FINAL_AAD = utf8('final');
 const EMPTY = new Uint8Array(0);
 
 // The request plaintext: chat.ts (re-exported here, where v1 had it).
@@ -77,7 +77,8 @@ function invalidDocument(): KeyDocumentError {
   return new KeyDocumentError('bad_key_document', 'key document payload is not protocol v1');
 }
 
-function parseKey(doc: unknown): PublishedKey {
+/** One entry of a signed key set (part I, section 1); `KeyDocumentError` when malformed. */
+export function parsePublishedKey(doc: unknown): PublishedKey {
   if (typeof doc !== 'object' || doc === null) throw invalidDocument();
   const key = doc as Record<string, unknown>;
   const { kid, status, not_before, not_after } = key;
@@ -91,6 +92,45 @@ function parseKey(doc: unknown): PublishedKey {
     throw invalidDocument();
   }
   return { kid, pk, status, not_before: not_before as number, not_after: not_after as number };
+}
+
+/**
+ * Part I's rules for any signed key set (`what` names it: the key document, a v2 node key set):
+ * unique kids, exactly one `current` and one `next`, then the time rules; returns the current key.
+ */
+export function checkKeySet(issuedAt: number, keys: PublishedKey[], now: number, what: string): PublishedKey {
+  if (new Set(keys.map((k) => k.kid)).size !== keys.length) {
+    throw new KeyDocumentError('bad_key_document', `${what} has duplicate key ids`);
+  }
+  const current = keys.filter((k) => k.status === 'current');
+  const next = keys.filter((k) => k.status === 'next');
+  if (current.length !== 1 || next.length !== 1) {
+    throw new KeyDocumentError('bad_key_document', `${what} must have exactly one current and one next key`);
+  }
+  checkKeyTimes(issuedAt, current[0]!, now, what);
+  return current[0]!;
+}
+
+/** The time rules of a signed key set: at most 24 h old, not ahead, the current key valid (300 s skew). */
+export function checkKeyTimes(issuedAt: number, current: PublishedKey, now: number, what: string): void {
+  if (issuedAt > now + CLOCK_SKEW) {
+    throw new KeyDocumentError('stale_key_document', `${what} is issued in the future`);
+  }
+  if (issuedAt < now - KEY_DOCUMENT_MAX_AGE) {
+    throw new KeyDocumentError('stale_key_document', `${what} is more than 24 hours old`);
+  }
+  if (now < current.not_before - CLOCK_SKEW || now > current.not_after + CLOCK_SKEW) {
+    throw new KeyDocumentError('stale_key_document', `the current key of the ${what} is outside its validity window`);
+  }
+}
+
+/** Ed25519, strict RFC 8032 verification (as libsodium's), not the more permissive ZIP 215 rules. */
+export function verifySignature(signature: Uint8Array, message: Uint8Array, key: Uint8Array): boolean {
+  try {
+    return ed25519.verify(signature, message, key, { zip215: false });
+  } catch {
+    return false;
+  }
 }
 
 function parseJson(text: string): unknown {
@@ -132,14 +172,7 @@ export function verifyKeyDocument(body: string | Uint8Array, pin: Uint8Array | n
   if (pin !== null && !equalBytes(pin, signingKey)) {
     throw new KeyDocumentError('pin_mismatch', 'key document is not signed by the pinned key');
   }
-  let valid = false;
-  try {
-    // Strict RFC 8032 verification (as libsodium's), not the more permissive ZIP 215 rules.
-    valid = ed25519.verify(signature, payload, signingKey, { zip215: false });
-  } catch {
-    valid = false;
-  }
-  if (!valid) throw new KeyDocumentError('bad_key_document', 'key document signature does not verify');
+  if (!verifySignature(signature, payload, signingKey)) throw new KeyDocumentError('bad_key_document', 'key document signature does not verify');
 
   let inner: unknown;
   try {
@@ -163,32 +196,14 @@ export function verifyKeyDocument(body: string | Uint8Array, pin: Uint8Array | n
   ) {
     throw invalidDocument();
   }
-  const keys = p.keys.map(parseKey);
-  if (new Set(keys.map((k) => k.kid)).size !== keys.length) {
-    throw new KeyDocumentError('bad_key_document', 'key document has duplicate key ids');
-  }
-  const current = keys.filter((k) => k.status === 'current');
-  const next = keys.filter((k) => k.status === 'next');
-  if (current.length !== 1 || next.length !== 1) {
-    throw new KeyDocumentError('bad_key_document', 'key document must have exactly one current and one next key');
-  }
-  const document = { issued_at: p.issued_at as number, keys, signing_key: signingKey, current: current[0]! };
-  checkKeyDocumentTimes(document, now);
-  return document;
+  const keys = p.keys.map(parsePublishedKey);
+  const current = checkKeySet(p.issued_at as number, keys, now, 'key document');
+  return { issued_at: p.issued_at as number, keys, signing_key: signingKey, current };
 }
 
 /** The time rules alone, for a document verified earlier and used again later. */
 export function checkKeyDocumentTimes(document: KeyDocument, now: number): void {
-  if (document.issued_at > now + CLOCK_SKEW) {
-    throw new KeyDocumentError('stale_key_document', 'key document is issued in the future');
-  }
-  if (document.issued_at < now - KEY_DOCUMENT_MAX_AGE) {
-    throw new KeyDocumentError('stale_key_document', 'key document is more than 24 hours old');
-  }
-  const key = document.current;
-  if (now < key.not_before - CLOCK_SKEW || now > key.not_after + CLOCK_SKEW) {
-    throw new KeyDocumentError('stale_key_document', 'the current key is outside its validity window');
-  }
+  checkKeyTimes(document.issued_at, document.current, now, 'key document');
 }
 
 // The sealed request.
@@ -332,6 +347,9 @@ export interface ErrorEvent {
   upstream_status?: number;
   upstream_code?: string;
   upstream_param?: string;
+  /** (v2) A `pow_required` of the router's sealed event: the challenge to solve for the next request. */
+  challenge?: string;
+  difficulty?: number;
 }
 
 export type StreamItem = DeltaEvent | ReasoningEvent | ToolCallEvent | DoneEvent | ErrorEvent;
@@ -346,8 +364,11 @@ const MAX_TOP_LOGPROBS = 20;
 const MIN_LOGPROB = -9999;
 const FINISH_REASONS = new Set<unknown>(['stop', 'length', 'cancelled', 'tool_calls']);
 
-/** RFC 9458 section 4.4 style response keys, with our own export label. */
-class ResponseKeys {
+/**
+ * RFC 9458 section 4.4 style response keys, with our own export label: the salt is `enc ||
+ * response_nonce` (v2's node stream has an empty `enc`, its router event the outer one).
+ */
+export class ResponseKeys {
   private readonly key: Uint8Array;
   private readonly nonce: Uint8Array;
   private counter = 0;
@@ -373,22 +394,13 @@ function badStream(message: string): DecryptionError {
 /**
  * Feed raw SSE bytes, get verified stream items back, in order. The stream is complete only once
  * `final` is set; `close()` on a stream without its verified final chunk throws
- * {@link TruncatedStreamError}.
- *
- * `expects` says which v1.1 chunk types the request asked for (`expectedChunks`); the router
- * sends no others, so any other one is a broken stream, as is a chunk type this client does not
- * know: code written for text deltas never meets anything else.
+ * {@link TruncatedStreamError}. What each event means is the subclass's (`event`).
  */
-export class ResponseOpener {
+export abstract class EventStreamOpener {
   private readonly parser: SSEParser;
-  private keys: ResponseKeys | undefined;
   final: FinalItem | undefined;
 
-  constructor(
-    private readonly state: RequestState,
-    private readonly expects: ExpectedChunks = V1_CHUNKS,
-    maxLine = 1 << 20,
-  ) {
+  constructor(maxLine: number) {
     this.parser = new SSEParser(maxLine, maxLine);
   }
 
@@ -402,6 +414,7 @@ export class ResponseOpener {
     }
     const items: StreamItem[] = [];
     for (const { event, data: payload } of events) {
+      if (this.final !== undefined) throw badStream('data after the final chunk');
       const item = this.event(event, payload);
       if (item !== undefined) items.push(item);
     }
@@ -413,7 +426,30 @@ export class ResponseOpener {
     return this.final;
   }
 
-  private event(name: string, payload: string): StreamItem | undefined {
+  /** One parsed SSE event: its verified item, if it carries one; sets `final` on the last. */
+  abstract event(name: string, payload: string): StreamItem | undefined;
+}
+
+/**
+ * Part I's sealed stream (section 3).
+ *
+ * `expects` says which v1.1 chunk types the request asked for (`expectedChunks`); the router
+ * sends no others, so any other one is a broken stream, as is a chunk type this client does not
+ * know: code written for text deltas never meets anything else.
+ */
+export class ResponseOpener extends EventStreamOpener {
+  private keys: ResponseKeys | undefined;
+
+  constructor(
+    private readonly state: RequestState,
+    private readonly expects: ExpectedChunks = V1_CHUNKS,
+    maxLine = 1 << 20,
+  ) {
+    super(maxLine);
+  }
+
+  /** One parsed SSE event (v2's opener hands the node's events on here). */
+  event(name: string, payload: string): StreamItem | undefined {
     if (this.final !== undefined) throw badStream('data after the final chunk');
     if (name === 'init') {
       if (this.keys !== undefined) throw badStream('duplicate init event');

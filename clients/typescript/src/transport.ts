@@ -27,7 +27,11 @@ export interface FetchResponse {
 export interface FetchInit {
   method: string;
   headers: Record<string, string>;
-  body?: string;
+  /**
+   * Protocol v1.1's JSON envelope, or protocol v2's binary `message/ohttp-req` body (an
+   * `ArrayBuffer`: what every `fetch` and `XMLHttpRequest` sends as it is, in every TypeScript).
+   */
+  body?: string | ArrayBuffer;
   signal?: AbortSignal;
 }
 
@@ -45,12 +49,17 @@ export interface Refusal {
   date: number | undefined;
 }
 
+/** The `Date` header, in milliseconds since the epoch, when there is a valid one. */
+export function responseDate(response: FetchResponse): number | undefined {
+  const header = response.headers.get('Date');
+  const parsed = header === null ? NaN : Date.parse(header);
+  return Number.isFinite(parsed) ? parsed : undefined;
+}
+
 export function parseRefusal(status: number, body: string, response: FetchResponse): Refusal {
   const header = response.headers.get('Retry-After')?.trim();
   const retryAfter = header !== undefined && /^\d{1,9}$/.test(header) ? Number(header) : undefined;
-  const dateHeader = response.headers.get('Date');
-  const parsedDate = dateHeader === null ? NaN : Date.parse(dateHeader);
-  const date = Number.isFinite(parsedDate) ? parsedDate : undefined;
+  const date = responseDate(response);
   let error: Record<string, unknown> | undefined;
   try {
     const doc = JSON.parse(body) as { error?: unknown };

@@ -29,7 +29,8 @@ export interface XMLHttpRequestLike {
   open(method: string, url: string): void;
   setRequestHeader(name: string, value: string): void;
   getResponseHeader(name: string): string | null;
-  send(body?: string | null): void;
+  /** React Native's and browsers' XMLHttpRequest send an ArrayBuffer's bytes as they are. */
+  send(body?: string | ArrayBuffer | null): void;
   abort(): void;
 }
 

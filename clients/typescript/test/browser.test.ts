@@ -1,7 +1,9 @@
 /**
  * The SDK in a real headless Chromium: examples/browser/index.html loads it from this directory
- * (ES modules and an import map, no bundler) and chats with a real router, which must list the
- * page's origin in CORS_ORIGINS; a router without the setting is unreachable from the page.
+ * (ES modules and an import map, no bundler) and chats with a real certified router and node on
+ * protocol v2 (and v1.1), over fetch and over XMLHttpRequest (xhrFetch, the React Native path,
+ * its binary body included); the router must list the page's origin in CORS_ORIGINS, and a
+ * router without the setting is unreachable from the page.
  * In the suite's run without crypto.subtle the page loses it too.
  */
 
@@ -9,7 +11,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
 import { Browser } from './support/browser.js';
-import { type Inference, PACKAGE, type Router, startInference, startRouter, waitFor } from './support/stack.js';
+import { type Inference, makeOperator, type Operator, PACKAGE, type Router, startInference, startRouter, startRouterV2, waitFor } from './support/stack.js';
 import { serveDirectory } from './support/static.js';
 
 const NO_SUBTLE = process.env.LLMROUTER_NO_SUBTLE === '1';
@@ -17,6 +19,7 @@ const REMOVE_SUBTLE = "Object.defineProperty(Crypto.prototype, 'subtle', { get: 
 
 describe('in headless Chromium', { timeout: 180000 }, () => {
   let site: Awaited<ReturnType<typeof serveDirectory>>;
+  let operator: Operator;
   let inference: Inference;
   let open: Router;
   let closed: Router;
@@ -24,8 +27,9 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
 
   before(async () => {
     site = await serveDirectory(PACKAGE);
-    inference = await startInference();
-    [open, closed] = await Promise.all([startRouter(inference, { CORS_ORIGINS: site.origin }), startRouter(inference)]);
+    operator = await makeOperator();
+    inference = await startInference([], { operator, name: 'node-a' });
+    [open, closed] = await Promise.all([startRouterV2(operator, [inference], ['node-a'], { CORS_ORIGINS: site.origin }), startRouter(inference)]);
     browser = new Browser();
   });
 
@@ -33,16 +37,19 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
     await browser?.close();
     await Promise.all([open?.stop(), closed?.stop()]);
     await inference?.stop();
+    operator?.stop();
     await site?.close();
   });
 
   async function chatFromPage(
     router: Router,
     transport = 'fetch',
+    protocol: '2' | '1.1' = '2',
   ): Promise<{ state: string; answer: string; status: string; subtle: boolean; deltas: number; streaming: string }> {
     browser.problems.length = 0;
     const page = await browser.page(NO_SUBTLE ? REMOVE_SUBTLE : undefined);
-    const query = new URLSearchParams({ url: router.url, pin: router.pin, prompt: 'Hello from a browser', transport });
+    const pin = protocol === '2' ? operator.pin : router.pin;
+    const query = new URLSearchParams({ url: router.url, pin, prompt: 'Hello from a browser', transport, protocol });
     await page.goto(`${site.origin}/examples/browser/?${query}`);
     const state = await waitFor(
       () => page.evaluate<string>("document.body?.dataset.state ?? 'loading'"),
@@ -60,12 +67,14 @@ describe('in headless Chromium', { timeout: 180000 }, () => {
     };
   }
 
-  it('chats with a router that lists the page origin', async () => {
-    const result = await chatFromPage(open);
-    assert.equal(result.state, 'done', result.status);
-    assert.ok(result.answer.length > 0);
-    assert.match(result.status, /^length, 64 tokens$/);
-    assert.equal(result.subtle, !NO_SUBTLE);
+  it('chats with a router that lists the page origin, on protocol v2 and v1.1', async () => {
+    for (const protocol of ['2', '1.1'] as const) {
+      const result = await chatFromPage(open, 'fetch', protocol);
+      assert.equal(result.state, 'done', `${protocol}: ${result.status}`);
+      assert.ok(result.answer.length > 0);
+      assert.match(result.status, /^length, 64 tokens$/);
+      assert.equal(result.subtle, !NO_SUBTLE);
+    }
   });
 
   it('streams over XMLHttpRequest with xhrFetch (the transport TLS-pinning libraries cover on React Native)', async () => {

@@ -2,7 +2,9 @@
  * The SDK in Hermes, React Native's JavaScript engine (the `hermes` command-line VM from
  * hermes-engine-cli): hermes/entry.ts, bundled with esbuild, runs the SDK's HPKE against every
  * RFC 9180 A.2 base and auth vector, recomputes and opens the worked example of docs/protocol.md,
- * verifies a signed key document and seals requests with fresh keys; its results must equal the
+ * verifies a signed key document and seals requests with fresh keys, and does protocol v2's worked
+ * example (section 16: the operator-pinned document, the request byte for byte, both answers);
+ * its results must equal the
  * published vectors and what the same SDK computes here under Node. This is the engine, not a
  * whole app: no device, no Metro, no React Native networking (docs/clients.md says what an app
  * adds).
@@ -21,7 +23,8 @@ import { ed25519 } from '@noble/curves/ed25519.js';
 import * as hpke from '@llmrouter/client/hpke';
 import { type PublishedKey, ResponseOpener, sealRequest } from '@llmrouter/client/protocol';
 
-import { fenced } from './support/docs.js';
+import { DOC, fenced } from './support/docs.js';
+import { TS } from './support/v2docs.js';
 import { loadVectors } from './support/vectors.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url)); // build/test
@@ -94,6 +97,13 @@ describe('in Hermes (React Native\'s engine)', { skip: process.platform !== 'lin
       pin: Array.from(ed25519.getPublicKey(signer)),
       otherPin: Array.from(ed25519.getPublicKey(range(1, 33))),
       now: NOW,
+      v2: {
+        keyDocument: fenced('16.1', '{\n  "payload"'),
+        pin: Array.from(ed25519.getPublicKey(range(0x60, 0x80))),
+        now: TS,
+        stream: fenced('16.3', 'event: init'),
+        routerEvent: fenced('16.3', 'event: router'),
+      },
     });
   });
 
@@ -128,6 +138,18 @@ describe('in Hermes (React Native\'s engine)', { skip: process.platform !== 'lin
 
   it('verifies a signed key document against the pin and refuses another signer', () => {
     assert.deepEqual(result.keyDocument, { kid: '07', pk: toHex(router.pk), otherSigner: 'pin_mismatch' });
+  });
+
+  it("protocol v2: verifies section 16's document under the operator pin, seals its request byte for byte, opens both answers", () => {
+    const v2 = result.v2;
+    assert.deepEqual(v2.nodes, ['node-a', 'node-b']);
+    assert.equal(Buffer.from(v2.body, 'hex').toString('base64url'), fenced('16.2', 'AQAgAAEAAw').trim());
+    assert.equal(v2.routerSecret, /router secret both sides hold: `([0-9a-f]{64})`/.exec(DOC)?.[1]);
+    assert.deepEqual(v2.texts, ['Hi', ' there']);
+    assert.deepEqual(v2.final, { type: 'done', finish_reason: 'stop', usage: { prompt_tokens: 9, completion_tokens: 2 } });
+    assert.deepEqual(v2.refusal, [{ type: 'error', code: 'device_rate_limited', message: 'too many requests from this device', status: 429, retry_after: 30 }]);
+    assert.equal(v2.duplicate, 'JsonError');
+    assert.equal(v2.freshDiffers, true);
   });
 
   it('seals each request with a fresh ephemeral key', () => {

@@ -17,8 +17,10 @@ import * as esm from '@llmrouter/client';
 
 import { PACKAGE, REPO } from './support/stack.js';
 
-const BUDGET = { tarball: 150_000, unpacked: 750_000, minifiedEntry: 110_000 };
-const SUBPATHS = ['hpke', 'protocol', 'openai', 'react'];
+// Protocol v2 (v2keys, v2request, v2response, json: ESM, CommonJS, types, maps and sources) added
+// about 9 kB packed and 137 kB unpacked; the main entry, what an app bundles, stayed under 110 kB.
+const BUDGET = { tarball: 170_000, unpacked: 900_000, minifiedEntry: 110_000 };
+const SUBPATHS = ['hpke', 'protocol', 'v2', 'openai', 'react'];
 
 interface Packed {
   size: number;

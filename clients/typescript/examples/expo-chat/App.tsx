@@ -12,7 +12,7 @@ import { type Pinning, pinTls } from './src/pinning';
 const NOTES: Record<Pinning, string> = {
   pinned: '',
   'not-https': 'Development router over http: nothing to pin.',
-  unavailable: 'TLS pinning is off (Expo Go, or fewer than two pins): the router key is still pinned.',
+  unavailable: 'TLS pinning is off (Expo Go, or fewer than two pins): the operator key is still pinned.',
 };
 
 export default function App() {

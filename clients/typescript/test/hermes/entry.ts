@@ -8,6 +8,7 @@ import { installed } from './polyfills.js';
 
 import * as hpke from '@llmrouter/client/hpke';
 import { type PublishedKey, ResponseOpener, sealRequest, verifyKeyDocument } from '@llmrouter/client/protocol';
+import { parseStrict, ResponseOpenerV2, sealRequestV2, verifyKeyDocumentV2 } from '@llmrouter/client/v2';
 
 interface Vectors {
   setup: Record<string, string>;
@@ -22,6 +23,8 @@ interface Input {
   pin: number[];
   otherPin: number[];
   now: number;
+  /** docs/protocol.md section 16: the key document, the operator pin, the answer and a router event. */
+  v2: { keyDocument: string; pin: number[]; now: number; stream: string; routerEvent: string };
 }
 
 declare const HERMES_INPUT: Input;
@@ -48,6 +51,36 @@ function vectors(mode: 'base' | 'auth', v: Vectors): Record<string, unknown> {
   });
   const exports = v.exports.map((rec) => toHex(ctx.export(fromHex(rec.exporter_context), Number(rec.L))));
   return { skRm: toHex(recipient.sk), pkRm: toHex(recipient.pk), enc: toHex(enc), encryptions, exports };
+}
+
+/** Section 16 of docs/protocol.md: verify the document, seal the example request, open both answers. */
+function v2(input: Input['v2']): Record<string, unknown> {
+  const document = verifyKeyDocumentV2(input.keyDocument, Uint8Array.from(input.pin), input.now);
+  const given = [range(0x30, 0x50), ...[0xe1, 0xe2, 0xe3, 0xe4].map((b) => new Uint8Array(32).fill(b))];
+  const random = { bytes: () => given.shift()!, below: () => 0 };
+  const device = hpke.deriveKeyPair(new Uint8Array(32).fill(0xde));
+  const request = { messages: [{ role: 'user' as const, content: 'Hello!' }], max_tokens: 16 };
+  const sealed = sealRequestV2(document, request, input.now, { deviceKey: device, random });
+  const opener = new ResponseOpenerV2(sealed.state, sealed.expects);
+  const items = opener.feed(new TextEncoder().encode(input.stream));
+  const refusal = new ResponseOpenerV2(sealed.state, sealed.expects).feed(new TextEncoder().encode(input.routerEvent));
+  let duplicate = 'accepted';
+  try {
+    parseStrict('{"a":1,"\\u0061":2}');
+  } catch (e) {
+    duplicate = (e as Error).name;
+  }
+  const fresh = sealRequestV2(document, request, input.now, { deviceKey: device });
+  return {
+    nodes: document.nodes.map((node) => node.name),
+    body: toHex(sealed.body),
+    routerSecret: toHex(sealed.state.routerSecret),
+    texts: items.flatMap((item) => (item.type === 'delta' ? [item.text] : [])),
+    final: opener.close(),
+    refusal,
+    duplicate,
+    freshDiffers: toHex(fresh.body) !== toHex(sealed.body),
+  };
 }
 
 function run(input: Input): Record<string, unknown> {
@@ -77,6 +110,7 @@ function run(input: Input): Record<string, unknown> {
     example: { envelope: example.envelope, secret: toHex(example.state.secret), texts, final: opener.close() },
     keyDocument: { kid: document.current.kid, pk: toHex(document.current.pk), otherSigner },
     fresh: { differ: first.envelope.enc !== second.envelope.enc, ctLength: first.envelope.ct.length },
+    v2: v2(input.v2),
   };
 }
 

@@ -20,13 +20,15 @@ export interface Call {
 export function recorder(inner: Fetch = (url, init) => fetch(url, init)): { fetch: Fetch; calls: Call[]; chats: () => Call[] } {
   const calls: Call[] = [];
   const recorded: Fetch = async (url, init) => {
-    const call: Call = { method: init.method, path: new URL(url).pathname, headers: { ...init.headers }, body: init.body };
+    // a v2 body is binary: kept as latin1 text, byte for byte, so that it can be searched too
+    const body = init.body === undefined || typeof init.body === 'string' ? init.body : Buffer.from(init.body).toString('latin1');
+    const call: Call = { method: init.method, path: new URL(url).pathname, headers: { ...init.headers }, body };
     calls.push(call);
     const response = await inner(url, init);
     call.status = response.status;
     return response;
   };
-  return { fetch: recorded, calls, chats: () => calls.filter((c) => c.path === '/api/chat') };
+  return { fetch: recorded, calls, chats: () => calls.filter((c) => c.path === '/api/chat' || c.path === '/api/v2/chat') };
 }
 
 /** Sends every sealed request twice (a replaying middlebox) and hands back the second answer. */

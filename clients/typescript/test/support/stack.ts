@@ -9,7 +9,7 @@
  */
 
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
-import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -190,21 +190,65 @@ export interface Backend {
 
 export interface Inference extends Backend {
   daemon: Daemon;
+  /** With the v2 gate: its key directory (`llmrouter-keys --keys-dir` it to rotate or revoke). */
+  nodeKeysDir?: string;
   metrics(): Promise<string>;
   stop(): Promise<void>;
 }
 
-/** `twistd inference` on the tiny model (written here by tests/tinymodel.py). */
-export async function startInference(args: string[] = []): Promise<Inference> {
+/** The tiny test model's name (its file's stem), as nodes are certified for it. */
+export const TINY = 'tiny';
+
+/**
+ * The operator of protocol v2: its key lives in a temp file of the test (offline in production),
+ * made and used with `llmrouter-keys operator-init` / `operator-certify`, as docs/deployment.md's
+ * ceremony does; apps pin `pin`.
+ */
+export interface Operator {
+  pin: string;
+  /** Certify the signing key of the key directory `keysDir` (`llmrouter-keys pin`), install `<type>.cert` there. */
+  certify(type: 'router' | 'node', name: string, keysDir: string, models?: string[]): Promise<void>;
+  stop(): void;
+}
+
+export async function makeOperator(): Promise<Operator> {
   const directory = tempDir();
+  const file = join(directory, 'operator.key');
+  const keyctl = (...args: string[]) => python('-m', 'llmrouter.ops.keyctl', ...args);
+  const init = await keyctl('operator-init', file);
+  const pin = /operator pin \(v2 apps pin it\): (\S+)/.exec(init)?.[1];
+  if (pin === undefined) throw new Error(`llmrouter-keys operator-init printed no pin:\n${init}`);
+  return {
+    pin,
+    async certify(type, name, keysDir, models = []) {
+      const key = (await keyctl('--keys-dir', keysDir, 'pin')).trim();
+      const certificate = await keyctl('operator-certify', file, '--type', type, '--name', name, `--key=${key}`, ...models.flatMap((m) => ['--model', m]));
+      writeFileSync(join(keysDir, `${type}.cert`), certificate);
+    },
+    stop: () => rmSync(directory, { recursive: true, force: true }),
+  };
+}
+
+/**
+ * `twistd inference` on the tiny model (written here by tests/tinymodel.py). With `node`, also
+ * the protocol v2 gate (`--keys-dir`), certified by the operator as `node.name` for the tiny model.
+ */
+export async function startInference(args: string[] = [], node?: { operator: Operator; name: string }): Promise<Inference> {
+  const directory = tempDir();
+  if (node !== undefined) args = [...args, '--keys-dir', join(directory, 'node-keys')];
   const model = join(directory, 'tiny.gguf');
   await python('-c', 'import sys, pathlib; from tests.tinymodel import write_tiny_model; write_tiny_model(pathlib.Path(sys.argv[1]))', model);
   const socket = join(directory, 'inference.sock');
   const daemon = new Daemon(directory, 'inference', ['-c', TWISTD, '-n', '--pidfile=', 'inference', '--listen', `unix:${socket}:mode=600`, '--model', model, '--threads', '1', ...args]);
   await daemon.healthy(async () => (await unixGet(socket, '/health')).status, 120000);
+  if (node !== undefined) {
+    await node.operator.certify('node', node.name, join(directory, 'node-keys'), [TINY]);
+    await waitFor(async () => (await unixGet(socket, '/v2/keys')).status, (status) => status === 200, `${node.name} serving /v2/keys`);
+  }
   return {
     daemon,
     socket,
+    ...(node === undefined ? {} : { nodeKeysDir: join(directory, 'node-keys') }),
     metrics: async () => (await unixGet(socket, '/metrics')).body,
     stop: async () => {
       await daemon.stop();
@@ -267,6 +311,26 @@ export async function startLlamaServer(binary: string, alias: string, template?:
       rmSync(directory, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * A protocol v2 router: `startRouter` certified by `operator` as `router-1`, ready once its key
+ * document lists every one of `nodes` (after its next probe of them).
+ */
+export async function startRouterV2(operator: Operator, nodes: Backend[], nodeNames: string[], env: Record<string, string> = {}, args: string[] = []): Promise<Router> {
+  const router = await startRouter(nodes, env, args);
+  await operator.certify('router', 'router-1', router.keysDir);
+  await waitFor(
+    async () => {
+      const response = await fetch(`${router.url}/api/v2/keys`);
+      if (response.status !== 200) return response.status;
+      const payload = JSON.parse(Buffer.from(((await response.json()) as { payload: string }).payload, 'base64url').toString()) as { nodes: unknown[] };
+      return payload.nodes.length;
+    },
+    (listed) => listed === nodeNames.length && nodeNames.length > 0,
+    'the router listing its certified nodes',
+  );
+  return router;
 }
 
 /** `twistd llmrouter` in front of `backends`, settings from `env` (e.g. CORS_ORIGINS), options `args`. */

@@ -1,5 +1,6 @@
 /**
- * The app's one client: pinned router key, device key in the Keychain / Keystore behind
+ * The app's one client: protocol v2 with the pinned operator key (the router cannot read the
+ * conversation), device key in the Keychain / Keystore behind
  * biometrics, the key document cached in AsyncStorage for an offline start, streaming over
  * React Native's (TLS-pinned) networking.
  */
@@ -14,7 +15,7 @@ export function createClient(config: Config): LLMRouterClient {
   const cache: KeyStorage = AsyncStorage; // public data only: the signed key document
   return new LLMRouterClient({
     url: config.routerUrl,
-    pin: config.routerPin,
+    operatorPin: config.operatorPin,
     deviceKey: 'auto',
     storage: secureStoreStorage(SecureStore, { requireAuthentication: true, authenticationPrompt: 'Unlock your private chat' }),
     cache,

@@ -19,5 +19,6 @@ export function friendlyError(error: LLMRouterError): string {
   if (error instanceof StorageError) return 'Your chat key is locked. Unlock it to continue.';
   if (error instanceof KeyDocumentError && error.code === 'pin_mismatch') return "This server is not the one the app trusts. Don't continue on this network.";
   if (error.code === 'stale' || error.code === 'stale_key_document') return "Check your phone's date and time, then try again.";
+  if (error.code === 'v2_unavailable') return "This server can't keep your chat private from itself yet. Don't continue.";
   return error.retryable ? 'Something went wrong. Try again.' : `Something went wrong (${error.code}).`;
 }

@@ -5,7 +5,7 @@
  * MDM-installed CA signed. The chat goes over XMLHttpRequest (xhrFetch) for that reason:
  * expo/fetch has its own native stack, which the library does not cover.
  *
- * Belt and braces: the SDK already refuses a key document not signed by the pinned router key,
+ * Belt and braces: the SDK already refuses any key the pinned operator key did not certify,
  * so a forged certificate alone can read nothing; TLS pinning keeps such a proxy from seeing
  * even the metadata and from dropping or delaying requests unnoticed.
  */

@@ -1,6 +1,6 @@
 /**
- * The app's chat logic under Jest with React Native's preset, against a real router (see
- * router.setup.js): onboarding with prepare(), a streamed answer into the conversation, Stop,
+ * The app's chat logic under Jest with React Native's preset, against a real certified router
+ * and node on protocol v2 (see router.setup.js): onboarding with prepare(), a streamed answer into the conversation, Stop,
  * the client-side rate limit, and what the user reads when things fail. The device's secure
  * store is stood in for by memory here (its native module is not in Jest); everything else is
  * what the app runs.
@@ -21,7 +21,7 @@ import { friendlyError } from '../src/errors';
 import { RateLimiter } from '../src/rateLimit';
 
 const url = process.env.ROUTER_URL!;
-const pin = process.env.ROUTER_PIN!;
+const operatorPin = process.env.OPERATOR_PIN!;
 
 /** Stands for expo-secure-store: persistent as far as the client can tell. */
 class SecretStore extends MemoryStorage {
@@ -29,7 +29,7 @@ class SecretStore extends MemoryStorage {
 }
 
 function newClient(storage = new SecretStore(), cache = new MemoryStorage()) {
-  return new LLMRouterClient({ url, pin, deviceKey: 'auto', storage, cache, fetch: globalThis.fetch });
+  return new LLMRouterClient({ url, operatorPin, deviceKey: 'auto', storage, cache, fetch: globalThis.fetch });
 }
 
 test('onboarding pays the new-device proof of work once, with progress; a relaunch pays nothing', async () => {
@@ -80,13 +80,13 @@ test('the client-side limit: a burst, then one message every five seconds', () =
 });
 
 test('a router that cannot be reached, and one the app does not trust, read as such', async () => {
-  const offline = new LLMRouterClient({ url: 'http://127.0.0.1:9', pin, maxRetries: 0, fetch: globalThis.fetch });
+  const offline = new LLMRouterClient({ url: 'http://127.0.0.1:9', operatorPin, maxRetries: 0, fetch: globalThis.fetch });
   const unreachable = await offline.keys().catch((e: unknown) => e);
   expect(unreachable).toBeInstanceOf(NetworkError);
   expect(friendlyError(unreachable as NetworkError)).toMatch(/Can't reach the server/);
 
   const otherPin = 'QjPsZB1yzgvk5NxcRVplETaGiBOS5fZO7TnLRB-GZyc';
-  const impostor = await new LLMRouterClient({ url, pin: otherPin, fetch: globalThis.fetch }).keys().catch((e: unknown) => e);
+  const impostor = await new LLMRouterClient({ url, operatorPin: otherPin, fetch: globalThis.fetch }).keys().catch((e: unknown) => e);
   expect(impostor).toBeInstanceOf(KeyDocumentError);
   expect(friendlyError(impostor as KeyDocumentError)).toMatch(/not the one the app trusts/);
 });

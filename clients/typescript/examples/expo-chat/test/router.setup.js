@@ -1,11 +1,11 @@
 // A real router for the chat tests: the repository's own (clients/typescript/build/test/support/
-// serve.js, built by the SDK's `npm test`, daemons from the repository's .venv), unless
-// ROUTER_URL and ROUTER_PIN name one already running.
+// serve.js, built by the SDK's `npm test`, daemons from the repository's .venv: a certified
+// protocol v2 router and node), unless ROUTER_URL and OPERATOR_PIN name one already running.
 const { spawn } = require('node:child_process');
 const path = require('node:path');
 
 module.exports = async function () {
-  if (process.env.ROUTER_URL && process.env.ROUTER_PIN) return;
+  if (process.env.ROUTER_URL && process.env.OPERATOR_PIN) return;
   const serve = path.resolve(__dirname, '../../../build/test/support/serve.js');
   // a new device pays 12 bits here (fast tests); the client-side limits are the app's
   const child = spawn(process.execPath, [serve, 'NEW_DEVICE_POW_DIFFICULTY=12'], { stdio: ['pipe', 'pipe', 'inherit'] });
@@ -18,7 +18,7 @@ module.exports = async function () {
     });
     child.on('exit', (code) => reject(new Error(`the test router exited (${code}): is the SDK built (npm test there) and .venv set up?`)));
   });
-  const { url, pin } = JSON.parse(line);
+  const { url, operatorPin } = JSON.parse(line);
   process.env.ROUTER_URL = url;
-  process.env.ROUTER_PIN = pin;
+  process.env.OPERATOR_PIN = operatorPin;
 };

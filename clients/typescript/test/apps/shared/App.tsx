@@ -1,4 +1,4 @@
-/** The Expo app: expo/fetch (streams), the device key in expo-secure-store behind biometrics. */
+/** The Expo app: protocol v2 (the operator pin), expo/fetch (streams), the device key in expo-secure-store behind biometrics. */
 import { fetch } from 'expo/fetch';
 import * as SecureStore from 'expo-secure-store';
 import { StatusBar } from 'expo-status-bar';
@@ -9,7 +9,7 @@ import { Chat, PIN } from './Chat';
 
 const client = new LLMRouterClient({
   url: 'https://router.example',
-  pin: PIN,
+  operatorPin: PIN,
   deviceKey: 'auto',
   storage: secureStoreStorage(SecureStore, { requireAuthentication: true }),
   fetch,

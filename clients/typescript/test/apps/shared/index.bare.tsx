@@ -1,4 +1,4 @@
-/** A bare React Native app's entry: global fetch (no streams), the device key in react-native-keychain. */
+/** A bare React Native app's entry: protocol v1.1 (the router's own pin), global fetch (no streams), the device key in react-native-keychain. */
 import 'react-native-get-random-values';
 
 import { AppRegistry } from 'react-native';
