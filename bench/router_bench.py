@@ -193,20 +193,28 @@ class Router:
         response = await self.agent.request(b"GET", (self.base + "/api/pubkey").encode())
         self.key = verify_key_document(await readBody(response), now=time.time()).current()
 
+    def seal(self, request: ChatRequest) -> tuple[str, bytes, bytes, Any]:
+        """(path, content type, body, the response's opener) of one sealed request."""
+        env, state = seal_request(self.key, request, int(time.time()))
+        body = json.dumps(env.to_json()).encode()
+        return "/api/chat", b"application/json", body, ResponseOpener(state)
+
+    def check_end(self, final: object) -> None:
+        """v1.1's opener raises on a bad ending itself."""
+
     async def stream(self, request: ChatRequest, on_delta: Any) -> tuple[float, int]:
         """Returns (ttft seconds, deltas); ``on_delta(text, t)`` for each verified delta."""
-        env, state = seal_request(self.key, request, int(time.time()))
+        path, content_type, body, opener = self.seal(request)
         started = time.monotonic()
         response = await self.next_agent().request(
             b"POST",
-            (self.base + "/api/chat").encode(),
-            Headers({b"Content-Type": [b"application/json"]}),
-            _producer(json.dumps(env.to_json()).encode()),
+            (self.base + path).encode(),
+            Headers({b"Content-Type": [content_type]}),
+            _producer(body),
         )
         if response.code != 200:
-            body = await readBody(response)
-            raise RuntimeError(f"router answered {response.code}: {body[:200]!r}")
-        opener = ResponseOpener(state)
+            text = await readBody(response)
+            raise RuntimeError(f"router answered {response.code}: {text[:200]!r}")
         first = [0.0]
         count = [0]
 
@@ -219,10 +227,10 @@ class Router:
                     count[0] += 1
                     on_delta(item.text, now)
 
-        body = _Body(on_data)
-        response.deliverBody(body)
-        await body.done
-        opener.close()
+        collector = _Body(on_data)
+        response.deliverBody(collector)
+        await collector.done
+        self.check_end(opener.close())
         return first[0] - started, count[0]
 
 
@@ -247,39 +255,15 @@ class RouterV2(Router):
             await task.deferLater(self.reactor, 0.1, lambda: None)
         raise SystemExit("the router never listed the node")
 
-    async def stream(self, request: ChatRequest, on_delta: Any) -> tuple[float, int]:
+    def seal(self, request: ChatRequest) -> tuple[str, bytes, bytes, Any]:
         model = self.key.default_model or self.key.models()[0]
         body, state = v2request.seal_request(self.key, request, model=model, device_sk=None)
-        started = time.monotonic()
-        response = await self.next_agent().request(
-            b"POST",
-            (self.base + "/api/v2/chat").encode(),
-            Headers({b"Content-Type": [v2request.CONTENT_TYPE.encode()]}),
-            _producer(body),
-        )
-        if response.code != 200:
-            text = await readBody(response)
-            raise RuntimeError(f"router answered {response.code}: {text[:200]!r}")
-        opener = v2response.ResponseOpener(state)
-        first = [0.0]
-        count = [0]
+        content_type = v2request.CONTENT_TYPE.encode()
+        return "/api/v2/chat", content_type, body, v2response.ResponseOpener(state)
 
-        def on_data(data: bytes) -> None:
-            now = time.monotonic()
-            for item in opener.feed(data):
-                if isinstance(item, Delta) and item.text:
-                    if not count[0]:
-                        first[0] = now
-                    count[0] += 1
-                    on_delta(item.text, now)
-
-        collector = _Body(on_data)
-        response.deliverBody(collector)
-        await collector.done
-        final = opener.close()
+    def check_end(self, final: object) -> None:
         if not isinstance(final, v2response.Done):
-            raise RuntimeError(f"the stream ended with {final.code}")  # type: ignore[union-attr]
-        return first[0] - started, count[0]
+            raise RuntimeError(f"the stream ended with {final.code}")  # type: ignore[attr-defined]
 
 
 class Operator:

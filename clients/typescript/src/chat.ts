@@ -128,7 +128,7 @@ export interface ChatRequest {
 }
 
 /** The fields of `ChatRequest`, in the order the plaintext carries them. */
-const FIELDS = [
+export const REQUEST_FIELDS = [
   'messages',
   'max_tokens',
   'max_completion_tokens',
@@ -148,7 +148,7 @@ const FIELDS = [
   'reasoning_effort',
   'include_reasoning',
 ] as const;
-const KNOWN = new Set<string>(FIELDS);
+const KNOWN = new Set<string>(REQUEST_FIELDS);
 
 // Checking.
 
@@ -433,7 +433,7 @@ export function requestPlaintext(request: ChatRequest): Doc {
       throw new InvalidRequestError('unsupported_field', `${safeName(name)} is not supported by protocol v1.1`, safeName(name));
     }
   }
-  const given = (name: (typeof FIELDS)[number]): unknown => (doc[name] === null ? undefined : doc[name]);
+  const given = (name: (typeof REQUEST_FIELDS)[number]): unknown => (doc[name] === null ? undefined : doc[name]);
   const out: Doc = { messages: messages(doc.messages) };
   const max_tokens = given('max_tokens');
   const max_completion_tokens = given('max_completion_tokens');

@@ -20,7 +20,7 @@
  */
 
 import { b64uEncode, fromUtf8, randomBytes, utf8 } from './bytes.js';
-import type { ChatRequest, Message } from './chat.js';
+import { type ChatRequest, type Message, REQUEST_FIELDS } from './chat.js';
 import { type ChatEvent, type LLMRouterClient, type RequestOptions } from './client.js';
 import { AbortedError, InvalidRequestError, LLMRouterError, RateLimitedError } from './errors.js';
 import type { Logprob } from './protocol.js';
@@ -39,24 +39,9 @@ export type OpenAIFetch = (
   init?: { method?: string; body?: unknown; signal?: AbortSignal | null; headers?: unknown },
 ) => Promise<Response>;
 
-/** Fields of OpenAI's chat request that are protocol v1.1's, passed on as they are (and checked). */
-const PASSED = [
-  'max_tokens',
-  'max_completion_tokens',
-  'temperature',
-  'top_p',
-  'seed',
-  'presence_penalty',
-  'frequency_penalty',
-  'response_format',
-  'tools',
-  'tool_choice',
-  'parallel_tool_calls',
-  'logprobs',
-  'top_logprobs',
-  'reasoning_effort',
-  'include_reasoning',
-] as const;
+/** Fields of OpenAI's chat request that are protocol v1.1's, passed on as they are (and checked);
+ * `messages`, `stop` and `model` are mapped on their own. */
+const PASSED: readonly string[] = REQUEST_FIELDS.filter((f) => f !== 'messages' && f !== 'stop' && f !== 'model');
 const ROLES: Record<string, Message['role']> = { system: 'system', developer: 'system', user: 'user', assistant: 'assistant', tool: 'tool' };
 const MESSAGE_FIELDS: Record<string, string[]> = { assistant: ['tool_calls'], tool: ['tool_call_id'] };
 
@@ -139,7 +124,7 @@ function toRequest(text: string, defaultModel: string): Draft {
   const draft: Draft = { request: request as unknown as ChatRequest, model: defaultModel, stream: false, includeUsage: false };
   for (const [name, value] of Object.entries(body)) {
     if (value === null || value === undefined) continue;
-    if ((PASSED as readonly string[]).includes(name)) {
+    if (PASSED.includes(name)) {
       request[name] = value;
     } else if (name === 'messages') {
       request.messages = messages(value);
