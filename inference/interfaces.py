@@ -9,6 +9,7 @@ batching); anything providing ``IScheduler`` can replace it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -125,10 +126,10 @@ class IReply(Interface):
     stream = Attribute("Whether each choice's output is sent as it comes (else kept whole).")
     gone = Attribute("Whether whoever asked has gone away (nothing more is sent).")
 
-    def add_choices(parsers: object) -> list[object]:
+    def add_choices(parsers: Any) -> Any:
         """One ``Choice`` per output parser (``n``), the token sinks of their generations."""
 
-    def begin(generations: object, budget: float) -> None:
+    def begin(generations: Any, budget: float) -> None:
         """The generations were submitted; cancel them after ``budget`` seconds."""
 
     def abandon() -> None:
@@ -140,10 +141,10 @@ class IReply(Interface):
     def saw_text() -> None:
         """A choice produced text (time to first token, token latency)."""
 
-    def send_delta(choice: object, event: object, logprobs: object) -> None:
+    def send_delta(choice: Any, event: Any, logprobs: Any) -> None:
         """A streamed choice's output event and the logprobs of its tokens."""
 
-    def choice_finished(choice: object) -> None:
+    def choice_finished(choice: Any) -> None:
         """A choice ended (its ``reason`` and ``usage`` are set)."""
 
     def choice_failed(code: str) -> None:

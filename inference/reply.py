@@ -193,6 +193,7 @@ class Answer:
         self.timed_out = False
         self.budget: IDelayedCall | None = None
         self.done = False
+        self.paused = False  # paused before the generations began: they begin paused
 
     def add_choices(self, parsers: Sequence[OutputParser | None]) -> list[Choice]:
         self.choices = [Choice(self, i, parser) for i, parser in enumerate(parsers)]
@@ -202,6 +203,8 @@ class Answer:
         for choice, generation in zip(self.choices, generations, strict=True):
             choice.generation = generation
         self.budget = self.clock.callLater(budget, self._out_of_time)
+        if self.paused:
+            self._each(lambda g: g.pause())
 
     def abandon(self) -> None:
         """The request was answered otherwise (refused): nothing more is written."""
@@ -222,9 +225,11 @@ class Answer:
         self._each(lambda g: g.cancel())
 
     def pause(self) -> None:
+        self.paused = True
         self._each(lambda g: g.pause())
 
     def resume(self) -> None:
+        self.paused = False
         self._each(lambda g: g.resume())
 
     def saw_text(self) -> None:
