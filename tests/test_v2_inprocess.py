@@ -161,13 +161,20 @@ class ControlTests(TestCase):
         return (yield v2_stack(self, [node], operator))
 
     @defer.inlineCallbacks
-    def test_client_leaving_cancels_the_generation(self) -> Any:
-        stack = yield self.stack("--parallel", "1", "--queue", "1")
-        client = stack.client()
-        long = LONG
-        body, state = yield client.seal(long)
+    def held(self, stack: Stack) -> Any:
+        """A long generation whose client stops reading (after its first item): its node's
+        buffers fill (chunks padded to 8 KiB) and the generation is held, keeping its slot."""
+        client = stack.client()  # a device each: the router's per-device limits stay out
+        body, state = yield client.seal(LONG)
         _, reader = yield client.post(body, state)
         yield reader.first
+        reader.transport.pauseProducing()  # type: ignore[attr-defined]
+        return reader
+
+    @defer.inlineCallbacks
+    def test_client_leaving_cancels_the_generation(self) -> Any:
+        stack = yield self.stack("--parallel", "1", "--queue", "1", "--pad-bytes", "8192")
+        reader = yield self.held(stack)
         reader.transport.loseConnection()  # type: ignore[attr-defined]
         for _ in range(200):
             active = yield engine_metric(stack, "inference_active_generations")
@@ -179,7 +186,7 @@ class ControlTests(TestCase):
         self.assertLess(generated, 1000)
         cancelled = yield engine_metric(stack, "inference_requests_total", 'outcome="cancelled"')
         self.assertEqual(cancelled, 1)
-        answer = yield client.chat(prompt("Hi", max_tokens=2, model=TINY))
+        answer = yield stack.client().chat(prompt("Hi", max_tokens=2, model=TINY))
         self.assertIsInstance(answer.final, Done)  # the one slot serves again
 
     @defer.inlineCallbacks
@@ -227,26 +234,25 @@ class ControlTests(TestCase):
     def test_a_busy_engine_is_overloaded(self) -> Any:
         """One slot and one place in the queue: while both are taken, the next request is
         refused overloaded; once they are free, served again."""
-        stack = yield self.stack("--parallel", "1", "--queue", "1")
-        client = stack.client()
-        long = LONG
-        readers = []
-        for _ in range(2):
-            other = stack.client()  # a device each: the router's per-device limits stay out
-            body, state = yield other.seal(long)
-            _, reader = yield other.post(body, state)
-            readers.append(reader)
-        yield readers[0].first
+        stack = yield self.stack("--parallel", "1", "--queue", "1", "--pad-bytes", "8192")
+        readers = [(yield self.held(stack))]
+        queued = stack.client()
+        body, state = yield queued.seal(LONG)
+        second = queued.post(body, state)  # answers once it has the slot: not waited for
         for _ in range(200):  # until the second waits in the queue
             waiting = yield engine_metric(stack, "inference_queue_depth")
             if waiting == 1:
                 break
             yield sleep(0.05)
         self.assertEqual(waiting, 1)
+        client = stack.client()
         refused = yield client.chat(prompt("Hi", max_tokens=2, model=TINY))
-        self.assertEqual((refused.code, refused.items), ("overloaded", []))
-        for reader in readers:
-            reader.transport.loseConnection()  # type: ignore[attr-defined]
+        self.assertEqual(refused.code, "overloaded")
+        self.assertIsNotNone(refused.refusal)  # the node refused it plainly, before opening
+        readers[0].transport.loseConnection()  # type: ignore[attr-defined]
+        _, reader = yield second  # the queued one got the slot
+        yield reader.first
+        reader.transport.loseConnection()  # type: ignore[attr-defined]
         for _ in range(200):
             answer = yield client.chat(prompt("Hi", max_tokens=2, model=TINY))
             if isinstance(answer.final, Done):
