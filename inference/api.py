@@ -145,7 +145,7 @@ class QuietSite(server.Site):
     whose request bodies (plaintext prompts, v2's sealed ones) stay in memory, bounded by
     ``max_body``: Twisted's default request spools a body of 100 KB or more to a temporary
     file. Every listener of the daemon serves through one (the API, the v2 gate in front of
-    it, the gate of a fronting node, the engine's private socket)."""
+    it, the gate of a fronting node)."""
 
     displayTracebacks = False
     requestFactory = InMemoryRequest
