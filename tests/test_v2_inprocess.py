@@ -15,10 +15,15 @@ import dataclasses
 import json
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
+from inference.gate.engine import EngineReply
+from inference.gate.metrics import GateMetrics
+from inference.guardrails import APIError
+from inference.metrics import Metrics
 from llmrouter.chat import ChatRequest, ResponseFormat, Tool
 from llmrouter.protocol import Delta, Done, ErrorChunk, ToolCallDelta
 from tests.router_support import metric_value, prompt
@@ -259,3 +264,70 @@ class ControlTests(TestCase):
                 break
             yield sleep(0.05)
         self.assertIsInstance(answer.final, Done)
+
+
+class _Sink:
+    """Records what reaches the stream (the seam under test is the reply's mapping)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def failed(self, *args: Any) -> None:
+        self.calls.append(("failed", *args))
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: self.calls.append((name, *args))
+
+
+class RefusalMappingTests(TestCase):
+    """An engine refusal the e2e tests cannot time (an overload between the gate's check and
+    the scheduler's, the model still loading) is sealed as the HTTP hop's answer was: a 4xx is
+    ``upstream_refused`` with its status, code and param; a 503 or 500 ``upstream_failed``."""
+
+    def refuse(self, error: APIError) -> list[tuple[Any, ...]]:
+        sink = _Sink()
+        gate_metrics = GateMetrics(CollectorRegistry())
+        reply = EngineReply(
+            sink,  # type: ignore[arg-type]
+            Metrics(),
+            Clock(),
+            0.0,
+            upstream=gate_metrics,
+            reasoning=False,
+            tool_calls=False,
+            logprobs=False,
+        )
+        reply.refuse(error)
+        return sink.calls
+
+    def test_refusals(self) -> None:
+        message = "the inference backend refused the request"
+        for error, expected in (
+            (
+                APIError(503, "overloaded", "busy", retry_after=1),
+                ("failed", "upstream_failed", message, 502, None),
+            ),
+            (
+                APIError(503, "loading", "loading", retry_after=5),
+                ("failed", "upstream_failed", message, 502, None),
+            ),
+            (
+                APIError(500, "internal", "Internal error."),
+                ("failed", "upstream_failed", message, 502, None),
+            ),
+            (
+                APIError(400, "unsupported_field", "x is not supported", param="x"),
+                (
+                    "failed",
+                    "upstream_refused",
+                    message,
+                    400,
+                    {
+                        "upstream_status": 400,
+                        "upstream_code": "unsupported_field",
+                        "upstream_param": "x",
+                    },
+                ),
+            ),
+        ):
+            self.assertEqual(self.refuse(error), [expected])
