@@ -1,7 +1,8 @@
 """The HTTP API: OpenAI-compatible completions, health, models and metrics.
 
-A generation request is validated (``inference.guardrails``), prepared in a worker thread
-(``inference.prepare``), submitted to the scheduler once per choice, and answered by a
+A generation request is validated (``inference.guardrails``) and started by the generation
+core shared with the v2 gate's in-process path (``inference.generate.Generator``: prepared in a
+worker thread, submitted to the scheduler once per choice), and answered by an
 ``inference.reply.Reply``. Nothing from a request body or header is ever logged.
 
 The prompt cache key comes in the ``X-LLMRouter-Cache-Key`` header (the router sends a keyed
@@ -11,19 +12,14 @@ key of this process before the scheduler sees it; without it, nothing is reused.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import re
-import secrets
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import threads
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
+from inference.generate import Generator
 from inference.guardrails import (
     APIError,
     ChatInput,
@@ -33,16 +29,14 @@ from inference.guardrails import (
     parse_completion,
     parse_json,
 )
-from inference.interfaces import IGeneration, IScheduler, Overloaded
+from inference.interfaces import IScheduler
 from inference.metrics import Metrics
-from inference.prepare import Prepared, prepare
 from inference.reply import CHAT, COMPLETION, Reply, error_response, json_response
 from llmrouter.bodies import InMemoryRequest
 
 log = Logger()
 
 CACHE_KEY_HEADER = b"x-llmrouter-cache-key"
-_CACHE_KEY = re.compile(rb"[A-Za-z0-9._~+/=-]{16,256}")
 
 
 class InferenceAPI(Resource):
@@ -68,12 +62,9 @@ class InferenceAPI(Resource):
         self.metrics = metrics
         self.clock = clock
         self.model_name = model_name
-        self.ctx = ctx
         self.max_tokens = max_tokens
-        self.time_budget = time_budget
         self.max_body = max_body
-        self._pool = pool or (lambda f: threads.deferToThread(f))
-        self._cache_salt = secrets.token_bytes(32)
+        self.generator = Generator(scheduler, metrics, ctx=ctx, time_budget=time_budget, pool=pool)
 
     def render(self, request: server.Request) -> bytes | int:
         path = request.path.rstrip(b"/") or b"/"
@@ -114,15 +105,13 @@ class InferenceAPI(Resource):
             parsed = self._validate(request, kind, force_stream)
             cache_key = self._cache_key(request)
         except APIError as e:
-            self.metrics.outcome("rejected" if e.status in (413, 503) else "invalid")
+            self.generator.rejected(e)
             return error_response(request, e)
         reply = Reply(
             request, kind, parsed.stream, self.model_name, self.metrics, self.clock, arrived
         )
         request.notifyFinish().addErrback(lambda _: reply.client_gone())
-        d = self._pool(lambda: prepare(self.scheduler, parsed))
-        d.addCallback(self._submit, reply, parsed, cache_key)
-        d.addErrback(self._refuse, reply)
+        self.generator.start(parsed, reply, cache_key)
         return server.NOT_DONE_YET
 
     def _validate(
@@ -136,79 +125,19 @@ class InferenceAPI(Resource):
             parsed: ChatInput | CompletionInput = parse_chat(data, self.max_tokens, force_stream)
         else:
             parsed = parse_completion(data, self.max_tokens)
-        if parsed.n > self.scheduler.parallel:
-            raise invalid(
-                "invalid_n",
-                f"n must not exceed {self.scheduler.parallel} (the server's parallel slots).",
-                "n",
-            )
-        if not self.scheduler.loaded:
-            raise APIError(503, "loading", "The model is still loading.", retry_after=5)
+        self.generator.check(parsed)
         return parsed
 
     def _cache_key(self, request: server.Request) -> bytes | None:
         values = request.requestHeaders.getRawHeaders(CACHE_KEY_HEADER)
         if not values:
             return None
-        if len(values) != 1 or not _CACHE_KEY.fullmatch(values[0]):
+        if len(values) != 1:
             raise invalid(
                 "invalid_cache_key",
                 "X-LLMRouter-Cache-Key must be one value of 16-256 URL-safe characters.",
             )
-        return hashlib.blake2b(values[0], key=self._cache_salt, digest_size=16).digest()
-
-    def _submit(
-        self,
-        prepared: Prepared,
-        reply: Reply,
-        parsed: ChatInput | CompletionInput,
-        cache_key: bytes | None,
-    ) -> None:
-        if reply.gone:
-            self.metrics.outcome("cancelled")
-            return
-        prompt, sampling = prepared.prompt, prepared.sampling
-        room = self.ctx - len(prompt)
-        given = parsed.max_tokens_given
-        if room < 1 or (given and sampling.max_tokens > room):
-            raise invalid(
-                "context_length_exceeded",
-                f"The prompt ({len(prompt)} tokens) plus max_tokens exceed the context "
-                f"size of {self.ctx} tokens.",
-            )
-        sampling = dataclasses.replace(
-            sampling, max_tokens=min(sampling.max_tokens, room), cache_key=cache_key
-        )
-        choices = reply.add_choices([prepared.parser() for _ in range(parsed.n)])
-        generations: list[IGeneration] = []
-        try:
-            for choice in choices:
-                seed = None if sampling.seed is None else sampling.seed + choice.index
-                each = dataclasses.replace(sampling, seed=seed)
-                generations.append(self.scheduler.submit(prompt, each, choice))
-        except Overloaded:
-            reply.abandon()
-            for generation in generations:
-                generation.cancel()
-            raise APIError(
-                503, "overloaded", "All generation slots and the queue are busy.", retry_after=1
-            ) from None
-        reply.begin(generations, self.time_budget)
-
-    def _refuse(self, failure: Failure, reply: Reply) -> None:
-        if failure.check(APIError):
-            error = failure.value
-            assert isinstance(error, APIError)
-            self.metrics.outcome("rejected" if error.status in (413, 503) else "invalid")
-        else:
-            # Only the exception type: its message or traceback could carry request content.
-            log.error("generation setup failed: {kind}", kind=type(failure.value).__name__)
-            self.metrics.outcome("error")
-            error = APIError(500, "internal", "Internal error.")
-        if reply.gone:
-            return
-        reply.request.write(error_response(reply.request, error))
-        reply.request.finish()
+        return self.generator.cache_key(values[0])
 
 
 class QuietSite(server.Site):
@@ -216,7 +145,7 @@ class QuietSite(server.Site):
     whose request bodies (plaintext prompts, v2's sealed ones) stay in memory, bounded by
     ``max_body``: Twisted's default request spools a body of 100 KB or more to a temporary
     file. Every listener of the daemon serves through one (the API, the v2 gate in front of
-    it, the gate of a fronting node, the engine's private socket)."""
+    it, the gate of a fronting node)."""
 
     displayTracebacks = False
     requestFactory = InMemoryRequest

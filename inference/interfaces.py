@@ -9,6 +9,7 @@ batching); anything providing ``IScheduler`` can replace it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from zope.interface import Attribute, Interface
 
@@ -113,3 +114,38 @@ class IScheduler(Interface):
 
     def submit(prompt: list[int], sampling: Sampling, sink: ITokenSink) -> IGeneration:
         """Queue a generation or raise ``Overloaded``."""
+
+
+class IReply(Interface):
+    """One request's answer to its choices' output: the HTTP API's ``inference.reply.Reply``
+    (OpenAI's shapes, streamed or whole) or the v2 gate's in-process one
+    (``inference.gate.engine.EngineReply``, straight into the sealed stream). The generation
+    core (``inference.generate.Generator``) drives its lifecycle; its ``Choice`` objects report
+    to it. Every method is called on the reactor thread."""
+
+    stream = Attribute("Whether each choice's output is sent as it comes (else kept whole).")
+    gone = Attribute("Whether whoever asked has gone away (nothing more is sent).")
+
+    def add_choices(parsers: Any) -> Any:
+        """One ``Choice`` per output parser (``n``), the token sinks of their generations."""
+
+    def begin(generations: Any, budget: float) -> None:
+        """The generations were submitted; cancel them after ``budget`` seconds."""
+
+    def abandon() -> None:
+        """The request was refused after its choices were made: nothing more is sent."""
+
+    def refuse(error: Exception) -> None:
+        """Answer with ``error`` (an ``inference.guardrails.APIError``) instead."""
+
+    def saw_text() -> None:
+        """A choice produced text (time to first token, token latency)."""
+
+    def send_delta(choice: Any, event: Any, logprobs: Any) -> None:
+        """A streamed choice's output event and the logprobs of its tokens."""
+
+    def choice_finished(choice: Any) -> None:
+        """A choice ended (its ``reason`` and ``usage`` are set)."""
+
+    def choice_failed(code: str) -> None:
+        """A choice's generation failed: the request fails."""

@@ -29,7 +29,7 @@ from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
 from inference.guardrails import APIError
-from inference.interfaces import IGeneration, ITokenSink, TokenLogprob, Usage
+from inference.interfaces import IGeneration, IReply, ITokenSink, TokenLogprob, Usage
 from inference.metrics import Metrics
 from inference.output import Content, Event, OutputParser, Reasoning, ToolStart
 
@@ -106,7 +106,7 @@ def _delta(event: Event) -> dict[str, Any]:
 class Choice:
     """One generation of the reply; its sink methods run on the reactor thread."""
 
-    def __init__(self, reply: Reply, index: int, parser: OutputParser | None):
+    def __init__(self, reply: Answer, index: int, parser: OutputParser | None):
         self.reply = reply
         self.index = index
         self.parser = parser
@@ -176,54 +176,35 @@ class Choice:
         return taken
 
 
-@implementer(IPushProducer)
-class Reply:
-    """All choices of one request, and the HTTP response they are written to."""
+class Answer:
+    """What every reply of one request shares (the HTTP API's :class:`Reply`, the v2 gate's
+    in-process one): its choices and their generations, the time budget, the asker going away,
+    flow control and the time-to-first-token metrics. Subclasses provide the rest of
+    ``IReply`` (where the output goes)."""
 
-    def __init__(
-        self,
-        request: server.Request,
-        kind: str,
-        stream: bool,
-        model: str,
-        metrics: Metrics,
-        clock: Any,
-        arrived: float,
-    ):
-        self.request = request
-        self.kind = kind
+    def __init__(self, stream: bool, metrics: Metrics, clock: Any, arrived: float):
         self.stream = stream
-        self.model = model
         self.metrics = metrics
         self.clock = clock
         self.arrived = arrived
-        self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
         self.choices: list[Choice] = []
         self.last_text: float | None = None
         self.gone = False
         self.timed_out = False
         self.budget: IDelayedCall | None = None
         self.done = False
+        self.paused = False  # paused before the generations began: they begin paused
 
     def add_choices(self, parsers: Sequence[OutputParser | None]) -> list[Choice]:
         self.choices = [Choice(self, i, parser) for i, parser in enumerate(parsers)]
         return self.choices
 
-    # -- lifecycle driven by the resource ---------------------------------------------------
     def begin(self, generations: Sequence[IGeneration], budget: float) -> None:
         for choice, generation in zip(self.choices, generations, strict=True):
             choice.generation = generation
         self.budget = self.clock.callLater(budget, self._out_of_time)
-        if self.stream:
-            self.request.setResponseCode(200)
-            self.request.setHeader(b"content-type", b"text/event-stream")
-            self.request.setHeader(b"cache-control", b"no-store")
-            self.request.setHeader(b"x-accel-buffering", b"no")
-            self.request.registerProducer(self, True)
-            if self.kind == CHAT:
-                for choice in self.choices:
-                    self._event(self._chunk(choice, {"role": "assistant", "content": ""}))
+        if self.paused:
+            self._each(lambda g: g.pause())
 
     def abandon(self) -> None:
         """The request was answered otherwise (refused): nothing more is written."""
@@ -243,17 +224,14 @@ class Reply:
         self.timed_out = True
         self._each(lambda g: g.cancel())
 
-    # -- IPushProducer ----------------------------------------------------------------------
-    def pauseProducing(self) -> None:
+    def pause(self) -> None:
+        self.paused = True
         self._each(lambda g: g.pause())
 
-    def resumeProducing(self) -> None:
+    def resume(self) -> None:
+        self.paused = False
         self._each(lambda g: g.resume())
 
-    def stopProducing(self) -> None:
-        self.client_gone()
-
-    # -- from the choices -------------------------------------------------------------------
     def saw_text(self) -> None:
         now = self.clock.seconds()
         if self.last_text is None:
@@ -262,6 +240,74 @@ class Reply:
             self.metrics.token_latency.observe(now - self.last_text)
         self.last_text = now
 
+    def send_delta(self, choice: Choice, event: Event, logprobs: list[TokenLogprob]) -> None:
+        raise NotImplementedError
+
+    def choice_finished(self, choice: Choice) -> None:
+        raise NotImplementedError
+
+    def choice_failed(self, code: str) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        self.done = True
+        if self.budget is not None and self.budget.active():
+            self.budget.cancel()
+        self.budget = None
+
+
+@implementer(IReply, IPushProducer)
+class Reply(Answer):
+    """All choices of one request, and the HTTP response they are written to."""
+
+    def __init__(
+        self,
+        request: server.Request,
+        kind: str,
+        stream: bool,
+        model: str,
+        metrics: Metrics,
+        clock: Any,
+        arrived: float,
+    ):
+        super().__init__(stream, metrics, clock, arrived)
+        self.request = request
+        self.kind = kind
+        self.model = model
+        self.id = ("chatcmpl-" if kind == CHAT else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    # -- lifecycle driven by the generation core --------------------------------------------
+    def begin(self, generations: Sequence[IGeneration], budget: float) -> None:
+        super().begin(generations, budget)
+        if self.stream:
+            self.request.setResponseCode(200)
+            self.request.setHeader(b"content-type", b"text/event-stream")
+            self.request.setHeader(b"cache-control", b"no-store")
+            self.request.setHeader(b"x-accel-buffering", b"no")
+            self.request.registerProducer(self, True)
+            if self.kind == CHAT:
+                for choice in self.choices:
+                    self._event(self._chunk(choice, {"role": "assistant", "content": ""}))
+
+    def refuse(self, error: Exception) -> None:
+        assert isinstance(error, APIError)
+        if self.gone:
+            return
+        self.request.write(error_response(self.request, error))
+        self.request.finish()
+
+    # -- IPushProducer ----------------------------------------------------------------------
+    def pauseProducing(self) -> None:
+        self.pause()
+
+    def resumeProducing(self) -> None:
+        self.resume()
+
+    def stopProducing(self) -> None:
+        self.client_gone()
+
+    # -- from the choices -------------------------------------------------------------------
     def send_delta(self, choice: Choice, event: Event, logprobs: list[TokenLogprob]) -> None:
         if self.gone or self.done:
             return
@@ -370,12 +416,6 @@ class Reply:
             "total_tokens": first.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
-
-    def _end(self) -> None:
-        self.done = True
-        if self.budget is not None and self.budget.active():
-            self.budget.cancel()
-        self.budget = None
 
     def _chunk(
         self, choice: Choice, content: Any, finish_reason: str | None = None

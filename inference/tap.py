@@ -11,7 +11,6 @@ import faulthandler
 import importlib.util
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -487,34 +486,21 @@ def _with_gate(
     scheduler: IScheduler,
     top: service.MultiService,
 ) -> Any:
-    """Protocol v2 in front of our engine: the engine's API on a private socket for the gate,
-    the public listeners serving ``/v2/*`` and the API."""
+    """Protocol v2 in front of our engine: the gate feeds the engine in process (the API's own
+    generation core), the public listeners serve ``/v2/*`` and the API."""
     from inference.api import QuietSite
     from inference.gate.resource import GateResource
-    from inference.gate.service import build_gate, private_socket_dir
+    from inference.gate.service import build_gate
 
-    directory = private_socket_dir()
-    engine = directory / "engine.sock"
     limit = scheduler.parallel + settings.queue
 
     def busy() -> bool:
         return bool(scheduler.active + scheduler.waiting >= limit)
 
-    try:
-        gate, gate_service = build_gate(
-            settings, reactor, reactor, metrics.registry, f"unix:{engine}", "llmrouter", busy
-        )
-    except Exception:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    gate_service.cleanup.append(directory)
-    gate_service.setServiceParent(top)
-    private = StreamServerEndpointService(
-        server_endpoint(reactor, f"unix:{engine}:mode=600"),
-        QuietSite(api, settings.max_body, metrics),
+    gate, gate_service = build_gate(
+        settings, reactor, reactor, metrics.registry, busy, engine=(api.generator, api.model_name)
     )
-    private._raiseSynchronously = True
-    private.setServiceParent(top)
+    gate_service.setServiceParent(top)
     return QuietSite(GateResource(gate, api), settings.max_body, metrics)
 
 
@@ -527,9 +513,7 @@ def build_front(settings: Settings, reactor: Any) -> service.MultiService:
     assert settings.front is not None
     _warn_swap()  # the gate holds prompts and answers in plaintext too
     metrics = Metrics()
-    gate, gate_service = build_gate(
-        settings, reactor, reactor, metrics.registry, settings.front, settings.dialect
-    )
+    gate, gate_service = build_gate(settings, reactor, reactor, metrics.registry)
     top = service.MultiService()
     gate_service.setServiceParent(top)
     resource = GateResource(gate, FrontAPI(gate.ready, metrics.render))

@@ -21,11 +21,12 @@ configured), or a stream whose only event is a ``final`` error (``bad_payload``,
 ``decrypt_failed`` for an inner ciphertext that does not open, ``model_unknown`` for a model the
 certificate does not list, ``unsupported_field``, ``upstream_refused``, ...).
 
-The conversation itself goes through :mod:`llmrouter.terminate` (the pipeline the router uses
-for v1.1) to the node's model server: our daemon's own engine over its private socket, or a
-fronted llama-server, vLLM, Ollama or OpenAI-style server. The per-device prompt-cache key is
-computed here, from the device key the wrap just proved, under a random key of this process
-replaced every UTC midnight; only our own engine receives it.
+The conversation itself goes through :mod:`llmrouter.terminate` (the sealed stream the router
+uses for v1.1) to the node's model server (:mod:`inference.gate.engine`): our daemon's own
+engine in process, or a fronted llama-server, vLLM, Ollama or OpenAI-style server over HTTP.
+The per-device prompt-cache key is computed here, from the device key the wrap just proved,
+under a random key of this process replaced every UTC midnight; only our own engine receives
+it.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from inference.gate.config import GateSettings
+from inference.gate.engine import IModelServer
 from inference.gate.keys import NodeKeys
 from inference.gate.metrics import GateMetrics
 from llmrouter.protocol import ProtocolError, SealedRefusal, check_timestamp
 from llmrouter.replay import ReplayCache
-from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
 from llmrouter.terminate.chats import Chats
 from llmrouter.terminate.stream import EncryptedStream
@@ -61,7 +62,7 @@ class Gate:
     def __init__(
         self,
         keys: NodeKeys,
-        pool: BackendPool,
+        server: IModelServer,
         settings: GateSettings,
         clock: IReactorTime,
         metrics: GateMetrics,
@@ -69,7 +70,7 @@ class Gate:
         busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._keys = keys
-        self._pool = pool
+        self._server = server
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
@@ -79,7 +80,7 @@ class Gate:
             clock, settings.replay_window_seconds, settings.replay_max_entries
         )
         self.started = int(clock.seconds())
-        self._chats = Chats(clock, pool, settings, metrics)
+        self._chats = Chats(clock, None, settings, metrics, calls=server.call)
 
     @property
     def streams(self) -> set[EncryptedStream]:
@@ -89,7 +90,7 @@ class Gate:
     def ready(self) -> bool:
         """v2 can be served: a usable certificate and a healthy model server."""
         self._keys.refresh()
-        return self._keys.certificate is not None and self._pool.ready()
+        return self._keys.certificate is not None and self._server.ready()
 
     def stop(self) -> None:
         """End open streams with a sealed error (the node is stopping)."""
@@ -100,7 +101,7 @@ class Gate:
     def render_keys(self, request: server.Request) -> bytes:
         self._keys.refresh()
         body = self._keys.entry()
-        if body is None or not self._pool.ready():
+        if body is None or not self._server.ready():
             error = ProtocolError("v2_unavailable", "protocol v2 is not available on this node")
             return self._plain(request, ProtocolError(error.code, error.message, 503))
         request.setResponseCode(200)
@@ -124,7 +125,7 @@ class Gate:
         try:
             if node_request.model not in certificate.models:
                 raise ProtocolError("model_unknown", "this node does not serve that model", 404)
-            route = self._pool.route(node_request.model, chat.features())
+            route = self._server.route(node_request.model, chat.features())
         except ProtocolError as e:
             return self._sealed(request, secret, e)
         self._chats.answer(

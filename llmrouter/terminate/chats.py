@@ -16,12 +16,13 @@ from twisted.web.server import Request
 
 from llmrouter.chat import ChatRequest
 from llmrouter.protocol import ResponseSealer
+from llmrouter.streaming import UpstreamControl
 from llmrouter.terminate.backends import BackendPool, Route
 from llmrouter.terminate.config import CallSettings, TerminateMetrics
 from llmrouter.terminate.stream import EncryptedStream
-from llmrouter.terminate.upstream import ChatCall
+from llmrouter.terminate.upstream import ChatCall, TokenSink
 
-__all__ = ["ChatSettings", "Chats"]
+__all__ = ["Call", "CallFactory", "ChatSettings", "Chats"]
 
 
 class ChatSettings(CallSettings, Protocol):
@@ -40,21 +41,65 @@ class ChatSettings(CallSettings, Protocol):
     def write_stall_seconds(self) -> float: ...
 
 
+class Call(UpstreamControl, Protocol):
+    """What feeds one stream: a :class:`ChatCall` to a model server over HTTP, or the v2
+    gate's call into our own engine in process (:mod:`inference.gate.engine`)."""
+
+    def start(self) -> None: ...
+
+
+class CallFactory(Protocol):
+    """Makes the call that answers ``chat`` into ``sink`` by ``deadline``."""
+
+    def __call__(
+        self,
+        chat: ChatRequest,
+        sink: TokenSink,
+        deadline: float,
+        route: Route | None,
+        headers: Mapping[bytes, list[bytes]] | None,
+    ) -> Call: ...
+
+
 class Chats:
-    """Starts the answer of each opened request; ``streams`` are those still open."""
+    """Starts the answer of each opened request; ``streams`` are those still open. Calls go to
+    ``pool``'s backends over HTTP unless ``calls`` makes them otherwise."""
 
     def __init__(
         self,
         clock: IReactorTime,
-        pool: BackendPool,
+        pool: BackendPool | None,
         settings: ChatSettings,
         metrics: TerminateMetrics,
+        calls: CallFactory | None = None,
     ) -> None:
         self._clock = clock
         self._pool = pool
         self._settings = settings
         self._metrics = metrics
+        self._calls = calls or self._http_call
         self.streams: set[EncryptedStream] = set()
+
+    def _http_call(
+        self,
+        chat: ChatRequest,
+        sink: TokenSink,
+        deadline: float,
+        route: Route | None,
+        headers: Mapping[bytes, list[bytes]] | None,
+    ) -> Call:
+        assert self._pool is not None
+        return ChatCall(
+            self._clock,
+            self._pool,
+            self._settings,
+            self._metrics,
+            chat,
+            sink,
+            deadline=deadline,
+            route=route,
+            headers=headers,
+        )
 
     def answer(
         self,
@@ -88,17 +133,7 @@ class Chats:
             write_stall=settings.write_stall_seconds,
         )
         self.streams.add(stream)  # before the call starts: it may end the stream at once
-        call = ChatCall(
-            self._clock,
-            self._pool,
-            settings,
-            self._metrics,
-            chat,
-            stream,
-            deadline=started + settings.request_ttl_seconds,
-            route=route,
-            headers=headers,
-        )
+        call = self._calls(chat, stream, started + settings.request_ttl_seconds, route, headers)
         stream.response.attach(call)
         call.start()
         return stream

@@ -34,7 +34,7 @@ from llmrouter.terminate.completions import CompletionStream, finish_reason
 from llmrouter.terminate.config import CallSettings, TerminateMetrics
 from llmrouter.terminate.errors import UpstreamError
 
-__all__ = ["ChatCall", "TokenSink"]
+__all__ = ["ChatCall", "TokenSink", "failed_status", "refused"]
 
 log = Logger()
 
@@ -215,21 +215,7 @@ class ChatCall:
         (a message may quote the request)."""
         if attempt != self._current or self.over:
             return
-        detail: dict[str, Any] = {"upstream_status": status}
-        upstream_code, upstream_param = _error_code(body)
-        if upstream_code is not None:
-            detail["upstream_code"] = upstream_code
-        if upstream_param is not None:
-            detail["upstream_param"] = upstream_param
-        self._attempt_failed(
-            UpstreamError(
-                "upstream_refused",
-                "the inference backend refused the request",
-                retryable=False,
-                breaker=False,
-                detail=detail,
-            )
-        )
+        self._attempt_failed(refused(status, *_error_code(body)))
 
     def stream_attached(self, stream: CompletionStream) -> None:
         if self._paused and stream.transport is not None:
@@ -394,8 +380,30 @@ class ChatCall:
 
     def _fail(self, error: UpstreamError) -> None:
         self._end()
-        status = {"no_backend": 503, "timeout": 504, "upstream_refused": 400}.get(error.code, 502)
-        self._sink.failed(error.code, error.message, status, error.detail)
+        self._sink.failed(error.code, error.message, failed_status(error.code), error.detail)
+
+
+def refused(status: int, code: str | None, param: str | None) -> UpstreamError:
+    """The model server refused the request itself (a 4xx other than 408 and 429): its status,
+    and its error's code and param when they are identifiers (never its message, which may
+    quote the request)."""
+    detail: dict[str, Any] = {"upstream_status": status}
+    if code is not None and _ERROR_CODE.fullmatch(code):
+        detail["upstream_code"] = code
+    if param is not None and _ERROR_CODE.fullmatch(param):
+        detail["upstream_param"] = param
+    return UpstreamError(
+        "upstream_refused",
+        "the inference backend refused the request",
+        retryable=False,
+        breaker=False,
+        detail=detail,
+    )
+
+
+def failed_status(code: str) -> int:
+    """The HTTP status a sealed error of an upstream call carries."""
+    return {"no_backend": 503, "timeout": 504, "upstream_refused": 400}.get(code, 502)
 
 
 def _error_code(body: bytes) -> tuple[str | None, str | None]:
