@@ -80,7 +80,7 @@ class Gate:
             clock, settings.replay_window_seconds, settings.replay_max_entries
         )
         self.started = int(clock.seconds())
-        self._chats = Chats(clock, None, settings, metrics, calls=server.call)
+        self._chats = Chats(clock, settings, metrics, server.call)
 
     @property
     def streams(self) -> set[EncryptedStream]:

@@ -35,12 +35,12 @@ from llmrouter.chat import ChatRequest
 from llmrouter.protocol import ProtocolError, logprob_entries
 from llmrouter.terminate.backends import BackendPool, Route
 from llmrouter.terminate.cachekey import HEADER as CACHE_HEADER
-from llmrouter.terminate.chats import Call, ChatSettings
+from llmrouter.terminate.chats import Call, ChatSettings, http_calls
 from llmrouter.terminate.completions import finish_reason
 from llmrouter.terminate.config import TerminateMetrics
 from llmrouter.terminate.dialects import DIALECTS
 from llmrouter.terminate.errors import UpstreamError
-from llmrouter.terminate.upstream import ChatCall, TokenSink, failed_status, refused
+from llmrouter.terminate.upstream import TokenSink, failed_status, refused
 
 __all__ = ["EngineCall", "EngineReply", "FrontedServer", "IModelServer", "LocalEngine"]
 
@@ -88,10 +88,8 @@ class FrontedServer:
         settings: ChatSettings,
         metrics: TerminateMetrics,
     ) -> None:
-        self._clock = clock
         self.pool = pool
-        self._settings = settings
-        self._metrics = metrics
+        self._calls = http_calls(clock, pool, settings, metrics)
 
     def ready(self) -> bool:
         return self.pool.ready()
@@ -107,17 +105,7 @@ class FrontedServer:
         route: Route | None,
         headers: Mapping[bytes, list[bytes]] | None,
     ) -> Call:
-        return ChatCall(
-            self._clock,
-            self.pool,
-            self._settings,
-            self._metrics,
-            chat,
-            sink,
-            deadline=deadline,
-            route=route,
-            headers=headers,
-        )
+        return self._calls(chat, sink, deadline, route, headers)
 
     def start(self) -> None:
         self.pool.start()

@@ -38,7 +38,7 @@ from llmrouter.router.relay import Relay
 from llmrouter.router.settings import Settings
 from llmrouter.terminate.backends import BackendPool
 from llmrouter.terminate.cachekey import CacheKeys
-from llmrouter.terminate.chats import Chats
+from llmrouter.terminate.chats import Chats, http_calls
 from llmrouter.terminate.stream import EncryptedStream
 
 __all__ = ["RouterApp", "RouterSite"]
@@ -85,7 +85,7 @@ class RouterApp:
         self.admission = admission
         self._metrics = metrics
         self._proxies = TrustedProxies.parse(settings.trusted_proxies)
-        self._chats = Chats(clock, pool, settings, metrics)
+        self._chats = Chats(clock, settings, metrics, http_calls(clock, pool, settings, metrics))
 
     @property
     def streams(self) -> set[EncryptedStream]:

@@ -22,7 +22,7 @@ from llmrouter.terminate.config import CallSettings, TerminateMetrics
 from llmrouter.terminate.stream import EncryptedStream
 from llmrouter.terminate.upstream import ChatCall, TokenSink
 
-__all__ = ["Call", "CallFactory", "ChatSettings", "Chats"]
+__all__ = ["Call", "CallFactory", "ChatSettings", "Chats", "http_calls"]
 
 
 class ChatSettings(CallSettings, Protocol):
@@ -61,45 +61,42 @@ class CallFactory(Protocol):
     ) -> Call: ...
 
 
-class Chats:
-    """Starts the answer of each opened request; ``streams`` are those still open. Calls go to
-    ``pool``'s backends over HTTP unless ``calls`` makes them otherwise."""
+def http_calls(
+    clock: IReactorTime, pool: BackendPool, settings: CallSettings, metrics: TerminateMetrics
+) -> CallFactory:
+    """Calls to ``pool``'s backends over HTTP (the router's, and a ``--front`` node's)."""
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        pool: BackendPool | None,
-        settings: ChatSettings,
-        metrics: TerminateMetrics,
-        calls: CallFactory | None = None,
-    ) -> None:
-        self._clock = clock
-        self._pool = pool
-        self._settings = settings
-        self._metrics = metrics
-        self._calls = calls or self._http_call
-        self.streams: set[EncryptedStream] = set()
-
-    def _http_call(
-        self,
+    def call(
         chat: ChatRequest,
         sink: TokenSink,
         deadline: float,
         route: Route | None,
         headers: Mapping[bytes, list[bytes]] | None,
     ) -> Call:
-        assert self._pool is not None
         return ChatCall(
-            self._clock,
-            self._pool,
-            self._settings,
-            self._metrics,
-            chat,
-            sink,
-            deadline=deadline,
-            route=route,
+            clock, pool, settings, metrics, chat, sink, deadline=deadline, route=route,
             headers=headers,
-        )
+        )  # fmt: skip
+
+    return call
+
+
+class Chats:
+    """Starts the answer of each opened request, fed by a call from ``calls``; ``streams`` are
+    those still open."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: ChatSettings,
+        metrics: TerminateMetrics,
+        calls: CallFactory,
+    ) -> None:
+        self._clock = clock
+        self._settings = settings
+        self._metrics = metrics
+        self._calls = calls
+        self.streams: set[EncryptedStream] = set()
 
     def answer(
         self,
