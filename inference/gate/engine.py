@@ -32,15 +32,21 @@ from inference.metrics import Metrics
 from inference.output import Content, Event, Reasoning, ToolArgs, ToolStart
 from inference.reply import Answer, Choice, chat_logprobs
 from llmrouter.chat import ChatRequest
-from llmrouter.protocol import ProtocolError, logprob_entries
-from llmrouter.terminate.backends import BackendPool, Route
+from llmrouter.protocol import logprob_entries
+from llmrouter.terminate.backends import (
+    BackendPool,
+    Route,
+    model_unavailable,
+    model_unknown,
+    unsupported_field,
+)
 from llmrouter.terminate.cachekey import HEADER as CACHE_HEADER
 from llmrouter.terminate.chats import Call, ChatSettings, http_calls
 from llmrouter.terminate.completions import finish_reason
 from llmrouter.terminate.config import TerminateMetrics
 from llmrouter.terminate.dialects import DIALECTS
 from llmrouter.terminate.errors import UpstreamError
-from llmrouter.terminate.upstream import TokenSink, failed_status, refused
+from llmrouter.terminate.upstream import TokenSink, failed_status, is_refusal, refused
 
 __all__ = ["EngineCall", "EngineReply", "FrontedServer", "IModelServer", "LocalEngine"]
 
@@ -142,16 +148,11 @@ class LocalEngine:
         """As the pool routes to one backend of the ``llmrouter`` kind serving our model."""
         model = model or self.model_name
         if model != self.model_name:
-            raise ProtocolError("model_unknown", "no backend serves that model", 404)
+            raise model_unknown()
         if not features <= OURS.features:
-            field = sorted(features - OURS.features)[0]
-            raise ProtocolError(
-                "unsupported_field", f"the model's backends do not support {field}", 400
-            )
+            raise unsupported_field(sorted(features - OURS.features)[0])
         if not self.ready():
-            raise ProtocolError(
-                "overloaded", "no backend of that model is available", 503, retry_after=1
-            )
+            raise model_unavailable(1)
         return Route(model, ())
 
     def call(
@@ -268,9 +269,8 @@ class EngineReply(Answer):
         self._end()
         if self.gone:
             return
-        status = error.status
-        if 400 <= status < 500 and status not in (408, 429):
-            self._fail(refused(status, error.code, error.param))
+        if is_refusal(error.status):
+            self._fail(refused(error.status, error.code, error.param))
         else:
             self._fail(
                 UpstreamError("upstream_failed", "the inference backend refused the request")

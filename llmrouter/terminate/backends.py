@@ -223,7 +223,7 @@ class BackendPool:
             candidates = [b for b in self.backends if model in b.models]
             if not candidates:
                 if all(b.models_known for b in self.backends):
-                    raise ProtocolError("model_unknown", "no backend serves that model", 404)
+                    raise model_unknown()
                 raise ProtocolError(
                     "no_backend", "no inference backend is available", 503, retry_after=self._wait()
                 )
@@ -231,13 +231,9 @@ class BackendPool:
         if not capable:
             missing = sorted(features - frozenset().union(*(b.features for b in candidates)))
             field = (missing or sorted(features))[0]
-            raise ProtocolError(
-                "unsupported_field", f"the model's backends do not support {field}", 400
-            )
+            raise unsupported_field(field)
         if model is not None and not any(b.healthy for b in capable):
-            raise ProtocolError(
-                "overloaded", "no backend of that model is available", 503, retry_after=self._wait()
-            )
+            raise model_unavailable(self._wait())
         return Route(model, capable)
 
     def _wait(self) -> int:
@@ -368,3 +364,21 @@ class BackendPool:
         response.deliverBody(reader)
         body = await reader.done
         return int(response.code), body
+
+
+# The refusals of routing, shared by every IModelServer so that a client reads the same code and
+# words whichever kind of model server its node runs.
+
+
+def model_unknown() -> ProtocolError:
+    return ProtocolError("model_unknown", "no backend serves that model", 404)
+
+
+def unsupported_field(field: str) -> ProtocolError:
+    return ProtocolError("unsupported_field", f"the model's backends do not support {field}", 400)
+
+
+def model_unavailable(retry_after: int) -> ProtocolError:
+    return ProtocolError(
+        "overloaded", "no backend of that model is available", 503, retry_after=retry_after
+    )

@@ -195,8 +195,7 @@ class ChatCall:
         self._request = None
         code = int(response.code)
         if code != 200:
-            # 4xx (other than 408/429) means this request is wrong for any backend: read why.
-            if 400 <= code < 500 and code not in (408, 429):
+            if is_refusal(code):  # wrong for any backend: read why
                 reader = BodyReader(_MAX_ERROR_BODY)
                 response.deliverBody(reader)
                 reader.done.addCallback(self._refused, code, attempt)
@@ -383,8 +382,14 @@ class ChatCall:
         self._sink.failed(error.code, error.message, failed_status(error.code), error.detail)
 
 
+def is_refusal(status: int) -> bool:
+    """Whether a model server's error status refuses the request itself, so that no other
+    backend (and no retry) would answer it: a 4xx other than 408 and 429, which are about load."""
+    return 400 <= status < 500 and status not in (408, 429)
+
+
 def refused(status: int, code: str | None, param: str | None) -> UpstreamError:
-    """The model server refused the request itself (a 4xx other than 408 and 429): its status,
+    """The model server refused the request itself (:func:`is_refusal`): its status,
     and its error's code and param when they are identifiers (never its message, which may
     quote the request)."""
     detail: dict[str, Any] = {"upstream_status": status}
